@@ -1,0 +1,215 @@
+"""The DeepSeek V4 Flash forward pass, in pipeline order: embed -> (HC, attention, HC, MoE) x layers -> head.
+
+Owns the order of operations of MODEL.md §3 and the bookkeeping of per-session state around them: which rows a
+token may attend (its sliding window, the compressed rows emitted so far, the indexer's choice), what each
+compressor emits and where it is stored. All arithmetic happens in the backend's ops (`ops/`); this module
+decides what to call, on which rows, never how to compute it.
+
+One `forward` serves prefill and decode alike: it takes a batch of *segments*, each a run of new tokens of one
+session at that session's next positions. A prefill chunk is one long segment; a decode step over B sessions is
+B segments of one token, each at its own position and compression phase (emission and indexer use follow from
+the positions inside the ops, not from branches here). Matrix products run once over all rows of the batch, so
+weights are read once per step.
+
+Entry point: `open_model(path, backend="cpu", numerics="faithful")`, then `m.logits(ids)` or
+`m.new_state()` + `m.forward(...)`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gguf_file import GGUFFile
+from .ops import get_backend
+from .ops.reference import rope_inv_freq
+from .shape import Shape, read_shape
+from .state import LayerState, SessionState
+from .weights import Layer, Weights, load_weights
+
+NUMERICS = ("faithful", "exact")
+
+
+@dataclass
+class Segment:
+    """New tokens of one session, at positions state.n_tokens, state.n_tokens + 1, ..."""
+    state: SessionState
+    tokens: np.ndarray
+
+
+class Model:
+    def __init__(self, gguf: GGUFFile, backend: str = "cpu", numerics: str = "faithful", **backend_options):
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, not {numerics!r}")
+        self.gguf = gguf
+        self.shape: Shape = read_shape(gguf)
+        self.weights: Weights = load_weights(gguf, self.shape)
+        self.numerics = numerics
+        self.faithful = numerics == "faithful"
+        self.ops = get_backend(backend, numerics=numerics, **backend_options) if backend == "cpu" \
+            else get_backend(backend, **backend_options)
+        s = self.shape
+        # Faithful numerics store K=V rows as f16 (MODEL.md §3.9); exact numerics keep the backend's precision.
+        self.store_dtype = np.dtype(np.float16) if self.faithful else self.ops.dtype
+        self.rope_main = rope_inv_freq(s.n_rot, s.rope_freq_base)
+        self.rope_comp = rope_inv_freq(s.n_rot, s.compress_rope_freq_base,
+                                       (s.rope_scale_factor, s.rope_orig_ctx, s.yarn_beta_fast, s.yarn_beta_slow))
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+        return self._tokenizer
+
+    def new_state(self) -> SessionState:
+        return SessionState.new(self.shape, self.store_dtype, self.ops.dtype)
+
+    # --- entry points ---------------------------------------------------------------------------------------
+    def logits(self, token_ids, chunk: int = 512) -> np.ndarray:
+        """float32 logits (len(token_ids), vocab) at every position, from a fresh state, prefilled in chunks."""
+        state = self.new_state()
+        ids = np.asarray(token_ids, dtype=np.int64)
+        out = [self.forward([Segment(state, ids[i:i + chunk])], all_logits=True)[0]
+               for i in range(0, len(ids), chunk)]
+        return np.concatenate(out).astype(np.float32)
+
+    def prefill(self, state: SessionState, token_ids, chunk: int = 512) -> np.ndarray:
+        """Extend a state by tokens, chunk by chunk; returns the last position's logits (float32)."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if len(ids) == 0:
+            raise ValueError("prefill needs at least one token")
+        for i in range(0, len(ids), chunk):
+            last = self.forward([Segment(state, ids[i:i + chunk])])[0]
+        return last[-1].astype(np.float32)
+
+    def decode(self, states: list[SessionState], tokens) -> np.ndarray:
+        """One step for a batch of sessions (one token each, each at its own position): logits (B, vocab)."""
+        segs = [Segment(st, np.asarray([t], dtype=np.int64)) for st, t in zip(states, tokens)]
+        return np.concatenate(self.forward(segs)).astype(np.float32)
+
+    # --- the pass -------------------------------------------------------------------------------------------
+    def forward(self, segments: list[Segment], all_logits: bool = False) -> list[np.ndarray]:
+        """Run new tokens of several sessions through the model; returns per segment the logits of its last
+        token (1, vocab), or of every token with all_logits. Advances each state."""
+        s, ops = self.shape, self.ops
+        if not segments or any(len(seg.tokens) == 0 for seg in segments):
+            raise ValueError("every segment needs at least one token")
+        if len({id(seg.state) for seg in segments}) != len(segments):
+            raise ValueError("a session can appear only once in a batch")
+        tokens = np.concatenate([seg.tokens for seg in segments])
+        if tokens.min() < 0 or tokens.max() >= s.n_vocab:
+            raise ValueError(f"token ids must lie in 0..{s.n_vocab - 1}")
+        bounds = np.cumsum([0] + [len(seg.tokens) for seg in segments])
+        positions = np.concatenate([seg.state.n_tokens + np.arange(len(seg.tokens)) for seg in segments])
+
+        X = ops.embed(self.weights.token_embd, tokens, s.n_hc)                      # (N, n_hc, E)
+        for layer in self.weights.layers:
+            states = [seg.state.layers[layer.index] for seg in segments]
+            X = self._attention(layer, X, states, bounds, positions)
+            X = self._ffn(layer, X, tokens)
+        rows = np.arange(len(tokens)) if all_logits else bounds[1:] - 1
+        x = ops.hc_head(X[rows], self.weights.output_hc, s.hc_eps, s.rms_eps)
+        logits = ops.matmul(self.weights.output, ops.rms_norm(x, self.weights.output_norm, s.rms_eps))
+        for seg in segments:
+            seg.state.n_tokens += len(seg.tokens)
+        if all_logits:
+            return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [logits[i:i + 1] for i in range(len(segments))]
+
+    # --- attention sublayer ---------------------------------------------------------------------------------
+    #
+    # Per token: the query path (low rank, weighted norm, per-head unweighted norm, RoPE), one K=V row (norm,
+    # RoPE, FP8 of the unrotated dims, f16 storage), the compressor(s) fed with the normed input, then attention
+    # over the raw window plus the compressed rows visible at that position (the indexer's top-k of them in
+    # ratio-4 layers), inverse RoPE on the output and the grouped low-rank output projection.
+
+    def _attention(self, L: Layer, X: np.ndarray, states: list[LayerState], bounds: np.ndarray,
+                   positions: np.ndarray) -> np.ndarray:
+        s, ops = self.shape, self.ops
+        N = len(positions)
+        x, post, comb = ops.hc_pre(X, L.hc_attn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps)
+        h = ops.rms_norm(x, L.attn_norm, s.rms_eps)                                  # (N, E)
+        qn = ops.rms_norm(ops.matmul(L.attn_q_a, h), L.attn_q_a_norm, s.rms_eps)    # (N, q_rank)
+        q = ops.rms_norm(ops.matmul(L.attn_q_b, qn).reshape(N, s.n_head, s.head_dim), None, s.rms_eps)
+        inv_freq = self.rope_main if L.ratio == 0 else self.rope_comp
+        q = ops.rope(q, positions, inv_freq)                                         # (N, H, D)
+        kv = ops.rms_norm(ops.matmul(L.attn_kv, h), L.attn_kv_a_norm, s.rms_eps)
+        kv = ops.rope(kv[:, None, :], positions, inv_freq)[:, 0]                     # (N, D)
+        if self.faithful:
+            kv = ops.fp8_kv(kv, s.n_nope)
+        kv = kv.astype(self.store_dtype)
+
+        comp = L.compressor
+        if comp is not None:
+            kvp, gate = ops.matmul(comp.kv, h), ops.matmul(comp.gate, h)            # (N, coff·D)
+        idx = L.indexer
+        if idx is not None:
+            ikvp, igate = ops.matmul(idx.compressor.kv, h), ops.matmul(idx.compressor.gate, h)
+            iq = ops.matmul(idx.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
+            iq = ops.rope(iq, positions, self.rope_comp)
+            if self.faithful:
+                iq = ops.hadamard_fp4(iq)
+            iw = ops.matmul(idx.proj, h)                                             # (N, n_idx_head)
+
+        out = np.empty((N, s.n_head, s.head_dim), ops.dtype)
+        empty = np.zeros((0, s.head_dim), self.store_dtype)
+        for st, a, b in zip(states, bounds[:-1], bounds[1:]):
+            pos = positions[a:b]
+            pos0 = int(pos[0])
+            # The raw window: rows still visible from earlier calls, then this segment's rows.
+            old = st.window(pos0)
+            raw = np.concatenate([old, kv[a:b]])
+            first = pos0 - len(old)
+            raw_hi = pos - first + 1
+            raw_lo = np.maximum(pos - s.n_swa + 1, first) - first
+            st.push_raw(kv[a:b], pos0)
+            sel, comp_rows, comp_n = None, empty, np.zeros(b - a, np.int64)
+            if comp is not None:
+                rows, starts = ops.compress(st.comp_kv, st.comp_score, kvp[a:b], gate[a:b], comp.ape, pos0, L.ratio)
+                st.comp.append(self._finish_rows(rows, starts, comp.norm, fp4=False))
+                comp_rows, comp_n = st.comp.array(), (pos + 1) // L.ratio           # visible to the emitting token
+            if idx is not None:
+                rows, starts = ops.compress(st.idx_kv, st.idx_score, ikvp[a:b], igate[a:b], idx.compressor.ape,
+                                            pos0, 4)
+                st.idx.append(self._finish_rows(rows, starts, idx.compressor.norm, fp4=True))
+                sel = ops.indexer_topk(iq[a:b], iw[a:b], st.idx.array(), comp_n, s.indexer_top_k,
+                                       1.0 / math.sqrt(s.indexer_head_dim * s.n_indexer_head))
+            out[a:b] = ops.attention(q[a:b], raw, raw_lo, raw_hi, comp_rows, sel, comp_n, L.attn_sinks,
+                                     1.0 / math.sqrt(s.head_dim))
+        o = ops.rope(out, positions, inv_freq, inverse=True)                          # undo V's rotated tail
+        low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)
+        y = ops.matmul(L.attn_output_b, low)                                          # (N, E)
+        return ops.hc_post(y, X, post, comb)
+
+    def _finish_rows(self, rows: np.ndarray, starts: np.ndarray, norm: np.ndarray, fp4: bool) -> np.ndarray:
+        """A compressor's pooled rows -> stored rows: norm, RoPE at the block's first position, then the faithful
+        emulation (FP8 of the unrotated dims for attention rows, Hadamard + FP4 for indexer rows)."""
+        ops = self.ops
+        if len(rows) == 0:
+            return rows.astype(self.store_dtype)
+        rows = ops.rope(ops.rms_norm(rows, norm, self.shape.rms_eps)[:, None, :], starts, self.rope_comp)[:, 0]
+        if self.faithful:
+            rows = ops.hadamard_fp4(rows) if fp4 else ops.fp8_kv(rows, self.shape.n_nope)
+        return rows.astype(self.store_dtype)
+
+    # --- FFN sublayer ---------------------------------------------------------------------------------------
+    def _ffn(self, L: Layer, X: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        s, ops = self.shape, self.ops
+        x, post, comb = ops.hc_pre(X, L.hc_ffn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps)
+        h = ops.rms_norm(x, L.ffn_norm, s.rms_eps)
+        ids, w = ops.route(ops.matmul(L.ffn_gate_inp, h), L.exp_probs_b, L.ffn_gate_tid2eid, tokens,
+                           s.n_expert_used, s.expert_weights_scale, s.expert_weights_norm)
+        f = ops.moe(h, ids, w, (L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps), s.swiglu_clamp_exp[L.index],
+                    (L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp), s.swiglu_clamp_shexp[L.index])
+        return ops.hc_post(f, X, post, comb)
+
+
+def open_model(path: str | os.PathLike[str], backend: str = "cpu", numerics: str = "faithful",
+               **backend_options) -> Model:
+    """Open a ds4 GGUF (memory-mapped) and bind it to a backend. Raises ModelError for a bad file."""
+    return Model(GGUFFile(path), backend=backend, numerics=numerics, **backend_options)
