@@ -57,6 +57,14 @@ _SCALARS: dict[GGUFValueType, np.dtype] = {
 }
 
 
+def _py(values: np.ndarray) -> list:
+    """numpy scalars -> python values. float32 values become the shortest decimal that round-trips in float32
+    (1e-6 stays 1e-06 rather than 9.999999974752427e-07), as the file's author wrote them."""
+    if values.dtype == np.float32:
+        return [float(np.format_float_positional(v, unique=True, trim="-")) for v in values]
+    return values.tolist()
+
+
 class _CheckedReader(GGUFReader):
     """GGUFReader with bounded, fast metadata parsing and tensor-extent checks (see the module docstring).
 
@@ -88,7 +96,7 @@ class _CheckedReader(GGUFReader):
         if vtype in _SCALARS:
             dt = _SCALARS[vtype]
             self._need(offs, dt.itemsize, f"metadata {key!r}")
-            return self.data[offs:offs + dt.itemsize].view(dt)[0].item(), dt.itemsize, None
+            return _py(self.data[offs:offs + dt.itemsize].view(dt))[0], dt.itemsize, None
         if vtype != GGUFValueType.ARRAY:
             raise ValueError(f"metadata {key!r} has unknown value type {int(vtype)}")
         self._need(offs, 12, f"metadata {key!r}")
@@ -98,8 +106,7 @@ class _CheckedReader(GGUFReader):
         if itype in _SCALARS:
             dt = _SCALARS[itype]
             self._need(body, count * dt.itemsize, f"metadata array {key!r}")
-            arr = self.data[body:body + count * dt.itemsize].view(dt)
-            return arr.tolist(), 12 + count * dt.itemsize, itype
+            return _py(self.data[body:body + count * dt.itemsize].view(dt)), 12 + count * dt.itemsize, itype
         if itype != GGUFValueType.STRING:
             raise ValueError(f"metadata array {key!r} has unsupported element type {itype.name}")
         # Every string costs at least its 8-byte length: a corrupt count cannot make us walk past the file.

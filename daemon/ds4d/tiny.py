@@ -31,8 +31,9 @@ VARIANTS = ("f32", "f16", "q8", "q2", "q4")
 
 # Non-routed tensors the real files store as Q8_0 (attention projections, shared expert, LM head); the other
 # matrices are F16 (embeddings, HC mixers, compressors, indexer, router). MODEL.md §2.1.
-_Q8_IN_REAL_FILES = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b",
-                     "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "output.weight")
+_Q8_IN_REAL_FILES = ("attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_a.weight",
+                     "attn_output_b.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
+                     "ffn_down_shexp.weight", "output.weight")
 # Routed expert types per variant: (gate and up, down).
 _EXPERT_TYPES = {"f32": (Q.F32, Q.F32), "f16": (Q.F16, Q.F16), "q8": (Q.Q8_0, Q.Q8_0),
                  "q2": (Q.IQ2_XXS, Q.Q2_K), "q4": (Q.Q4_K, Q.Q4_K)}
@@ -57,7 +58,8 @@ def tensor_type(spec: TensorSpec, variant: str) -> Q:
         return down if "ffn_down_exps" in spec.name else gate_up
     if variant in ("f32", "f16"):
         return Q.F32 if variant == "f32" else Q.F16
-    return Q.Q8_0 if any(k in spec.name for k in _Q8_IN_REAL_FILES) else Q.F16
+    base = spec.name.split(".", 2)[2] if spec.name.startswith("blk.") else spec.name
+    return Q.Q8_0 if base in _Q8_IN_REAL_FILES else Q.F16
 
 
 def tensor_nbytes(dims: tuple[int, ...], qtype: Q) -> int:
@@ -130,26 +132,45 @@ def plan(shape: Shape, variant: str) -> Plan:
     return Plan(shape, variant, tuple((spec, tensor_type(spec, variant)) for spec in expected_tensors(shape)))
 
 
-def _metadata(p: Plan, name: str) -> Iterator[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
-    yield "general.name", name, GGUFValueType.STRING, None
+def gguf_value(value: object) -> tuple[object, GGUFValueType, GGUFValueType | None]:
+    """A python metadata value with the GGUF type a ds4 file uses for it: (value, type, array element type)."""
+    def scalar(v):
+        if isinstance(v, bool):
+            return GGUFValueType.BOOL
+        if isinstance(v, int):
+            return GGUFValueType.UINT32 if 0 <= v < 2**32 else GGUFValueType.INT64
+        if isinstance(v, float):
+            return GGUFValueType.FLOAT32
+        if isinstance(v, str):
+            return GGUFValueType.STRING
+        raise TypeError(f"unsupported metadata value {v!r}")
+    if isinstance(value, (list, tuple)):
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        sub = GGUFValueType.INT32 if ints else scalar(value[0])   # token types are INT32 in real files
+        return list(value), GGUFValueType.ARRAY, sub
+    return value, scalar(value), None
+
+
+def _metadata(p: Plan, name: str, overrides: dict[str, object] | None = None) -> dict:
+    """key -> (value, type, array element type): the shape's keys, the real vocabulary, then `overrides`
+    (a value of None removes a key; tests use this to write inconsistent files)."""
+    from .tokenizer import gguf_vocab_from_tokenizer_json
     kinds = {"uint32": GGUFValueType.UINT32, "uint64": GGUFValueType.UINT64, "float32": GGUFValueType.FLOAT32,
              "bool": GGUFValueType.BOOL}
+    meta = {"general.name": gguf_value(name)}
     for key, (kind, value) in p.shape.to_metadata().items():
         if kind.startswith("array_"):
-            yield key, value, GGUFValueType.ARRAY, kinds[kind[len("array_"):]]
+            meta[key] = (value, GGUFValueType.ARRAY, kinds[kind[len("array_"):]])
         else:
-            yield key, value, kinds[kind], None
-    from .tokenizer import gguf_vocab_from_tokenizer_json
+            meta[key] = (value, kinds[kind], None)
     for key, value in gguf_vocab_from_tokenizer_json().items():
-        if isinstance(value, bool):
-            yield key, value, GGUFValueType.BOOL, None
-        elif isinstance(value, int):
-            yield key, value, GGUFValueType.UINT32, None
-        elif isinstance(value, str):
-            yield key, value, GGUFValueType.STRING, None
+        meta[key] = gguf_value(value)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            meta.pop(key, None)
         else:
-            sub = GGUFValueType.STRING if isinstance(value[0], str) else GGUFValueType.INT32
-            yield key, value, GGUFValueType.ARRAY, sub
+            meta[key] = gguf_value(value)
+    return meta
 
 
 def _tensor_chunks(spec: TensorSpec, qtype: Q, p: Plan, seed: int, fast_experts: bool) -> Iterator[np.ndarray]:
@@ -172,24 +193,19 @@ def _tensor_chunks(spec: TensorSpec, qtype: Q, p: Plan, seed: int, fast_experts:
 
 def write_model(path: str | os.PathLike[str], p: Plan, seed: int = 0, *, sparse: bool = False,
                 fast_experts: bool = False, progress: Callable[[str], None] | None = None,
-                name: str = "ds4 random test model") -> int:
+                name: str = "ds4 random test model", metadata: dict[str, object] | None = None) -> int:
     """Write a model; returns its size in bytes. `sparse` writes header and directory only (the data region is a
-    hole), `fast_experts` fills routed experts with valid random blocks instead of quantizing random floats."""
+    hole), `fast_experts` fills routed experts with valid random blocks instead of quantizing random floats,
+    `metadata` overrides keys (None removes one)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     w = GGUFWriter(str(tmp), "deepseek4")
-    for key, value, vtype, sub in _metadata(p, name):
+    for key, (value, vtype, sub) in _metadata(p, name, metadata).items():
         w.add_key_value(key, value, vtype, sub_type=sub)
     for spec, qt in p.tensors:
-        np_dims = tuple(reversed(spec.dims))
-        # For quantized types the writer wants the byte shape of the rows, which it converts back.
-        nbytes = tensor_nbytes(spec.dims, qt)
-        if qt in (Q.F32, Q.F16, Q.I32):
-            dtype = {Q.F32: np.float32, Q.F16: np.float16, Q.I32: np.int32}[qt]
-            w.add_tensor_info(spec.name, np_dims, np.dtype(dtype), nbytes)
-        else:
-            byte_dims = np_dims[:-1] + (np_dims[-1] // GGML_QUANT_SIZES[qt][0] * GGML_QUANT_SIZES[qt][1],)
-            w.add_tensor_info(spec.name, byte_dims, np.dtype(np.uint8), nbytes, raw_dtype=qt)
+        # With a raw type and a non-uint8 dtype the writer records the logical dims as given.
+        w.add_tensor_info(spec.name, tuple(reversed(spec.dims)), np.dtype(np.float32),
+                          tensor_nbytes(spec.dims, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
