@@ -29,9 +29,16 @@ def _add_model_arg(p: argparse.ArgumentParser, positional: bool = True) -> None:
         p.add_argument("model_pos", nargs="?", metavar="MODEL.gguf", help=argparse.SUPPRESS)
 
 
-def _model_path(args: argparse.Namespace) -> Path:
+def _model_path(args: argparse.Namespace, demo: bool = False) -> Path:
+    """The model to use; with `demo`, fall back to the generated demo model (and say so loudly)."""
     explicit = args.model or getattr(args, "model_pos", None)
     path = resolve_model(explicit, load_config())
+    if path is None and demo:
+        from .tiny import demo_model, stderr_progress
+        path = demo_model(progress=stderr_progress)
+        print(f"ds4d: NOTICE: no model found (-m, $DS4_MODEL, the config file, ./ds4flash.gguf, "
+              f"$XDG_DATA_HOME/ds4/ds4flash.gguf); using the tiny RANDOM demo model {path}: its output is "
+              f"gibberish. Point -m at a real ds4 GGUF for real answers.", file=sys.stderr)
     if path is None:
         raise UsageError("no model given and none found (use -m MODEL.gguf, or make one with `ds4d make-tiny`)")
     return path
@@ -118,6 +125,110 @@ def _session_tail_bytes(s) -> int:
     return total
 
 
+# --- run -------------------------------------------------------------------------------------------------------
+
+DEFAULT_SYSTEM = "You are a helpful assistant"
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One prompt, answered on stdout as it is generated (reasoning dimmed on a terminal, on stderr otherwise)."""
+    import json
+    import time
+
+    from .chat import render_chat_parts
+    from .model import open_model
+    from .output import OutputStream
+    from .sampling import SamplingParams
+
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("give either -p TEXT or --prompt-file FILE, not both")
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read {args.prompt_file}: {e}") from None
+    elif args.prompt is not None:
+        prompt = args.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        raise UsageError("no prompt: give -p TEXT, --prompt-file FILE, or pipe text on stdin")
+    if args.ctx < 16:
+        raise UsageError("--ctx must be at least 16")
+    try:
+        params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                seed=args.seed, max_tokens=args.n, logprobs=20 if args.dump_logprobs else 0)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    thinking = args.thinking
+    path = _model_path(args, demo=True)
+    model = open_model(path, backend=args.backend, **({"threads": args.threads} if args.threads else {}))
+    tok = model.tokenizer
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": prompt}]
+    ids = tok.encode_parts(render_chat_parts(messages, thinking=thinking, context_size=args.ctx))
+    if args.dump_tokens:
+        print(" ".join(map(str, ids)), file=sys.stderr)
+    if len(ids) >= args.ctx:
+        raise UsageError(f"the prompt is {len(ids)} tokens, more than the context of {args.ctx} (--ctx)")
+
+    tty = sys.stdout.isatty()
+    out = OutputStream(tok, params, reasoning=thinking != "none")
+    dump = open(args.dump_logprobs, "w", encoding="utf-8") if args.dump_logprobs else None
+    shown_reasoning = False
+
+    def show(events) -> None:
+        nonlocal shown_reasoning
+        for ev in events:
+            if ev.kind == "reasoning" and ev.text:
+                shown_reasoning = True
+                if tty:
+                    sys.stdout.write(DIM + ev.text + RESET)
+                else:
+                    sys.stderr.write(ev.text)
+            elif ev.kind == "content" and ev.text:
+                if shown_reasoning:
+                    (sys.stdout if tty else sys.stderr).write("\n" + "-" * 40 + "\n")
+                    shown_reasoning = False
+                sys.stdout.write(ev.text)
+            if dump is not None and ev.logprobs:
+                for lp in ev.logprobs:
+                    dump.write(json.dumps({"token": lp["token"], "piece": tok.decode([lp["token"]]),
+                                           "top": lp["top"]}) + "\n")
+        sys.stdout.flush()
+
+    state = model.new_state()
+    t0 = time.perf_counter()
+    interrupted = False
+    try:
+        logits = model.prefill(state, ids)
+        t1 = time.perf_counter()
+        while True:
+            if state.n_tokens >= args.ctx:
+                show(out.finish("context_full"))
+                break
+            t = out.token(logits)
+            show(out.push(t, logits))
+            if out.done:
+                break
+            logits = model.decode([state], [t])[0]
+    except KeyboardInterrupt:
+        interrupted = True
+        show(out.finish("cancelled"))
+        t1 = locals().get("t1", time.perf_counter())
+    finally:
+        if dump is not None:
+            dump.close()
+    t2 = time.perf_counter()
+    n_gen = len(out.tokens)
+    sys.stdout.write("\n")
+    print(f"ds4d: prompt {len(ids)} tokens in {t1 - t0:.2f} s ({len(ids) / max(t1 - t0, 1e-9):.1f} tok/s); "
+          f"generated {n_gen} tokens in {t2 - t1:.2f} s ({n_gen / max(t2 - t1, 1e-9):.1f} tok/s); "
+          f"finish: {out.finish_reason}", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
 # --- make-tiny -------------------------------------------------------------------------------------------------
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -153,6 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and the memory needed for the weights and the KV state.")
     _add_model_arg(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="answer one prompt with the model (streamed)",
+                       description="Render a chat prompt (the model's template), generate an answer and stream it. "
+                                   "Without a model this uses the tiny random demo model (gibberish output).")
+    _add_model_arg(p, positional=False)
+    p.add_argument("-p", "--prompt", help="the user message (default: stdin when it is not a terminal)")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the user message from a file")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--nothink", dest="thinking", action="store_const", const="none", help="answer directly")
+    think.add_argument("--think", dest="thinking", action="store_const", const="high",
+                       help="reason first (the default)")
+    think.add_argument("--think-max", dest="thinking", action="store_const", const="max",
+                       help="maximum reasoning effort (runs as --think under a 393216-token context)")
+    p.set_defaults(thinking="high")
+    p.add_argument("-n", type=int, default=1024, metavar="N", help="at most N generated tokens (default 1024)")
+    p.add_argument("--temp", type=float, default=1.0, help="temperature (default 1; 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k (default 0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="top-p (default 1)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p relative to the top token (default 0.05)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed reproduces a run")
+    p.add_argument("--system", default=DEFAULT_SYSTEM, help=f"system message (default {DEFAULT_SYSTEM!r}; '' for none)")
+    p.add_argument("--ctx", type=int, default=32768, help="context size in tokens (default 32768)")
+    p.add_argument("--dump-tokens", action="store_true", help="print the prompt's token ids on stderr")
+    p.add_argument("--dump-logprobs", metavar="FILE", help="write each step's top-20 log-probabilities (JSON lines)")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "reference"], help="compute backend (default cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("make-tiny", help="write a random model in the real ds4 GGUF layout",
                        description="Write a random DeepSeek V4 Flash model in exactly the real file layout (names, "

@@ -49,8 +49,7 @@ class Model:
         self.weights: Weights = load_weights(gguf, self.shape)
         self.numerics = numerics
         self.faithful = numerics == "faithful"
-        self.ops = get_backend(backend, numerics=numerics, **backend_options) if backend == "cpu" \
-            else get_backend(backend, **backend_options)
+        self.ops = get_backend(backend, numerics=numerics, **backend_options)
         s = self.shape
         # Faithful numerics store K=V rows as f16 (MODEL.md §3.9); exact numerics keep the backend's precision.
         self.store_dtype = np.dtype(np.float16) if self.faithful else self.ops.dtype

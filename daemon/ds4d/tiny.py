@@ -191,12 +191,17 @@ def _tensor_chunks(spec: TensorSpec, qtype: Q, p: Plan, seed: int, fast_experts:
             yield _encode(_values(spec, p.shape, rng, rows=slice(e, e + 1))[0], qtype)
 
 
+Chunks = Callable[[TensorSpec, Q], Iterator[np.ndarray]]
+
+
 def write_model(path: str | os.PathLike[str], p: Plan, seed: int = 0, *, sparse: bool = False,
                 fast_experts: bool = False, progress: Callable[[str], None] | None = None,
-                name: str = "ds4 random test model", metadata: dict[str, object] | None = None) -> int:
+                name: str = "ds4 random test model", metadata: dict[str, object] | None = None,
+                chunks: Chunks | None = None) -> int:
     """Write a model; returns its size in bytes. `sparse` writes header and directory only (the data region is a
     hole), `fast_experts` fills routed experts with valid random blocks instead of quantizing random floats,
-    `metadata` overrides keys (None removes one)."""
+    `metadata` overrides keys (None removes one), `chunks` supplies tensor bytes instead of the seeded values."""
+    chunks = chunks or (lambda spec, qt: _tensor_chunks(spec, qt, p, seed, fast_experts))
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     w = GGUFWriter(str(tmp), "deepseek4")
@@ -224,7 +229,7 @@ def write_model(path: str | os.PathLike[str], p: Plan, seed: int = 0, *, sparse:
                     progress(f"[{i + 1}/{len(p.tensors)}] {spec.name} {qt.name} "
                              f"{tensor_nbytes(spec.dims, qt) / 2**20:,.1f} MiB")
                 written = 0
-                for chunk in _tensor_chunks(spec, qt, p, seed, fast_experts):
+                for chunk in chunks(spec, qt):
                     fout.write(np.ascontiguousarray(chunk).tobytes())
                     written += chunk.nbytes
                 assert written == tensor_nbytes(spec.dims, qt), (spec.name, written)
@@ -256,3 +261,35 @@ def make_tiny(path: str | os.PathLike[str], variant: str = "f32", n_layer: int =
 
 def stderr_progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def write_dequantized(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
+    """An all-float32 copy of a model whose weights are the source's dequantized values: the twin that separates
+    what a quantized file's weights lose from what the kernels' activation handling loses."""
+    from .gguf_file import GGUFFile
+    from .shape import read_shape
+    from .weights import Weight
+    g = GGUFFile(src)
+    p = plan(read_shape(g), "f32")
+
+    def chunks(spec: TensorSpec, qt: Q) -> Iterator[np.ndarray]:
+        t = g.tensors[spec.name]
+        if qt == Q.I32:
+            yield np.asarray(t.data)
+        else:
+            yield Weight(spec.name, t.type, tuple(reversed(spec.dims)), t.data).dequantize().astype(np.float32)
+
+    return write_model(dst, p, chunks=chunks, name=f"dequantized twin of {g.get('general.name', src)}")
+
+
+def demo_model(progress: Callable[[str], None] | None = None) -> Path:
+    """The demo model used when no real model is configured: a tiny q2 model generated once (fixed seed) into the
+    cache directory. Its output is meaningless; it lets a new user try the whole pipeline at once."""
+    from .config import DEMO_SEED, DEMO_VARIANT, demo_model_path
+    path = demo_model_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if progress:
+            progress(f"generating the demo model into {path} (once) ...")
+        make_tiny(path, DEMO_VARIANT, seed=DEMO_SEED)
+    return path

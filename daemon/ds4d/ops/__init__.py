@@ -10,12 +10,12 @@ reference at its own dtype. GPU backends (cuda.py, hip.py, metal.py) will implem
 from __future__ import annotations
 
 
-def get_backend(name: str, **options):
-    """Instantiate a backend by name: "reference" or "cpu"."""
+def get_backend(name: str, numerics: str = "faithful", **options):
+    """Instantiate a backend by name: "reference" (float64 unless dtype= says otherwise) or "cpu"."""
     if name == "reference":
         from .reference import Reference
         return Reference(**options)
     if name == "cpu":
         from .cpu import CPU
-        return CPU(**options)
+        return CPU(numerics=numerics, **options)
     raise ValueError(f"unknown backend {name!r}; available: cpu, reference")
