@@ -235,6 +235,23 @@ class GGUFFile:
                 offset=int(t.data_offset), data=data)
         self._mmap = reader.data
 
+    def fingerprint(self) -> str:
+        """A hex digest that identifies the file's content without reading it all: metadata, tensor directory,
+        file size and a few sampled blocks of tensor data (DESIGN.md: never hash the whole 81 GB)."""
+        import hashlib
+        h = hashlib.sha256()
+        h.update(repr(sorted((k, v if not isinstance(v, list) else (len(v), v[:64], v[-64:]))
+                             for k, v in self.metadata.items())).encode())
+        for t in self.tensors.values():
+            h.update(f"{t.name}:{int(t.type)}:{t.dims}:{t.offset}".encode())
+        h.update(str(self.size).encode())
+        with open(self.path, "rb") as f:
+            span = max(self.size - self.data_offset, 1)
+            for i in range(16):             # 16 blocks of 4 KiB spread over the data region
+                f.seek(self.data_offset + span * i // 16)
+                h.update(f.read(4096))
+        return h.hexdigest()
+
     def error(self, problem: str) -> ModelError:
         """A ModelError about this file."""
         return ModelError(f"{self.path}: {problem}")

@@ -146,6 +146,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.n_vocab = int(bos_id), int(eos_id), n
         self._added = {t: i for i, (t, kind) in enumerate(zip(self._tokens, token_types))
                        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+        self._added_ids = frozenset(self._added.values())
         self._bytes: list[bytes | None] = [None] * n
 
         # Every id is in the BPE vocab so that id <-> string works for all of them; merges never build an added
@@ -220,6 +221,10 @@ class Tokenizer:
     def token_id(self, text: str) -> int:
         """Id of an added token (BOS, `<｜User｜>`, `｜DSML｜`, FIM tokens, ...); KeyError if there is none."""
         return self._added[text]
+
+    def is_added(self, token_id: int) -> bool:
+        """Whether the id is an added token (atomic in rendered prompts: BOS, turn markers, DSML, FIM, ...)."""
+        return token_id in self._added_ids
 
     def id_to_piece(self, token_id: int) -> str:
         """The token's string as the vocabulary stores it (byte-level form for ordinary tokens: ' ' is 'Ġ')."""
