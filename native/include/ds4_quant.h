@@ -1,9 +1,9 @@
 // Quantized block layouts and type codes shared by every backend.
 //
 // Weight blocks are the standard GGML layouts that ds4 GGUF files carry (MODEL.md §2.2), so a tensor's bytes
-// are used in place, straight from the memory-mapped file. Activation blocks (ds4_act_*) are ours: they only
-// live in scratch memory while a matrix product runs, and their exact numerics are specified here because the
-// tests model them bit for bit in numpy.
+// are used in place, straight from the memory-mapped file. Quantized activations (ActRowLayout) are ours: they
+// only live in scratch memory while a matrix product runs, and their exact numerics are specified here because
+// the tests model them bit for bit in numpy.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -50,6 +50,43 @@ static_assert(sizeof(BlockQ8_0) == 34, "block_q8_0 layout");
 static_assert(sizeof(BlockQ2_K) == 84, "block_q2_K layout");
 static_assert(sizeof(BlockQ4_K) == 144, "block_q4_K layout");
 static_assert(sizeof(BlockIQ2_XXS) == 66, "block_iq2_xxs layout");
+
+// Activations of the integer ("act8") matrix product. A row of x is quantized once per product and every weight
+// row then takes exact integer dot products with it.
+//
+// Q8_0 activations (for Q8_0 weights), per 32 values: amax = max|x|; d = amax / 127.0f; id = d != 0 ? 1.0f / d : 0;
+// qs[i] = clamp(round_half_even(x[i] * id), -127, 127).
+//
+// Q8_K activations (for Q2_K, Q4_K and IQ2_XXS weights), per 256 values: m = the value of largest |x| (the first
+// one on ties, with its sign); if m == 0 then d = 0 and qs = 0, else iscale = -127.0f / m,
+// qs[i] = min(127, round_half_even(iscale * x[i])), d = 1.0f / iscale; bsums[j] = the sum of qs over the j-th 16.
+// (|iscale * x[i]| <= 127 up to rounding, so qs stays in [-127, 127]: m itself lands on -127.)
+//
+// Every product is then, per weight block b (32 or 256 weights), an exact integer sum turned into one float v_b,
+// and y = ((0 + v_0) + v_1) + ... in float32 strictly in block order; the per-type v_b is spelled out beside the
+// kernels (native/cpu/isa/matmul_act8.cpp).
+//
+// A quantized row is kept as planes (ours, scratch memory only), so that the scales and sums of 8 consecutive
+// blocks are one vector load: float d[nb8]; int8_t qs[nb8 * block]; int16_t sums[] where nb8 is the block count
+// rounded up to 8 (the padding zeroed) and sums holds, for Q8_0 activations, the sum of each block's qs (nb8 of
+// them), for Q8_K activations the bsums (nb8 * 16).
+struct ActRowLayout {
+    int64_t nb;         // blocks per row
+    size_t qs_offset;   // bytes from the row start; d is at offset 0
+    size_t sums_offset;
+    size_t bytes;       // per row, a multiple of 64
+};
+
+inline ActRowLayout act_row_layout(int64_t cols, int block) {
+    auto up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
+    ActRowLayout l;
+    l.nb = cols / block;
+    const int64_t nb8 = up(l.nb, 8);
+    l.qs_offset = (size_t)(4 * nb8);
+    l.sums_offset = l.qs_offset + (size_t)(nb8 * block);
+    l.bytes = (size_t)up((int64_t)l.sums_offset + 2 * nb8 * (block == QK8_0 ? 1 : 16), 64);
+    return l;
+}
 
 // Weights per block and bytes per block of each type; 0 for an unknown type.
 inline int block_weights(int type) {
