@@ -27,7 +27,7 @@ from .gguf_file import GGUFFile
 from .ops import get_backend
 from .ops.reference import rope_inv_freq
 from .shape import Shape, read_shape
-from .state import LayerState, SessionState
+from .state import LayerState, RowStore, SessionState
 from .weights import Layer, Weights, load_weights
 
 NUMERICS = ("faithful", "exact")
@@ -156,7 +156,7 @@ class Model:
             iw = ops.matmul(idx.proj, h)                                             # (N, n_idx_head)
 
         out = np.empty((N, s.n_head, s.head_dim), ops.dtype)
-        empty = np.zeros((0, s.head_dim), self.store_dtype)
+        empty = RowStore(s.head_dim, self.store_dtype)
         for st, a, b in zip(states, bounds[:-1], bounds[1:]):
             pos = positions[a:b]
             pos0 = int(pos[0])
@@ -171,12 +171,12 @@ class Model:
             if comp is not None:
                 rows, starts = ops.compress(st.comp_kv, st.comp_score, kvp[a:b], gate[a:b], comp.ape, pos0, L.ratio)
                 st.comp.append(self._finish_rows(rows, starts, comp.norm, fp4=False))
-                comp_rows, comp_n = st.comp.array(), (pos + 1) // L.ratio           # visible to the emitting token
+                comp_rows, comp_n = st.comp, (pos + 1) // L.ratio                   # visible to the emitting token
             if idx is not None:
                 rows, starts = ops.compress(st.idx_kv, st.idx_score, ikvp[a:b], igate[a:b], idx.compressor.ape,
                                             pos0, 4)
                 st.idx.append(self._finish_rows(rows, starts, idx.compressor.norm, fp4=True))
-                sel = ops.indexer_topk(iq[a:b], iw[a:b], st.idx.array(), comp_n, s.indexer_top_k,
+                sel = ops.indexer_topk(iq[a:b], iw[a:b], st.idx, comp_n, s.indexer_top_k,
                                        1.0 / math.sqrt(s.indexer_head_dim * s.n_indexer_head))
             out[a:b] = ops.attention(q[a:b], raw, raw_lo, raw_hi, comp_rows, sel, comp_n, L.attn_sinks,
                                      1.0 / math.sqrt(s.head_dim))

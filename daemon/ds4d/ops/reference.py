@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from ..state import RowStore
 from ..weights import HyperConn, Weight
 
 NEG_INF = -np.inf
@@ -266,17 +267,17 @@ class Reference:
         return np.where(den > 0, (p * kv).sum(axis=1) / np.where(den > 0, den, 1), 0)
 
     # --- indexer --------------------------------------------------------------------------------------------
-    def indexer_topk(self, q: np.ndarray, w: np.ndarray, keys: np.ndarray, n_visible: np.ndarray,
+    def indexer_topk(self, q: np.ndarray, w: np.ndarray, keys: RowStore, n_visible: np.ndarray,
                      top_k: int, w_scale: float) -> np.ndarray:
         """Compressed rows each query may attend: (T, top_k) indices, ascending, padded with -1.
 
-        Queries that see at most top_k rows get all of them; the others the top_k rows by
-        Σ_h (w_h · w_scale) · relu(q_h · k), ties to the lower index (MODEL.md §3.8).
+        Queries that see at most top_k rows get all of them; the others the top_k rows of the indexer rows
+        `keys` by Σ_h (w_h · w_scale) · relu(q_h · k), ties to the lower index (MODEL.md §3.8).
         """
         w = np.asarray(w, self.dtype) * self.dtype.type(w_scale)
         T = len(q)
         sel = np.full((T, top_k), -1, np.int64)
-        keys = np.asarray(keys, self.dtype)
+        keys = np.asarray(keys.array(), self.dtype)
         for t in range(T):
             n = int(n_visible[t])
             if n <= top_k:
@@ -290,14 +291,14 @@ class Reference:
 
     # --- attention ------------------------------------------------------------------------------------------
     def attention(self, q: np.ndarray, raw: np.ndarray, raw_lo: np.ndarray, raw_hi: np.ndarray,
-                  comp: np.ndarray, comp_sel: np.ndarray | None, comp_n: np.ndarray, sinks: np.ndarray,
+                  comp: RowStore, comp_sel: np.ndarray | None, comp_n: np.ndarray, sinks: np.ndarray,
                   scale: float) -> np.ndarray:
-        """Softmax attention with a per-head sink over raw rows [raw_lo, raw_hi) and compressed rows (the
-        selected indices >= 0, or the first comp_n of them). K = V. q: (T, H, D) -> (T, H, D)."""
+        """Softmax attention with a per-head sink over raw rows [raw_lo, raw_hi) and the compressed rows of
+        `comp` (the selected indices >= 0, or the first comp_n of them). K = V. q: (T, H, D) -> (T, H, D)."""
         T, H, D = q.shape
         out = np.empty((T, H, D), self.dtype)
         raw = np.asarray(raw, self.dtype)
-        comp = np.asarray(comp, self.dtype)
+        comp = np.asarray(comp.array(), self.dtype)
         sinks = sinks.astype(self.dtype)
         for t in range(T):
             picked = comp_sel[t][comp_sel[t] >= 0] if comp_sel is not None else np.arange(int(comp_n[t]))
