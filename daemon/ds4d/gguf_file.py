@@ -126,10 +126,11 @@ class _CheckedReader(GGUFReader):
         return out, p - offs, itype
 
     def _build_fields(self, offs: int, count: int) -> int:
-        # Each key-value costs at least 8 (key length) + 4 (type) + 1 bytes.
+        # Each key-value costs at least 8 (key length) + 4 (type) + 1 bytes. (Python ints: no uint64 wrap-around.)
+        count = int(count)
         if count * 13 > len(self.data) - offs:
             raise ValueError(f"metadata count {count} is larger than the file can hold")
-        for _ in range(int(count)):
+        for _ in range(count):
             orig = offs
             key, size = self._read_str(offs, "metadata key")
             offs += size
@@ -154,10 +155,11 @@ class _CheckedReader(GGUFReader):
     # --- tensor directory -----------------------------------------------------------------------------------
     def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list[ReaderField]]:
         # Each tensor info costs at least 8 (name length) + 4 + 4 + 8 bytes.
+        count = int(count)
         if count * 24 > len(self.data) - offs:
             raise ValueError(f"tensor count {count} is larger than the file can hold")
         fields = []
-        for _ in range(int(count)):
+        for _ in range(count):
             name, size = self._read_str(offs, "tensor name")
             self._need(offs + size, 4, f"tensor {name!r}")
             n_dims = int(self.data[offs + size:offs + size + 4].view("<u4")[0])
