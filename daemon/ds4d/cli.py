@@ -250,6 +250,48 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve -----------------------------------------------------------------------------------------------------
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The daemon: each option from its flag, else the config file's key of the same name, else the default."""
+    from .config import config_value
+    from .server import ServeOptions, serve
+
+    cfg = load_config()
+
+    def pick(name: str, kind, field: str | None = None):
+        value = getattr(args, name)
+        if value is None:
+            value = config_value(cfg, name, kind, getattr(ServeOptions, field or name))
+        return value
+
+    number = (int, float)
+    cache = pick("cache_dir", str)
+    o = ServeOptions(model=resolve_model(args.model, cfg), socket=pick("socket", str), backend=pick("backend", str),
+                     ctx=pick("ctx", int), cache_dir=Path(cache).expanduser() if cache else None,
+                     ram_cache_mb=pick("ram_cache_mb", int), disk_cache_mb=pick("disk_cache_mb", int),
+                     session_mem_mb=pick("session_mem_mb", int), log_level=pick("log_level", str),
+                     idle_exit_min=pick("idle_exit", number, "idle_exit_min"),
+                     stall_timeout_s=pick("stall_timeout", number, "stall_timeout_s"), max_queue=pick("max_queue", int))
+    if o.backend not in ("auto", "cpu"):
+        raise UsageError(f"backend must be auto or cpu, not {o.backend!r}")
+    if o.log_level not in LOG_LEVELS:
+        raise UsageError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {o.log_level!r}")
+    if o.ctx < 16:
+        raise UsageError("--ctx must be at least 16")
+    for name in ("ram_cache_mb", "disk_cache_mb", "session_mem_mb"):
+        if getattr(o, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} cannot be negative")
+    if o.idle_exit_min is not None and o.idle_exit_min <= 0:
+        raise UsageError("--idle-exit must be a positive number of minutes")
+    if o.stall_timeout_s <= 0 or o.max_queue < 1:
+        raise UsageError("--stall-timeout and --max-queue must be positive")
+    return serve(o)
+
+
 # --- entry point -----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +333,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="cpu", choices=["cpu", "reference"], help="compute backend (default cpu)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="run the daemon: keep the model resident, serve clients on a Unix socket",
+                       description="Load the model once and serve many local clients (ds4c, editors, scripts) over "
+                                   "the msgpack-rpc protocol on a Unix socket (docs/PROTOCOL.md). Options default to "
+                                   "the keys of the same name in $XDG_CONFIG_HOME/ds4/config.toml (socket, backend, "
+                                   "ctx, cache_dir, ram_cache_mb, disk_cache_mb, session_mem_mb, idle_exit, "
+                                   "log_level, stall_timeout, max_queue). Without a model it serves the tiny "
+                                   "random demo model. SIGTERM, SIGINT or the `shutdown` method stop it gracefully "
+                                   "(sessions are saved).",
+                       epilog="Logs go to stderr and $XDG_STATE_HOME/ds4/ds4d.log. Under systemd, a socket unit can "
+                              "pass the listening socket (LISTEN_FDS); see docs/ds4d.service.")
+    _add_model_arg(p, positional=False)
+    p.add_argument("--socket", metavar="PATH", help="socket path (default: $DS4_SOCKET, $XDG_RUNTIME_DIR/ds4/ds4.sock, "
+                                                    "/tmp/ds4-UID/ds4.sock)")
+    p.add_argument("--backend", choices=["auto", "cpu"], help="compute backend (default auto: the best available)")
+    p.add_argument("--ctx", type=int, metavar="N", help="context size in tokens per request (default 32768)")
+    p.add_argument("--cache-dir", metavar="DIR", help="sessions and prompt cache (default $XDG_CACHE_HOME/ds4)")
+    p.add_argument("--ram-cache-mb", type=int, metavar="N",
+                   help="prompt-cache snapshots kept in RAM, MiB (default 1024)")
+    p.add_argument("--disk-cache-mb", type=int, metavar="N",
+                   help="prompt-cache snapshots kept on disk, MiB (default 4096)")
+    p.add_argument("--session-mem-mb", type=int, metavar="N",
+                   help="state of live sessions, MiB (default 8192); a request that would exceed it gets "
+                        "out_of_memory")
+    p.add_argument("--idle-exit", type=float, metavar="MIN", help="exit after MIN minutes with no client and no work "
+                                                                  "(default: never)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default info)")
+    p.add_argument("--stall-timeout", type=float, metavar="S", help="cancel the requests of a client that has not "
+                                                                    "read its socket for S seconds (default 30)")
+    p.add_argument("--max-queue", type=int, metavar="N", help="requests held at once before answering busy "
+                                                              "(default 256)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("make-tiny", help="write a random model in the real ds4 GGUF layout",
                        description="Write a random DeepSeek V4 Flash model in exactly the real file layout (names, "

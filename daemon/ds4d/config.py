@@ -2,8 +2,10 @@
 
 Owns the resolution rules of DESIGN.md ("Configuration and paths"): `--model`, `$DS4_MODEL`, the config file's
 `model`, `./ds4flash.gguf`, `$XDG_DATA_HOME/ds4/ds4flash.gguf`; when none exists the caller may fall back to the
-demo model generated once into `$XDG_CACHE_HOME/ds4/`. Reads `$XDG_CONFIG_HOME/ds4/config.toml` with tomllib.
-Does not open models (that is `open_model`) and does not parse command lines (`cli.py`).
+demo model generated once into `$XDG_CACHE_HOME/ds4/`. Reads `$XDG_CONFIG_HOME/ds4/config.toml` with tomllib:
+`model`, and defaults for `ds4d serve` under the names of its options (`socket`, `ctx`, `cache_dir`, ...,
+type-checked by `config_value`). Does not open models (that is `open_model`) and does not parse command lines
+(`cli.py`).
 """
 
 from __future__ import annotations
@@ -73,3 +75,21 @@ def resolve_model(explicit: str | None, config: dict[str, Any] | None = None) ->
 
 def demo_model_path() -> Path:
     return cache_dir() / f"demo-{DEMO_VARIANT}-seed{DEMO_SEED}.gguf"
+
+
+def log_path() -> Path:
+    """The daemon's log file."""
+    return state_dir() / "ds4d.log"
+
+
+def config_value(config: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    """A setting from the config file, type-checked (e.g. `ctx = 65536`), or `default` when it is absent."""
+    if key not in config:
+        return default
+    value = config[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        names = {int: "an integer", float: "a number", str: "a string"}
+        raise ConfigError(f"{config_dir() / 'config.toml'}: {key} must be {' or '.join(names[k] for k in kinds)}, "
+                          f"not {value!r}")
+    return value

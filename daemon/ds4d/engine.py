@@ -206,6 +206,9 @@ class Engine:
             job.on_done(EngineError("bad_request", f"name: {e}"))
         except (TypeError, ValueError) as e:
             job.on_done(EngineError("bad_request", str(e)))
+        except Exception as e:                   # a bug: this job fails, the worker keeps serving
+            log.exception("engine: %s failed", job.op)
+            job.on_done(EngineError("internal", f"internal error: {type(e).__name__}"))
 
     # --- admission: prompt -> tokens, session, cache ----------------------------------------------------------
     def _admit(self, job: Job) -> None:
@@ -485,6 +488,7 @@ class Engine:
         if s.busy:
             raise EngineError("busy", f"session {name!r} is running a request")
         self._save(s)
+        self.flush()          # on disk before it leaves memory: a lookup right after must find the file
         del self.sessions[name]
         return {}
 
