@@ -206,6 +206,14 @@ def test_inconsistent_metadata(tmp_path, metadata, fragment):
     expect_error(sparse_file(tmp_path, metadata=metadata), fragment)
 
 
+def test_integer_keys_may_be_u32_or_u64(tmp_path):
+    from gguf import GGUFValueType
+    key = "deepseek4.rope.scaling.original_context_length"
+    for vtype in (GGUFValueType.UINT32, GGUFValueType.UINT64):
+        g, s, _ = load(sparse_file(tmp_path, name=f"{vtype.name}.gguf", metadata={key: (vtype, 65536)}))
+        assert g.metadata_types[key][0] == vtype and s.rope_orig_ctx == 65536
+
+
 def test_k_quant_input_dims_must_be_whole_super_blocks(tmp_path):
     # An expert width of 288 makes the down projection's input dim 288: not a multiple of Q2_K's 256.
     p = sparse_file(tmp_path, shape=dataclasses.replace(tiny_shape(), n_ff_exp=288))

@@ -113,7 +113,8 @@ class Shape:
             "hyper_connection.epsilon": (f32, self.hc_eps),
             "attention.compress_ratios": ("array_uint32", list(self.compress_ratios)),
             "swiglu_clamp_exp": ("array_float32", list(self.swiglu_clamp_exp)),
-            "rope.scaling.original_context_length": ("uint64", self.rope_orig_ctx),
+            # u32: we and ds4 accept u32 or u64 here, llama.cpp only u32
+            "rope.scaling.original_context_length": ("uint32", self.rope_orig_ctx),
             "rope.freq_base": (f32, self.rope_freq_base), "rope.scaling.factor": (f32, self.rope_scale_factor),
             "rope.scaling.yarn_beta_fast": (f32, self.yarn_beta_fast),
             "rope.scaling.yarn_beta_slow": (f32, self.yarn_beta_slow),

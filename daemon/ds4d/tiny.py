@@ -168,6 +168,8 @@ def _metadata(p: Plan, name: str, overrides: dict[str, object] | None = None) ->
     for key, value in (overrides or {}).items():
         if value is None:
             meta.pop(key, None)
+        elif isinstance(value, tuple):          # (GGUFValueType, value): an explicit type
+            meta[key] = (value[1], value[0], None)
         else:
             meta[key] = gguf_value(value)
     return meta
