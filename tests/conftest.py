@@ -44,3 +44,29 @@ def tiny_model(model_dir):
             _cache[key] = str(path)
         return _cache[key]
     return make
+
+
+# --- a real daemon for the client's tests -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def spawn_ds4d(tiny_model):
+    """spawn_ds4d(*serve_args, home=None, **kw) -> a running `ds4d serve` with the tiny q2 model, through
+    tests/test_server.py's harness (`Daemon`: XDG dirs and the socket under `home`, a fresh short /tmp directory by
+    default). Every daemon started through it is killed, and its fresh home removed, when the module is done."""
+    import shutil
+
+    from test_server import Daemon, short_home
+
+    started: list[tuple[Daemon, bool]] = []
+
+    def spawn(*args: str, home=None, **kw) -> Daemon:
+        d = Daemon(home or short_home(), tiny_model("q2"), *args, **kw)
+        started.append((d, home is None))
+        return d
+
+    yield spawn
+    for d, _ in started:
+        d.kill()
+    for d, fresh in started:
+        if fresh:
+            shutil.rmtree(d.home, ignore_errors=True)

@@ -1,13 +1,15 @@
 """The wire contract between ds4 clients and the daemon, in code (normative text: docs/PROTOCOL.md).
 
-Owns the protocol version, the method names, the closed set of error codes and the socket-path resolution that
-every client and the daemon share. It does not frame or send anything (that is `client.py` on this side and
-`ds4d.rpc` on the daemon's). The daemon imports this module: there is one copy of the contract.
+Owns the protocol version, the method names, the closed set of error codes, the session-name rule and the
+socket-path resolution that every client and the daemon share. It does not frame or send anything (that is
+`client.py` on this side and `ds4d.rpc` on the daemon's). The daemon imports this module: there is one copy of
+the contract.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 PROTOCOL_VERSION = "1.0"
@@ -26,6 +28,13 @@ ERROR_CODES = (
     "bad_request", "unknown_method", "version_mismatch", "not_found", "exists", "busy", "cancelled",
     "context_full", "out_of_memory", "too_large", "shutting_down", "internal",
 )
+
+# Session names: 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-', no "..": always a plain file name.
+SESSION_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def valid_session_name(name: str) -> bool:
+    return SESSION_NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
 def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
