@@ -51,11 +51,11 @@ def tiny_model(model_dir):
 @pytest.fixture(scope="module")
 def spawn_ds4d(tiny_model):
     """spawn_ds4d(*serve_args, home=None, **kw) -> a running `ds4d serve` with the tiny q2 model, through
-    tests/test_server.py's harness (`Daemon`: XDG dirs and the socket under `home`, a fresh short /tmp directory by
+    tests/daemon_harness.py (`Daemon`: XDG dirs and the socket under `home`, a fresh short /tmp directory by
     default). Every daemon started through it is killed, and its fresh home removed, when the module is done."""
     import shutil
 
-    from test_server import Daemon, short_home
+    from daemon_harness import Daemon, short_home
 
     started: list[tuple[Daemon, bool]] = []
 

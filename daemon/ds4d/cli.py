@@ -270,7 +270,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     number = (int, float)
     cache = pick("cache_dir", str)
-    o = ServeOptions(model=resolve_model(args.model, cfg), socket=pick("socket", str), backend=pick("backend", str),
+    # The socket is not a config key: every client resolves it by PROTOCOL.md's order, and so must the daemon.
+    o = ServeOptions(model=resolve_model(args.model, cfg), socket=args.socket, backend=pick("backend", str),
                      ctx=pick("ctx", int), cache_dir=Path(cache).expanduser() if cache else None,
                      ram_cache_mb=pick("ram_cache_mb", int), disk_cache_mb=pick("disk_cache_mb", int),
                      session_mem_mb=pick("session_mem_mb", int), log_level=pick("log_level", str),
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon: keep the model resident, serve clients on a Unix socket",
                        description="Load the model once and serve many local clients (ds4c, editors, scripts) over "
                                    "the msgpack-rpc protocol on a Unix socket (docs/PROTOCOL.md). Options default to "
-                                   "the keys of the same name in $XDG_CONFIG_HOME/ds4/config.toml (socket, backend, "
+                                   "the keys of the same name in $XDG_CONFIG_HOME/ds4/config.toml (backend, "
                                    "ctx, cache_dir, ram_cache_mb, disk_cache_mb, session_mem_mb, idle_exit, "
                                    "log_level, stall_timeout, max_queue). Without a model it serves the tiny "
                                    "random demo model. SIGTERM, SIGINT or the `shutdown` method stop it gracefully "

@@ -3,7 +3,7 @@
 Owns the resolution rules of DESIGN.md ("Configuration and paths"): `--model`, `$DS4_MODEL`, the config file's
 `model`, `./ds4flash.gguf`, `$XDG_DATA_HOME/ds4/ds4flash.gguf`; when none exists the caller may fall back to the
 demo model generated once into `$XDG_CACHE_HOME/ds4/`. Reads `$XDG_CONFIG_HOME/ds4/config.toml` with tomllib:
-`model`, and defaults for `ds4d serve` under the names of its options (`socket`, `ctx`, `cache_dir`, ...,
+`model`, and defaults for `ds4d serve` under the names of its options (`ctx`, `cache_dir`, `backend`, ...
 type-checked by `config_value`). Does not open models (that is `open_model`) and does not parse command lines
 (`cli.py`).
 """

@@ -34,7 +34,6 @@ from .output import OutputStream
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .session import Session, SessionFiles, SessionNameError, check_name, common_prefix, encode_continuing
-from .state import SessionState
 
 log = logging.getLogger("ds4d.engine")
 

@@ -8,24 +8,23 @@ that mutates sessions; saving happens on a writer thread from snapshots the work
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds4c.protocol import valid_session_name
+
 from .kvstore import PageStore, SnapshotError, read_header, read_snapshot, write_snapshot
 from .state import SessionState
-
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-
 
 class SessionNameError(ValueError):
     pass
 
 
 def check_name(name: object) -> str:
-    """A session name that is safe as a file name: 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    """A session name that is safe as a file name (the protocol's rule: 1-64 of [A-Za-z0-9_.-], not starting
+    with '.' or '-', no '..')."""
+    if not isinstance(name, str) or not valid_session_name(name):
         raise SessionNameError("session names are 1-64 characters of letters, digits, '_', '.', '-' "
                                "(not starting with '.' or '-')")
     return name
@@ -106,7 +105,7 @@ class SessionFiles:
         return self.root / f"{check_name(name)}.snap"
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.snap") if NAME_RE.match(p.stem))
+        return sorted(p.stem for p in self.root.glob("*.snap") if valid_session_name(p.stem))
 
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
