@@ -244,3 +244,19 @@ def test_concurrent_sessions_decode_together_in_one_step(model, tmp_path):
     assert 1 in calls and 4 in calls                                # steps with 1 and with 4 sessions decoding
     assert len(set(calls.values())) == 1, calls                     # weights read once per step, whatever B
     e.stop()
+
+
+def test_a_keystroke_after_a_completion_recomputes_only_the_typed_text_and_the_suffix(model, tmp_path):
+    e = engine(model, tmp_path)
+    prefix = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(40)) + "def g(y):\n    ret"
+    suffix = "\n\nprint(g(2))\n"
+    first = e.call("complete", prefix=prefix, suffix=suffix, max_tokens=2)
+    before = e.counters["prefill_tokens"]
+    second = e.call("complete", prefix=prefix + "u", suffix=suffix, max_tokens=2)
+    recomputed = e.counters["prefill_tokens"] - before
+    tail = len(model.tokenizer.encode("return" + suffix)) + 3          # the edited word, the suffix, FIM markers
+    assert first["usage"]["prompt_tokens"] > 400
+    assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - tail - 8
+    assert recomputed <= tail + 8 + 1
+    e.stop()
+

@@ -40,6 +40,7 @@ log = logging.getLogger("ds4d.engine")
 STATE_FORMAT = 1
 SNAP_ALIGN = 128          # prompt snapshots at multiples of this many tokens ...
 SNAP_TAIL = (16, 1, 0)    # ... and this many tokens before the end of every prompt (0: the whole prompt)
+SNAP_FIM = (8, 2, 0)      # ... and before the end of a completion's prefix (where the next keystroke lands)
 THINK_MAX_MIN_CTX = 393216
 
 
@@ -71,6 +72,7 @@ class Job:
     pending: int | None = None                           # sampled token not yet fed to the model
     new_messages: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    snap_points: set[int] = field(default_factory=set)   # prompt positions whose state the cache keeps
     finished: bool = False
 
     def cancel(self) -> None:
@@ -105,6 +107,7 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.weight_calls_by_batch: dict[int, int] = {}     # decode batch size -> weight-kernel calls of a step
         self._fresh_bytes = model.new_state().nbytes
+        self._fim_hole = self.tokenizer.token_id("<｜fim▁hole｜>")
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "cache_hit_tokens": 0, "requests": 0,
                          "decode_steps": 0, "weight_calls_last_step": 0}
         self.started = time.time()
@@ -249,6 +252,12 @@ class Engine:
             raise EngineError("out_of_memory", f"this request needs about {need >> 20} MiB of session state; "
                                                f"{(self.session_mem - self._live_bytes()) >> 20} MiB are free")
         job.session, job.target = session, ids
+        job.snap_points = {len(ids) - k for k in SNAP_TAIL}
+        if job.op == "complete":
+            # The user types at the end of the prefix: keep the state just before it, so the next completion
+            # recomputes only the typed text and the suffix.
+            hole = len(ids) - 1 - ids[::-1].index(self._fim_hole)
+            job.snap_points |= {hole - k for k in SNAP_FIM}
         job.out = OutputStream(self.tokenizer, sampling, reasoning=reasoning, tools=tools)
         session.busy = True
         session.last_used = time.time()
@@ -306,10 +315,11 @@ class Engine:
             self._sampled(j, next(rows)[0])
 
     def _chunk_end(self, job: Job) -> int:
-        """Where the next prefill chunk stops: at most `chunk` tokens, at SNAP_ALIGN multiples and at the
-        snapshot points near the end, so the cache can keep the state at each of them."""
+        """Where the next prefill chunk stops: at most `chunk` tokens, at SNAP_ALIGN multiples and at the job's
+        snapshot points (near the end of the prompt, and of a completion's prefix), so the cache can keep the
+        state at each of them."""
         start, total = job.pos, len(job.target)
-        stops = [total] + [total - k for k in SNAP_TAIL if total - k > start]
+        stops = [total] + [p for p in job.snap_points if p > start]
         aligned = (start // SNAP_ALIGN + 1) * SNAP_ALIGN
         stops += list(range(aligned, total, SNAP_ALIGN))
         return min(min(s for s in stops if s > start), start + self.chunk)
@@ -320,7 +330,7 @@ class Engine:
         s.tokens.extend(job.target[job.pos:end])
         job.pos = end
         total = len(job.target)
-        if end % SNAP_ALIGN == 0 or any(end == total - k for k in SNAP_TAIL):
+        if end % SNAP_ALIGN == 0 or end in job.snap_points:
             self.cache.insert(s.tokens, s.state)
         job.on_event({"kind": "progress", "done": end, "total": total})
         if end == total:
