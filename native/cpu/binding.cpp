@@ -9,7 +9,10 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ds4_cpu.h"
@@ -71,26 +74,27 @@ struct Weights {
     int64_t rows;
 };
 
-Weights weights_arg(const py::array& w, int type, int64_t cols) {
+Weights weights_arg(const py::array& w, int type, int64_t cols, const std::string& name = "w") {
     check_type_cols(type, cols);
     if (!weight_dtype_ok(w.dtype(), type))
-        throw py::type_error(std::string("w: dtype ") + str(w.dtype()) + " cannot hold " + type_name(type) +
+        throw py::type_error(name + ": dtype " + str(w.dtype()) + " cannot hold " + type_name(type) +
                              " weights (pass uint8 bytes" +
                              (type == TYPE_F32   ? ", or float32"
                               : type == TYPE_F16 ? ", or float16"
                               : type == TYPE_BF16 ? ", or uint16"
                                                   : "") +
                              ")");
-    if (!(w.flags() & py::array::c_style)) throw py::value_error("w must be C-contiguous");
-    if (w.ndim() == 0) throw py::value_error("w must have at least one dimension");
+    if (!(w.flags() & py::array::c_style)) throw py::value_error(name + " must be C-contiguous");
+    if (w.ndim() == 0) throw py::value_error(name + " must have at least one dimension");
     const int64_t rb = (int64_t)row_bytes(type, cols);
     if (w.ndim() >= 2 && w.shape(w.ndim() - 1) * w.itemsize() != rb)
-        throw py::value_error("w: its last dimension holds " + std::to_string(w.shape(w.ndim() - 1) * w.itemsize()) +
-                              " bytes, but a row of " + std::to_string(cols) + " " + type_name(type) + " weights is " +
-                              std::to_string(rb) + " bytes");
+        throw py::value_error(name + ": its last dimension holds " +
+                              std::to_string(w.shape(w.ndim() - 1) * w.itemsize()) + " bytes, but a row of " +
+                              std::to_string(cols) + " " + type_name(type) + " weights is " + std::to_string(rb) +
+                              " bytes");
     const int64_t nbytes = w.nbytes();
     if (nbytes % rb != 0)
-        throw py::value_error("w holds " + std::to_string(nbytes) + " bytes, not a whole number of " +
+        throw py::value_error(name + " holds " + std::to_string(nbytes) + " bytes, not a whole number of " +
                               std::to_string(rb) + "-byte rows of " + std::to_string(cols) + " " + type_name(type) +
                               " weights");
     return {(const uint8_t*)w.data(), nbytes / rb};
@@ -223,6 +227,221 @@ py::tuple py_quantize_act(const py::array& x, const std::string& kind) {
     return py::make_tuple(d, qs);
 }
 
+// ---- arguments of the fused ops ----------------------------------------------------------------------------------
+
+// A float32 array of the given number of dimensions, C-contiguous (the fused ops index it directly).
+py::array f32_array_arg(const py::handle& obj, const char* name, int ndim) {
+    if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy array");
+    py::array a = py::reinterpret_borrow<py::array>(obj);
+    const py::dtype dt = a.dtype();
+    if (!(dt.kind() == 'f' && dt.itemsize() == 4 && native_order(dt)))
+        throw py::type_error(std::string(name) + ": expected float32, got " + str(dt));
+    if (a.ndim() != ndim)
+        throw py::value_error(std::string(name) + ": expected a " + std::to_string(ndim) + "-D array, got " +
+                              std::to_string(a.ndim()) + "-D");
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+    return a;
+}
+
+// An integer array of the given shape (-1: any length), as contiguous int64 (converted if it is another integer
+// type). Floats and booleans are refused: an index must be an integer.
+py::array_t<int64_t> int_array_arg(const py::handle& obj, const char* name, std::vector<int64_t> shape) {
+    if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy array");
+    py::array a = py::reinterpret_borrow<py::array>(obj);
+    const char kind = a.dtype().kind();
+    if (kind != 'i' && kind != 'u')
+        throw py::type_error(std::string(name) + ": expected an integer array, got " + str(a.dtype()));
+    if (a.ndim() != (py::ssize_t)shape.size())
+        throw py::value_error(std::string(name) + ": expected a " + std::to_string(shape.size()) + "-D array, got " +
+                              std::to_string(a.ndim()) + "-D");
+    for (size_t i = 0; i < shape.size(); ++i)
+        if (shape[i] >= 0 && a.shape(i) != shape[i])
+            throw py::value_error(std::string(name) + ": dimension " + std::to_string(i) + " is " +
+                                  std::to_string(a.shape(i)) + ", expected " + std::to_string(shape[i]));
+    if (kind == 'u' && a.itemsize() == 8) {  // values above 2^63 must not wrap into valid-looking negatives
+        py::array_t<uint64_t, py::array::c_style | py::array::forcecast> u(a);
+        for (py::ssize_t i = 0; i < u.size(); ++i)
+            if (u.data()[i] > (uint64_t)INT64_MAX) throw py::value_error(std::string(name) + ": value out of range");
+    }
+    return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(a);
+}
+
+// Rows kept in pages (RowStore): each page a C-contiguous (page_rows, width) array of float16 or float32, all
+// alike, holding `count` rows in order. The arrays are kept referenced while the GIL is released.
+struct Pages {
+    std::vector<py::array> keep;
+    std::vector<const void*> ptrs;
+    int64_t page_rows = 1;
+    int kind = 0;  // 0: no pages, 2: float16, 4: float32
+};
+
+int row_dtype_kind(const py::dtype& dt) {
+    if (dt.kind() == 'f' && native_order(dt) && (dt.itemsize() == 2 || dt.itemsize() == 4)) return (int)dt.itemsize();
+    return -1;
+}
+
+Pages pages_arg(const py::handle& obj, const char* name, int64_t width, int64_t count) {
+    if (py::isinstance<py::array>(obj) || !py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+        throw py::type_error(std::string(name) + ": expected a list of page arrays");
+    if (count < 0) throw py::value_error(std::string(name) + ": the row count must not be negative");
+    Pages p;
+    for (const py::handle item : py::reinterpret_borrow<py::sequence>(obj)) {
+        if (!py::isinstance<py::array>(item))
+            throw py::type_error(std::string(name) + ": every page must be a numpy array");
+        py::array a = py::reinterpret_borrow<py::array>(item);
+        const int kind = row_dtype_kind(a.dtype());
+        if (kind < 0)
+            throw py::type_error(std::string(name) + ": pages must hold float16 or float32, got " + str(a.dtype()));
+        if (a.ndim() != 2 || a.shape(1) != width || a.shape(0) < 1)
+            throw py::value_error(std::string(name) + ": pages must be (rows, " + std::to_string(width) + ") arrays");
+        if (!(a.flags() & py::array::c_style))
+            throw py::value_error(std::string(name) + ": pages must be C-contiguous");
+        if (p.keep.empty()) {
+            p.page_rows = a.shape(0);
+            p.kind = kind;
+        } else if (a.shape(0) != p.page_rows || kind != p.kind) {
+            throw py::value_error(std::string(name) + ": all pages must have the same rows and dtype");
+        }
+        p.ptrs.push_back(a.data());
+        p.keep.push_back(a);
+    }
+    if (count > (int64_t)p.keep.size() * p.page_rows)
+        throw py::value_error(std::string(name) + ": " + std::to_string(count) + " rows do not fit in " +
+                              std::to_string(p.keep.size()) + " pages of " + std::to_string(p.page_rows));
+    return p;
+}
+
+// ---- the fused ops -----------------------------------------------------------------------------------------------
+
+py::array py_moe(const py::handle& h_arg, const py::handle& ids_arg, const py::handle& weights_arg_,
+                 const py::array& gate, int gate_type, const py::array& up, int up_type, const py::array& down,
+                 int down_type, int64_t n_ff, double clamp, bool act8) {
+    const py::array h = f32_array_arg(h_arg, "h", 2);
+    const int64_t N = h.shape(0), E = h.shape(1);
+    if (E <= 0) throw py::value_error("h: rows must not be empty");
+    if (n_ff <= 0) throw py::value_error("n_ff must be positive, got " + std::to_string(n_ff));
+    if (!(clamp > 0)) throw py::value_error("clamp must be positive");
+    auto experts = [](const py::array& w, const char* name, int type, int64_t rows, int64_t cols) {
+        const Weights wt = weights_arg(w, type, cols, name);
+        if (w.ndim() != 3)
+            throw py::value_error(std::string(name) + ": expected (n_expert, " + std::to_string(rows) +
+                                  ", row) experts, got a " + std::to_string(w.ndim()) + "-D array");
+        if (w.shape(1) != rows)
+            throw py::value_error(std::string(name) + ": experts of " + std::to_string(w.shape(1)) +
+                                  " rows, expected " + std::to_string(rows));
+        if (w.shape(0) < 1) throw py::value_error(std::string(name) + ": no experts");
+        return std::make_pair(wt.data, (int64_t)w.shape(0));
+    };
+    const auto g = experts(gate, "gate", gate_type, n_ff, E);
+    const auto u = experts(up, "up", up_type, n_ff, E);
+    const auto d = experts(down, "down", down_type, E, n_ff);
+    if (g.second != u.second || g.second != d.second)
+        throw py::value_error("gate, up and down must hold the same number of experts (" + std::to_string(g.second) +
+                              ", " + std::to_string(u.second) + ", " + std::to_string(d.second) + ")");
+    const int64_t n_expert = g.second;
+    const py::array_t<int64_t> ids = int_array_arg(ids_arg, "ids", {N, -1});
+    const int64_t K = ids.shape(1);
+    const py::array wts = f32_array_arg(weights_arg_, "weights", 2);
+    if (wts.shape(0) != N || wts.shape(1) != K)
+        throw py::value_error("weights: shape must be (" + std::to_string(N) + ", " + std::to_string(K) + ") like ids");
+    const int64_t* idp = ids.data();
+    for (int64_t i = 0; i < N * K; ++i)
+        if (idp[i] < 0 || idp[i] >= n_expert)
+            throw py::value_error("ids: expert " + std::to_string(idp[i]) + " out of range [0, " +
+                                  std::to_string(n_expert) + ")");
+    py::array_t<float> out(std::vector<py::ssize_t>{N, E});
+    float* o = out.mutable_data();
+    const float* hp = (const float*)h.data();
+    const float* wp = (const float*)wts.data();
+    {
+        py::gil_scoped_release nogil;
+        ds4_cpu_moe(o, E, hp, E, N, E, idp, wp, K, g.first, gate_type, u.first, up_type, d.first, down_type, n_expert,
+                    n_ff, (float)clamp, act8);
+    }
+    return out;
+}
+
+py::array py_attention(const py::handle& q_arg, const py::handle& raw_arg, const py::handle& lo_arg,
+                       const py::handle& hi_arg, const py::handle& pages_obj, int64_t comp_count,
+                       const py::handle& sel_arg, const py::handle& n_arg, const py::handle& sinks_arg, double scale) {
+    const py::array q = f32_array_arg(q_arg, "q", 3);
+    const int64_t T = q.shape(0), H = q.shape(1), D = q.shape(2);
+    if (D <= 0) throw py::value_error("q: heads must not be empty");
+    if (!py::isinstance<py::array>(raw_arg)) throw py::type_error("raw: expected a numpy array");
+    const py::array raw = py::reinterpret_borrow<py::array>(raw_arg);
+    const int raw_kind = row_dtype_kind(raw.dtype());
+    if (raw_kind < 0) throw py::type_error("raw: expected float16 or float32 rows, got " + str(raw.dtype()));
+    if (raw.ndim() != 2 || raw.shape(1) != D)
+        throw py::value_error("raw: expected (rows, " + std::to_string(D) + ") rows");
+    if (!(raw.flags() & py::array::c_style)) throw py::value_error("raw must be C-contiguous");
+    const int64_t R = raw.shape(0);
+    const py::array_t<int64_t> lo = int_array_arg(lo_arg, "raw_lo", {T}), hi = int_array_arg(hi_arg, "raw_hi", {T});
+    for (int64_t t = 0; t < T; ++t)
+        if (!(0 <= lo.data()[t] && lo.data()[t] <= hi.data()[t] && hi.data()[t] <= R))
+            throw py::value_error("raw_lo/raw_hi: token " + std::to_string(t) + " asks rows [" +
+                                  std::to_string(lo.data()[t]) + ", " + std::to_string(hi.data()[t]) + ") of " +
+                                  std::to_string(R));
+    const Pages pages = pages_arg(pages_obj, "comp_pages", D, comp_count);
+    if (R > 0 && comp_count > 0 && pages.kind != raw_kind)
+        throw py::type_error("raw and comp_pages must hold the same dtype");
+    const bool f16 = (R > 0 ? raw_kind : pages.kind) == 2;
+    const py::array_t<int64_t> n = int_array_arg(n_arg, "comp_n", {T});
+    for (int64_t t = 0; t < T; ++t)
+        if (n.data()[t] < 0 || n.data()[t] > comp_count)
+            throw py::value_error("comp_n: token " + std::to_string(t) + " asks " + std::to_string(n.data()[t]) +
+                                  " of " + std::to_string(comp_count) + " compressed rows");
+    py::array_t<int64_t> sel;
+    int64_t sel_width = 0;
+    if (!sel_arg.is_none()) {
+        sel = int_array_arg(sel_arg, "comp_sel", {T, -1});
+        sel_width = sel.shape(1);
+        for (int64_t i = 0; i < T * sel_width; ++i)
+            if (sel.data()[i] >= comp_count)
+                throw py::value_error("comp_sel: row " + std::to_string(sel.data()[i]) + " of " +
+                                      std::to_string(comp_count) + " compressed rows");
+    }
+    const py::array sinks = f32_array_arg(sinks_arg, "sinks", 1);
+    if (sinks.shape(0) != H) throw py::value_error("sinks: expected " + std::to_string(H) + " values, one per head");
+    py::array_t<float> out(std::vector<py::ssize_t>{T, H, D});
+    float* o = out.mutable_data();
+    const float* qp = (const float*)q.data();
+    const void* rp = raw.data();
+    const int64_t* sp = sel_arg.is_none() ? nullptr : sel.data();
+    {
+        py::gil_scoped_release nogil;
+        ds4_cpu_attention(o, qp, T, H, D, rp, lo.data(), hi.data(), pages.ptrs.data(), pages.page_rows, sp, sel_width,
+                          n.data(), f16, (const float*)sinks.data(), (float)scale);
+    }
+    return out;
+}
+
+py::array py_indexer_topk(const py::handle& q_arg, const py::handle& w_arg, const py::handle& pages_obj,
+                          int64_t key_count, const py::handle& n_arg, int64_t top_k, double w_scale) {
+    const py::array q = f32_array_arg(q_arg, "q", 3);
+    const int64_t T = q.shape(0), H = q.shape(1), D = q.shape(2);
+    if (H <= 0 || D <= 0) throw py::value_error("q: expected (tokens, heads, dim) with heads and dim positive");
+    const py::array w = f32_array_arg(w_arg, "w", 2);
+    if (w.shape(0) != T || w.shape(1) != H)
+        throw py::value_error("w: expected (" + std::to_string(T) + ", " + std::to_string(H) + "), one per head");
+    if (top_k < 0) throw py::value_error("top_k must not be negative");
+    const Pages pages = pages_arg(pages_obj, "key_pages", D, key_count);
+    const py::array_t<int64_t> n = int_array_arg(n_arg, "n_visible", {T});
+    for (int64_t t = 0; t < T; ++t)
+        if (n.data()[t] < 0 || n.data()[t] > key_count)
+            throw py::value_error("n_visible: token " + std::to_string(t) + " sees " + std::to_string(n.data()[t]) +
+                                  " of " + std::to_string(key_count) + " key rows");
+    py::array_t<int64_t> sel(std::vector<py::ssize_t>{T, top_k});
+    int64_t* s = sel.mutable_data();
+    const float* qp = (const float*)q.data();
+    const float* wp = (const float*)w.data();
+    {
+        py::gil_scoped_release nogil;
+        ds4_cpu_indexer_topk(s, qp, wp, T, H, D, pages.ptrs.data(), pages.page_rows, pages.kind == 2, n.data(), top_k,
+                             (float)w_scale);
+    }
+    return sel;
+}
+
 void py_set_isa(const std::string& name) {
     if (ds4_cpu_set_isa(name)) return;
     std::string list;
@@ -241,8 +460,9 @@ void py_set_threads(int n) {
 PYBIND11_MODULE(_cpu, m) {
     m.doc() =
         "Native CPU kernels of ds4d: dequantization and matrix products for the GGML weight types of DeepSeek V4 "
-        "Flash GGUF files (F32, F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS), at the best ISA level of this CPU, on a "
-        "persistent thread pool.";
+        "Flash GGUF files (F32, F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS), and the fused ops of a layer (routed "
+        "experts, attention with sinks, the indexer's top-k), at the best ISA level of this CPU, on a persistent "
+        "thread pool.";
     ds4_cpu_init();
 
     m.def("available_isas", &ds4_cpu_available_isas,
@@ -264,4 +484,23 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("quantize_act", &py_quantize_act, py::arg("x"), py::arg("kind"),
           "The act8 activation quantizers: kind 'q8_0' -> (d (T, cols/32) float32, qs (T, cols) int8); kind 'q8_k' -> "
           "(d (T, cols/256), qs (T, cols), bsums (T, cols/16) int16).");
+    m.def("moe", &py_moe, py::arg("h"), py::arg("ids"), py::arg("weights"), py::arg("gate"), py::arg("gate_type"),
+          py::arg("up"), py::arg("up_type"), py::arg("down"), py::arg("down_type"), py::arg("n_ff"), py::arg("clamp"),
+          py::arg("act8") = false,
+          "The routed experts of one MoE layer: out[t] = sum over k (in order) of down_e . (silu(min(g, clamp)) * "
+          "clip(u, -clamp, clamp) * weights[t, k]) with g = gate_e . h_t, u = up_e . h_t, e = ids[t, k]. h float32 "
+          "(N, E); ids integer (N, K); weights float32 (N, K); gate/up (n_expert, n_ff, row) and down (n_expert, E, "
+          "row) as the GGUF stores them. The products are those of matmul (act8 as there); -> float32 (N, E).");
+    m.def("attention", &py_attention, py::arg("q"), py::arg("raw"), py::arg("raw_lo"), py::arg("raw_hi"),
+          py::arg("comp_pages"), py::arg("comp_count"), py::arg("comp_sel"), py::arg("comp_n"), py::arg("sinks"),
+          py::arg("scale"),
+          "Attention with a per-head sink, K = V: q float32 (T, H, D); token t sees raw rows [raw_lo[t], raw_hi[t]) "
+          "of raw (R, D) and the compressed rows comp_sel[t] (>= 0; -1 pads) or, when comp_sel is None, rows "
+          "[0, comp_n[t]) of comp_count rows kept in comp_pages, a list of (rows, D) arrays; rows float16 or "
+          "float32. -> float32 (T, H, D).");
+    m.def("indexer_topk", &py_indexer_topk, py::arg("q"), py::arg("w"), py::arg("key_pages"), py::arg("key_count"),
+          py::arg("n_visible"), py::arg("top_k"), py::arg("w_scale"),
+          "The indexer's rows per token: 0..n-1 padded with -1 when n = n_visible[t] <= top_k, else the top_k rows "
+          "c < n by sum_h (w[t, h] * w_scale) * max(0, q[t, h] . k_c), ties to the lower index, ascending. q "
+          "float32 (T, H, D), w float32 (T, H), keys in pages as for attention. -> int64 (T, top_k).");
 }

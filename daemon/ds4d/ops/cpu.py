@@ -3,16 +3,27 @@
 Owns the choice of kernel per op and the activation handling: matrix products run on the weights as the file
 stores them (no dequantized copies), with 8-bit activations for quantized weights when `act8` is on (the
 default under faithful numerics, as ds4's CPU path does; exact numerics keep float32 activations so the model
-can be compared with HF transformers). Every op not overridden here is the reference implementation
-(`reference.py`) run in float32: the reference stays beside every fast path.
+can be compared with HF transformers). The routed experts, attention and the indexer's top-k are fused native
+ops (one call per layer and op, rows read in place from the state's pages). Every op not overridden here is the
+reference implementation (`reference.py`) run in float32: the reference stays beside every fast path.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..state import RowStore
 from ..weights import Weight
 from .reference import Reference
+
+_ROW_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+def _pages(store: RowStore) -> list[np.ndarray]:
+    """A row store's pages as the native ops read them: float16 / float32 in place, anything else converted."""
+    if store.dtype in _ROW_DTYPES:
+        return store.pages
+    return [np.asarray(p, np.float32) for p in store.pages]
 
 
 class CPU(Reference):
@@ -48,3 +59,34 @@ class CPU(Reference):
     def embed(self, w: Weight, tokens: np.ndarray, n_hc: int) -> np.ndarray:
         rows = self._cpu.dequantize(np.ascontiguousarray(w.raw[np.asarray(tokens)]), int(w.type), w.cols)
         return np.repeat(rows[:, None, :], n_hc, axis=1)
+
+    # --- fused ops ------------------------------------------------------------------------------------------
+    def moe(self, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: tuple[Weight, Weight, Weight],
+            clamp: float, shared: tuple[Weight, Weight, Weight], shared_clamp: float) -> np.ndarray:
+        """Routed experts in one native call (each used expert's weights read once for all its tokens), plus the
+        shared expert. One weight-kernel call for the routed part, whatever the batch: the engine counts it so."""
+        gate, up, down = experts
+        self.weight_calls += 1
+        routed = self._cpu.moe(np.ascontiguousarray(h, dtype=np.float32), ids,
+                               np.ascontiguousarray(weights, dtype=np.float32), gate.raw, int(gate.type), up.raw,
+                               int(up.type), down.raw, int(down.type), gate.rows, float(clamp), self.act8)
+        return self.ffn(h, *shared, shared_clamp) + routed
+
+    def attention(self, q: np.ndarray, raw: np.ndarray, raw_lo: np.ndarray, raw_hi: np.ndarray, comp: RowStore,
+                  comp_sel: np.ndarray | None, comp_n: np.ndarray, sinks: np.ndarray, scale: float) -> np.ndarray:
+        """All tokens and heads in one native call; compressed rows are read in place from the store's pages."""
+        pages = _pages(comp)
+        # the native op reads one row dtype (float16 or float32): the pages' if any, else the window's
+        row_dtype = pages[0].dtype if pages else raw.dtype if raw.dtype in _ROW_DTYPES else np.dtype(np.float32)
+        if raw.dtype != row_dtype:
+            raw = raw.astype(row_dtype)
+        return self._cpu.attention(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(raw), raw_lo,
+                                   raw_hi, pages, comp.n, comp_sel, comp_n,
+                                   np.ascontiguousarray(sinks, dtype=np.float32), float(scale))
+
+    def indexer_topk(self, q: np.ndarray, w: np.ndarray, keys: RowStore, n_visible: np.ndarray, top_k: int,
+                     w_scale: float) -> np.ndarray:
+        """Native scores over the key pages in place, and an exact top-k with the reference's tie rule."""
+        return self._cpu.indexer_topk(np.ascontiguousarray(q, dtype=np.float32),
+                                      np.ascontiguousarray(w, dtype=np.float32), _pages(keys), keys.n,
+                                      np.asarray(n_visible), int(top_k), float(w_scale))

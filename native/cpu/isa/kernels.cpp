@@ -7,6 +7,7 @@
 namespace ds4::cpu::DS4_ISA {
 
 extern const IsaKernels kernels;
-const IsaKernels kernels = {DS4_STR(DS4_ISA), dequantize, matmul_f32, matmul_act8};
+const IsaKernels kernels = {DS4_STR(DS4_ISA), dequantize, matmul_f32, matmul_act8, swiglu, attention,
+                             indexer_scores};
 
 }  // namespace ds4::cpu::DS4_ISA
