@@ -12,6 +12,7 @@ replaces the ops that deserve native kernels, so every fast path has its referen
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -68,8 +69,9 @@ def fp4_e2m1_roundtrip(x: np.ndarray, block: int = 32) -> np.ndarray:
     return (round_minifloat(v, 1, 0) * scale).reshape(shape)
 
 
+@functools.lru_cache(maxsize=4)
 def hadamard_matrix(n: int) -> np.ndarray:
-    """The Sylvester (natural order) Walsh-Hadamard matrix of size n, entries ±1."""
+    """The Sylvester (natural order) Walsh-Hadamard matrix of size n, entries ±1 (cached: do not modify)."""
     h = np.ones((1, 1))
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
@@ -212,8 +214,13 @@ class Reference:
     def hadamard_fp4(self, x: np.ndarray) -> np.ndarray:
         """Orthonormal Hadamard rotation of 128-dim indexer vectors, then the FP4 round trip."""
         d = x.shape[-1]
-        h = hadamard_matrix(d).astype(self.dtype) * self.dtype.type(1.0 / math.sqrt(d))
+        h = self._hadamard(d)
         return fp4_e2m1_roundtrip(np.asarray(x, self.dtype) @ h)
+
+    @functools.lru_cache(maxsize=4)
+    def _hadamard(self, d: int) -> np.ndarray:
+        """The orthonormal Hadamard matrix in the backend dtype."""
+        return hadamard_matrix(d).astype(self.dtype) * self.dtype.type(1.0 / math.sqrt(d))
 
     # --- compressor -----------------------------------------------------------------------------------------
     def compress(self, kv_state: np.ndarray, score_state: np.ndarray, kvp: np.ndarray, gate: np.ndarray,
