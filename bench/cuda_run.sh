@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build ds4d._cpu and ds4d._cuda there (its Python and nvcc), run the CUDA kernel
+# tests, then the benchmark. Logs and the benchmark's JSON go to $OUT (the device tool brings them back).
+#
+#   bench/cuda_run.sh [tests|bench|all|profile] [extra benchmark arguments...]      (default: all)
+#
+# Expects the gguf wheel in .whl/ (carried; the machine has no registry). ARCHS overrides the CUDA
+# architectures (default 90a: Hopper only, to keep the build short).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+shift || true
+OUT=${OUT:-/tmp/ds4-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
+    exit 1
+export PYTHONPATH=/tmp/site:$PWD/daemon
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu \
+    --format=csv
+
+t0=$(date +%s)
+if ! { cmake -S . -B build/gpu -G Ninja -DDS4_CUDA=ON -DDS4_CUDA_ARCHS="${ARCHS:-90a}" \
+        -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" &&
+       cmake --build build/gpu -j 16; } >"$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"
+    exit 1
+fi
+cp build/gpu/_cpu*.so build/gpu/native/cuda/_cuda*.so daemon/ds4d/
+echo "build: $(($(date +%s) - t0)) s"
+
+# The clocks and power while the tests and benchmark run (METHOD: measure the card as found; this shows it).
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu --format=csv \
+    -lms 250 >"$OUT/clocks.csv" 2>&1 &
+smi=$!
+
+rc=0
+if [[ $what == tests || $what == all ]]; then
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25
+    rc=${PIPESTATUS[0]}
+fi
+if [[ $what == profile ]]; then
+    # Nsight Compute, clocks left alone; the summary says where each kernel's warps wait.
+    ncu --clock-control none --print-units base --csv --page raw --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats \
+        --metrics smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active \
+        python3 bench/cuda_profile.py >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+    rc=$((rc | $?))
+    tail -3 "$OUT/ncu.err"
+    rm -f "$OUT/ncu.err"
+    python3 bench/cuda_profile.py --summarize "$OUT/ncu.csv" | tee "$OUT/ncu_summary.md"
+fi
+if [[ $what == bench || $what == all ]]; then
+    python3 bench/cuda_kernels.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
+    rc=$((rc | PIPESTATUS[0]))
+fi
+kill $smi 2>/dev/null
+exit $rc

@@ -1,0 +1,324 @@
+// ds4d._cuda: the one pybind11 binding file of the CUDA backend.
+//
+// Owns the Python face of the decode kernels (ds4_cuda.h) and the few runtime objects Python needs to drive them:
+// device buffers (Buffer: allocate, upload, download), streams, events, and captured graphs. Kernel entry points
+// take device addresses as integers (Buffer.ptr + byte offset) so that the caller lays out its own memory, and
+// only enqueue work, so a sequence of calls between begin_capture and end_capture becomes one replayable graph.
+// Argument errors become ValueError with the kernel's reason; CUDA errors become RuntimeError. Called by the
+// tests and benchmarks now, by ds4d.ops.cuda in the integration.
+#include <cuda_runtime.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "ds4_cuda.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+    if (e == cudaSuccess) return;
+    if (e == cudaErrorInvalidValue && *ds4_cuda_error_message()) throw py::value_error(ds4_cuda_error_message());
+    cudaGetLastError();  // a launch error is sticky only when the context is broken; clear the rest
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+template <typename T>
+T* dev(uintptr_t p) {
+    return reinterpret_cast<T*>(p);
+}
+cudaStream_t st(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// ---- runtime objects -------------------------------------------------------------------------------------------
+
+struct Buffer {
+    void* ptr = nullptr;
+    size_t nbytes = 0;
+    explicit Buffer(size_t n) : nbytes(n) {
+        // Rounded up to 256 bytes: kernels may read up to the next 16-byte boundary past the last weight row.
+        check(cudaMalloc(&ptr, (n + 255) / 256 * 256 + 256), "cudaMalloc");
+    }
+    ~Buffer() {
+        if (ptr) cudaFree(ptr);
+    }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+
+    void range(size_t offset, size_t n) const {
+        if (offset > nbytes || n > nbytes - offset)
+            throw py::value_error("range of " + std::to_string(n) + " bytes at offset " + std::to_string(offset) +
+                                  " is outside the buffer of " + std::to_string(nbytes));
+    }
+    void upload(const py::array& a, size_t offset) {
+        if (!(a.flags() & py::array::c_style)) throw py::value_error("upload: the array must be C-contiguous");
+        range(offset, a.nbytes());
+        const void* src = a.data();
+        py::gil_scoped_release nogil;
+        check(cudaMemcpy((char*)ptr + offset, src, a.nbytes(), cudaMemcpyHostToDevice), "upload");
+    }
+    py::array download(const py::dtype& dt, const std::vector<py::ssize_t>& shape, size_t offset) {
+        py::array out(dt, shape);
+        range(offset, out.nbytes());
+        void* dst = out.mutable_data();
+        const size_t n = out.nbytes();
+        py::gil_scoped_release nogil;
+        check(cudaMemcpy(dst, (char*)ptr + offset, n, cudaMemcpyDeviceToHost), "download");
+        return out;
+    }
+};
+
+struct Stream {
+    cudaStream_t s = nullptr;
+    Stream() { check(cudaStreamCreate(&s), "cudaStreamCreate"); }
+    ~Stream() {
+        if (s) cudaStreamDestroy(s);
+    }
+    void synchronize() {
+        py::gil_scoped_release nogil;
+        check(cudaStreamSynchronize(s), "synchronize");
+    }
+};
+
+struct Event {
+    cudaEvent_t e = nullptr;
+    Event() { check(cudaEventCreate(&e), "cudaEventCreate"); }
+    ~Event() {
+        if (e) cudaEventDestroy(e);
+    }
+};
+
+struct Graph {
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ~Graph() {
+        if (exec) cudaGraphExecDestroy(exec);
+        if (g) cudaGraphDestroy(g);
+    }
+    size_t nodes() const {
+        size_t n = 0;
+        cudaGraphGetNodes(g, nullptr, &n);
+        return n;
+    }
+};
+
+py::dict device_info() {
+    int dev = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    cudaDeviceProp p;
+    check(cudaGetDeviceProperties(&p, dev), "cudaGetDeviceProperties");
+    int clock_khz = 0, mem_clock_khz = 0;
+    cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev);
+    cudaDeviceGetAttribute(&mem_clock_khz, cudaDevAttrMemoryClockRate, dev);
+    size_t free_b = 0, total_b = 0;
+    check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    py::dict d;
+    d["device"] = dev;
+    d["name"] = std::string(p.name);
+    d["cc"] = p.major * 10 + p.minor;
+    d["sms"] = p.multiProcessorCount;
+    d["l2_bytes"] = p.l2CacheSize;
+    d["smem_per_block_optin"] = p.sharedMemPerBlockOptin;
+    d["smem_per_sm"] = p.sharedMemPerMultiprocessor;
+    d["total_bytes"] = total_b;
+    d["free_bytes"] = free_b;
+    d["clock_mhz"] = clock_khz / 1000;
+    d["mem_clock_mhz"] = mem_clock_khz / 1000;
+    d["mem_bus_bits"] = p.memoryBusWidth;
+    return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+    m.doc() =
+        "CUDA decode kernels of ds4d (ds4_cuda.h): matrix-vector products for every GGUF weight type of DS4 Flash, "
+        "fused MoE, decode attention with sinks, norms, hyper-connections, RoPE, the FP8 KV round trip, routing; "
+        "plus device buffers, streams, events and graph capture to drive them. Pointers are integers.";
+
+    m.def("device_count", [] {
+        int n = 0;
+        return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+    }, "Number of CUDA devices (0 when there is no driver or device).");
+    m.def("set_device", [](int d) { check(cudaSetDevice(d), "cudaSetDevice"); }, py::arg("device"));
+    m.def("init", [] { check(ds4_cuda_init(), "init"); }, "Prepare the current device (idempotent).");
+    m.def("device_info", &device_info, "Name, compute capability, SMs, L2, memory of the current device.");
+    m.def("set_pdl", &ds4_cuda_set_pdl, py::arg("on"), "Programmatic dependent launch on/off (sm_90+).");
+    m.def("pdl", &ds4_cuda_pdl, "Whether launches use programmatic dependent launch.");
+    m.def("memcpy", [](uintptr_t dst, uintptr_t src, size_t nbytes, uintptr_t stream) {
+        check(cudaMemcpyAsync(dev<void>(dst), dev<const void>(src), nbytes, cudaMemcpyDeviceToDevice, st(stream)),
+              "memcpy");
+    }, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream") = 0, "Device-to-device copy (enqueued).");
+    m.def("synchronize", [] {
+        py::gil_scoped_release nogil;
+        check(cudaDeviceSynchronize(), "synchronize");
+    });
+
+    py::class_<Buffer>(m, "Buffer", "Device memory (cudaMalloc), freed with the object.", py::dynamic_attr())
+        .def(py::init<size_t>(), py::arg("nbytes"))
+        .def_property_readonly("ptr", [](const Buffer& b) { return (uintptr_t)b.ptr; })
+        .def_readonly("nbytes", &Buffer::nbytes)
+        .def("upload", &Buffer::upload, py::arg("array"), py::arg("offset") = 0,
+             "Copy a C-contiguous numpy array to ptr + offset (synchronous).")
+        .def("download", &Buffer::download, py::arg("dtype"), py::arg("shape"), py::arg("offset") = 0,
+             "A new numpy array of dtype and shape copied from ptr + offset (synchronous).")
+        .def("memset", [](Buffer& b, int value, size_t offset, py::object n) {
+            const size_t len = n.is_none() ? b.nbytes - offset : n.cast<size_t>();
+            b.range(offset, len);
+            check(cudaMemset((char*)b.ptr + offset, value, len), "memset");
+        }, py::arg("value"), py::arg("offset") = 0, py::arg("nbytes") = py::none())
+        .def("fill_random", [](Buffer& b, int type, uint64_t seed, size_t offset, py::object n, uintptr_t stream) {
+            const size_t len = n.is_none() ? b.nbytes - offset : n.cast<size_t>();
+            b.range(offset, len);
+            check(ds4_cuda_fill_random(st(stream), (char*)b.ptr + offset, len, type, seed), "fill_random");
+        }, py::arg("type"), py::arg("seed"), py::arg("offset") = 0, py::arg("nbytes") = py::none(),
+           py::arg("stream") = 0, "Valid random blocks of a GGUF type (finite scales): benchmark weights.");
+
+    py::class_<Stream>(m, "Stream", "A CUDA stream (blocking: ordered with the legacy default stream).")
+        .def(py::init<>())
+        .def_property_readonly("ptr", [](const Stream& s) { return (uintptr_t)s.s; })
+        .def("synchronize", &Stream::synchronize);
+
+    py::class_<Event>(m, "Event", "A timing event.")
+        .def(py::init<>())
+        .def("record", [](Event& e, uintptr_t stream) { check(cudaEventRecord(e.e, st(stream)), "record"); },
+             py::arg("stream") = 0)
+        .def("synchronize", [](Event& e) {
+            py::gil_scoped_release nogil;
+            check(cudaEventSynchronize(e.e), "event synchronize");
+        });
+    m.def("elapsed_ms", [](const Event& a, const Event& b) {
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, a.e, b.e), "elapsed_ms");
+        return ms;
+    }, py::arg("start"), py::arg("end"));
+
+    py::class_<Graph>(m, "Graph", "An instantiated CUDA graph (from end_capture).")
+        .def("launch", [](Graph& g, uintptr_t stream) { check(cudaGraphLaunch(g.exec, st(stream)), "graph launch"); },
+             py::arg("stream"))
+        .def_property_readonly("nodes", &Graph::nodes);
+    m.def("begin_capture", [](uintptr_t stream) {
+        check(cudaStreamBeginCapture(st(stream), cudaStreamCaptureModeRelaxed), "begin_capture");
+    }, py::arg("stream"), "Start recording the stream's work into a graph (nothing runs until launch).");
+    m.def("end_capture", [](uintptr_t stream) {
+        auto g = std::make_unique<Graph>();
+        check(cudaStreamEndCapture(st(stream), &g->g), "end_capture");
+        check(cudaGraphInstantiate(&g->exec, g->g, 0), "graph instantiate");
+        return g;
+    }, py::arg("stream"));
+
+    // ---- kernels (see ds4_cuda.h for the exact semantics of each) --------------------------------------------
+    m.def("matvec", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t w, int type, int64_t rows, int64_t cols,
+                       uintptr_t x, int64_t x_stride, int n_tok, int groups, uintptr_t work) {
+        check(ds4_cuda_matvec(st(s), dev<float>(y), y_stride, dev<void>(w), type, rows, cols, dev<const float>(x),
+                              x_stride, n_tok, groups, dev<void>(work)), "matvec");
+    }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
+       py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups") = 1,
+       py::arg("work") = 0);
+    m.def("matvec_work_bytes", &ds4_cuda_matvec_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("cols"),
+          py::arg("groups") = 1);
+    m.def("quantize_act", [](uintptr_t s, uintptr_t qs, uintptr_t d, uintptr_t bsums, uintptr_t x, int64_t x_stride,
+                             int n_tok, int64_t cols, int kind) {
+        check(ds4_cuda_quantize_act(st(s), dev<int8_t>(qs), dev<float>(d), dev<int16_t>(bsums), dev<const float>(x),
+                                    x_stride, n_tok, cols, kind), "quantize_act");
+    }, py::arg("stream"), py::arg("qs"), py::arg("d"), py::arg("bsums"), py::arg("x"), py::arg("x_stride"),
+       py::arg("n_tok"), py::arg("cols"), py::arg("kind"));
+    m.def("moe_gate_up", [](uintptr_t s, uintptr_t mid, uintptr_t h, int64_t h_stride, uintptr_t gate, uintptr_t up,
+                            int type, int64_t n_ff, int64_t n_embd, int n_expert, uintptr_t ids, uintptr_t weights,
+                            int n_used, int n_tok, float clamp) {
+        check(ds4_cuda_moe_gate_up(st(s), dev<float>(mid), dev<const float>(h), h_stride, dev<void>(gate),
+                                   dev<void>(up), type, n_ff, n_embd, n_expert, dev<const int32_t>(ids),
+                                   dev<const float>(weights), n_used, n_tok, clamp), "moe_gate_up");
+    }, py::arg("stream"), py::arg("mid"), py::arg("h"), py::arg("h_stride"), py::arg("gate"), py::arg("up"),
+       py::arg("type"), py::arg("n_ff"), py::arg("n_embd"), py::arg("n_expert"), py::arg("ids"), py::arg("weights"),
+       py::arg("n_used"), py::arg("n_tok"), py::arg("clamp"));
+    m.def("moe_down", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t mid, uintptr_t down, int type,
+                         int64_t n_embd, int64_t n_ff, int n_expert, uintptr_t ids, int n_used, int n_tok,
+                         bool accumulate) {
+        check(ds4_cuda_moe_down(st(s), dev<float>(out), out_stride, dev<const float>(mid), dev<void>(down), type,
+                                n_embd, n_ff, n_expert, dev<const int32_t>(ids), n_used, n_tok, accumulate),
+              "moe_down");
+    }, py::arg("stream"), py::arg("out"), py::arg("out_stride"), py::arg("mid"), py::arg("down"), py::arg("type"),
+       py::arg("n_embd"), py::arg("n_ff"), py::arg("n_expert"), py::arg("ids"), py::arg("n_used"), py::arg("n_tok"),
+       py::arg("accumulate") = false);
+    m.def("attention_decode", [](uintptr_t s, uintptr_t out, uintptr_t scratch, uintptr_t q, uintptr_t raw,
+                                 int64_t raw_stride, uintptr_t raw_n, int raw_cap, uintptr_t comp, int64_t comp_stride,
+                                 uintptr_t comp_n, int comp_cap, uintptr_t sel, int sel_cap, uintptr_t sinks, int n_tok,
+                                 int n_head, int dim, float scale) {
+        check(ds4_cuda_attention_decode(st(s), dev<float>(out), dev<void>(scratch), dev<const float>(q),
+                                        dev<const __half>(raw), raw_stride, dev<const int32_t>(raw_n), raw_cap,
+                                        dev<const __half>(comp), comp_stride, dev<const int32_t>(comp_n), comp_cap,
+                                        dev<const int32_t>(sel), sel_cap, dev<const float>(sinks), n_tok, n_head, dim,
+                                        scale), "attention_decode");
+    }, py::arg("stream"), py::arg("out"), py::arg("scratch"), py::arg("q"), py::arg("raw"), py::arg("raw_stride"),
+       py::arg("raw_n"), py::arg("raw_cap"), py::arg("comp"), py::arg("comp_stride"), py::arg("comp_n"),
+       py::arg("comp_cap"), py::arg("sel"), py::arg("sel_cap"), py::arg("sinks"), py::arg("n_tok"), py::arg("n_head"),
+       py::arg("dim"), py::arg("scale"));
+    m.def("attention_scratch_bytes", &ds4_cuda_attention_scratch_bytes, py::arg("n_tok"), py::arg("n_head"),
+          py::arg("dim"), py::arg("raw_cap"), py::arg("comp_cap"), py::arg("sel_cap"), py::arg("has_sel"));
+    m.def("rms_norm", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t x, int64_t x_stride, uintptr_t w,
+                         int64_t n_rows, int64_t n, float eps) {
+        check(ds4_cuda_rms_norm(st(s), dev<float>(y), y_stride, dev<const float>(x), x_stride, dev<const float>(w),
+                                n_rows, n, eps), "rms_norm");
+    }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("x"), py::arg("x_stride"), py::arg("w"),
+       py::arg("n_rows"), py::arg("n"), py::arg("eps"));
+    m.def("hc_pre", [](uintptr_t s, uintptr_t x, uintptr_t hc, uintptr_t scratch, uintptr_t X, int64_t x_stride,
+                       uintptr_t fn, int fn_type, uintptr_t scale, uintptr_t base, int n_tok, int64_t n_embd, int n_mix,
+                       int n_iter, float hc_eps, float rms_eps) {
+        check(ds4_cuda_hc_pre(st(s), dev<float>(x), dev<float>(hc), dev<float>(scratch), dev<const float>(X), x_stride,
+                              dev<void>(fn), fn_type, dev<const float>(scale), dev<const float>(base), n_tok, n_embd,
+                              n_mix, n_iter, hc_eps, rms_eps), "hc_pre");
+    }, py::arg("stream"), py::arg("x"), py::arg("hc"), py::arg("scratch"), py::arg("X"), py::arg("x_stride"),
+       py::arg("fn"), py::arg("fn_type"), py::arg("scale"), py::arg("base"), py::arg("n_tok"), py::arg("n_embd"),
+       py::arg("n_mix"), py::arg("n_iter"), py::arg("hc_eps"), py::arg("rms_eps"));
+    m.def("hc_pre_scratch_bytes", &ds4_cuda_hc_pre_scratch_bytes, py::arg("n_tok"), py::arg("n_embd"),
+          py::arg("n_mix"));
+    m.def("hc_post", [](uintptr_t s, uintptr_t X_out, uintptr_t f, uintptr_t X, uintptr_t hc, int n_tok,
+                        int64_t n_embd) {
+        check(ds4_cuda_hc_post(st(s), dev<float>(X_out), dev<const float>(f), dev<const float>(X),
+                               dev<const float>(hc), n_tok, n_embd), "hc_post");
+    }, py::arg("stream"), py::arg("X_out"), py::arg("f"), py::arg("X"), py::arg("hc"), py::arg("n_tok"),
+       py::arg("n_embd"));
+    m.def("rope", [](uintptr_t s, uintptr_t x, int64_t tok_stride, uintptr_t pos, int pos_delta, uintptr_t inv_freq,
+                     int n_tok, int n_head, int head_dim, int n_rot, bool inverse) {
+        check(ds4_cuda_rope(st(s), dev<float>(x), tok_stride, dev<const int32_t>(pos), pos_delta,
+                            dev<const double>(inv_freq), n_tok, n_head, head_dim, n_rot, inverse), "rope");
+    }, py::arg("stream"), py::arg("x"), py::arg("tok_stride"), py::arg("pos"), py::arg("pos_delta"),
+       py::arg("inv_freq"), py::arg("n_tok"), py::arg("n_head"), py::arg("head_dim"), py::arg("n_rot"),
+       py::arg("inverse") = false);
+    m.def("kv_store", [](uintptr_t s, uintptr_t dst, int64_t dst_stride, uintptr_t x, int64_t x_stride, uintptr_t pos,
+                         int pos_add, int pos_div, int ring, int n_tok, int dim, int n_nope, bool fp8) {
+        check(ds4_cuda_kv_store(st(s), dev<__half>(dst), dst_stride, dev<const float>(x), x_stride,
+                                dev<const int32_t>(pos), pos_add, pos_div, ring, n_tok, dim, n_nope, fp8), "kv_store");
+    }, py::arg("stream"), py::arg("dst"), py::arg("dst_stride"), py::arg("x"), py::arg("x_stride"), py::arg("pos"),
+       py::arg("pos_add"), py::arg("pos_div"), py::arg("ring"), py::arg("n_tok"), py::arg("dim"), py::arg("n_nope"),
+       py::arg("fp8") = true);
+    m.def("fp8_kv", [](uintptr_t s, uintptr_t y, uintptr_t x, int64_t n_rows, int dim, int n_nope) {
+        check(ds4_cuda_fp8_kv(st(s), dev<float>(y), dev<const float>(x), n_rows, dim, n_nope), "fp8_kv");
+    }, py::arg("stream"), py::arg("y"), py::arg("x"), py::arg("n_rows"), py::arg("dim"), py::arg("n_nope"));
+    m.def("route", [](uintptr_t s, uintptr_t ids, uintptr_t weights, uintptr_t logits, uintptr_t bias,
+                      uintptr_t tid2eid, uintptr_t tokens, int n_tok, int n_expert, int n_used, float scale,
+                      bool normalize) {
+        check(ds4_cuda_route(st(s), dev<int32_t>(ids), dev<float>(weights), dev<const float>(logits),
+                             dev<const float>(bias), dev<const int32_t>(tid2eid), dev<const int32_t>(tokens), n_tok,
+                             n_expert, n_used, scale, normalize), "route");
+    }, py::arg("stream"), py::arg("ids"), py::arg("weights"), py::arg("logits"), py::arg("bias"), py::arg("tid2eid"),
+       py::arg("tokens"), py::arg("n_tok"), py::arg("n_expert"), py::arg("n_used"), py::arg("scale"),
+       py::arg("normalize") = true);
+    m.def("embed", [](uintptr_t s, uintptr_t X, uintptr_t table, int type, uintptr_t tokens, int n_tok,
+                      int64_t n_embd, int n_hc) {
+        check(ds4_cuda_embed(st(s), dev<float>(X), dev<void>(table), type, dev<const int32_t>(tokens), n_tok, n_embd,
+                             n_hc), "embed");
+    }, py::arg("stream"), py::arg("X"), py::arg("table"), py::arg("type"), py::arg("tokens"), py::arg("n_tok"),
+       py::arg("n_embd"), py::arg("n_hc"));
+    m.def("argmax", [](uintptr_t s, uintptr_t ids, uintptr_t scratch, uintptr_t x, int64_t x_stride, int n_tok,
+                       int64_t n) {
+        check(ds4_cuda_argmax(st(s), dev<int32_t>(ids), dev<void>(scratch), dev<const float>(x), x_stride, n_tok, n),
+              "argmax");
+    }, py::arg("stream"), py::arg("ids"), py::arg("scratch"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"),
+       py::arg("n"));
+    m.def("argmax_scratch_bytes", &ds4_cuda_argmax_scratch_bytes, py::arg("n_tok"));
+}

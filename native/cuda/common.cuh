@@ -1,0 +1,112 @@
+// Shared machinery of the CUDA kernels: launching (with programmatic dependent launch), argument errors, device
+// properties, and the small device helpers every kernel file uses (asynchronous copies, warp reductions, the
+// dependent-launch wait). Included by every .cu file; owns no kernels.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "ds4_cuda.h"
+#include "ds4_quant.h"
+
+namespace ds4::cuda {
+
+// ---- host side -------------------------------------------------------------------------------------------------
+
+// Records why an op refused its arguments (ds4_cuda_error_message) and returns cudaErrorInvalidValue.
+cudaError_t invalid(const std::string& why);
+void clear_error();
+
+struct DeviceProps {
+    int sms = 0;
+    int cc = 0;                // major * 10 + minor
+    size_t smem_optin = 0;     // dynamic shared memory a block may opt in to
+};
+const DeviceProps& props();   // of the current device, read once
+bool pdl_enabled();            // programmatic dependent launch: on, and the device supports it
+
+// Raises a kernel's dynamic shared memory limit once (per kernel, for the current process).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+    if (bytes <= 48 * 1024) return cudaSuccess;
+    if (bytes > props().smem_optin) return invalid("needs " + std::to_string(bytes) + " bytes of shared memory; " +
+                                                   "this device allows " + std::to_string(props().smem_optin));
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+}
+
+// How many blocks of `threads` threads and `smem` bytes fit on the whole device at once (at least one per SM).
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, size_t smem) {
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess || per_sm < 1)
+        per_sm = 1;
+    return per_sm * props().sms;
+}
+
+// Launches with the programmatic-stream-serialization attribute when dependent launch is on; returns the
+// launch's error.
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_enabled() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- device side -----------------------------------------------------------------------------------------------
+
+// Waits until the kernel launched before this one on the stream has completed and its writes are visible (a
+// no-op when it was not launched as a dependent). Every kernel calls it before touching activations.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Lets the next kernel on the stream start its prologue (it still waits for this kernel's completion before
+// reading what this one writes).
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// 16-byte asynchronous global -> shared copy (sm_80+), cached in L2 only: weights are read once per step.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float f16_at(const uint8_t* p) { return __half2float(*(const __half*)p); }
+
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+
+}  // namespace ds4::cuda

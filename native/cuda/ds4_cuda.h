@@ -1,0 +1,138 @@
+// The C entry points of the CUDA backend (ds4d._cuda): the decode-path kernels.
+//
+// Every op is ds4_cuda_<op>(stream, outputs..., inputs..., params) and only enqueues work on `stream`: no host
+// synchronization, no allocation, so a sequence of ops can be captured into one CUDA graph and replayed. Values
+// that change from step to step (token ids, positions, row counts, routed expert ids and weights) are read from
+// device memory by the kernels, never passed by value. Pointers are device pointers; strides count elements.
+// Each returns cudaSuccess, cudaErrorInvalidValue for arguments outside what the kernels support (the reason is
+// in ds4_cuda_error_message()), or the launch's error.
+//
+// Launches use programmatic dependent launch on Hopper (sm_90+): a kernel starts while the previous one drains,
+// prefetches its weights (which no earlier kernel writes) and waits for the previous kernel's results only before
+// reading activations. Every kernel waits before its first write, so completion stays transitive along a stream.
+//
+// Numerics (docs/CUDA_KERNELS.md): F32/F16/BF16 weights take f32 activations and f32 FMAs. Quantized weights
+// (Q8_0, Q2_K, Q4_K, IQ2_XXS) take 8-bit activations exactly as the CPU's act8 path (ds4_quant.h: Q8_0 blocks
+// for Q8_0 weights, Q8_K blocks for the others), quantized by each kernel from its f32 input, exact integer dot
+// products per 32 weights, f32 from there on; only the order of the f32 sums differs from the CPU.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+// ---- runtime ---------------------------------------------------------------------------------------------------
+
+// Prepares the current device (lookup tables, kernel attributes); idempotent, per device.
+cudaError_t ds4_cuda_init();
+// Programmatic dependent launch on (default) or off; only devices of compute capability >= 9.0 use it.
+void ds4_cuda_set_pdl(bool on);
+bool ds4_cuda_pdl();
+// Why the last call on this thread returned cudaErrorInvalidValue ("" if it did not).
+const char* ds4_cuda_error_message();
+// Fills `bytes` bytes with valid random blocks of `type` (finite f16 scales of magnitude 2^-14..2^-8, random
+// quants; float types get values in about +-1): full-size random weights for benchmarks, no file needed.
+cudaError_t ds4_cuda_fill_random(cudaStream_t s, void* dst, size_t bytes, int type, uint64_t seed);
+
+// ---- matrix products -------------------------------------------------------------------------------------------
+
+// y[t, g*rows + r] = sum_k W[g*rows + r, k] * x[t, g*cols + k], for t < n_tok (1..16), g < groups, r < rows.
+// W: groups*rows rows of `cols` weights of `type`, row_bytes(type, cols) each, from a 16-byte aligned base
+// (cudaMalloc'd memory read up to the next 16-byte boundary). groups > 1 is a block-diagonal product (the grouped
+// attention output projection). x rows start 16-byte aligned (x_stride a multiple of 4).
+cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
+                            int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work);
+// Bytes of `work` that lets ds4_cuda_matvec quantize the activations once (quantized types, n_tok > 2) instead of
+// in every block; 0 when it would not use it. work may always be null (slower for several tokens).
+size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups);
+
+// The activation quantizer the kernels run on their input, exposed for tests: kind 32 = Q8_0 blocks (qs, d per
+// 32), kind 256 = Q8_K blocks (qs, d per 256, bsums per 16 into `bsums`; may be null for kind 32). Outputs are
+// dense (n_tok, cols), (n_tok, cols/kind), (n_tok, cols/16).
+cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t* bsums, const float* x,
+                                  int64_t x_stride, int n_tok, int64_t cols, int kind);
+
+// ---- mixture of experts (decode) -------------------------------------------------------------------------------
+
+// mid[t, j, :] = silu(min(g, clamp)) * clip(u, -clamp, clamp) * weights[t, j] with g = gate_e . h_t,
+// u = up_e . h_t, e = ids[t, j], for t < n_tok (1..64), j < n_used (1..8). gate/up: n_expert matrices of (n_ff, n_embd)
+// weights of `type`, expert after expert. ids/weights (n_tok, n_used) in device memory; ids null means expert j,
+// weights null means 1 (the shared expert: n_expert = n_used = 1). An id outside [0, n_expert) reads expert 0.
+// mid is dense (n_tok, n_used, n_ff).
+cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int64_t h_stride, const void* gate,
+                                 const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
+                                 const int32_t* ids, const float* weights, int n_used, int n_tok, float clamp);
+// out[t, :] (+)= sum_j down_e . mid[t, j, :], e = ids[t, j]; down: n_expert matrices of (n_embd, n_ff) weights.
+// accumulate adds to out (the shared expert after the routed ones) instead of overwriting it.
+cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, const float* mid, const void* down,
+                              int type, int64_t n_embd, int64_t n_ff, int n_expert, const int32_t* ids, int n_used,
+                              int n_tok, bool accumulate);
+
+// ---- attention (decode) ----------------------------------------------------------------------------------------
+
+// One query token per session t < n_tok, n_head heads of dim (128, 256 or 512), K = V rows stored as f16:
+//   raw rows raw[t*raw_stride + i*dim], i < raw_n[t] (<= raw_cap; a ring: order does not matter), then
+//   compressed rows comp[t*comp_stride + c*dim] for c in sel[t, 0..sel_cap) where 0 <= c < comp_n[t] when sel is
+//   given (the indexer's choice, -1 = none), else every c < comp_n[t] (<= comp_cap).
+// out[t, h] = sum_r e^(s_r - M) k_r / (e^(sink_h - M) + sum_r e^(s_r - M)), s_r = scale * q[t, h] . k_r.
+// raw_n, comp_n (n_tok) are read from device memory. scratch: ds4_cuda_attention_scratch_bytes(...) bytes.
+cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch, const float* q, const __half* raw,
+                                      int64_t raw_stride, const int32_t* raw_n, int raw_cap, const __half* comp,
+                                      int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
+                                      int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale);
+size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_cap, int comp_cap, int sel_cap,
+                                        bool has_sel);
+
+// ---- small ops -------------------------------------------------------------------------------------------------
+
+// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) (* w if w is not null), for n_rows rows of n values (per-head norms are
+// rows of head_dim). In place (y == x) is allowed.
+cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,
+                              const float* w, int64_t n_rows, int64_t n, float eps);
+
+// Hyper-connection pre step (MODEL.md 3.2) for n_tok tokens of n_hc = 4 streams of n_embd: X (n_tok, 4, n_embd)
+// rows x_stride apart; fn (n_mix, 4*n_embd) F16/F32/BF16; scale (3) and base (n_mix) f32. n_mix = 24 gives the
+// sublayer input x (n_tok, n_embd) and hc (n_tok, 20) = post gates (4) then the Sinkhorn-normalized combine
+// matrix (16, row-major C[i][j]); n_mix = 4 is the output head (x only, hc unused). n_embd a multiple of 128;
+// scratch: ds4_cuda_hc_pre_scratch_bytes(n_tok, n_embd, n_mix) bytes.
+cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, const float* X, int64_t x_stride,
+                            const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
+                            int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps);
+size_t ds4_cuda_hc_pre_scratch_bytes(int n_tok, int64_t n_embd, int n_mix);
+// X_out[t, j] = post[t, j] * f[t] + sum_i comb[t, i, j] * X[t, i] (MODEL.md 3.3); X_out may be X; both dense
+// (n_tok, 4, n_embd).
+cudaError_t ds4_cuda_hc_post(cudaStream_t s, float* X_out, const float* f, const float* X, const float* hc,
+                             int n_tok, int64_t n_embd);
+
+// Interleaved-pair RoPE on the last n_rot dims of each of n_head rows of head_dim per token, in place, at
+// position pos[t] + pos_delta (pos in device memory); inv_freq: n_rot/2 float64 angular frequencies (the YaRN
+// blend precomputed on the host). Angles and their sines in float64. inverse rotates by -theta.
+cudaError_t ds4_cuda_rope(cudaStream_t s, float* x, int64_t tok_stride, const int32_t* pos, int pos_delta,
+                          const double* inv_freq, int n_tok, int n_head, int head_dim, int n_rot, bool inverse);
+
+// K=V row store: dst[t*dst_stride + slot*dim] = f16(fp8 ? E4M3 round trip of the first n_nope dims : x[t]) with
+// slot = ((pos[t] + pos_add) / pos_div) mod ring (the raw window: 0, 1, n_swa). The FP8 round trip is MODEL.md
+// 3.9 bit for bit (per 64 values, power-of-two scale, round to nearest even E4M3FN).
+cudaError_t ds4_cuda_kv_store(cudaStream_t s, __half* dst, int64_t dst_stride, const float* x, int64_t x_stride,
+                              const int32_t* pos, int pos_add, int pos_div, int ring, int n_tok, int dim, int n_nope,
+                              bool fp8);
+// The same FP8 round trip in f32, in place allowed: y[r, :n_nope] = E4M3(x[r, :n_nope]), the rest copied.
+cudaError_t ds4_cuda_fp8_kv(cudaStream_t s, float* y, const float* x, int64_t n_rows, int dim, int n_nope);
+
+// Router (MODEL.md 3.4): p = sqrt(softplus(logits[t])); ids[t] = the n_used experts of largest p + bias (ties to
+// the lower index), or tid2eid[tokens[t]] when tid2eid is given (hash layers); weights[t, j] = p[ids[t, j]],
+// divided by max(sum, 2^-14) when normalize, times scale. n_expert <= 1024, n_used <= 16.
+cudaError_t ds4_cuda_route(cudaStream_t s, int32_t* ids, float* weights, const float* logits, const float* bias,
+                           const int32_t* tid2eid, const int32_t* tokens, int n_tok, int n_expert, int n_used,
+                           float scale, bool normalize);
+
+// X[t, i, :] = table[tokens[t]] for each of n_hc streams; table rows of n_embd F16/F32/BF16 values.
+cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type, const int32_t* tokens, int n_tok,
+                           int64_t n_embd, int n_hc);
+
+// Greedy sampling: ids[t] = the index of the largest x[t, :] (the lowest on ties), n values per row; scratch:
+// ds4_cuda_argmax_scratch_bytes(n_tok) bytes.
+cudaError_t ds4_cuda_argmax(cudaStream_t s, int32_t* ids, void* scratch, const float* x, int64_t x_stride, int n_tok,
+                            int64_t n);
+size_t ds4_cuda_argmax_scratch_bytes(int n_tok);

@@ -1,0 +1,339 @@
+// Matrix-vector products for decode: y = W x for 1..16 activation rows, every weight type (ds4_cuda_matvec), and
+// the standalone activation quantizer (ds4_cuda_quantize_act).
+//
+// A persistent grid of 8-warp blocks walks the rows: warp w of block b owns row sets (RPW consecutive rows: 1 for
+// one token, 2 for more, so that each activation read serves two rows) slot, slot + n_slots, ... When there are
+// too few rows to give every warp of one wave its own (kv: 512 rows, the router: 256), ks warps of a block
+// share a row set and split its stages round-robin, and their partial sums meet in shared memory, added in
+// slice order. Each block first issues its first weight stages (weights never depend on the previous kernel),
+// then waits for the previous kernel, brings the activations it needs into shared memory, and streams
+// (qdot.cuh). Activations: for act8 types, one or two tokens are quantized by every block itself (16-32 KB of
+// f32 per block); for more tokens a small kernel quantizes them once into the caller's workspace and every block
+// copies the int8 rows (4x fewer bytes than f32, and no repeated quantization). Float types keep f32 rows in
+// shared memory when they fit in 64 KB; for 4+ tokens of wider rows, f16 rows scaled by a power of two per row
+// (activations rounded to 11 bits: ~1e-4 relative on a product); else they read f32 rows from global memory.
+#include "qdot.cuh"
+
+namespace ds4::cuda {
+namespace {
+
+struct MatvecArgs {
+    float* y;
+    int64_t y_stride;
+    const uint8_t* w;
+    int64_t rows, cols, row_bytes;
+    const float* x;
+    int64_t x_stride;
+    int n_tok, ks;
+    const uint32_t* tab;
+    const uint8_t* xq;     // pre-quantized activations, act_bytes(n_tok, cols) per group, or null
+    bool x_smem;           // float types: stage the f32 rows in shared memory
+    bool x16;              // float types: stage the rows as f16 (scaled) in shared memory instead
+};
+
+constexpr int64_t kXSmemMax = 64 * 1024;  // f32 activation rows kept in shared memory up to this size
+constexpr int kQuantizeAbove = 2;          // more tokens than this: quantize once into the workspace
+constexpr int64_t kX16MinRows = 128;       // float weights: f16 activation rows only for this many rows or more
+
+template <int NB>
+constexpr int rows_per_warp() {
+    return NB == 1 ? 1 : 2;
+}
+
+template <int T>
+__host__ __device__ size_t x_bytes(int n, int64_t cols, bool x_smem, bool x16) {
+    return WT<T>::xb ? act_bytes<T>(n, cols) : x_smem ? (size_t)n * cols * 4 : x16 ? (size_t)n * cols * 2 : 0;
+}
+
+template <int T, int NB>
+size_t matvec_smem(int64_t cols, bool x_smem, bool x16) {
+    constexpr int RPW = rows_per_warp<NB>();
+    return table_bytes<T>() + x_bytes<T>(NB, cols, x_smem, x16) + kWarps * RPW * NB * sizeof(float) +
+           (size_t)kWarps * kDepth * RPW * Stage<T, WT<T>::sps>::slot;
+}
+
+__device__ __forceinline__ void named_barrier(int id, int count) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+
+template <int T, int NB>
+__global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
+    constexpr int RPW = rows_per_warp<NB>(), SPS = WT<T>::sps;
+    using G = Stage<T, SPS>;
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ float xscale[16];
+    pdl_trigger();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = blockIdx.y;
+
+    uint8_t* p = smem;
+    uint32_t* tab = (uint32_t*)p;
+    p += table_bytes<T>();
+    uint8_t* xs = p;
+    p += x_bytes<T>(NB, a.cols, a.x_smem, a.x16);
+    float* red = (float*)p;
+    p += kWarps * RPW * NB * sizeof(float);
+    uint8_t* ring = p + (size_t)warp * kDepth * RPW * G::slot;
+
+    const int ks = a.ks, slice = warp % ks;
+    const int slot = (blockIdx.x * kWarps + warp) / ks, n_slots = gridDim.x * kWarps / ks;
+    const int n_rowsets = (int)ceil_div(a.rows, RPW);
+    const int n_sets = slot < n_rowsets ? (n_rowsets - 1 - slot) / n_slots + 1 : 0;
+    const int nchunks = (int)ceil_div(a.cols, G::weights);
+    const int steps = slice < nchunks ? (nchunks - 1 - slice) / ks + 1 : 0;
+    const int row_bytes = (int)a.row_bytes, last_row = (int)a.rows - 1;
+    const uint8_t* wg = a.w + (size_t)g * a.rows * a.row_bytes;
+
+    auto plan = [&](int set, int st) {
+        Src<RPW> s;
+        const int row0 = (slot + set * n_slots) * RPW;
+        const int c = slice + st * ks;
+        s.k0 = c * G::weights;
+        s.len = min(G::bytes, row_bytes - c * G::bytes);
+        s.live = RPW;
+        s.seg = 0;
+        const uint8_t* base = wg + c * G::bytes;
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) s.p[r] = base + (size_t)min(row0 + r, last_row) * row_bytes;  // a short last
+        return s;                                                                                 // set re-reads
+    };
+    auto stream = make_streamer<T, SPS, NB, RPW, true>(ring, lane, n_sets, steps, plan);
+    stream.prologue();
+    load_tables<T>(tab, a.tab);
+    pdl_wait();
+
+    const float* xg = a.x + (int64_t)g * a.cols;  // this group's slice of every activation row
+    XView xv{};
+    if constexpr (WT<T>::xb != 0) {
+        if (a.xq) {
+            copy_block(xs, a.xq + g * act_bytes<T>(a.n_tok, a.cols), act_bytes<T>(a.n_tok, a.cols));
+            cp_async_wait<0>();
+        } else {
+            quantize_block<T>(xs, xg, a.x_stride, a.n_tok, a.cols);
+        }
+        xv = act_view<T>(xs, a.n_tok, a.cols);
+    } else if (a.x_smem) {
+        const int64_t per = a.cols / 4;  // 16-byte pieces per row
+        for (int64_t i = threadIdx.x; i < a.n_tok * per; i += blockDim.x) {
+            const int64_t t = i / per, c = i - t * per;
+            cp_async16(xs + 16 * i, xg + t * a.x_stride + 4 * c);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        xv.xf = (const float*)xs;
+        xv.xf_tok = a.cols;
+    } else if (a.x16) {
+        // f16 rows, each scaled by 2^-e so that its largest value lands in [2^14, 2^15) (no overflow, and small
+        // rows keep their 11 bits); the flush multiplies by 2^e again (exact).
+        for (int t = warp; t < a.n_tok; t += kWarps) {
+            const float* xr = xg + t * a.x_stride;
+            float amax = 0.0f;
+            for (int64_t k = 4 * lane; k < a.cols; k += 128) {
+                const float4 v = *(const float4*)(xr + k);
+                amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+            }
+            amax = warp_max(amax);
+            const int e = amax > 0.0f ? ilogbf(amax) - 14 : 0;
+            const float inv = ldexpf(1.0f, -e);
+            if (lane == 0) xscale[t] = ldexpf(1.0f, e);
+            __half2* dst = (__half2*)(xs + 2 * t * a.cols);
+            for (int64_t k = 4 * lane; k < a.cols; k += 128) {
+                const float4 v = *(const float4*)(xr + k);
+                dst[k / 2] = __floats2half2_rn(v.x * inv, v.y * inv);
+                dst[k / 2 + 1] = __floats2half2_rn(v.z * inv, v.w * inv);
+            }
+        }
+        xv.xh = (const __half*)xs;
+        xv.xf_tok = a.cols;
+    } else {
+        xv.xf = xg;
+        xv.xf_tok = a.x_stride;
+    }
+    __syncthreads();
+
+    auto xview = [&](int) { return &xv; };
+    auto flush = [&](int set, float (&acc)[RPW][NB]) {
+        const int64_t rs = slot + (int64_t)set * n_slots;
+        float* y = a.y + (int64_t)g * a.rows;
+#pragma unroll
+        for (int r = 0; r < RPW; ++r)
+#pragma unroll
+            for (int t = 0; t < NB; ++t) {
+                if (t >= a.n_tok) break;
+                const float v = warp_sum(acc[r][t]) * (a.x16 ? xscale[t] : 1.0f);
+                const int64_t row = rs * RPW + r;
+                if (ks == 1) {
+                    if (lane == 0 && row < a.rows) y[t * a.y_stride + row] = v;
+                } else if (lane == 0) {
+                    red[(warp * RPW + r) * NB + t] = v;
+                }
+            }
+        if (ks > 1) {
+            const int first = warp - slice;
+            named_barrier(1 + warp / ks, 32 * ks);
+            if (slice == 0 && lane < RPW * NB) {
+                const int r = lane / NB, t = lane % NB;
+                const int64_t row = rs * RPW + r;
+                if (t < a.n_tok && row < a.rows) {
+                    float v = 0.0f;
+                    for (int s = 0; s < ks; ++s) v += red[((first + s) * RPW + r) * NB + t];
+                    y[t * a.y_stride + row] = v;
+                }
+            }
+            named_barrier(1 + warp / ks, 32 * ks);  // partials read before the next set overwrites them
+        }
+    };
+    stream.run(a.cols, a.n_tok, tab, xview, flush);
+}
+
+// Warps per row set (ks) and blocks: the smallest makespan over ks in {1, 2, 4, 8}, in stages per warp plus half
+// a stage per set for its flush, so that rows divide evenly over the resident warps (4096 rows on 3168 warps
+// would otherwise leave most warps idle for half of the time).
+template <int T, int NB>
+cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
+    constexpr int RPW = rows_per_warp<NB>();
+    auto kernel = matvec_kernel<T, NB>;
+    a.x_smem = WT<T>::xb == 0 && (int64_t)NB * a.cols * 4 <= kXSmemMax &&
+               matvec_smem<T, NB>(a.cols, true, false) <= props().smem_optin;
+    // Four or more tokens whose f32 rows do not fit: f16 rows in shared memory beat re-reading f32 rows from
+    // L1/L2 for every pair of weight rows (5-10% of the bandwidth at 8 tokens of 4096, measured). Few rows (the
+    // HC mixers' 24) re-read little and keep f32.
+    a.x16 = WT<T>::xb == 0 && !a.x_smem && NB >= 4 && a.rows >= kX16MinRows && (int64_t)NB * a.cols * 2 <= kXSmemMax &&
+            matvec_smem<T, NB>(a.cols, false, true) <= props().smem_optin;
+    const size_t smem = matvec_smem<T, NB>(a.cols, a.x_smem, a.x16);
+    cudaError_t e = allow_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    const int64_t sets = ceil_div(a.rows, RPW);
+    const int nchunks = (int)ceil_div(a.cols, Stage<T, WT<T>::sps>::weights);
+    const int64_t warps = (int64_t)std::max(1, resident_blocks(kernel, kThreads, smem) / groups) * kWarps;
+    double best = 1e300;
+    for (int ks = 1; ks <= kWarps && ks <= nchunks; ks *= 2) {
+        const int64_t units = sets * ks, used = std::min(units, warps);
+        const double cost = (double)ceil_div(units, used) * ((double)ceil_div(nchunks, ks) + 0.5);
+        if (cost < best - 1e-9) best = cost, a.ks = ks;
+    }
+    const int64_t blocks = ceil_div(std::min(sets * a.ks, warps), kWarps);
+    return launch(kernel, dim3((unsigned)blocks, groups), dim3(kThreads), smem, s, a);
+}
+
+// Quantizes every group's slice of the activation rows into the workspace (one act_view block per group).
+template <int XB>
+__global__ void quantize_groups_kernel(uint8_t* work, const float* x, int64_t x_stride, int n_tok, int64_t cols,
+                                       size_t group_bytes) {
+    pdl_trigger();
+    pdl_wait();
+    const int g = blockIdx.y;
+    uint8_t* base = work + g * group_bytes;
+    int8_t* qs = (int8_t*)base;
+    float* d = (float*)(base + (size_t)n_tok * cols);
+    int16_t* bs = (int16_t*)(base + (size_t)n_tok * cols + 4 * (size_t)n_tok * (cols / XB));
+    const int first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), step = gridDim.x * (blockDim.x >> 5);
+    quantize_rows<XB>(qs, d, bs, x + g * cols, x_stride, n_tok, cols, first, step);
+}
+
+template <int T>
+struct MatvecOp {
+    static cudaError_t run(cudaStream_t s, MatvecArgs a, int groups, void* work) {
+        if constexpr (WT<T>::xb != 0) {
+            if (work && a.n_tok > kQuantizeAbove && fits(a.n_tok, a.cols) <= props().smem_optin) {
+                constexpr int xb = WT<T>::xb;
+                const int64_t blocks = a.n_tok * (a.cols / xb);
+                const int gx = (int)std::min<int64_t>(ceil_div(blocks, kWarps * (xb == 32 ? 32 : 4)), props().sms);
+                cudaError_t e = launch(quantize_groups_kernel<xb>, dim3(gx, groups), dim3(kThreads), 0, s,
+                                       (uint8_t*)work, a.x, a.x_stride, a.n_tok, a.cols,
+                                       act_bytes<T>(a.n_tok, a.cols));
+                if (e != cudaSuccess) return e;
+                a.xq = (const uint8_t*)work;
+            }
+        }
+        // Tokens in chunks whose activations fit in shared memory (each chunk reads the weights again: only
+        // rows much wider than DS4's 8192 quantized columns need more than one).
+        const size_t limit = props().smem_optin;
+        int chunk = 16;
+        while (chunk > 1 && fits(chunk, a.cols) > limit) chunk /= 2;
+        for (int t0 = 0; t0 < a.n_tok; t0 += chunk) {
+            MatvecArgs c = a;
+            c.n_tok = std::min(chunk, a.n_tok - t0);
+            c.x += t0 * a.x_stride;
+            c.y += t0 * a.y_stride;
+            cudaError_t e = tokens(s, c, groups);
+            if (e != cudaSuccess) return e;
+        }
+        return cudaSuccess;
+    }
+    static size_t fits(int n, int64_t cols) {
+        return n <= 1 ? matvec_smem<T, 1>(cols, false, false) : n <= 2 ? matvec_smem<T, 2>(cols, false, false)
+             : n <= 4 ? matvec_smem<T, 4>(cols, false, false) : n <= 8 ? matvec_smem<T, 8>(cols, false, false)
+                      : matvec_smem<T, 16>(cols, false, false);
+    }
+    static cudaError_t tokens(cudaStream_t s, const MatvecArgs& a, int groups) {
+        if (a.n_tok <= 1) return matvec_launch<T, 1>(s, a, groups);
+        if (a.n_tok <= 2) return matvec_launch<T, 2>(s, a, groups);
+        if (a.n_tok <= 4) return matvec_launch<T, 4>(s, a, groups);
+        if (a.n_tok <= 8) return matvec_launch<T, 8>(s, a, groups);
+        return matvec_launch<T, 16>(s, a, groups);
+    }
+};
+
+__global__ void quantize_kernel(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_tok,
+                                int64_t cols, int kind) {
+    pdl_trigger();
+    pdl_wait();
+    const int first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), step = gridDim.x * (blockDim.x >> 5);
+    if (kind == 32) quantize_rows<32>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
+    else quantize_rows<256>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
+}
+
+}  // namespace
+}  // namespace ds4::cuda
+
+using namespace ds4;
+using namespace ds4::cuda;
+
+template <int T>
+struct WorkBytes {
+    static cudaError_t run(size_t* out, int n_tok, int64_t cols, int groups) {
+        *out = WT<T>::xb != 0 && n_tok > kQuantizeAbove ? groups * act_bytes<T>(n_tok, cols) : 0;
+        return cudaSuccess;
+    }
+};
+
+size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups) {
+    size_t n = 0;
+    cudaError_t e;
+    by_type<WorkBytes>(type, e, &n, n_tok, cols, groups);
+    return n;
+}
+
+cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
+                            int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work) {
+    clear_error();
+    if (block_weights(type) == 0) return invalid("matvec: unsupported weight type " + std::to_string(type));
+    if (!cols_ok(type, cols))
+        return invalid("matvec: cols=" + std::to_string(cols) + " is not a whole number of blocks of type " +
+                       std::to_string(type) + " (float rows: a multiple of 8)");
+    if (rows <= 0 || n_tok < 1 || n_tok > 16 || groups < 1 || groups > 65535)
+        return invalid("matvec: needs rows >= 1, 1 <= n_tok <= 16, 1 <= groups <= 65535");
+    if ((uintptr_t)w % 16 || (uintptr_t)x % 16 || x_stride % 4 || (n_tok > 1 && x_stride < cols * groups))
+        return invalid("matvec: w and x must be 16-byte aligned and x_stride a multiple of 4 covering a row");
+    if (n_tok > 1 && y_stride < rows * groups) return invalid("matvec: y_stride is shorter than a row of y");
+    if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("matvec: call ds4_cuda_init first");
+    if ((uintptr_t)work % 16) return invalid("matvec: work must be 16-byte aligned");
+    MatvecArgs a{y, y_stride, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x, x_stride, n_tok,
+                 1, iq2_tables(), nullptr, false, false};
+    cudaError_t e = cudaSuccess;
+    if (!by_type<MatvecOp>(type, e, s, a, groups, work))
+        return invalid("matvec: unsupported weight type " + std::to_string(type));
+    return e;
+}
+
+cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t* bsums, const float* x,
+                                  int64_t x_stride, int n_tok, int64_t cols, int kind) {
+    clear_error();
+    if ((kind != 32 && kind != 256) || cols <= 0 || cols % kind || n_tok < 1 || (kind == 256 && !bsums))
+        return invalid("quantize_act: kind must be 32 or 256, cols a positive multiple of it, n_tok >= 1");
+    if ((uintptr_t)x % 16 || x_stride % 4) return invalid("quantize_act: x must be 16-byte aligned rows");
+    const int64_t blocks = n_tok * (cols / kind);
+    const int grid = (int)std::min<int64_t>(ceil_div(blocks, kWarps * (kind == 32 ? 32 : 4)), 4 * props().sms);
+    return launch(quantize_kernel, dim3(grid), dim3(kThreads), 0, s, qs, d, bsums, x, x_stride, n_tok, cols, kind);
+}

@@ -1,0 +1,290 @@
+// Mixture-of-experts kernels for decode: the routed (and shared) experts of each token, in two launches.
+//
+// gate_up: block row blockIdx.y is token t; its warps walk the (expert slot j, row o) pairs of that token, each
+// warp streaming row o of gate_e and of up_e together (one activation read serves both), and finishes the
+// pair itself: mid[t, j, o] = silu(min(g, c)) * clip(u, +-c) * weight[t, j]. down: the warps walk the output rows
+// o; for the quantized types one stage holds row o of all n_used experts' down matrices (each against its own
+// mid row), so the weighted sum over experts happens in registers, each output is written once (no atomics), and
+// a stage is n_used x 0.5-1 KB rather than one short row. Float and Q8_0 experts (small test models) stream the
+// experts' rows one after the other instead.
+//
+// Expert ids and weights are read from device memory (the router's output), so a captured graph replays any
+// routing; each block copies its token's into shared memory first. Each block quantizes the activations it needs
+// (h_t, or the n_used mid rows of t) into shared memory. Tokens do not share expert reads: at decode sizes most of
+// a token's experts are its own (8 tokens x 6 of 256).
+#include "qdot.cuh"
+
+namespace ds4::cuda {
+namespace {
+
+constexpr int kMaxUsed = 8;
+
+struct MoeArgs {
+    float* out;
+    int64_t out_stride;
+    const float* x;  // gate_up: h (n_tok rows, x_stride apart); down: mid (n_tok, n_used, cols), dense
+    int64_t x_stride;
+    const uint8_t* w0;  // gate (gate_up) or down
+    const uint8_t* w1;  // up (gate_up)
+    int64_t rows, cols, row_bytes;  // of one expert's matrix
+    int n_expert, n_used;
+    const int32_t* ids;
+    const float* weights;
+    float clamp;
+    bool accumulate;
+    const uint32_t* tab;
+};
+
+// Stage sizes: gate/up rows (n_embd = 4096 wide) in one stage for the 2-bit and 4-bit types; down stages small
+// enough that n_used rows share one and two blocks fit an SM.
+template <int T>
+constexpr int gate_up_sps() {
+    return WT<T>::xb == 256 ? 4 : WT<T>::sps;
+}
+template <int T>
+constexpr int down_sps() {
+    return WT<T>::xb == 256 ? 1 : WT<T>::sps;  // 1024 weights: n_used rows x 0.3-0.6 KB, two blocks per SM
+}
+// Rows per stage of the down kernel: all n_used experts at once for the K types, one at a time otherwise.
+template <int T>
+constexpr bool down_together() {
+    return WT<T>::xb == 256;
+}
+
+// Copies token t's expert ids (null: slot j is expert j; an id outside [0, n_expert) reads expert 0) and weights
+// (null: 1) into shared memory.
+__device__ __forceinline__ void load_routing(int* sid, float* swt, const MoeArgs& a, int t) {
+    if (threadIdx.x < a.n_used) {
+        const int j = threadIdx.x;
+        const int e = a.ids ? a.ids[(int64_t)t * a.n_used + j] : j;
+        sid[j] = (e < 0 || e >= a.n_expert) ? 0 : e;
+        swt[j] = a.weights ? a.weights[(int64_t)t * a.n_used + j] : 1.0f;
+    }
+}
+
+template <int T>
+size_t gate_up_smem(int64_t cols) {
+    return table_bytes<T>() + act_bytes<T>(1, cols) + (size_t)kWarps * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
+}
+
+template <int T>
+__global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(MoeArgs a) {
+    constexpr int RPW = 2, SPS = gate_up_sps<T>();
+    using G = Stage<T, SPS>;
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ int sid[kMaxUsed];
+    __shared__ float swt[kMaxUsed];
+    pdl_trigger();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
+    uint32_t* tab = (uint32_t*)smem;
+    uint8_t* xs = smem + table_bytes<T>();
+    uint8_t* ring = xs + act_bytes<T>(1, a.cols) + (size_t)warp * kDepth * RPW * G::slot;
+
+    const int slot = blockIdx.x * kWarps + warp, n_slots = gridDim.x * kWarps;
+    const int rows = (int)a.rows, n_pairs = a.n_used * rows, row_bytes = (int)a.row_bytes;
+    const int n_sets = slot < n_pairs ? (n_pairs - 1 - slot) / n_slots + 1 : 0;
+    const int steps = (int)ceil_div(a.cols, G::weights);
+
+    auto plan = [&](int set, int st) {
+        Src<RPW> s;
+        const int pair = slot + set * n_slots, j = pair / rows, o = pair - j * rows;
+        const size_t at = ((size_t)sid[j] * rows + o) * row_bytes + st * G::bytes;
+        s.p[0] = a.w0 + at;
+        s.p[1] = a.w1 + at;
+        s.len = min(G::bytes, row_bytes - st * G::bytes);
+        s.live = RPW;
+        s.k0 = st * G::weights;
+        s.seg = 0;
+        return s;
+    };
+    auto stream = make_streamer<T, SPS, 1, RPW, true>(ring, lane, n_sets, steps, plan);
+    load_tables<T>(tab, a.tab);
+    pdl_wait();
+    load_routing(sid, swt, a, t);
+    __syncthreads();
+    stream.prologue();  // after the wait: which rows to read depends on the router's ids
+
+    const float* h = a.x + (int64_t)t * a.x_stride;
+    XView xv{};
+    if constexpr (WT<T>::xb != 0) {
+        quantize_block<T>(xs, h, a.x_stride, 1, a.cols);
+        xv = act_view<T>(xs, 1, a.cols);
+    } else {
+        xv.xf = h;
+    }
+    __syncthreads();
+
+    auto xview = [&](int) { return &xv; };
+    auto flush = [&](int set, float (&acc)[RPW][1]) {
+        const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
+        if (lane == 0) {
+            const int pair = slot + set * n_slots, j = pair / rows, o = pair - j * rows;
+            const float gc = fminf(g, a.clamp), uc = fminf(fmaxf(u, -a.clamp), a.clamp);
+            a.out[((int64_t)t * a.n_used + j) * rows + o] = silu(gc) * uc * swt[j];
+        }
+    };
+    stream.run(a.cols, 1, tab, xview, flush);
+}
+
+template <int T, int RPW>
+size_t down_smem(int n_used, int64_t cols) {
+    return table_bytes<T>() + act_bytes<T>(n_used, cols) +
+           (size_t)kWarps * kDepth * RPW * Stage<T, down_sps<T>()>::slot;
+}
+
+template <int T, int RPW>
+__global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
+    constexpr int SPS = down_sps<T>();
+    constexpr bool kTogether = RPW > 1;
+    using G = Stage<T, SPS>;
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ int sid[kMaxUsed];
+    __shared__ float swt[kMaxUsed];
+    __shared__ XView views[kMaxUsed];  // slot j's mid row as "token 0"
+    pdl_trigger();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
+    uint32_t* tab = (uint32_t*)smem;
+    uint8_t* xs = smem + table_bytes<T>();
+    uint8_t* ring = xs + act_bytes<T>(a.n_used, a.cols) + (size_t)warp * kDepth * RPW * G::slot;
+
+    const int slot = blockIdx.x * kWarps + warp, n_slots = gridDim.x * kWarps;
+    const int rows = (int)a.rows, row_bytes = (int)a.row_bytes;
+    const int n_sets = slot < rows ? (rows - 1 - slot) / n_slots + 1 : 0;
+    const int nchunks = (int)ceil_div(a.cols, G::weights);
+    const float* mid = a.x + (int64_t)t * a.n_used * a.cols;
+
+    auto plan = [&](int set, int st) {
+        Src<RPW> s;
+        const int o = slot + set * n_slots;
+        const int j = kTogether ? 0 : st / nchunks, c = kTogether ? st : st - j * nchunks;
+        s.len = min(G::bytes, row_bytes - c * G::bytes);
+        s.live = kTogether ? a.n_used : 1;
+        s.k0 = c * G::weights;
+        s.seg = j;
+#pragma unroll
+        for (int r = 0; r < RPW; ++r)
+            s.p[r] = a.w0 + ((size_t)sid[min(j + r, a.n_used - 1)] * rows + o) * row_bytes + c * G::bytes;
+        return s;
+    };
+    auto stream = make_streamer<T, SPS, 1, RPW, !kTogether>(ring, lane, n_sets,
+                                                            kTogether ? nchunks : a.n_used * nchunks, plan);
+    load_tables<T>(tab, a.tab);
+    pdl_wait();
+    load_routing(sid, swt, a, t);
+    __syncthreads();
+    stream.prologue();
+
+    if constexpr (WT<T>::xb != 0) quantize_block<T>(xs, mid, a.cols, a.n_used, a.cols);
+    if (threadIdx.x < a.n_used) {
+        const int j = threadIdx.x;
+        XView v{};
+        if constexpr (WT<T>::xb != 0) {
+            v = act_view<T>(xs, a.n_used, a.cols);
+            v.qs += j * v.qs_tok;
+            v.d += j * v.d_tok;
+            v.bs += j * v.bs_tok;
+        } else {
+            v.xf = mid + (int64_t)j * a.cols;
+        }
+        views[j] = v;
+    }
+    __syncthreads();
+
+    auto xview = [&](int seg) { return &views[seg]; };
+    auto flush = [&](int set, float (&acc)[RPW][1]) {
+        float v = 0.0f;
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) v += acc[r][0];  // rows past n_used stayed 0
+        v = warp_sum(v);
+        if (lane == 0) {
+            float* o = a.out + (int64_t)t * a.out_stride + slot + set * n_slots;
+            *o = a.accumulate ? *o + v : v;
+        }
+    };
+    stream.run(a.cols, 1, tab, xview, flush);
+}
+
+template <int T>
+struct GateUpOp {
+    static cudaError_t run(cudaStream_t s, const MoeArgs& a, int n_tok) {
+        auto kernel = moe_gate_up_kernel<T>;
+        const size_t smem = gate_up_smem<T>(a.cols);
+        cudaError_t e = allow_smem(kernel, smem);
+        if (e != cudaSuccess) return e;
+        const int64_t want = ceil_div((int64_t)a.n_used * a.rows, kWarps);
+        const int per_tok = std::max(1, resident_blocks(kernel, kThreads, smem) / n_tok);
+        return launch(kernel, dim3((unsigned)std::min<int64_t>(want, per_tok), n_tok), dim3(kThreads), smem, s, a);
+    }
+};
+
+template <int T, int RPW>
+cudaError_t down_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
+    auto kernel = moe_down_kernel<T, RPW>;
+    const size_t smem = down_smem<T, RPW>(a.n_used, a.cols);
+    cudaError_t e = allow_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    const int64_t want = ceil_div(a.rows, kWarps);
+    const int per_tok = std::max(1, resident_blocks(kernel, kThreads, smem) / n_tok);
+    return launch(kernel, dim3((unsigned)std::min<int64_t>(want, per_tok), n_tok), dim3(kThreads), smem, s, a);
+}
+
+template <int T>
+struct DownOp {
+    static cudaError_t run(cudaStream_t s, const MoeArgs& a, int n_tok) {
+        if constexpr (down_together<T>()) {
+            if (a.n_used <= 1) return down_launch<T, 1>(s, a, n_tok);
+            if (a.n_used <= 2) return down_launch<T, 2>(s, a, n_tok);
+            if (a.n_used <= 4) return down_launch<T, 4>(s, a, n_tok);
+            if (a.n_used <= 6) return down_launch<T, 6>(s, a, n_tok);
+            return down_launch<T, 8>(s, a, n_tok);
+        } else {
+            return down_launch<T, 1>(s, a, n_tok);
+        }
+    }
+};
+
+cudaError_t check_moe(const char* op, int type, int64_t cols, int n_expert, int n_used, int n_tok, const void* w,
+                      const float* x, int64_t x_stride) {
+    if (block_weights(type) == 0) return invalid(std::string(op) + ": unsupported weight type " + std::to_string(type));
+    if (!cols_ok(type, cols))
+        return invalid(std::string(op) + ": rows of " + std::to_string(cols) +
+                       " weights are not whole blocks of type " + std::to_string(type));
+    if (n_expert < 1 || n_used < 1 || n_used > kMaxUsed || n_tok < 1 || n_tok > 64)
+        return invalid(std::string(op) + ": needs n_expert >= 1, 1 <= n_used <= 8, 1 <= n_tok <= 64");
+    if ((uintptr_t)w % 16 || (uintptr_t)x % 16 || x_stride % 4)
+        return invalid(std::string(op) + ": weights and activations must be 16-byte aligned");
+    if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid(std::string(op) + ": call ds4_cuda_init first");
+    return cudaSuccess;
+}
+
+}  // namespace
+}  // namespace ds4::cuda
+
+using namespace ds4;
+using namespace ds4::cuda;
+
+cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int64_t h_stride, const void* gate,
+                                 const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
+                                 const int32_t* ids, const float* weights, int n_used, int n_tok, float clamp) {
+    clear_error();
+    cudaError_t e = check_moe("moe_gate_up", type, n_embd, n_expert, n_used, n_tok, gate, h, h_stride);
+    if (e != cudaSuccess) return e;
+    if ((uintptr_t)up % 16 || n_ff < 1) return invalid("moe_gate_up: up must be 16-byte aligned, n_ff >= 1");
+    MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
+              (int64_t)row_bytes(type, n_embd), n_expert, n_used, ids, weights, clamp, false, iq2_tables()};
+    by_type<GateUpOp>(type, e, s, a, n_tok);
+    return e;
+}
+
+cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, const float* mid, const void* down,
+                              int type, int64_t n_embd, int64_t n_ff, int n_expert, const int32_t* ids, int n_used,
+                              int n_tok, bool accumulate) {
+    clear_error();
+    cudaError_t e = check_moe("moe_down", type, n_ff, n_expert, n_used, n_tok, down, mid, n_ff);
+    if (e != cudaSuccess) return e;
+    if (n_embd < 1 || (n_tok > 1 && out_stride < n_embd)) return invalid("moe_down: out_stride shorter than a row");
+    MoeArgs a{out, out_stride, mid, n_ff, (const uint8_t*)down, nullptr, n_embd, n_ff,
+              (int64_t)row_bytes(type, n_ff), n_expert, n_used, ids, nullptr, 0.0f, accumulate, iq2_tables()};
+    by_type<DownOp>(type, e, s, a, n_tok);
+    return e;
+}

@@ -1,0 +1,545 @@
+// Weight-streaming dot products: the machinery under every matrix kernel (matvec.cu, moe.cu).
+//
+// Owns, per weight type: the staging of weight bytes into shared memory, the 8-bit activation quantizers (the
+// CPU's act8 formats, ds4_quant.h), and the per-32-weight dot products on staged blocks. Does not own which rows
+// a kernel walks or what it does with a finished dot (the kernels pass a plan and a flush).
+//
+// How bytes move. Each warp streams its own rows through a ring of kDepth stages in shared memory. A stage holds
+// 1024 * SPS consecutive weights of each of the warp's RPW rows (about 2 KB per row in a plain product), copied
+// with 16-byte cp.async (lane i copies chunks i, i + 32, ...: one coalesced 512-byte request per instruction);
+// kDepth - 1 stages are in flight while one is computed. A row's bytes need not be 16-byte aligned (Q8_0 blocks
+// are 34 bytes, IQ2_XXS 66): the copy starts at the 16-byte boundary below and the compute reads at the offset.
+// Reading from shared memory lets the block layouts be decoded with aligned 4/16-byte loads whatever the block
+// size, and lets one copy of the activations serve all rows. Bookkeeping is kept small on purpose (counters, not
+// divisions, for the next stage to issue; 2 KB stages): at 4.26 TB/s an SM must retire a 2 KB stage about every
+// 130 cycles, which is the whole issue budget of a few hundred warp instructions (ncu, docs/CUDA_NOTES.md).
+//
+// How a stage is computed. The unit of work is 32 consecutive weights of a row (one Q8_0 block, one Q4_K /
+// IQ2_XXS sub-block, two Q2_K sub-blocks, or 32 floats/halves): lane i takes units i, i + 32, ... of the stage,
+// so the activations a warp reads at once are contiguous (no bank conflicts). Quantized types take 8 exact dp4a
+// products per unit and token against the int8 activations, then one f32 scale step per unit; float types take
+// f32 FMAs. Each lane accumulates its units in f32; the kernel's flush reduces the warp.
+#pragma once
+#include "common.cuh"
+
+namespace ds4::cuda {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kIq2TableWords = 256 + 128;  // IQ2_XXS selectors: per grid point, then per 7-bit sign index
+
+// Device copy of the IQ2_XXS tables for the current device (allocated by ds4_cuda_init, null before).
+const uint32_t* iq2_tables();
+
+// ---- per-type constants ----------------------------------------------------------------------------------------
+
+constexpr int kDepth = 3;  // ring stages per warp: two in flight while one is computed
+
+template <int T>
+struct WT;
+// bw: weights per block, bb: bytes per block, sps: 1024-weight steps per stage of a plain product (about 2 KB per
+// row), xb: activation block (32: Q8_0 activations, 256: Q8_K), 0 for f32 activations.
+template <> struct WT<TYPE_F32> { static constexpr int bw = 1, bb = 4, sps = 1, xb = 0; };
+template <> struct WT<TYPE_F16> { static constexpr int bw = 1, bb = 2, sps = 1, xb = 0; };
+template <> struct WT<TYPE_BF16> { static constexpr int bw = 1, bb = 2, sps = 1, xb = 0; };
+template <> struct WT<TYPE_Q8_0> { static constexpr int bw = 32, bb = 34, sps = 2, xb = 32; };
+template <> struct WT<TYPE_Q2_K> { static constexpr int bw = 256, bb = 84, sps = 8, xb = 256; };
+template <> struct WT<TYPE_Q4_K> { static constexpr int bw = 256, bb = 144, sps = 4, xb = 256; };
+template <> struct WT<TYPE_IQ2_XXS> { static constexpr int bw = 256, bb = 66, sps = 8, xb = 256; };
+
+// A stage of SPS steps: weights and bytes per row, and the shared-memory slot of one row (+ alignment offset and
+// the decoders' over-read).
+template <int T, int SPS>
+struct Stage {
+    static constexpr int weights = 1024 * SPS;
+    static constexpr int bytes = weights / WT<T>::bw * WT<T>::bb;
+    static constexpr int slot = (bytes + 32 + 15) / 16 * 16;
+};
+
+// Shared-memory bytes of n rows of quantized activations of `cols` values (qs, then d, then bsums), or 0.
+template <int T>
+__host__ __device__ constexpr size_t act_bytes(int n, int64_t cols) {
+    constexpr int xb = WT<T>::xb;
+    if constexpr (xb == 0) {
+        return 0;
+    } else {
+        const size_t b = (size_t)n * cols + 4 * (size_t)n * (cols / xb) + (xb == 256 ? 2 * (size_t)n * (cols / 16) : 0);
+        return (b + 15) / 16 * 16;
+    }
+}
+
+// Whether rows of `cols` weights of type T can be streamed (float rows: whole, aligned 8-value pieces).
+inline bool cols_ok(int type, int64_t cols) {
+    const int bw = block_weights(type);
+    if (bw == 0 || cols <= 0 || cols % bw) return false;
+    if (type == TYPE_F16 || type == TYPE_BF16 || type == TYPE_F32) return cols % 8 == 0;  // pieces of 8
+    return true;
+}
+
+// ---- activations -----------------------------------------------------------------------------------------------
+
+// A view of the activations a dot reads: quantized rows in shared memory (act8 types), or for float types f32
+// rows in shared or global memory or f16 rows in shared memory. Token t's row is at qs + t * qs_tok etc.
+struct XView {
+    const int8_t* qs;
+    const float* d;
+    const int16_t* bs;
+    int qs_tok, d_tok, bs_tok;
+    const float* xf;     // f32 rows, xf_tok apart
+    const __half* xh;    // or f16 rows (scaled by a power of two per row), xf_tok apart
+    int64_t xf_tok;
+};
+
+// Points a view at n rows of `cols` quantized activations laid out by act_bytes (row-major planes).
+template <int T>
+__device__ __forceinline__ XView act_view(uint8_t* base, int n, int64_t cols) {
+    constexpr int xb = WT<T>::xb;
+    XView v{};
+    v.qs = (const int8_t*)base;
+    v.d = (const float*)(base + (size_t)n * cols);
+    v.bs = (const int16_t*)(base + (size_t)n * cols + 4 * (size_t)n * (cols / (xb ? xb : 1)));
+    v.qs_tok = (int)cols;
+    v.d_tok = xb ? (int)(cols / xb) : 0;
+    v.bs_tok = (int)(cols / 16);
+    return v;
+}
+
+// The act8 quantizers of ds4_quant.h, every operation rounded as on the CPU (so the int8 values and scales are
+// bit for bit those of ds4d._cpu.quantize_act). Row i of x is at x + i * x_stride; the outputs are dense rows
+// (qs: cols, d: cols / XB, bs: cols / 16). A Q8_0 block (32 values) is one lane's: its 8 float4 loads are in
+// flight together and its maximum needs no shuffles; a Q8_K block (256) is 8 lanes', 32 values each, and meets in
+// 3 shuffles. Called by all warps of a block (or of a grid: `first`/`step` are the warp's index and the number of
+// warps); a warp takes 32 (Q8_0) or 4 (Q8_K) consecutive blocks at a time.
+template <int XB>
+__device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_rows,
+                              int64_t cols, int first, int step) {
+    constexpr int kLanes = XB / 32;            // lanes per block
+    constexpr int kPerWarp = 32 / kLanes;      // blocks per warp and pass
+    const int lane = threadIdx.x & 31, sub = lane % kLanes;
+    const int64_t per_row = cols / XB, total = n_rows * per_row;
+    for (int64_t b0 = (int64_t)first * kPerWarp; b0 < total; b0 += (int64_t)step * kPerWarp) {
+        const int64_t blk = b0 + lane / kLanes;
+        const bool on = blk < total;
+        const int64_t row = (on ? blk : 0) / per_row, b = (on ? blk : 0) - row * per_row;
+        const float* src = x + row * x_stride + b * XB + 32 * sub;
+        float v[32];
+        if (on) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const float4 f = *(const float4*)(src + 4 * k);
+                v[4 * k] = f.x, v[4 * k + 1] = f.y, v[4 * k + 2] = f.z, v[4 * k + 3] = f.w;
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < 32; ++k) v[k] = 0.0f;
+        }
+        float scale_inv, dd;  // what multiplies x, and the block's d
+        if constexpr (XB == 32) {
+            // Q8_0: amax = max|x|; d = amax / 127; id = d != 0 ? 1 / d : 0; q = clamp(rint(x * id), -127, 127).
+            float amax = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 32; ++k) amax = fmaxf(amax, fabsf(v[k]));
+            dd = amax / 127.0f;
+            scale_inv = dd != 0.0f ? 1.0f / dd : 0.0f;
+        } else {
+            // Q8_K: m = the value of largest |x| (the first on ties); iscale = -127 / m; d = 1 / iscale.
+            float best = v[0];
+            int at = 32 * sub;
+#pragma unroll
+            for (int k = 1; k < 32; ++k)
+                if (fabsf(v[k]) > fabsf(best)) best = v[k], at = 32 * sub + k;
+#pragma unroll
+            for (int o = 1; o < kLanes; o <<= 1) {
+                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const int oa = __shfl_xor_sync(0xffffffffu, at, o);
+                if (fabsf(ob) > fabsf(best) || (fabsf(ob) == fabsf(best) && oa < at)) best = ob, at = oa;
+            }
+            scale_inv = best == 0.0f ? 0.0f : -127.0f / best;
+            dd = best == 0.0f ? 0.0f : 1.0f / scale_inv;
+        }
+        if (!on) continue;
+        uint32_t w[8];
+        int sum0 = 0, sum1 = 0;  // Q8_K: the two 16-value sums of this lane's 32
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            w[k] = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float r = rintf(__fmul_rn(v[4 * k + j], scale_inv));
+                const int q = XB == 32 ? (int)fminf(fmaxf(r, -127.0f), 127.0f) : (int)fminf(r, 127.0f);
+                w[k] |= ((uint32_t)q & 255u) << (8 * j);
+                if (k < 4) sum0 += q;
+                else sum1 += q;
+            }
+        }
+        uint4* dst = (uint4*)(qs + row * cols + b * XB + 32 * sub);
+        dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+        dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+        if (sub == 0) d[row * per_row + b] = dd;
+        if constexpr (XB == 256) {
+            int16_t* bp = bs + row * (cols / 16) + b * 16 + 2 * sub;
+            bp[0] = (int16_t)sum0;
+            bp[1] = (int16_t)sum1;
+        }
+    }
+}
+
+// Quantizes n rows into shared memory laid out for act_view, using every thread of the block.
+template <int T>
+__device__ __forceinline__ void quantize_block(uint8_t* base, const float* x, int64_t x_stride, int n, int64_t cols) {
+    constexpr int xb = WT<T>::xb;
+    if constexpr (xb != 0) {
+        const XView v = act_view<T>(base, n, cols);
+        quantize_rows<xb>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, x, x_stride, n, cols, threadIdx.x >> 5,
+                          blockDim.x >> 5);
+    }
+}
+
+// ---- per-unit dot products -------------------------------------------------------------------------------------
+
+__device__ __forceinline__ int dot8(const int (&w)[8], const int8_t* x) {
+    const int4 a = *(const int4*)x, b = *(const int4*)(x + 16);
+    int s0 = __dp4a(w[0], a.x, 0), s1 = __dp4a(w[1], a.y, 0);
+    s0 = __dp4a(w[2], a.z, s0), s1 = __dp4a(w[3], a.w, s1);
+    s0 = __dp4a(w[4], b.x, s0), s1 = __dp4a(w[5], b.y, s1);
+    s0 = __dp4a(w[6], b.z, s0), s1 = __dp4a(w[7], b.w, s1);
+    return s0 + s1;
+}
+// The two halves (weights 0-15, 16-31) separately, for Q2_K's two sub-blocks per unit.
+__device__ __forceinline__ int2 dot8_halves(const int (&w)[8], const int8_t* x) {
+    const int4 a = *(const int4*)x, b = *(const int4*)(x + 16);
+    int s0 = __dp4a(w[0], a.x, 0), s1 = __dp4a(w[1], a.y, 0);
+    int s2 = __dp4a(w[4], b.x, 0), s3 = __dp4a(w[5], b.y, 0);
+    s0 = __dp4a(w[2], a.z, s0), s1 = __dp4a(w[3], a.w, s1);
+    s2 = __dp4a(w[6], b.z, s2), s3 = __dp4a(w[7], b.w, s3);
+    return make_int2(s0 + s1, s2 + s3);
+}
+
+// 8 f32 products of 8 staged weights (already floats) with 8 activations (registers, or shared or global
+// memory), in two chains.
+__device__ __forceinline__ float dot8f(const float (&w)[8], const float (&a)[8]) {
+    float s0 = w[0] * a[0], s1 = w[1] * a[1];
+    s0 = fmaf(w[2], a[2], s0), s1 = fmaf(w[3], a[3], s1);
+    s0 = fmaf(w[4], a[4], s0), s1 = fmaf(w[5], a[5], s1);
+    s0 = fmaf(w[6], a[6], s0), s1 = fmaf(w[7], a[7], s1);
+    return s0 + s1;
+}
+__device__ __forceinline__ float dot8f(const float (&w)[8], const float* x) {
+    const float4 a = *(const float4*)x, b = *(const float4*)(x + 4);
+    float s0 = w[0] * a.x, s1 = w[1] * a.y;
+    s0 = fmaf(w[2], a.z, s0), s1 = fmaf(w[3], a.w, s1);
+    s0 = fmaf(w[4], b.x, s0), s1 = fmaf(w[5], b.y, s1);
+    s0 = fmaf(w[6], b.z, s0), s1 = fmaf(w[7], b.w, s1);
+    return s0 + s1;
+}
+
+// IQ2_XXS through byte permutes: a grid point's 8 magnitudes (8, 25 or 43) are 2-bit codes, its 8 signs add 3 to
+// a code, and prmt picks each weight's signed byte out of {8, 25, 43, -8, -25, -43}. The tables hold, per grid
+// point and per 7-bit sign index, the two 4-weight selectors in the low and high 16 bits (ds4_cuda_init builds
+// them), so that 8 signed weights cost two 32-bit lookups, one add and two prmt.
+constexpr uint32_t kIq2Lo = 0xF82B1908u, kIq2Hi = 0x0000D5E7u;
+
+// Computes one stage: rows rp[r] (staged bytes of weights k0 .. k0 + Stage::weights of each row, r < live)
+// against the activations of NB tokens (n_tok real), adding into acc. Weights past `cols` are skipped. xv[0] serves
+// every row when SHARED_X (a product: one activation load feeds RPW rows), else row r reads xv[r] (the routed
+// experts of one output, each against its own mid row).
+template <int T, int SPS, int NB, int RPW, bool SHARED_X>
+__device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int live, int lane, int64_t k0,
+                                          int64_t cols, const XView* xv, int n_tok, float (&acc)[RPW][NB],
+                                          const uint32_t* tab) {
+    if constexpr (T == TYPE_F32 || T == TYPE_F16 || T == TYPE_BF16) {
+        // Float weights: lane i takes weights 8 i .. 8 i + 7 of each 256-weight span, so that a warp's weight and
+        // activation loads are contiguous (a 32-weight unit per lane would put lanes 128 bytes apart in the
+        // activations: 8-way bank conflicts).
+        constexpr int bpw = WT<T>::bb;  // bytes per weight
+#pragma unroll
+        for (int sp = 0; sp < 4 * SPS; ++sp) {
+            const int wi = 256 * sp + 8 * lane;
+            const int64_t kw = k0 + wi;
+            if (kw >= cols) continue;
+            float wf[RPW][8];
+#pragma unroll
+            for (int r = 0; r < RPW; ++r) {
+                if (r >= live) break;
+                if constexpr (T == TYPE_F32) {
+                    const float4* p = (const float4*)(rp[r] + bpw * wi);
+                    const float4 a = p[0], b = p[1];
+                    wf[r][0] = a.x, wf[r][1] = a.y, wf[r][2] = a.z, wf[r][3] = a.w;
+                    wf[r][4] = b.x, wf[r][5] = b.y, wf[r][6] = b.z, wf[r][7] = b.w;
+                } else {
+                    const uint4 raw = *(const uint4*)(rp[r] + bpw * wi);
+                    const uint32_t h[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        if constexpr (T == TYPE_F16) {
+                            const float2 f = __half22float2(*(const __half2*)&h[i]);
+                            wf[r][2 * i] = f.x, wf[r][2 * i + 1] = f.y;
+                        } else {
+                            wf[r][2 * i] = __uint_as_float(h[i] << 16);
+                            wf[r][2 * i + 1] = __uint_as_float(h[i] & 0xffff0000u);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < NB; ++t) {
+                if (t >= n_tok) break;
+                if (SHARED_X && xv[0].xh) {  // f16 activations: one 16-byte load feeds every row
+                    const uint4 raw = *(const uint4*)(xv[0].xh + t * xv[0].xf_tok + kw);
+                    const uint32_t h[4] = {raw.x, raw.y, raw.z, raw.w};
+                    float xf[8];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float2 f = __half22float2(*(const __half2*)&h[i]);
+                        xf[2 * i] = f.x, xf[2 * i + 1] = f.y;
+                    }
+#pragma unroll
+                    for (int r = 0; r < RPW; ++r) {
+                        if (r >= live) break;
+                        acc[r][t] += dot8f(wf[r], xf);
+                    }
+                    continue;
+                }
+#pragma unroll
+                for (int r = 0; r < RPW; ++r) {
+                    if (r >= live) break;
+                    const XView& x = xv[SHARED_X ? 0 : r];
+                    acc[r][t] += dot8f(wf[r], x.xf + t * x.xf_tok + kw);
+                }
+            }
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < SPS; ++j) {
+            const int u = lane + 32 * j;
+            const int64_t kw = k0 + 32 * u;
+            if (kw >= cols) continue;
+            // Quantized weights: decode the unit of each row into 8 words of bytes with its scales, then 8 dp4a
+            // per token.
+            int q[RPW][8];
+            float dw[RPW], dm[RPW];
+            int isc[RPW], imn[RPW];  // Q4_K: sub-block scale and min; Q2_K: the two sub-blocks' scale bytes;
+                                     // IQ2_XXS: the group scale
+#pragma unroll
+            for (int r = 0; r < RPW; ++r) {
+                if (r >= live) break;
+                if constexpr (T == TYPE_Q8_0) {
+                    const uint8_t* b = rp[r] + 34 * u;
+                    dw[r] = f16_at(b);
+                    const uintptr_t a = (uintptr_t)(b + 2);
+                    const uint32_t* w = (const uint32_t*)(a & ~(uintptr_t)3);
+                    const uint32_t sh = (uint32_t)(a & 3) * 8;
+                    uint32_t prev = w[0];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        const uint32_t next = w[i + 1];
+                        q[r][i] = (int)__funnelshift_r(prev, next, sh);
+                        prev = next;
+                    }
+                } else if constexpr (T == TYPE_Q4_K) {
+                    const int blk = u >> 3, sub = u & 7;
+                    const uint8_t* b = rp[r] + 144 * blk;
+                    const float2 dd = __half22float2(*(const __half2*)b);
+                    dw[r] = dd.x, dm[r] = dd.y;
+                    const uint32_t* sp = (const uint32_t*)(b + 4);
+                    const uint32_t sa = sp[0], sb = sp[1], sc = sp[2];
+                    const int sh = 8 * (sub & 3);
+                    if (sub < 4) {
+                        isc[r] = (sa >> sh) & 63, imn[r] = (sb >> sh) & 63;
+                    } else {
+                        isc[r] = ((sc >> sh) & 15) | (((sa >> sh) >> 6 & 3) << 4);
+                        imn[r] = ((sc >> sh) >> 4 & 15) | (((sb >> sh) >> 6 & 3) << 4);
+                    }
+                    const int4* qp = (const int4*)(b + 16 + 32 * (sub >> 1));
+                    const int4 w0 = qp[0], w1 = qp[1];
+                    const int shift = 4 * (sub & 1);
+                    const int raw[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) q[r][i] = (raw[i] >> shift) & 0x0f0f0f0f;
+                } else if constexpr (T == TYPE_Q2_K) {
+                    const int blk = u >> 3, pr = u & 7;  // sub-blocks 2 pr and 2 pr + 1
+                    const uint8_t* b = rp[r] + 84 * blk;
+                    const float2 dd = __half22float2(*(const __half2*)(b + 80));
+                    dw[r] = dd.x, dm[r] = dd.y;
+                    const uint32_t scs = *(const uint16_t*)(b + 2 * pr);
+                    isc[r] = scs & 0xff, imn[r] = scs >> 8;
+                    const uint32_t* qp = (const uint32_t*)(b + 16 + 32 * (pr >> 2));
+                    const int shift = 2 * (pr & 3);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) q[r][i] = (int)((qp[i] >> shift) & 0x03030303u);
+                } else {  // IQ2_XXS
+                    const int blk = u >> 3, grp = u & 7;
+                    const uint8_t* b = rp[r] + 66 * blk;
+                    dw[r] = f16_at(b) * 0.125f;  // the format's 1/8, exact
+                    const uintptr_t a = (uintptr_t)(b + 2 + 8 * grp);
+                    const uint32_t* w = (const uint32_t*)(a & ~(uintptr_t)3);
+                    const uint32_t sh = (uint32_t)(a & 3) * 8, w0 = w[0], w1 = w[1], w2 = w[2];
+                    const uint32_t grid = __funnelshift_r(w0, w1, sh), aux = __funnelshift_r(w1, w2, sh);
+                    isc[r] = 2 * (int)(aux >> 28) + 1;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const uint32_t sel = tab[(grid >> (8 * i)) & 255] + tab[256 + ((aux >> (7 * i)) & 127)];
+                        q[r][2 * i] = (int)__byte_perm(kIq2Lo, kIq2Hi, sel);
+                        q[r][2 * i + 1] = (int)__byte_perm(kIq2Lo, kIq2Hi, sel >> 16);
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < NB; ++t) {
+                if (t >= n_tok) break;
+#pragma unroll
+                for (int r = 0; r < RPW; ++r) {
+                    if (r >= live) break;
+                    const XView& x = xv[SHARED_X ? 0 : r];
+                    const int8_t* xq = x.qs + t * x.qs_tok + kw;
+                    if constexpr (T == TYPE_Q8_0) {
+                        const float dx = x.d[t * x.d_tok + kw / 32];
+                        acc[r][t] = fmaf(dw[r] * dx, (float)dot8(q[r], xq), acc[r][t]);
+                    } else if constexpr (T == TYPE_Q4_K) {
+                        const float dx = x.d[t * x.d_tok + kw / 256];
+                        const int16_t* bsp = x.bs + t * x.bs_tok + kw / 16;
+                        const int bsum = bsp[0] + bsp[1];
+                        acc[r][t] += fmaf(dw[r] * dx, (float)(isc[r] * dot8(q[r], xq)),
+                                          -(dm[r] * dx) * (float)(imn[r] * bsum));
+                    } else if constexpr (T == TYPE_Q2_K) {
+                        const float dx = x.d[t * x.d_tok + kw / 256];
+                        const int16_t* bsp = x.bs + t * x.bs_tok + kw / 16;
+                        const int2 h = dot8_halves(q[r], xq);
+                        const int isum = (isc[r] & 15) * h.x + (imn[r] & 15) * h.y;
+                        const int msum = (isc[r] >> 4) * bsp[0] + (imn[r] >> 4) * bsp[1];
+                        acc[r][t] += fmaf(dw[r] * dx, (float)isum, -(dm[r] * dx) * (float)msum);
+                    } else {
+                        const float dx = x.d[t * x.d_tok + kw / 256];
+                        acc[r][t] = fmaf(dw[r] * dx, (float)(isc[r] * dot8(q[r], xq)), acc[r][t]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- the per-warp stream ---------------------------------------------------------------------------------------
+
+// Where step `st` of row set `set` reads: the RPW rows' byte ranges (len bytes each, from weight k0 of the row;
+// rows r >= live are not read) and which activation segment (seg) they meet.
+template <int RPW>
+struct Src {
+    const uint8_t* p[RPW];
+    int len, live, seg;
+    int64_t k0;
+};
+
+__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// Copies bytes [src, src + len) to shared address dst + (src & 15), with 16-byte cp.async from the boundary below.
+__device__ __forceinline__ void copy_range(uint32_t dst, const uint8_t* src, int len, int lane) {
+    const uint32_t off = (uint32_t)(uintptr_t)src & 15;
+    const uint8_t* a0 = src - off;
+    const int n16 = (int)(off + len + 15) >> 4;
+    for (int i = lane; i < n16; i += 32) cp_async16_s(dst + 16 * i, a0 + 16 * i);
+}
+
+// Copies `bytes` (a multiple of 16) from global to shared memory with every thread of the block, as one more
+// cp.async group.
+__device__ __forceinline__ void copy_block(uint8_t* dst, const uint8_t* src, int64_t bytes) {
+    for (int64_t i = 16 * threadIdx.x; i < bytes; i += 16 * blockDim.x) cp_async16(dst + i, src + i);
+    cp_async_commit();
+}
+
+// One warp's pipeline over n_sets row sets of `steps` stages each. plan(set, st) -> Src<RPW>; xview(seg) -> the
+// XView(s) the stage meets (one, or RPW unless SHARED_X); flush(set, acc) after the last step of each set (called
+// by all lanes, also when steps == 0).
+template <int T, int SPS, int NB, int RPW, bool SHARED_X, class Plan>
+struct Streamer {
+    using G = Stage<T, SPS>;
+    static constexpr int stage_bytes = RPW * G::slot;
+    uint8_t* ring;
+    uint32_t ring_s;  // the ring's shared-memory address
+    int lane, n_sets, steps;
+    Plan plan;
+    int is_set, is_st, is_slot;  // the next stage to issue, and its ring slot
+
+    __device__ __forceinline__ void issue() {
+        if (is_set < n_sets) {
+            const Src<RPW> s = plan(is_set, is_st);
+            const uint32_t d = ring_s + is_slot * stage_bytes;
+#pragma unroll
+            for (int r = 0; r < RPW; ++r)
+                if (r < s.live) copy_range(d + r * G::slot, s.p[r], s.len, lane);
+            if (++is_st == steps) is_st = 0, ++is_set;
+        }
+        is_slot = is_slot == kDepth - 1 ? 0 : is_slot + 1;
+        cp_async_commit();  // an empty group past the end keeps the wait count uniform
+    }
+
+    // The first kDepth - 1 stages; may run before the kernel's dependency wait when plan reads no activations.
+    __device__ __forceinline__ void prologue() {
+#pragma unroll
+        for (int i = 0; i < kDepth - 1; ++i) issue();
+    }
+
+    template <class XV, class Flush>
+    __device__ __forceinline__ void run(int64_t cols, int n_tok, const uint32_t* tab, XV xview, Flush flush) {
+        int slot = 0;
+        for (int set = 0; set < n_sets; ++set) {
+            float acc[RPW][NB];
+#pragma unroll
+            for (int r = 0; r < RPW; ++r)
+#pragma unroll
+                for (int t = 0; t < NB; ++t) acc[r][t] = 0.0f;
+            for (int st = 0; st < steps; ++st) {
+                issue();
+                cp_async_wait<kDepth - 1>();
+                __syncwarp();
+                const Src<RPW> s = plan(set, st);
+                const uint8_t* rp[RPW];
+                uint8_t* base = ring + slot * stage_bytes;
+#pragma unroll
+                for (int r = 0; r < RPW; ++r) rp[r] = base + r * G::slot + ((uintptr_t)s.p[r] & 15);
+                stage_dot<T, SPS, NB, RPW, SHARED_X>(rp, s.live, lane, s.k0, cols, xview(s.seg), n_tok, acc, tab);
+                __syncwarp();  // every lane is done with this stage before it is refilled
+                slot = slot == kDepth - 1 ? 0 : slot + 1;
+            }
+            flush(set, acc);
+        }
+        cp_async_wait<0>();
+    }
+};
+
+// A warp's stream; with steps == 0 nothing is issued (flush still runs once per set).
+template <int T, int SPS, int NB, int RPW, bool SHARED_X, class Plan>
+__device__ __forceinline__ Streamer<T, SPS, NB, RPW, SHARED_X, Plan> make_streamer(uint8_t* ring, int lane,
+                                                                                   int n_sets, int steps, Plan plan) {
+    return Streamer<T, SPS, NB, RPW, SHARED_X, Plan>{ring, (uint32_t)__cvta_generic_to_shared(ring), lane, n_sets,
+                                                     steps, plan, steps == 0 ? n_sets : 0, 0, 0};
+}
+
+// Copies the IQ2_XXS tables into shared memory (all threads of the block; a barrier must follow).
+template <int T>
+__device__ __forceinline__ void load_tables(uint32_t* dst, const uint32_t* src) {
+    if constexpr (T == TYPE_IQ2_XXS)
+        for (int i = threadIdx.x; i < kIq2TableWords; i += blockDim.x) dst[i] = src[i];
+}
+template <int T>
+constexpr size_t table_bytes() {
+    return T == TYPE_IQ2_XXS ? kIq2TableWords * sizeof(uint32_t) : 0;
+}
+
+// e = Op<T>::run(args...) for a runtime type code T; false (e untouched) for an unsupported code.
+template <template <int> class Op, class... A>
+bool by_type(int type, cudaError_t& e, A&&... args) {
+    switch (type) {
+        case TYPE_F32: e = Op<TYPE_F32>::run(args...); return true;
+        case TYPE_F16: e = Op<TYPE_F16>::run(args...); return true;
+        case TYPE_BF16: e = Op<TYPE_BF16>::run(args...); return true;
+        case TYPE_Q8_0: e = Op<TYPE_Q8_0>::run(args...); return true;
+        case TYPE_Q2_K: e = Op<TYPE_Q2_K>::run(args...); return true;
+        case TYPE_Q4_K: e = Op<TYPE_Q4_K>::run(args...); return true;
+        case TYPE_IQ2_XXS: e = Op<TYPE_IQ2_XXS>::run(args...); return true;
+        default: return false;
+    }
+}
+
+}  // namespace ds4::cuda

@@ -1,0 +1,589 @@
+"""Tests of the CUDA decode kernels (ds4d._cuda), run on the GPU machine; skipped with a reason without one.
+
+Every kernel is checked on fresh random inputs against an independent reference: the float64 numpy oracle
+(`ds4d.ops.reference`) and `gguf.quants.dequantize` for float-activation paths and the small ops; the CPU
+backend's integer act8 product (`ds4d._cpu.matmul(act8=True)`), whose 8-bit activations and exact integer block
+sums the GPU reproduces, for the quantized weight types (only the order of the float sums differs). Outputs are
+poisoned (NaN bytes) before each launch, so an element no kernel wrote fails, and padding past a row must stay
+poisoned. Relative errors are ||got - ref|| / ||ref|| with thresholds per METHOD (f32 arithmetic: well under
+1e-4); the FP8 round trip and the activation quantizer are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize
+
+from ds4d import _cpu
+from ds4d.ops.reference import Reference, rope_inv_freq
+from ds4d.weights import HyperConn, Weight
+
+try:
+    from ds4d import _cuda
+    _SKIP = None if _cuda.device_count() > 0 else "no CUDA device on this machine"
+except ImportError as exc:  # built without -DDS4_CUDA=ON
+    _cuda, _SKIP = None, f"ds4d._cuda is not built ({exc})"
+
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS, BF16 = 0, 1, 8, 10, 12, 16, 30
+FLOAT_TYPES = [F32, F16, BF16]
+QUANT_TYPES = [Q8_0, Q2_K, Q4_K, IQ2_XXS]
+BLOCK = {F32: 1, F16: 1, BF16: 1, Q8_0: 32, Q2_K: 256, Q4_K: 256, IQ2_XXS: 256}
+SCALES = {Q8_0: (34, [0]), Q2_K: (84, [80, 82]), Q4_K: (144, [0, 2]), IQ2_XXS: (66, [0])}
+REF = Reference(np.float64)
+REF32 = Reference(np.float32)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    _cuda.init()
+    return _cuda.Stream()
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+class Dev:
+    """Device buffers of one test: inputs uploaded from numpy, outputs allocated poisoned (0xff bytes: NaN for
+    floats) and read back after the stream drains."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.bufs = []
+
+    def buf(self, a):
+        a = np.ascontiguousarray(a)
+        b = _cuda.Buffer(max(a.nbytes, 16))
+        b.upload(a)
+        b.shape, b.dtype = a.shape, a.dtype
+        self.bufs.append(b)
+        return b
+
+    def put(self, a) -> int:
+        return self.buf(a).ptr
+
+    def out(self, shape, dtype=np.float32, poison=0xFF):
+        b = _cuda.Buffer(max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 16))
+        b.memset(poison)
+        b.shape, b.dtype = tuple(shape), np.dtype(dtype)
+        self.bufs.append(b)
+        return b
+
+    def get(self, b):
+        self.stream.synchronize()
+        return b.download(b.dtype, list(b.shape))
+
+
+def rel(got, ref):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(got)), "non-finite output (an unwritten element?)"
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def rand_weights(rng, type_, rows, cols, lead=()):
+    """uint8 rows (*lead, rows, row_bytes) of `type_`: random quants, finite f16 scales of 1e-3..1 of both signs."""
+    shape = (*lead, rows)
+    if type_ in FLOAT_TYPES:
+        v = rng.standard_normal((*shape, cols)).astype(np.float32)
+        if type_ == F32:
+            return v.view(np.uint8)
+        if type_ == F16:
+            return v.astype(np.float16).view(np.uint8)
+        return (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    rb = _cpu.row_bytes(type_, cols)
+    raw = rng.integers(0, 256, size=(*shape, rb), dtype=np.uint8)
+    bb, offs = SCALES[type_]
+    blocks = raw.reshape(*shape, rb // bb, bb)
+    for off in offs:
+        s = (10.0 ** rng.uniform(-3, 0, blocks.shape[:-1]) * rng.choice([-1, 1], blocks.shape[:-1]))
+        blocks[..., off:off + 2] = s.astype(np.float16).view(np.uint8).reshape(*blocks.shape[:-1], 2)
+    return raw
+
+
+def dense(raw, type_, cols):
+    """float64 weights of raw rows, decoded by gguf (the independent decoder)."""
+    if type_ == F32:
+        return raw.view(np.float32).reshape(*raw.shape[:-1], cols).astype(np.float64)
+    return gguf_dequantize(raw, Q(type_)).reshape(*raw.shape[:-1], cols).astype(np.float64)
+
+
+def f16_activations(type_, n_tok, rows, cols):
+    """Whether ds4_cuda_matvec stages this float-weight product's activations as f16 (matvec.cu: 4+ tokens and 128+
+    rows whose f32 rows exceed 64 KB of shared memory and whose f16 rows fit): a 1e-3 tolerance, not f32's."""
+    nb = next(b for b in (1, 2, 4, 8, 16) if b >= n_tok)
+    return type_ in FLOAT_TYPES and nb >= 4 and rows >= 128 and nb * cols * 4 > 65536 and nb * cols * 2 <= 65536
+
+
+def product_ref(raw, type_, cols, x):
+    """The reference of one product: f64 on gguf-decoded weights for float types, the CPU's act8 product (the
+    same integer sums as the GPU's) for quantized types."""
+    if type_ in FLOAT_TYPES:
+        return x.astype(np.float64) @ dense(raw, type_, cols).T
+    return _cpu.matmul(np.ascontiguousarray(raw), type_, cols, np.ascontiguousarray(x, np.float32), act8=True)
+
+
+# ---- matrix-vector products -----------------------------------------------------------------------------------
+
+MATVEC_SHAPES = [  # (rows, cols per type's block)
+    (1, 1), (3, 1), (37, 4), (256, 16), (24, 64),   # (24, 64 blocks): few rows, long rows -> several warps per row
+]
+
+
+@pytest.mark.parametrize("type_", FLOAT_TYPES + QUANT_TYPES)
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 8, 13, 16])
+def test_matvec_all_types(stream, rng, type_, n_tok):
+    d = Dev(stream)
+    min_cols = {F32: 8, F16: 8, BF16: 8}.get(type_, BLOCK[type_])
+    for rows, nb in MATVEC_SHAPES:
+        cols = nb * min_cols if type_ in FLOAT_TYPES else nb * BLOCK[type_]
+        cols = max(cols, min_cols)
+        w = rand_weights(rng, type_, rows, cols)
+        x_stride = cols + 4  # rows of x and y with padding, which must stay untouched
+        x = rng.standard_normal((n_tok, x_stride)).astype(np.float32)
+        ref = product_ref(w, type_, cols, x[:, :cols])
+        wp, xp = d.put(w), d.put(x)
+        # Quantized types with several tokens: with a workspace (activations quantized once) and without.
+        n_work = _cuda.matvec_work_bytes(type_, n_tok, cols)
+        for work in ([0, d.out((n_work,), np.uint8).ptr] if n_work else [0]):
+            y = d.out((n_tok, rows + 3))
+            _cuda.matvec(stream.ptr, y.ptr, rows + 3, wp, type_, rows, cols, xp, x_stride, n_tok, work=work)
+            got = d.get(y)
+            assert np.all(np.isnan(got[:, rows:])), "wrote past the end of a row of y"
+            assert rel(got[:, :rows], ref) < 2e-5, (rows, cols, work)
+
+
+@pytest.mark.parametrize("type_", QUANT_TYPES)
+def test_matvec_act8_close_to_exact(stream, rng, type_):
+    """The 8-bit activations cost at most a few per mille against f64 on the decoded weights."""
+    d = Dev(stream)
+    rows, cols = 64, 2048
+    w = rand_weights(rng, type_, rows, cols)
+    x = rng.standard_normal((2, cols)).astype(np.float32)
+    y = d.out((2, rows))
+    _cuda.matvec(stream.ptr, y.ptr, rows, d.put(w), type_, rows, cols, d.put(x), cols, 2)
+    assert rel(d.get(y), x.astype(np.float64) @ dense(w, type_, cols).T) < 3e-2
+
+
+@pytest.mark.parametrize("type_,rows,cols", [(Q8_0, 1024, 4096), (Q8_0, 512, 4096), (F16, 24, 16384),
+                                             (IQ2_XXS, 2048, 4096), (Q2_K, 4096, 2048), (Q4_K, 2048, 4096),
+                                             (F16, 256, 4096), (Q8_0, 4096, 8192)])
+def test_matvec_real_shapes(stream, rng, type_, rows, cols):
+    d = Dev(stream)
+    w = rand_weights(rng, type_, rows, cols)
+    wp = d.put(w)
+    for n_tok in (1, 8):
+        x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+        y = d.out((n_tok, rows))
+        work = d.out((max(_cuda.matvec_work_bytes(type_, n_tok, cols), 16),), np.uint8)
+        _cuda.matvec(stream.ptr, y.ptr, rows, wp, type_, rows, cols, d.put(x), cols, n_tok, work=work.ptr)
+        tol = 1e-3 if f16_activations(type_, n_tok, rows, cols) else 2e-5
+        assert rel(d.get(y), product_ref(w, type_, cols, x)) < tol
+
+
+@pytest.mark.parametrize("type_", FLOAT_TYPES)
+def test_matvec_f16_activations_keep_their_range(stream, rng, type_):
+    """8 tokens of 4096 values for float weights go through f16 rows scaled per row: values far beyond f16's
+    range (1e6) and far below it (1e-6) stay within the f16 rounding of the reference."""
+    d = Dev(stream)
+    rows, cols, n_tok = 256, 4096, 8
+    assert f16_activations(type_, n_tok, rows, cols)
+    w = rand_weights(rng, type_, rows, cols)
+    x = (rng.standard_normal((n_tok, cols)) * np.array([1e6, 1e-6, 1, 3e4, 1, 1, 1, 1])[:, None]).astype(np.float32)
+    y = d.out((n_tok, rows))
+    _cuda.matvec(stream.ptr, y.ptr, rows, d.put(w), type_, rows, cols, d.put(x), cols, n_tok)
+    got, ref = d.get(y), product_ref(w, type_, cols, x)
+    for t in range(n_tok):
+        assert rel(got[t], ref[t]) < 1e-3, t
+
+
+@pytest.mark.parametrize("type_", [Q8_0, F16, Q4_K])
+def test_matvec_grouped(stream, rng, type_):
+    """groups > 1: the block-diagonal product of the attention output projection (attn_output_a)."""
+    d = Dev(stream)
+    groups, rows, cols, n_tok = 4, 96, 512, 3
+    w = rand_weights(rng, type_, groups * rows, cols)
+    x = rng.standard_normal((n_tok, groups * cols)).astype(np.float32)
+    ref = np.concatenate([product_ref(w[g * rows:(g + 1) * rows], type_, cols, x[:, g * cols:(g + 1) * cols])
+                          for g in range(groups)], axis=1)
+    n_work = _cuda.matvec_work_bytes(type_, n_tok, cols, groups)
+    for work in ([0, d.out((n_work,), np.uint8).ptr] if n_work else [0]):
+        y = d.out((n_tok, groups * rows))
+        _cuda.matvec(stream.ptr, y.ptr, groups * rows, d.put(w), type_, rows, cols, d.put(x), groups * cols, n_tok,
+                     groups=groups, work=work)
+        assert rel(d.get(y), ref) < 2e-5
+
+
+def test_matvec_rejects_bad_arguments(stream):
+    d = Dev(stream)
+    b = d.out((64,))
+    with pytest.raises(ValueError, match="cols"):
+        _cuda.matvec(stream.ptr, b.ptr, 1, b.ptr, Q8_0, 1, 33, b.ptr, 33, 1)
+    with pytest.raises(ValueError, match="n_tok"):
+        _cuda.matvec(stream.ptr, b.ptr, 1, b.ptr, Q8_0, 1, 32, b.ptr, 32, 17)
+    with pytest.raises(ValueError, match="unsupported"):
+        _cuda.matvec(stream.ptr, b.ptr, 1, b.ptr, 2, 1, 32, b.ptr, 32, 1)
+
+
+@pytest.mark.parametrize("kind", [32, 256])
+def test_quantize_act_bitwise(stream, rng, kind):
+    """The GPU's activation quantizer equals the CPU's bit for bit (ties of |max| included)."""
+    d = Dev(stream)
+    n, cols = 5, 1024
+    x = (rng.standard_normal((n, cols)) * 10.0 ** rng.uniform(-3, 3, (n, 1))).astype(np.float32)
+    x[1, :256] = 0.0                          # an all-zero block
+    x[2, 10], x[2, 200] = -3.0e3, 3.0e3       # |max| tie: the first one wins
+    qs, dd = d.out((n, cols), np.int8), d.out((n, cols // kind))
+    bs = d.out((n, cols // 16), np.int16)
+    _cuda.quantize_act(stream.ptr, qs.ptr, dd.ptr, bs.ptr, d.put(x), cols, n, cols, kind)
+    ref = _cpu.quantize_act(x, "q8_0" if kind == 32 else "q8_k")
+    np.testing.assert_array_equal(d.get(qs), ref[1])
+    np.testing.assert_array_equal(d.get(dd).view(np.uint32), ref[0].view(np.uint32))
+    if kind == 256:
+        np.testing.assert_array_equal(d.get(bs), ref[2])
+
+
+# ---- mixture of experts --------------------------------------------------------------------------------------
+
+MOE_TYPES = [(IQ2_XXS, Q2_K), (Q4_K, Q4_K), (Q8_0, Q8_0), (F16, F16)]
+
+
+def swiglu_ref(g, u, clamp):
+    return REF.swiglu(g, u, clamp)
+
+
+@pytest.mark.parametrize("gate_type,down_type", MOE_TYPES)
+@pytest.mark.parametrize("n_tok,n_used", [(1, 6), (3, 6), (8, 6), (2, 3), (2, 8)])
+def test_moe(stream, rng, gate_type, down_type, n_tok, n_used):
+    d = Dev(stream)
+    n_expert, n_embd, n_ff, clamp = 16, 512, 256, 10.0
+    gate = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
+    up = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
+    down = rand_weights(rng, down_type, n_embd, n_ff, lead=(n_expert,))
+    # Activations scaled so that some gate/up values pass the clamp of 10.
+    scale = 3.0 if gate_type in FLOAT_TYPES else 0.05
+    h = (rng.standard_normal((n_tok, n_embd)) * scale).astype(np.float32)
+    ids = np.stack([rng.choice(n_expert, n_used, replace=False) for _ in range(n_tok)]).astype(np.int32)
+    wts = rng.uniform(0.1, 0.5, (n_tok, n_used)).astype(np.float32)
+    mid = d.out((n_tok, n_used, n_ff))
+    _cuda.moe_gate_up(stream.ptr, mid.ptr, d.put(h), n_embd, d.put(gate), d.put(up), gate_type, n_ff, n_embd,
+                      n_expert, d.put(ids), d.put(wts), n_used, n_tok, clamp)
+    got_mid = d.get(mid)
+    ref_mid = np.empty((n_tok, n_used, n_ff))
+    for t in range(n_tok):
+        for j, e in enumerate(ids[t]):
+            g = product_ref(gate[e], gate_type, n_embd, h[t:t + 1])[0]
+            u = product_ref(up[e], gate_type, n_embd, h[t:t + 1])[0]
+            ref_mid[t, j] = swiglu_ref(g, u, clamp) * wts[t, j]
+    assert np.abs(ref_mid).max() > 0.5  # silu(g) may underflow to exactly 0 (g < -88): no test on zeros here
+    assert rel(got_mid, ref_mid) < 1e-4
+
+    out = d.out((n_tok, n_embd + 2))
+    _cuda.moe_down(stream.ptr, out.ptr, n_embd + 2, mid.ptr, d.put(down), down_type, n_embd, n_ff, n_expert,
+                   d.put(ids), n_used, n_tok)
+    got = d.get(out)
+    assert np.all(np.isnan(got[:, n_embd:]))
+    ref = np.zeros((n_tok, n_embd))
+    for t in range(n_tok):
+        for j, e in enumerate(ids[t]):  # from the GPU's mid, so that this checks the down kernel alone
+            ref[t] += product_ref(down[e], down_type, n_ff, got_mid[t, j:j + 1])[0]
+    assert rel(got[:, :n_embd], ref) < 2e-5
+
+
+def test_moe_shared_expert_accumulates(stream, rng):
+    """ids/weights null: the shared expert (one expert, weight 1), added onto the routed output."""
+    d = Dev(stream)
+    n_tok, n_embd, n_ff = 2, 512, 256
+    gate, up = rand_weights(rng, Q8_0, n_ff, n_embd), rand_weights(rng, Q8_0, n_ff, n_embd)
+    down = rand_weights(rng, Q8_0, n_embd, n_ff)
+    h = (rng.standard_normal((n_tok, n_embd)) * 0.05).astype(np.float32)
+    mid = d.out((n_tok, 1, n_ff))
+    _cuda.moe_gate_up(stream.ptr, mid.ptr, d.put(h), n_embd, d.put(gate), d.put(up), Q8_0, n_ff, n_embd, 1, 0, 0,
+                      1, n_tok, 10.0)
+    got_mid = d.get(mid)[:, 0]
+    ref_mid = swiglu_ref(product_ref(gate, Q8_0, n_embd, h), product_ref(up, Q8_0, n_embd, h), 10.0)
+    assert rel(got_mid, ref_mid) < 1e-4
+    base = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    out = d.out((n_tok, n_embd))
+    out.upload(base)
+    _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, d.put(down), Q8_0, n_embd, n_ff, 1, 0, 1, n_tok, True)
+    ref = base + product_ref(down, Q8_0, n_ff, np.ascontiguousarray(got_mid))
+    assert rel(d.get(out), ref) < 2e-5
+
+
+# ---- attention -----------------------------------------------------------------------------------------------
+
+def attention_ref(q, raw, raw_n, comp, comp_n, sel, sinks, scale):
+    """Reference.attention's formula, token by token (rows as the GPU's lists give them)."""
+    T, H, D = q.shape
+    out = np.empty((T, H, D))
+    for t in range(T):
+        c_idx = np.arange(comp_n[t]) if sel is None else sel[t][(sel[t] >= 0) & (sel[t] < comp_n[t])]
+        keys = np.concatenate([raw[t, :raw_n[t]], comp[t, c_idx]]).astype(np.float64)
+        s = (q[t].astype(np.float64) @ keys.T) * scale
+        m = np.maximum(s.max(axis=1) if len(keys) else -np.inf, sinks)
+        p = np.exp(s - m[:, None])
+        out[t] = (p @ keys) / (p.sum(axis=1) + np.exp(sinks - m))[:, None]
+    return out
+
+
+@pytest.mark.parametrize("dim,n_head", [(512, 16), (128, 8), (256, 12)])
+@pytest.mark.parametrize("with_sel", [False, True])
+def test_attention_decode(stream, rng, dim, n_head, with_sel):
+    d = Dev(stream)
+    raw_cap, comp_cap, sel_cap = 128, 300, 64
+    raw_n = np.array([1, 77, 128, 0, 33, 0], np.int32)
+    comp_n = np.array([0, 5, 300, 40, 129, 0], np.int32)   # the last token sees no row: only its sink
+    T = len(raw_n)
+    raw = rng.standard_normal((T, raw_cap, dim)).astype(np.float16)
+    comp = rng.standard_normal((T, comp_cap, dim)).astype(np.float16)
+    q = (rng.standard_normal((T, n_head, dim)) * 0.15).astype(np.float32)
+    sinks = rng.standard_normal(n_head).astype(np.float32)
+    sel = None
+    if with_sel:
+        sel = np.full((T, sel_cap), -1, np.int32)
+        for t in range(T):
+            k = min(int(comp_n[t]), sel_cap - 3)
+            sel[t, :k] = np.sort(rng.choice(max(int(comp_n[t]), 1), k, replace=False))
+    scale = 1.0 / math.sqrt(dim)
+    out = d.out((T, n_head, dim))
+    scratch = _cuda.Buffer(_cuda.attention_scratch_bytes(T, n_head, dim, raw_cap, comp_cap, sel_cap, with_sel))
+    scratch.memset(0xFF)
+    _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, d.put(q), d.put(raw), raw_cap * dim, d.put(raw_n),
+                           raw_cap, d.put(comp), comp_cap * dim, d.put(comp_n), comp_cap,
+                           d.put(sel) if with_sel else 0, sel_cap, d.put(sinks), T, n_head, dim, scale)
+    ref = attention_ref(q, raw, raw_n, comp, comp_n, sel, sinks.astype(np.float64), scale)
+    got = d.get(out)
+    assert np.all(got[-1] == 0) and rel(got, ref) < 1e-5
+    # A second launch on the same scratch gives the same bits (the graph replays it).
+    out.memset(0xFF)
+    _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, d.put(q), d.put(raw), raw_cap * dim, d.put(raw_n),
+                           raw_cap, d.put(comp), comp_cap * dim, d.put(comp_n), comp_cap,
+                           d.put(sel) if with_sel else 0, sel_cap, d.put(sinks), T, n_head, dim, scale)
+    np.testing.assert_array_equal(d.get(out), got)
+
+
+# ---- norms, hyper-connections ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,n,weighted", [(1, 4096, True), (64, 512, False), (7, 1024, True), (3, 16384, False)])
+def test_rms_norm(stream, rng, rows, n, weighted):
+    d = Dev(stream)
+    x = (rng.standard_normal((rows, n)) * 10.0 ** rng.uniform(-2, 2, (rows, 1))).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, n).astype(np.float32) if weighted else None
+    y = d.out((rows, n + 4))
+    _cuda.rms_norm(stream.ptr, y.ptr, n + 4, d.put(x), n, d.put(w) if weighted else 0, rows, n, 1e-6)
+    got = d.get(y)
+    assert np.all(np.isnan(got[:, n:]))
+    assert rel(got[:, :n], REF.rms_norm(x, w, 1e-6)) < 1e-6
+
+
+def random_hc(rng, n_mix, n_embd):
+    fn = (rng.standard_normal((n_mix, 4 * n_embd)) / math.sqrt(4 * n_embd) * 4).astype(np.float16)
+    scale = rng.uniform(0.5, 2.0, 3 if n_mix > 4 else 1).astype(np.float32)
+    base = rng.standard_normal(n_mix).astype(np.float32)
+    return HyperConn(Weight("fn", Q.F16, fn.shape, fn), scale, base)
+
+
+@pytest.mark.parametrize("n_tok,n_embd", [(1, 4096), (5, 256), (16, 512)])
+def test_hc_pre_and_post(stream, rng, n_tok, n_embd):
+    d = Dev(stream)
+    hc = random_hc(rng, 24, n_embd)
+    X = rng.standard_normal((n_tok, 4, n_embd)).astype(np.float32)
+    x, hcs = d.out((n_tok, n_embd)), d.out((n_tok, 20))
+    scratch = d.out((_cuda.hc_pre_scratch_bytes(n_tok, n_embd, 24),), np.uint8)
+    Xb = d.buf(X)
+    Xp = Xb.ptr
+    _cuda.hc_pre(stream.ptr, x.ptr, hcs.ptr, scratch.ptr, Xp, 4 * n_embd, d.put(hc.fn.raw), F16, d.put(hc.scale),
+                 d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6)
+    rx, rpost, rcomb = REF.hc_pre(X, hc, 20, 1e-6, 1e-6)
+    got_hc = d.get(hcs)
+    assert rel(d.get(x), rx) < 1e-5
+    assert rel(got_hc[:, :4], rpost) < 1e-5
+    assert rel(got_hc[:, 4:].reshape(n_tok, 4, 4), rcomb) < 1e-5
+
+    f = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    Xo = d.out((n_tok, 4, n_embd))
+    _cuda.hc_post(stream.ptr, Xo.ptr, d.put(f), Xp, hcs.ptr, n_tok, n_embd)
+    assert rel(d.get(Xo), REF.hc_post(f, X, got_hc[:, :4], got_hc[:, 4:].reshape(n_tok, 4, 4))) < 1e-6
+    # in place
+    _cuda.hc_post(stream.ptr, Xp, d.put(f), Xp, hcs.ptr, n_tok, n_embd)
+    np.testing.assert_array_equal(d.get(Xb), d.get(Xo))
+
+
+def test_hc_head(stream, rng):
+    d = Dev(stream)
+    n_tok, n_embd = 3, 1024
+    hc = random_hc(rng, 4, n_embd)
+    X = rng.standard_normal((n_tok, 4, n_embd)).astype(np.float32)
+    x = d.out((n_tok, n_embd))
+    scratch = d.out((_cuda.hc_pre_scratch_bytes(n_tok, n_embd, 4),), np.uint8)
+    _cuda.hc_pre(stream.ptr, x.ptr, 0, scratch.ptr, d.put(X), 4 * n_embd, d.put(hc.fn.raw), F16,
+                 d.put(hc.scale), d.put(hc.base), n_tok, n_embd, 4, 20, 1e-6, 1e-6)
+    assert rel(d.get(x), REF.hc_head(X, hc, 1e-6, 1e-6)) < 1e-5
+
+
+# ---- positions, KV rows ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("yarn", [False, True])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope(stream, rng, yarn, inverse):
+    d = Dev(stream)
+    inv = rope_inv_freq(64, 160000.0, (16.0, 65536, 32.0, 1.0)) if yarn else rope_inv_freq(64, 10000.0)
+    pos = np.array([0, 1, 127, 4095, 65535, 1_000_003], np.int32)
+    T, H, D = len(pos), 64, 512
+    x = rng.standard_normal((T, H, D)).astype(np.float32)
+    xb = d.buf(x)
+    _cuda.rope(stream.ptr, xb.ptr, H * D, d.put(pos), -3, d.put(inv), T, H, D, 64, inverse)
+    got = d.get(xb)
+    ref = REF.rope(x, pos - 3, inv, inverse=inverse)
+    assert np.array_equal(got[..., :D - 64], x[..., :D - 64])
+    assert rel(got, ref) < 1e-6
+
+
+def kv_test_rows(rng, n, dim):
+    """Rows whose 64-blocks span magnitudes from below the 1e-4 floor to 1e3, with zeros and exact ties."""
+    x = rng.standard_normal((n, dim)) * 10.0 ** rng.uniform(-7, 3, (n, dim // 64, 1)).repeat(64, axis=2).reshape(n, dim)
+    x[0, :64] = 0.0
+    x[1, 64:128] = 448.0 * 2.0 ** -5 * np.round(rng.uniform(-8, 8, 64))  # values on the E4M3 grid and halfway
+    return x.astype(np.float32)
+
+
+def test_fp8_kv_bitwise(stream, rng):
+    d = Dev(stream)
+    n, dim, n_nope = 9, 512, 448
+    x = kv_test_rows(rng, n, dim)
+    y = d.out((n, dim))
+    _cuda.fp8_kv(stream.ptr, y.ptr, d.put(x), n, dim, n_nope)
+    ref = REF32.fp8_kv(x, n_nope)
+    np.testing.assert_array_equal(d.get(y).view(np.uint32), ref.view(np.uint32))
+
+
+def test_kv_store_ring(stream, rng):
+    d = Dev(stream)
+    T, dim, n_nope, ring = 4, 512, 448, 8
+    x = kv_test_rows(rng, T, dim)
+    pos = np.array([5, 8, 13, 130], np.int32)   # slots 5, 0, 5, 2 of each token's own ring
+    dst = d.out((T, ring, dim), np.float16)
+    _cuda.kv_store(stream.ptr, dst.ptr, ring * dim, d.put(x), dim, d.put(pos), 0, 1, ring, T, dim, n_nope, True)
+    got = d.get(dst).view(np.uint16)
+    ref = REF32.fp8_kv(x, n_nope).astype(np.float16).view(np.uint16)
+    for t in range(T):
+        slot = pos[t] % ring
+        np.testing.assert_array_equal(got[t, slot], ref[t])
+        others = np.delete(got[t], slot, axis=0)
+        assert np.all(others == 0xFFFF), "wrote outside the row's slot"
+    # compressed-row placement: row (pos + 1 - ratio) / ratio, no FP8
+    dst2 = d.out((T, 64, dim), np.float16)
+    pos2 = np.array([3, 7, 127, 255], np.int32)
+    _cuda.kv_store(stream.ptr, dst2.ptr, 64 * dim, d.put(x), dim, d.put(pos2), 1 - 4, 4, 64, T, dim, n_nope, False)
+    got2 = d.get(dst2).view(np.uint16)
+    for t in range(T):
+        np.testing.assert_array_equal(got2[t, (pos2[t] + 1 - 4) // 4], x[t].astype(np.float16).view(np.uint16))
+
+
+# ---- routing, embedding, sampling ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hash_layer", [False, True])
+def test_route(stream, rng, hash_layer):
+    d = Dev(stream)
+    T, n_expert, k = 7, 256, 6
+    logits = (rng.standard_normal((T, n_expert)) * 3).astype(np.float32)
+    logits[0, :4] = [25.0, -25.0, 19.0, -19.0]     # both softplus branches
+    bias = (rng.standard_normal(n_expert) * 0.1).astype(np.float32)
+    tid2eid = rng.integers(0, n_expert, (50, k)).astype(np.int32)
+    tokens = rng.integers(0, 50, T).astype(np.int32)
+    ids, w = d.out((T, k), np.int32), d.out((T, k))
+    _cuda.route(stream.ptr, ids.ptr, w.ptr, d.put(logits), 0 if hash_layer else d.put(bias),
+                d.put(tid2eid) if hash_layer else 0, d.put(tokens), T, n_expert, k, 1.5, True)
+    rids, rw = REF.route(logits, None if hash_layer else bias, tid2eid if hash_layer else None, tokens, k, 1.5, True)
+    np.testing.assert_array_equal(d.get(ids), rids)
+    assert rel(d.get(w), rw) < 1e-6
+
+
+def test_route_ties_go_to_the_lower_index(stream):
+    d = Dev(stream)
+    logits = np.zeros((1, 64), np.float32)
+    logits[0, [40, 7, 13]] = 2.0
+    ids, w = d.out((1, 4), np.int32), d.out((1, 4))
+    _cuda.route(stream.ptr, ids.ptr, w.ptr, d.put(logits), 0, 0, 0, 1, 64, 4, 1.0, True)
+    np.testing.assert_array_equal(d.get(ids)[0], [7, 13, 40, 0])
+
+
+def test_embed_and_argmax(stream, rng):
+    d = Dev(stream)
+    V, E, T = 100, 256, 3
+    table = rng.standard_normal((V, E)).astype(np.float16)
+    tokens = np.array([5, 99, 5], np.int32)
+    X = d.out((T, 4, E))
+    _cuda.embed(stream.ptr, X.ptr, d.put(table), F16, d.put(tokens), T, E, 4)
+    np.testing.assert_array_equal(d.get(X), np.repeat(table[tokens].astype(np.float32)[:, None], 4, axis=1))
+    n = 129280
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    x[1, [1000, 70000]] = 50.0  # a tie: the lower index
+    ids = d.out((T,), np.int32)
+    scratch = d.out((_cuda.argmax_scratch_bytes(T),), np.uint8)
+    _cuda.argmax(stream.ptr, ids.ptr, scratch.ptr, d.put(x), n, T, n)
+    np.testing.assert_array_equal(d.get(ids), np.argmax(x, axis=1))
+    small = rng.standard_normal((2, 5)).astype(np.float32)   # fewer values than the kernel's blocks
+    _cuda.argmax(stream.ptr, ids.ptr, scratch.ptr, d.put(small), 5, 2, 5)
+    np.testing.assert_array_equal(d.get(ids)[:2], np.argmax(small, axis=1))
+
+
+# ---- graph capture ---------------------------------------------------------------------------------------------
+
+def test_graph_replays_routing_from_device_memory(stream, rng):
+    """route -> gate_up -> down captured once; each replay follows the logits now in device memory, as the decode
+    graph must (and PDL on or off gives the same bits)."""
+    d = Dev(stream)
+    n_tok, n_expert, n_used, n_embd, n_ff = 2, 16, 6, 512, 256
+    gate = rand_weights(rng, IQ2_XXS, n_ff, n_embd, lead=(n_expert,))
+    up = rand_weights(rng, IQ2_XXS, n_ff, n_embd, lead=(n_expert,))
+    down = rand_weights(rng, Q2_K, n_embd, n_ff, lead=(n_expert,))
+    h = (rng.standard_normal((n_tok, n_embd)) * 0.05).astype(np.float32)
+    logits_buf = d.out((n_tok, n_expert))
+    ids, w = d.out((n_tok, n_used), np.int32), d.out((n_tok, n_used))
+    mid, out = d.out((n_tok, n_used, n_ff)), d.out((n_tok, n_embd))
+    ptrs = dict(h=d.put(h), gate=d.put(gate), up=d.put(up), down=d.put(down))
+
+    def step():
+        _cuda.route(stream.ptr, ids.ptr, w.ptr, logits_buf.ptr, 0, 0, 0, n_tok, n_expert, n_used, 1.5, True)
+        _cuda.moe_gate_up(stream.ptr, mid.ptr, ptrs["h"], n_embd, ptrs["gate"], ptrs["up"], IQ2_XXS, n_ff, n_embd,
+                          n_expert, ids.ptr, w.ptr, n_used, n_tok, 10.0)
+        _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, ptrs["down"], Q2_K, n_embd, n_ff, n_expert, ids.ptr,
+                       n_used, n_tok)
+
+    _cuda.begin_capture(stream.ptr)
+    step()
+    graph = _cuda.end_capture(stream.ptr)
+    assert graph.nodes >= 3
+    results = []
+    for _ in range(3):
+        logits = rng.standard_normal((n_tok, n_expert)).astype(np.float32)
+        logits_buf.upload(logits)
+        graph.launch(stream.ptr)
+        got = d.get(out)
+        rids, rw = REF.route(logits, np.zeros(n_expert, np.float32), None, None, n_used, 1.5, True)
+        np.testing.assert_array_equal(d.get(ids), rids)
+        ref = np.zeros((n_tok, n_embd))
+        for t in range(n_tok):
+            for j, e in enumerate(rids[t]):
+                g = product_ref(gate[e], IQ2_XXS, n_embd, h[t:t + 1])[0]
+                u = product_ref(up[e], IQ2_XXS, n_embd, h[t:t + 1])[0]
+                m = (swiglu_ref(g, u, 10.0) * rw[t, j]).astype(np.float32)[None]
+                ref[t] += product_ref(down[e], Q2_K, n_ff, m)[0]
+        assert rel(got, ref) < 1e-4
+        results.append((logits, got))
+    was = _cuda.pdl()
+    try:
+        _cuda.set_pdl(not was)
+        logits_buf.upload(results[-1][0])
+        step()
+        np.testing.assert_array_equal(d.get(out), results[-1][1])
+    finally:
+        _cuda.set_pdl(was)
