@@ -1,9 +1,9 @@
 """The DeepSeek V4 Flash forward pass, in pipeline order: embed -> (HC, attention, HC, MoE) x layers -> head.
 
-Owns the order of operations of MODEL.md §3 and the bookkeeping of per-session state around them: which rows a
-token may attend (its sliding window, the compressed rows emitted so far, the indexer's choice), what each
-compressor emits and where it is stored. All arithmetic happens in the backend's ops (`ops/`); this module
-decides what to call, on which rows, never how to compute it.
+Owns the order of operations of MODEL.md §3: which op runs when, on which rows, with which weights and
+parameters. All arithmetic happens in the backend's ops (`ops/`), and so does everything that touches a
+session's state (the backend's `attend` stores K=V rows, runs the compressors and the indexer, and attends), so
+a GPU backend can keep the state in device memory; this module never computes anything itself.
 
 One `forward` serves prefill and decode alike: it takes a batch of *segments*, each a run of new tokens of one
 session at that session's next positions. A prefill chunk is one long segment; a decode step over B sessions is
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .gguf_file import GGUFFile
-from .ops import get_backend
+from .ops import AttnSpec, get_backend
 from .ops.reference import rope_inv_freq
 from .shape import Shape, read_shape
-from .state import LayerState, RowStore, SessionState
+from .state import LayerState, SessionState
 from .weights import Layer, Weights, load_weights
 
 NUMERICS = ("faithful", "exact")
@@ -56,7 +56,19 @@ class Model:
         self.rope_main = rope_inv_freq(s.n_rot, s.rope_freq_base)
         self.rope_comp = rope_inv_freq(s.n_rot, s.compress_rope_freq_base,
                                        (s.rope_scale_factor, s.rope_orig_ctx, s.yarn_beta_fast, s.yarn_beta_slow))
+        self.attn_specs = [self._attn_spec(L) for L in self.weights.layers]
         self._tokenizer = None
+
+    def _attn_spec(self, L: Layer) -> AttnSpec:
+        s = self.shape
+        c, i = L.compressor, L.indexer
+        return AttnSpec(
+            ratio=L.ratio, n_swa=s.n_swa, n_nope=s.n_nope, scale=1.0 / math.sqrt(s.head_dim), sinks=L.attn_sinks,
+            rope=self.rope_main if L.ratio == 0 else self.rope_comp, rope_comp=self.rope_comp,
+            faithful=self.faithful, store_dtype=self.store_dtype, rms_eps=s.rms_eps,
+            comp_ape=None if c is None else c.ape, comp_norm=None if c is None else c.norm,
+            idx_ape=None if i is None else i.compressor.ape, idx_norm=None if i is None else i.compressor.norm,
+            top_k=s.indexer_top_k, idx_w_scale=1.0 / math.sqrt(s.indexer_head_dim * s.n_indexer_head))
 
     @property
     def tokenizer(self):
@@ -123,9 +135,10 @@ class Model:
     # --- attention sublayer ---------------------------------------------------------------------------------
     #
     # Per token: the query path (low rank, weighted norm, per-head unweighted norm, RoPE), one K=V row (norm,
-    # RoPE, FP8 of the unrotated dims, f16 storage), the compressor(s) fed with the normed input, then attention
-    # over the raw window plus the compressed rows visible at that position (the indexer's top-k of them in
-    # ratio-4 layers), inverse RoPE on the output and the grouped low-rank output projection.
+    # RoPE), the compressors' projections of the normed input and the indexer's query; then the backend's
+    # `attend` stores the K=V row (FP8 of the unrotated dims, f16 storage), runs the compressors and the indexer
+    # on each session's state and attends over the raw window plus the compressed rows visible at each position.
+    # Inverse RoPE on the output and the grouped low-rank output projection close the sublayer.
 
     def _attention(self, L: Layer, X: np.ndarray, states: list[LayerState], bounds: np.ndarray,
                    positions: np.ndarray) -> np.ndarray:
@@ -135,66 +148,22 @@ class Model:
         h = ops.rms_norm(x, L.attn_norm, s.rms_eps)                                  # (N, E)
         qn = ops.rms_norm(ops.matmul(L.attn_q_a, h), L.attn_q_a_norm, s.rms_eps)    # (N, q_rank)
         q = ops.rms_norm(ops.matmul(L.attn_q_b, qn).reshape(N, s.n_head, s.head_dim), None, s.rms_eps)
-        inv_freq = self.rope_main if L.ratio == 0 else self.rope_comp
-        q = ops.rope(q, positions, inv_freq)                                         # (N, H, D)
+        spec = self.attn_specs[L.index]
+        q = ops.rope(q, positions, spec.rope)                                        # (N, H, D)
         kv = ops.rms_norm(ops.matmul(L.attn_kv, h), L.attn_kv_a_norm, s.rms_eps)
-        kv = ops.rope(kv[:, None, :], positions, inv_freq)[:, 0]                     # (N, D)
-        if self.faithful:
-            kv = ops.fp8_kv(kv, s.n_nope)
-        kv = kv.astype(self.store_dtype)
-
-        comp = L.compressor
-        if comp is not None:
-            kvp, gate = ops.matmul(comp.kv, h), ops.matmul(comp.gate, h)            # (N, coff·D)
-        idx = L.indexer
-        if idx is not None:
-            ikvp, igate = ops.matmul(idx.compressor.kv, h), ops.matmul(idx.compressor.gate, h)
-            iq = ops.matmul(idx.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
-            iq = ops.rope(iq, positions, self.rope_comp)
-            if self.faithful:
-                iq = ops.hadamard_fp4(iq)
-            iw = ops.matmul(idx.proj, h)                                             # (N, n_idx_head)
-
-        out = np.empty((N, s.n_head, s.head_dim), ops.dtype)
-        empty = RowStore(s.head_dim, self.store_dtype)
-        for st, a, b in zip(states, bounds[:-1], bounds[1:]):
-            pos = positions[a:b]
-            pos0 = int(pos[0])
-            # The raw window: rows still visible from earlier calls, then this segment's rows.
-            old = st.window(pos0)
-            raw = np.concatenate([old, kv[a:b]])
-            first = pos0 - len(old)
-            raw_hi = pos - first + 1
-            raw_lo = np.maximum(pos - s.n_swa + 1, first) - first
-            st.push_raw(kv[a:b], pos0)
-            sel, comp_rows, comp_n = None, empty, np.zeros(b - a, np.int64)
-            if comp is not None:
-                rows, starts = ops.compress(st.comp_kv, st.comp_score, kvp[a:b], gate[a:b], comp.ape, pos0, L.ratio)
-                st.comp.append(self._finish_rows(rows, starts, comp.norm, fp4=False))
-                comp_rows, comp_n = st.comp, (pos + 1) // L.ratio                   # visible to the emitting token
-            if idx is not None:
-                rows, starts = ops.compress(st.idx_kv, st.idx_score, ikvp[a:b], igate[a:b], idx.compressor.ape,
-                                            pos0, 4)
-                st.idx.append(self._finish_rows(rows, starts, idx.compressor.norm, fp4=True))
-                sel = ops.indexer_topk(iq[a:b], iw[a:b], st.idx, comp_n, s.indexer_top_k,
-                                       1.0 / math.sqrt(s.indexer_head_dim * s.n_indexer_head))
-            out[a:b] = ops.attention(q[a:b], raw, raw_lo, raw_hi, comp_rows, sel, comp_n, L.attn_sinks,
-                                     1.0 / math.sqrt(s.head_dim))
-        o = ops.rope(out, positions, inv_freq, inverse=True)                          # undo V's rotated tail
+        kv = ops.rope(kv[:, None, :], positions, spec.rope)[:, 0]                    # (N, D)
+        comp = idx = None
+        if L.compressor is not None:
+            comp = (ops.matmul(L.compressor.kv, h), ops.matmul(L.compressor.gate, h))  # (N, coff·D) each
+        if L.indexer is not None:
+            iq = ops.matmul(L.indexer.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
+            idx = (ops.matmul(L.indexer.compressor.kv, h), ops.matmul(L.indexer.compressor.gate, h),
+                   ops.rope(iq, positions, self.rope_comp), ops.matmul(L.indexer.proj, h))
+        out = ops.attend(spec, states, bounds, positions, q, kv, comp, idx)          # (N, H, D)
+        o = ops.rope(out, positions, spec.rope, inverse=True)                        # undo V's rotated tail
         low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)
         y = ops.matmul(L.attn_output_b, low)                                          # (N, E)
         return ops.hc_post(y, X, post, comb)
-
-    def _finish_rows(self, rows: np.ndarray, starts: np.ndarray, norm: np.ndarray, fp4: bool) -> np.ndarray:
-        """A compressor's pooled rows -> stored rows: norm, RoPE at the block's first position, then the faithful
-        emulation (FP8 of the unrotated dims for attention rows, Hadamard + FP4 for indexer rows)."""
-        ops = self.ops
-        if len(rows) == 0:
-            return rows.astype(self.store_dtype)
-        rows = ops.rope(ops.rms_norm(rows, norm, self.shape.rms_eps)[:, None, :], starts, self.rope_comp)[:, 0]
-        if self.faithful:
-            rows = ops.hadamard_fp4(rows) if fp4 else ops.fp8_kv(rows, self.shape.n_nope)
-        return rows.astype(self.store_dtype)
 
     # --- FFN sublayer ---------------------------------------------------------------------------------------
     def _ffn(self, L: Layer, X: np.ndarray, tokens: np.ndarray) -> np.ndarray:

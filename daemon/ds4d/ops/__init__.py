@@ -4,10 +4,36 @@
 float32 with native kernels where they pay (matrix products, MoE, attention) and inherits the rest from the
 reference at its own dtype. GPU backends (cuda.py, hip.py, metal.py) will implement the same methods.
 
-`model.py` calls only these ops; it never does arithmetic on tensors itself.
+`model.py` calls only these ops; it never does arithmetic on tensors itself. Per-session state is touched only
+inside `attend`, so a backend may keep it where its kernels run.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """What a layer's `attend` needs besides its inputs: built once per layer by the model."""
+    ratio: int                    # compression ratio: 0, 4 or 128
+    n_swa: int                    # raw window rows
+    n_nope: int                   # unrotated dims of a K=V row (the FP8 part)
+    scale: float                  # softmax scale, 1/sqrt(head_dim)
+    sinks: np.ndarray             # (H,) per-head sink logits
+    rope: np.ndarray              # the layer's RoPE frequencies (queries and raw rows)
+    rope_comp: np.ndarray         # the compressed layers' frequencies (compressed rows, indexer)
+    faithful: bool                # FP8 / Hadamard+FP4 emulation on
+    store_dtype: np.dtype         # K=V rows in the state: float16 (faithful) or the backend's dtype
+    rms_eps: float
+    comp_ape: np.ndarray | None   # attention compressor: position bias (ratio, coff·D), row norm (D,)
+    comp_norm: np.ndarray | None
+    idx_ape: np.ndarray | None    # indexer compressor (ratio-4 layers)
+    idx_norm: np.ndarray | None
+    top_k: int                    # indexer top-k
+    idx_w_scale: float            # 1/sqrt(indexer head dim · indexer heads)
 
 
 def get_backend(name: str, numerics: str = "faithful", **options):

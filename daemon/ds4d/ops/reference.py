@@ -296,6 +296,57 @@ class Reference:
             sel[t] = np.sort(best)
         return sel
 
+    # --- the stateful core of an attention sublayer --------------------------------------------------------
+    def attend(self, spec, states: list, bounds: np.ndarray, positions: np.ndarray, q: np.ndarray,
+               kv: np.ndarray, comp: tuple | None, idx: tuple | None) -> np.ndarray:
+        """Store each token's K=V row, feed the compressors, choose compressed rows and attend, per session.
+
+        states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) after RoPE;
+        comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, q (N, Hi, 128) after RoPE,
+        head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the token that emits them.
+        Returns the attention output (N, H, D), still rotated (the caller applies the inverse RoPE).
+        """
+        if spec.faithful:
+            kv = self.fp8_kv(kv, spec.n_nope)
+            if idx is not None:
+                idx = (idx[0], idx[1], self.hadamard_fp4(idx[2]), idx[3])
+        kv = kv.astype(spec.store_dtype)
+        out = np.empty(q.shape, self.dtype)
+        empty = RowStore(q.shape[-1], spec.store_dtype)
+        for st, a, b in zip(states, bounds[:-1], bounds[1:]):
+            pos = positions[a:b]
+            pos0 = int(pos[0])
+            # The raw window: rows still visible from earlier calls, then this segment's rows.
+            old = st.window(pos0)
+            raw = np.concatenate([old, kv[a:b]])
+            first = pos0 - len(old)
+            raw_hi = pos - first + 1
+            raw_lo = np.maximum(pos - spec.n_swa + 1, first) - first
+            st.push_raw(kv[a:b], pos0)
+            sel, rows, visible = None, empty, np.zeros(b - a, np.int64)
+            if comp is not None:
+                pooled, starts = self.compress(st.comp_kv, st.comp_score, comp[0][a:b], comp[1][a:b], spec.comp_ape,
+                                               pos0, spec.ratio)
+                st.comp.append(self._finish_rows(spec, pooled, starts, spec.comp_norm, indexer=False))
+                rows, visible = st.comp, (pos + 1) // spec.ratio
+            if idx is not None:
+                pooled, starts = self.compress(st.idx_kv, st.idx_score, idx[0][a:b], idx[1][a:b], spec.idx_ape,
+                                               pos0, 4)
+                st.idx.append(self._finish_rows(spec, pooled, starts, spec.idx_norm, indexer=True))
+                sel = self.indexer_topk(idx[2][a:b], idx[3][a:b], st.idx, visible, spec.top_k, spec.idx_w_scale)
+            out[a:b] = self.attention(q[a:b], raw, raw_lo, raw_hi, rows, sel, visible, spec.sinks, spec.scale)
+        return out
+
+    def _finish_rows(self, spec, rows: np.ndarray, starts: np.ndarray, norm: np.ndarray, indexer: bool) -> np.ndarray:
+        """A compressor's pooled rows -> stored rows: norm, RoPE at the block's first position, then the faithful
+        emulation (FP8 of the unrotated dims for attention rows, Hadamard + FP4 for indexer rows)."""
+        if len(rows) == 0:
+            return rows.astype(spec.store_dtype)
+        rows = self.rope(self.rms_norm(rows, norm, spec.rms_eps)[:, None, :], starts, spec.rope_comp)[:, 0]
+        if spec.faithful:
+            rows = self.hadamard_fp4(rows) if indexer else self.fp8_kv(rows, spec.n_nope)
+        return rows.astype(spec.store_dtype)
+
     # --- attention ------------------------------------------------------------------------------------------
     def attention(self, q: np.ndarray, raw: np.ndarray, raw_lo: np.ndarray, raw_hi: np.ndarray,
                   comp: RowStore, comp_sel: np.ndarray | None, comp_n: np.ndarray, sinks: np.ndarray,
