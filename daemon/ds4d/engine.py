@@ -102,7 +102,7 @@ class Engine:
             if root is not None else None
         if self.files is not None:
             self.files.root.mkdir(parents=True, exist_ok=True)
-        self.cache = PrefixCache(root, self.fingerprint, model.new_state, ram_cache_mb << 20, disk_cache_mb << 20,
+        self.cache = PrefixCache(root, self.fingerprint, model.host_state, ram_cache_mb << 20, disk_cache_mb << 20,
                                  pages)
         self.sessions: dict[str, Session] = {}
         self.weight_calls_by_batch: dict[int, int] = {}     # decode batch size -> weight-kernel calls of a step
@@ -275,7 +275,7 @@ class Engine:
         if own >= n and own > 0:
             start = own
         elif n > 0:
-            s.state, s.tokens, start = state, list(target[:n]), n
+            s.state, s.tokens, start = self.model.live_state(state), list(target[:n]), n
         else:
             s.state, s.tokens, start = self.model.new_state(), [], 0
         job.pos = job.cached = start
@@ -413,7 +413,8 @@ class Engine:
             return s
         if self.files is not None and self.files.exists(name):
             try:
-                s = self.files.load(name, self.model.new_state())
+                s = self.files.load(name, self.model.host_state())
+                s.state = self.model.live_state(s.state)
             except SnapshotError as e:
                 log.warning("session %s: its file is unusable (%s); starting it afresh", name, e)
                 s = Session(name)
@@ -487,8 +488,8 @@ class Engine:
         check_name(new_name)
         if new_name in self.sessions or (self.files is not None and self.files.exists(new_name)):
             raise EngineError("exists", f"a session named {new_name!r} exists")
-        self.sessions[new_name] = Session(new_name, list(src.tokens), list(src.messages),
-                                          src.state.snapshot() if src.state is not None else None)
+        state = self.model.live_state(src.state.snapshot()) if src.state is not None else None
+        self.sessions[new_name] = Session(new_name, list(src.tokens), list(src.messages), state)
         self._save(self.sessions[new_name])
         return {"name": new_name}
 

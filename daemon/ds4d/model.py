@@ -77,8 +77,17 @@ class Model:
             self._tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         return self._tokenizer
 
-    def new_state(self) -> SessionState:
+    def new_state(self):
+        """A fresh live state on the backend (host memory for the CPU backend, device memory for a GPU one)."""
+        return self.ops.new_state(self.shape, self.store_dtype)
+
+    def host_state(self) -> SessionState:
+        """A fresh state in host memory: the format of snapshots, the prompt cache and the files on disk."""
         return SessionState.new(self.shape, self.store_dtype, self.ops.dtype)
+
+    def live_state(self, snapshot: SessionState):
+        """A live backend state holding a host snapshot's content (the snapshot itself on the CPU)."""
+        return self.ops.live_state(snapshot)
 
     # --- entry points ---------------------------------------------------------------------------------------
     def logits(self, token_ids, chunk: int = 512) -> np.ndarray:

@@ -16,7 +16,7 @@ import functools
 import math
 
 import numpy as np
-from ..state import RowStore
+from ..state import RowStore, SessionState
 from ..weights import HyperConn, Weight
 
 NEG_INF = -np.inf
@@ -295,6 +295,14 @@ class Reference:
             best = np.argsort(-score, kind="stable")[:top_k]
             sel[t] = np.sort(best)
         return sel
+
+    # --- session state --------------------------------------------------------------------------------------
+    def new_state(self, shape, store_dtype) -> SessionState:
+        """A live state; the host backends keep it in host memory, so it is the snapshot format itself."""
+        return SessionState.new(shape, store_dtype, self.dtype)
+
+    def live_state(self, snapshot: SessionState) -> SessionState:
+        return snapshot
 
     # --- the stateful core of an attention sublayer --------------------------------------------------------
     def attend(self, spec, states: list, bounds: np.ndarray, positions: np.ndarray, q: np.ndarray,
