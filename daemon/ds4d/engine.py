@@ -442,6 +442,8 @@ class Engine:
                 self.files.save(*item)
             except OSError as e:
                 log.error("cannot save session %s: %s", item[0], e)
+            except Exception:                   # a bug: this save is lost, but the writer must keep saving the rest
+                log.exception("cannot save session %s", item[0])
 
     def flush(self, timeout: float | None = 60) -> None:
         """Wait until every session save queued so far is on disk."""

@@ -160,7 +160,7 @@ class Model:
         spec = self.attn_specs[L.index]
         q = ops.rope(q, positions, spec.rope)                                        # (N, H, D)
         kv = ops.rms_norm(ops.matmul(L.attn_kv, h), L.attn_kv_a_norm, s.rms_eps)
-        kv = ops.rope(kv[:, None, :], positions, spec.rope)[:, 0]                    # (N, D)
+        kv = ops.rope(kv, positions, spec.rope)                                      # (N, D)
         comp = idx = None
         if L.compressor is not None:
             comp = (ops.matmul(L.compressor.kv, h), ops.matmul(L.compressor.gate, h))  # (N, coff·D) each

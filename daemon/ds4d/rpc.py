@@ -152,8 +152,13 @@ def pack_notification(method: str, params: dict) -> bytes:
     return msgpack.packb([NOTIFICATION, method, [params]], use_bin_type=True)
 
 
+# Line breaks as str.splitlines() sees them, escaped: an error message is one line even when it quotes a field name
+# or a value the client chose.
+_ONE_LINE = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 def error_map(code: str, message: str) -> dict:
-    return {"code": code, "message": message}
+    return {"code": code, "message": message.translate(_ONE_LINE)}
 
 
 # --- parameter validation ----------------------------------------------------------------------------------------
@@ -229,11 +234,34 @@ class ListOf(Spec):
         return [self.item.check(x, f"{where}[{i}]") for i, x in enumerate(v)]
 
 
-class Fields(Spec):
-    """A map with named fields; `extra=True` lets other names through unchecked (chat messages carry fields the
-    template renderer reads, like `tool_calls`)."""
+class Json(Spec):
+    """Any value JSON can carry, nested at most MAX_DEPTH deep: what a chat message or a tool holds (a session file
+    stores its messages as JSON). Binary and extension values, non-string map keys and deeper nesting are refused
+    here with their path, instead of failing later where a session is saved or a prompt rendered."""
+    MAX_DEPTH = 64
 
-    def __init__(self, fields: dict[str, Spec] | None = None, *, required: bool = False, extra: bool = False):
+    def check(self, v, where, depth=0):
+        if depth > self.MAX_DEPTH:
+            raise bad(where, f"nested deeper than {self.MAX_DEPTH} levels")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise bad(where, "map keys must be strings")
+                self.check(x, f"{where}.{k}", depth + 1)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                self.check(x, f"{where}[{i}]", depth + 1)
+        elif not (v is None or isinstance(v, (str, int, float, bool))):
+            raise bad(where, "must be a JSON value (binary is not text)")
+        return v
+
+
+class Fields(Spec):
+    """A map with named fields; `extra` lets other names through, unchecked (True) or checked by a Spec (chat
+    messages carry fields the template renderer reads, like `tool_calls`)."""
+
+    def __init__(self, fields: dict[str, Spec] | None = None, *, required: bool = False,
+                 extra: bool | Spec = False):
         self.fields, self.required, self.extra = fields or {}, required, extra
 
     def check(self, v, where=""):
@@ -246,7 +274,7 @@ class Fields(Spec):
             if spec is None:
                 if not self.extra:
                     raise bad(f"{prefix}{name}", "unknown field")
-                out[name] = value
+                out[name] = self.extra.check(value, f"{prefix}{name}") if isinstance(self.extra, Spec) else value
             elif value is not None or spec.required:
                 out[name] = spec.check(value, prefix + name)
         for name, spec in self.fields.items():

@@ -41,7 +41,7 @@ from ds4c.protocol import MAX_MESSAGE_BYTES, METHODS, PROTOCOL_VERSION, socket_p
 from . import __version__
 from .chat import THINKING_MODES
 from .engine import THINK_MAX_MIN_CTX, Engine, EngineError, Job
-from .rpc import (U32, Bool, Decoder, Fields, Int, ListOf, Num, RpcError, Spec, Str, bad, error_map,
+from .rpc import (U32, Bool, Decoder, Fields, Int, Json, ListOf, Num, RpcError, Spec, Str, bad, error_map,
                   pack_notification, pack_response, parse_request)
 from .session import SessionNameError, check_name
 
@@ -100,9 +100,9 @@ def schemas(n_vocab: int) -> dict[str, Fields]:
         "session.close": Fields(name),
         "session.delete": Fields(name),
         "generate": Fields({"prompt": Str(), "tokens": ListOf(token), **SAMPLING}),
-        "chat": Fields({"messages": ListOf(Fields({"role": Str(required=True)}, extra=True), required=True,
+        "chat": Fields({"messages": ListOf(Fields({"role": Str(required=True)}, extra=Json()), required=True,
                                            nonempty=True),
-                        "tools": ListOf(Fields(extra=True)), "thinking": Str(*THINKING_MODES),
+                        "tools": ListOf(Fields(extra=Json())), "thinking": Str(*THINKING_MODES),
                         **SAMPLING}),
         "complete": Fields({"prefix": Str(required=True), "suffix": Str(),
                             "context": ListOf(Fields({"path": Str(required=True), "text": Str(required=True)})),
@@ -418,13 +418,13 @@ class Daemon:
     def _hello(self, conn: Connection, msgid: int, p: dict) -> dict:
         theirs = p["protocol"]
         major = theirs.split(".")[0]
-        if not major.isdigit():
+        if not (major.isascii() and major.isdigit()):          # "²".isdigit() is true, but int() refuses it
             raise bad("protocol", f"must be a version like {PROTOCOL_VERSION!r}, not {theirs!r}")
         if int(major) != int(PROTOCOL_VERSION.split(".")[0]):
             raise RpcError("version_mismatch", f"the daemon speaks protocol {PROTOCOL_VERSION}; the client "
                                                f"speaks {theirs}")
         if p.get("client"):
-            conn.label = f"{conn.peer} ({p['client']})"
+            conn.label = f"{conn.peer} ({p['client'][:64]!r})"   # quoted: a name cannot forge log lines
         return self.hello_result
 
     def _status(self, conn: Connection, msgid: int, p: dict) -> None:

@@ -189,7 +189,8 @@ class Reference:
 
     # --- positions ------------------------------------------------------------------------------------------
     def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, inverse: bool = False) -> np.ndarray:
-        """Rotate interleaved pairs of the last 2·len(inv_freq) dims of x (T, ..., d) at each row's position."""
+        """Rotate interleaved pairs of the last 2·len(inv_freq) dims of x (T, d) or (T, heads, d) at each row's
+        position."""
         n_rot = 2 * len(inv_freq)
         ang = np.asarray(positions, self.dtype)[:, None] * inv_freq.astype(self.dtype)[None, :]   # (T, n_rot/2)
         cos, sin = np.cos(ang), np.sin(ang)
@@ -350,7 +351,7 @@ class Reference:
         emulation (FP8 of the unrotated dims for attention rows, Hadamard + FP4 for indexer rows)."""
         if len(rows) == 0:
             return rows.astype(spec.store_dtype)
-        rows = self.rope(self.rms_norm(rows, norm, spec.rms_eps)[:, None, :], starts, spec.rope_comp)[:, 0]
+        rows = self.rope(self.rms_norm(rows, norm, spec.rms_eps), starts, spec.rope_comp)
         if spec.faithful:
             rows = self.hadamard_fp4(rows) if indexer else self.fp8_kv(rows, spec.n_nope)
         return rows.astype(spec.store_dtype)
