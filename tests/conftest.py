@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from ds4d import _cpu
 from ds4d.tiny import make_tiny
 
 
@@ -27,6 +28,15 @@ def require(module: str):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(params=_cpu.available_isas())
+def isa(request):
+    """Run a test once per instruction-set level of the native CPU kernels that this machine supports."""
+    before = _cpu.isa()
+    _cpu.set_isa(request.param)
+    yield request.param
+    _cpu.set_isa(before)
 
 
 _cache: dict[tuple, str] = {}

@@ -27,14 +27,6 @@ BLOCK = {F32: 1, F16: 1, BF16: 1, Q8_0: 32, Q2_K: 256, Q4_K_T: 256, IQ2_XXS_T: 2
 SCALES = {Q8_0: (34, [0]), Q2_K: (84, [80, 82]), Q4_K_T: (144, [0, 2]), IQ2_XXS_T: (66, [0])}
 
 
-@pytest.fixture(params=_cpu.available_isas())
-def isa(request):
-    before = _cpu.isa()
-    _cpu.set_isa(request.param)
-    yield request.param
-    _cpu.set_isa(before)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -27,14 +27,6 @@ QUANT = {Q8_0, Q2_K, Q4_K, IQ2_XXS}
 SCALES = (-3, 0)   # weight scales: finite, moderate products
 
 
-@pytest.fixture(params=_cpu.available_isas())
-def isa(request):
-    before = _cpu.isa()
-    _cpu.set_isa(request.param)
-    yield request.param
-    _cpu.set_isa(before)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(4321)
