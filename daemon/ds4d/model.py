@@ -127,14 +127,18 @@ class Model:
         bounds = np.cumsum([0] + [len(seg.tokens) for seg in segments])
         positions = np.concatenate([seg.state.n_tokens + np.arange(len(seg.tokens)) for seg in segments])
 
-        X = ops.embed(self.weights.token_embd, tokens, s.n_hc)                      # (N, n_hc, E)
-        for layer in self.weights.layers:
-            states = [seg.state.layers[layer.index] for seg in segments]
-            X = self._attention(layer, X, states, bounds, positions)
-            X = self._ffn(layer, X, tokens)
         rows = np.arange(len(tokens)) if all_logits else bounds[1:] - 1
-        x = ops.hc_head(X[rows], self.weights.output_hc, s.hc_eps, s.rms_eps)
-        logits = ops.matmul(self.weights.output, ops.rms_norm(x, self.weights.output_norm, s.rms_eps))
+
+        def run():
+            X = ops.embed(self.weights.token_embd, tokens, s.n_hc)                  # (N, n_hc, E)
+            for layer in self.weights.layers:
+                states = [seg.state.layers[layer.index] for seg in segments]
+                X = self._attention(layer, X, states, bounds, positions)
+                X = self._ffn(layer, X, tokens)
+            x = ops.hc_head(X[rows], self.weights.output_hc, s.hc_eps, s.rms_eps)
+            return ops.matmul(self.weights.output, ops.rms_norm(x, self.weights.output_norm, s.rms_eps))
+        # The backend runs the pass: at once on the CPU; on a GPU maybe as the replay of a captured graph.
+        logits = ops.step([seg.state for seg in segments], tokens, bounds, positions, run)
         for seg in segments:
             seg.state.n_tokens += len(seg.tokens)
         if all_logits:

@@ -41,6 +41,7 @@ from ds4c.protocol import MAX_MESSAGE_BYTES, METHODS, PROTOCOL_VERSION, socket_p
 from . import __version__
 from .chat import THINKING_MODES
 from .engine import THINK_MAX_MIN_CTX, Engine, EngineError, Job
+from .ops import resolve_backend
 from .rpc import (U32, Bool, Decoder, Fields, Int, Json, ListOf, Num, RpcError, Spec, Str, bad, error_map,
                   pack_notification, pack_response, parse_request)
 from .session import SessionNameError, check_name
@@ -615,7 +616,7 @@ def _serve(o: ServeOptions) -> None:
     listener = Listener.activated() or Listener.bind(socket_path(o.socket), explicit=o.socket is not None)
     engine = None
     try:
-        backend = "cpu" if o.backend == "auto" else o.backend
+        backend = resolve_backend(o.backend)
         model, path, demo = load_model(o.model, backend)
         engine = Engine(model, cache_dir=o.cache_dir or cache_dir(), ctx=o.ctx, ram_cache_mb=o.ram_cache_mb,
                         disk_cache_mb=o.disk_cache_mb, session_mem_mb=o.session_mem_mb).start()
@@ -693,14 +694,26 @@ def load_model(path: Path | None, backend: str):
                     "-m, $DS4_MODEL or `model` in the config file at a real ds4 GGUF for real answers.", path)
     g = GGUFFile(path)
     need = sum(t.nbytes for t in g.tensors.values())
-    avail = mem_available()
-    if avail is not None and need > avail:
-        raise ServeError(f"{path.name} does not fit: its weights need {_gib(need)} of RAM for the {backend} "
-                         f"backend and {_gib(avail)} is available (MemAvailable); free memory or use a smaller file")
-    log.info("loading %s: %s of weights, %s of RAM available", path, _gib(need),
-             _gib(avail) if avail is not None else "unknown")
+    if backend == "cuda":                 # the weights live in GPU memory; the file is only read through
+        from .ops.cuda import memory_shortfall
+        why = memory_shortfall(need, path.name)
+        if why:
+            raise ServeError(why)
+    else:
+        avail = mem_available()
+        if avail is not None and need > avail:
+            raise ServeError(f"{path.name} does not fit: its weights need {_gib(need)} of RAM for the {backend} "
+                             f"backend and {_gib(avail)} is available (MemAvailable); free memory or use a smaller "
+                             f"file")
+        log.info("loading %s: %s of weights, %s of RAM available", path, _gib(need),
+                 _gib(avail) if avail is not None else "unknown")
     _read_through(g.path, g.size)
-    return Model(g, backend=backend), path, demo
+    model = Model(g, backend=backend)
+    if backend == "cuda":
+        t0 = time.monotonic()
+        model.logits([0])                 # one token through every layer: every weight uploaded before serving
+        log.info("weights uploaded to the GPU in %.1f s", time.monotonic() - t0)
+    return model, path, demo
 
 
 def _read_through(path, size: int) -> None:

@@ -202,7 +202,8 @@ def write_model(path: str | os.PathLike[str], p: Plan, seed: int = 0, *, sparse:
                 chunks: Chunks | None = None) -> int:
     """Write a model; returns its size in bytes. `sparse` writes header and directory only (the data region is a
     hole), `fast_experts` fills routed experts with valid random blocks instead of quantizing random floats,
-    `metadata` overrides keys (None removes one), `chunks` supplies tensor bytes instead of the seeded values."""
+    `metadata` overrides keys (None removes one), `chunks` supplies tensor bytes instead of the seeded values (an
+    int among its chunks leaves a hole of that many bytes)."""
     chunks = chunks or (lambda spec, qt: _tensor_chunks(spec, qt, p, seed, fast_experts))
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
@@ -232,10 +233,15 @@ def write_model(path: str | os.PathLike[str], p: Plan, seed: int = 0, *, sparse:
                              f"{tensor_nbytes(spec.dims, qt) / 2**20:,.1f} MiB")
                 written = 0
                 for chunk in chunks(spec, qt):
+                    if isinstance(chunk, int):              # a hole of that many bytes (reads as zeros)
+                        fout.seek(chunk, os.SEEK_CUR)
+                        written += chunk
+                        continue
                     fout.write(np.ascontiguousarray(chunk).tobytes())
                     written += chunk.nbytes
                 assert written == tensor_nbytes(spec.dims, qt), (spec.name, written)
                 fout.write(b"\0" * pad(written))
+            fout.truncate(total)                            # a hole at the end still counts
         fout.flush()
         os.fsync(fout.fileno())
     finally:

@@ -60,8 +60,8 @@ struct Buffer {
         py::gil_scoped_release nogil;
         check(cudaMemcpy((char*)ptr + offset, src, a.nbytes(), cudaMemcpyHostToDevice), "upload");
     }
-    py::array download(const py::dtype& dt, const std::vector<py::ssize_t>& shape, size_t offset) {
-        py::array out(dt, shape);
+    py::array download(const py::object& dtype, const std::vector<py::ssize_t>& shape, size_t offset) {
+        py::array out(py::dtype::from_args(dtype), shape);
         range(offset, out.nbytes());
         void* dst = out.mutable_data();
         const size_t n = out.nbytes();
@@ -184,8 +184,10 @@ PYBIND11_MODULE(_cuda, m) {
 
     py::class_<Event>(m, "Event", "A timing event.")
         .def(py::init<>())
-        .def("record", [](Event& e, uintptr_t stream) { check(cudaEventRecord(e.e, st(stream)), "record"); },
-             py::arg("stream") = 0)
+        .def("record", [](Event& e, uintptr_t stream, bool external) {
+            // external: while the stream is being captured, a node of the graph (each replay records it again)
+            check(cudaEventRecordWithFlags(e.e, st(stream), external ? cudaEventRecordExternal : 0), "record");
+        }, py::arg("stream") = 0, py::arg("external") = false)
         .def("synchronize", [](Event& e) {
             py::gil_scoped_release nogil;
             check(cudaEventSynchronize(e.e), "event synchronize");
@@ -247,16 +249,20 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("attention_decode", [](uintptr_t s, uintptr_t out, uintptr_t scratch, uintptr_t q, uintptr_t raw,
                                  int64_t raw_stride, uintptr_t raw_n, int raw_cap, uintptr_t comp, int64_t comp_stride,
                                  uintptr_t comp_n, int comp_cap, uintptr_t sel, int sel_cap, uintptr_t sinks, int n_tok,
-                                 int n_head, int dim, float scale) {
+                                 int n_head, int dim, float scale, uintptr_t raw_rows, uintptr_t comp_rows,
+                                 bool f32_rows) {
         check(ds4_cuda_attention_decode(st(s), dev<float>(out), dev<void>(scratch), dev<const float>(q),
-                                        dev<const __half>(raw), raw_stride, dev<const int32_t>(raw_n), raw_cap,
-                                        dev<const __half>(comp), comp_stride, dev<const int32_t>(comp_n), comp_cap,
+                                        dev<const void>(raw), raw_stride, dev<const int32_t>(raw_n), raw_cap,
+                                        dev<const void>(comp), comp_stride, dev<const int32_t>(comp_n), comp_cap,
                                         dev<const int32_t>(sel), sel_cap, dev<const float>(sinks), n_tok, n_head, dim,
-                                        scale), "attention_decode");
+                                        scale, dev<const void* const>(raw_rows), dev<const void* const>(comp_rows),
+                                        f32_rows),
+              "attention_decode");
     }, py::arg("stream"), py::arg("out"), py::arg("scratch"), py::arg("q"), py::arg("raw"), py::arg("raw_stride"),
        py::arg("raw_n"), py::arg("raw_cap"), py::arg("comp"), py::arg("comp_stride"), py::arg("comp_n"),
        py::arg("comp_cap"), py::arg("sel"), py::arg("sel_cap"), py::arg("sinks"), py::arg("n_tok"), py::arg("n_head"),
-       py::arg("dim"), py::arg("scale"));
+       py::arg("dim"), py::arg("scale"), py::arg("raw_rows") = 0, py::arg("comp_rows") = 0,
+       py::arg("f32_rows") = false);
     m.def("attention_scratch_bytes", &ds4_cuda_attention_scratch_bytes, py::arg("n_tok"), py::arg("n_head"),
           py::arg("dim"), py::arg("raw_cap"), py::arg("comp_cap"), py::arg("sel_cap"), py::arg("has_sel"));
     m.def("rms_norm", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t x, int64_t x_stride, uintptr_t w,
@@ -290,12 +296,52 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("inv_freq"), py::arg("n_tok"), py::arg("n_head"), py::arg("head_dim"), py::arg("n_rot"),
        py::arg("inverse") = false);
     m.def("kv_store", [](uintptr_t s, uintptr_t dst, int64_t dst_stride, uintptr_t x, int64_t x_stride, uintptr_t pos,
-                         int pos_add, int pos_div, int ring, int n_tok, int dim, int n_nope, bool fp8) {
-        check(ds4_cuda_kv_store(st(s), dev<__half>(dst), dst_stride, dev<const float>(x), x_stride,
-                                dev<const int32_t>(pos), pos_add, pos_div, ring, n_tok, dim, n_nope, fp8), "kv_store");
+                         int pos_add, int pos_div, int ring, int n_tok, int dim, int n_nope, bool fp8,
+                         uintptr_t dst_rows, bool f32_rows) {
+        check(ds4_cuda_kv_store(st(s), dev<void>(dst), dst_stride, dev<const float>(x), x_stride,
+                                dev<const int32_t>(pos), pos_add, pos_div, ring, n_tok, dim, n_nope, fp8,
+                                dev<void* const>(dst_rows), f32_rows), "kv_store");
     }, py::arg("stream"), py::arg("dst"), py::arg("dst_stride"), py::arg("x"), py::arg("x_stride"), py::arg("pos"),
        py::arg("pos_add"), py::arg("pos_div"), py::arg("ring"), py::arg("n_tok"), py::arg("dim"), py::arg("n_nope"),
-       py::arg("fp8") = true);
+       py::arg("fp8") = true, py::arg("dst_rows") = 0, py::arg("f32_rows") = false);
+    m.def("compress", [](uintptr_t s, uintptr_t pooled, uintptr_t kv, int64_t kv_stride, uintptr_t gate,
+                         int64_t gate_stride, uintptr_t ape, uintptr_t pos, uintptr_t seg_first, uintptr_t seg_len,
+                         uintptr_t state_kv, uintptr_t state_score, int n_seg, int d, int ratio) {
+        check(ds4_cuda_compress(st(s), dev<float>(pooled), dev<const float>(kv), kv_stride, dev<const float>(gate),
+                                gate_stride, dev<const float>(ape), dev<const int32_t>(pos),
+                                dev<const int32_t>(seg_first), dev<const int32_t>(seg_len), dev<float* const>(state_kv),
+                                dev<float* const>(state_score), n_seg, d, ratio), "compress");
+    }, py::arg("stream"), py::arg("pooled"), py::arg("kv"), py::arg("kv_stride"), py::arg("gate"),
+       py::arg("gate_stride"), py::arg("ape"), py::arg("pos"), py::arg("seg_first"), py::arg("seg_len"),
+       py::arg("state_kv"), py::arg("state_score"), py::arg("n_seg"), py::arg("d"), py::arg("ratio"));
+    m.def("comp_finish", [](uintptr_t s, uintptr_t dst, uintptr_t pooled, uintptr_t norm, uintptr_t pos,
+                            uintptr_t inv_freq, int n_tok, int d, int ratio, int n_rot, int mode, int n_nope, float eps,
+                            bool f32_rows) {
+        check(ds4_cuda_comp_finish(st(s), dev<void* const>(dst), dev<const float>(pooled), dev<const float>(norm),
+                                   dev<const int32_t>(pos), dev<const double>(inv_freq), n_tok, d, ratio, n_rot, mode,
+                                   n_nope, eps, f32_rows), "comp_finish");
+    }, py::arg("stream"), py::arg("dst"), py::arg("pooled"), py::arg("norm"), py::arg("pos"), py::arg("inv_freq"),
+       py::arg("n_tok"), py::arg("d"), py::arg("ratio"), py::arg("n_rot"), py::arg("mode"), py::arg("n_nope"),
+       py::arg("eps"), py::arg("f32_rows") = false);
+    m.def("hadamard_fp4", [](uintptr_t s, uintptr_t x, int64_t n_vec) {
+        check(ds4_cuda_hadamard_fp4(st(s), dev<float>(x), n_vec), "hadamard_fp4");
+    }, py::arg("stream"), py::arg("x"), py::arg("n_vec"));
+    m.def("indexer_scores", [](uintptr_t s, uintptr_t scores, int64_t score_stride, uintptr_t q, uintptr_t w,
+                               float w_scale, uintptr_t keys, uintptr_t n_vis, int n_tok, int n_head, int dim, int cap,
+                               int top_k, bool f32_rows) {
+        check(ds4_cuda_indexer_scores(st(s), dev<float>(scores), score_stride, dev<const float>(q),
+                                      dev<const float>(w), w_scale, dev<const void* const>(keys),
+                                      dev<const int32_t>(n_vis), n_tok, n_head, dim, cap, top_k, f32_rows),
+              "indexer_scores");
+    }, py::arg("stream"), py::arg("scores"), py::arg("score_stride"), py::arg("q"), py::arg("w"), py::arg("w_scale"),
+       py::arg("keys"), py::arg("n_vis"), py::arg("n_tok"), py::arg("n_head"), py::arg("dim"), py::arg("cap"),
+       py::arg("top_k"), py::arg("f32_rows") = false);
+    m.def("topk", [](uintptr_t s, uintptr_t sel, uintptr_t scores, int64_t score_stride, uintptr_t n_vis, int n_tok,
+                     int k) {
+        check(ds4_cuda_topk(st(s), dev<int32_t>(sel), dev<const float>(scores), score_stride,
+                            dev<const int32_t>(n_vis), n_tok, k), "topk");
+    }, py::arg("stream"), py::arg("sel"), py::arg("scores"), py::arg("score_stride"), py::arg("n_vis"),
+       py::arg("n_tok"), py::arg("k"));
     m.def("fp8_kv", [](uintptr_t s, uintptr_t y, uintptr_t x, int64_t n_rows, int dim, int n_nope) {
         check(ds4_cuda_fp8_kv(st(s), dev<float>(y), dev<const float>(x), n_rows, dim, n_nope), "fp8_kv");
     }, py::arg("stream"), py::arg("y"), py::arg("x"), py::arg("n_rows"), py::arg("dim"), py::arg("n_nope"));

@@ -71,18 +71,57 @@ cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, co
 
 // ---- attention (decode) ----------------------------------------------------------------------------------------
 
-// One query token per session t < n_tok, n_head heads of dim (128, 256 or 512), K = V rows stored as f16:
+// One query token per session t < n_tok, n_head heads of dim (128, 256 or 512), K = V rows stored as f16 (f32 with
+// f32_rows: exact numerics):
 //   raw rows raw[t*raw_stride + i*dim], i < raw_n[t] (<= raw_cap; a ring: order does not matter), then
 //   compressed rows comp[t*comp_stride + c*dim] for c in sel[t, 0..sel_cap) where 0 <= c < comp_n[t] when sel is
 //   given (the indexer's choice, -1 = none), else every c < comp_n[t] (<= comp_cap).
+// With row tables (device arrays of n_tok pointers), token t's rows start at raw_rows[t] / comp_rows[t] instead.
 // out[t, h] = sum_r e^(s_r - M) k_r / (e^(sink_h - M) + sum_r e^(s_r - M)), s_r = scale * q[t, h] . k_r.
 // raw_n, comp_n (n_tok) are read from device memory. scratch: ds4_cuda_attention_scratch_bytes(...) bytes.
-cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch, const float* q, const __half* raw,
-                                      int64_t raw_stride, const int32_t* raw_n, int raw_cap, const __half* comp,
+cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch, const float* q, const void* raw,
+                                      int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                       int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
-                                      int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale);
+                                      int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
+                                      const void* const* raw_rows = nullptr, const void* const* comp_rows = nullptr,
+                                      bool f32_rows = false);
 size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_cap, int comp_cap, int sel_cap,
                                         bool has_sel);
+
+// ---- compressors and indexer (MODEL.md 3.7, 3.8) -----------------------------------------------------------------
+
+// Feeds n_seg segments of consecutive tokens into their sessions' compressors. Segment s is tokens seg_first[s] ..
+// + seg_len[s] - 1 (in position order); its frontier is state_kv[s] / state_score[s] (device pointers, each
+// (coff*ratio, coff*d) f32: coff = 2 at ratio 4, rows 0..3 the previous block and 4..7 the current one; 1 at ratio
+// 128, row pos mod 128), empty rows kv 0 / score -inf. Token t stores kv[t] and gate[t] + ape[pos[t] mod ratio]
+// (ape: (ratio, coff*d)) in its row; when (pos[t] + 1) mod ratio == 0 it pools the block by a per-dim softmax over
+// the block's rows (at ratio 4: lane A columns j of rows 0..3 with lane B columns d + j of rows 4..7) into
+// pooled[t] (d values; other tokens' rows are not written) and resets the frontier (ratio 4: rows 4..7 move to
+// 0..3). Positions come from device memory; segments must not share a frontier.
+cudaError_t ds4_cuda_compress(cudaStream_t s, float* pooled, const float* kv, int64_t kv_stride, const float* gate,
+                              int64_t gate_stride, const float* ape, const int32_t* pos, const int32_t* seg_first,
+                              const int32_t* seg_len, float* const* state_kv, float* const* state_score, int n_seg,
+                              int d, int ratio);
+// The emitted rows' finish, for each token t whose (pos[t] + 1) mod ratio == 0: y = RMSNorm(pooled[t]) * norm,
+// RoPE of the last n_rot dims at position pos[t] + 1 - ratio (inv_freq: n_rot/2 float64), then mode 0: nothing,
+// 1: FP8 E4M3 round trip of the first n_nope dims, 2: Hadamard-128 + FP4 (d = 128); stored as f16 (f32 with
+// f32_rows) at row (pos[t] + 1) / ratio - 1 of the array dst[t] (n_tok device pointers).
+cudaError_t ds4_cuda_comp_finish(cudaStream_t s, void* const* dst, const float* pooled, const float* norm,
+                                 const int32_t* pos, const double* inv_freq, int n_tok, int d, int ratio, int n_rot,
+                                 int mode, int n_nope, float eps, bool f32_rows);
+// In place on n_vec vectors of 128: Walsh-Hadamard (natural order) / sqrt(128), then the FP4 E2M1 round trip per
+// 32 values (MODEL.md 3.9): the indexer queries' faithful path.
+cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec);
+// Indexer scores: scores[t*score_stride + c] = sum_h (w[t, h] * w_scale) * relu(q[t, h] . keys[t][c]) for
+// c < n_vis[t] (<= cap), computed only for tokens with n_vis[t] > top_k (the others take every row). q (n_tok,
+// n_head, 128) f32; keys[t]: the token's session's indexer rows (f16, or f32 with f32_rows; 128 each).
+cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score_stride, const float* q,
+                                    const float* w, float w_scale, const void* const* keys, const int32_t* n_vis,
+                                    int n_tok, int n_head, int dim, int cap, int top_k, bool f32_rows);
+// The indexer's choice: sel[t] (k entries) = the k rows of largest score (ties to the lower index) in ascending
+// order, or 0 .. n_vis[t] - 1 padded with -1 when n_vis[t] <= k.
+cudaError_t ds4_cuda_topk(cudaStream_t s, int32_t* sel, const float* scores, int64_t score_stride,
+                          const int32_t* n_vis, int n_tok, int k);
 
 // ---- small ops -------------------------------------------------------------------------------------------------
 
@@ -113,10 +152,12 @@ cudaError_t ds4_cuda_rope(cudaStream_t s, float* x, int64_t tok_stride, const in
 
 // K=V row store: dst[t*dst_stride + slot*dim] = f16(fp8 ? E4M3 round trip of the first n_nope dims : x[t]) with
 // slot = ((pos[t] + pos_add) / pos_div) mod ring (the raw window: 0, 1, n_swa). The FP8 round trip is MODEL.md
-// 3.9 bit for bit (per 64 values, power-of-two scale, round to nearest even E4M3FN).
-cudaError_t ds4_cuda_kv_store(cudaStream_t s, __half* dst, int64_t dst_stride, const float* x, int64_t x_stride,
+// 3.9 bit for bit (per 64 values, power-of-two scale, round to nearest even E4M3FN). With a row table (n_tok
+// device pointers), token t's array is dst_rows[t] instead of dst + t*dst_stride. f32_rows stores f32 instead of
+// f16 (exact numerics).
+cudaError_t ds4_cuda_kv_store(cudaStream_t s, void* dst, int64_t dst_stride, const float* x, int64_t x_stride,
                               const int32_t* pos, int pos_add, int pos_div, int ring, int n_tok, int dim, int n_nope,
-                              bool fp8);
+                              bool fp8, void* const* dst_rows = nullptr, bool f32_rows = false);
 // The same FP8 round trip in f32, in place allowed: y[r, :n_nope] = E4M3(x[r, :n_nope]), the rest copied.
 cudaError_t ds4_cuda_fp8_kv(cudaStream_t s, float* y, const float* x, int64_t n_rows, int dim, int n_nope);
 

@@ -1,12 +1,13 @@
 // Positions and the K=V row store: interleaved RoPE on the rotated tail (MODEL.md 3.6), the FP8 E4M3 round trip of
 // the unrotated dims (3.9) and the f16 store into a session's raw window or compressed-row list.
 //
-// RoPE: one block per token; the first n_rot/2 threads compute pos * inv_freq and its reduction modulo 2 pi in
-// float64 (positions reach 10^6 and inv_freq near 1, where a float32 angle would be off by ~0.06 rad), its cos/sin
-// in float32 (float64 sincos cost 4 us on the critical path), and every thread then rotates (head, pair) elements.
-// KV: one warp per block of 64 values; the FP8 step is exact binary arithmetic (power-of-two scales, frexp/ldexp,
-// rint), so it reproduces numpy's float32 reference bit for bit.
+// RoPE: one block per token; the first n_rot/2 threads compute the angles (numerics.cuh: float64 angle, float32
+// sine), and every thread then rotates (head, pair) elements. KV: one warp per block of 64 values; the FP8 step
+// (numerics.cuh) reproduces numpy's float32 reference bit for bit. The store goes to a row of one array per token
+// (dst + t * dst_stride) or, with a row table, to the array that token's own table entry names (sessions of a
+// batch live in separate buffers).
 #include "common.cuh"
+#include "numerics.cuh"
 
 namespace ds4::cuda {
 namespace {
@@ -18,11 +19,8 @@ __global__ void rope_kernel(float* x, int64_t tok_stride, const int32_t* pos, in
     pdl_wait();
     const int t = blockIdx.x, half = n_rot / 2;
     if (threadIdx.x < half) {
-        // The angle and its reduction to [-pi, pi] in float64 (exact enough at any position), the sine in float32.
-        const double ang = (double)(pos[t] + pos_delta) * inv_freq[threadIdx.x];
-        const float red = (float)(ang - 6.283185307179586 * rint(ang * 0.15915494309189535));
         float sn, cn;
-        sincosf(red, &sn, &cn);
+        rope_angle(pos[t] + pos_delta, inv_freq[threadIdx.x], cn, sn);
         cs[threadIdx.x] = cn;
         cs[half + threadIdx.x] = inverse ? -sn : sn;
     }
@@ -35,26 +33,6 @@ __global__ void rope_kernel(float* x, int64_t tok_stride, const int32_t* pos, in
         const float c = cs[j], sn = cs[half + j];
         *p = make_float2(v.x * c - v.y * sn, v.x * sn + v.y * c);
     }
-}
-
-// E4M3FN round trip of one value at the block's scale: v = clamp(x / scale, +-448), round to the nearest
-// E4M3 value (spacing 2^(e-3) in binade e, subnormal spacing 2^-9, ties to even), times scale.
-__device__ __forceinline__ float e4m3_roundtrip(float x, float scale, float inv_scale) {
-    const float v = fminf(fmaxf(x * inv_scale, -448.0f), 448.0f);
-    const float a = fabsf(v);
-    int e;
-    frexpf(a, &e);               // a = m 2^e, m in [0.5, 1): binade e - 1
-    e = max(e - 1, -6);
-    const float r = ldexpf(rintf(ldexpf(a, 3 - e)), e - 3);
-    return copysignf(r, v) * scale;
-}
-
-// The block scale 2^ceil(log2(max(amax, 1e-4) / 448)), computed from the exponent (no log rounding).
-__device__ __forceinline__ float fp8_scale(float amax) {
-    const float y = fmaxf(amax, 1e-4f) / 448.0f;
-    int e;
-    const float m = frexpf(y, &e);
-    return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
 }
 
 // Row t: 64-value blocks, one warp each (lane: values 2 lane, 2 lane + 1); blocks below n_nope get the round trip.
@@ -73,14 +51,16 @@ __device__ __forceinline__ void kv_row(Out* dst, const float* x, int dim, int n_
     }
 }
 
-__global__ void kv_store_kernel(__half* dst, int64_t dst_stride, const float* x, int64_t x_stride, const int32_t* pos,
-                                int pos_add, int pos_div, int ring, int dim, int n_nope, bool fp8) {
+template <typename Out>
+__global__ void kv_store_kernel(Out* dst, int64_t dst_stride, Out* const* dst_rows, const float* x, int64_t x_stride,
+                                const int32_t* pos, int pos_add, int pos_div, int ring, int dim, int n_nope, bool fp8) {
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.x;
     int slot = (pos[t] + pos_add) / pos_div % ring;
     if (slot < 0) slot += ring;
-    kv_row(dst + t * dst_stride + (int64_t)slot * dim, x + t * x_stride, dim, n_nope, fp8);
+    Out* base = dst_rows ? dst_rows[t] : dst + t * dst_stride;
+    kv_row(base + (int64_t)slot * dim, x + t * x_stride, dim, n_nope, fp8);
 }
 
 __global__ void fp8_kv_kernel(float* y, const float* x, int dim, int n_nope) {
@@ -105,15 +85,18 @@ cudaError_t ds4_cuda_rope(cudaStream_t s, float* x, int64_t tok_stride, const in
                   inv_freq, n_head, head_dim, n_rot, inverse);
 }
 
-cudaError_t ds4_cuda_kv_store(cudaStream_t s, __half* dst, int64_t dst_stride, const float* x, int64_t x_stride,
+cudaError_t ds4_cuda_kv_store(cudaStream_t s, void* dst, int64_t dst_stride, const float* x, int64_t x_stride,
                               const int32_t* pos, int pos_add, int pos_div, int ring, int n_tok, int dim, int n_nope,
-                              bool fp8) {
+                              bool fp8, void* const* dst_rows, bool f32_rows) {
     clear_error();
     if (n_tok < 1 || dim < 64 || dim % 64 || n_nope < 0 || n_nope % 64 || n_nope > dim || pos_div < 1 || ring < 1 ||
         (uintptr_t)dst % 4 || (uintptr_t)x % 8 || x_stride % 2 || dst_stride % 2)
         return invalid("kv_store: dim and n_nope must be multiples of 64 (n_nope <= dim), pos_div and ring >= 1");
-    return launch(kv_store_kernel, dim3(n_tok), dim3(256), 0, s, dst, dst_stride, x, x_stride, pos, pos_add, pos_div,
-                  ring, dim, n_nope, fp8);
+    if (f32_rows)
+        return launch(kv_store_kernel<float>, dim3(n_tok), dim3(256), 0, s, (float*)dst, dst_stride,
+                      (float* const*)dst_rows, x, x_stride, pos, pos_add, pos_div, ring, dim, n_nope, fp8);
+    return launch(kv_store_kernel<__half>, dim3(n_tok), dim3(256), 0, s, (__half*)dst, dst_stride,
+                  (__half* const*)dst_rows, x, x_stride, pos, pos_add, pos_div, ring, dim, n_nope, fp8);
 }
 
 cudaError_t ds4_cuda_fp8_kv(cudaStream_t s, float* y, const float* x, int64_t n_rows, int dim, int n_nope) {

@@ -2,10 +2,12 @@
 
 `reference.Reference` is the float64 numpy oracle that defines every op; `cpu.CPU` computes the same ops in
 float32 with native kernels where they pay (matrix products, MoE, attention) and inherits the rest from the
-reference at its own dtype. GPU backends (cuda.py, hip.py, metal.py) will implement the same methods.
+reference at its own dtype. `cuda.CUDA` runs the same methods on an NVIDIA GPU with activations and session state
+in device memory (hip.py and metal.py later).
 
 `model.py` calls only these ops; it never does arithmetic on tensors itself. Per-session state is touched only
-inside `attend`, so a backend may keep it where its kernels run.
+inside `attend`, so a backend may keep it where its kernels run. A whole forward goes through `step`, which calls
+back into model.py for the ops, so a backend may record a decode step once and replay it (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -36,12 +38,27 @@ class AttnSpec:
     idx_w_scale: float            # 1/sqrt(indexer head dim · indexer heads)
 
 
+BACKENDS = ("auto", "cuda", "cpu", "reference")
+
+
+def resolve_backend(name: str) -> str:
+    """The backend a name stands for: "auto" is "cuda" when ds4d._cuda imports and sees a GPU, else "cpu"."""
+    if name != "auto":
+        return name
+    from .cuda import available
+    return "cuda" if available() is None else "cpu"
+
+
 def get_backend(name: str, numerics: str = "faithful", **options):
-    """Instantiate a backend by name: "reference" (float64 unless dtype= says otherwise) or "cpu"."""
+    """Instantiate a backend by name: "reference" (float64 unless dtype= says otherwise), "cpu", "cuda" or "auto"."""
+    name = resolve_backend(name)
     if name == "reference":
         from .reference import Reference
         return Reference(**options)
     if name == "cpu":
         from .cpu import CPU
         return CPU(numerics=numerics, **options)
-    raise ValueError(f"unknown backend {name!r}; available: cpu, reference")
+    if name == "cuda":
+        from .cuda import CUDA
+        return CUDA(numerics=numerics, **options)
+    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -298,6 +298,12 @@ class Reference:
         return sel
 
     # --- session state --------------------------------------------------------------------------------------
+    def step(self, states: list, tokens: np.ndarray, bounds: np.ndarray, positions: np.ndarray, run):
+        """Run one forward: `run()` calls the ops of the whole pass and returns the logits, here at once. A
+        backend that can replay a captured pass (CUDA graphs) overrides this; the arguments are the pass's
+        sessions, token ids, segment bounds and positions."""
+        return run()
+
     def new_state(self, shape, store_dtype) -> SessionState:
         """A live state; the host backends keep it in host memory, so it is the snapshot format itself."""
         return SessionState.new(shape, store_dtype, self.dtype)

@@ -1,0 +1,285 @@
+"""Benchmark of the whole forward pass on the CUDA backend: the engine's step (`Model.forward`), full-width layers.
+
+Writes a q2 model of N full-width layers (the real shapes and types; random values: valid random blocks for every
+quantized or large float tensor, the generator's values for norms, biases and small tables, so routing spreads
+over the experts), opens it with backend="cuda" and times, after a warm-up that uploads the weights:
+
+* prefill of a prompt of each `--ctx` length (tokens/s, chunks of 512; the decode kernels looped over 16-row
+  blocks);
+* decode at batch 1 after each prompt and at batch 8 (8 sessions of `--ctx8` tokens): wall time per step (the
+  logits download ends each step), median of `--steps`, with the step replayed as a CUDA graph, and at the
+  first length also run eagerly (every kernel launched from Python) for comparison; per layer from CUDA events
+  recorded between the layers (graph nodes when captured), by layer kind (ratio 0 / 4 / 128);
+* the floor per layer: the layer's bytes (non-routed weights, 6 routed experts per token that random routing
+  rarely shares, the K=V rows read) over the measured device-to-device copy bandwidth;
+* with `--socket`, one end-to-end figure: `ds4d serve --backend cuda` on the file, a client streaming a greedy
+  generation over the Unix socket, tokens/s as the client sees them.
+
+Prints a markdown table last; `--json` writes every number. Results: docs/PERFORMANCE.md.
+
+    PYTHONPATH=daemon:client python bench/cuda_model.py --layers 4 --file /tmp/fw4.gguf --json out.json --socket
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ds4d import _cuda
+from ds4d.model import Model, open_model
+from ds4d.quants import random_blocks
+from ds4d.shape import flash_shape
+from ds4d.tiny import _encode, _rng, _values, plan, tensor_nbytes, write_model
+
+PEERS_US = {"llama.cpp": 323.0, "ds4": 680.0}      # PERFORMANCE.md, per layer at batch 1 on an H200
+FLOOR_US_H200 = 49.0                              # PERFORMANCE.md: the average layer at 4.24 TB/s
+
+
+def fast_chunks(shape, seed, expert_holes=False):
+    """Tensor bytes for write_model: random valid blocks for every large matrix (quantizing gigabytes of random
+    floats in numpy would take hours; kernels don't care about values), the generator's values elsewhere; with
+    expert_holes, holes for the routed experts (filled on the device after loading)."""
+    def chunks(spec, qt):
+        if expert_holes and spec.kind == "experts":
+            yield tensor_nbytes(spec.dims, qt)
+            return
+        rng = _rng(seed, spec.name)
+        dims = tuple(reversed(spec.dims))
+        if spec.kind in ("vector", "index", "table") or np.prod(dims) < (1 << 22):
+            yield _encode(_values(spec, shape, rng), qt)
+            return
+        scale = 1.0 if spec.name == "token_embd.weight" else 1.0 / np.sqrt(dims[-1])
+        if spec.kind == "experts":
+            for _ in range(dims[0]):
+                yield random_blocks(dims[1], dims[2], int(qt), rng, scale)
+        else:
+            yield random_blocks(dims[0], dims[1], int(qt), rng, scale)
+    return chunks
+
+
+def write_full_width(path: Path, n_layer: int, expert_holes: bool, seed: int = 0) -> None:
+    shape = flash_shape(n_layer)
+    write_model(path, plan(shape, "q2"), seed, chunks=fast_chunks(shape, seed, expert_holes),
+                name=f"ds4 random full-width q2 model, {n_layer} layers (benchmark)")
+
+
+def copy_bandwidth(stream, nbytes=2 << 30, reps=10) -> float:
+    """Device-to-device copy, read + written bytes per second, median of reps."""
+    a, b = _cuda.Buffer(nbytes), _cuda.Buffer(nbytes)
+    a.memset(1)
+    e0, e1 = _cuda.Event(), _cuda.Event()
+    ts = []
+    for _ in range(reps + 2):
+        e0.record(stream.ptr)
+        _cuda.memcpy(b.ptr, a.ptr, nbytes, stream.ptr)
+        e1.record(stream.ptr)
+        e1.synchronize()
+        ts.append(_cuda.elapsed_ms(e0, e1) / 1e3)
+    return 2 * nbytes / statistics.median(ts[2:])
+
+
+class LayerClock:
+    """CUDA events recorded on the backend's stream before every layer and before the output head, by wrapping
+    Model._attention and the head's hc_head. While a step is captured they are recorded as external events, so the
+    graph holds them as nodes and every replay records them again; `read()` after a step keeps that step's per-layer device
+    times (idle gaps included: an eager step whose launches come slower than the GPU runs them shows that)."""
+
+    def __init__(self, m: Model):
+        self.events: list = []
+        self.times: list[list[float]] = []
+        stream = m.ops.stream
+        attention, hc_head = m._attention, m.ops.hc_head
+
+        def mark():
+            e = _cuda.Event()
+            e.record(stream.ptr, external=m.ops._capturing)   # external: only legal (and needed) in a capture
+            self.events.append(e)
+
+        def timed_attention(L, *a, **kw):
+            if L.index == 0:
+                self.events = []
+            mark()
+            return attention(L, *a, **kw)
+
+        def timed_head(*a, **kw):
+            mark()
+            return hc_head(*a, **kw)
+        m._attention = timed_attention
+        m.ops.hc_head = timed_head
+
+    def read(self) -> None:
+        ev = self.events
+        self.times.append([_cuda.elapsed_ms(ev[i], ev[i + 1]) * 1e3 for i in range(len(ev) - 1)])
+
+    def per_layer_us(self, skip: int) -> list[float]:
+        """Median over the steps read (after the first `skip`) of each layer's time."""
+        steps = self.times[skip:]
+        return [statistics.median(s[i] for s in steps) for i in range(len(steps[0]))]
+
+
+def layer_bytes(m: Model, ctx: int, batch: int) -> list[int]:
+    """Bytes a decode step must read per layer: non-routed weights, min(batch * n_used, n_expert) experts, and
+    per token its K=V rows (raw window plus compressed rows; f16)."""
+    s = m.shape
+    out = []
+    for L in m.weights.layers:
+        fixed = routed = 0
+        for name, w in vars(L).items():
+            if hasattr(w, "raw"):
+                if name.endswith("_exps"):
+                    routed += w.nbytes // w.n_expert
+                else:
+                    fixed += w.nbytes
+        for sub in (L.compressor, L.indexer):
+            if sub is not None:
+                for w in vars(sub).values():
+                    if hasattr(w, "raw"):
+                        fixed += w.nbytes
+                    elif hasattr(w, "kv"):
+                        fixed += w.kv.nbytes + w.gate.nbytes
+        fixed += L.hc_attn.fn.nbytes + L.hc_ffn.fn.nbytes
+        rows = min(ctx, s.n_swa) + (ctx // L.ratio if L.ratio else 0)
+        kv = batch * rows * s.head_dim * 2
+        out.append(fixed + min(batch * s.n_expert_used, s.n_expert) * routed + kv)
+    return out
+
+
+def through_socket(path: Path, prompt_len: int, gen: int) -> dict:
+    """`ds4d serve --backend cuda` on the file and one client streaming a greedy generation of `gen` tokens after
+    a `prompt_len`-token prompt: tokens/s from the first streamed token to the result, as the client sees them."""
+    import subprocess
+    import tempfile
+
+    from ds4c.client import DaemonUnreachable, Event, connect
+    home = Path(tempfile.mkdtemp(prefix="ds4-bench-"))
+    sock = home / "ds4.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "ds4d", "serve", "-m", str(path), "--backend", "cuda",
+                             "--socket", str(sock), "--cache-dir", str(home / "cache")],
+                            stderr=open(home / "stderr.log", "wb"), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                c = connect(sock, timeout=600)
+                break
+            except DaemonUnreachable:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the daemon did not come up:\n" + (home / "stderr.log").read_text())
+                time.sleep(0.2)
+        ids = [int(t) for t in np.random.default_rng(1).integers(0, 129280, prompt_len)]
+        t_first = n = None
+        for ev in c.generate(tokens=ids, max_tokens=gen, temperature=0, stream=True):
+            if isinstance(ev, Event) and ev.tokens:             # not the Result at the end: it has them all
+                if t_first is None:
+                    t_first, n = time.perf_counter(), 0
+                n += len(ev.tokens)
+        t_end = time.perf_counter()
+        c.close()
+        return {"prompt": prompt_len, "tokens": n, "tok_s": (n - 1) / (t_end - t_first)}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--file", default="/tmp/ds4-full-width.gguf")
+    ap.add_argument("--ctx", default="2048,8192,16384,65536", help="prompt lengths before the batch-1 decodes")
+    ap.add_argument("--ctx8", type=int, default=2048, help="prompt length of each batch-8 session")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--socket", action="store_true", help="also the end-to-end figure through the daemon")
+    ap.add_argument("--expert-holes", action="store_true",
+                    help="write the routed experts as holes and fill them with random blocks on the GPU (the "
+                         "whole 43-layer q2 model in 10 GB of disk; not with --socket: the daemon would see zeros)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    ctxs = [int(c) for c in args.ctx.split(",")]
+    path = Path(args.file)
+    t0 = time.time()
+    if not path.exists():
+        write_full_width(path, args.layers, args.expert_holes)
+    print(f"model file: {path.stat().st_size / 2**30:.2f} GiB ({time.time() - t0:.0f} s)", flush=True)
+
+    m = open_model(path, backend="cuda", numerics="faithful")
+    if args.expert_holes:
+        for i, L in enumerate(m.weights.layers):
+            for k, w in enumerate((L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps)):
+                m.ops.fill_random(w, 1000 * i + k)
+    info = _cuda.device_info()
+    bw = copy_bandwidth(m.ops.stream)
+    print(f"{info['name']}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rng = np.random.default_rng(0)
+    t0 = time.time()
+    m.logits(rng.integers(0, m.shape.n_vocab, 4))       # uploads every weight
+    upload_s = time.time() - t0
+    res = {"card": info["name"], "copy_tb_s": bw / 1e12, "layers": args.layers, "upload_s": upload_s,
+           "ratios": [L.ratio for L in m.weights.layers], "runs": []}
+    clock = LayerClock(m)
+
+    def decode(states, ctx, graphs, label):
+        m.ops.graphs = graphs
+        clock.times.clear()
+        walls = []
+        for _ in range(args.steps):
+            toks = [int(t) for t in rng.integers(0, m.shape.n_vocab, len(states))]
+            t0 = time.perf_counter()
+            logits = m.decode(states, toks)
+            walls.append(time.perf_counter() - t0)
+            clock.read()
+            assert np.isfinite(logits).all()
+        B, wall, per_layer = len(states), statistics.median(walls[4:]), clock.per_layer_us(4)
+        floors = [b / bw * 1e6 for b in layer_bytes(m, ctx, B)]
+        run = {"label": label, "B": B, "ctx": ctx, "graphs": graphs, "step_ms": wall * 1e3, "tok_s": B / wall,
+               "layer_us": per_layer, "floor_us": floors, "head_us": wall * 1e6 - sum(per_layer[:args.layers])}
+        res["runs"].append(run)
+        print(f"decode {label}: {wall * 1e3:.2f} ms per step, {B / wall:.1f} tok/s; per layer "
+              + ", ".join(f"{u:.0f}" for u in per_layer[:args.layers]) + " us", flush=True)
+
+    for i, ctx in enumerate(ctxs):
+        st = m.new_state()
+        ids = rng.integers(0, m.shape.n_vocab, ctx)
+        t0 = time.perf_counter()
+        m.prefill(st, ids, chunk=512)
+        res[f"prefill_{ctx}"] = ctx / (time.perf_counter() - t0)
+        print(f"prefill {ctx} tokens: {res[f'prefill_{ctx}']:.0f} tok/s", flush=True)
+        if i == 0:
+            decode([st], ctx, False, f"B=1 at {ctx}, eager")
+        decode([st], ctx, True, f"B=1 at {ctx}, graph")
+        del st
+    states = [m.new_state() for _ in range(8)]
+    for s8 in states:
+        m.prefill(s8, rng.integers(0, m.shape.n_vocab, args.ctx8), chunk=512)
+    decode(states, args.ctx8, False, f"B=8 at {args.ctx8}, eager")
+    decode(states, args.ctx8, True, f"B=8 at {args.ctx8}, graph")
+    del states
+    if args.socket:
+        res["socket"] = through_socket(path, ctxs[0], 256)
+        print(f"through the socket: {res['socket']['tok_s']:.1f} tok/s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+    print(f"\n| {res['card']} | ratio | measured us | floor us | measured/floor | per token vs llama.cpp 323 us |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in res["runs"]:
+        for i, (u, f) in enumerate(zip(r["layer_us"], r["floor_us"])):
+            print(f"| {r['label']}, layer {i} | {res['ratios'][i]} | {u:.0f} | {f:.0f} | {u / f:.1f}x | "
+                  f"{PEERS_US['llama.cpp'] * r['B'] / u:.2f}x |")
+    for r in res["runs"]:
+        print(f"decode {r['label']}: {r['step_ms']:.2f} ms/step, {r['tok_s']:.1f} tok/s ({args.layers} layers; "
+              f"embedding, head and host work {r['head_us']:.0f} us)")
+    print("prefill: " + ", ".join(f"{res[f'prefill_{c}']:.0f} tok/s at {c}" for c in ctxs) +
+          f"; upload {upload_s:.1f} s")
+    if "socket" in res:
+        print(f"through the socket: {res['socket']['tok_s']:.1f} tok/s (greedy, after a {ctxs[0]}-token prompt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,769 @@
+"""The CUDA backend: every op of the forward pass on one NVIDIA GPU, through the kernels of `ds4d._cuda`.
+
+Owns the device side of a model: weights uploaded on first use and resident from then on; activations as device
+arrays (`DArray`) that stay on the GPU from the embedding to the LM head, whose logits are the one download of a
+forward; the live per-session state in device memory (`CudaState`: raw window rings, compressor frontiers,
+compressed and indexer rows) with `snapshot()` to the host `SessionState` format the engine, the prompt cache and
+the session files use, and `live_state()` back; and the per-forward tables the kernels read (positions, row
+counts, each token's row addresses), built on the host and uploaded once per forward.
+
+Every kernel is enqueued on one stream, so device memory freed by Python can be handed to the next op at once
+(`_Pool`, stream-ordered reuse) and only three points of a forward wait for the GPU: the token and position
+uploads and the per-forward tables (synchronous copies), and the logits download. Numerics are the CPU backend's
+(docs/CUDA_KERNELS.md): f32 activations and arithmetic, the act8 path for quantized weights, K=V rows as f16 with
+the FP8 / Hadamard+FP4 emulation (faithful) or as f32 (exact); only the order of float sums differs.
+
+Prefill runs the decode kernels over blocks of at most 16 rows (the matrix-vector and HC kernels' limit; 64 for
+the MoE): correct, not fast. A prefill segment's tokens attend over a staging copy of the window (the old rows,
+then the segment's own), since a ring of n_swa rows cannot hold what each of them sees; decode tokens attend over
+their session's ring directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+
+from ..state import LayerState, RowStore, SessionState
+from ..weights import Weight
+
+_F32, _I32, _F16 = np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float16)
+MATVEC_ROWS = 16          # ds4_cuda_matvec and hc_pre take at most this many activation rows
+MOE_ROWS = 64             # ds4_cuda_moe_* likewise
+ATTN_ROWS = 16            # attention queries per launch: bounds the split scratch
+
+
+def available() -> str | None:
+    """None when the CUDA backend can run here, else why not."""
+    try:
+        from .. import _cuda
+    except ImportError as e:
+        return f"ds4d._cuda is not built ({e})"
+    if _cuda.device_count() < 1:
+        return "no CUDA device"
+    return None
+
+
+WORK_RESERVE = 2 << 30    # activations, scratch and the first sessions' state, beside the weights
+
+
+def memory_shortfall(weights_bytes: int, name: str) -> str | None:
+    """None when a model's weights fit the GPU's free memory (with WORK_RESERVE to spare), else why not."""
+    from .. import _cuda
+    info = _cuda.device_info()
+    free, total = info["free_bytes"], info["total_bytes"]
+    if weights_bytes + WORK_RESERVE <= free:
+        return None
+    gib = lambda n: f"{n / 2**30:,.1f} GiB"   # noqa: E731
+    return (f"{name} does not fit the GPU: its weights need {gib(weights_bytes)} of GPU memory (plus "
+            f"{gib(WORK_RESERVE)} for activations and session state) and {info['name']} has {gib(free)} free of "
+            f"{gib(total)}. Use a smaller file or a GPU with more memory (routed experts kept in host memory are "
+            f"not implemented yet), or --backend cpu")
+
+
+# --- device memory ----------------------------------------------------------------------------------------------
+
+class _Pool:
+    """Device allocations by size class, reused as soon as Python drops them: every kernel runs on one stream, so
+    work enqueued later on a reused buffer runs after the work that used it before. While `recording` is a dict,
+    every buffer handed out is noted in it; `hold` then keeps those buffers out of circulation (a captured graph's
+    activations, whose addresses the graph replays) until `release`."""
+
+    def __init__(self, cu):
+        self.cu = cu
+        self.free: dict[int, list] = defaultdict(list)
+        self.reserved = 0
+        self.recording: dict | None = None
+        self.held: set = set()
+
+    @staticmethod
+    def size_class(n: int) -> int:
+        """n rounded up to a quarter-power-of-two step (at most 25% slack), at least 256 bytes."""
+        n = max(int(n), 256)
+        step = 1 << max(8, n.bit_length() - 3)
+        return (n + step - 1) // step * step
+
+    def take(self, nbytes: int) -> "_Mem":
+        size = self.size_class(nbytes)
+        spare = self.free[size]
+        if spare:
+            buf = spare.pop()
+        else:
+            buf = self.cu.Buffer(size)
+            self.reserved += size
+        if self.recording is not None:
+            self.recording[buf] = size
+        return _Mem(self, buf, size)
+
+    def give(self, buf, size: int) -> None:
+        if buf not in self.held:
+            self.free[size].append(buf)
+
+    def hold(self, bufs: dict) -> None:
+        for buf, size in bufs.items():
+            self.held.add(buf)
+            if buf in self.free[size]:
+                self.free[size].remove(buf)
+
+    def release(self, bufs: dict) -> None:
+        """Back into circulation (the holder's arrays must be gone first)."""
+        for buf, size in bufs.items():
+            self.held.discard(buf)
+            self.free[size].append(buf)
+
+
+class _Mem:
+    """One pooled allocation; back to the pool when the last array using it goes."""
+    __slots__ = ("pool", "buf", "size")
+
+    def __init__(self, pool: _Pool, buf, size: int):
+        self.pool, self.buf, self.size = pool, buf, size
+
+    def __del__(self):
+        self.pool.give(self.buf, self.size)
+
+
+class DArray:
+    """A dense row-major float32 or int32 array in device memory. model.py uses `.reshape` and row selection
+    (`X[rows]`) on activations; everything else happens in the ops."""
+    __slots__ = ("shape", "dtype", "ptr", "mem", "be")
+
+    def __init__(self, be: "CUDA", shape: tuple[int, ...], dtype: np.dtype, ptr: int, mem: _Mem):
+        self.be, self.shape, self.dtype, self.ptr, self.mem = be, tuple(int(s) for s in shape), dtype, ptr, mem
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row(self) -> int:
+        """Elements per leading index."""
+        return math.prod(self.shape[1:])
+
+    def reshape(self, *shape) -> "DArray":
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = list(shape)
+        if -1 in shape:
+            i = shape.index(-1)
+            shape[i] = self.size // math.prod(s for j, s in enumerate(shape) if j != i)
+        if math.prod(shape) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
+        return DArray(self.be, tuple(shape), self.dtype, self.ptr, self.mem)
+
+    def __getitem__(self, rows) -> "DArray":
+        """Rows by a slice or an index array: a view when they are consecutive, else a gathered copy."""
+        idx = np.arange(self.shape[0])[rows]
+        idx = np.atleast_1d(idx)
+        step = self.row * self.dtype.itemsize
+        if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+            return DArray(self.be, (len(idx),) + self.shape[1:], self.dtype, self.ptr + int(idx[0]) * step, self.mem)
+        out = self.be.empty((len(idx),) + self.shape[1:], self.dtype)
+        for i, r in enumerate(idx):
+            self.be.cu.memcpy(out.ptr + i * step, self.ptr + int(r) * step, step, self.be.stream.ptr)
+        return out
+
+    def numpy(self) -> np.ndarray:
+        return self.mem.buf.download(self.dtype, list(self.shape), self.ptr - self.mem.buf.ptr)
+
+
+# --- session state ----------------------------------------------------------------------------------------------
+
+def _align(n: int, a: int = 256) -> int:
+    return (n + a - 1) // a * a
+
+
+class _Layout:
+    """Byte offsets of a session's device state: the fixed part (per layer the raw window ring of K=V rows and the
+    compressor frontiers, f32 kv then score) and, for a capacity of C tokens, the growable part (per layer C/ratio
+    compressed rows and C/4 indexer rows). Rows are f16, or f32 under exact numerics."""
+
+    def __init__(self, shape, row_dtype: np.dtype):
+        self.shape, self.row_dtype = shape, np.dtype(row_dtype)
+        self.es = self.row_dtype.itemsize
+        self.D, self.di, self.n_swa = shape.head_dim, shape.indexer_head_dim, shape.n_swa
+        self.ratios = [shape.ratio(i) for i in range(shape.n_layer)]
+        self.raw, self.comp_fr, self.idx_fr = [], [], []      # offsets; frontier: (kv offset, score offset, shape)
+        off = 0
+        for r in self.ratios:
+            self.raw.append(off)
+            off = _align(off + self.n_swa * self.D * self.es)
+            fr = None
+            if r:
+                coff = 2 if r == 4 else 1
+                fshape = (coff * r, coff * self.D)
+                n = 4 * fshape[0] * fshape[1]
+                fr = (off, _align(off + n), fshape)
+                off = _align(fr[1] + n)
+            self.comp_fr.append(fr)
+            fr = None
+            if r == 4:
+                fshape = (8, 2 * self.di)
+                n = 4 * fshape[0] * fshape[1]
+                fr = (off, _align(off + n), fshape)
+                off = _align(fr[1] + n)
+            self.idx_fr.append(fr)
+        self.fixed_bytes = off
+        template = np.zeros(off, np.uint8)
+        for fr in self.comp_fr + self.idx_fr:
+            if fr is not None:
+                n = 4 * fr[2][0] * fr[2][1]
+                template[fr[1]:fr[1] + n] = np.full(n // 4, -np.inf, np.float32).view(np.uint8)
+        self.fixed_template = template
+
+    def rows(self, cap: int) -> tuple[list, list, int]:
+        """(compressed-row offsets, indexer-row offsets, total bytes) for a capacity of cap tokens (a multiple of
+        128); None where a layer has no such rows."""
+        comp, idx, off = [], [], 0
+        for r in self.ratios:
+            comp.append(off if r else None)
+            if r:
+                off = _align(off + cap // r * self.D * self.es)
+            idx.append(off if r == 4 else None)
+            if r == 4:
+                off = _align(off + cap // 4 * self.di * self.es)
+        return comp, idx, max(off, 256)
+
+
+class CudaLayer:
+    """One layer's view of a live device state: what `attend` receives (model.py passes state.layers[i])."""
+    __slots__ = ("session", "index")
+
+    def __init__(self, session: "CudaState", index: int):
+        self.session, self.index = session, index
+
+
+class CudaState:
+    """A session's state in device memory. `n_tokens` is advanced by model.py; `snapshot()` gives the host
+    SessionState (compressed rows already copied down are kept in host row stores and shared by snapshots)."""
+
+    def __init__(self, be: "CUDA", layout: _Layout, store_dtype: np.dtype, cap: int):
+        # store_dtype: the host snapshots' row type (the model's); the device rows are layout.row_dtype
+        self.be, self.layout, self.store_dtype = be, layout, np.dtype(store_dtype)
+        self.n_tokens = 0
+        self.layers = [CudaLayer(self, i) for i in range(len(layout.ratios))]
+        self.fixed = be.cu.Buffer(layout.fixed_bytes)
+        self.fixed.upload(layout.fixed_template)
+        self.cap = 0
+        self.rows = None
+        self.comp_off = self.idx_off = None
+        self._grow(cap)
+        # host copies of the rows already downloaded, per layer: [compressed, indexer] row stores
+        self.mirror = [[RowStore(layout.D, self.store_dtype) if r else None,
+                        RowStore(layout.di, self.store_dtype) if r == 4 else None] for r in layout.ratios]
+
+    @property
+    def nbytes(self) -> int:
+        return self.fixed.nbytes + self.rows.nbytes
+
+    def ensure(self, n_tokens: int) -> None:
+        """Room for the rows of n_tokens positions (doubling, so a long prefill reallocates log n times)."""
+        if n_tokens > self.cap:
+            self._grow(max(2 * self.cap, n_tokens))
+
+    def _grow(self, cap: int) -> None:
+        cap = _align(max(cap, 256), 128)
+        comp, idx, total = self.layout.rows(cap)
+        rows = self.be.cu.Buffer(total)
+        if self.rows is not None:
+            L = self.layout
+            for i, r in enumerate(L.ratios):
+                for new, old, width, n in ((comp[i], self.comp_off[i], L.D, self.n_tokens // max(r, 1)),
+                                           (idx[i], self.idx_off[i], L.di, self.n_tokens // 4)):
+                    if new is not None and n:
+                        self.be.cu.memcpy(rows.ptr + new, self.rows.ptr + old, n * width * L.es, self.be.stream.ptr)
+            self.be.stream.synchronize()   # the old buffer is freed below
+        self.rows, self.cap, self.comp_off, self.idx_off = rows, cap, comp, idx
+        self.row_offsets = ([o or 0 for o in comp], [o or 0 for o in idx])   # for the step tables (0: none)
+
+    def snapshot(self) -> SessionState:
+        L, sd = self.layout, self.store_dtype
+        host = self.fixed.download(np.uint8, [L.fixed_bytes])
+        layers = []
+        for i, r in enumerate(L.ratios):
+            raw = host[L.raw[i]:L.raw[i] + L.n_swa * L.D * L.es].view(L.row_dtype).reshape(L.n_swa, L.D).astype(sd)
+            st = LayerState(raw=raw)
+            for fr, off, mirror, width, n, names in (
+                    (L.comp_fr[i], self.comp_off[i], self.mirror[i][0], L.D, self.n_tokens // max(r, 1),
+                     ("comp", "comp_kv", "comp_score")),
+                    (L.idx_fr[i], self.idx_off[i], self.mirror[i][1], L.di, self.n_tokens // 4,
+                     ("idx", "idx_kv", "idx_score"))):
+                if fr is None:
+                    continue
+                if n > mirror.n:
+                    new = self.rows.download(L.row_dtype, [n - mirror.n, width], off + mirror.n * width * L.es)
+                    mirror.append(new.astype(sd))
+                count = fr[2][0] * fr[2][1]
+                kv = host[fr[0]:fr[0] + 4 * count].view(np.float32).reshape(fr[2]).copy()
+                score = host[fr[1]:fr[1] + 4 * count].view(np.float32).reshape(fr[2]).copy()
+                setattr(st, names[0], mirror.snapshot())
+                setattr(st, names[1], kv)
+                setattr(st, names[2], score)
+            layers.append(st)
+        return SessionState(layers, self.n_tokens)
+
+    def load(self, snap: SessionState) -> None:
+        """Take a host snapshot's content (a fresh state only)."""
+        L = self.layout
+        self.ensure(snap.n_tokens)
+        host = L.fixed_template.copy()
+        for i, (r, ls) in enumerate(zip(L.ratios, snap.layers)):
+            raw = np.ascontiguousarray(ls.raw, L.row_dtype)
+            host[L.raw[i]:L.raw[i] + raw.nbytes] = raw.view(np.uint8).reshape(-1)
+            for fr, off, k, store, kv, score in ((L.comp_fr[i], self.comp_off[i], 0, ls.comp, ls.comp_kv,
+                                                  ls.comp_score),
+                                                 (L.idx_fr[i], self.idx_off[i], 1, ls.idx, ls.idx_kv, ls.idx_score)):
+                if fr is None:
+                    continue
+                for at, a in ((fr[0], kv), (fr[1], score)):
+                    a = np.ascontiguousarray(a, np.float32)
+                    host[at:at + a.nbytes] = a.view(np.uint8).reshape(-1)
+                if store.n:
+                    self.rows.upload(np.ascontiguousarray(store.array(), L.row_dtype), off)
+                if store.dtype == self.store_dtype:
+                    self.mirror[i][k] = store.snapshot()      # shares the snapshot's full pages
+                else:
+                    self.mirror[i][k].append(store.array().astype(self.store_dtype))
+        self.fixed.upload(host)
+        self.n_tokens = snap.n_tokens
+
+
+# --- per-forward tables -----------------------------------------------------------------------------------------
+
+class _Step:
+    """What the kernels of one forward read besides activations: token ids, positions and row counts per token, the
+    segments, and per layer each token's K=V destination, raw-row array, compressed-row and indexer-row arrays
+    and each segment's frontiers. One int64 table built on the host; `place` uploads it and fixes the device
+    addresses the ops pass to the kernels (a captured graph keeps those addresses: each later step's table is
+    uploaded to the same place).
+
+    `bucket` bounds the positions the kernels are sized for (compressed-row capacities, scratch): for a decode
+    step the next power of two, so that one captured graph serves every position up to it; else the exact
+    largest position."""
+
+    def __init__(self, be: "CUDA", sessions: list, bounds: np.ndarray, positions: np.ndarray, tokens: np.ndarray):
+        self.positions = positions
+        L = be.layout
+        N, S, n_swa = len(positions), len(sessions), L.n_swa
+        self.n_tok, self.n_seg, self.decode = N, S, N == S
+        row = L.D * L.es
+        pos = np.asarray(positions, np.int64)
+        seg_of = np.repeat(np.arange(S), np.diff(bounds))
+        for st, b in zip(sessions, bounds[1:]):
+            st.ensure(int(pos[b - 1]) + 1)
+        top = int(pos.max()) + 1
+        self.bucket = max(256, 1 << (top - 1).bit_length()) if self.decode else top
+        self.comp_cap = {r: self.bucket // r for r in (4, 128)}
+        # Prefill segments (more than one token) attend over a staging copy of their window.
+        self.linear = []                                       # (session, pos0, T, n_old, staging byte offset)
+        raw_rows = np.zeros(N, np.int64)
+        raw_n = np.minimum(pos + 1, n_swa)
+        kv_dst_rel = np.zeros(N, np.int64)                     # staging offsets for prefill tokens
+        staged = np.zeros(N, bool)
+        at = 0
+        for st, a, b in zip(sessions, bounds[:-1], bounds[1:]):
+            if b - a == 1:
+                continue
+            pos0 = int(pos[a])
+            first = max(0, pos0 - n_swa + 1)
+            self.linear.append((st, pos0, b - a, pos0 - first, at))
+            p = pos[a:b]
+            lo = np.maximum(p - n_swa + 1, first) - first
+            raw_rows[a:b] = at + lo * row
+            raw_n[a:b] = p - first + 1 - lo
+            kv_dst_rel[a:b] = at + (p - first) * row
+            staged[a:b] = True
+            at += (pos0 - first + b - a) * row
+        self.staging = be.empty((max(at, 256),), np.dtype(np.uint8)) if at else None
+        base = self.staging.ptr if at else 0
+
+        ints = np.concatenate([pos, raw_n, (pos + 1) // 4, (pos + 1) // 128, bounds[:-1], np.diff(bounds), tokens])
+        ints = ints.astype(np.int32)
+        if len(ints) % 2:
+            ints = np.append(ints, np.int32(0))
+        # Per field, one (layers, count) block for every layer at once (a field a layer lacks is computed and left
+        # unused): a host table for 43 layers costs a few dozen numpy operations, not a few per layer.
+        fixed_s = np.array([st.fixed.ptr for st in sessions], np.int64)
+        rows_s = np.array([st.rows.ptr for st in sessions], np.int64)
+        comp_off = np.array([st.row_offsets[0] for st in sessions], np.int64).T       # (layers, S)
+        idx_off = np.array([st.row_offsets[1] for st in sessions], np.int64).T
+        frontier = lambda frs, k: np.array([f[k] if f else 0 for f in frs], np.int64)[:, None]  # noqa: E731
+        ring = np.array(L.raw, np.int64)[:, None] + fixed_s[seg_of][None, :]          # (layers, N)
+        fields = {
+            "kv_dst": np.where(staged, base + kv_dst_rel, ring + pos % n_swa * row),
+            "raw_rows": np.where(staged, base + raw_rows, ring),
+            "comp_rows": (rows_s[None, :] + comp_off)[:, seg_of],
+            "comp_fr_kv": fixed_s[None, :] + frontier(L.comp_fr, 0),
+            "comp_fr_sc": fixed_s[None, :] + frontier(L.comp_fr, 1),
+            "idx_rows": (rows_s[None, :] + idx_off)[:, seg_of],
+            "idx_fr_kv": fixed_s[None, :] + frontier(L.idx_fr, 0),
+            "idx_fr_sc": fixed_s[None, :] + frontier(L.idx_fr, 1),
+        }
+        table, cursor, start = [ints.view(np.int64)], len(ints) // 2, {}
+        for name, block in fields.items():
+            table.append(block.reshape(-1))
+            start[name] = cursor * 8
+            cursor += block.size
+        self.rel_layers = []                                   # per layer: table byte offsets by name
+        for i, r in enumerate(L.ratios):
+            names = ["kv_dst", "raw_rows"] + (["comp_rows", "comp_fr_kv", "comp_fr_sc"] if r else []) + \
+                (["idx_rows", "idx_fr_kv", "idx_fr_sc"] if r == 4 else [])
+            self.rel_layers.append({k: start[k] + i * fields[k].shape[1] * 8 for k in names})
+        self.host = np.concatenate(table)
+
+    def place(self, be: "CUDA", mem: DArray | None = None) -> "_Step":
+        """Upload the table (into `mem`, a captured graph's table, or a new array) and set the addresses."""
+        self.mem = mem if mem is not None else be.empty((len(self.host),), np.dtype(np.int64))
+        self.mem.mem.buf.upload(self.host, self.mem.ptr - self.mem.mem.buf.ptr)
+        t, N, S = self.mem.ptr, self.n_tok, self.n_seg
+        self.pos, self.raw_n = t, t + 4 * N
+        self.comp_n = {4: t + 8 * N, 128: t + 12 * N}
+        self.seg_first, self.seg_len = t + 16 * N, t + 16 * N + 4 * S
+        self.tokens = t + 16 * N + 8 * S
+        self.layers = [{k: t + v for k, v in entry.items()} for entry in self.rel_layers]
+        return self
+
+
+class _Graph:
+    """A captured decode step: the graph, the buffers it owns (its table and activations), its logits array, and
+    the weight-kernel launches one replay makes."""
+
+    def __init__(self, graph, table: DArray, logits: DArray, owned: dict, weight_calls: int):
+        self.graph, self.table, self.logits, self.owned, self.weight_calls = graph, table, logits, owned, weight_calls
+
+
+# --- the backend ------------------------------------------------------------------------------------------------
+
+class CUDA:
+    """Every op of the backend interface (ops/__init__.py) on the GPU. See the module docstring."""
+
+    name = "cuda"
+    dtype = _F32
+
+    def __init__(self, numerics: str = "faithful", device: int = 0):
+        from .. import _cuda
+        why = available()
+        if why:
+            raise RuntimeError(f"the CUDA backend cannot run: {why}")
+        self.cu = _cuda
+        _cuda.set_device(device)
+        _cuda.init()
+        self.faithful = numerics == "faithful"
+        self.stream = _cuda.Stream()
+        self.pool = _Pool(_cuda)
+        self._weights: dict[tuple, object] = {}
+        self._consts: dict[int, tuple] = {}
+        self._step: _Step | None = None                 # the forward being run or captured
+        self.layout: _Layout | None = None
+        self.weight_calls = 0      # weight-kernel launches, for the engine's counters
+        self.graphs = os.environ.get("DS4_CUDA_GRAPHS", "1") != "0"
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()   # (batch, bucket) -> captured decode step
+        self._seen: set[tuple] = set()                  # decode keys run once eagerly (uploads done)
+        self._capturing = False
+
+    # --- device memory ----------------------------------------------------------------------------------------
+    def empty(self, shape, dtype=_F32) -> DArray:
+        dtype = np.dtype(dtype)
+        mem = self.pool.take(max(1, math.prod(shape)) * dtype.itemsize)
+        return DArray(self, shape, dtype, mem.buf.ptr, mem)
+
+    def upload(self, a: np.ndarray, dtype) -> DArray:
+        a = np.ascontiguousarray(a, dtype)
+        out = self.empty(a.shape, dtype)
+        out.mem.buf.upload(a.reshape(-1).view(np.uint8) if a.size else np.zeros(1, np.uint8))
+        return out
+
+    def weight(self, w: Weight) -> int:
+        """Device address of a weight's bytes, uploaded on first use (keyed by the mapped data, so views of the
+        same bytes share one copy)."""
+        key = self._key(w)
+        buf = self._weights.get(key)
+        if buf is None:
+            self._not_capturing(w.name)
+            raw = np.ascontiguousarray(w.raw)
+            buf = self.cu.Buffer(raw.nbytes)
+            buf.upload(raw.reshape(-1).view(np.uint8))
+            self._weights[key] = buf
+        return buf.ptr
+
+    @staticmethod
+    def _key(w: Weight) -> tuple:
+        return w.raw.__array_interface__["data"][0], w.raw.nbytes, int(w.type)
+
+    def fill_random(self, w: Weight, seed: int) -> None:
+        """Make a weight resident as valid random blocks generated on the device, never reading its bytes: for
+        benchmarks of full-size models whose routed experts are holes in a sparse file."""
+        buf = self.cu.Buffer(w.raw.nbytes)
+        buf.fill_random(int(w.type), seed, stream=self.stream.ptr)
+        self._weights[self._key(w)] = buf
+
+    def const(self, a: np.ndarray, dtype) -> int:
+        """Device address of a small host array (norm weights, biases, RoPE tables), uploaded once per array."""
+        hit = self._consts.get(id(a))
+        if hit is None or hit[0] is not a:
+            self._not_capturing("a constant")
+            hit = self._consts[id(a)] = (a, self.upload(a, dtype))
+        return hit[1].ptr
+
+    def _not_capturing(self, what: str) -> None:
+        if self._capturing:
+            raise RuntimeError(f"{what} would be uploaded while a graph is being captured (a synchronous copy)")
+
+    # --- a whole forward --------------------------------------------------------------------------------------
+    MAX_GRAPHS = 32          # captured decode steps kept; the least recently used goes first
+
+    def step(self, states: list, tokens: np.ndarray, bounds: np.ndarray, positions: np.ndarray, run) -> np.ndarray:
+        """One forward; returns the logits as a numpy array (the forward's one download).
+
+        A decode step (one token per session) replays the graph captured for its (batch, bucket): the first step
+        of a key runs eagerly (uploading whatever weights and constants the pass uses), the second is captured,
+        and each later one only uploads its table (tokens, positions, row addresses) and launches the graph.
+        Prefill chunks and mixed batches run eagerly. DS4_CUDA_GRAPHS=0 turns graphs off."""
+        step = _Step(self, states, bounds, positions, tokens)
+        key = (len(states), step.bucket)
+        graphed = step.decode and self.graphs
+        g = self._graphs.get(key) if graphed else None
+        if g is not None:
+            self._graphs.move_to_end(key)
+            step.place(self, g.table)
+        elif not graphed or key not in self._seen:
+            if graphed:
+                self._seen.add(key)
+            self._step = step.place(self)
+            try:
+                return run().numpy()
+            finally:
+                self._step = None
+        else:
+            g = self._capture(key, step, run)
+        g.graph.launch(self.stream.ptr)
+        self.weight_calls += g.weight_calls
+        return g.logits.numpy()
+
+    def _capture(self, key: tuple, step: _Step, run) -> _Graph:
+        self.pool.recording = {}
+        calls = self.weight_calls
+        try:
+            self._step = step.place(self)
+            self.cu.begin_capture(self.stream.ptr)
+            self._capturing = True
+            try:
+                logits = run()
+            finally:
+                self._capturing = False
+                graph = self.cu.end_capture(self.stream.ptr)
+            owned = self.pool.recording
+        finally:
+            self.pool.recording = None
+            self._step = None
+        self.pool.hold(owned)
+        g = self._graphs[key] = _Graph(graph, step.mem, logits, owned, self.weight_calls - calls)
+        self.weight_calls = calls
+        while len(self._graphs) > self.MAX_GRAPHS:
+            old = self._graphs.popitem(last=False)[1]
+            old.table = old.logits = None              # their arrays first, then the buffers back to the pool
+            self.pool.release(old.owned)
+        return g
+
+    # --- matrices ---------------------------------------------------------------------------------------------
+    def matmul(self, w: Weight, x: DArray) -> DArray:
+        """y = x · Wᵀ."""
+        return self._matvec(w, x, 1)
+
+    def matmul_grouped(self, w: Weight, x: DArray, groups: int) -> DArray:
+        return self._matvec(w, x, groups)
+
+    def _matvec(self, w: Weight, x: DArray, groups: int) -> DArray:
+        T, cols = x.shape[0], x.row
+        y = self.empty((T, w.rows))
+        wp, s = self.weight(w), self.stream.ptr
+        per = w.rows // groups
+        for t0 in range(0, T, MATVEC_ROWS):
+            n = min(MATVEC_ROWS, T - t0)
+            nwork = self.cu.matvec_work_bytes(int(w.type), n, w.cols, groups)
+            work = self.empty((nwork,), np.uint8) if nwork else None
+            self.cu.matvec(s, y.ptr + 4 * t0 * w.rows, w.rows, wp, int(w.type), per, w.cols, x.ptr + 4 * t0 * cols,
+                           cols, n, groups, work.ptr if work is not None else 0)
+            self.weight_calls += 1
+        return y
+
+    def embed(self, w: Weight, tokens: np.ndarray, n_hc: int) -> DArray:
+        N = len(tokens)
+        X = self.empty((N, n_hc, w.cols))
+        self.cu.embed(self.stream.ptr, X.ptr, self.weight(w), int(w.type), self._step.tokens, N, w.cols, n_hc)
+        return X
+
+    # --- norms and hyper-connections --------------------------------------------------------------------------
+    def rms_norm(self, x: DArray, weight: np.ndarray | None, eps: float) -> DArray:
+        n = x.shape[-1]
+        y = self.empty(x.shape)
+        self.cu.rms_norm(self.stream.ptr, y.ptr, n, x.ptr, n, self.const(weight, _F32) if weight is not None else 0,
+                         x.size // n, n, float(eps))
+        return y
+
+    def _hc(self, X: DArray, hc, n_mix: int, n_iter: int, hc_eps: float, rms_eps: float):
+        N, S, E = X.shape
+        x = self.empty((N, E))
+        h = self.empty((N, 20)) if n_mix > S else None
+        scratch = self.empty((self.cu.hc_pre_scratch_bytes(MATVEC_ROWS, E, n_mix),), np.uint8)
+        fn, sc, base = self.weight(hc.fn), self.const(hc.scale, _F32), self.const(hc.base, _F32)
+        for t0 in range(0, N, MATVEC_ROWS):
+            n = min(MATVEC_ROWS, N - t0)
+            self.cu.hc_pre(self.stream.ptr, x.ptr + 4 * t0 * E, h.ptr + 80 * t0 if h is not None else 0, scratch.ptr,
+                           X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
+                           float(hc_eps), float(rms_eps))
+        return x, h
+
+    def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float):
+        """Sublayer input x and the post gates + combine matrix in one (N, 20) array, handed to hc_post as
+        `post` (`comb` is None)."""
+        x, h = self._hc(X, hc, 24, n_iter, hc_eps, rms_eps)
+        return x, h, None
+
+    def hc_post(self, f: DArray, X: DArray, post: DArray, comb) -> DArray:
+        N, _, E = X.shape
+        out = self.empty(X.shape)
+        self.cu.hc_post(self.stream.ptr, out.ptr, f.ptr, X.ptr, post.ptr, N, E)
+        return out
+
+    def hc_head(self, X: DArray, hc, hc_eps: float, rms_eps: float) -> DArray:
+        return self._hc(X, hc, X.shape[1], 1, hc_eps, rms_eps)[0]
+
+    # --- positions --------------------------------------------------------------------------------------------
+    def rope(self, x: DArray, positions: np.ndarray, inv_freq: np.ndarray, inverse: bool = False) -> DArray:
+        """Rotates x in place and returns it: model.py never reads a tensor again after rotating it."""
+        d = x.shape[-1]
+        heads = x.row // d
+        self.cu.rope(self.stream.ptr, x.ptr, x.row, self._step.pos, 0, self.const(inv_freq, np.float64),
+                     x.shape[0], heads, d, 2 * len(inv_freq), bool(inverse))
+        return x
+
+    # --- session state ----------------------------------------------------------------------------------------
+    def new_state(self, shape, store_dtype) -> CudaState:
+        if self.layout is None or self.layout.shape != shape:
+            self.layout = _Layout(shape, _F16 if self.faithful else _F32)
+        return CudaState(self, self.layout, store_dtype, 256)
+
+    def live_state(self, snapshot: SessionState) -> CudaState:
+        if self.layout is None:
+            raise RuntimeError("live_state before new_state: the backend learns the model's shape from new_state")
+        st = CudaState(self, self.layout, snapshot.layers[0].raw.dtype, snapshot.n_tokens)
+        st.load(snapshot)
+        return st
+
+    # --- the stateful core of an attention sublayer ----------------------------------------------------------
+    def attend(self, spec, states: list, bounds: np.ndarray, positions: np.ndarray, q: DArray, kv: DArray,
+               comp: tuple | None, idx: tuple | None) -> DArray:
+        """reference.attend on the device: K=V rows into the rings (or the prefill staging), the compressors and
+        their emitted rows, the indexer's choice past top_k rows, then attention, for every session at once."""
+        cu, s = self.cu, self.stream.ptr
+        step = self._step
+        li = states[0].index
+        tab = step.layers[li]
+        L = self.layout
+        N, H, D = q.shape
+        n_swa, row, f32 = L.n_swa, L.D * L.es, L.es == 4
+        for st, pos0, T, n_old, at in step.linear:    # the old window rows into the staging copy
+            self._ring_copy(st, li, pos0 - n_old, n_old, step.staging.ptr + at, to_ring=False)
+        cu.kv_store(s, 0, 0, kv.ptr, D, step.pos, 0, 1, 1, N, D, spec.n_nope, spec.faithful, tab["kv_dst"], f32)
+        sel = None
+        comp_cap = 0
+        if comp is not None:
+            self._compress(spec, step, tab, comp, "comp", spec.ratio, L.D, spec.comp_ape, spec.comp_norm,
+                           1 if spec.faithful else 0)
+            comp_cap = step.comp_cap[spec.ratio]
+        if idx is not None:
+            self._compress(spec, step, tab, idx, "idx", 4, L.di, spec.idx_ape, spec.idx_norm,
+                           2 if spec.faithful else 0)
+            if step.comp_cap[4] > spec.top_k:      # some token may see more rows than top_k
+                sel = self._indexer(spec, step, tab, idx[2], idx[3])
+        out = self.empty((N, H, D))
+        for t0 in range(0, N, ATTN_ROWS):
+            n = min(ATTN_ROWS, N - t0)
+            nbytes = cu.attention_scratch_bytes(n, H, D, n_swa, comp_cap, spec.top_k, sel is not None)
+            scratch = self.empty((nbytes,), np.uint8)
+            cu.attention_decode(s, out.ptr + 4 * t0 * H * D, scratch.ptr, q.ptr + 4 * t0 * H * D, 0, 0,
+                                step.raw_n + 4 * t0, n_swa, 0, 0, step.comp_n.get(spec.ratio, step.raw_n) + 4 * t0,
+                                comp_cap, sel.ptr + 4 * t0 * spec.top_k if sel is not None else 0, spec.top_k,
+                                self.const(spec.sinks, _F32), n, H, D, float(spec.scale), tab["raw_rows"] + 8 * t0,
+                                tab["comp_rows"] + 8 * t0 if comp is not None else 0, f32)
+        for st, pos0, T, n_old, at in step.linear:    # the segment's last n_swa rows into the ring
+            keep = min(T, n_swa)
+            self._ring_copy(st, li, pos0 + T - keep, keep, step.staging.ptr + at + (n_old + T - keep) * row,
+                            to_ring=True)
+        return out
+
+    def _ring_copy(self, st: CudaState, li: int, p0: int, n: int, staging: int, to_ring: bool) -> None:
+        """Rows of positions p0 .. p0 + n - 1 between a session's ring (slot p mod n_swa) and consecutive staging
+        rows: at most two copies (the ring wraps once)."""
+        L = self.layout
+        row, ring = L.D * L.es, st.fixed.ptr + L.raw[li]
+        done = 0
+        while done < n:
+            slot = (p0 + done) % L.n_swa
+            k = min(n - done, L.n_swa - slot)
+            a, b = ring + slot * row, staging + done * row
+            self.cu.memcpy(a if to_ring else b, b if to_ring else a, k * row, self.stream.ptr)
+            done += k
+
+    def _compress(self, spec, step: _Step, tab: dict, proj: tuple, kind: str, ratio: int, d: int, ape, norm,
+                  mode: int) -> None:
+        kvp, gate = proj[0], proj[1]
+        pooled = self.empty((step.n_tok, d))
+        self.cu.compress(self.stream.ptr, pooled.ptr, kvp.ptr, kvp.row, gate.ptr, gate.row, self.const(ape, _F32),
+                         step.pos, step.seg_first, step.seg_len, tab[kind + "_fr_kv"], tab[kind + "_fr_sc"],
+                         step.n_seg, d, ratio)
+        self.cu.comp_finish(self.stream.ptr, tab[kind + "_rows"], pooled.ptr, self.const(norm, _F32), step.pos,
+                            self.const(spec.rope_comp, np.float64), step.n_tok, d, ratio, 2 * len(spec.rope_comp),
+                            mode, spec.n_nope if mode == 1 else 0, float(spec.rms_eps), self.layout.es == 4)
+
+    def _indexer(self, spec, step: _Step, tab: dict, iq: DArray, w: DArray) -> DArray:
+        """The top_k compressed rows per token by indexer score (every row where a token sees at most top_k)."""
+        N, Hi, di = iq.shape
+        if spec.faithful:
+            self.cu.hadamard_fp4(self.stream.ptr, iq.ptr, N * Hi)
+        cap = step.comp_cap[4]
+        scores = self.empty((N, cap))
+        self.cu.indexer_scores(self.stream.ptr, scores.ptr, cap, iq.ptr, w.ptr, float(spec.idx_w_scale),
+                               tab["idx_rows"], step.comp_n[4], N, Hi, di, cap, spec.top_k, self.layout.es == 4)
+        sel = self.empty((N, spec.top_k), _I32)
+        self.cu.topk(self.stream.ptr, sel.ptr, scores.ptr, cap, step.comp_n[4], N, spec.top_k)
+        return sel
+
+    # --- mixture of experts -----------------------------------------------------------------------------------
+    def route(self, logits: DArray, bias, tid2eid, tokens: np.ndarray, k: int, scale: float, normalize: bool):
+        N, n_expert = logits.shape
+        ids, w = self.empty((N, k), _I32), self.empty((N, k))
+        self.cu.route(self.stream.ptr, ids.ptr, w.ptr, logits.ptr, self.const(bias, _F32) if bias is not None else 0,
+                      self.const(tid2eid, _I32) if tid2eid is not None else 0, self._step.tokens, N, n_expert,
+                      k, float(scale), bool(normalize))
+        return ids, w
+
+    def moe(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight], clamp: float,
+            shared: tuple[Weight, Weight, Weight], shared_clamp: float) -> DArray:
+        """Routed experts (gate+up+SwiGLU·weight, then down summed over each token's experts), then the shared
+        expert accumulated onto them."""
+        cu, s = self.cu, self.stream.ptr
+        N, E = h.shape
+        k = ids.shape[1]
+        gate, up, down = experts
+        sg, su, sd = shared
+        g, u, dn = self.weight(gate), self.weight(up), self.weight(down)
+        pg, pu, pd = self.weight(sg), self.weight(su), self.weight(sd)
+        out = self.empty((N, E))
+        for t0 in range(0, N, MOE_ROWS):
+            n = min(MOE_ROWS, N - t0)
+            mid = self.empty((n, k, gate.rows))
+            cu.moe_gate_up(s, mid.ptr, h.ptr + 4 * t0 * E, E, g, u, int(gate.type), gate.rows, E, gate.n_expert,
+                           ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k, k, n, float(clamp))
+            cu.moe_down(s, out.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
+                        ids.ptr + 4 * t0 * k, k, n, False)
+            smid = self.empty((n, 1, sg.rows))
+            cu.moe_gate_up(s, smid.ptr, h.ptr + 4 * t0 * E, E, pg, pu, int(sg.type), sg.rows, E, 1, 0, 0, 1, n,
+                           float(shared_clamp))
+            cu.moe_down(s, out.ptr + 4 * t0 * E, E, smid.ptr, pd, int(sd.type), E, sg.rows, 1, 0, 1, n, True)
+        self.weight_calls += 1
+        return out

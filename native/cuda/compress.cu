@@ -1,0 +1,366 @@
+// The stateful side of compressed attention (MODEL.md 3.7, 3.8): the KV compressors' frontier update and softmax
+// pooling, the finish of each emitted row (norm, RoPE, FP8 or Hadamard + FP4, f16 store), the indexer's FP4 query
+// path, its scores over the indexer rows and the top-k selection.
+//
+// Compressor: one block of threads per (segment, 128 output dims). A segment is a run of consecutive tokens of one
+// session; the block walks them in order, as ds4's streaming decode does: store the token's projected row and score
+// in its frontier row, and at a block end ((pos + 1) mod ratio == 0, read from device memory) pool the frontier
+// and reset it. A thread owns its output dim (and at ratio 4 both lanes' columns of it), so the frontier needs no
+// barrier: every read of a column follows the same thread's writes. The pooled rows go to `pooled` at their
+// token's row; the finish kernel normalizes, rotates and stores them at row (pos + 1) / ratio - 1 of the session's
+// compressed-row array.
+//
+// Indexer: scores in 32-row tiles (the query's heads and a tile of f16 keys in shared memory, 8 head groups per
+// row), top-k by a 4-pass radix select on order-preserving integer keys in one block per token, then an
+// index-ordered compaction that takes the tied rows at the threshold lowest index first (the reference's stable
+// sort). Tokens that see at most top_k rows take all of them and need no scores.
+#include "common.cuh"
+#include "numerics.cuh"
+
+namespace ds4::cuda {
+namespace {
+
+constexpr int kCompThreads = 128;
+
+struct CompressArgs {
+    float* pooled;
+    const float* kv;
+    int64_t kv_stride;
+    const float* gate;
+    int64_t gate_stride;
+    const float* ape;
+    const int32_t* pos;
+    const int32_t* seg_first;
+    const int32_t* seg_len;
+    float* const* state_kv;
+    float* const* state_score;
+    int d, ratio;
+};
+
+// Softmax pooling over candidates (kv, score) given by `at(k)` for k < n: 0 when every score is -inf.
+template <typename At>
+__device__ __forceinline__ float softmax_pool(int n, At at) {
+    float m = -INFINITY;
+    for (int k = 0; k < n; ++k) m = fmaxf(m, at(k).y);
+    if (!isfinite(m)) m = 0.0f;
+    float den = 0.0f, acc = 0.0f;
+    for (int k = 0; k < n; ++k) {
+        const float2 c = at(k);
+        const float p = expf(c.y - m);
+        den += p;
+        acc += p * c.x;
+    }
+    return den > 0.0f ? acc / den : 0.0f;
+}
+
+__global__ void __launch_bounds__(kCompThreads) compress_kernel(CompressArgs a) {
+    pdl_trigger();
+    pdl_wait();
+    const int s = blockIdx.y, j = blockIdx.x * kCompThreads + threadIdx.x, d = a.d, r = a.ratio;
+    if (j >= d) return;
+    const bool two = r == 4;  // two overlapping lanes: rows 0..3 the previous block (lane A), 4..7 the current (B)
+    const int width = two ? 2 * d : d;
+    float* kv = a.state_kv[s];
+    float* sc = a.state_score[s];
+    const int first = a.seg_first[s], n = a.seg_len[s];
+    for (int i = 0; i < n; ++i) {
+        const int t = first + i, p = a.pos[t], ph = p % r;
+        const int row = (two ? r : 0) + ph;
+        const float* kt = a.kv + (int64_t)t * a.kv_stride;
+        const float* gt = a.gate + (int64_t)t * a.gate_stride;
+        const float* ape = a.ape + (int64_t)ph * width;
+        kv[row * width + j] = kt[j];
+        sc[row * width + j] = gt[j] + ape[j];
+        if (two) {
+            kv[row * width + d + j] = kt[d + j];
+            sc[row * width + d + j] = gt[d + j] + ape[d + j];
+        }
+        if (ph != r - 1) continue;
+        float out;
+        if (two) {
+            out = softmax_pool(8, [&](int k) {
+                const int c = k < 4 ? k * width + j : k * width + d + j;
+                return make_float2(kv[c], sc[c]);
+            });
+            for (int k = 0; k < 4; ++k) {  // the current block becomes the previous one; its rows empty
+                kv[k * width + j] = kv[(k + 4) * width + j], sc[k * width + j] = sc[(k + 4) * width + j];
+                kv[k * width + d + j] = kv[(k + 4) * width + d + j];
+                sc[k * width + d + j] = sc[(k + 4) * width + d + j];
+                kv[(k + 4) * width + j] = 0.0f, sc[(k + 4) * width + j] = -INFINITY;
+                kv[(k + 4) * width + d + j] = 0.0f, sc[(k + 4) * width + d + j] = -INFINITY;
+            }
+        } else {
+            out = softmax_pool(r, [&](int k) { return make_float2(kv[k * width + j], sc[k * width + j]); });
+            for (int k = 0; k < r; ++k) kv[k * width + j] = 0.0f, sc[k * width + j] = -INFINITY;
+        }
+        a.pooled[(int64_t)t * d + j] = out;
+    }
+}
+
+struct FinishArgs {
+    const float* pooled;
+    const float* norm;
+    const int32_t* pos;
+    void* const* dst;
+    const double* inv_freq;
+    int d, ratio, n_rot, mode, n_nope;
+    float eps;
+};
+
+// One block per token, one warp per 128 dims (lane: 4 consecutive values); tokens that end no block return.
+template <typename Out>
+__global__ void comp_finish_kernel(FinishArgs a) {
+    __shared__ float part[4];
+    pdl_trigger();
+    pdl_wait();
+    const int t = blockIdx.x, p = a.pos[t];
+    if ((p + 1) % a.ratio) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, i0 = warp * 128 + 4 * lane;
+    const float4 x4 = *(const float4*)(a.pooled + (int64_t)t * a.d + i0);
+    float v[4] = {x4.x, x4.y, x4.z, x4.w};
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) ss += v[k] * v[k];
+    ss = warp_sum(ss);
+    if (lane == 0) part[warp] = ss;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += part[w];
+    const float rms = sqrtf(total / (float)a.d + a.eps);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = v[k] / rms * a.norm[i0 + k];
+    // RoPE on the tail at the block's first position.
+    const int tail = a.d - a.n_rot;
+    if (i0 >= tail) {
+#pragma unroll
+        for (int k = 0; k < 4; k += 2) {
+            float c, sn;
+            rope_angle(p + 1 - a.ratio, a.inv_freq[(i0 + k - tail) / 2], c, sn);
+            const float x0 = v[k], x1 = v[k + 1];
+            v[k] = x0 * c - x1 * sn, v[k + 1] = x0 * sn + x1 * c;
+        }
+    }
+    if (a.mode == 1) {  // FP8 of the unrotated dims: 64-value blocks are half-warps
+        const float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+        float m = amax;
+#pragma unroll
+        for (int o = 1; o < 16; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if ((i0 & ~63) < a.n_nope) {
+            const float scale = fp8_scale(m), inv = 1.0f / scale;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v[k] = e4m3_roundtrip(v[k], scale, inv);
+        }
+    } else if (a.mode == 2) {
+        hadamard128_fp4(v);
+    }
+    Out* dst = (Out*)a.dst[t] + (int64_t)((p + 1) / a.ratio - 1) * a.d + i0;
+    if constexpr (sizeof(Out) == 2) {
+        *(__half2*)dst = __floats2half2_rn(v[0], v[1]);
+        *(__half2*)(dst + 2) = __floats2half2_rn(v[2], v[3]);
+    } else {
+        *(float4*)dst = make_float4(v[0], v[1], v[2], v[3]);
+    }
+}
+
+__global__ void hadamard_fp4_kernel(float* x, int64_t n_vec) {
+    pdl_trigger();
+    pdl_wait();
+    const int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= n_vec) return;
+    float4* p = (float4*)(x + r * 128) + (threadIdx.x & 31);
+    const float4 x4 = *p;
+    float v[4] = {x4.x, x4.y, x4.z, x4.w};
+    hadamard128_fp4(v);
+    *p = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+constexpr int kScoreRows = 32, kScoreGroups = 8, kIdxDim = 128;
+
+// scores[t, c] = sum_h w[t, h] * w_scale * relu(q[t, h] . key_c) for c < n_vis[t], tokens with n_vis > top_k.
+template <typename K>
+__global__ void __launch_bounds__(32 * kScoreGroups) indexer_score_kernel(float* scores, int64_t score_stride,
+                                                                          const float* q, const float* w,
+                                                                          float w_scale, const void* const* keys,
+                                                                          const int32_t* n_vis, int n_head,
+                                                                          int top_k) {
+    extern __shared__ __align__(16) float sm[];
+    float* qs = sm;                               // n_head x 128
+    float* ws = qs + n_head * kIdxDim;            // n_head
+    float* ks = ws + n_head;                      // 32 rows x 129 (padded: lanes read a column of 32 rows)
+    float* partial = ks + kScoreRows * (kIdxDim + 1);
+    pdl_trigger();
+    pdl_wait();
+    const int t = blockIdx.y, n = n_vis[t], c0 = blockIdx.x * kScoreRows;
+    if (n <= top_k || c0 >= n) return;
+    for (int i = threadIdx.x; i < n_head * kIdxDim; i += blockDim.x) qs[i] = q[(int64_t)t * n_head * kIdxDim + i];
+    for (int h = threadIdx.x; h < n_head; h += blockDim.x) ws[h] = w[(int64_t)t * n_head + h] * w_scale;
+    const K* kb = (const K*)keys[t];
+    for (int i = threadIdx.x; i < kScoreRows * kIdxDim; i += blockDim.x) {
+        const int r = i / kIdxDim, k = i - r * kIdxDim;
+        ks[r * (kIdxDim + 1) + k] = c0 + r < n ? (float)kb[(int64_t)(c0 + r) * kIdxDim + k] : 0.0f;
+    }
+    __syncthreads();
+    const int r = threadIdx.x & 31, g = threadIdx.x >> 5;
+    const float* kr = ks + r * (kIdxDim + 1);
+    float acc = 0.0f;
+    for (int h = g; h < n_head; h += kScoreGroups) {
+        const float* qh = qs + h * kIdxDim;
+        float d0 = 0.0f, d1 = 0.0f;
+#pragma unroll 8
+        for (int k = 0; k < kIdxDim; k += 2) d0 = fmaf(qh[k], kr[k], d0), d1 = fmaf(qh[k + 1], kr[k + 1], d1);
+        acc = fmaf(ws[h], fmaxf(d0 + d1, 0.0f), acc);
+    }
+    partial[g * kScoreRows + r] = acc;
+    __syncthreads();
+    if (g == 0 && c0 + r < n) {
+        float s = 0.0f;
+        for (int k = 0; k < kScoreGroups; ++k) s += partial[k * kScoreRows + r];
+        scores[(int64_t)t * score_stride + c0 + r] = s + 0.0f;  // -0 -> +0: one key per value
+    }
+}
+
+size_t indexer_score_smem(int n_head) {
+    return ((size_t)n_head * (kIdxDim + 1) + kScoreRows * (kIdxDim + 1) + kScoreGroups * kScoreRows) * sizeof(float);
+}
+
+// Order-preserving integer key of a float (larger float, larger key).
+__device__ __forceinline__ uint32_t order_key(float f) {
+    const uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+constexpr int kTopkThreads = 1024;
+
+// Exclusive block-wide prefix count of `flag` and the block's total (all threads must call it).
+__device__ __forceinline__ int block_scan(bool flag, int* warp_tot, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warp = blockDim.x >> 5;
+    const uint32_t bal = __ballot_sync(0xffffffffu, flag);
+    const int in_warp = __popc(bal & ((1u << lane) - 1u));
+    __syncthreads();
+    if (lane == 0) warp_tot[warp] = __popc(bal);
+    __syncthreads();
+    int before = 0;
+    total = 0;
+    for (int w = 0; w < n_warp; ++w) {
+        before += w < warp ? warp_tot[w] : 0;
+        total += warp_tot[w];
+    }
+    return before + in_warp;
+}
+
+__global__ void __launch_bounds__(kTopkThreads) topk_kernel(int32_t* sel, const float* scores, int64_t score_stride,
+                                                            const int32_t* n_vis, int k) {
+    __shared__ uint32_t hist[256];
+    __shared__ uint32_t prefix, mask;
+    __shared__ int remaining;
+    __shared__ int warp_tot[kTopkThreads / 32];
+    pdl_trigger();
+    pdl_wait();
+    const int t = blockIdx.x, n = n_vis[t];
+    int32_t* out = sel + (int64_t)t * k;
+    if (n <= k) {
+        for (int i = threadIdx.x; i < k; i += blockDim.x) out[i] = i < n ? i : -1;
+        return;
+    }
+    const float* sc = scores + (int64_t)t * score_stride;
+    if (threadIdx.x == 0) prefix = 0, mask = 0, remaining = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        const uint32_t pf = prefix, mk = mask;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const uint32_t key = order_key(sc[i]);
+            if ((key & mk) == pf) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {  // the bin holding the remaining-th largest key, from the top
+            int above = 0;
+            for (int b = 255; b >= 0; --b) {
+                if (above + (int)hist[b] >= remaining) {
+                    prefix |= (uint32_t)b << shift;
+                    mask |= 255u << shift;
+                    remaining -= above;
+                    break;
+                }
+                above += hist[b];
+            }
+        }
+        __syncthreads();
+    }
+    // prefix is the k-th largest key; take every larger key and the first `remaining` equal ones, in index order.
+    const uint32_t thr = prefix;
+    const int take_eq = remaining;
+    int eq_base = 0, out_base = 0;
+    for (int c0 = 0; c0 < n; c0 += blockDim.x) {
+        const int i = c0 + threadIdx.x;
+        const uint32_t key = i < n ? order_key(sc[i]) : 0u;
+        const bool gt = i < n && key > thr, eq = i < n && key == thr;
+        int eq_total, out_total;
+        const int eq_rank = eq_base + block_scan(eq, warp_tot, eq_total);
+        const bool take = gt || (eq && eq_rank < take_eq);
+        const int at = out_base + block_scan(take, warp_tot, out_total);
+        if (take) out[at] = i;
+        eq_base += eq_total;
+        out_base += out_total;
+    }
+}
+
+}  // namespace
+}  // namespace ds4::cuda
+
+using namespace ds4::cuda;
+
+cudaError_t ds4_cuda_compress(cudaStream_t s, float* pooled, const float* kv, int64_t kv_stride, const float* gate,
+                              int64_t gate_stride, const float* ape, const int32_t* pos, const int32_t* seg_first,
+                              const int32_t* seg_len, float* const* state_kv, float* const* state_score, int n_seg,
+                              int d, int ratio) {
+    clear_error();
+    if (n_seg < 1 || n_seg > 65535 || d < 1 || (ratio != 4 && ratio != 128) || !pos || !seg_first || !seg_len ||
+        !state_kv || !state_score)
+        return invalid("compress: needs 1 <= n_seg <= 65535, d >= 1, ratio 4 or 128, and every table");
+    const CompressArgs a{pooled, kv, kv_stride, gate, gate_stride, ape, pos, seg_first, seg_len, state_kv,
+                         state_score, d, ratio};
+    return launch(compress_kernel, dim3((unsigned)ceil_div(d, kCompThreads), n_seg), dim3(kCompThreads), 0, s, a);
+}
+
+cudaError_t ds4_cuda_comp_finish(cudaStream_t s, void* const* dst, const float* pooled, const float* norm,
+                                 const int32_t* pos, const double* inv_freq, int n_tok, int d, int ratio, int n_rot,
+                                 int mode, int n_nope, float eps, bool f32_rows) {
+    clear_error();
+    if (n_tok < 1 || n_tok > 0x7fffffff || (d != 128 && d != 256 && d != 512) || ratio < 1 || n_rot < 2 ||
+        n_rot % 4 || n_rot > 128 || mode < 0 || mode > 2 || (mode == 2 && d != 128) || n_nope % 64 ||
+        n_nope > d - n_rot || !dst || !pos || !norm || (uintptr_t)pooled % 16)
+        return invalid("comp_finish: needs d 128/256/512 (128 for Hadamard + FP4), n_rot a multiple of 4 up to "
+                       "128, n_nope a multiple of 64 before the rotated tail, mode 0..2");
+    const FinishArgs a{pooled, norm, pos, dst, inv_freq, d, ratio, n_rot, mode, n_nope, eps};
+    return launch(f32_rows ? comp_finish_kernel<float> : comp_finish_kernel<__half>, dim3((unsigned)n_tok),
+                  dim3(32 * (d / 128)), 0, s, a);
+}
+
+cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec) {
+    clear_error();
+    if (n_vec < 1 || (uintptr_t)x % 16) return invalid("hadamard_fp4: needs n_vec >= 1 and 16-byte aligned x");
+    return launch(hadamard_fp4_kernel, dim3((unsigned)ceil_div(n_vec, 4)), dim3(128), 0, s, x, n_vec);
+}
+
+cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score_stride, const float* q,
+                                    const float* w, float w_scale, const void* const* keys, const int32_t* n_vis,
+                                    int n_tok, int n_head, int dim, int cap, int top_k, bool f32_rows) {
+    clear_error();
+    if (dim != kIdxDim || n_tok < 1 || n_tok > 65535 || n_head < 1 || cap < 1 || score_stride < cap || !keys ||
+        !n_vis)
+        return invalid("indexer_scores: needs dim 128, 1 <= n_tok <= 65535, n_head >= 1, cap <= score_stride");
+    const size_t smem = indexer_score_smem(n_head);
+    auto kernel = f32_rows ? indexer_score_kernel<float> : indexer_score_kernel<__half>;
+    cudaError_t e = allow_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    return launch(kernel, dim3((unsigned)ceil_div(cap, kScoreRows), n_tok), dim3(32 * kScoreGroups), smem, s, scores,
+                  score_stride, q, w, w_scale, keys, n_vis, n_head, top_k);
+}
+
+cudaError_t ds4_cuda_topk(cudaStream_t s, int32_t* sel, const float* scores, int64_t score_stride,
+                          const int32_t* n_vis, int n_tok, int k) {
+    clear_error();
+    if (n_tok < 1 || n_tok > 0x7fffffff || k < 1 || !n_vis) return invalid("topk: needs n_tok >= 1, k >= 1");
+    return launch(topk_kernel, dim3((unsigned)n_tok), dim3(kTopkThreads), 0, s, sel, scores, score_stride, n_vis, k);
+}

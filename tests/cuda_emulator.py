@@ -1,0 +1,433 @@
+"""A numpy stand-in for `ds4d._cuda`, so the CUDA backend's host logic can be tested on a machine without a GPU.
+
+Emulates the calls `ds4d/ops/cuda.py` makes, with the semantics ds4_cuda.h states: device memory is a set of numpy
+byte arrays at fake addresses (pointers stay integers, pointer tables work), streams run everything at once, and
+each kernel is its float32 reference (the CPU's act8 products for quantized weights, as the GPU computes them).
+It checks what the GPU cannot tell apart from a kernel bug: table layouts, offsets, strides, the state's layout
+and its conversion to host snapshots. Graph capture is emulated too: between begin_capture and end_capture the
+stream operations are recorded, not run, and Graph.launch runs them again with the same arguments (addresses baked
+in, as on the GPU), while a synchronous upload or download during capture fails as it does there. `install()` puts
+it in place of the real module; tests/test_cuda_model.py uses it where there is no GPU. It knows nothing of
+speed, and a kernel bug never shows here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import sys
+
+import numpy as np
+
+from ds4d import _cpu
+from ds4d.ops.reference import Reference, fp8_e4m3_roundtrip
+from ds4d.quants import row_bytes
+from ds4d.weights import HyperConn, Weight
+
+REF = Reference(np.float32)
+F32, F16, BF16 = 0, 1, 30
+
+_bases: list[int] = []
+_arrays: dict[int, np.ndarray] = {}
+_next = [1 << 36]
+
+
+def _at(addr: int, dtype, count: int) -> np.ndarray:
+    """A writable typed view of `count` elements at a device address."""
+    i = bisect.bisect_right(_bases, addr) - 1
+    if i < 0:
+        raise ValueError(f"address {addr:#x} is not device memory")
+    base = _bases[i]
+    arr = _arrays[base]
+    off = addr - base
+    n = count * np.dtype(dtype).itemsize
+    if off + n > len(arr):
+        raise ValueError(f"{n} bytes at {addr:#x} run past an allocation of {len(arr)} bytes")
+    return arr[off:off + n].view(dtype)
+
+
+def _ptrs(addr: int, n: int) -> np.ndarray:
+    return _at(addr, np.int64, n)
+
+
+class Buffer:
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+        size = (self.nbytes + 255) // 256 * 256 + 256
+        self.ptr = _next[0]
+        _next[0] += size + 4096
+        arr = np.frombuffer(np.random.default_rng(self.ptr).bytes(size), np.uint8).copy()  # garbage, like cudaMalloc
+        _arrays[self.ptr] = arr
+        bisect.insort(_bases, self.ptr)
+
+    def __del__(self):
+        _bases.remove(self.ptr)
+        del _arrays[self.ptr]
+
+    def upload(self, array, offset=0):
+        _not_capturing("upload")
+        a = np.ascontiguousarray(array)
+        _at(self.ptr + offset, np.uint8, a.nbytes)[:] = a.reshape(-1).view(np.uint8)
+
+    def download(self, dtype, shape, offset=0):
+        _not_capturing("download")
+        n = int(np.prod(shape))
+        return _at(self.ptr + offset, dtype, n).reshape(shape).copy()
+
+    def memset(self, value, offset=0, nbytes=None):
+        _at(self.ptr + offset, np.uint8, self.nbytes - offset if nbytes is None else nbytes)[:] = value
+
+
+class Stream:
+    ptr = 1
+
+    def synchronize(self):
+        pass
+
+
+def device_count():
+    return 1
+
+
+def set_device(device):
+    pass
+
+
+def init():
+    pass
+
+
+_recording: list | None = None      # the stream operations of a graph being captured
+
+
+def _not_capturing(what):
+    if _recording is not None:
+        raise RuntimeError(f"{what}: operation not permitted when stream is capturing")
+
+
+class Graph:
+    def __init__(self, calls):
+        self.calls = calls
+
+    @property
+    def nodes(self):
+        return len(self.calls)
+
+    def launch(self, stream):
+        for fn, args, kw in self.calls:
+            fn(*args, **kw)
+
+
+def begin_capture(stream):
+    global _recording
+    _recording = []
+
+
+def end_capture(stream):
+    global _recording
+    g, _recording = Graph(_recording), None
+    return g
+
+
+def memcpy(dst, src, nbytes, stream=0):
+    _at(dst, np.uint8, nbytes)[:] = _at(src, np.uint8, nbytes).copy()
+
+
+def install():
+    """Make `from ds4d import _cuda` return this module."""
+    import ds4d
+    sys.modules["ds4d._cuda"] = sys.modules[__name__]
+    ds4d._cuda = sys.modules[__name__]
+
+
+def uninstall():
+    import ds4d
+    sys.modules.pop("ds4d._cuda", None)
+    ds4d.__dict__.pop("_cuda", None)
+
+
+# --- kernels --------------------------------------------------------------------------------------------------
+
+def _weights(w, type, rows, cols):
+    if type == F32:
+        return _at(w, np.float32, rows * cols).reshape(rows, cols)
+    if type == F16:
+        return _at(w, np.float16, rows * cols).reshape(rows, cols)
+    rb = row_bytes(type, cols)
+    return _at(w, np.uint8, rows * rb).reshape(rows, rb)
+
+
+def _rows(addr, stride, n, width, dtype=np.float32):
+    return np.stack([_at(addr + i * stride * np.dtype(dtype).itemsize, dtype, width) for i in range(n)])
+
+
+def _product(wv, type, cols, x):
+    return _cpu.matmul(wv, type, cols, np.ascontiguousarray(x, np.float32), act8=type not in (F32, F16, BF16))
+
+
+def matvec_work_bytes(type, n_tok, cols, groups=1):
+    return 0
+
+
+def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=1, work=0):
+    assert 1 <= n_tok <= 16
+    W = _weights(w, type, rows * groups, cols)
+    X = _rows(x, x_stride, n_tok, cols * groups)
+    for g in range(groups):
+        out = _product(W[g * rows:(g + 1) * rows], type, cols, X[:, g * cols:(g + 1) * cols])
+        for t in range(n_tok):
+            _at(y + 4 * (t * y_stride + g * rows), np.float32, rows)[:] = out[t]
+
+
+def embed(stream, X, table, type, tokens, n_tok, n_embd, n_hc):
+    toks = _at(tokens, np.int32, n_tok)
+    for t, tok in enumerate(toks):
+        row = _weights(table + int(tok) * row_bytes(type, n_embd), type, 1, n_embd)
+        _at(X + 4 * t * n_hc * n_embd, np.float32, n_hc * n_embd)[:] = np.tile(
+            _cpu.dequantize(np.ascontiguousarray(row), type, n_embd)[0], n_hc)
+
+
+def rms_norm(stream, y, y_stride, x, x_stride, w, n_rows, n, eps):
+    X = _rows(x, x_stride, n_rows, n)
+    out = REF.rms_norm(X, _at(w, np.float32, n).copy() if w else None, eps)
+    for r in range(n_rows):
+        _at(y + 4 * r * y_stride, np.float32, n)[:] = out[r]
+
+
+def hc_pre_scratch_bytes(n_tok, n_embd, n_mix):
+    return 16
+
+
+def _hyperconn(fn, fn_type, scale, base, n_mix, cols):
+    n_scale = 3 if n_mix > 4 else 1
+    return HyperConn(Weight("fn", fn_type, (n_mix, cols), _weights(fn, fn_type, n_mix, cols)),
+                     _at(scale, np.float32, n_scale).copy(), _at(base, np.float32, n_mix).copy())
+
+
+def hc_pre(stream, x, hc, scratch, X, x_stride, fn, fn_type, scale, base, n_tok, n_embd, n_mix, n_iter, hc_eps,
+           rms_eps):
+    assert 1 <= n_tok <= 16
+    Xs = _rows(X, x_stride, n_tok, 4 * n_embd).reshape(n_tok, 4, n_embd)
+    h = _hyperconn(fn, fn_type, scale, base, n_mix, 4 * n_embd)
+    if n_mix == 4:
+        _at(x, np.float32, n_tok * n_embd)[:] = REF.hc_head(Xs, h, hc_eps, rms_eps).reshape(-1)
+        return
+    xo, post, comb = REF.hc_pre(Xs, h, n_iter, hc_eps, rms_eps)
+    _at(x, np.float32, n_tok * n_embd)[:] = xo.reshape(-1)
+    _at(hc, np.float32, n_tok * 20)[:] = np.concatenate([post, comb.reshape(n_tok, 16)], axis=1).reshape(-1)
+
+
+def hc_post(stream, X_out, f, X, hc, n_tok, n_embd):
+    Xs = _at(X, np.float32, n_tok * 4 * n_embd).reshape(n_tok, 4, n_embd).copy()
+    h = _at(hc, np.float32, n_tok * 20).reshape(n_tok, 20)
+    out = REF.hc_post(_at(f, np.float32, n_tok * n_embd).reshape(n_tok, n_embd), Xs, h[:, :4],
+                      h[:, 4:].reshape(n_tok, 4, 4))
+    _at(X_out, np.float32, n_tok * 4 * n_embd)[:] = out.reshape(-1)
+
+
+def _rope_rows(v, positions, inv_freq, inverse=False):
+    """The kernels' RoPE: float64 angles, float32 rotation, on the last 2 len(inv_freq) dims of rows v (T, ..., d)."""
+    n_rot = 2 * len(inv_freq)
+    ang = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+    c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    if inverse:
+        s = -s
+    shape = (len(ang),) + (1,) * (v.ndim - 2) + (n_rot // 2,)
+    c, s = c.reshape(shape), s.reshape(shape)
+    out = v.copy()
+    x0, x1 = v[..., -n_rot::2], v[..., -n_rot + 1::2]
+    out[..., -n_rot::2] = x0 * c - x1 * s
+    out[..., -n_rot + 1::2] = x0 * s + x1 * c
+    return out
+
+
+def rope(stream, x, tok_stride, pos, pos_delta, inv_freq, n_tok, n_head, head_dim, n_rot, inverse=False):
+    p = _at(pos, np.int32, n_tok).astype(np.int64) + pos_delta
+    inv = _at(inv_freq, np.float64, n_rot // 2).copy()
+    for t in range(n_tok):
+        v = _at(x + 4 * t * tok_stride, np.float32, n_head * head_dim).reshape(1, n_head, head_dim)
+        v[:] = _rope_rows(v.copy(), p[t:t + 1], inv, inverse)
+
+
+def kv_store(stream, dst, dst_stride, x, x_stride, pos, pos_add, pos_div, ring, n_tok, dim, n_nope, fp8=True,
+             dst_rows=0, f32_rows=False):
+    rt = np.float32 if f32_rows else np.float16
+    p = _at(pos, np.int32, n_tok)
+    bases = _ptrs(dst_rows, n_tok) if dst_rows else None
+    for t in range(n_tok):
+        v = _at(x + 4 * t * x_stride, np.float32, dim).copy()
+        if fp8:
+            v[:n_nope] = fp8_e4m3_roundtrip(v[:n_nope])
+        slot = (int(p[t]) + pos_add) // pos_div % ring
+        es = np.dtype(rt).itemsize
+        base = int(bases[t]) if bases is not None else dst + es * t * dst_stride
+        _at(base + es * slot * dim, rt, dim)[:] = v.astype(rt)
+
+
+def attention_scratch_bytes(n_tok, n_head, dim, raw_cap, comp_cap, sel_cap, has_sel):
+    return 16
+
+
+def attention_decode(stream, out, scratch, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n, comp_cap,
+                     sel, sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0, f32_rows=False):
+    rt = np.float32 if f32_rows else np.float16
+    es = np.dtype(rt).itemsize
+    rn, cn = _at(raw_n, np.int32, n_tok), _at(comp_n, np.int32, n_tok)
+    rr = _ptrs(raw_rows, n_tok) if raw_rows else None
+    cr = _ptrs(comp_rows, n_tok) if comp_rows else None
+    sk = _at(sinks, np.float32, n_head).astype(np.float32)
+    for t in range(n_tok):
+        nr = min(max(int(rn[t]), 0), raw_cap)
+        rbase = int(rr[t]) if rr is not None else raw + es * t * raw_stride
+        keys = [_at(rbase, rt, nr * dim).reshape(nr, dim).astype(np.float32)]
+        nc = min(int(cn[t]), comp_cap)
+        cbase = int(cr[t]) if cr is not None else comp + es * t * comp_stride
+        picked = (_at(sel + 4 * t * sel_cap, np.int32, sel_cap) if sel else np.arange(nc))
+        picked = [int(c) for c in picked if 0 <= c < nc]
+        if picked:
+            keys.append(np.stack([_at(cbase + es * c * dim, rt, dim).astype(np.float32) for c in picked]))
+        k = np.concatenate(keys)
+        qt = _at(q + 4 * t * n_head * dim, np.float32, n_head * dim).reshape(n_head, dim)
+        s = (qt @ k.T) * np.float32(scale)
+        m = np.maximum(s.max(axis=1) if len(k) else sk, sk)
+        p = np.exp(s - m[:, None])
+        den = p.sum(axis=1) + np.exp(sk - m)
+        _at(out + 4 * t * n_head * dim, np.float32, n_head * dim)[:] = ((p @ k) / den[:, None]).reshape(-1)
+
+
+def route(stream, ids, weights, logits, bias, tid2eid, tokens, n_tok, n_expert, n_used, scale, normalize=True):
+    lg = _at(logits, np.float32, n_tok * n_expert).reshape(n_tok, n_expert).copy()
+    toks = _at(tokens, np.int32, n_tok).copy()
+    b = _at(bias, np.float32, n_expert).copy() if bias else None
+    table = None
+    if tid2eid:
+        table = _at(tid2eid, np.int32, (int(toks.max()) + 1) * n_used).reshape(-1, n_used)
+    i, w = REF.route(lg, b, table, toks, n_used, scale, normalize)
+    _at(ids, np.int32, n_tok * n_used)[:] = i.reshape(-1)
+    _at(weights, np.float32, n_tok * n_used)[:] = w.reshape(-1)
+
+
+def moe_gate_up(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, ids, weights, n_used, n_tok, clamp):
+    H = _rows(h, h_stride, n_tok, n_embd)
+    G = _weights(gate, type, n_expert * n_ff, n_embd)
+    U = _weights(up, type, n_expert * n_ff, n_embd)
+    I = _at(ids, np.int32, n_tok * n_used).reshape(n_tok, n_used) if ids else np.tile(np.arange(n_used), (n_tok, 1))
+    W = _at(weights, np.float32, n_tok * n_used).reshape(n_tok, n_used) if weights else np.ones((n_tok, n_used))
+    out = _at(mid, np.float32, n_tok * n_used * n_ff).reshape(n_tok, n_used, n_ff)
+    for t in range(n_tok):
+        for j in range(n_used):
+            e = int(I[t, j])
+            g = _product(G[e * n_ff:(e + 1) * n_ff], type, n_embd, H[t:t + 1])
+            u = _product(U[e * n_ff:(e + 1) * n_ff], type, n_embd, H[t:t + 1])
+            out[t, j] = REF.swiglu(g, u, clamp)[0] * np.float32(W[t, j])
+
+
+def moe_down(stream, out, out_stride, mid, down, type, n_embd, n_ff, n_expert, ids, n_used, n_tok, accumulate=False):
+    M = _at(mid, np.float32, n_tok * n_used * n_ff).reshape(n_tok, n_used, n_ff)
+    Dw = _weights(down, type, n_expert * n_embd, n_ff)
+    I = _at(ids, np.int32, n_tok * n_used).reshape(n_tok, n_used) if ids else np.tile(np.arange(n_used), (n_tok, 1))
+    for t in range(n_tok):
+        acc = np.zeros(n_embd, np.float32)
+        for j in range(n_used):
+            e = int(I[t, j])
+            acc += _product(Dw[e * n_embd:(e + 1) * n_embd], type, n_ff, M[t, j:j + 1])[0]
+        row = _at(out + 4 * t * out_stride, np.float32, n_embd)
+        row[:] = row + acc if accumulate else acc
+
+
+def compress(stream, pooled, kv, kv_stride, gate, gate_stride, ape, pos, seg_first, seg_len, state_kv, state_score,
+             n_seg, d, ratio):
+    r, two = ratio, ratio == 4
+    width = 2 * d if two else d
+    first, lens = _at(seg_first, np.int32, n_seg), _at(seg_len, np.int32, n_seg)
+    skv, ssc = _ptrs(state_kv, n_seg), _ptrs(state_score, n_seg)
+    A = _at(ape, np.float32, r * width).reshape(r, width)
+    rows = 2 * r if two else r
+    for s in range(n_seg):
+        fk = _at(int(skv[s]), np.float32, rows * width).reshape(rows, width)
+        fs = _at(int(ssc[s]), np.float32, rows * width).reshape(rows, width)
+        for t in range(int(first[s]), int(first[s] + lens[s])):
+            p = int(_at(pos + 4 * t, np.int32, 1)[0])
+            row = (r if two else 0) + p % r
+            fk[row] = _at(kv + 4 * t * kv_stride, np.float32, width)
+            fs[row] = _at(gate + 4 * t * gate_stride, np.float32, width) + A[p % r]
+            if p % r != r - 1:
+                continue
+            if two:   # lane A of the previous block's rows, lane B of the current block's
+                ck = np.concatenate([fk[:4, :d], fk[4:, d:]])
+                cs = np.concatenate([fs[:4, :d], fs[4:, d:]])
+            else:
+                ck, cs = fk, fs
+            _at(pooled + 4 * t * d, np.float32, d)[:] = REF._softmax_pool(ck[None], cs[None])[0]
+            if two:
+                fk[:4], fs[:4] = fk[4:].copy(), fs[4:].copy()
+                fk[4:], fs[4:] = 0, -np.inf
+            else:
+                fk[:], fs[:] = 0, -np.inf
+
+
+def comp_finish(stream, dst, pooled, norm, pos, inv_freq, n_tok, d, ratio, n_rot, mode, n_nope, eps, f32_rows=False):
+    rt = np.float32 if f32_rows else np.float16
+    P = _at(pos, np.int32, n_tok)
+    bases = _ptrs(dst, n_tok)
+    w = _at(norm, np.float32, d).copy()
+    inv = _at(inv_freq, np.float64, n_rot // 2).copy()
+    for t in range(n_tok):
+        p = int(P[t])
+        if (p + 1) % ratio:
+            continue
+        v = REF.rms_norm(_at(pooled + 4 * t * d, np.float32, d).copy()[None], w, eps)
+        v = _rope_rows(v.astype(np.float32), [p + 1 - ratio], inv)
+        if mode == 1:
+            v = REF.fp8_kv(v, n_nope)
+        elif mode == 2:
+            v = REF.hadamard_fp4(v)
+        _at(int(bases[t]) + np.dtype(rt).itemsize * ((p + 1) // ratio - 1) * d, rt, d)[:] = v[0].astype(rt)
+
+
+def hadamard_fp4(stream, x, n_vec):
+    v = _at(x, np.float32, n_vec * 128).reshape(n_vec, 128)
+    v[:] = REF.hadamard_fp4(v.copy())
+
+
+def indexer_scores(stream, scores, score_stride, q, w, w_scale, keys, n_vis, n_tok, n_head, dim, cap, top_k,
+                   f32_rows=False):
+    rt = np.float32 if f32_rows else np.float16
+    nv = _at(n_vis, np.int32, n_tok)
+    kb = _ptrs(keys, n_tok)
+    for t in range(n_tok):
+        n = int(nv[t])
+        if n <= top_k:
+            continue
+        K = _at(int(kb[t]), rt, n * dim).reshape(n, dim).astype(np.float32)
+        Q = _at(q + 4 * t * n_head * dim, np.float32, n_head * dim).reshape(n_head, dim)
+        W = _at(w + 4 * t * n_head, np.float32, n_head) * np.float32(w_scale)
+        _at(scores + 4 * t * score_stride, np.float32, n)[:] = W @ np.maximum(Q @ K.T, 0)
+
+
+def topk(stream, sel, scores, score_stride, n_vis, n_tok, k):
+    nv = _at(n_vis, np.int32, n_tok)
+    for t in range(n_tok):
+        n = int(nv[t])
+        out = _at(sel + 4 * t * k, np.int32, k)
+        if n <= k:
+            out[:] = np.where(np.arange(k) < n, np.arange(k), -1)
+            continue
+        s = _at(scores + 4 * t * score_stride, np.float32, n)
+        out[:] = np.sort(np.argsort(-s, kind="stable")[:k])
+
+
+def _enqueued(fn):
+    """A stream operation: runs at once, or is recorded while a graph is being captured."""
+    @functools.wraps(fn)
+    def call(*args, **kw):
+        if _recording is not None:
+            _recording.append((fn, args, kw))
+        else:
+            fn(*args, **kw)
+    return call
+
+
+for _name in ("memcpy", "matvec", "embed", "rms_norm", "hc_pre", "hc_post", "rope", "kv_store", "attention_decode",
+              "route", "moe_gate_up", "moe_down", "compress", "comp_finish", "hadamard_fp4", "indexer_scores", "topk"):
+    globals()[_name] = _enqueued(globals()[_name])
