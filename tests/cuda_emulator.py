@@ -194,6 +194,15 @@ def rms_norm(stream, y, y_stride, x, x_stride, w, n_rows, n, eps):
         _at(y + 4 * r * y_stride, np.float32, n)[:] = out[r]
 
 
+def rms_norm_rope(stream, y, y_stride, x, x_stride, w, n_rows, n, eps, pos, rows_per_tok, inv_freq, n_rot):
+    rms_norm(stream, y, y_stride, x, x_stride, w, n_rows, n, eps)
+    p = _at(pos, np.int32, n_rows // rows_per_tok).astype(np.int64)
+    inv = _at(inv_freq, np.float64, n_rot // 2).copy()
+    for r in range(n_rows):
+        v = _at(y + 4 * r * y_stride, np.float32, n)
+        v[:] = _rope_rows(v.copy().reshape(1, 1, n), p[r // rows_per_tok:r // rows_per_tok + 1], inv).reshape(-1)
+
+
 def hc_pre_scratch_bytes(n_tok, n_embd, n_mix):
     return 16
 
@@ -205,14 +214,15 @@ def _hyperconn(fn, fn_type, scale, base, n_mix, cols):
 
 
 def hc_pre(stream, x, hc, scratch, X, x_stride, fn, fn_type, scale, base, n_tok, n_embd, n_mix, n_iter, hc_eps,
-           rms_eps):
+           rms_eps, norm_w=0):
     assert 1 <= n_tok <= 16
     Xs = _rows(X, x_stride, n_tok, 4 * n_embd).reshape(n_tok, 4, n_embd)
     h = _hyperconn(fn, fn_type, scale, base, n_mix, 4 * n_embd)
     if n_mix == 4:
         _at(x, np.float32, n_tok * n_embd)[:] = REF.hc_head(Xs, h, hc_eps, rms_eps).reshape(-1)
         return
-    xo, post, comb = REF.hc_pre(Xs, h, n_iter, hc_eps, rms_eps)
+    norm = _at(norm_w, np.float32, n_embd).copy() if norm_w else None
+    xo, post, comb = REF.hc_pre(Xs, h, n_iter, hc_eps, rms_eps, norm)
     _at(x, np.float32, n_tok * n_embd)[:] = xo.reshape(-1)
     _at(hc, np.float32, n_tok * 20)[:] = np.concatenate([post, comb.reshape(n_tok, 16)], axis=1).reshape(-1)
 
@@ -428,6 +438,7 @@ def _enqueued(fn):
     return call
 
 
-for _name in ("memcpy", "matvec", "embed", "rms_norm", "hc_pre", "hc_post", "rope", "kv_store", "attention_decode",
-              "route", "moe_gate_up", "moe_down", "compress", "comp_finish", "hadamard_fp4", "indexer_scores", "topk"):
+for _name in ("memcpy", "matvec", "embed", "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store",
+              "attention_decode", "route", "moe_gate_up", "moe_down", "compress", "comp_finish", "hadamard_fp4",
+              "indexer_scores", "topk"):
     globals()[_name] = _enqueued(globals()[_name])

@@ -406,6 +406,12 @@ def test_hc_pre_and_post(stream, rng, n_tok, n_embd):
     assert rel(d.get(x), rx) < 1e-5
     assert rel(got_hc[:, :4], rpost) < 1e-5
     assert rel(got_hc[:, 4:].reshape(n_tok, 4, 4), rcomb) < 1e-5
+    # with the sublayer's RMSNorm fused: the same post/combine, x normalized
+    norm = rng.uniform(0.5, 1.5, n_embd).astype(np.float32)
+    _cuda.hc_pre(stream.ptr, x.ptr, hcs.ptr, scratch.ptr, Xp, 4 * n_embd, d.put(hc.fn.raw), F16, d.put(hc.scale),
+                 d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6, d.put(norm))
+    assert rel(d.get(x), REF.hc_pre(X, hc, 20, 1e-6, 1e-6, norm)[0]) < 1e-5
+    np.testing.assert_array_equal(d.get(hcs), got_hc)
 
     f = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
     Xo = d.out((n_tok, 4, n_embd))
@@ -444,6 +450,24 @@ def test_rope(stream, rng, yarn, inverse):
     ref = REF.rope(x, pos - 3, inv, inverse=inverse)
     assert np.array_equal(got[..., :D - 64], x[..., :D - 64])
     assert rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("heads,weighted", [(64, False), (1, True)])
+def test_rms_norm_rope_is_norm_then_rope(stream, rng, heads, weighted):
+    """The fused kernel gives the bits of rms_norm followed by rope (query heads; the weighted K=V row)."""
+    d = Dev(stream)
+    inv = rope_inv_freq(64, 160000.0, (16.0, 65536, 32.0, 1.0))
+    pos = np.array([0, 5, 4095, 1_000_003], np.int32)
+    T, D = len(pos), 512
+    x = rng.standard_normal((T, heads, D)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, D).astype(np.float32) if weighted else None
+    wp, pp, ip = (d.put(w) if weighted else 0), d.put(pos), d.put(inv)
+    fused, apart = d.out((T, heads, D)), d.out((T, heads, D))
+    _cuda.rms_norm_rope(stream.ptr, fused.ptr, D, d.put(x), D, wp, T * heads, D, 1e-6, pp, heads, ip, 64)
+    _cuda.rms_norm(stream.ptr, apart.ptr, D, d.put(x), D, wp, T * heads, D, 1e-6)
+    _cuda.rope(stream.ptr, apart.ptr, heads * D, pp, 0, ip, T, heads, D, 64, False)
+    np.testing.assert_array_equal(d.get(fused), d.get(apart))
+    assert rel(d.get(fused), REF.norm_rope(x, w, 1e-6, pos, inv)) < 1e-6
 
 
 def kv_test_rows(rng, n, dim):

@@ -96,7 +96,7 @@ class Model:
         ids = np.asarray(token_ids, dtype=np.int64)
         out = [self.forward([Segment(state, ids[i:i + chunk])], all_logits=True)[0]
                for i in range(0, len(ids), chunk)]
-        return np.concatenate(out).astype(np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
 
     def prefill(self, state: SessionState, token_ids, chunk: int = 512) -> np.ndarray:
         """Extend a state by tokens, chunk by chunk; returns the last position's logits (float32)."""
@@ -110,7 +110,7 @@ class Model:
     def decode(self, states: list[SessionState], tokens) -> np.ndarray:
         """One step for a batch of sessions (one token each, each at its own position): logits (B, vocab)."""
         segs = [Segment(st, np.asarray([t], dtype=np.int64)) for st, t in zip(states, tokens)]
-        return np.concatenate(self.forward(segs)).astype(np.float32)
+        return np.concatenate(self.forward(segs)).astype(np.float32, copy=False)
 
     # --- the pass -------------------------------------------------------------------------------------------
     def forward(self, segments: list[Segment], all_logits: bool = False) -> list[np.ndarray]:
@@ -157,14 +157,12 @@ class Model:
                    positions: np.ndarray) -> np.ndarray:
         s, ops = self.shape, self.ops
         N = len(positions)
-        x, post, comb = ops.hc_pre(X, L.hc_attn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps)
-        h = ops.rms_norm(x, L.attn_norm, s.rms_eps)                                  # (N, E)
+        h, post, comb = ops.hc_pre(X, L.hc_attn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, L.attn_norm)  # (N, E)
         qn = ops.rms_norm(ops.matmul(L.attn_q_a, h), L.attn_q_a_norm, s.rms_eps)    # (N, q_rank)
-        q = ops.rms_norm(ops.matmul(L.attn_q_b, qn).reshape(N, s.n_head, s.head_dim), None, s.rms_eps)
         spec = self.attn_specs[L.index]
-        q = ops.rope(q, positions, spec.rope)                                        # (N, H, D)
-        kv = ops.rms_norm(ops.matmul(L.attn_kv, h), L.attn_kv_a_norm, s.rms_eps)
-        kv = ops.rope(kv, positions, spec.rope)                                      # (N, D)
+        q = ops.norm_rope(ops.matmul(L.attn_q_b, qn).reshape(N, s.n_head, s.head_dim), None, s.rms_eps, positions,
+                          spec.rope)                                                  # (N, H, D)
+        kv = ops.norm_rope(ops.matmul(L.attn_kv, h), L.attn_kv_a_norm, s.rms_eps, positions, spec.rope)  # (N, D)
         comp = idx = None
         if L.compressor is not None:
             comp = (ops.matmul(L.compressor.kv, h), ops.matmul(L.compressor.gate, h))  # (N, coff·D) each
@@ -181,8 +179,7 @@ class Model:
     # --- FFN sublayer ---------------------------------------------------------------------------------------
     def _ffn(self, L: Layer, X: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         s, ops = self.shape, self.ops
-        x, post, comb = ops.hc_pre(X, L.hc_ffn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps)
-        h = ops.rms_norm(x, L.ffn_norm, s.rms_eps)
+        h, post, comb = ops.hc_pre(X, L.hc_ffn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, L.ffn_norm)
         ids, w = ops.route(ops.matmul(L.ffn_gate_inp, h), L.exp_probs_b, L.ffn_gate_tid2eid, tokens,
                            s.n_expert_used, s.expert_weights_scale, s.expert_weights_norm)
         f = ops.moe(h, ids, w, (L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps), s.swiglu_clamp_exp[L.index],

@@ -271,15 +271,24 @@ PYBIND11_MODULE(_cuda, m) {
                                 n_rows, n, eps), "rms_norm");
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("x"), py::arg("x_stride"), py::arg("w"),
        py::arg("n_rows"), py::arg("n"), py::arg("eps"));
+    m.def("rms_norm_rope", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t x, int64_t x_stride,
+                              uintptr_t w, int64_t n_rows, int64_t n, float eps, uintptr_t pos, int rows_per_tok,
+                              uintptr_t inv_freq, int n_rot) {
+        check(ds4_cuda_rms_norm_rope(st(s), dev<float>(y), y_stride, dev<const float>(x), x_stride,
+                                     dev<const float>(w), n_rows, n, eps, dev<const int32_t>(pos), rows_per_tok,
+                                     dev<const double>(inv_freq), n_rot), "rms_norm_rope");
+    }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("x"), py::arg("x_stride"), py::arg("w"),
+       py::arg("n_rows"), py::arg("n"), py::arg("eps"), py::arg("pos"), py::arg("rows_per_tok"), py::arg("inv_freq"),
+       py::arg("n_rot"));
     m.def("hc_pre", [](uintptr_t s, uintptr_t x, uintptr_t hc, uintptr_t scratch, uintptr_t X, int64_t x_stride,
                        uintptr_t fn, int fn_type, uintptr_t scale, uintptr_t base, int n_tok, int64_t n_embd, int n_mix,
-                       int n_iter, float hc_eps, float rms_eps) {
+                       int n_iter, float hc_eps, float rms_eps, uintptr_t norm_w) {
         check(ds4_cuda_hc_pre(st(s), dev<float>(x), dev<float>(hc), dev<float>(scratch), dev<const float>(X), x_stride,
                               dev<void>(fn), fn_type, dev<const float>(scale), dev<const float>(base), n_tok, n_embd,
-                              n_mix, n_iter, hc_eps, rms_eps), "hc_pre");
+                              n_mix, n_iter, hc_eps, rms_eps, dev<const float>(norm_w)), "hc_pre");
     }, py::arg("stream"), py::arg("x"), py::arg("hc"), py::arg("scratch"), py::arg("X"), py::arg("x_stride"),
        py::arg("fn"), py::arg("fn_type"), py::arg("scale"), py::arg("base"), py::arg("n_tok"), py::arg("n_embd"),
-       py::arg("n_mix"), py::arg("n_iter"), py::arg("hc_eps"), py::arg("rms_eps"));
+       py::arg("n_mix"), py::arg("n_iter"), py::arg("hc_eps"), py::arg("rms_eps"), py::arg("norm_w") = 0);
     m.def("hc_pre_scratch_bytes", &ds4_cuda_hc_pre_scratch_bytes, py::arg("n_tok"), py::arg("n_embd"),
           py::arg("n_mix"));
     m.def("hc_post", [](uintptr_t s, uintptr_t X_out, uintptr_t f, uintptr_t X, uintptr_t hc, int n_tok,

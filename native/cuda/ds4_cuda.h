@@ -129,15 +129,23 @@ cudaError_t ds4_cuda_topk(cudaStream_t s, int32_t* sel, const float* scores, int
 // rows of head_dim). In place (y == x) is allowed.
 cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,
                               const float* w, int64_t n_rows, int64_t n, float eps);
+// rms_norm, then on each row's last n_rot values the interleaved-pair RoPE of ds4_cuda_rope at position
+// pos[row / rows_per_tok] (pos in device memory; inv_freq: n_rot/2 float64): the query heads (rows_per_tok =
+// heads) and the K=V row in one launch each. n_rot a multiple of 4.
+cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,
+                                   const float* w, int64_t n_rows, int64_t n, float eps, const int32_t* pos,
+                                   int rows_per_tok, const double* inv_freq, int n_rot);
 
 // Hyper-connection pre step (MODEL.md 3.2) for n_tok tokens of n_hc = 4 streams of n_embd: X (n_tok, 4, n_embd)
 // rows x_stride apart; fn (n_mix, 4*n_embd) F16/F32/BF16; scale (3) and base (n_mix) f32. n_mix = 24 gives the
 // sublayer input x (n_tok, n_embd) and hc (n_tok, 20) = post gates (4) then the Sinkhorn-normalized combine
 // matrix (16, row-major C[i][j]); n_mix = 4 is the output head (x only, hc unused). n_embd a multiple of 128;
-// scratch: ds4_cuda_hc_pre_scratch_bytes(n_tok, n_embd, n_mix) bytes.
+// scratch: ds4_cuda_hc_pre_scratch_bytes(n_tok, n_embd, n_mix) bytes. norm_w (n_embd, or null): x is then
+// RMSNorm(x) * norm_w with rms_eps (the sublayer's own norm, fused), as ds4_cuda_rms_norm computes it.
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, const float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
-                            int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps);
+                            int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
+                            const float* norm_w = nullptr);
 size_t ds4_cuda_hc_pre_scratch_bytes(int n_tok, int64_t n_embd, int n_mix);
 // X_out[t, j] = post[t, j] * f[t] + sum_i comb[t, i, j] * X[t, i] (MODEL.md 3.3); X_out may be X; both dense
 // (n_tok, 4, n_embd).

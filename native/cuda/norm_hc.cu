@@ -7,6 +7,7 @@
 // lanes, column sums across them) and the weighted sum of the streams. hc_post: one thread per position e
 // computes all 4 new streams from the 4 old ones, so it may work in place.
 #include "common.cuh"
+#include "numerics.cuh"
 
 namespace ds4::cuda {
 namespace {
@@ -26,11 +27,19 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return warp_sum(v);
 }
 
+// With pos, RoPE follows on the row's last n_rot values (row r is token r / rows_per_tok), as rope_kernel computes
+// it: the fused norm + RoPE of the query heads and the K=V row.
 __global__ void rms_norm_kernel(float* y, int64_t y_stride, const float* x, int64_t x_stride,
-                                const float* __restrict__ w, int64_t n, float eps) {
+                                const float* __restrict__ w, int64_t n, float eps, const int32_t* pos,
+                                int rows_per_tok, const double* inv_freq, int n_rot) {
     __shared__ float red[32];
+    extern __shared__ float cs[];  // with pos: cos[n_rot / 2], sin[n_rot / 2]
     pdl_trigger();
     pdl_wait();
+    const int half = n_rot / 2;
+    if (pos)
+        for (int j = threadIdx.x; j < half; j += blockDim.x)
+            rope_angle(pos[blockIdx.x / rows_per_tok], inv_freq[j], cs[j], cs[half + j]);
     const float* xr = x + blockIdx.x * x_stride;
     float4 v[kVec], g[kVec];
     float ss = 0.0f;
@@ -58,6 +67,11 @@ __global__ void rms_norm_kernel(float* y, int64_t y_stride, const float* x, int6
         if (i < n) {
             float4 o = make_float4(v[k].x / den, v[k].y / den, v[k].z / den, v[k].w / den);
             if (w) o.x *= g[k].x, o.y *= g[k].y, o.z *= g[k].z, o.w *= g[k].w;
+            if (pos && i >= n - n_rot) {  // two interleaved pairs (n - n_rot is a multiple of 4)
+                const int j = (int)(i - (n - n_rot)) / 2;
+                const float c0 = cs[j], s0 = cs[half + j], c1 = cs[j + 1], s1 = cs[half + j + 1];
+                o = make_float4(o.x * c0 - o.y * s0, o.x * s0 + o.y * c0, o.z * c1 - o.w * s1, o.z * s1 + o.w * c1);
+            }
             *(float4*)(yr + i) = o;
         }
     }
@@ -139,7 +153,8 @@ constexpr int kHcThreads = 512, kHcChunks = 4;
 __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(float* x, float* hc, const float* mix_part,
                                                                 const float* X, int64_t x_stride, const float* scale,
                                                                 const float* base, int64_t n_embd, int n_mix,
-                                                                int n_iter, float hc_eps, float rms_eps) {
+                                                                int n_iter, float hc_eps, float rms_eps,
+                                                                const float* __restrict__ norm_w) {
     __shared__ float red[32];
     __shared__ float pre[kHc];
     pdl_trigger();
@@ -179,19 +194,39 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(float* x, float* 
     if (threadIdx.x < kHc) pre[threadIdx.x] = sigmoid(mr[threadIdx.x] / den * scale[0] + base[threadIdx.x]) + hc_eps;
     __syncthreads();
     // The sublayer input needs only the pre weights: every warp writes it while warp 0 (below) runs the Sinkhorn
-    // iterations, a serial chain of about 2 us.
+    // iterations, a serial chain of about 2 us. With norm_w, x is normalized first (the sublayer's RMSNorm).
     float* xt = x + (int64_t)t * n_embd;
+    float4 acc[kHcChunks];
+    float xs = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kHcChunks; ++k) {
+        const int64_t e = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
+        acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (e < n_embd) {
+#pragma unroll
+            for (int i = 0; i < kHc; ++i) {
+                acc[k].x = fmaf(pre[i], v[k][i].x, acc[k].x), acc[k].y = fmaf(pre[i], v[k][i].y, acc[k].y);
+                acc[k].z = fmaf(pre[i], v[k][i].z, acc[k].z), acc[k].w = fmaf(pre[i], v[k][i].w, acc[k].w);
+            }
+            xs = fmaf(acc[k].x, acc[k].x, xs), xs = fmaf(acc[k].y, acc[k].y, xs);
+            xs = fmaf(acc[k].z, acc[k].z, xs), xs = fmaf(acc[k].w, acc[k].w, xs);
+        }
+    }
+    float xden = 1.0f;
+    if (norm_w) {
+        __syncthreads();  // red is reused
+        xden = sqrtf(block_sum(xs, red) / (float)n_embd + rms_eps);
+    }
 #pragma unroll
     for (int k = 0; k < kHcChunks; ++k) {
         const int64_t e = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
         if (e < n_embd) {
-            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-            for (int i = 0; i < kHc; ++i) {
-                acc.x = fmaf(pre[i], v[k][i].x, acc.x), acc.y = fmaf(pre[i], v[k][i].y, acc.y);
-                acc.z = fmaf(pre[i], v[k][i].z, acc.z), acc.w = fmaf(pre[i], v[k][i].w, acc.w);
+            float4 o = acc[k];
+            if (norm_w) {
+                const float4 g = *(const float4*)(norm_w + e);
+                o = make_float4(o.x / xden * g.x, o.y / xden * g.y, o.z / xden * g.z, o.w / xden * g.w);
             }
-            *(float4*)(xt + e) = acc;
+            *(float4*)(xt + e) = o;
         }
     }
     if (warp == 0 && n_mix > kHc) {
@@ -240,26 +275,36 @@ __global__ void hc_post_kernel(float* Xo, const float* f, const float* X, const 
 
 using namespace ds4::cuda;
 
-cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,
-                              const float* w, int64_t n_rows, int64_t n, float eps) {
+cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,
+                                   const float* w, int64_t n_rows, int64_t n, float eps, const int32_t* pos,
+                                   int rows_per_tok, const double* inv_freq, int n_rot) {
     clear_error();
     if (n_rows < 1 || n_rows > 0x7fffffff || n < 4 || n % 4 || n > 4 * kVec * 1024 || x_stride % 4 ||
         y_stride % 4 || (uintptr_t)x % 16 || (uintptr_t)y % 16 || (uintptr_t)w % 16)
         return invalid("rms_norm: rows of a multiple of 4 values (at most 16384), 16-byte aligned, are needed");
+    if (pos && (rows_per_tok < 1 || n_rot < 4 || n_rot % 4 || n_rot > n || n_rot > 2048 || !inv_freq))
+        return invalid("rms_norm_rope: needs rows_per_tok >= 1 and n_rot a multiple of 4, at most the row and 2048");
     const int threads = (int)std::min<int64_t>(1024, ceil_div(ceil_div(n, 4 * kVec), 32) * 32);
-    return launch(rms_norm_kernel, dim3((unsigned)n_rows), dim3(threads), 0, s, y, y_stride, x, x_stride, w, n, eps);
+    return launch(rms_norm_kernel, dim3((unsigned)n_rows), dim3(threads), pos ? n_rot * sizeof(float) : 0, s, y,
+                  y_stride, x, x_stride, w, n, eps, pos, rows_per_tok, inv_freq, pos ? n_rot : 0);
+}
+
+cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,
+                              const float* w, int64_t n_rows, int64_t n, float eps) {
+    return ds4_cuda_rms_norm_rope(s, y, y_stride, x, x_stride, w, n_rows, n, eps, nullptr, 1, nullptr, 0);
 }
 
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, const float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
-                            int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps) {
+                            int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
+                            const float* norm_w) {
     clear_error();
     if (n_mix != kHc && n_mix != 2 * kHc + kHc * kHc) return invalid("hc_pre: n_mix must be 4 or 24");
     if (fn_type != ds4::TYPE_F16 && fn_type != ds4::TYPE_F32 && fn_type != ds4::TYPE_BF16)
         return invalid("hc_pre: fn must be F16, F32 or BF16");
     if (n_tok < 1 || n_tok > 16 || (kHc * n_embd) % kMixCols || n_embd > 4 * kHcChunks * kHcThreads || x_stride % 4 ||
         (uintptr_t)fn % 16 ||
-        (uintptr_t)X % 16 || (uintptr_t)x % 16 || n_iter < 1 || (n_mix > kHc && !hc))
+        (uintptr_t)X % 16 || (uintptr_t)x % 16 || (uintptr_t)norm_w % 16 || n_iter < 1 || (n_mix > kHc && !hc))
         return invalid("hc_pre: needs 1 <= n_tok <= 16, n_embd a multiple of 128 up to 8192, aligned rows, "
                        "n_iter >= 1");
     const int n_parts = (int)(kHc * n_embd / kMixCols);
@@ -267,7 +312,7 @@ cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch,
                            kHc * n_embd, n_tok);
     if (e != cudaSuccess) return e;
     return launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads), 0, s, x, hc, (const float*)scratch, X, x_stride,
-                  scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps);
+                  scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps, norm_w);
 }
 
 cudaError_t ds4_cuda_hc_post(cudaStream_t s, float* X_out, const float* f, const float* X, const float* hc,

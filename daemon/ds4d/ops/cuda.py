@@ -563,10 +563,19 @@ class CUDA:
         g = self._graphs[key] = _Graph(graph, step.mem, logits, owned, self.weight_calls - calls)
         self.weight_calls = calls
         while len(self._graphs) > self.MAX_GRAPHS:
-            old = self._graphs.popitem(last=False)[1]
-            old.table = old.logits = None              # their arrays first, then the buffers back to the pool
-            self.pool.release(old.owned)
+            self._drop(self._graphs.popitem(last=False)[1])
         return g
+
+    def _drop(self, g: _Graph) -> None:
+        g.table = g.logits = None                      # their arrays first, then the buffers back to the pool
+        self.pool.release(g.owned)
+
+    def drop_graphs(self) -> None:
+        """Forget every captured step (the next decode steps run eagerly once and are captured again)."""
+        for g in self._graphs.values():
+            self._drop(g)
+        self._graphs.clear()
+        self._seen.clear()
 
     # --- matrices ---------------------------------------------------------------------------------------------
     def matmul(self, w: Weight, x: DArray) -> DArray:
@@ -604,7 +613,7 @@ class CUDA:
                          x.size // n, n, float(eps))
         return y
 
-    def _hc(self, X: DArray, hc, n_mix: int, n_iter: int, hc_eps: float, rms_eps: float):
+    def _hc(self, X: DArray, hc, n_mix: int, n_iter: int, hc_eps: float, rms_eps: float, norm=None):
         N, S, E = X.shape
         x = self.empty((N, E))
         h = self.empty((N, 20)) if n_mix > S else None
@@ -614,13 +623,13 @@ class CUDA:
             n = min(MATVEC_ROWS, N - t0)
             self.cu.hc_pre(self.stream.ptr, x.ptr + 4 * t0 * E, h.ptr + 80 * t0 if h is not None else 0, scratch.ptr,
                            X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
-                           float(hc_eps), float(rms_eps))
+                           float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0)
         return x, h
 
-    def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float):
-        """Sublayer input x and the post gates + combine matrix in one (N, 20) array, handed to hc_post as
-        `post` (`comb` is None)."""
-        x, h = self._hc(X, hc, 24, n_iter, hc_eps, rms_eps)
+    def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float, norm=None):
+        """Sublayer input x (normalized in the same kernel with `norm`) and the post gates + combine matrix in one
+        (N, 20) array, handed to hc_post as `post` (`comb` is None)."""
+        x, h = self._hc(X, hc, 24, n_iter, hc_eps, rms_eps, norm)
         return x, h, None
 
     def hc_post(self, f: DArray, X: DArray, post: DArray, comb) -> DArray:
@@ -631,6 +640,16 @@ class CUDA:
 
     def hc_head(self, X: DArray, hc, hc_eps: float, rms_eps: float) -> DArray:
         return self._hc(X, hc, X.shape[1], 1, hc_eps, rms_eps)[0]
+
+    def norm_rope(self, x: DArray, weight: np.ndarray | None, eps: float, positions: np.ndarray,
+                  inv_freq: np.ndarray) -> DArray:
+        """rms_norm then rope in one kernel (rows of the last axis; a token's rows share its position)."""
+        n = x.shape[-1]
+        y = self.empty(x.shape)
+        self.cu.rms_norm_rope(self.stream.ptr, y.ptr, n, x.ptr, n,
+                              self.const(weight, _F32) if weight is not None else 0, x.size // n, n, float(eps),
+                              self._step.pos, x.row // n, self.const(inv_freq, np.float64), 2 * len(inv_freq))
+        return y
 
     # --- positions --------------------------------------------------------------------------------------------
     def rope(self, x: DArray, positions: np.ndarray, inv_freq: np.ndarray, inverse: bool = False) -> DArray:

@@ -161,8 +161,10 @@ class Reference:
         flat = self.rms_norm(X.reshape(n, -1), None, rms_eps)   # over all streams: stream 0's values first
         return self.matmul(hc.fn, flat)
 
-    def hc_pre(self, X: np.ndarray, hc: HyperConn, n_iter: int, hc_eps: float, rms_eps: float):
-        """(T, S, E) streams -> sublayer input x (T, E), post gates (T, S), combine matrix (T, S, S)."""
+    def hc_pre(self, X: np.ndarray, hc: HyperConn, n_iter: int, hc_eps: float, rms_eps: float,
+               norm: np.ndarray | None = None):
+        """(T, S, E) streams -> sublayer input x (T, E), post gates (T, S), combine matrix (T, S, S). With `norm`,
+        x comes back as the sublayer's RMSNorm of it (weight `norm`), which a backend may fuse."""
         S = X.shape[1]
         m = self._hc_mix(X, hc, rms_eps)                        # (T, (2+S)·S)
         scale, base = hc.scale.astype(self.dtype), hc.base.astype(self.dtype)
@@ -176,7 +178,7 @@ class Reference:
             c = c / (c.sum(axis=-1, keepdims=True) + hc_eps)
             c = c / (c.sum(axis=-2, keepdims=True) + hc_eps)
         x = np.einsum("ts,tse->te", pre, X)
-        return x, post, c
+        return (x if norm is None else self.rms_norm(x, norm, rms_eps)), post, c
 
     def hc_post(self, f: np.ndarray, X: np.ndarray, post: np.ndarray, comb: np.ndarray) -> np.ndarray:
         """X'[j] = post_j · f + Σ_i comb[i][j] · X[i]."""
@@ -188,6 +190,11 @@ class Reference:
         return np.einsum("ts,tse->te", pre, X)
 
     # --- positions ------------------------------------------------------------------------------------------
+    def norm_rope(self, x: np.ndarray, weight: np.ndarray | None, eps: float, positions: np.ndarray,
+                  inv_freq: np.ndarray) -> np.ndarray:
+        """rms_norm over the last axis, then rope: the query heads and the K=V row (a backend may fuse them)."""
+        return self.rope(self.rms_norm(x, weight, eps), positions, inv_freq)
+
     def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, inverse: bool = False) -> np.ndarray:
         """Rotate interleaved pairs of the last 2·len(inv_freq) dims of x (T, d) or (T, heads, d) at each row's
         position."""
