@@ -162,7 +162,7 @@ class Event:
 @dataclass(slots=True)
 class Result:
     """The answer of generate / chat / complete. `usage` is {prompt_tokens, cached_tokens, completion_tokens};
-    `tokens` comes with generate, `reasoning`, `tool_calls` and `warnings` with chat; `raw` is the whole map
+    `tokens` comes with generate, `reasoning` and `tool_calls` with chat, `warnings` with any; `raw` is the whole map
     (fields a later minor version adds)."""
     text: str
     finish_reason: str

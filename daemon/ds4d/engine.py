@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .chat import effective_thinking, render_chat_parts, render_fim_parts
-from .kvstore import PageStore, SnapshotError
+from .kvstore import PageStore, SnapshotError, remove_stale_temps
 from .model import Model, Segment
 from .output import OutputStream
 from .prefix_cache import PrefixCache
@@ -101,7 +101,11 @@ class Engine:
         self.files = SessionFiles(root / "sessions" / self.fingerprint[:16], self.fingerprint, pages) \
             if root is not None else None
         if self.files is not None:
-            self.files.root.mkdir(parents=True, exist_ok=True)
+            for d in (root, root / "sessions", self.files.root):     # private: snapshots hold conversations
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for tier in ("pages", "sessions", "prefix"):        # what writes cut short by a crash left behind
+                if n := remove_stale_temps(root / tier):
+                    log.info("removed %d temporary file(s) of interrupted writes under %s", n, root / tier)
         self.cache = PrefixCache(root, self.fingerprint, model.host_state, ram_cache_mb << 20, disk_cache_mb << 20,
                                  pages)
         self.sessions: dict[str, Session] = {}
@@ -118,6 +122,7 @@ class Engine:
         self._id_lock = threading.Lock()
         self._stop = threading.Event()
         self._saves: queue.Queue = queue.Queue()
+        self._unsaved: dict[str, str] = {}         # session -> why its latest save failed (a full disk, ...)
         self._worker = threading.Thread(target=self._run, name="ds4d-engine", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name="ds4d-writer", daemon=True)
 
@@ -224,6 +229,9 @@ class Engine:
             self._waiting.append(job)             # one job per session at a time
             return
         sampling = _sampling(p, job.op)
+        if session.name in self._unsaved:
+            job.warnings.append(f"session {session.name!r} is not saved on disk ({self._unsaved[session.name]}); "
+                                f"it is kept in memory only")
         thinking = "none"
         if job.op == "chat":
             thinking = p.get("thinking", "high")
@@ -438,12 +446,19 @@ class Engine:
             if isinstance(item, threading.Event):   # a flush marker: everything queued before it is written
                 item.set()
                 continue
+            name = item[0]
             try:
-                self.files.save(*item)
-            except OSError as e:
-                log.error("cannot save session %s: %s", item[0], e)
+                size = self.files.save(*item)
+            except OSError as e:                # the file on disk is still the previous complete save
+                log.error("cannot save session %s: %s", name, e)
+                self._unsaved[name] = f"{e.strerror or e}"
             except Exception:                   # a bug: this save is lost, but the writer must keep saving the rest
-                log.exception("cannot save session %s", item[0])
+                log.exception("cannot save session %s", name)
+                self._unsaved[name] = "internal error (see the daemon log)"
+            else:
+                self._unsaved.pop(name, None)
+                log.debug("saved session %s: %d tokens, %d messages, %d bytes", name, len(item[1]), len(item[3]),
+                          size)
 
     def flush(self, timeout: float | None = 60) -> None:
         """Wait until every session save queued so far is on disk."""
@@ -501,6 +516,9 @@ class Engine:
             raise EngineError("busy", f"session {name!r} is running a request")
         self._save(s)
         self.flush()          # on disk before it leaves memory: a lookup right after must find the file
+        if name in self._unsaved:             # unloading it now would lose what the disk does not hold
+            raise EngineError("out_of_memory", f"session {name!r} cannot be saved ({self._unsaved[name]}); it "
+                                               f"stays loaded")
         del self.sessions[name]
         return {}
 
@@ -516,6 +534,7 @@ class Engine:
         if self.files is not None:
             self.flush()
             self.files.delete(name)
+            self._unsaved.pop(name, None)
         return {}
 
     def _op_status(self) -> dict:

@@ -15,16 +15,24 @@ The tail is a sequence of arrays, each `u8 dtype code | u8 ndim | u64 dims[ndim]
 truncated file raises SnapshotError; callers log it and skip the file, never use it.
 
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the target: a crash leaves
-either the old file or the new one. Called by `prefix_cache.py` and `session.py`; knows nothing about policy.
+either the old file or the new one, plus at most a temporary file that nothing reads and the next start deletes
+(`remove_stale_temps`). Two threads write snapshots (the engine's worker spills prefix snapshots, its writer saves
+sessions) and the worker also collects unreferenced pages: `PageStore.lock` keeps a snapshot's new pages, which
+nothing references until its file is renamed into place, from being collected in between. Called by
+`prefix_cache.py` and `session.py`; knows nothing about policy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
+import re
+import signal
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +51,30 @@ class SnapshotError(Exception):
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so that a crash leaves the old content or the new, never a mix: temp file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write a file so that a crash leaves the old content or the new, never a mix: temp file, fsync, rename. A
+    crash leaves the temp file behind (`remove_stale_temps` deletes it at the next start); nothing reads it. The
+    file is private to the daemon's user (0600, directories created 0700)."""
+    nth = next(_writes)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{nth}.tmp")     # unique: two threads may write one page
+    half = len(data) // 2
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        _crash_point("before-write", nth, path)
+        # 0600: a snapshot holds a conversation (its messages and the model state that encodes it).
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as f:
+            f.write(memoryview(data)[:half])
             f.flush()
+            _crash_point("mid-write", nth, path)
+            f.write(memoryview(data)[half:])
+            f.flush()
+            _crash_point("after-write", nth, path)
             os.fsync(f.fileno())
+        _crash_point("after-fsync", nth, path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _crash_point("after-rename", nth, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -62,11 +82,56 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temps(root: Path) -> int:
+    """Delete the temp files that writes interrupted by a crash left under `root`; returns how many. A temp file of
+    a process still running (another daemon sharing the cache directory) is left alone."""
+    n = 0
+    for tmp in Path(root).rglob(".*.tmp"):
+        m = _TEMP_NAME.search(tmp.name)
+        if m is None or (int(m[1]) != os.getpid() and _alive(int(m[1]))):
+            continue
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+_TEMP_NAME = re.compile(r"\.(\d+)(?:\.\d+)?\.tmp$")      # .<name>.<pid>.<nth>.tmp (.<name>.<pid>.tmp before)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process
+        return True
+    return True
+
+
+# A test hook, off unless the environment sets it: DS4_TEST_CRASH_AT="<point>:<n>" makes the process SIGKILL itself
+# at <point> of its n-th atomic write (counted from 1 over every file, pages included), after naming the file on
+# stderr. The points, in order: before-write (no temp file yet), mid-write (half of the bytes written),
+# after-write (all written, not fsynced), after-fsync (not renamed yet), after-rename (directory not fsynced).
+# tests/test_reliability.py and bench/fault_injection.py stop the daemon at exact places inside snapshot writes
+# with it; unset, it costs one string comparison per point.
+CRASH_POINTS = ("before-write", "mid-write", "after-write", "after-fsync", "after-rename")
+_CRASH_AT = os.environ.get("DS4_TEST_CRASH_AT")
+_writes = itertools.count(1)        # next() on it is atomic: the engine's worker and writer threads both write
+
+
+def _crash_point(point: str, nth: int, path: Path) -> None:
+    if _CRASH_AT is not None and _CRASH_AT == f"{point}:{nth}":
+        os.write(2, f"DS4_TEST_CRASH_AT: SIGKILL at {point} of write {nth} ({path})\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class PageStore:
     """Content-addressed files of full row-store pages, shared by every snapshot that references them."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        # Held while a snapshot's pages and then its file are written, and while unreferenced pages are collected.
+        self.lock = threading.Lock()
 
     def path(self, digest: bytes) -> Path:
         h = digest.hex()
@@ -90,8 +155,15 @@ class PageStore:
             raise SnapshotError(f"page {digest.hex()[:16]} is corrupt")
         return np.frombuffer(data, dtype=dtype).reshape(PAGE_ROWS, width).copy()
 
+    def files(self) -> list[Path]:
+        """The page files; not the temp files of writes in progress, which another thread may rename at any time."""
+        return [p for p in self.root.glob("??/*") if len(p.name) == 64]
+
     def digests(self) -> set[bytes]:
-        return {bytes.fromhex(p.name) for p in self.root.glob("??/*") if len(p.name) == 64}
+        return {bytes.fromhex(p.name) for p in self.files()}
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
 
     def remove(self, digest: bytes) -> None:
         self.path(digest).unlink(missing_ok=True)
@@ -146,9 +218,16 @@ def write_snapshot(path: Path, fingerprint: str, tokens: list[int], state: Sessi
                    pages: PageStore) -> int:
     """Write a snapshot (pages first, then the file that references them); returns the file's size."""
     arrays, stores = _state_arrays(state)
-    digests = [pages.put(p) for store in stores for p in store.pages[:store.n // PAGE_ROWS]]
     tail = b"".join(_pack_array(a) for a in arrays)
     blob = json.dumps(meta, ensure_ascii=False).encode()
+    with pages.lock:        # until the file is in place, its new pages are referenced by nothing
+        digests = [pages.put(p) for store in stores for p in store.pages[:store.n // PAGE_ROWS]]
+        data = _snapshot_bytes(fingerprint, tokens, blob, tail, digests)
+        atomic_write(path, data)
+    return len(data)
+
+
+def _snapshot_bytes(fingerprint: str, tokens: list[int], blob: bytes, tail: bytes, digests: list[bytes]) -> bytes:
     body = io.BytesIO()
     body.write(_HEADER.pack(MAGIC, VERSION, fingerprint.encode().ljust(64, b"\0"), len(tokens), len(blob),
                             len(tail), len(digests)))
@@ -157,9 +236,7 @@ def write_snapshot(path: Path, fingerprint: str, tokens: list[int], state: Sessi
     body.write(tail)
     body.write(b"".join(digests))
     data = body.getvalue()
-    data += hashlib.sha256(data).digest()
-    atomic_write(path, data)
-    return len(data)
+    return data + hashlib.sha256(data).digest()
 
 
 def read_header(path: Path, fingerprint: str | None = None) -> tuple[list[int], dict]:

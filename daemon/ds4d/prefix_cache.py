@@ -58,7 +58,7 @@ class PrefixCache:
         self.entries: dict[tuple[int, ...], Entry] = {}
         self.hits = 0
         if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._scan_disk()
 
     # --- tree -----------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class PrefixCache:
         return total
 
     def disk_bytes(self) -> int:
-        pages = sum(p.stat().st_size for p in self.pages.root.glob("??/*")) if self.pages and self.pages.root.exists() else 0
+        pages = self.pages.nbytes() if self.pages is not None else 0
         return sum(e.disk_bytes for e in self.entries.values()) + pages
 
     def enforce(self) -> None:
@@ -213,14 +213,15 @@ class PrefixCache:
         """Delete page files no snapshot references any more (session files included)."""
         if self.pages is None:
             return
-        used: set[bytes] = set()
-        for snap in list(self.pages.root.parent.rglob("*.snap")):
-            try:
-                used.update(page_refs(snap))
-            except SnapshotError:
-                continue
-        for digest in self.pages.digests() - used:
-            self.pages.remove(digest)
+        with self.pages.lock:              # the writer thread may be between a session's pages and its file
+            used: set[bytes] = set()
+            for snap in list(self.pages.root.parent.rglob("*.snap")):
+                try:
+                    used.update(page_refs(snap))
+                except SnapshotError:
+                    continue
+            for digest in self.pages.digests() - used:
+                self.pages.remove(digest)
 
     # --- disk -----------------------------------------------------------------------------------------------
     def _scan_disk(self) -> None:

@@ -598,6 +598,10 @@ class ServeOptions:
 def serve(o: ServeOptions) -> int:
     """Run the daemon until it is told to stop: 0, or 1 when it cannot start (the reason is logged)."""
     from .gguf_file import ModelError
+    os.umask(0o077)           # what the daemon creates (log, caches, sessions) is its user's alone
+    # A file-size limit (ulimit -f) then fails the write with EFBIG, handled like a full disk, instead of killing
+    # the daemon with every session it holds in memory.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     logfile = setup_logging(o.log_level)
     log.info("ds4d %s starting (pid %d); log file %s", __version__, os.getpid(), logfile or "none")
     previous = signal.signal(signal.SIGTERM, _interrupt)      # until the loop runs: SIGTERM cleans up like ^C

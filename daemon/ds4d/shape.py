@@ -221,6 +221,10 @@ def read_shape(g: GGUFFile) -> Shape:
     return s
 
 
+MAX_SIZE = 1 << 24              # 16 times the real context; every other size of the real model is far smaller
+MAX_SINKHORN_ITERS = 1000
+
+
 def _check_consistency(g: GGUFFile, s: Shape) -> None:
     def bad(problem: str) -> ModelError:
         return g.error(f"inconsistent metadata: {problem}")
@@ -234,6 +238,12 @@ def _check_consistency(g: GGUFFile, s: Shape) -> None:
         v = getattr(s, f.name)
         if isinstance(v, int) and not isinstance(v, bool) and v == 0 and f.name not in ("n_hash_layer",):
             raise bad(f"{f.name} is 0")
+        # A size far past any real model's (the real maximum is the 1M context) would make the first allocation
+        # fail with no useful message, or a loop over it never end: refuse it here, by name.
+        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_SIZE:
+            raise bad(f"{f.name} is {v}, more than {MAX_SIZE}")
+    if s.hc_sinkhorn_iters > MAX_SINKHORN_ITERS:
+        raise bad(f"{s.hc_sinkhorn_iters} Sinkhorn iterations (at most {MAX_SINKHORN_ITERS}; the real model uses 20)")
     if s.n_head % s.n_out_group:
         raise bad(f"{s.n_head} heads are not divisible by {s.n_out_group} output groups")
     if s.n_rot % 2 or s.n_rot > s.head_dim or s.n_rot > s.indexer_head_dim:
