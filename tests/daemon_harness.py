@@ -124,6 +124,14 @@ class Daemon:
     def log(self) -> str:
         return (self.home / "stderr.log").read_text(errors="replace")
 
+    def memory(self, key: str = "VmHWM") -> int:
+        """A memory figure of the daemon process in bytes from /proc/<pid>/status: VmHWM is the peak resident
+        set, VmRSS the current one."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM (once: a second one means "exit now") and the exit status."""
         if self.proc.poll() is None:
