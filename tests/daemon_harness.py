@@ -88,8 +88,10 @@ class Daemon:
         self.env.pop("DS4_MODEL", None)
         if "PYTHONPATH" in self.env:         # the daemon runs in `home`: relative entries would stop working
             self.env["PYTHONPATH"] = os.pathsep.join(map(os.path.abspath, self.env["PYTHONPATH"].split(os.pathsep)))
+        # DS4_TEST_BACKEND=cuda runs the daemon tests on the GPU (an explicit --backend in args still wins).
+        backend = os.environ.get("DS4_TEST_BACKEND")
         cmd = [sys.executable, "-m", "ds4d", "serve", "--cache-dir", str(home / "sessions"), "--log-level", "debug",
-               *(["-m", model] if model else []), *args]
+               *(["--backend", backend] if backend else []), *(["-m", model] if model else []), *args]
         self.stderr = open(home / "stderr.log", "ab")
         self.proc = subprocess.Popen((wrapper or []) + cmd, env=self.env, cwd=home, stderr=self.stderr,
                                      stdout=subprocess.DEVNULL)

@@ -82,7 +82,7 @@ def wait_until(cond, timeout: float, step: float = 0.05):
 def test_hello_socket_modes_log_and_versions(daemon, model):
     c = daemon.client()
     r = c.call("hello", protocol="1.0", client="pytest")
-    assert r["protocol"] == "1.0" and r["backend"] == "cpu" and r["ctx"] == 32768
+    assert r["protocol"] == "1.0" and r["backend"] == os.environ.get("DS4_TEST_BACKEND", "cpu") and r["ctx"] == 32768
     m = r["model"]
     assert m["path"] == model and m["n_layer"] == 6 and m["n_vocab"] == 129280 and m["quant"] == "q2"
     assert m["demo"] is False and len(m["fingerprint"]) == 64

@@ -703,6 +703,7 @@ def load_model(path: Path | None, backend: str):
         why = memory_shortfall(need, path.name)
         if why:
             raise ServeError(why)
+        log.info("loading %s: %s of weights into GPU memory", path, _gib(need))
     else:
         avail = mem_available()
         if avail is not None and need > avail:
