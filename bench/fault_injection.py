@@ -54,7 +54,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemon_harness import Client, Daemon, short_home  # noqa: E402
+from daemon_harness import Client, Daemon, short_home, tiny_q2  # noqa: E402
 from ds4d.kvstore import CRASH_POINTS, PageStore, SnapshotError, read_snapshot  # noqa: E402
 
 SERVE_ARGS = ("--ram-cache-mb", "1", "--disk-cache-mb", "64")
@@ -369,7 +369,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the figures (markdown) here")
     a = ap.parse_args()
     work = short_home()
-    model = a.model or _tiny(work)
+    model = a.model or tiny_q2(work)
     template = open_model(model).host_state
     t0 = time.monotonic()
     total: Counter = Counter()
@@ -411,13 +411,6 @@ def main() -> None:
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text("\n".join(lines))
-
-
-def _tiny(home: Path) -> str:
-    from ds4d.tiny import make_tiny
-    path = home / "tiny-q2.gguf"
-    make_tiny(path, "q2")
-    return str(path)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemon_harness import Client, Daemon, short_home  # noqa: E402
+from daemon_harness import Client, Daemon, short_home, tiny_q2  # noqa: E402
 from ds4c.protocol import ERROR_CODES, MAX_MESSAGE_BYTES, METHODS  # noqa: E402
 
 SERVE_ARGS = ("--ctx", "512", "--session-mem-mb", "512")
@@ -435,7 +435,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the figures (markdown) here")
     a = ap.parse_args()
     home = short_home()
-    model = a.model or _tiny(home)
+    model = a.model or tiny_q2(home)
     d = start(home, model)
     t0 = time.monotonic()
     try:
@@ -458,13 +458,6 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text("\n".join(lines))
     shutil.rmtree(home, ignore_errors=True)
-
-
-def _tiny(home: Path) -> str:
-    from ds4d.tiny import make_tiny
-    path = home / "tiny-q2.gguf"
-    make_tiny(path, "q2")
-    return str(path)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemon_harness import Client, Daemon, short_home  # noqa: E402
+from daemon_harness import Client, Daemon, short_home, tiny_q2  # noqa: E402
 
 SERVE_ARGS = ("--ram-cache-mb", "16", "--disk-cache-mb", "24")
 OPS = ("generate", "chat", "complete", "cancel")
@@ -192,7 +192,7 @@ def main() -> None:
     a = ap.parse_args()
     home = short_home()
     try:
-        model = a.model or _tiny(home)
+        model = a.model or tiny_q2(home)
         d = Daemon(home, model, *SERVE_ARGS)
         try:
             fig = run_load(d, a.clients, a.seconds, a.seed)
@@ -209,13 +209,6 @@ def main() -> None:
             Path(a.out).write_text("\n".join(lines))
     finally:
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _tiny(home: Path) -> str:
-    from ds4d.tiny import make_tiny
-    path = home / "tiny-q2.gguf"
-    make_tiny(path, "q2")
-    return str(path)
 
 
 if __name__ == "__main__":

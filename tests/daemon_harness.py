@@ -16,6 +16,14 @@ from pathlib import Path
 import msgpack
 
 
+def tiny_q2(directory: Path) -> str:
+    """The tiny q2 model written into `directory` (the benchmark scripts' default model); its path."""
+    from ds4d.tiny import make_tiny
+    path = Path(directory) / "tiny-q2.gguf"
+    make_tiny(path, "q2")
+    return str(path)
+
+
 class Client:
     """A raw msgpack-rpc client: requests go out, notifications are kept per request id, responses by id."""
 
