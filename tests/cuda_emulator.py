@@ -332,6 +332,10 @@ def moe_gate_up(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert
             out[t, j] = REF.swiglu(g, u, clamp)[0] * np.float32(W[t, j])
 
 
+def swiglu(stream, mid, g, u, n, clamp):
+    _at(mid, np.float32, n)[:] = REF.swiglu(_at(g, np.float32, n), _at(u, np.float32, n), clamp)
+
+
 def moe_down(stream, out, out_stride, mid, down, type, n_embd, n_ff, n_expert, ids, n_used, n_tok, accumulate=False):
     M = _at(mid, np.float32, n_tok * n_used * n_ff).reshape(n_tok, n_used, n_ff)
     Dw = _weights(down, type, n_expert * n_embd, n_ff)
@@ -439,6 +443,6 @@ def _enqueued(fn):
 
 
 for _name in ("memcpy", "matvec", "embed", "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store",
-              "attention_decode", "route", "moe_gate_up", "moe_down", "compress", "comp_finish", "hadamard_fp4",
+              "attention_decode", "route", "moe_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4",
               "indexer_scores", "topk"):
     globals()[_name] = _enqueued(globals()[_name])

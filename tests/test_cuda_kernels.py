@@ -296,6 +296,15 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used):
     assert rel(got[:, :n_embd], ref) < 2e-5
 
 
+def test_swiglu(stream, rng):
+    d = Dev(stream)
+    g = (rng.standard_normal(3001) * 20).astype(np.float32)
+    u = (rng.standard_normal(3001) * 20).astype(np.float32)
+    mid = d.out((3001,))
+    _cuda.swiglu(stream.ptr, mid.ptr, d.put(g), d.put(u), 3001, 10.0)
+    assert rel(d.get(mid), REF.swiglu(g, u, 10.0)) < 1e-6
+
+
 def test_moe_shared_expert_accumulates(stream, rng):
     """ids/weights null: the shared expert (one expert, weight 1), added onto the routed output."""
     d = Dev(stream)

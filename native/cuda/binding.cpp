@@ -237,6 +237,9 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("mid"), py::arg("h"), py::arg("h_stride"), py::arg("gate"), py::arg("up"),
        py::arg("type"), py::arg("n_ff"), py::arg("n_embd"), py::arg("n_expert"), py::arg("ids"), py::arg("weights"),
        py::arg("n_used"), py::arg("n_tok"), py::arg("clamp"));
+    m.def("swiglu", [](uintptr_t s, uintptr_t mid, uintptr_t g, uintptr_t u, int64_t n, float clamp) {
+        check(ds4_cuda_swiglu(st(s), dev<float>(mid), dev<const float>(g), dev<const float>(u), n, clamp), "swiglu");
+    }, py::arg("stream"), py::arg("mid"), py::arg("g"), py::arg("u"), py::arg("n"), py::arg("clamp"));
     m.def("moe_down", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t mid, uintptr_t down, int type,
                          int64_t n_embd, int64_t n_ff, int n_expert, uintptr_t ids, int n_used, int n_tok,
                          bool accumulate) {

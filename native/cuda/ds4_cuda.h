@@ -68,6 +68,9 @@ cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int
 cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, const float* mid, const void* down,
                               int type, int64_t n_embd, int64_t n_ff, int n_expert, const int32_t* ids, int n_used,
                               int n_tok, bool accumulate);
+// mid[i] = silu(min(g[i], clamp)) * clip(u[i], +-clamp) for i < n, as moe_gate_up finishes a pair: the shared
+// expert of several tokens as products (its weights read once per matvec block, not once per token).
+cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const float* u, int64_t n, float clamp);
 
 // ---- attention (decode) ----------------------------------------------------------------------------------------
 

@@ -257,6 +257,15 @@ cudaError_t check_moe(const char* op, int type, int64_t cols, int n_expert, int 
     return cudaSuccess;
 }
 
+__global__ void swiglu_kernel(float* mid, const float* g, const float* u, int64_t n, float clamp) {
+    pdl_trigger();
+    pdl_wait();
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float gc = fminf(g[i], clamp), uc = fminf(fmaxf(u[i], -clamp), clamp);
+        mid[i] = silu(gc) * uc;
+    }
+}
+
 }  // namespace
 }  // namespace ds4::cuda
 
@@ -287,4 +296,11 @@ cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, co
               (int64_t)row_bytes(type, n_ff), n_expert, n_used, ids, nullptr, 0.0f, accumulate, iq2_tables()};
     by_type<DownOp>(type, e, s, a, n_tok);
     return e;
+}
+
+cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const float* u, int64_t n, float clamp) {
+    clear_error();
+    if (n < 1) return invalid("swiglu: n >= 1");
+    return launch(swiglu_kernel, dim3((unsigned)std::min<int64_t>(ceil_div(n, 256), 1024)), dim3(256), 0, s, mid, g,
+                  u, n, clamp);
 }

@@ -763,26 +763,33 @@ class CUDA:
 
     def moe(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight], clamp: float,
             shared: tuple[Weight, Weight, Weight], shared_clamp: float) -> DArray:
-        """Routed experts (gate+up+SwiGLU·weight, then down summed over each token's experts), then the shared
-        expert accumulated onto them."""
+        """Routed experts (gate+up+SwiGLU·weight, then down summed over each token's experts) and the shared
+        expert. One token: both through the fused MoE kernels (routed, then shared accumulated). Several: the
+        shared expert first, as three products and a SwiGLU (the fused kernels read an expert once per token, the
+        products once per block of rows), then the routed experts accumulated onto it."""
         cu, s = self.cu, self.stream.ptr
         N, E = h.shape
         k = ids.shape[1]
         gate, up, down = experts
         sg, su, sd = shared
         g, u, dn = self.weight(gate), self.weight(up), self.weight(down)
-        pg, pu, pd = self.weight(sg), self.weight(su), self.weight(sd)
-        out = self.empty((N, E))
+        if N > 1:
+            mid = self._matvec(sg, h, 1)
+            cu.swiglu(s, mid.ptr, mid.ptr, self._matvec(su, h, 1).ptr, mid.size, float(shared_clamp))
+            out = self._matvec(sd, mid, 1)
+        else:
+            out = self.empty((N, E))
         for t0 in range(0, N, MOE_ROWS):
             n = min(MOE_ROWS, N - t0)
             mid = self.empty((n, k, gate.rows))
             cu.moe_gate_up(s, mid.ptr, h.ptr + 4 * t0 * E, E, g, u, int(gate.type), gate.rows, E, gate.n_expert,
                            ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k, k, n, float(clamp))
             cu.moe_down(s, out.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
-                        ids.ptr + 4 * t0 * k, k, n, False)
-            smid = self.empty((n, 1, sg.rows))
-            cu.moe_gate_up(s, smid.ptr, h.ptr + 4 * t0 * E, E, pg, pu, int(sg.type), sg.rows, E, 1, 0, 0, 1, n,
-                           float(shared_clamp))
-            cu.moe_down(s, out.ptr + 4 * t0 * E, E, smid.ptr, pd, int(sd.type), E, sg.rows, 1, 0, 1, n, True)
+                        ids.ptr + 4 * t0 * k, k, n, N > 1)
+        if N == 1:
+            smid = self.empty((1, 1, sg.rows))
+            cu.moe_gate_up(s, smid.ptr, h.ptr, E, self.weight(sg), self.weight(su), int(sg.type), sg.rows, E, 1, 0,
+                           0, 1, 1, float(shared_clamp))
+            cu.moe_down(s, out.ptr, E, smid.ptr, self.weight(sd), int(sd.type), E, sg.rows, 1, 0, 1, 1, True)
         self.weight_calls += 1
         return out
