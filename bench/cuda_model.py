@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ds4d import _cuda
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # daemon_harness
+from ds4d import _cuda  # noqa: E402
 from ds4d.model import Model, open_model
 from ds4d.quants import random_blocks
 from ds4d.shape import flash_shape
@@ -195,28 +196,17 @@ def layer_bytes(m: Model, ctx: int, batch: int) -> list[int]:
     return out
 
 
-def through_socket(path: Path, prompt_len: int, gen: int) -> dict:
-    """`ds4d serve --backend cuda` on the file and one client streaming a greedy generation of `gen` tokens after
-    a `prompt_len`-token prompt: tokens/s from the first streamed token to the result, as the client sees them."""
-    import subprocess
-    import tempfile
+def through_socket(path: Path, prompt_len: int, gen: int, backend: str = "cuda") -> dict:
+    """`ds4d serve --backend cuda` on the file (tests/daemon_harness.py) and one client streaming a greedy
+    generation of `gen` tokens after a `prompt_len`-token prompt: tokens/s from the first streamed token to the
+    result, as the client sees them."""
+    from daemon_harness import Daemon, short_home
 
-    from ds4c.client import DaemonUnreachable, Event, connect
-    home = Path(tempfile.mkdtemp(prefix="ds4-bench-"))
-    sock = home / "ds4.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "ds4d", "serve", "-m", str(path), "--backend", "cuda",
-                             "--socket", str(sock), "--cache-dir", str(home / "cache")],
-                            stderr=open(home / "stderr.log", "wb"), stdout=subprocess.DEVNULL)
+    from ds4c.client import Event, connect
+    d = Daemon(short_home(), str(path), "--backend", backend, "--log-level", "info", wait=False)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                c = connect(sock, timeout=600)
-                break
-            except DaemonUnreachable:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the daemon did not come up:\n" + (home / "stderr.log").read_text())
-                time.sleep(0.2)
+        d.wait_ready(timeout=300)                        # reading and uploading gigabytes of weights
+        c = connect(d.socket, timeout=600)
         ids = [int(t) for t in np.random.default_rng(1).integers(0, 129280, prompt_len)]
         t_first = n = None
         for ev in c.generate(tokens=ids, max_tokens=gen, temperature=0, stream=True):
@@ -228,8 +218,7 @@ def through_socket(path: Path, prompt_len: int, gen: int) -> dict:
         c.close()
         return {"prompt": prompt_len, "tokens": n, "tok_s": (n - 1) / (t_end - t_first)}
     finally:
-        proc.terminate()
-        proc.wait(60)
+        d.stop(60)
 
 
 def main() -> int:

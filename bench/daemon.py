@@ -28,7 +28,9 @@ import msgpack
 import ds4d  # noqa: F401  (first: sets single-threaded BLAS before numpy loads)
 from ds4d.engine import Engine, Job
 from ds4d.model import open_model
-from ds4d.tiny import make_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from daemon_harness import Daemon, tiny_q2  # noqa: E402
 
 # min_p 0 and a high temperature keep the random model away from EOS: every request decodes max_tokens.
 SAMPLING = {"temperature": 1.5, "min_p": 0.0}
@@ -54,20 +56,6 @@ class Client:
             data = self.sock.recv(1 << 20)
             assert data, "the daemon closed the connection"
             self.unpacker.feed(data)
-
-
-def start_daemon(model: str, tmp: Path) -> tuple[subprocess.Popen, str]:
-    path = str(tmp / "ds4.sock")
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state"), "XDG_CACHE_HOME": str(tmp / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "ds4d", "serve", "-m", model, "--socket", path, "--cache-dir",
-                             str(tmp / "cache"), "--log-level", "warning", "--ctx", "4096"], env=env)
-    for _ in range(600):
-        try:
-            Client(path).call("hello", protocol="1.0")
-            return proc, path
-        except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(0.05)
-    raise SystemExit("the daemon did not start")
 
 
 def percentiles(samples_ns: list[int]) -> tuple[float, float, float]:
@@ -263,26 +251,24 @@ def main() -> int:
     args = ap.parse_args()
     tmp_dir = tempfile.TemporaryDirectory(prefix="ds4b-", dir="/tmp")
     tmp = Path(tmp_dir.name)
-    path = args.model or str(tmp / "tiny-q2.gguf")
-    if not args.model:
-        make_tiny(path, "q2")
-    proc, sock = start_daemon(path, tmp)
+    path = args.model or tiny_q2(tmp)
+    daemon = Daemon(tmp, path, "--log-level", "warning", "--ctx", "4096")
+    sock, pid = str(daemon.socket), daemon.proc.pid
     try:
         idle = percentiles(hello_round_trips(sock, args.hellos))
         floor = percentiles(socket_floor(tmp, args.hellos))
         # hello while 16 other clients stream: how responsive the loop stays under load
-        load = threading.Thread(target=daemon_throughput, args=(sock, proc.pid, 16, args.tokens * 2))
+        load = threading.Thread(target=daemon_throughput, args=(sock, pid, 16, args.tokens * 2))
         load.start()
         time.sleep(0.5)
         busy = percentiles(hello_round_trips(sock, 1000))
         load.join()
-        stream = streaming_cost(sock, proc.pid, args.tokens, rounds=7)
-        daemon_rates = {n: daemon_throughput(sock, proc.pid, n, args.tokens) for n in (1, 4, 16)}
+        stream = streaming_cost(sock, pid, args.tokens, rounds=7)
+        daemon_rates = {n: daemon_throughput(sock, pid, n, args.tokens) for n in (1, 4, 16)}
         Client(sock).call("shutdown")
-        proc.wait(60)
+        daemon.wait(60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        daemon.kill()
     wake = wakeup_floor()
     model = open_model(path)
     engine_rates = {n: engine_throughput(model, n, args.tokens) for n in (1, 4, 16)}

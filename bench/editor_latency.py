@@ -29,6 +29,8 @@ from pathlib import Path
 import msgpack
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from daemon_harness import Daemon, tiny_q2  # noqa: E402
 PREFIX_TOKENS = 4096
 MAX_TOKENS = 64       # the daemon's default for `complete`, and the plugins'
 
@@ -132,20 +134,6 @@ def via_neovim(path: str, reqs: list[tuple[str, dict]], tmp: Path) -> list[dict]
     return json.loads((tmp / "out.json").read_text())
 
 
-def start_daemon(model: str, tmp: Path) -> tuple[subprocess.Popen, str]:
-    path = str(tmp / "ds4.sock")
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state"), "XDG_CACHE_HOME": str(tmp / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "ds4d", "serve", "-m", model, "--socket", path, "--cache-dir",
-                             str(tmp / "cache"), "--log-level", "warning"], env=env)
-    for _ in range(1200):
-        try:
-            Raw(path).request("hello", protocol="1.0")
-            return proc, path
-        except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(0.05)
-    raise SystemExit("the daemon did not start")
-
-
 def ms(x: float | None) -> str:
     return "–" if x is None else f"{x * 1000:,.0f}"
 
@@ -180,16 +168,12 @@ def main() -> int:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="ds4-edbench-", dir="/tmp"))
-    proc = None
+    daemon = None
     try:
         path = args.socket
         if path is None:
-            model = args.model
-            if model is None:
-                from ds4d.tiny import make_tiny
-                model = str(tmp / "tiny-q2.gguf")
-                make_tiny(model, "q2")
-            proc, path = start_daemon(model, tmp)
+            daemon = Daemon(tmp, args.model or tiny_q2(tmp), "--log-level", "warning")
+            path = str(daemon.socket)
         hello = Raw(path).request("hello", protocol="1.0", client="editor-bench")[0]
         prefix = prefix_of(path)
         # The clients take turns round by round, so a change in the machine's load hits both alike.
@@ -202,9 +186,8 @@ def main() -> int:
                 results["Neovim plugin"] += via_neovim(path, round_requests(prefix, f"nvim {r}"), tmp)
         print(report(results, hello, args.rounds))
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait()
+        if daemon is not None:
+            daemon.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
