@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from .chat import render_chat_parts
-    from .model import open_model
+    from .model import Model
     from .ops import resolve_backend
     from .output import OutputStream
     from .sampling import SamplingParams
@@ -165,13 +165,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     thinking = args.thinking
     path = _model_path(args, demo=True)
     backend = resolve_backend(args.backend)
+    g = GGUFFile(path)
     if backend == "cuda":
         from .ops.cuda import memory_shortfall
-        why = memory_shortfall(sum(t.nbytes for t in GGUFFile(path).tensors.values()), path.name)
+        why = memory_shortfall(g)
         if why:
             raise UsageError(why)
-    model = open_model(path, backend=backend,
-                       **({"threads": args.threads} if args.threads and backend == "cpu" else {}))
+    model = Model(g, backend=backend, **({"threads": args.threads} if args.threads and backend == "cpu" else {}))
     tok = model.tokenizer
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": prompt}]

@@ -540,7 +540,7 @@ class Engine:
     def _op_status(self) -> dict:
         return {"uptime_s": time.time() - self.started, "sessions": len(self.sessions),
                 "queue": self._inbox.qsize() + len(self._waiting) + len(self._active),
-                "memory": {"weights": sum(t.nbytes for t in self.model.gguf.tensors.values()),
+                "memory": {"weights": self.model.gguf.tensor_bytes,
                            "sessions": self._live_bytes(), "ram_cache": self.cache.ram_bytes(),
                            "disk_cache": self.cache.disk_bytes() if self.cache.root is not None else 0},
                 "counters": dict(self.counters)}

@@ -236,6 +236,7 @@ class GGUFFile:
                 name=t.name, type=t.tensor_type, dims=tuple(int(d) for d in t.shape), nbytes=int(t.n_bytes),
                 offset=int(t.data_offset), data=data)
         self._mmap = reader.data
+        self.tensor_bytes = sum(t.nbytes for t in self.tensors.values())   # all weights, as loaded
 
     def fingerprint(self) -> str:
         """A hex digest that identifies the file's content without reading it all: metadata, tensor directory,

@@ -697,10 +697,10 @@ def load_model(path: Path | None, backend: str):
         log.warning("NO MODEL CONFIGURED: serving the tiny RANDOM demo model %s; its output is gibberish. Point "
                     "-m, $DS4_MODEL or `model` in the config file at a real ds4 GGUF for real answers.", path)
     g = GGUFFile(path)
-    need = sum(t.nbytes for t in g.tensors.values())
+    need = g.tensor_bytes
     if backend == "cuda":                 # the weights live in GPU memory; the file is only read through
         from .ops.cuda import memory_shortfall
-        why = memory_shortfall(need, path.name)
+        why = memory_shortfall(g)
         if why:
             raise ServeError(why)
         log.info("loading %s: %s of weights into GPU memory", path, _gib(need))

@@ -50,15 +50,15 @@ def available() -> str | None:
 WORK_RESERVE = 2 << 30    # activations, scratch and the first sessions' state, beside the weights
 
 
-def memory_shortfall(weights_bytes: int, name: str) -> str | None:
-    """None when a model's weights fit the GPU's free memory (with WORK_RESERVE to spare), else why not."""
+def memory_shortfall(g) -> str | None:
+    """None when a model file's weights fit the GPU's free memory (with WORK_RESERVE to spare), else why not."""
     from .. import _cuda
     info = _cuda.device_info()
     free, total = info["free_bytes"], info["total_bytes"]
-    if weights_bytes + WORK_RESERVE <= free:
+    if g.tensor_bytes + WORK_RESERVE <= free:
         return None
     gib = lambda n: f"{n / 2**30:,.1f} GiB"   # noqa: E731
-    return (f"{name} does not fit the GPU: its weights need {gib(weights_bytes)} of GPU memory (plus "
+    return (f"{g.path.name} does not fit the GPU: its weights need {gib(g.tensor_bytes)} of GPU memory (plus "
             f"{gib(WORK_RESERVE)} for activations and session state) and {info['name']} has {gib(free)} free of "
             f"{gib(total)}. Use a smaller file or a GPU with more memory (routed experts kept in host memory are "
             f"not implemented yet), or --backend cpu")
@@ -75,7 +75,6 @@ class _Pool:
     def __init__(self, cu):
         self.cu = cu
         self.free: dict[int, list] = defaultdict(list)
-        self.reserved = 0
         self.recording: dict | None = None
         self.held: set = set()
 
@@ -89,11 +88,7 @@ class _Pool:
     def take(self, nbytes: int) -> "_Mem":
         size = self.size_class(nbytes)
         spare = self.free[size]
-        if spare:
-            buf = spare.pop()
-        else:
-            buf = self.cu.Buffer(size)
-            self.reserved += size
+        buf = spare.pop() if spare else self.cu.Buffer(size)
         if self.recording is not None:
             self.recording[buf] = size
         return _Mem(self, buf, size)
@@ -345,7 +340,6 @@ class _Step:
     largest position."""
 
     def __init__(self, be: "CUDA", sessions: list, bounds: np.ndarray, positions: np.ndarray, tokens: np.ndarray):
-        self.positions = positions
         L = be.layout
         N, S, n_swa = len(positions), len(sessions), L.n_swa
         self.n_tok, self.n_seg, self.decode = N, S, N == S
