@@ -814,5 +814,11 @@ def connect(socket: str | os.PathLike[str] | None = None, *, autostart: bool = F
     except DaemonUnreachable as e:
         if output.exited or isinstance(e, DaemonTimeout):
             raise
+        if output.proc is not None:                # it closed the connection: most likely on its way out
+            try:
+                output.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+            output.watch()                         # reports the exit, as when a wait noticed it
         output.poll()                              # the daemon's last words, if it died: a better reason
         raise DaemonUnreachable(f"ds4d did not start: {output.last or e} (see {output.path})", path) from None
