@@ -233,9 +233,16 @@ def main() -> int:
                     help="write the routed experts as holes and fill them with random blocks on the GPU (the "
                          "whole 43-layer q2 model in 10 GB of disk; not with --socket: the daemon would see zeros)")
     ap.add_argument("--ops", action="store_true", help="also device time per op of a batch-1 graph step")
+    ap.add_argument("--prefill-ops", action="store_true",
+                    help="also device time per op of a prefill of the first --ctx length, per token")
+    ap.add_argument("--no-decode", action="store_true", help="prefill figures only")
+    ap.add_argument("--no-gemm", action="store_true",
+                    help="prefill through the decode kernels (no tensor-core products): the comparison")
     ap.add_argument("--json")
     args = ap.parse_args()
     ctxs = [int(c) for c in args.ctx.split(",")]
+    if args.no_gemm:
+        _cuda.gemm_ok = lambda type_, cols: False
     path = Path(args.file)
     t0 = time.time()
     if not path.exists():
@@ -284,16 +291,32 @@ def main() -> int:
         m.prefill(st, ids, chunk=512)
         res[f"prefill_{ctx}"] = ctx / (time.perf_counter() - t0)
         print(f"prefill {ctx} tokens: {res[f'prefill_{ctx}']:.0f} tok/s", flush=True)
+        if args.no_decode:
+            continue
         if i == 0:
             decode([st], ctx, False, f"B=1 at {ctx}, eager")
         decode([st], ctx, True, f"B=1 at {ctx}, graph")
         del st
-    states = [m.new_state() for _ in range(8)]
-    for s8 in states:
-        m.prefill(s8, rng.integers(0, m.shape.n_vocab, args.ctx8), chunk=512)
-    decode(states, args.ctx8, False, f"B=8 at {args.ctx8}, eager")
-    decode(states, args.ctx8, True, f"B=8 at {args.ctx8}, graph")
-    del states
+    if not args.no_decode:
+        states = [m.new_state() for _ in range(8)]
+        for s8 in states:
+            m.prefill(s8, rng.integers(0, m.shape.n_vocab, args.ctx8), chunk=512)
+        decode(states, args.ctx8, False, f"B=8 at {args.ctx8}, eager")
+        decode(states, args.ctx8, True, f"B=8 at {args.ctx8}, graph")
+        del states
+    if args.prefill_ops:
+        ops_clock = OpClock(m)
+        st, ids = m.new_state(), rng.integers(0, m.shape.n_vocab, ctxs[0])
+        for c0 in range(0, ctxs[0], 512):
+            m.prefill(st, ids[c0:c0 + 512], chunk=512)
+            ops_clock.read()
+        per = {k: sum(t.get(k, 0.0) for t in ops_clock.times) / ctxs[0] for k in ops_clock.times[0]}
+        res["prefill_ops_us_per_token"] = per
+        total = sum(per.values())
+        print(f"\ndevice time per op and token, prefill of {ctxs[0]} in chunks of 512, summed over {args.layers} "
+              f"layers (total {total:.1f} us per token, {1e6 / total:.0f} tok/s):")
+        for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:24s} {v:8.2f} us  {100 * v / total:5.1f}%")
     if args.ops:
         ops_clock = OpClock(m)
         st = m.new_state()

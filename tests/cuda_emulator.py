@@ -179,6 +179,50 @@ def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=
             _at(y + 4 * (t * y_stride + g * rows), np.float32, rows)[:] = out[t]
 
 
+_GEMM_TYPES = (8, 10, 12, 16)  # Q8_0, Q2_K, Q4_K, IQ2_XXS
+
+
+def gemm_ok(type, cols):
+    return type in _GEMM_TYPES and cols > 0 and cols % 256 == 0
+
+
+def gemm_work_bytes(type, n_tok, cols, groups=1):
+    return 16 if gemm_ok(type, cols) else 0
+
+
+def gemm(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups, work):
+    assert gemm_ok(type, cols) and work and n_tok >= 1
+    for t0 in range(0, n_tok, 16):
+        n = min(16, n_tok - t0)
+        matvec.__wrapped__(stream, y + 4 * t0 * y_stride, y_stride, w, type, rows, cols, x + 4 * t0 * x_stride,
+                           x_stride, n, groups)
+
+
+def moe_work_bytes(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert):
+    return 16
+
+
+def moe_grouped(stream, out, out_stride, h, h_stride, gate, up, down, gate_type, down_type, n_ff, n_embd, n_expert,
+                ids, weights, n_used, n_tok, clamp, accumulate, work):
+    assert gemm_ok(gate_type, n_embd) and gemm_ok(down_type, n_ff) and ids and weights and work
+    H = _rows(h, h_stride, n_tok, n_embd)
+    G = _weights(gate, gate_type, n_expert * n_ff, n_embd)
+    U = _weights(up, gate_type, n_expert * n_ff, n_embd)
+    Dw = _weights(down, down_type, n_expert * n_embd, n_ff)
+    I = _at(ids, np.int32, n_tok * n_used).reshape(n_tok, n_used)
+    W = _at(weights, np.float32, n_tok * n_used).reshape(n_tok, n_used)
+    for t in range(n_tok):
+        acc = np.zeros(n_embd, np.float32)
+        for j in range(n_used):
+            e = int(I[t, j]) if 0 <= I[t, j] < n_expert else 0
+            g = _product(G[e * n_ff:(e + 1) * n_ff], gate_type, n_embd, H[t:t + 1])
+            u = _product(U[e * n_ff:(e + 1) * n_ff], gate_type, n_embd, H[t:t + 1])
+            mid = REF.swiglu(g, u, clamp) * np.float32(W[t, j])
+            acc += _product(Dw[e * n_embd:(e + 1) * n_embd], down_type, n_ff, mid)[0]
+        row = _at(out + 4 * t * out_stride, np.float32, n_embd)
+        row[:] = row + acc if accumulate else acc
+
+
 def embed(stream, X, table, type, tokens, n_tok, n_embd, n_hc):
     toks = _at(tokens, np.int32, n_tok)
     for t, tok in enumerate(toks):
@@ -444,5 +488,5 @@ def _enqueued(fn):
 
 for _name in ("memcpy", "matvec", "embed", "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store",
               "attention_decode", "route", "moe_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4",
-              "indexer_scores", "topk"):
+              "indexer_scores", "topk", "gemm", "moe_grouped"):
     globals()[_name] = _enqueued(globals()[_name])

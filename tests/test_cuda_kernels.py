@@ -249,6 +249,60 @@ def test_quantize_act_bitwise(stream, rng, kind):
         np.testing.assert_array_equal(d.get(bs), ref[2])
 
 
+# ---- prefill products on tensor cores --------------------------------------------------------------------------
+
+GEMM_SHAPES = [(64, 256), (100, 512), (24, 1024), (129, 2048)]  # (rows, cols): partial row tiles included
+
+
+@pytest.mark.parametrize("type_", QUANT_TYPES)
+@pytest.mark.parametrize("n_tok", [1, 17, 64, 100])
+def test_gemm_all_types(stream, rng, type_, n_tok):
+    """The prefill product equals the CPU's act8 product (the same integer sums) to f32 rounding, for partial
+    tiles of rows and tokens; nothing is written past a row of y."""
+    d = Dev(stream)
+    for rows, cols in GEMM_SHAPES:
+        assert _cuda.gemm_ok(type_, cols)
+        w = rand_weights(rng, type_, rows, cols)
+        x_stride = cols + 4
+        x = rng.standard_normal((n_tok, x_stride)).astype(np.float32)
+        y = d.out((n_tok, rows + 3))
+        work = d.out((_cuda.gemm_work_bytes(type_, n_tok, cols),), np.uint8)
+        _cuda.gemm(stream.ptr, y.ptr, rows + 3, d.put(w), type_, rows, cols, d.put(x), x_stride, n_tok, 1, work.ptr)
+        got = d.get(y)
+        assert np.all(np.isnan(got[:, rows:])), "wrote past the end of a row of y"
+        assert rel(got[:, :rows], product_ref(w, type_, cols, x[:, :cols])) < 2e-5, (rows, cols)
+
+
+@pytest.mark.parametrize("type_", QUANT_TYPES)
+def test_gemm_close_to_exact_and_grouped(stream, rng, type_):
+    """Against f64 on gguf's decoding of the weights (the 8-bit activations cost a few per mille), and the
+    block-diagonal product of groups > 1."""
+    d = Dev(stream)
+    groups, rows, cols, n_tok = 3, 128, 1024, 70
+    w = rand_weights(rng, type_, groups * rows, cols)
+    x = rng.standard_normal((n_tok, groups * cols)).astype(np.float32)
+    y = d.out((n_tok, groups * rows))
+    work = d.out((_cuda.gemm_work_bytes(type_, n_tok, cols, groups),), np.uint8)
+    _cuda.gemm(stream.ptr, y.ptr, groups * rows, d.put(w), type_, rows, cols, d.put(x), groups * cols, n_tok, groups,
+               work.ptr)
+    got = d.get(y)
+    parts = [(slice(g * rows, (g + 1) * rows), slice(g * cols, (g + 1) * cols)) for g in range(groups)]
+    exact = np.concatenate([x[:, c].astype(np.float64) @ dense(w[r], type_, cols).T for r, c in parts], axis=1)
+    act8 = np.concatenate([product_ref(w[r], type_, cols, x[:, c]) for r, c in parts], axis=1)
+    assert rel(got, act8) < 2e-5
+    assert rel(got, exact) < 3e-2
+
+
+def test_gemm_rejects_bad_arguments(stream):
+    d = Dev(stream)
+    b = d.out((4096,))
+    assert not _cuda.gemm_ok(F16, 256) and not _cuda.gemm_ok(Q8_0, 32)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        _cuda.gemm(stream.ptr, b.ptr, 1, b.ptr, Q8_0, 1, 32, b.ptr, 32, 20, 1, b.ptr)
+    with pytest.raises(ValueError, match="aligned"):
+        _cuda.gemm(stream.ptr, b.ptr, 1, b.ptr, Q8_0, 1, 256, b.ptr, 256, 20, 1, 0)
+
+
 # ---- mixture of experts --------------------------------------------------------------------------------------
 
 MOE_TYPES = [(IQ2_XXS, Q2_K), (Q4_K, Q4_K), (Q8_0, Q8_0), (F16, F16)]
@@ -294,6 +348,43 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used):
         for j, e in enumerate(ids[t]):  # from the GPU's mid, so that this checks the down kernel alone
             ref[t] += product_ref(down[e], down_type, n_ff, got_mid[t, j:j + 1])[0]
     assert rel(got[:, :n_embd], ref) < 2e-5
+
+
+@pytest.mark.parametrize("gate_type,down_type", MOE_TYPES[:3])
+@pytest.mark.parametrize("n_tok,n_used", [(2, 6), (40, 6), (150, 4)])
+def test_moe_grouped(stream, rng, gate_type, down_type, n_tok, n_used):
+    """The routed experts of many tokens in one grouped pass equal the per-pair reference: skewed routing (one
+    expert takes more than a tile of 16 pairs, some none), an id out of range (reads expert 0), and the result
+    added to what out holds (the shared expert)."""
+    d = Dev(stream)
+    n_expert, n_embd, n_ff, clamp = 16, 512, 256, 10.0
+    gate = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
+    up = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
+    down = rand_weights(rng, down_type, n_embd, n_ff, lead=(n_expert,))
+    h = (rng.standard_normal((n_tok, n_embd)) * 0.05).astype(np.float32)
+    p = np.r_[8.0, np.ones(n_expert - 3), 0.0, 0.0]
+    ids = np.stack([rng.choice(n_expert, n_used, replace=False, p=p / p.sum()) for _ in range(n_tok)])
+    ids = ids.astype(np.int32)
+    ids[0, 0] = -1
+    wts = rng.uniform(0.1, 0.5, (n_tok, n_used)).astype(np.float32)
+    prior = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    ref = prior.astype(np.float64)
+    for t in range(n_tok):
+        for j, e in enumerate(ids[t]):
+            e = max(e, 0)
+            g = product_ref(gate[e], gate_type, n_embd, h[t:t + 1])[0]
+            u = product_ref(up[e], gate_type, n_embd, h[t:t + 1])[0]
+            mid = (swiglu_ref(g, u, clamp) * wts[t, j]).astype(np.float32)[None]
+            ref[t] += product_ref(down[e], down_type, n_ff, mid)[0]
+    out = d.buf(np.pad(prior, ((0, 0), (0, 2)), constant_values=np.nan))
+    work = d.out((_cuda.moe_work_bytes(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert),), np.uint8)
+    _cuda.moe_grouped(stream.ptr, out.ptr, n_embd + 2, d.put(h), n_embd, d.put(gate), d.put(up), d.put(down),
+                      gate_type, down_type, n_ff, n_embd, n_expert, d.put(ids), d.put(wts), n_used, n_tok, clamp,
+                      True, work.ptr)
+    got = d.get(out)
+    assert np.all(np.isnan(got[:, n_embd:]))
+    # mid rows are re-quantized to 8 bits from f32 sums in another order: a rounding may flip (1/127 of a block)
+    assert rel(got[:, :n_embd] - prior, ref - prior) < 1e-3
 
 
 def test_swiglu(stream, rng):

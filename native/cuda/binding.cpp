@@ -228,6 +228,29 @@ PYBIND11_MODULE(_cuda, m) {
                                     x_stride, n_tok, cols, kind), "quantize_act");
     }, py::arg("stream"), py::arg("qs"), py::arg("d"), py::arg("bsums"), py::arg("x"), py::arg("x_stride"),
        py::arg("n_tok"), py::arg("cols"), py::arg("kind"));
+    m.def("gemm_ok", &ds4_cuda_gemm_ok, py::arg("type"), py::arg("cols"));
+    m.def("gemm", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t w, int type, int64_t rows, int64_t cols,
+                     uintptr_t x, int64_t x_stride, int n_tok, int groups, uintptr_t work) {
+        check(ds4_cuda_gemm(st(s), dev<float>(y), y_stride, dev<void>(w), type, rows, cols, dev<const float>(x),
+                            x_stride, n_tok, groups, dev<void>(work)), "gemm");
+    }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
+       py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups"), py::arg("work"));
+    m.def("gemm_work_bytes", &ds4_cuda_gemm_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("cols"),
+          py::arg("groups") = 1);
+    m.def("moe_grouped", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t h, int64_t h_stride,
+                            uintptr_t gate, uintptr_t up, uintptr_t down, int gate_type, int down_type, int64_t n_ff,
+                            int64_t n_embd, int n_expert, uintptr_t ids, uintptr_t weights, int n_used, int n_tok,
+                            float clamp, bool accumulate, uintptr_t work) {
+        check(ds4_cuda_moe_grouped(st(s), dev<float>(out), out_stride, dev<const float>(h), h_stride, dev<void>(gate),
+                                   dev<void>(up), dev<void>(down), gate_type, down_type, n_ff, n_embd, n_expert,
+                                   dev<const int32_t>(ids), dev<const float>(weights), n_used, n_tok, clamp,
+                                   accumulate, dev<void>(work)), "moe_grouped");
+    }, py::arg("stream"), py::arg("out"), py::arg("out_stride"), py::arg("h"), py::arg("h_stride"), py::arg("gate"),
+       py::arg("up"), py::arg("down"), py::arg("gate_type"), py::arg("down_type"), py::arg("n_ff"), py::arg("n_embd"),
+       py::arg("n_expert"), py::arg("ids"), py::arg("weights"), py::arg("n_used"), py::arg("n_tok"), py::arg("clamp"),
+       py::arg("accumulate"), py::arg("work"));
+    m.def("moe_work_bytes", &ds4_cuda_moe_work_bytes, py::arg("gate_type"), py::arg("down_type"), py::arg("n_tok"),
+          py::arg("n_used"), py::arg("n_embd"), py::arg("n_ff"), py::arg("n_expert"));
     m.def("moe_gate_up", [](uintptr_t s, uintptr_t mid, uintptr_t h, int64_t h_stride, uintptr_t gate, uintptr_t up,
                             int type, int64_t n_ff, int64_t n_embd, int n_expert, uintptr_t ids, uintptr_t weights,
                             int n_used, int n_tok, float clamp) {

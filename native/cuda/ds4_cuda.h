@@ -53,6 +53,30 @@ size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups)
 cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t* bsums, const float* x,
                                   int64_t x_stride, int n_tok, int64_t cols, int kind);
 
+// ---- prefill products (tensor cores) ---------------------------------------------------------------------------
+
+// Whether ds4_cuda_gemm takes this matrix: Q8_0, Q2_K, Q4_K or IQ2_XXS rows of a multiple of 256 weights.
+bool ds4_cuda_gemm_ok(int type, int64_t cols);
+// ds4_cuda_matvec's product for any number of activation rows (the prefill), on int8 tensor cores: the same
+// quantized activations and exact integer sums per 32 weights, the f32 sums grouped per block of 32 (Q8_0) or 256
+// weights. work: ds4_cuda_gemm_work_bytes(...) bytes (the quantized activations), required.
+cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
+                          int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work);
+size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t cols, int groups);
+
+// The routed experts of n_tok tokens in one pass (prefill): out[t, :] (+)= sum_j weights[t, j] * down_e
+// (silu(min(gate_e . h_t, clamp)) * clip(up_e . h_t, +-clamp)), e = ids[t, j] (outside [0, n_expert): expert 0),
+// as ds4_cuda_moe_gate_up + ds4_cuda_moe_down compute it, but each expert's weights read once per 16 of its
+// pairs: the pairs are sorted by expert on the device and each matrix is one grouped tensor-core product. Gate
+// and up share gate_type, down has down_type (both ds4_cuda_gemm_ok). work: ds4_cuda_moe_work_bytes(...) bytes.
+cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride, const float* h, int64_t h_stride,
+                                 const void* gate, const void* up, const void* down, int gate_type, int down_type,
+                                 int64_t n_ff, int64_t n_embd, int n_expert, const int32_t* ids,
+                                 const float* weights, int n_used, int n_tok, float clamp, bool accumulate,
+                                 void* work);
+size_t ds4_cuda_moe_work_bytes(int gate_type, int down_type, int n_tok, int n_used, int64_t n_embd, int64_t n_ff,
+                               int n_expert);
+
 // ---- mixture of experts (decode) -------------------------------------------------------------------------------
 
 // mid[t, j, :] = silu(min(g, clamp)) * clip(u, -clamp, clamp) * weights[t, j] with g = gate_e . h_t,

@@ -239,6 +239,75 @@ __device__ __forceinline__ float dot8f(const float (&w)[8], const float* x) {
 // them), so that 8 signed weights cost two 32-bit lookups, one add and two prmt.
 constexpr uint32_t kIq2Lo = 0xF82B1908u, kIq2Hi = 0x0000D5E7u;
 
+// Decodes unit u (weights 32 u .. 32 u + 31) of a row's staged bytes of type T into 8 words of signed bytes and
+// its scales: Q8_0 dw; Q4_K dw, dm and the sub-block's 6-bit scale and min (isc, imn); Q2_K dw, dm and the two
+// 16-weight sub-blocks' scale bytes (isc, imn: low 4 bits scale, high 4 min; q holds the 2-bit values); IQ2_XXS
+// dw (d / 8) and the group scale 2 ls + 1 (isc).
+template <int T>
+__device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uint32_t* tab, int (&q)[8], float& dw,
+                                            float& dm, int& isc, int& imn) {
+    if constexpr (T == TYPE_Q8_0) {
+        const uint8_t* b = row + 34 * u;
+        dw = f16_at(b);
+        const uintptr_t a = (uintptr_t)(b + 2);
+        const uint32_t* w = (const uint32_t*)(a & ~(uintptr_t)3);
+        const uint32_t sh = (uint32_t)(a & 3) * 8;
+        uint32_t prev = w[0];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const uint32_t next = w[i + 1];
+            q[i] = (int)__funnelshift_r(prev, next, sh);
+            prev = next;
+        }
+    } else if constexpr (T == TYPE_Q4_K) {
+        const int blk = u >> 3, sub = u & 7;
+        const uint8_t* b = row + 144 * blk;
+        const float2 dd = __half22float2(*(const __half2*)b);
+        dw = dd.x, dm = dd.y;
+        const uint32_t* sp = (const uint32_t*)(b + 4);
+        const uint32_t sa = sp[0], sb = sp[1], sc = sp[2];
+        const int sh = 8 * (sub & 3);
+        if (sub < 4) {
+            isc = (sa >> sh) & 63, imn = (sb >> sh) & 63;
+        } else {
+            isc = ((sc >> sh) & 15) | (((sa >> sh) >> 6 & 3) << 4);
+            imn = ((sc >> sh) >> 4 & 15) | (((sb >> sh) >> 6 & 3) << 4);
+        }
+        const int4* qp = (const int4*)(b + 16 + 32 * (sub >> 1));
+        const int4 w0 = qp[0], w1 = qp[1];
+        const int shift = 4 * (sub & 1);
+        const int raw[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) q[i] = (raw[i] >> shift) & 0x0f0f0f0f;
+    } else if constexpr (T == TYPE_Q2_K) {
+        const int blk = u >> 3, pr = u & 7;  // sub-blocks 2 pr and 2 pr + 1
+        const uint8_t* b = row + 84 * blk;
+        const float2 dd = __half22float2(*(const __half2*)(b + 80));
+        dw = dd.x, dm = dd.y;
+        const uint32_t scs = *(const uint16_t*)(b + 2 * pr);
+        isc = scs & 0xff, imn = scs >> 8;
+        const uint32_t* qp = (const uint32_t*)(b + 16 + 32 * (pr >> 2));
+        const int shift = 2 * (pr & 3);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) q[i] = (int)((qp[i] >> shift) & 0x03030303u);
+    } else {  // IQ2_XXS
+        const int blk = u >> 3, grp = u & 7;
+        const uint8_t* b = row + 66 * blk;
+        dw = f16_at(b) * 0.125f;  // the format's 1/8, exact
+        const uintptr_t a = (uintptr_t)(b + 2 + 8 * grp);
+        const uint32_t* w = (const uint32_t*)(a & ~(uintptr_t)3);
+        const uint32_t sh = (uint32_t)(a & 3) * 8, w0 = w[0], w1 = w[1], w2 = w[2];
+        const uint32_t grid = __funnelshift_r(w0, w1, sh), aux = __funnelshift_r(w1, w2, sh);
+        isc = 2 * (int)(aux >> 28) + 1;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const uint32_t sel = tab[(grid >> (8 * i)) & 255] + tab[256 + ((aux >> (7 * i)) & 127)];
+            q[2 * i] = (int)__byte_perm(kIq2Lo, kIq2Hi, sel);
+            q[2 * i + 1] = (int)__byte_perm(kIq2Lo, kIq2Hi, sel >> 16);
+        }
+    }
+}
+
 // Computes one stage: rows rp[r] (staged bytes of weights k0 .. k0 + Stage::weights of each row, r < live)
 // against the activations of NB tokens (n_tok real), adding into acc. Weights past `cols` are skipped. xv[0] serves
 // every row when SHARED_X (a product: one activation load feeds RPW rows), else row r reads xv[r] (the routed
@@ -318,71 +387,11 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
             // per token.
             int q[RPW][8];
             float dw[RPW], dm[RPW];
-            int isc[RPW], imn[RPW];  // Q4_K: sub-block scale and min; Q2_K: the two sub-blocks' scale bytes;
-                                     // IQ2_XXS: the group scale
+            int isc[RPW], imn[RPW];
 #pragma unroll
             for (int r = 0; r < RPW; ++r) {
                 if (r >= live) break;
-                if constexpr (T == TYPE_Q8_0) {
-                    const uint8_t* b = rp[r] + 34 * u;
-                    dw[r] = f16_at(b);
-                    const uintptr_t a = (uintptr_t)(b + 2);
-                    const uint32_t* w = (const uint32_t*)(a & ~(uintptr_t)3);
-                    const uint32_t sh = (uint32_t)(a & 3) * 8;
-                    uint32_t prev = w[0];
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        const uint32_t next = w[i + 1];
-                        q[r][i] = (int)__funnelshift_r(prev, next, sh);
-                        prev = next;
-                    }
-                } else if constexpr (T == TYPE_Q4_K) {
-                    const int blk = u >> 3, sub = u & 7;
-                    const uint8_t* b = rp[r] + 144 * blk;
-                    const float2 dd = __half22float2(*(const __half2*)b);
-                    dw[r] = dd.x, dm[r] = dd.y;
-                    const uint32_t* sp = (const uint32_t*)(b + 4);
-                    const uint32_t sa = sp[0], sb = sp[1], sc = sp[2];
-                    const int sh = 8 * (sub & 3);
-                    if (sub < 4) {
-                        isc[r] = (sa >> sh) & 63, imn[r] = (sb >> sh) & 63;
-                    } else {
-                        isc[r] = ((sc >> sh) & 15) | (((sa >> sh) >> 6 & 3) << 4);
-                        imn[r] = ((sc >> sh) >> 4 & 15) | (((sb >> sh) >> 6 & 3) << 4);
-                    }
-                    const int4* qp = (const int4*)(b + 16 + 32 * (sub >> 1));
-                    const int4 w0 = qp[0], w1 = qp[1];
-                    const int shift = 4 * (sub & 1);
-                    const int raw[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) q[r][i] = (raw[i] >> shift) & 0x0f0f0f0f;
-                } else if constexpr (T == TYPE_Q2_K) {
-                    const int blk = u >> 3, pr = u & 7;  // sub-blocks 2 pr and 2 pr + 1
-                    const uint8_t* b = rp[r] + 84 * blk;
-                    const float2 dd = __half22float2(*(const __half2*)(b + 80));
-                    dw[r] = dd.x, dm[r] = dd.y;
-                    const uint32_t scs = *(const uint16_t*)(b + 2 * pr);
-                    isc[r] = scs & 0xff, imn[r] = scs >> 8;
-                    const uint32_t* qp = (const uint32_t*)(b + 16 + 32 * (pr >> 2));
-                    const int shift = 2 * (pr & 3);
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) q[r][i] = (int)((qp[i] >> shift) & 0x03030303u);
-                } else {  // IQ2_XXS
-                    const int blk = u >> 3, grp = u & 7;
-                    const uint8_t* b = rp[r] + 66 * blk;
-                    dw[r] = f16_at(b) * 0.125f;  // the format's 1/8, exact
-                    const uintptr_t a = (uintptr_t)(b + 2 + 8 * grp);
-                    const uint32_t* w = (const uint32_t*)(a & ~(uintptr_t)3);
-                    const uint32_t sh = (uint32_t)(a & 3) * 8, w0 = w[0], w1 = w[1], w2 = w[2];
-                    const uint32_t grid = __funnelshift_r(w0, w1, sh), aux = __funnelshift_r(w1, w2, sh);
-                    isc[r] = 2 * (int)(aux >> 28) + 1;
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const uint32_t sel = tab[(grid >> (8 * i)) & 255] + tab[256 + ((aux >> (7 * i)) & 127)];
-                        q[r][2 * i] = (int)__byte_perm(kIq2Lo, kIq2Hi, sel);
-                        q[r][2 * i + 1] = (int)__byte_perm(kIq2Lo, kIq2Hi, sel >> 16);
-                    }
-                }
+                decode_unit<T>(rp[r], u, tab, q[r], dw[r], dm[r], isc[r], imn[r]);
             }
 #pragma unroll
             for (int t = 0; t < NB; ++t) {

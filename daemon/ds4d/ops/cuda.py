@@ -33,6 +33,7 @@ from ..weights import Weight
 _F32, _I32, _F16 = np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float16)
 MATVEC_ROWS = 16          # ds4_cuda_matvec and hc_pre take at most this many activation rows
 MOE_ROWS = 64             # ds4_cuda_moe_* likewise
+MOE_GROUPED_ROWS = 1024   # tokens per ds4_cuda_moe_grouped call: bounds its workspace (~70 KB per token)
 ATTN_ROWS = 16            # attention queries per launch: bounds the split scratch
 
 
@@ -584,6 +585,11 @@ class CUDA:
         y = self.empty((T, w.rows))
         wp, s = self.weight(w), self.stream.ptr
         per = w.rows // groups
+        if T > MATVEC_ROWS and self.cu.gemm_ok(int(w.type), w.cols):  # prefill: tensor cores
+            work = self.empty((self.cu.gemm_work_bytes(int(w.type), T, w.cols, groups),), np.uint8)
+            self.cu.gemm(s, y.ptr, w.rows, wp, int(w.type), per, w.cols, x.ptr, cols, T, groups, work.ptr)
+            self.weight_calls += 1
+            return y
         for t0 in range(0, T, MATVEC_ROWS):
             n = min(MATVEC_ROWS, T - t0)
             nwork = self.cu.matvec_work_bytes(int(w.type), n, w.cols, groups)
@@ -760,7 +766,8 @@ class CUDA:
         """Routed experts (gate+up+SwiGLU·weight, then down summed over each token's experts) and the shared
         expert. One token: both through the fused MoE kernels (routed, then shared accumulated). Several: the
         shared expert first, as three products and a SwiGLU (the fused kernels read an expert once per token, the
-        products once per block of rows), then the routed experts accumulated onto it."""
+        products once per block of rows), then the routed experts accumulated onto it: per token for a decode
+        batch, as one grouped product per matrix over the tokens sorted by expert for more (prefill)."""
         cu, s = self.cu, self.stream.ptr
         N, E = h.shape
         k = ids.shape[1]
@@ -773,7 +780,15 @@ class CUDA:
             out = self._matvec(sd, mid, 1)
         else:
             out = self.empty((N, E))
-        for t0 in range(0, N, MOE_ROWS):
+        grouped = N > MATVEC_ROWS and cu.gemm_ok(int(gate.type), E) and cu.gemm_ok(int(down.type), gate.rows)
+        for t0 in range(0, N if grouped else 0, MOE_GROUPED_ROWS):
+            n = min(MOE_GROUPED_ROWS, N - t0)
+            work = self.empty((cu.moe_work_bytes(int(gate.type), int(down.type), n, k, E, gate.rows,
+                                                 gate.n_expert),), np.uint8)
+            cu.moe_grouped(s, out.ptr + 4 * t0 * E, E, h.ptr + 4 * t0 * E, E, g, u, dn, int(gate.type),
+                           int(down.type), gate.rows, E, gate.n_expert, ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k,
+                           k, n, float(clamp), True, work.ptr)
+        for t0 in range(0, 0 if grouped else N, MOE_ROWS):
             n = min(MOE_ROWS, N - t0)
             mid = self.empty((n, k, gate.rows))
             cu.moe_gate_up(s, mid.ptr, h.ptr + 4 * t0 * E, E, g, u, int(gate.type), gate.rows, E, gate.n_expert,

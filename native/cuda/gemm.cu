@@ -1,0 +1,569 @@
+// Tensor-core products for prefill: many activation rows against quantized weights (ds4_cuda_gemm), and the
+// routed experts of many tokens as one grouped product per matrix over the tokens sorted by expert
+// (ds4_cuda_moe_grouped).
+//
+// Numerics are the decode kernels' (qdot.cuh): activations quantized to the CPU's act8 blocks (Q8_0 for Q8_0
+// weights, Q8_K for the K and IQ2 types), weights decoded to exact signed bytes, exact integer sums per 32
+// weights, f32 from there on. Only the grouping of the f32 sums differs: Q8_0 adds each 32-weight block's scaled
+// sum; the others add each 256-weight super-block's integer sum (Q2_K: the scale folded into the bytes; Q4_K,
+// IQ2_XXS: times the sub-block scale in integers) once, minus its min term.
+//
+// A block of 4 warps computes a tile of 64 weight rows x BN activation rows, 256 weights of K per stage. Each
+// stage, its threads copy the tile's raw weight bytes and int8 activations into shared memory with cp.async
+// (double-buffered: the next stage's copies fly while this one computes), decode the weights into a 64 x 256
+// int8 tile with per-row scales, and the warps run int8 mma.sync m16n8k32 (one per 32 weights, the sub-block of
+// every type) on fragments read straight from the tiles (rows padded by 16 bytes: conflict-free). The K types'
+// min terms (sum over 16-weight sub-blocks of min x activation sum) are one f16 mma m16n8k16 per stage: mins
+// (< 64) and activation sums (|.| <= 2032) are exact in f16 and their products sum exactly in f32.
+//
+// The grouped MoE: a one-block kernel sorts the (token, slot) pairs by expert (counts, offsets, each pair's
+// position; order within an expert does not matter, every output element is computed alone) and lists tiles of
+// up to 16 pairs of one expert. gate and up are then two grouped products over those tiles (activation rows
+// gathered by pair), SwiGLU times the routing weight writes the mid rows in sorted order, down is a third grouped
+// product, and a last kernel adds each token's n_used rows in slot order (no atomics: the same bits every run).
+#include "qdot.cuh"
+
+namespace ds4::cuda {
+namespace {
+
+constexpr int kBM = 64;                 // weight rows per block tile
+constexpr int kGWarps = 4;
+constexpr int kGThreads = 32 * kGWarps;
+constexpr int kKS = 256;                // weights of K per stage
+constexpr int kPad = kKS + 16;          // int8 tile row stride in bytes
+constexpr int kMoeBN = 16;              // activation rows per grouped tile (~12 pairs per expert in a 512 chunk)
+constexpr int kDenseBN = 64;
+
+template <int T>
+constexpr int sb_bytes() {  // raw bytes of 256 weights of a row: Q8_0 272, Q2_K 84, Q4_K 144, IQ2_XXS 66
+    return kKS / WT<T>::bw * WT<T>::bb;
+}
+template <int T>
+constexpr int raw_slot() {  // a row's raw stage: bytes + alignment offset + the decoders' over-read
+    return (sb_bytes<T>() + 32 + 15) / 16 * 16;
+}
+template <int T>
+constexpr bool has_min() {
+    return T == TYPE_Q2_K || T == TYPE_Q4_K;
+}
+template <int T>
+constexpr bool gemm_type() {
+    return T == TYPE_Q8_0 || T == TYPE_Q2_K || T == TYPE_Q4_K || T == TYPE_IQ2_XXS;
+}
+
+struct GemmArgs {
+    float* y;
+    int64_t y_stride;            // y row of output row n (dense: activation row n; grouped: sorted pair n)
+    const uint8_t* w;
+    int64_t rows, cols, row_bytes;
+    int64_t w_group;             // bytes between groups' (dense) or experts' (grouped) matrices
+    const uint8_t* xq;           // quantized activations: x_rows rows of x_width values, act_view planes
+    int64_t x_rows, x_width;
+    int n_tok;                   // dense: activation rows
+    const int32_t* tiles;        // grouped: (expert, first row, count) per tile; null for a dense product
+    const int32_t* n_tiles;
+    const int32_t* gather;       // grouped: activation row of output row n is gather[n] / gather_div (null: n)
+    int gather_div;
+    const uint32_t* tab;
+};
+
+// Shared-memory layout of one block (offsets in bytes).
+template <int T, int BN>
+struct GemmSmem {
+    static constexpr size_t tab = 0;
+    static constexpr size_t raw = table_bytes<T>();
+    static constexpr size_t a = raw + 2 * kBM * raw_slot<T>();
+    static constexpr size_t asc = a + kBM * kPad;                  // float [kBM][8]: Q8_0 per block; else d, dmin
+    static constexpr size_t aisc = asc + kBM * 8 * 4;              // int [kBM][8]: sub-block scales (Q4_K, IQ2)
+    static constexpr size_t amin = aisc + kBM * 8 * 4;             // half [kBM][16]: 16-weight mins (Q2_K, Q4_K)
+    static constexpr size_t bq = amin + kBM * 16 * 2;              // int8 [2][BN][kPad]
+    static constexpr size_t bd = bq + 2 * BN * kPad;               // float [2][BN][8]: Q8_0 per block; else [0]
+    static constexpr size_t bbs = bd + 2 * BN * 8 * 4;             // int16 [2][BN][16]: activation sums per 16
+    static constexpr size_t bytes = bbs + 2 * BN * 16 * 2;
+};
+
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ uint32_t half2_bits(int lo, int hi) {
+    const __half2 h = __halves2half2(__int2half_rn(lo), __int2half_rn(hi));
+    return *(const uint32_t*)&h;
+}
+
+template <int T, int BN>
+__global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
+    using S = GemmSmem<T, BN>;
+    constexpr int xb = WT<T>::xb, SB = sb_bytes<T>(), RS = raw_slot<T>();
+    constexpr int NC = (SB + 15 + 15) / 16;          // 16-byte pieces of a row's stage, at most
+    constexpr int WN = BN >= 32 ? 2 : 1, WM = kGWarps / WN;
+    constexpr int MI = kBM / (16 * WM), NI = BN / (8 * WN);
+    extern __shared__ __align__(16) uint8_t smem[];
+    uint32_t* tab = (uint32_t*)(smem + S::tab);
+    uint8_t* raw = smem + S::raw;
+    int8_t* A = (int8_t*)(smem + S::a);
+    float* asc = (float*)(smem + S::asc);
+    int* aisc = (int*)(smem + S::aisc);
+    __half* amin = (__half*)(smem + S::amin);
+    int8_t* Bq = (int8_t*)(smem + S::bq);
+    float* Bd = (float*)(smem + S::bd);
+    int16_t* Bbs = (int16_t*)(smem + S::bbs);
+
+    pdl_trigger();
+    pdl_wait();
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+
+    // This block's tile: weight rows row0.., output rows first .. first + count - 1, and the matrix.
+    int64_t first, row0;
+    int count, xcol = 0;
+    const uint8_t* wm = a.w;
+    float* y = a.y;
+    if (a.tiles) {
+        const int tile = blockIdx.y;
+        if (tile >= *a.n_tiles) return;
+        wm += (int64_t)a.tiles[3 * tile] * a.w_group;
+        first = a.tiles[3 * tile + 1];
+        count = a.tiles[3 * tile + 2];
+        row0 = (int64_t)blockIdx.x * kBM;
+    } else {
+        first = (int64_t)blockIdx.x * BN;
+        count = (int)min((int64_t)BN, a.n_tok - first);
+        row0 = (int64_t)blockIdx.y * kBM;
+        wm += blockIdx.z * a.w_group;
+        xcol = blockIdx.z * (int)a.cols;
+        y += blockIdx.z * a.rows;
+    }
+    const int64_t last_row = a.rows - 1;
+    load_tables<T>(tab, a.tab);
+
+    // Activation planes (act_view) and this tile's rows.
+    const int8_t* xqs = (const int8_t*)a.xq;
+    const float* xd = (const float*)(a.xq + a.x_rows * a.x_width);
+    const int16_t* xbs = (const int16_t*)(a.xq + a.x_rows * a.x_width + 4 * a.x_rows * (a.x_width / xb));
+    auto xrow = [&](int n) -> int64_t {
+        const int64_t r = first + min(n, count - 1);
+        return a.gather ? a.gather[r] / a.gather_div : r;
+    };
+
+    auto load = [&](int buf, int kb) {
+        // weights: kBM rows x SB bytes from weight kb * 256, 16-byte pieces from the boundary below
+        for (int i = tid; i < kBM * NC; i += kGThreads) {
+            const int r = i / NC, c = i - r * NC;
+            const uint8_t* src = wm + min(row0 + r, last_row) * a.row_bytes + (int64_t)kb * SB;
+            const uint32_t off = (uint32_t)(uintptr_t)src & 15;
+            if (c < (int)((off + SB + 15) >> 4)) cp_async16(raw + (buf * kBM + r) * RS + 16 * c, src - off + 16 * c);
+        }
+        // activations: BN rows of 256 int8, their scales and (K types) sums per 16
+        for (int i = tid; i < BN * 16; i += kGThreads) {
+            const int n = i >> 4, c = i & 15;
+            const int64_t xr = xrow(n);
+            cp_async16(Bq + (buf * BN + n) * kPad + 16 * c, xqs + xr * a.x_width + xcol + kb * kKS + 16 * c);
+        }
+        for (int i = tid; i < BN * 8; i += kGThreads) {
+            const int n = i >> 3, c = i & 7;
+            const int64_t xr = xrow(n);
+            if constexpr (xb == 32) {
+                cp_async4(Bd + (buf * BN + n) * 8 + c, xd + xr * (a.x_width / 32) + (xcol + kb * kKS) / 32 + c);
+            } else {
+                if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + xr * (a.x_width / 256) + (xcol + kb * kKS) / 256);
+                cp_async4(Bbs + (buf * BN + n) * 16 + 2 * c, xbs + xr * (a.x_width / 16) + (xcol + kb * kKS) / 16 + 2 * c);
+            }
+        }
+    };
+
+    // Decodes the stage's raw weights into the int8 tile and the per-row scales.
+    auto decode = [&](int buf, int kb) {
+        for (int i = tid; i < kBM * 8; i += kGThreads) {
+            const int r = i >> 3, u = i & 7;
+            const uint8_t* src = wm + min(row0 + r, last_row) * a.row_bytes + (int64_t)kb * SB;
+            const uint8_t* rp = raw + (buf * kBM + r) * RS + ((uintptr_t)src & 15);
+            int q[8];
+            float dw, dm;
+            int isc, imn;
+            decode_unit<T>(rp, u, tab, q, dw, dm, isc, imn);
+            if constexpr (T == TYPE_Q2_K) {
+                const int s0 = isc & 15, s1 = imn & 15;  // bytes <= 3 * 15: the products stay in their bytes
+#pragma unroll
+                for (int k = 0; k < 4; ++k) q[k] *= s0, q[k + 4] *= s1;
+                amin[r * 16 + 2 * u] = __int2half_rn(isc >> 4);
+                amin[r * 16 + 2 * u + 1] = __int2half_rn(imn >> 4);
+            } else if constexpr (T == TYPE_Q4_K) {
+                aisc[r * 8 + u] = isc;
+                amin[r * 16 + 2 * u] = amin[r * 16 + 2 * u + 1] = __int2half_rn(imn);
+            } else if constexpr (T == TYPE_IQ2_XXS) {
+                aisc[r * 8 + u] = isc;
+            }
+            if constexpr (T == TYPE_Q8_0) {
+                asc[r * 8 + u] = dw;
+            } else if (u == 0) {
+                asc[r * 8] = dw;
+                asc[r * 8 + 1] = dm;
+            }
+            int4* dst = (int4*)(A + r * kPad + 32 * u);
+            dst[0] = make_int4(q[0], q[1], q[2], q[3]);
+            dst[1] = make_int4(q[4], q[5], q[6], q[7]);
+        }
+    };
+
+    const int wrow = (warp / WN) * 16 * MI, wcol = (warp % WN) * 8 * NI;
+    float acc[MI][NI][4] = {};
+    int isum[MI][NI][4] = {};
+
+    const int nk = (int)(a.cols / kKS);
+    load(0, 0);
+    cp_async_commit();
+    for (int kb = 0; kb < nk; ++kb) {
+        const int buf = kb & 1;
+        if (kb + 1 < nk) {
+            load(buf ^ 1, kb + 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        decode(buf, kb);
+        __syncthreads();
+
+        const int8_t* bq = Bq + buf * BN * kPad;
+        const float* bd = Bd + buf * BN * 8;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                const int8_t* p = A + (wrow + 16 * mi + g) * kPad + 32 * c + 4 * t4;
+                af[mi][0] = *(const uint32_t*)p;
+                af[mi][1] = *(const uint32_t*)(p + 8 * kPad);
+                af[mi][2] = *(const uint32_t*)(p + 16);
+                af[mi][3] = *(const uint32_t*)(p + 8 * kPad + 16);
+            }
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                const int8_t* p = bq + (wcol + 8 * ni + g) * kPad + 32 * c + 4 * t4;
+                bf[ni][0] = *(const uint32_t*)p;
+                bf[ni][1] = *(const uint32_t*)(p + 16);
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) {
+                    if constexpr (T == TYPE_Q2_K) {
+                        mma_s8(isum[mi][ni], af[mi], bf[ni]);
+                    } else {
+                        int ci[4] = {0, 0, 0, 0};
+                        mma_s8(ci, af[mi], bf[ni]);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int row = wrow + 16 * mi + g + 8 * (e >> 1), n = wcol + 8 * ni + 2 * t4 + (e & 1);
+                            if constexpr (T == TYPE_Q8_0)
+                                acc[mi][ni][e] = fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
+                            else
+                                isum[mi][ni][e] += ci[e] * aisc[row * 8 + c];
+                        }
+                    }
+                }
+        }
+        if constexpr (T != TYPE_Q8_0) {
+            float msum[MI][NI][4] = {};
+            if constexpr (has_min<T>()) {
+                const int16_t* bs = Bbs + buf * BN * 16;
+                uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    const __half* p = amin + (wrow + 16 * mi + g) * 16 + 2 * t4;
+                    af[mi][0] = *(const uint32_t*)p;
+                    af[mi][1] = *(const uint32_t*)(p + 8 * 16);
+                    af[mi][2] = *(const uint32_t*)(p + 8);
+                    af[mi][3] = *(const uint32_t*)(p + 8 * 16 + 8);
+                }
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) {
+                    const int16_t* p = bs + (wcol + 8 * ni + g) * 16 + 2 * t4;
+                    bf[ni][0] = half2_bits(p[0], p[1]);
+                    bf[ni][1] = half2_bits(p[8], p[9]);
+                }
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) mma_f16(msum[mi][ni], af[mi], bf[ni]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = wrow + 16 * mi + g + 8 * (e >> 1), n = wcol + 8 * ni + 2 * t4 + (e & 1);
+                        const float dx = bd[n * 8];
+                        float v = fmaf(asc[row * 8] * dx, (float)isum[mi][ni][e], acc[mi][ni][e]);
+                        if constexpr (has_min<T>()) v = fmaf(-(asc[row * 8 + 1] * dx), msum[mi][ni][e], v);
+                        acc[mi][ni][e] = v;
+                        isum[mi][ni][e] = 0;
+                    }
+        }
+        __syncthreads();  // the tiles are read before the next stage's copies and decode overwrite them
+    }
+
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int64_t row = row0 + wrow + 16 * mi + g + 8 * (e >> 1);
+                const int n = wcol + 8 * ni + 2 * t4 + (e & 1);
+                if (row < a.rows && n < count) y[(first + n) * a.y_stride + row] = acc[mi][ni][e];
+            }
+}
+
+template <int T, int BN>
+cudaError_t gemm_launch(cudaStream_t s, const GemmArgs& a, dim3 grid) {
+    auto kernel = gemm_kernel<T, BN>;
+    const size_t smem = GemmSmem<T, BN>::bytes;
+    cudaError_t e = allow_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    return launch(kernel, grid, dim3(kGThreads), smem, s, a);
+}
+
+template <int T>
+struct DenseOp {
+    static cudaError_t run(cudaStream_t s, GemmArgs a, int groups) {
+        if constexpr (!gemm_type<T>()) {
+            return invalid("gemm: unsupported weight type " + std::to_string(T));
+        } else {
+            const dim3 grid((unsigned)ceil_div(a.n_tok, kDenseBN), (unsigned)ceil_div(a.rows, kBM), groups);
+            return gemm_launch<T, kDenseBN>(s, a, grid);
+        }
+    }
+};
+template <int T>
+struct GroupedOp {
+    static cudaError_t run(cudaStream_t s, GemmArgs a, int max_tiles) {
+        if constexpr (!gemm_type<T>()) {
+            return invalid("moe_grouped: unsupported weight type " + std::to_string(T));
+        } else {
+            return gemm_launch<T, kMoeBN>(s, a, dim3((unsigned)ceil_div(a.rows, kBM), (unsigned)max_tiles));
+        }
+    }
+};
+template <int T>
+struct ActBytes {
+    static cudaError_t run(size_t* out, int64_t n, int64_t cols) {
+        *out = gemm_type<T>() ? act_bytes<T>((int)n, cols) : 0;
+        return cudaSuccess;
+    }
+};
+size_t act_size(int type, int64_t n, int64_t cols) {
+    size_t b = 0;
+    cudaError_t e;
+    by_type<ActBytes>(type, e, &b, n, cols);
+    return b;
+}
+int act_kind(int type) { return type == TYPE_Q8_0 ? 32 : 256; }
+
+cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t x_stride, int64_t n, int64_t cols,
+                          int type) {
+    const int kind = act_kind(type);
+    int8_t* qs = (int8_t*)work;
+    float* d = (float*)(work + n * cols);
+    int16_t* bs = (int16_t*)(work + n * cols + 4 * n * (cols / kind));
+    return ds4_cuda_quantize_act(s, qs, d, kind == 256 ? bs : nullptr, x, x_stride, (int)n, cols, kind);
+}
+
+// ---- grouped MoE helpers ---------------------------------------------------------------------------------------
+
+// Pairs by expert, in one block: pos_of[p] (p = t * n_used + j), pair_at[pos], tiles (expert, first, count) of up
+// to kMoeBN consecutive positions of one expert, n_tiles. shared: 2 * n_expert ints.
+__global__ void moe_sort_kernel(int32_t* pos_of, int32_t* pair_at, int32_t* tiles, int32_t* n_tiles,
+                                const int32_t* ids, int n_pairs, int n_expert) {
+    extern __shared__ int sh[];
+    int* cnt = sh;
+    int* base = sh + n_expert;
+    pdl_trigger();
+    pdl_wait();
+    for (int e = threadIdx.x; e < n_expert; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < n_pairs; p += blockDim.x) {
+        const int e = ids[p] < 0 || ids[p] >= n_expert ? 0 : ids[p];
+        pos_of[p] = atomicAdd(&cnt[e], 1);  // rank within the expert for now
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int off = 0, nt = 0;
+        for (int e = 0; e < n_expert; ++e) {
+            base[e] = off;
+            for (int i = 0; i < cnt[e]; i += kMoeBN, ++nt) {
+                tiles[3 * nt] = e;
+                tiles[3 * nt + 1] = off + i;
+                tiles[3 * nt + 2] = min(kMoeBN, cnt[e] - i);
+            }
+            off += cnt[e];
+        }
+        *n_tiles = nt;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < n_pairs; p += blockDim.x) {
+        const int e = ids[p] < 0 || ids[p] >= n_expert ? 0 : ids[p];
+        const int pos = base[e] + pos_of[p];
+        pos_of[p] = pos;
+        pair_at[pos] = p;
+    }
+}
+
+// mid[pos] = silu(min(g, clamp)) * clip(u, +-clamp) * weights[pair_at[pos]], in place over g.
+__global__ void moe_swiglu_kernel(float* g, const float* u, const float* weights, const int32_t* pair_at,
+                                  int64_t n_pairs, int64_t n_ff, float clamp) {
+    pdl_trigger();
+    pdl_wait();
+    const int64_t n = n_pairs * n_ff;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t pos = i / n_ff;
+        const float gc = fminf(g[i], clamp), uc = fminf(fmaxf(u[i], -clamp), clamp);
+        g[i] = silu(gc) * uc * weights[pair_at[pos]];
+    }
+}
+
+// out[t] (+)= sum over j in order of d[pos_of[t * n_used + j]].
+__global__ void moe_combine_kernel(float* out, int64_t out_stride, const float* d, const int32_t* pos_of, int n_tok,
+                                   int n_used, int64_t n_embd, bool accumulate) {
+    pdl_trigger();
+    pdl_wait();
+    const int64_t n = (int64_t)n_tok * n_embd;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = i / n_embd, o = i - t * n_embd;
+        float v = 0.0f;
+        for (int j = 0; j < n_used; ++j) v += d[pos_of[t * n_used + j] * n_embd + o];
+        float* dst = out + t * out_stride + o;
+        *dst = accumulate ? *dst + v : v;
+    }
+}
+
+// The grouped MoE's workspace, in order (each piece 256-byte aligned).
+struct MoeWork {
+    size_t pos_of, pair_at, tiles, n_tiles, hq, g, u, midq, d, bytes;
+    int max_tiles;
+    MoeWork(int gate_type, int down_type, int n_tok, int n_used, int64_t n_embd, int64_t n_ff, int n_expert) {
+        const int64_t P = (int64_t)n_tok * n_used;
+        max_tiles = (int)(ceil_div(P, kMoeBN) + std::min<int64_t>(n_expert, P));
+        size_t at = 0;
+        auto take = [&](size_t n) {
+            const size_t here = at;
+            at += (n + 255) / 256 * 256;
+            return here;
+        };
+        pos_of = take(4 * P);
+        pair_at = take(4 * P);
+        tiles = take(12 * (size_t)max_tiles);
+        n_tiles = take(4);
+        hq = take(act_size(gate_type, n_tok, n_embd));
+        g = take(4 * P * n_ff);
+        u = take(4 * P * n_ff);
+        midq = take(act_size(down_type, P, n_ff));
+        d = take(4 * P * n_embd);
+        bytes = at;
+    }
+};
+
+unsigned grid_for(int64_t n) { return (unsigned)std::min<int64_t>(ceil_div(n, 256), 8 * props().sms); }
+
+}  // namespace
+}  // namespace ds4::cuda
+
+using namespace ds4;
+using namespace ds4::cuda;
+
+bool ds4_cuda_gemm_ok(int type, int64_t cols) {
+    return (type == TYPE_Q8_0 || type == TYPE_Q2_K || type == TYPE_Q4_K || type == TYPE_IQ2_XXS) && cols > 0 &&
+           cols % kKS == 0;
+}
+
+size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t cols, int groups) {
+    return ds4_cuda_gemm_ok(type, cols) ? act_size(type, n_tok, cols * groups) : 0;
+}
+
+cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
+                          int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work) {
+    clear_error();
+    if (!ds4_cuda_gemm_ok(type, cols))
+        return invalid("gemm: needs a Q8_0, Q2_K, Q4_K or IQ2_XXS matrix of rows a multiple of 256 weights");
+    if (rows < 1 || n_tok < 1 || groups < 1 || groups > 65535 || rows > 65535LL * kBM)
+        return invalid("gemm: needs 1 <= rows <= 4194240, n_tok >= 1, 1 <= groups <= 65535");
+    if ((uintptr_t)w % 16 || (uintptr_t)x % 16 || x_stride % 4 || x_stride < cols * groups || !work ||
+        (uintptr_t)work % 16)
+        return invalid("gemm: w, x and work must be 16-byte aligned, x rows covering groups * cols");
+    if (y_stride < rows * groups) return invalid("gemm: y_stride is shorter than a row of y");
+    if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("gemm: call ds4_cuda_init first");
+    cudaError_t e = quantize_into(s, (uint8_t*)work, x, x_stride, n_tok, cols * groups, type);
+    if (e != cudaSuccess) return e;
+    const int64_t rb = (int64_t)row_bytes(type, cols);
+    GemmArgs a{y, y_stride, (const uint8_t*)w, rows, cols, rb, rows * rb, (const uint8_t*)work, n_tok,
+               cols * groups, n_tok, nullptr, nullptr, nullptr, 1, iq2_tables()};
+    by_type<DenseOp>(type, e, s, a, groups);
+    return e;
+}
+
+size_t ds4_cuda_moe_work_bytes(int gate_type, int down_type, int n_tok, int n_used, int64_t n_embd, int64_t n_ff,
+                               int n_expert) {
+    return MoeWork(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert).bytes;
+}
+
+cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride, const float* h, int64_t h_stride,
+                                 const void* gate, const void* up, const void* down, int gate_type, int down_type,
+                                 int64_t n_ff, int64_t n_embd, int n_expert, const int32_t* ids,
+                                 const float* weights, int n_used, int n_tok, float clamp, bool accumulate,
+                                 void* work) {
+    clear_error();
+    if (!ds4_cuda_gemm_ok(gate_type, n_embd) || !ds4_cuda_gemm_ok(down_type, n_ff))
+        return invalid("moe_grouped: needs Q8_0, Q2_K, Q4_K or IQ2_XXS experts of rows a multiple of 256 weights");
+    if (n_expert < 1 || n_expert > 4096 || n_used < 1 || n_tok < 1 || (int64_t)n_tok * n_used > (1 << 20) ||
+        n_ff > 65535LL * kBM || n_embd > 65535LL * kBM)
+        return invalid("moe_grouped: needs 1 <= n_expert <= 4096, n_used >= 1, 1 <= n_tok * n_used <= 2^20");
+    if (!ids || !weights || !work || (uintptr_t)work % 16 || (uintptr_t)gate % 16 || (uintptr_t)up % 16 ||
+        (uintptr_t)down % 16 || (uintptr_t)h % 16 || h_stride % 4 || h_stride < n_embd || out_stride < n_embd)
+        return invalid("moe_grouped: ids, weights and work are required; weights, h and work 16-byte aligned");
+    if ((gate_type == TYPE_IQ2_XXS || down_type == TYPE_IQ2_XXS) && !iq2_tables())
+        return invalid("moe_grouped: call ds4_cuda_init first");
+    const MoeWork m(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert);
+    if (m.max_tiles > 65535) return invalid("moe_grouped: too many tiles for one launch");
+    uint8_t* wk = (uint8_t*)work;
+    int32_t *pos_of = (int32_t*)(wk + m.pos_of), *pair_at = (int32_t*)(wk + m.pair_at);
+    int32_t *tiles = (int32_t*)(wk + m.tiles), *n_tiles = (int32_t*)(wk + m.n_tiles);
+    float *G = (float*)(wk + m.g), *U = (float*)(wk + m.u), *D = (float*)(wk + m.d);
+    const int64_t P = (int64_t)n_tok * n_used;
+
+    cudaError_t e = launch(moe_sort_kernel, dim3(1), dim3(1024), 2 * sizeof(int) * n_expert, s, pos_of, pair_at,
+                           tiles, n_tiles, ids, (int)P, n_expert);
+    if (e == cudaSuccess) e = quantize_into(s, wk + m.hq, h, h_stride, n_tok, n_embd, gate_type);
+    const int64_t grb = (int64_t)row_bytes(gate_type, n_embd), drb = (int64_t)row_bytes(down_type, n_ff);
+    GemmArgs a{G, n_ff, (const uint8_t*)gate, n_ff, n_embd, grb, n_ff * grb, wk + m.hq, n_tok, n_embd, 0,
+               tiles, n_tiles, pair_at, n_used, iq2_tables()};
+    if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.max_tiles);
+    a.y = U;
+    a.w = (const uint8_t*)up;
+    if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.max_tiles);
+    if (e == cudaSuccess)
+        e = launch(moe_swiglu_kernel, dim3(grid_for(P * n_ff)), dim3(256), 0, s, G, (const float*)U, weights,
+                   (const int32_t*)pair_at, P, n_ff, clamp);
+    if (e == cudaSuccess) e = quantize_into(s, wk + m.midq, G, n_ff, P, n_ff, down_type);
+    GemmArgs b{D, n_embd, (const uint8_t*)down, n_embd, n_ff, drb, n_embd * drb, wk + m.midq, P, n_ff, 0,
+               tiles, n_tiles, nullptr, 1, iq2_tables()};
+    if (e == cudaSuccess) by_type<GroupedOp>(down_type, e, s, b, m.max_tiles);
+    if (e == cudaSuccess)
+        e = launch(moe_combine_kernel, dim3(grid_for((int64_t)n_tok * n_embd)), dim3(256), 0, s, out, out_stride,
+                   (const float*)D, (const int32_t*)pos_of, n_tok, n_used, n_embd, accumulate);
+    return e;
+}
