@@ -179,7 +179,7 @@ def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=
             _at(y + 4 * (t * y_stride + g * rows), np.float32, rows)[:] = out[t]
 
 
-_GEMM_TYPES = (8, 10, 12, 16)  # Q8_0, Q2_K, Q4_K, IQ2_XXS
+_GEMM_TYPES = (8, 10, 12, 16, F16)  # Q8_0, Q2_K, Q4_K, IQ2_XXS, F16
 
 
 def gemm_ok(type, cols):
@@ -190,7 +190,7 @@ def gemm_work_bytes(type, n_tok, cols, groups=1):
     return 16 if gemm_ok(type, cols) else 0
 
 
-def gemm(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups, work):
+def gemm(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups, work, tile=0):
     assert gemm_ok(type, cols) and work and n_tok >= 1
     for t0 in range(0, n_tok, 16):
         n = min(16, n_tok - t0)
@@ -259,7 +259,7 @@ def _hyperconn(fn, fn_type, scale, base, n_mix, cols):
 
 def hc_pre(stream, x, hc, scratch, X, x_stride, fn, fn_type, scale, base, n_tok, n_embd, n_mix, n_iter, hc_eps,
            rms_eps, norm_w=0):
-    assert 1 <= n_tok <= 16
+    assert n_tok >= 1
     Xs = _rows(X, x_stride, n_tok, 4 * n_embd).reshape(n_tok, 4, n_embd)
     h = _hyperconn(fn, fn_type, scale, base, n_mix, 4 * n_embd)
     if n_mix == 4:

@@ -230,11 +230,12 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("n_tok"), py::arg("cols"), py::arg("kind"));
     m.def("gemm_ok", &ds4_cuda_gemm_ok, py::arg("type"), py::arg("cols"));
     m.def("gemm", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t w, int type, int64_t rows, int64_t cols,
-                     uintptr_t x, int64_t x_stride, int n_tok, int groups, uintptr_t work) {
+                     uintptr_t x, int64_t x_stride, int n_tok, int groups, uintptr_t work, int tile) {
         check(ds4_cuda_gemm(st(s), dev<float>(y), y_stride, dev<void>(w), type, rows, cols, dev<const float>(x),
-                            x_stride, n_tok, groups, dev<void>(work)), "gemm");
+                            x_stride, n_tok, groups, dev<void>(work), tile), "gemm");
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
-       py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups"), py::arg("work"));
+       py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups"), py::arg("work"),
+       py::arg("tile") = 0);
     m.def("gemm_work_bytes", &ds4_cuda_gemm_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("cols"),
           py::arg("groups") = 1);
     m.def("moe_grouped", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t h, int64_t h_stride,

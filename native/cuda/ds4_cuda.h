@@ -55,13 +55,16 @@ cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t*
 
 // ---- prefill products (tensor cores) ---------------------------------------------------------------------------
 
-// Whether ds4_cuda_gemm takes this matrix: Q8_0, Q2_K, Q4_K or IQ2_XXS rows of a multiple of 256 weights.
+// Whether ds4_cuda_gemm takes this matrix: Q8_0, Q2_K, Q4_K, IQ2_XXS or F16 rows of a multiple of 256 weights.
 bool ds4_cuda_gemm_ok(int type, int64_t cols);
 // ds4_cuda_matvec's product for any number of activation rows (the prefill), on int8 tensor cores: the same
 // quantized activations and exact integer sums per 32 weights, the f32 sums grouped per block of 32 (Q8_0) or 256
-// weights. work: ds4_cuda_gemm_work_bytes(...) bytes (the quantized activations), required.
+// weights; F16 weights against activations split into two f16 parts (~22 bits). work:
+// ds4_cuda_gemm_work_bytes(...) bytes (the quantized activations), required. tile: activation rows per block
+// (16, 32, 64), 0 to choose by the shape (tests pin it).
 cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
-                          int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work);
+                          int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work,
+                          int tile = 0);
 size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t cols, int groups);
 
 // The routed experts of n_tok tokens in one pass (prefill): out[t, :] (+)= sum_j weights[t, j] * down_e

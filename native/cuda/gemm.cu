@@ -8,13 +8,16 @@
 // sum; the others add each 256-weight super-block's integer sum (Q2_K: the scale folded into the bytes; Q4_K,
 // IQ2_XXS: times the sub-block scale in integers) once, minus its min term.
 //
-// A block of 4 warps computes a tile of 64 weight rows x BN activation rows, 256 weights of K per stage. Each
-// stage, its threads copy the tile's raw weight bytes and int8 activations into shared memory with cp.async
-// (double-buffered: the next stage's copies fly while this one computes), decode the weights into a 64 x 256
-// int8 tile with per-row scales, and the warps run int8 mma.sync m16n8k32 (one per 32 weights, the sub-block of
-// every type) on fragments read straight from the tiles (rows padded by 16 bytes: conflict-free). The K types'
-// min terms (sum over 16-weight sub-blocks of min x activation sum) are one f16 mma m16n8k16 per stage: mins
-// (< 64) and activation sums (|.| <= 2032) are exact in f16 and their products sum exactly in f32.
+// A block of 4 warps computes a tile of 64 weight rows x BN activation rows (BN 16, 32 or 64), 256 bytes of each
+// weight row's K per stage. Each stage, its threads copy the tile's raw weight bytes and int8 activations into
+// shared memory with cp.async (double-buffered: the next stage's copies fly while this one computes), decode the
+// weights into a 64 x 256 int8 tile with per-row scales, and the warps run int8 mma.sync m16n8k32 (one per 32
+// weights, the sub-block of every type) on fragments read straight from the tiles (rows padded by 16 bytes:
+// conflict-free). The K types' min terms (sum over 16-weight sub-blocks of min x activation sum) are one f16 mma
+// m16n8k16 per stage: mins (< 64) and activation sums (|.| <= 2032) are exact in f16 and their products sum
+// exactly in f32. F16 weights (the router, compressors and indexer) take the same path with 128 f16 weights per
+// stage and m16n8k16 against the activations split into two f16 parts (high, and the rounding of the rest: about
+// 22 bits, scaled per row by a power of two), both products summed in f32.
 //
 // The grouped MoE: a one-block kernel sorts the (token, slot) pairs by expert (counts, offsets, each pair's
 // position; order within an expert does not matter, every output element is computed alone) and lists tiles of
@@ -26,17 +29,29 @@
 namespace ds4::cuda {
 namespace {
 
-constexpr int kBM = 64;                 // weight rows per block tile
+constexpr int kBM = 64;                 // weight rows per block tile (128 measured no faster)
 constexpr int kGWarps = 4;
 constexpr int kGThreads = 32 * kGWarps;
-constexpr int kKS = 256;                // weights of K per stage
-constexpr int kPad = kKS + 16;          // int8 tile row stride in bytes
-constexpr int kMoeBN = 16;              // activation rows per grouped tile (~12 pairs per expert in a 512 chunk)
-constexpr int kDenseBN = 64;
+constexpr int kKB = 256;                // bytes of a tile row per stage: 256 int8 weights, or 128 f16
+constexpr int kPad = kKB + 16;          // tile row stride in bytes
+
+// Activation rows per tile (BN: 16, 32 or 64). A dense product takes 64, halved while that would leave SMs
+// without a block (products of few rows). The grouped MoE's tiles hold 16 pairs: its experts have ~12 pairs each
+// in a chunk of 512 tokens, and tiles of 32 measured 14% slower there (twice the registers, fewer blocks per SM).
+constexpr int kMoeBN = 16;
+int dense_bn(int64_t n_tok, int64_t row_tiles) {
+    int bn = 64;
+    while (bn > 16 && ceil_div(n_tok, bn) * row_tiles < props().sms) bn /= 2;
+    return bn;
+}
 
 template <int T>
-constexpr int sb_bytes() {  // raw bytes of 256 weights of a row: Q8_0 272, Q2_K 84, Q4_K 144, IQ2_XXS 66
-    return kKS / WT<T>::bw * WT<T>::bb;
+constexpr int ks() {  // weights of K per stage
+    return T == TYPE_F16 ? kKB / 2 : kKB;
+}
+template <int T>
+constexpr int sb_bytes() {  // raw bytes of a stage of a row: Q8_0 272, Q2_K 84, Q4_K 144, IQ2_XXS 66, F16 256
+    return ks<T>() / WT<T>::bw * WT<T>::bb;
 }
 template <int T>
 constexpr int raw_slot() {  // a row's raw stage: bytes + alignment offset + the decoders' over-read
@@ -48,7 +63,7 @@ constexpr bool has_min() {
 }
 template <int T>
 constexpr bool gemm_type() {
-    return T == TYPE_Q8_0 || T == TYPE_Q2_K || T == TYPE_Q4_K || T == TYPE_IQ2_XXS;
+    return T == TYPE_Q8_0 || T == TYPE_Q2_K || T == TYPE_Q4_K || T == TYPE_IQ2_XXS || T == TYPE_F16;
 }
 
 struct GemmArgs {
@@ -79,7 +94,8 @@ struct GemmSmem {
     static constexpr size_t bq = amin + kBM * 16 * 2;              // int8 [2][BN][kPad]
     static constexpr size_t bd = bq + 2 * BN * kPad;               // float [2][BN][8]: Q8_0 per block; else [0]
     static constexpr size_t bbs = bd + 2 * BN * 8 * 4;             // int16 [2][BN][16]: activation sums per 16
-    static constexpr size_t bytes = bbs + 2 * BN * 16 * 2;
+    static constexpr size_t blo = bbs + 2 * BN * 16 * 2;           // F16: f16 [2][BN][kPad / 2], the low halves
+    static constexpr size_t bytes = blo + (T == TYPE_F16 ? 2 * BN * kPad : 0);
 };
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
@@ -107,9 +123,10 @@ __device__ __forceinline__ uint32_t half2_bits(int lo, int hi) {
 template <int T, int BN>
 __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     using S = GemmSmem<T, BN>;
-    constexpr int xb = WT<T>::xb, SB = sb_bytes<T>(), RS = raw_slot<T>();
+    constexpr int xb = WT<T>::xb, SB = sb_bytes<T>(), RS = raw_slot<T>(), KS = ks<T>();
+    constexpr bool F16 = T == TYPE_F16;
     constexpr int NC = (SB + 15 + 15) / 16;          // 16-byte pieces of a row's stage, at most
-    constexpr int WN = BN >= 32 ? 2 : 1, WM = kGWarps / WN;
+    constexpr int WN = BN >= 32 ? 2 : 1, WM = kGWarps / WN;  // warps: 2 x 2 of 32 x BN / 2, or 4 x 1 of 16 x 16
     constexpr int MI = kBM / (16 * WM), NI = BN / (8 * WN);
     extern __shared__ __align__(16) uint8_t smem[];
     uint32_t* tab = (uint32_t*)(smem + S::tab);
@@ -121,6 +138,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     int8_t* Bq = (int8_t*)(smem + S::bq);
     float* Bd = (float*)(smem + S::bd);
     int16_t* Bbs = (int16_t*)(smem + S::bbs);
+    uint8_t* Blo = smem + S::blo;
 
     pdl_trigger();
     pdl_wait();
@@ -149,10 +167,12 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     const int64_t last_row = a.rows - 1;
     load_tables<T>(tab, a.tab);
 
-    // Activation planes (act_view) and this tile's rows.
-    const int8_t* xqs = (const int8_t*)a.xq;
-    const float* xd = (const float*)(a.xq + a.x_rows * a.x_width);
-    const int16_t* xbs = (const int16_t*)(a.xq + a.x_rows * a.x_width + 4 * a.x_rows * (a.x_width / xb));
+    // Activation planes (act_view; F16: f16 high and low parts, then a power-of-two scale per row) and this
+    // tile's rows.
+    const int64_t plane = a.x_rows * a.x_width * (F16 ? 2 : 1);  // bytes of the first plane
+    const uint8_t* xqs = a.xq;
+    const float* xd = (const float*)(a.xq + (F16 ? 2 : 1) * plane);
+    const int16_t* xbs = (const int16_t*)(a.xq + plane + 4 * a.x_rows * (a.x_width / (xb ? xb : 1)));
     auto xrow = [&](int n) -> int64_t {
         const int64_t r = first + min(n, count - 1);
         return a.gather ? a.gather[r] / a.gather_div : r;
@@ -166,20 +186,25 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             const uint32_t off = (uint32_t)(uintptr_t)src & 15;
             if (c < (int)((off + SB + 15) >> 4)) cp_async16(raw + (buf * kBM + r) * RS + 16 * c, src - off + 16 * c);
         }
-        // activations: BN rows of 256 int8, their scales and (K types) sums per 16
+        // activations: BN rows of 256 bytes (int8, or the f16 high and low parts), their scales and (K types)
+        // sums per 16
+        const int64_t k0 = xcol + (int64_t)kb * KS;
         for (int i = tid; i < BN * 16; i += kGThreads) {
             const int n = i >> 4, c = i & 15;
-            const int64_t xr = xrow(n);
-            cp_async16(Bq + (buf * BN + n) * kPad + 16 * c, xqs + xr * a.x_width + xcol + kb * kKS + 16 * c);
+            const int64_t at = (xrow(n) * a.x_width + k0) * (F16 ? 2 : 1) + 16 * c;
+            cp_async16(Bq + (buf * BN + n) * kPad + 16 * c, xqs + at);
+            if constexpr (F16) cp_async16(Blo + (buf * BN + n) * kPad + 16 * c, xqs + plane + at);
         }
         for (int i = tid; i < BN * 8; i += kGThreads) {
             const int n = i >> 3, c = i & 7;
             const int64_t xr = xrow(n);
-            if constexpr (xb == 32) {
-                cp_async4(Bd + (buf * BN + n) * 8 + c, xd + xr * (a.x_width / 32) + (xcol + kb * kKS) / 32 + c);
+            if constexpr (F16) {
+                if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + xr);
+            } else if constexpr (xb == 32) {
+                cp_async4(Bd + (buf * BN + n) * 8 + c, xd + xr * (a.x_width / 32) + k0 / 32 + c);
             } else {
-                if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + xr * (a.x_width / 256) + (xcol + kb * kKS) / 256);
-                cp_async4(Bbs + (buf * BN + n) * 16 + 2 * c, xbs + xr * (a.x_width / 16) + (xcol + kb * kKS) / 16 + 2 * c);
+                    if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + xr * (a.x_width / 256) + k0 / 256);
+                    cp_async4(Bbs + (buf * BN + n) * 16 + 2 * c, xbs + xr * (a.x_width / 16) + k0 / 16 + 2 * c);
             }
         }
     };
@@ -190,31 +215,36 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             const int r = i >> 3, u = i & 7;
             const uint8_t* src = wm + min(row0 + r, last_row) * a.row_bytes + (int64_t)kb * SB;
             const uint8_t* rp = raw + (buf * kBM + r) * RS + ((uintptr_t)src & 15);
-            int q[8];
-            float dw, dm;
-            int isc, imn;
-            decode_unit<T>(rp, u, tab, q, dw, dm, isc, imn);
-            if constexpr (T == TYPE_Q2_K) {
-                const int s0 = isc & 15, s1 = imn & 15;  // bytes <= 3 * 15: the products stay in their bytes
-#pragma unroll
-                for (int k = 0; k < 4; ++k) q[k] *= s0, q[k + 4] *= s1;
-                amin[r * 16 + 2 * u] = __int2half_rn(isc >> 4);
-                amin[r * 16 + 2 * u + 1] = __int2half_rn(imn >> 4);
-            } else if constexpr (T == TYPE_Q4_K) {
-                aisc[r * 8 + u] = isc;
-                amin[r * 16 + 2 * u] = amin[r * 16 + 2 * u + 1] = __int2half_rn(imn);
-            } else if constexpr (T == TYPE_IQ2_XXS) {
-                aisc[r * 8 + u] = isc;
-            }
-            if constexpr (T == TYPE_Q8_0) {
-                asc[r * 8 + u] = dw;
-            } else if (u == 0) {
-                asc[r * 8] = dw;
-                asc[r * 8 + 1] = dm;
-            }
             int4* dst = (int4*)(A + r * kPad + 32 * u);
-            dst[0] = make_int4(q[0], q[1], q[2], q[3]);
-            dst[1] = make_int4(q[4], q[5], q[6], q[7]);
+            if constexpr (F16) {  // f16 weights as they are
+                dst[0] = ((const int4*)rp)[2 * u];
+                dst[1] = ((const int4*)rp)[2 * u + 1];
+            } else {
+                int q[8];
+                float dw, dm;
+                int isc, imn;
+                decode_unit<T>(rp, u, tab, q, dw, dm, isc, imn);
+                if constexpr (T == TYPE_Q2_K) {
+                    const int s0 = isc & 15, s1 = imn & 15;  // bytes <= 3 * 15: the products stay in their bytes
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) q[k] *= s0, q[k + 4] *= s1;
+                    amin[r * 16 + 2 * u] = __int2half_rn(isc >> 4);
+                    amin[r * 16 + 2 * u + 1] = __int2half_rn(imn >> 4);
+                } else if constexpr (T == TYPE_Q4_K) {
+                    aisc[r * 8 + u] = isc;
+                    amin[r * 16 + 2 * u] = amin[r * 16 + 2 * u + 1] = __int2half_rn(imn);
+                } else if constexpr (T == TYPE_IQ2_XXS) {
+                    aisc[r * 8 + u] = isc;
+                }
+                if constexpr (T == TYPE_Q8_0) {
+                    asc[r * 8 + u] = dw;
+                } else if (u == 0) {
+                    asc[r * 8] = dw;
+                    asc[r * 8 + 1] = dm;
+                }
+                dst[0] = make_int4(q[0], q[1], q[2], q[3]);
+                dst[1] = make_int4(q[4], q[5], q[6], q[7]);
+            }
         }
     };
 
@@ -222,7 +252,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     float acc[MI][NI][4] = {};
     int isum[MI][NI][4] = {};
 
-    const int nk = (int)(a.cols / kKS);
+    const int nk = (int)(a.cols / KS);
     load(0, 0);
     cp_async_commit();
     for (int kb = 0; kb < nk; ++kb) {
@@ -242,6 +272,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
         const float* bd = Bd + buf * BN * 8;
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
+            // A 16 x 32-byte fragment: 32 int8 (m16n8k32) or 16 f16 (m16n8k16) of K; the same bytes per lane
             uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
@@ -257,27 +288,44 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 bf[ni][0] = *(const uint32_t*)p;
                 bf[ni][1] = *(const uint32_t*)(p + 16);
             }
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
+            if constexpr (F16) {
+                uint32_t lo[NI][2];
 #pragma unroll
                 for (int ni = 0; ni < NI; ++ni) {
-                    if constexpr (T == TYPE_Q2_K) {
-                        mma_s8(isum[mi][ni], af[mi], bf[ni]);
-                    } else {
-                        int ci[4] = {0, 0, 0, 0};
-                        mma_s8(ci, af[mi], bf[ni]);
+                    const uint8_t* p = Blo + (buf * BN + wcol + 8 * ni + g) * kPad + 32 * c + 4 * t4;
+                    lo[ni][0] = *(const uint32_t*)p;
+                    lo[ni][1] = *(const uint32_t*)(p + 16);
+                }
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int row = wrow + 16 * mi + g + 8 * (e >> 1), n = wcol + 8 * ni + 2 * t4 + (e & 1);
-                            if constexpr (T == TYPE_Q8_0)
-                                acc[mi][ni][e] = fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
-                            else
-                                isum[mi][ni][e] += ci[e] * aisc[row * 8 + c];
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) {
+                        mma_f16(acc[mi][ni], af[mi], bf[ni]);
+                        mma_f16(acc[mi][ni], af[mi], lo[ni]);
+                    }
+            } else {
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) {
+                        if constexpr (T == TYPE_Q2_K) {
+                            mma_s8(isum[mi][ni], af[mi], bf[ni]);
+                        } else {
+                            int ci[4] = {0, 0, 0, 0};
+                            mma_s8(ci, af[mi], bf[ni]);
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const int row = wrow + 16 * mi + g + 8 * (e >> 1), n = wcol + 8 * ni + 2 * t4 + (e & 1);
+                                if constexpr (T == TYPE_Q8_0)
+                                    acc[mi][ni][e] = fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
+                                else
+                                    isum[mi][ni][e] += ci[e] * aisc[row * 8 + c];
+                            }
                         }
                     }
-                }
+            }
         }
-        if constexpr (T != TYPE_Q8_0) {
+        if constexpr (T != TYPE_Q8_0 && !F16) {
             float msum[MI][NI][4] = {};
             if constexpr (has_min<T>()) {
                 const int16_t* bs = Bbs + buf * BN * 16;
@@ -326,7 +374,8 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             for (int e = 0; e < 4; ++e) {
                 const int64_t row = row0 + wrow + 16 * mi + g + 8 * (e >> 1);
                 const int n = wcol + 8 * ni + 2 * t4 + (e & 1);
-                if (row < a.rows && n < count) y[(first + n) * a.y_stride + row] = acc[mi][ni][e];
+                const float v = F16 ? acc[mi][ni][e] * Bd[((nk - 1) & 1) * BN * 8 + n * 8] : acc[mi][ni][e];
+                if (row < a.rows && n < count) y[(first + n) * a.y_stride + row] = v;
             }
 }
 
@@ -338,15 +387,21 @@ cudaError_t gemm_launch(cudaStream_t s, const GemmArgs& a, dim3 grid) {
     if (e != cudaSuccess) return e;
     return launch(kernel, grid, dim3(kGThreads), smem, s, a);
 }
+template <int T>
+cudaError_t gemm_launch_bn(cudaStream_t s, const GemmArgs& a, int bn, dim3 grid) {
+    return bn == 64 ? gemm_launch<T, 64>(s, a, grid) : bn == 32 ? gemm_launch<T, 32>(s, a, grid)
+                                                              : gemm_launch<T, 16>(s, a, grid);
+}
 
 template <int T>
 struct DenseOp {
-    static cudaError_t run(cudaStream_t s, GemmArgs a, int groups) {
+    static cudaError_t run(cudaStream_t s, GemmArgs a, int groups, int tile) {
         if constexpr (!gemm_type<T>()) {
             return invalid("gemm: unsupported weight type " + std::to_string(T));
         } else {
-            const dim3 grid((unsigned)ceil_div(a.n_tok, kDenseBN), (unsigned)ceil_div(a.rows, kBM), groups);
-            return gemm_launch<T, kDenseBN>(s, a, grid);
+            const int64_t row_tiles = ceil_div(a.rows, kBM);
+            const int bn = tile ? tile : dense_bn(a.n_tok, row_tiles * groups);
+            return gemm_launch_bn<T>(s, a, bn, dim3((unsigned)ceil_div(a.n_tok, bn), (unsigned)row_tiles, groups));
         }
     }
 };
@@ -363,7 +418,7 @@ struct GroupedOp {
 template <int T>
 struct ActBytes {
     static cudaError_t run(size_t* out, int64_t n, int64_t cols) {
-        *out = gemm_type<T>() ? act_bytes<T>((int)n, cols) : 0;
+        *out = T == TYPE_F16 ? (4 * n * cols + 4 * n + 15) / 16 * 16 : gemm_type<T>() ? act_bytes<T>((int)n, cols) : 0;
         return cudaSuccess;
     }
 };
@@ -375,8 +430,37 @@ size_t act_size(int type, int64_t n, int64_t cols) {
 }
 int act_kind(int type) { return type == TYPE_Q8_0 ? 32 : 256; }
 
+// F16 weights' activations: each row scaled by 2^-e so that its largest value lands in [2^14, 2^15), then split
+// into an f16 high part and the f16 rounding of the rest (about 22 bits together); scale[row] = 2^e undoes it.
+__global__ void split_f16_kernel(__half* hi, __half* lo, float* scale, const float* x, int64_t x_stride, int n,
+                                 int64_t cols) {
+    pdl_trigger();
+    pdl_wait();
+    const int lane = threadIdx.x & 31;
+    for (int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < n; r += gridDim.x * (blockDim.x >> 5)) {
+        const float* xr = x + r * x_stride;
+        float amax = 0.0f;
+        for (int64_t k = lane; k < cols; k += 32) amax = fmaxf(amax, fabsf(xr[k]));
+        amax = warp_max(amax);
+        const int e = amax > 0.0f ? ilogbf(amax) - 14 : 0;
+        const float inv = ldexpf(1.0f, -e);
+        if (lane == 0) scale[r] = ldexpf(1.0f, e);
+        for (int64_t k = lane; k < cols; k += 32) {
+            const float v = xr[k] * inv;
+            const __half h = __float2half_rn(v);
+            hi[r * cols + k] = h;
+            lo[r * cols + k] = __float2half_rn(v - __half2float(h));
+        }
+    }
+}
+
 cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t x_stride, int64_t n, int64_t cols,
                           int type) {
+    if (type == TYPE_F16) {
+        __half* hi = (__half*)work;
+        return launch(split_f16_kernel, dim3((unsigned)std::min<int64_t>(ceil_div(n, 8), 4 * props().sms)),
+                      dim3(256), 0, s, hi, hi + n * cols, (float*)(hi + 2 * n * cols), x, x_stride, (int)n, cols);
+    }
     const int kind = act_kind(type);
     int8_t* qs = (int8_t*)work;
     float* d = (float*)(work + n * cols);
@@ -487,8 +571,8 @@ using namespace ds4;
 using namespace ds4::cuda;
 
 bool ds4_cuda_gemm_ok(int type, int64_t cols) {
-    return (type == TYPE_Q8_0 || type == TYPE_Q2_K || type == TYPE_Q4_K || type == TYPE_IQ2_XXS) && cols > 0 &&
-           cols % kKS == 0;
+    return (type == TYPE_Q8_0 || type == TYPE_Q2_K || type == TYPE_Q4_K || type == TYPE_IQ2_XXS ||
+            type == TYPE_F16) && cols > 0 && cols % 256 == 0;
 }
 
 size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t cols, int groups) {
@@ -496,10 +580,11 @@ size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t cols, int groups) {
 }
 
 cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
-                          int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work) {
+                          int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work,
+                          int tile) {
     clear_error();
     if (!ds4_cuda_gemm_ok(type, cols))
-        return invalid("gemm: needs a Q8_0, Q2_K, Q4_K or IQ2_XXS matrix of rows a multiple of 256 weights");
+        return invalid("gemm: needs a Q8_0, Q2_K, Q4_K, IQ2_XXS or F16 matrix of rows a multiple of 256 weights");
     if (rows < 1 || n_tok < 1 || groups < 1 || groups > 65535 || rows > 65535LL * kBM)
         return invalid("gemm: needs 1 <= rows <= 4194240, n_tok >= 1, 1 <= groups <= 65535");
     if ((uintptr_t)w % 16 || (uintptr_t)x % 16 || x_stride % 4 || x_stride < cols * groups || !work ||
@@ -507,12 +592,13 @@ cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void
         return invalid("gemm: w, x and work must be 16-byte aligned, x rows covering groups * cols");
     if (y_stride < rows * groups) return invalid("gemm: y_stride is shorter than a row of y");
     if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("gemm: call ds4_cuda_init first");
+    if (tile != 0 && tile != 16 && tile != 32 && tile != 64) return invalid("gemm: tile must be 0, 16, 32 or 64");
     cudaError_t e = quantize_into(s, (uint8_t*)work, x, x_stride, n_tok, cols * groups, type);
     if (e != cudaSuccess) return e;
     const int64_t rb = (int64_t)row_bytes(type, cols);
     GemmArgs a{y, y_stride, (const uint8_t*)w, rows, cols, rb, rows * rb, (const uint8_t*)work, n_tok,
                cols * groups, n_tok, nullptr, nullptr, nullptr, 1, iq2_tables()};
-    by_type<DenseOp>(type, e, s, a, groups);
+    by_type<DenseOp>(type, e, s, a, groups, tile);
     return e;
 }
 
@@ -528,7 +614,8 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
                                  void* work) {
     clear_error();
     if (!ds4_cuda_gemm_ok(gate_type, n_embd) || !ds4_cuda_gemm_ok(down_type, n_ff))
-        return invalid("moe_grouped: needs Q8_0, Q2_K, Q4_K or IQ2_XXS experts of rows a multiple of 256 weights");
+        return invalid("moe_grouped: needs Q8_0, Q2_K, Q4_K, IQ2_XXS or F16 experts of rows a multiple of 256 "
+                       "weights");
     if (n_expert < 1 || n_expert > 4096 || n_used < 1 || n_tok < 1 || (int64_t)n_tok * n_used > (1 << 20) ||
         n_ff > 65535LL * kBM || n_embd > 65535LL * kBM)
         return invalid("moe_grouped: needs 1 <= n_expert <= 4096, n_used >= 1, 1 <= n_tok * n_used <= 2^20");

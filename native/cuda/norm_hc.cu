@@ -77,20 +77,24 @@ __global__ void rms_norm_kernel(float* y, int64_t y_stride, const float* x, int6
     }
 }
 
-// The HC mixer product, split over the columns: block b takes columns [512 b, 512 b + 512) of the 4 * n_embd and
-// all n_mix rows and tokens, and leaves partial sums (n_tok, n_blocks, n_mix) that hc_finish adds in block order.
-// (24 rows of 16384 give a row-walking product too few rows to spread over the GPU: 12-24 blocks.) The block's
-// activation columns sit in shared memory; each warp takes rows warp, warp + 8, ..., lane i columns 16 i .. 16 i
-// + 15.
-constexpr int kMixCols = 512;
+// The HC mixer product, split over the columns: block (b, y) takes columns [512 b, 512 b + 512) of the 4 * n_embd,
+// all n_mix rows and tokens 16 y .. 16 y + 15, and leaves partial sums (n_tok, n_blocks, n_mix) that hc_finish adds
+// in block order. (24 rows of 16384 give a row-walking product too few rows to spread over the GPU: 12-24
+// blocks.) The block's activation columns sit in shared memory; each warp takes rows warp, warp + 8, ..., lane i
+// columns 16 i .. 16 i + 15.
+constexpr int kMixCols = 512, kMixTok = 16;
 
 __global__ void hc_mix_kernel(float* part, const float* X, int64_t x_stride, const void* fn, int fn_type, int n_mix,
                               int64_t cols, int n_tok) {
-    __shared__ __align__(16) float xs[16 * kMixCols];
+    __shared__ __align__(16) float xs[kMixTok * kMixCols];
     pdl_trigger();
     pdl_wait();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     const int64_t c0 = (int64_t)blockIdx.x * kMixCols;
+    const int t0 = blockIdx.y * kMixTok;
+    X += t0 * x_stride;
+    part += (int64_t)t0 * gridDim.x * n_mix;
+    n_tok = min(kMixTok, n_tok - t0);
     for (int i = threadIdx.x; i < n_tok * kMixCols / 4; i += blockDim.x) {
         const int t = i / (kMixCols / 4), c = i - t * (kMixCols / 4);
         *(float4*)(xs + t * kMixCols + 4 * c) = *(const float4*)(X + t * x_stride + c0 + 4 * c);
@@ -302,13 +306,13 @@ cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch,
     if (n_mix != kHc && n_mix != 2 * kHc + kHc * kHc) return invalid("hc_pre: n_mix must be 4 or 24");
     if (fn_type != ds4::TYPE_F16 && fn_type != ds4::TYPE_F32 && fn_type != ds4::TYPE_BF16)
         return invalid("hc_pre: fn must be F16, F32 or BF16");
-    if (n_tok < 1 || n_tok > 16 || (kHc * n_embd) % kMixCols || n_embd > 4 * kHcChunks * kHcThreads || x_stride % 4 ||
+    if (n_tok < 1 || n_tok > 65535 * kMixTok || (kHc * n_embd) % kMixCols || n_embd > 4 * kHcChunks * kHcThreads || x_stride % 4 ||
         (uintptr_t)fn % 16 ||
         (uintptr_t)X % 16 || (uintptr_t)x % 16 || (uintptr_t)norm_w % 16 || n_iter < 1 || (n_mix > kHc && !hc))
-        return invalid("hc_pre: needs 1 <= n_tok <= 16, n_embd a multiple of 128 up to 8192, aligned rows, "
+        return invalid("hc_pre: needs 1 <= n_tok <= 1048560, n_embd a multiple of 128 up to 8192, aligned rows, "
                        "n_iter >= 1");
     const int n_parts = (int)(kHc * n_embd / kMixCols);
-    cudaError_t e = launch(hc_mix_kernel, dim3(n_parts), dim3(256), 0, s, scratch, X, x_stride, fn, fn_type, n_mix,
+    cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(256), 0, s, scratch, X, x_stride, fn, fn_type, n_mix,
                            kHc * n_embd, n_tok);
     if (e != cudaSuccess) return e;
     return launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads), 0, s, x, hc, (const float*)scratch, X, x_stride,

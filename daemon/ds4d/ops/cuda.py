@@ -31,7 +31,8 @@ from ..state import LayerState, RowStore, SessionState
 from ..weights import Weight
 
 _F32, _I32, _F16 = np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float16)
-MATVEC_ROWS = 16          # ds4_cuda_matvec and hc_pre take at most this many activation rows
+MATVEC_ROWS = 16          # ds4_cuda_matvec takes at most this many activation rows
+HC_ROWS = 1024            # tokens per hc_pre call: bounds its scratch (3 KB per token)
 MOE_ROWS = 64             # ds4_cuda_moe_* likewise
 MOE_GROUPED_ROWS = 1024   # tokens per ds4_cuda_moe_grouped call: bounds its workspace (~70 KB per token)
 ATTN_ROWS = 16            # attention queries per launch: bounds the split scratch
@@ -617,10 +618,10 @@ class CUDA:
         N, S, E = X.shape
         x = self.empty((N, E))
         h = self.empty((N, 20)) if n_mix > S else None
-        scratch = self.empty((self.cu.hc_pre_scratch_bytes(MATVEC_ROWS, E, n_mix),), np.uint8)
+        scratch = self.empty((self.cu.hc_pre_scratch_bytes(min(N, HC_ROWS), E, n_mix),), np.uint8)
         fn, sc, base = self.weight(hc.fn), self.const(hc.scale, _F32), self.const(hc.base, _F32)
-        for t0 in range(0, N, MATVEC_ROWS):
-            n = min(MATVEC_ROWS, N - t0)
+        for t0 in range(0, N, HC_ROWS):
+            n = min(HC_ROWS, N - t0)
             self.cu.hc_pre(self.stream.ptr, x.ptr + 4 * t0 * E, h.ptr + 80 * t0 if h is not None else 0, scratch.ptr,
                            X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
                            float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0)

@@ -114,16 +114,18 @@ class Reference:
 
     def __init__(self, dtype=np.float64):
         self.dtype = np.dtype(dtype)
-        self._dequantized: dict[tuple, np.ndarray] = {}
+        self._dequantized: dict[tuple, tuple] = {}
 
     # --- matrices -------------------------------------------------------------------------------------------
     def _dense(self, w: Weight) -> np.ndarray:
-        """Dequantized weights in the backend dtype, cached by the identity of the mapped data."""
+        """Dequantized weights in the backend dtype, cached by the address of the mapped data. The entry keeps
+        the raw array alive, so that its address cannot be reused by other weights while it is cached (a freed
+        array's memory going to a new one of the same shape would otherwise return the old weights)."""
         key = (w.raw.__array_interface__["data"][0], w.raw.shape, int(w.type))
         hit = self._dequantized.get(key)
         if hit is None:
-            hit = self._dequantized[key] = w.dequantize().astype(self.dtype)
-        return hit
+            hit = self._dequantized[key] = (w.raw, w.dequantize().astype(self.dtype))
+        return hit[1]
 
     def matmul(self, w: Weight, x: np.ndarray) -> np.ndarray:
         """y = x · Wᵀ: (T, cols) -> (T, rows)."""
