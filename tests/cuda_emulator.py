@@ -349,6 +349,12 @@ def attention_decode(stream, out, scratch, q, raw, raw_stride, raw_n, raw_cap, c
         _at(out + 4 * t * n_head * dim, np.float32, n_head * dim)[:] = ((p @ k) / den[:, None]).reshape(-1)
 
 
+def attention_prefill(stream, out, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n, comp_cap, sel,
+                      sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0):
+    attention_decode.__wrapped__(stream, out, 0, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n,
+                                 comp_cap, sel, sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows, comp_rows)
+
+
 def route(stream, ids, weights, logits, bias, tid2eid, tokens, n_tok, n_expert, n_used, scale, normalize=True):
     lg = _at(logits, np.float32, n_tok * n_expert).reshape(n_tok, n_expert).copy()
     toks = _at(tokens, np.int32, n_tok).copy()
@@ -488,5 +494,5 @@ def _enqueued(fn):
 
 for _name in ("memcpy", "matvec", "embed", "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store",
               "attention_decode", "route", "moe_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4",
-              "indexer_scores", "topk", "gemm", "moe_grouped"):
+              "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill"):
     globals()[_name] = _enqueued(globals()[_name])

@@ -477,6 +477,43 @@ def test_attention_decode(stream, rng, dim, n_head, with_sel):
     np.testing.assert_array_equal(d.get(out), got)
 
 
+@pytest.mark.parametrize("dim,n_head", [(512, 64), (128, 8), (256, 20)])
+@pytest.mark.parametrize("with_sel", [False, True])
+def test_attention_prefill(stream, rng, dim, n_head, with_sel):
+    """The tensor-core kernel for many queries: the reference to f32 rounding (Q and P enter as two f16 parts),
+    with rows missing from the selection, tokens with no row (only the sink), head counts not a multiple of its
+    16, scores large enough to need the running maximum, and the same bits on a second launch."""
+    d = Dev(stream)
+    raw_cap, comp_cap, sel_cap = 128, 300, 64
+    raw_n = np.array([1, 77, 128, 0, 33, 0, 128, 5], np.int32)
+    comp_n = np.array([0, 5, 300, 40, 129, 0, 64, 2], np.int32)   # token 5 sees no row
+    T = len(raw_n)
+    raw = rng.standard_normal((T, raw_cap, dim)).astype(np.float16)
+    comp = rng.standard_normal((T, comp_cap, dim)).astype(np.float16)
+    q = (rng.standard_normal((T, n_head, dim)) * np.array([0.15, 1.0, 3e-3, 0.5, 0.15, 1, 0.2, 30])[:, None, None])
+    q = q.astype(np.float32)
+    sinks = rng.standard_normal(n_head).astype(np.float32)
+    sel = None
+    if with_sel:
+        sel = np.full((T, sel_cap), -1, np.int32)
+        for t in range(T):
+            k = min(int(comp_n[t]), sel_cap - 3)
+            sel[t, :k] = np.sort(rng.choice(max(int(comp_n[t]), 1), k, replace=False))
+    scale = 1.0 / math.sqrt(dim)
+    out = d.out((T, n_head, dim))
+    args = (d.put(q), d.put(raw), raw_cap * dim, d.put(raw_n), raw_cap, d.put(comp), comp_cap * dim, d.put(comp_n),
+            comp_cap, d.put(sel) if with_sel else 0, sel_cap, d.put(sinks), T, n_head, dim, scale)
+    _cuda.attention_prefill(stream.ptr, out.ptr, *args)
+    ref = attention_ref(q, raw, raw_n, comp, comp_n, sel, sinks.astype(np.float64), scale)
+    got = d.get(out)
+    assert np.all(got[5] == 0)
+    for t in range(T):
+        assert rel(got[t], ref[t]) < 1e-5, t
+    out.memset(0xFF)
+    _cuda.attention_prefill(stream.ptr, out.ptr, *args)
+    np.testing.assert_array_equal(d.get(out), got)
+
+
 # ---- norms, hyper-connections ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows,n,weighted", [(1, 4096, True), (64, 512, False), (7, 1024, True), (3, 16384, False)])

@@ -251,6 +251,212 @@ cudaError_t attention_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
 }
 
 
+
+// ---- prefill: tensor cores ---------------------------------------------------------------------------------------
+//
+// One block per (token, 16 heads), 8 warps, f16 rows. The block walks its token's rows 32 at a time (the next
+// tile's rows copied with cp.async while this one computes; rows with no source are zeros, their scores -inf):
+// S = Q K^T with mma m16n8k16 (warp w: rows 8 (w % 4) .. + 7 over half w / 4 of the dims; the two halves meet in
+// shared memory, added in order), an online softmax per head (warp w: heads 2 w, 2 w + 1; lane = row), then
+// O += P V (warp w: dims w D / 8 .. + D / 8; V = the same rows, B fragments by ldmatrix.trans). Q and P are f32
+// values split into two f16 parts (the high part and the rounding of the rest: ~22 bits; Q scaled per head by a
+// power of two into f16's range), each product taken twice, so scores and sums stay within f32 rounding of the
+// CUDA-core kernel's. The sink joins at the end: out = O e^(m - M) / (e^(sink - M) + l e^(m - M)).
+constexpr int kPfHeads = 16, kPfWarps = 8, kPfRows = 32, kPfPadP = 40;  // P rows padded: conflict-free A loads
+
+__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(a));
+}
+// A fragment (16 x 16 f16, row-major, `stride` halves apart) at column k0.
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const __half* base, int stride, int k0, int g, int t4) {
+    const __half* p = base + g * stride + k0 + 2 * t4;
+    a[0] = *(const uint32_t*)p;
+    a[1] = *(const uint32_t*)(p + 8 * stride);
+    a[2] = *(const uint32_t*)(p + 8);
+    a[3] = *(const uint32_t*)(p + 8 * stride + 8);
+}
+
+template <int D>
+struct PfSmem {
+    static constexpr int kStride = D + 8;                          // halves per staged row (16 bytes of pad)
+    static constexpr size_t q = 0;                                 // half [2][16][kStride]: Q high, low
+    static constexpr size_t k = q + 2 * kPfHeads * kStride * 2;    // half [2][32][kStride]: row tiles
+    static constexpr size_t sp = k + 2 * kPfRows * kStride * 2;    // float [2][16][32]: partial scores
+    static constexpr size_t p = sp + 2 * kPfHeads * kPfRows * 4;   // half [2][16][kPfPadP]: P high, low
+    static constexpr size_t misc = p + 2 * kPfHeads * kPfPadP * 2; // float corr[16], m[16], l[16], qscale[16]
+    static constexpr size_t bytes = misc + 4 * kPfHeads * 4;
+};
+
+template <int D>
+__global__ void __launch_bounds__(32 * kPfWarps) attention_prefill_kernel(AttnArgs a) {
+    using S = PfSmem<D>;
+    constexpr int ST = S::kStride, NT = D / 64;  // n8 tiles of dims per warp in O += P V
+    extern __shared__ __align__(16) uint8_t smem[];
+    __half* qs = (__half*)(smem + S::q);
+    __half* ks = (__half*)(smem + S::k);
+    float* sp = (float*)(smem + S::sp);
+    __half* ps = (__half*)(smem + S::p);
+    float* corr = (float*)(smem + S::misc);
+    float* m_fin = corr + kPfHeads;
+    float* l_fin = m_fin + kPfHeads;
+    float* qscale = l_fin + kPfHeads;
+    __shared__ const uint8_t* src_row[2][kPfRows];
+    pdl_trigger();
+    pdl_wait();
+
+    const int t = blockIdx.y, h0 = blockIdx.x * kPfHeads;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    int n_raw;
+    const int total = row_count(a, t, n_raw), n_tiles = (total + kPfRows - 1) / kPfRows;
+
+    // Q of the block's heads (zeros past n_head), split into f16 high and low parts per head scale.
+    for (int hh = 2 * warp; hh < 2 * warp + 2; ++hh) {
+        const bool live = h0 + hh < a.n_head;
+        const float* qh = a.q + ((int64_t)t * a.n_head + h0 + hh) * D;
+        float amax = 0.0f;
+        if (live)
+            for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(qh[d]));
+        amax = warp_max(amax);
+        const int e = amax > 0.0f ? ilogbf(amax) - 14 : 0;
+        const float inv = ldexpf(1.0f, -e);
+        if (lane == 0) qscale[hh] = ldexpf(1.0f, e);
+        for (int d = lane; d < D; d += 32) {
+            const float v = live ? qh[d] * inv : 0.0f;
+            const __half hi = __float2half_rn(v);
+            qs[hh * ST + d] = hi;
+            qs[(kPfHeads + hh) * ST + d] = __float2half_rn(v - __half2float(hi));
+        }
+    }
+
+    // Row tile i into buffer b: sources (null: no row; zeros staged), then 16-byte copies.
+    auto stage = [&](int i, int b) {
+        if (threadIdx.x < kPfRows) {
+            const int v = i * kPfRows + threadIdx.x;
+            const uint8_t* src = nullptr;
+            constexpr int64_t kRow = 2 * D;
+            if (v < n_raw) {
+                src = (a.raw_rows ? a.raw_rows[t] : a.raw + (int64_t)t * a.raw_stride * 2) + v * kRow;
+            } else if (v < total) {
+                const int c = a.sel ? a.sel[(int64_t)t * a.sel_cap + (v - n_raw)] : v - n_raw;
+                if (c >= 0 && c < min(a.comp_n[t], a.comp_cap))
+                    src = (a.comp_rows ? a.comp_rows[t] : a.comp + (int64_t)t * a.comp_stride * 2) + c * kRow;
+            }
+            src_row[b][threadIdx.x] = src;
+        }
+        __syncthreads();
+        constexpr int kPieces = 2 * D / 16;
+        __half* dst = ks + b * kPfRows * ST;
+        for (int j = threadIdx.x; j < kPfRows * kPieces; j += blockDim.x) {
+            const int r = j / kPieces, pc = j - r * kPieces;
+            if (src_row[b][r]) cp_async16(dst + r * ST + 8 * pc, src_row[b][r] + 16 * pc);
+            else *(uint4*)(dst + r * ST + 8 * pc) = make_uint4(0, 0, 0, 0);
+        }
+        cp_async_commit();
+    };
+
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // heads 2 warp, 2 warp + 1
+    float o[NT][4] = {};
+    if (n_tiles > 0) stage(0, 0);
+    for (int i = 0; i < n_tiles; ++i) {
+        const int b = i & 1;
+        cp_async_wait<0>();
+        __syncthreads();
+        if (i + 1 < n_tiles) stage(i + 1, b ^ 1);  // its barrier also orders this tile's zero-filled rows
+        const __half* kt = ks + b * kPfRows * ST;
+
+        {   // partial scores: rows 8 (warp % 4) .., dims half warp / 4
+            const int nt = warp & 3, kh = warp >> 2;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+            for (int k0 = kh * (D / 2); k0 < (kh + 1) * (D / 2); k0 += 16) {
+                uint32_t ahi[4], alo[4];
+                frag_a(ahi, qs, ST, k0, g, t4);
+                frag_a(alo, qs + kPfHeads * ST, ST, k0, g, t4);
+                const __half* kr = kt + (8 * nt + g) * ST + k0 + 2 * t4;
+                const uint32_t b0 = *(const uint32_t*)kr, b1 = *(const uint32_t*)(kr + 8);
+                mma_f16_16816(acc, ahi, b0, b1);
+                mma_f16_16816(acc, alo, b0, b1);
+            }
+            float* out = sp + kh * kPfHeads * kPfRows;
+            const int r = 8 * nt + 2 * t4;
+            out[g * kPfRows + r] = acc[0];
+            out[g * kPfRows + r + 1] = acc[1];
+            out[(g + 8) * kPfRows + r] = acc[2];
+            out[(g + 8) * kPfRows + r + 1] = acc[3];
+        }
+        __syncthreads();
+        // online softmax: warp w owns heads 2w, 2w + 1; lane = row of the tile
+        for (int j = 0; j < 2; ++j) {
+            const int hh = 2 * warp + j;
+            const bool valid = src_row[b][lane] != nullptr;
+            const float s = valid ? (sp[hh * kPfRows + lane] + sp[(kPfHeads + hh) * kPfRows + lane]) *
+                                        qscale[hh] * a.scale
+                                  : -INFINITY;
+            const float m_new = fmaxf(m_run[j], warp_max(s));
+            const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
+            const float c = m_run[j] == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m_run[j] - m_new);
+            l_run[j] = l_run[j] * c + warp_sum(p);
+            m_run[j] = m_new;
+            const __half hi = __float2half_rn(p);
+            ps[hh * kPfPadP + lane] = hi;
+            ps[(kPfHeads + hh) * kPfPadP + lane] = __float2half_rn(p - __half2float(hi));
+            if (lane == 0) corr[hh] = c;
+        }
+        __syncthreads();
+        {   // O = O * corr + P V over dims warp * D / 8 ..
+            const float c0 = corr[g], c1 = corr[g + 8];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) o[j][0] *= c0, o[j][1] *= c0, o[j][2] *= c1, o[j][3] *= c1;
+            const int d0 = warp * (D / 8);
+#pragma unroll
+            for (int r0 = 0; r0 < kPfRows; r0 += 16) {
+                uint32_t phi[4], plo[4];
+                frag_a(phi, ps, kPfPadP, r0, g, t4);
+                frag_a(plo, ps + kPfHeads * kPfPadP, kPfPadP, r0, g, t4);
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    uint32_t b0, b1;
+                    ldmatrix_x2_trans(b0, b1, kt + (r0 + (lane & 15)) * ST + d0 + 8 * j);
+                    mma_f16_16816(o[j], phi, b0, b1);
+                    mma_f16_16816(o[j], plo, b0, b1);
+                }
+            }
+        }
+    }
+    if (lane == 0)
+        for (int j = 0; j < 2; ++j) m_fin[2 * warp + j] = m_run[j], l_fin[2 * warp + j] = l_run[j];
+    __syncthreads();
+    const int d0 = warp * (D / 8);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int hh = g + 8 * half, h = h0 + hh;
+        if (h >= a.n_head) continue;
+        const float sink = a.sinks[h], m = m_fin[hh];
+        const float M = fmaxf(m, sink), w = m == -INFINITY ? 0.0f : expf(m - M);
+        const float f = w / (expf(sink - M) + l_fin[hh] * w);
+        float* out = a.out + ((int64_t)t * a.n_head + h) * D + d0 + 2 * t4;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+            *(float2*)(out + 8 * j) = make_float2(o[j][2 * half] * f, o[j][2 * half + 1] * f);
+    }
+}
+
+template <int D>
+cudaError_t attention_prefill_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
+    const size_t smem = PfSmem<D>::bytes;
+    cudaError_t e = allow_smem(attention_prefill_kernel<D>, smem);
+    if (e != cudaSuccess) return e;
+    return launch(attention_prefill_kernel<D>, dim3((unsigned)ceil_div(a.n_head, kPfHeads), n_tok),
+                  dim3(32 * kPfWarps), smem, s, a);
+}
+
 }  // namespace
 }  // namespace ds4::cuda
 
@@ -288,5 +494,29 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
         case -128: return attention_launch<4, float>(s, a, n_tok);
         case -256: return attention_launch<8, float>(s, a, n_tok);
         default: return attention_launch<16, float>(s, a, n_tok);
+    }
+}
+
+cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* q, const void* raw,
+                                       int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
+                                       int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
+                                       int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
+                                       const void* const* raw_rows, const void* const* comp_rows) {
+    clear_error();
+    if (dim != 128 && dim != 256 && dim != 512) return invalid("attention: dim must be 128, 256 or 512");
+    if (n_tok < 1 || n_tok > 65535 || n_head < 1 || n_head > 65535 * kPfHeads || raw_cap < 0 || comp_cap < 0 ||
+        (sel && sel_cap < 1) || !raw_n || !comp_n || !sinks)
+        return invalid("attention: bad counts (n_tok, n_head, capacities) or missing raw_n / comp_n / sinks");
+    if ((uintptr_t)raw % 16 || (uintptr_t)comp % 16 || (uintptr_t)q % 16 || (uintptr_t)out % 16 ||
+        raw_stride % 8 || comp_stride % 8)
+        return invalid("attention: q, out and the row stores must be 16-byte aligned");
+    AttnArgs a{out,       nullptr,  q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
+               raw_n,     raw_cap,  (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
+               comp_n,    comp_cap, sel,  sel_cap,             sinks,      n_head,
+               dim,       0,        scale};
+    switch (dim) {
+        case 128: return attention_prefill_launch<128>(s, a, n_tok);
+        case 256: return attention_prefill_launch<256>(s, a, n_tok);
+        default: return attention_prefill_launch<512>(s, a, n_tok);
     }
 }

@@ -117,6 +117,14 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
                                       bool f32_rows = false);
 size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_cap, int comp_cap, int sel_cap,
                                         bool has_sel);
+// The same attention for many query tokens (prefill) with f16 rows, on tensor cores: no split, no scratch (each
+// block walks all of its token's rows with an online softmax); scores and sums within f32 rounding of
+// ds4_cuda_attention_decode's (Q and the probabilities enter as two f16 parts each).
+cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* q, const void* raw,
+                                       int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
+                                       int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
+                                       int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
+                                       const void* const* raw_rows = nullptr, const void* const* comp_rows = nullptr);
 
 // ---- compressors and indexer (MODEL.md 3.7, 3.8) -----------------------------------------------------------------
 

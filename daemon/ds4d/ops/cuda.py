@@ -701,14 +701,21 @@ class CUDA:
             if step.comp_cap[4] > spec.top_k:      # some token may see more rows than top_k
                 sel = self._indexer(spec, step, tab, idx[2], idx[3])
         out = self.empty((N, H, D))
-        for t0 in range(0, N, ATTN_ROWS):
+        sinks = self.const(spec.sinks, _F32)
+        comp_n = step.comp_n.get(spec.ratio, step.raw_n)
+        prefill = N > ATTN_ROWS and not f32       # tensor cores, every query in one launch
+        if prefill:
+            cu.attention_prefill(s, out.ptr, q.ptr, 0, 0, step.raw_n, n_swa, 0, 0, comp_n, comp_cap,
+                                 sel.ptr if sel is not None else 0, spec.top_k, sinks, N, H, D, float(spec.scale),
+                                 tab["raw_rows"], tab["comp_rows"] if comp is not None else 0)
+        for t0 in range(0, 0 if prefill else N, ATTN_ROWS):
             n = min(ATTN_ROWS, N - t0)
             nbytes = cu.attention_scratch_bytes(n, H, D, n_swa, comp_cap, spec.top_k, sel is not None)
             scratch = self.empty((nbytes,), np.uint8)
             cu.attention_decode(s, out.ptr + 4 * t0 * H * D, scratch.ptr, q.ptr + 4 * t0 * H * D, 0, 0,
-                                step.raw_n + 4 * t0, n_swa, 0, 0, step.comp_n.get(spec.ratio, step.raw_n) + 4 * t0,
+                                step.raw_n + 4 * t0, n_swa, 0, 0, comp_n + 4 * t0,
                                 comp_cap, sel.ptr + 4 * t0 * spec.top_k if sel is not None else 0, spec.top_k,
-                                self.const(spec.sinks, _F32), n, H, D, float(spec.scale), tab["raw_rows"] + 8 * t0,
+                                sinks, n, H, D, float(spec.scale), tab["raw_rows"] + 8 * t0,
                                 tab["comp_rows"] + 8 * t0 if comp is not None else 0, f32)
         for st, pos0, T, n_old, at in step.linear:    # the segment's last n_swa rows into the ring
             keep = min(T, n_swa)
