@@ -4,8 +4,9 @@ Writes a q2 model of N full-width layers (the real shapes and types; random valu
 quantized or large float tensor, the generator's values for norms, biases and small tables, so routing spreads
 over the experts), opens it with backend="cuda" and times, after a warm-up that uploads the weights:
 
-* prefill of a prompt of each `--ctx` length (tokens/s, chunks of 512; the decode kernels looped over 16-row
-  blocks);
+* prefill of a prompt of each `--ctx` length (tokens/s, chunks of `--chunk` tokens: tensor-core products, the
+  routed experts grouped by expert, tensor-core attention; `--no-gemm`: the products and experts through the
+  decode kernels, 16 rows at a time, for comparison) and, with `--prefill-ops`, its device time per op;
 * decode at batch 1 after each prompt and at batch 8 (8 sessions of `--ctx8` tokens): wall time per step (the
   logits download ends each step), median of `--steps`, with the step replayed as a CUDA graph, and at the
   first length also run eagerly (every kernel launched from Python) for comparison; per layer from CUDA events
@@ -228,6 +229,7 @@ def main() -> int:
     ap.add_argument("--ctx", default="2048,8192,16384,65536", help="prompt lengths before the batch-1 decodes")
     ap.add_argument("--ctx8", type=int, default=2048, help="prompt length of each batch-8 session")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (the engine's default: 512)")
     ap.add_argument("--socket", action="store_true", help="also the end-to-end figure through the daemon")
     ap.add_argument("--expert-holes", action="store_true",
                     help="write the routed experts as holes and fill them with random blocks on the GPU (the "
@@ -237,7 +239,7 @@ def main() -> int:
                     help="also device time per op of a prefill of the first --ctx length, per token")
     ap.add_argument("--no-decode", action="store_true", help="prefill figures only")
     ap.add_argument("--no-gemm", action="store_true",
-                    help="prefill through the decode kernels (no tensor-core products): the comparison")
+                    help="prefill products and experts through the decode kernels (the comparison)")
     ap.add_argument("--json")
     args = ap.parse_args()
     ctxs = [int(c) for c in args.ctx.split(",")]
@@ -288,7 +290,7 @@ def main() -> int:
         st = m.new_state()
         ids = rng.integers(0, m.shape.n_vocab, ctx)
         t0 = time.perf_counter()
-        m.prefill(st, ids, chunk=512)
+        m.prefill(st, ids, chunk=args.chunk)
         res[f"prefill_{ctx}"] = ctx / (time.perf_counter() - t0)
         print(f"prefill {ctx} tokens: {res[f'prefill_{ctx}']:.0f} tok/s", flush=True)
         if args.no_decode:
@@ -307,14 +309,14 @@ def main() -> int:
     if args.prefill_ops:
         ops_clock = OpClock(m)
         st, ids = m.new_state(), rng.integers(0, m.shape.n_vocab, ctxs[0])
-        for c0 in range(0, ctxs[0], 512):
-            m.prefill(st, ids[c0:c0 + 512], chunk=512)
+        for c0 in range(0, ctxs[0], args.chunk):
+            m.prefill(st, ids[c0:c0 + args.chunk], chunk=args.chunk)
             ops_clock.read()
         per = {k: sum(t.get(k, 0.0) for t in ops_clock.times) / ctxs[0] for k in ops_clock.times[0]}
         res["prefill_ops_us_per_token"] = per
         total = sum(per.values())
-        print(f"\ndevice time per op and token, prefill of {ctxs[0]} in chunks of 512, summed over {args.layers} "
-              f"layers (total {total:.1f} us per token, {1e6 / total:.0f} tok/s):")
+        print(f"\ndevice time per op and token, prefill of {ctxs[0]} in chunks of {args.chunk}, summed over "
+              f"{args.layers} layers (total {total:.1f} us per token, {1e6 / total:.0f} tok/s):")
         for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
             print(f"  {k:24s} {v:8.2f} us  {100 * v / total:5.1f}%")
     if args.ops:

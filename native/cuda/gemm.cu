@@ -317,7 +317,8 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                             for (int e = 0; e < 4; ++e) {
                                 const int row = wrow + 16 * mi + g + 8 * (e >> 1), n = wcol + 8 * ni + 2 * t4 + (e & 1);
                                 if constexpr (T == TYPE_Q8_0)
-                                    acc[mi][ni][e] = fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
+                                    acc[mi][ni][e] =
+                                        fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
                                 else
                                     isum[mi][ni][e] += ci[e] * aisc[row * 8 + c];
                             }

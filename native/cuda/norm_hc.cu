@@ -306,14 +306,14 @@ cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch,
     if (n_mix != kHc && n_mix != 2 * kHc + kHc * kHc) return invalid("hc_pre: n_mix must be 4 or 24");
     if (fn_type != ds4::TYPE_F16 && fn_type != ds4::TYPE_F32 && fn_type != ds4::TYPE_BF16)
         return invalid("hc_pre: fn must be F16, F32 or BF16");
-    if (n_tok < 1 || n_tok > 65535 * kMixTok || (kHc * n_embd) % kMixCols || n_embd > 4 * kHcChunks * kHcThreads || x_stride % 4 ||
-        (uintptr_t)fn % 16 ||
-        (uintptr_t)X % 16 || (uintptr_t)x % 16 || (uintptr_t)norm_w % 16 || n_iter < 1 || (n_mix > kHc && !hc))
+    if (n_tok < 1 || n_tok > 65535 * kMixTok || (kHc * n_embd) % kMixCols || n_embd > 4 * kHcChunks * kHcThreads ||
+        x_stride % 4 || (uintptr_t)fn % 16 || (uintptr_t)X % 16 || (uintptr_t)x % 16 || (uintptr_t)norm_w % 16 ||
+        n_iter < 1 || (n_mix > kHc && !hc))
         return invalid("hc_pre: needs 1 <= n_tok <= 1048560, n_embd a multiple of 128 up to 8192, aligned rows, "
                        "n_iter >= 1");
     const int n_parts = (int)(kHc * n_embd / kMixCols);
-    cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(256), 0, s, scratch, X, x_stride, fn, fn_type, n_mix,
-                           kHc * n_embd, n_tok);
+    cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(256), 0, s,
+                           scratch, X, x_stride, fn, fn_type, n_mix, kHc * n_embd, n_tok);
     if (e != cudaSuccess) return e;
     return launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads), 0, s, x, hc, (const float*)scratch, X, x_stride,
                   scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps, norm_w);
