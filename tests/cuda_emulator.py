@@ -349,6 +349,10 @@ def attention_decode(stream, out, scratch, q, raw, raw_stride, raw_n, raw_cap, c
         _at(out + 4 * t * n_head * dim, np.float32, n_head * dim)[:] = ((p @ k) / den[:, None]).reshape(-1)
 
 
+def attention_prefill_ok(dim):
+    return dim in (128, 256, 512)
+
+
 def attention_prefill(stream, out, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n, comp_cap, sel,
                       sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0):
     attention_decode.__wrapped__(stream, out, 0, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n,

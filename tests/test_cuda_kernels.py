@@ -483,6 +483,7 @@ def test_attention_prefill(stream, rng, dim, n_head, with_sel):
     """The tensor-core kernel for many queries: the reference to f32 rounding (Q and P enter as two f16 parts),
     with rows missing from the selection, tokens with no row (only the sink), head counts not a multiple of its
     16, scores large enough to need the running maximum, and the same bits on a second launch."""
+    assert _cuda.attention_prefill_ok(dim)  # Hopper's shared memory fits every dim
     d = Dev(stream)
     raw_cap, comp_cap, sel_cap = 128, 300, 64
     raw_n = np.array([1, 77, 128, 0, 33, 0, 128, 5], np.int32)

@@ -497,6 +497,11 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
     }
 }
 
+bool ds4_cuda_attention_prefill_ok(int dim) {
+    const size_t need = dim == 128 ? PfSmem<128>::bytes : dim == 256 ? PfSmem<256>::bytes : PfSmem<512>::bytes;
+    return (dim == 128 || dim == 256 || dim == 512) && need <= props().smem_optin;
+}
+
 cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* q, const void* raw,
                                        int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                        int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,

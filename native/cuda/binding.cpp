@@ -273,6 +273,7 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("out"), py::arg("out_stride"), py::arg("mid"), py::arg("down"), py::arg("type"),
        py::arg("n_embd"), py::arg("n_ff"), py::arg("n_expert"), py::arg("ids"), py::arg("n_used"), py::arg("n_tok"),
        py::arg("accumulate") = false);
+    m.def("attention_prefill_ok", &ds4_cuda_attention_prefill_ok, py::arg("dim"));
     m.def("attention_prefill", [](uintptr_t s, uintptr_t out, uintptr_t q, uintptr_t raw, int64_t raw_stride,
                                   uintptr_t raw_n, int raw_cap, uintptr_t comp, int64_t comp_stride, uintptr_t comp_n,
                                   int comp_cap, uintptr_t sel, int sel_cap, uintptr_t sinks, int n_tok, int n_head,

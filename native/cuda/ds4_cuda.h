@@ -119,7 +119,9 @@ size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_
                                         bool has_sel);
 // The same attention for many query tokens (prefill) with f16 rows, on tensor cores: no split, no scratch (each
 // block walks all of its token's rows with an online softmax); scores and sums within f32 rounding of
-// ds4_cuda_attention_decode's (Q and the probabilities enter as two f16 parts each).
+// ds4_cuda_attention_decode's (Q and the probabilities enter as two f16 parts each). ds4_cuda_attention_prefill_ok:
+// whether this device has the shared memory it needs for rows of `dim` (107 KB at 512: not sm_86 / sm_89).
+bool ds4_cuda_attention_prefill_ok(int dim);
 cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* q, const void* raw,
                                        int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                        int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,

@@ -130,6 +130,10 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     constexpr int NC = (SB + 15 + 15) / 16;          // 16-byte pieces of a row's stage, at most
     constexpr int WN = BN >= 32 ? 2 : 1, WM = kGWarps / WN;  // warps: 2 x 2 of 32 x BN / 2, or 4 x 1 of 16 x 16
     constexpr int MI = kBM / (16 * WM), NI = BN / (8 * WN);
+    // IQ2_XXS when each warp owns its rows (4 x 1 warps): decoded straight into the A fragments (registers), no
+    // int8 tile. Its shared-memory stores and loads are most of these kernels' traffic; the lookups stay one per
+    // grid point (each lane looks up one of the two its pair of lanes needs and they swap).
+    constexpr bool kRegA = T == TYPE_IQ2_XXS && WN == 1;
     extern __shared__ __align__(16) uint8_t smem[];
     uint32_t* tab = (uint32_t*)(smem + S::tab);
     uint8_t* raw = smem + S::raw;
@@ -267,22 +271,55 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             cp_async_wait<0>();
         }
         __syncthreads();
-        decode(buf, kb);
+        if constexpr (!kRegA) decode(buf, kb);
         __syncthreads();
 
         const int8_t* bq = Bq + buf * BN * kPad;
         const float* bd = Bd + buf * BN * 8;
+        const uint8_t* rrow[MI][2];  // kRegA: the staged rows g and g + 8 of each m16 tile, and their d / 8
+        float rdw[MI][2];
+        int risc[MI][2];
+        if constexpr (kRegA) {
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = wrow + 16 * mi + g + 8 * h;
+                    const uint8_t* src = wm + min(row0 + r, last_row) * a.row_bytes + (int64_t)kb * SB;
+                    rrow[mi][h] = raw + (buf * kBM + r) * RS + ((uintptr_t)src & 15);
+                    rdw[mi][h] = f16_at(rrow[mi][h]) * 0.125f;
+                }
+        }
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
             // A 16 x 32-byte fragment: 32 int8 (m16n8k32) or 16 f16 (m16n8k16) of K; the same bytes per lane
             uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
-                const int8_t* p = A + (wrow + 16 * mi + g) * kPad + 32 * c + 4 * t4;
-                af[mi][0] = *(const uint32_t*)p;
-                af[mi][1] = *(const uint32_t*)(p + 8 * kPad);
-                af[mi][2] = *(const uint32_t*)(p + 16);
-                af[mi][3] = *(const uint32_t*)(p + 8 * kPad + 16);
+                if constexpr (kRegA) {
+                    // Lane (g, t) needs words t and 4 + t (4 weights each) of group c of rows g and g + 8: halves
+                    // t & 1 of grid points t / 2 and 2 + t / 2. Even lanes look up the first, odd lanes the second.
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const uintptr_t at = (uintptr_t)(rrow[mi][h] + 2 + 8 * c);
+                        const uint32_t* w = (const uint32_t*)(at & ~(uintptr_t)3);
+                        const uint32_t sh = (uint32_t)(at & 3) * 8, w0 = w[0], w1 = w[1], w2 = w[2];
+                        const uint32_t grid = __funnelshift_r(w0, w1, sh), aux = __funnelshift_r(w1, w2, sh);
+                        const int gp = (t4 >> 1) + 2 * (t4 & 1);
+                        const uint32_t mine = tab[(grid >> (8 * gp)) & 255] + tab[256 + ((aux >> (7 * gp)) & 127)];
+                        const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+                        const uint32_t first = (t4 & 1) ? other : mine, second = (t4 & 1) ? mine : other;
+                        af[mi][h] = __byte_perm(kIq2Lo, kIq2Hi, first >> (16 * (t4 & 1)));
+                        af[mi][2 + h] = __byte_perm(kIq2Lo, kIq2Hi, second >> (16 * (t4 & 1)));
+                        risc[mi][h] = 2 * (int)(aux >> 28) + 1;
+                    }
+                } else {
+                    const int8_t* p = A + (wrow + 16 * mi + g) * kPad + 32 * c + 4 * t4;
+                    af[mi][0] = *(const uint32_t*)p;
+                    af[mi][1] = *(const uint32_t*)(p + 8 * kPad);
+                    af[mi][2] = *(const uint32_t*)(p + 16);
+                    af[mi][3] = *(const uint32_t*)(p + 8 * kPad + 16);
+                }
             }
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
@@ -322,7 +359,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                                     acc[mi][ni][e] =
                                         fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
                                 else
-                                    isum[mi][ni][e] += ci[e] * aisc[row * 8 + c];
+                                    isum[mi][ni][e] += ci[e] * (kRegA ? risc[mi][e >> 1] : aisc[row * 8 + c]);
                             }
                         }
                     }
@@ -360,7 +397,8 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                     for (int e = 0; e < 4; ++e) {
                         const int row = wrow + 16 * mi + g + 8 * (e >> 1), n = wcol + 8 * ni + 2 * t4 + (e & 1);
                         const float dx = bd[n * 8];
-                        float v = fmaf(asc[row * 8] * dx, (float)isum[mi][ni][e], acc[mi][ni][e]);
+                        const float dw = kRegA ? rdw[mi][e >> 1] : asc[row * 8];
+                        float v = fmaf(dw * dx, (float)isum[mi][ni][e], acc[mi][ni][e]);
                         if constexpr (has_min<T>()) v = fmaf(-(asc[row * 8 + 1] * dx), msum[mi][ni][e], v);
                         acc[mi][ni][e] = v;
                         isum[mi][ni][e] = 0;
@@ -390,6 +428,13 @@ cudaError_t gemm_launch(cudaStream_t s, const GemmArgs& a, dim3 grid) {
     if (e != cudaSuccess) return e;
     return launch(kernel, grid, dim3(kGThreads), smem, s, a);
 }
+// The widest tile of at most `bn` whose shared memory this device allows (64 needs 107 KB for Q8_0: more than the
+// 99 KB of sm_86 / sm_89).
+template <int T>
+int fitting_bn(int bn) {
+    while (bn > 16 && (bn == 64 ? GemmSmem<T, 64>::bytes : GemmSmem<T, 32>::bytes) > props().smem_optin) bn /= 2;
+    return bn;
+}
 template <int T>
 cudaError_t gemm_launch_bn(cudaStream_t s, const GemmArgs& a, int bn, dim3 grid) {
     return bn == 64 ? gemm_launch<T, 64>(s, a, grid) : bn == 32 ? gemm_launch<T, 32>(s, a, grid)
@@ -403,7 +448,7 @@ struct DenseOp {
             return invalid("gemm: unsupported weight type " + std::to_string(T));
         } else {
             const int64_t row_tiles = ceil_div(a.rows, kBM);
-            const int bn = tile ? tile : dense_bn(a.n_tok, row_tiles * groups);
+            const int bn = tile ? tile : fitting_bn<T>(dense_bn(a.n_tok, row_tiles * groups));
             return gemm_launch_bn<T>(s, a, bn, dim3((unsigned)ceil_div(a.n_tok, bn), (unsigned)row_tiles, groups));
         }
     }

@@ -703,7 +703,7 @@ class CUDA:
         out = self.empty((N, H, D))
         sinks = self.const(spec.sinks, _F32)
         comp_n = step.comp_n.get(spec.ratio, step.raw_n)
-        prefill = N > ATTN_ROWS and not f32       # tensor cores, every query in one launch
+        prefill = N > ATTN_ROWS and not f32 and cu.attention_prefill_ok(D)   # tensor cores, all queries at once
         if prefill:
             cu.attention_prefill(s, out.ptr, q.ptr, 0, 0, step.raw_n, n_swa, 0, 0, comp_n, comp_cap,
                                  sel.ptr if sel is not None else 0, spec.top_k, sinks, N, H, D, float(spec.scale),
