@@ -100,9 +100,16 @@ def test_exit_status_for_usage_daemon_errors_and_no_daemon(daemon):
     assert ds4c("--version", env=daemon.env).stdout.startswith("ds4c ")
 
 
+def _default_sigint():
+    """In the child: Ctrl+C's default action even when the tests run in the background (a shell starts background
+    jobs with SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_exits_130_and_a_closed_pipe_is_no_error(daemon):
     cmd = [sys.executable, "-m", "ds4c", "-p", "Tell a long story.", "-n", "5000", "--temp", "0"]
-    p = subprocess.Popen(cmd, env=daemon.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, env=daemon.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=_default_sigint)
     assert p.stdout.read(1)                                  # it is answering
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
