@@ -130,10 +130,11 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     constexpr int NC = (SB + 15 + 15) / 16;          // 16-byte pieces of a row's stage, at most
     constexpr int WN = BN >= 32 ? 2 : 1, WM = kGWarps / WN;  // warps: 2 x 2 of 32 x BN / 2, or 4 x 1 of 16 x 16
     constexpr int MI = kBM / (16 * WM), NI = BN / (8 * WN);
-    // IQ2_XXS when each warp owns its rows (4 x 1 warps): decoded straight into the A fragments (registers), no
-    // int8 tile. Its shared-memory stores and loads are most of these kernels' traffic; the lookups stay one per
-    // grid point (each lane looks up one of the two its pair of lanes needs and they swap).
-    constexpr bool kRegA = T == TYPE_IQ2_XXS && WN == 1;
+    // IQ2_XXS and Q2_K when each warp owns its rows (4 x 1 warps: the grouped MoE): decoded straight into the A
+    // fragments (registers) from the staged raw rows, no int8 tile. Its shared-memory stores and loads are most
+    // of these kernels' traffic. IQ2_XXS lookups stay one per grid point (each lane looks up one of the two its
+    // pair of lanes needs and they swap); Q2_K words are a shift, a mask and the sub-block scale.
+    constexpr bool kRegA = (T == TYPE_IQ2_XXS || T == TYPE_Q2_K) && WN == 1;
     extern __shared__ __align__(16) uint8_t smem[];
     uint32_t* tab = (uint32_t*)(smem + S::tab);
     uint8_t* raw = smem + S::raw;
@@ -276,8 +277,8 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
 
         const int8_t* bq = Bq + buf * BN * kPad;
         const float* bd = Bd + buf * BN * 8;
-        const uint8_t* rrow[MI][2];  // kRegA: the staged rows g and g + 8 of each m16 tile, and their d / 8
-        float rdw[MI][2];
+        const uint8_t* rrow[MI][2];  // kRegA: the staged rows g and g + 8 of each m16 tile, their d (IQ2: / 8)
+        float rdw[MI][2], rdm[MI][2];  // and Q2_K's dmin
         int risc[MI][2];
         if constexpr (kRegA) {
 #pragma unroll
@@ -287,7 +288,12 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                     const int r = wrow + 16 * mi + g + 8 * h;
                     const uint8_t* src = wm + min(row0 + r, last_row) * a.row_bytes + (int64_t)kb * SB;
                     rrow[mi][h] = raw + (buf * kBM + r) * RS + ((uintptr_t)src & 15);
-                    rdw[mi][h] = f16_at(rrow[mi][h]) * 0.125f;
+                    if constexpr (T == TYPE_Q2_K) {
+                        const float2 dd = __half22float2(*(const __half2*)(rrow[mi][h] + 80));
+                        rdw[mi][h] = dd.x, rdm[mi][h] = dd.y;
+                    } else {
+                        rdw[mi][h] = f16_at(rrow[mi][h]) * 0.125f;
+                    }
                 }
         }
 #pragma unroll
@@ -296,7 +302,18 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
-                if constexpr (kRegA) {
+                if constexpr (kRegA && T == TYPE_Q2_K) {
+                    // Lane (g, t): words t and 4 + t of unit c (sub-blocks 2c, 2c + 1) of rows g and g + 8.
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const uint8_t* b = rrow[mi][h];
+                        const uint32_t scs = *(const uint16_t*)(b + 2 * c);
+                        const uint32_t* qp = (const uint32_t*)(b + 16 + 32 * (c >> 2));
+                        const int shift = 2 * (c & 3);
+                        af[mi][h] = ((qp[t4] >> shift) & 0x03030303u) * (scs & 15);
+                        af[mi][2 + h] = ((qp[4 + t4] >> shift) & 0x03030303u) * ((scs >> 8) & 15);
+                    }
+                } else if constexpr (kRegA) {
                     // Lane (g, t) needs words t and 4 + t (4 weights each) of group c of rows g and g + 8: halves
                     // t & 1 of grid points t / 2 and 2 + t / 2. Even lanes look up the first, odd lanes the second.
 #pragma unroll
@@ -372,11 +389,20 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) {
-                    const __half* p = amin + (wrow + 16 * mi + g) * 16 + 2 * t4;
-                    af[mi][0] = *(const uint32_t*)p;
-                    af[mi][1] = *(const uint32_t*)(p + 8 * 16);
-                    af[mi][2] = *(const uint32_t*)(p + 8);
-                    af[mi][3] = *(const uint32_t*)(p + 8 * 16 + 8);
+                    if constexpr (kRegA) {  // Q2_K: the mins are the scale bytes' high nibbles
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const uint8_t* sc = rrow[mi][h] + 2 * t4;
+                            af[mi][h] = half2_bits(sc[0] >> 4, sc[1] >> 4);
+                            af[mi][2 + h] = half2_bits(sc[8] >> 4, sc[9] >> 4);
+                        }
+                    } else {
+                        const __half* p = amin + (wrow + 16 * mi + g) * 16 + 2 * t4;
+                        af[mi][0] = *(const uint32_t*)p;
+                        af[mi][1] = *(const uint32_t*)(p + 8 * 16);
+                        af[mi][2] = *(const uint32_t*)(p + 8);
+                        af[mi][3] = *(const uint32_t*)(p + 8 * 16 + 8);
+                    }
                 }
 #pragma unroll
                 for (int ni = 0; ni < NI; ++ni) {
@@ -399,7 +425,10 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                         const float dx = bd[n * 8];
                         const float dw = kRegA ? rdw[mi][e >> 1] : asc[row * 8];
                         float v = fmaf(dw * dx, (float)isum[mi][ni][e], acc[mi][ni][e]);
-                        if constexpr (has_min<T>()) v = fmaf(-(asc[row * 8 + 1] * dx), msum[mi][ni][e], v);
+                        if constexpr (has_min<T>()) {
+                            const float dm = kRegA ? rdm[mi][e >> 1] : asc[row * 8 + 1];
+                            v = fmaf(-(dm * dx), msum[mi][ni][e], v);
+                        }
                         acc[mi][ni][e] = v;
                         isum[mi][ni][e] = 0;
                     }
