@@ -81,7 +81,8 @@ __global__ void rms_norm_kernel(float* y, int64_t y_stride, const float* x, int6
 // all n_mix rows and tokens 16 y .. 16 y + 15, and leaves partial sums (n_tok, n_blocks, n_mix) that hc_finish adds
 // in block order. (24 rows of 16384 give a row-walking product too few rows to spread over the GPU: 12-24
 // blocks.) The block's activation columns sit in shared memory; each warp takes rows warp, warp + 8, ..., lane i
-// columns 16 i .. 16 i + 15.
+// columns 4 i + 128 j .. + 3 for j < 4 (consecutive lanes read consecutive 16-byte pieces: no bank conflicts; 16
+// consecutive columns per lane were a 4-way conflict on every load, which made the prefill's hc_pre slow).
 constexpr int kMixCols = 512, kMixTok = 16;
 
 __global__ void hc_mix_kernel(float* part, const float* X, int64_t x_stride, const void* fn, int fn_type, int n_mix,
@@ -102,35 +103,36 @@ __global__ void hc_mix_kernel(float* part, const float* X, int64_t x_stride, con
     __syncthreads();
     for (int r = warp; r < n_mix; r += nw) {
         float w[16];
-        const int64_t at = r * cols + c0 + 16 * lane;
-        if (fn_type == ds4::TYPE_F32) {
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const float4 v = *(const float4*)((const float*)fn + at + 4 * k);
-                w[4 * k] = v.x, w[4 * k + 1] = v.y, w[4 * k + 2] = v.z, w[4 * k + 3] = v.w;
-            }
-        } else {
+        for (int j = 0; j < 4; ++j) {
+            const int64_t at = r * cols + c0 + 4 * lane + 128 * j;
+            if (fn_type == ds4::TYPE_F32) {
+                const float4 v = *(const float4*)((const float*)fn + at);
+                w[4 * j] = v.x, w[4 * j + 1] = v.y, w[4 * j + 2] = v.z, w[4 * j + 3] = v.w;
+            } else {
+                const uint2 raw = *(const uint2*)((const uint16_t*)fn + at);
+                const uint32_t h[2] = {raw.x, raw.y};
 #pragma unroll
-            for (int k = 0; k < 2; ++k) {
-                const uint4 raw = *(const uint4*)((const uint16_t*)fn + at + 8 * k);
-                const uint32_t h[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
+                for (int i = 0; i < 2; ++i) {
                     if (fn_type == ds4::TYPE_F16) {
                         const float2 f = __half22float2(*(const __half2*)&h[i]);
-                        w[8 * k + 2 * i] = f.x, w[8 * k + 2 * i + 1] = f.y;
+                        w[4 * j + 2 * i] = f.x, w[4 * j + 2 * i + 1] = f.y;
                     } else {
-                        w[8 * k + 2 * i] = __uint_as_float(h[i] << 16);
-                        w[8 * k + 2 * i + 1] = __uint_as_float(h[i] & 0xffff0000u);
+                        w[4 * j + 2 * i] = __uint_as_float(h[i] << 16);
+                        w[4 * j + 2 * i + 1] = __uint_as_float(h[i] & 0xffff0000u);
                     }
                 }
             }
         }
         for (int t = 0; t < n_tok; ++t) {
-            const float* xr = xs + t * kMixCols + 16 * lane;
+            const float* xr = xs + t * kMixCols + 4 * lane;
             float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
-            for (int k = 0; k < 16; k += 2) s0 = fmaf(w[k], xr[k], s0), s1 = fmaf(w[k + 1], xr[k + 1], s1);
+            for (int j = 0; j < 4; ++j) {
+                const float4 v = *(const float4*)(xr + 128 * j);
+                s0 = fmaf(w[4 * j], v.x, s0), s1 = fmaf(w[4 * j + 1], v.y, s1);
+                s0 = fmaf(w[4 * j + 2], v.z, s0), s1 = fmaf(w[4 * j + 3], v.w, s1);
+            }
             const float v = warp_sum(s0 + s1);
             if (lane == 0) part[((int64_t)t * gridDim.x + blockIdx.x) * n_mix + r] = v;
         }
