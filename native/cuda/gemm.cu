@@ -29,7 +29,8 @@
 namespace ds4::cuda {
 namespace {
 
-constexpr int kBM = 64;                 // weight rows per block tile (128 measured no faster)
+constexpr int kBM = 64;                 // weight rows per block tile (128 measured no faster; 8 warps per
+                                        // block for tiles of 64 rows: 1-3% on the dense products)
 constexpr int kGWarps = 4;
 constexpr int kGThreads = 32 * kGWarps;
 constexpr int kKB = 256;                // bytes of a tile row per stage: 256 int8 weights, or 128 f16
