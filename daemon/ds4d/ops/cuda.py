@@ -13,10 +13,13 @@ uploads and the per-forward tables (synchronous copies), and the logits download
 (docs/CUDA_KERNELS.md): f32 activations and arithmetic, the act8 path for quantized weights, K=V rows as f16 with
 the FP8 / Hadamard+FP4 emulation (faithful) or as f32 (exact); only the order of float sums differs.
 
-Prefill runs the decode kernels over blocks of at most 16 rows (the matrix-vector and HC kernels' limit; 64 for
-the MoE): correct, not fast. A prefill segment's tokens attend over a staging copy of the window (the old rows,
-then the segment's own), since a ring of n_swa rows cannot hold what each of them sees; decode tokens attend over
-their session's ring directly.
+Forwards of up to 16 rows (decode batches) use the decode kernels, and decode steps are captured as CUDA graphs.
+More rows (prefill chunks) go to the tensor-core paths: products through ds4_cuda_gemm (quantized and F16
+weights), the routed experts through ds4_cuda_moe_grouped (pairs sorted by expert), attention through
+ds4_cuda_attention_prefill (f16 rows), hc_pre over all rows at once; the same numerics to f32 rounding
+(docs/PERFORMANCE.md, "Prefill on tensor cores"). A prefill segment's tokens attend over a staging copy of the
+window (the old rows, then the segment's own), since a ring of n_swa rows cannot hold what each of them sees;
+decode tokens attend over their session's ring directly.
 """
 
 from __future__ import annotations
