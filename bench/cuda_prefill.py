@@ -7,7 +7,7 @@ f16 parts) tensor-core peak, and its weight bytes over the copy bandwidth (`--to
 defaults are an H200's: 1979 int8 TOPS, 989 f16 TFLOPS dense, 4.2 TB/s). Prints a markdown table; `--json`
 writes it. Under Nsight Compute, `--only moe` runs the grouped MoE alone. Results: docs/PERFORMANCE.md.
 
-    PYTHONPATH=daemon python bench/cuda_prefill.py --tokens 512
+    PYTHONPATH=daemon python bench/cuda_prefill.py --tokens 512      (or: bench/cuda_run.sh prefill)
 """
 
 from __future__ import annotations

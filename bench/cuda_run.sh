@@ -2,11 +2,13 @@
 # One call on the GPU machine: build ds4d._cpu and ds4d._cuda there (its Python and nvcc), run the CUDA tests,
 # then a benchmark. Logs and the benchmarks' JSON go to $OUT (the device tool brings them back).
 #
-#   bench/cuda_run.sh [tests|bench|all|profile|model|model-tests|model-bench|daemon-tests|editor] [arguments...]
+#   bench/cuda_run.sh [tests|bench|all|profile|model|model-tests|model-bench|prefill|daemon-tests|editor|build]
+#                     [arguments...]
 #
 # tests/bench/all/profile: the kernels (tests/test_cuda_kernels.py, bench/cuda_kernels.py, ncu). model: the
 # kernel tests, the whole-model tests (tests/test_cuda_model.py) and the model benchmark (bench/cuda_model.py,
-# which writes a full-width file under /tmp first); model-tests and model-bench: one of the two. daemon-tests: the
+# which writes a full-width file under /tmp first); model-tests and model-bench: one of the two. prefill: the
+# tensor-core prefill kernels' tests and bench/cuda_prefill.py. build: the build alone. daemon-tests: the
 # tests of the daemon, its clients and the REPL against `ds4d serve --backend cuda` (DS4_TEST_BACKEND), extra
 # arguments going to pytest. editor: bench/editor_latency.py against `ds4d serve --backend cuda` on the file
 # model-bench writes.
@@ -53,6 +55,13 @@ if [[ $what == model || $what == model-tests ]]; then
 fi
 if [[ $what == model || $what == model-bench ]]; then
     python3 bench/cuda_model.py --json "$OUT/model_bench.json" "$@" 2>&1 | tee "$OUT/model_bench.log" | tail -30
+    rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $what == prefill ]]; then
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "gemm or moe_grouped or attention_prefill" \
+        2>&1 | tee "$OUT/prefill_tests.log" | tail -3
+    rc=${PIPESTATUS[0]}
+    python3 bench/cuda_prefill.py --json "$OUT/prefill.json" "$@" 2>&1 | tee "$OUT/prefill.log" | tail -16
     rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == daemon-tests ]]; then
