@@ -324,14 +324,11 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_prefill_kernel(AttnAr
         if (live)
             for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(qh[d]));
         amax = warp_max(amax);
-        const int e = amax > 0.0f ? ilogbf(amax) - 14 : 0;
+        const int e = f16_scale_exp(amax);
         const float inv = ldexpf(1.0f, -e);
         if (lane == 0) qscale[hh] = ldexpf(1.0f, e);
         for (int d = lane; d < D; d += 32) {
-            const float v = live ? qh[d] * inv : 0.0f;
-            const __half hi = __float2half_rn(v);
-            qs[hh * ST + d] = hi;
-            qs[(kPfHeads + hh) * ST + d] = __float2half_rn(v - __half2float(hi));
+            split_f16(live ? qh[d] * inv : 0.0f, qs[hh * ST + d], qs[(kPfHeads + hh) * ST + d]);
         }
     }
 
@@ -404,9 +401,7 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_prefill_kernel(AttnAr
             const float c = m_run[j] == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m_run[j] - m_new);
             l_run[j] = l_run[j] * c + warp_sum(p);
             m_run[j] = m_new;
-            const __half hi = __float2half_rn(p);
-            ps[hh * kPfPadP + lane] = hi;
-            ps[(kPfHeads + hh) * kPfPadP + lane] = __float2half_rn(p - __half2float(hi));
+            split_f16(p, ps[hh * kPfPadP + lane], ps[(kPfHeads + hh) * kPfPadP + lane]);
             if (lane == 0) corr[hh] = c;
         }
         __syncthreads();
@@ -457,6 +452,18 @@ cudaError_t attention_prefill_launch(cudaStream_t s, const AttnArgs& a, int n_to
                   dim3(32 * kPfWarps), smem, s, a);
 }
 
+// The arguments both attention entry points share (heads_per_block: the grid's head dimension).
+cudaError_t check_args(const AttnArgs& a, int n_tok, int heads_per_block) {
+    if (a.dim != 128 && a.dim != 256 && a.dim != 512) return invalid("attention: dim must be 128, 256 or 512");
+    if (n_tok < 1 || n_tok > 65535 || a.n_head < 1 || a.n_head > 65535 * heads_per_block || a.raw_cap < 0 ||
+        a.comp_cap < 0 || (a.sel && a.sel_cap < 1) || !a.raw_n || !a.comp_n || !a.sinks)
+        return invalid("attention: bad counts (n_tok, n_head, capacities) or missing raw_n / comp_n / sinks");
+    if ((uintptr_t)a.raw % 16 || (uintptr_t)a.comp % 16 || (uintptr_t)a.q % 16 || (uintptr_t)a.out % 16 ||
+        (uintptr_t)a.part % 16 || a.raw_stride % 8 || a.comp_stride % 8)
+        return invalid("attention: q, out, scratch and the row stores must be 16-byte aligned");
+    return cudaSuccess;
+}
+
 }  // namespace
 }  // namespace ds4::cuda
 
@@ -474,18 +481,13 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
                                       int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
                                       const void* const* raw_rows, const void* const* comp_rows, bool f32_rows) {
     clear_error();
-    if (dim != 128 && dim != 256 && dim != 512) return invalid("attention: dim must be 128, 256 or 512");
-    if (n_tok < 1 || n_tok > 65535 || n_head < 1 || n_head > 65535 * kHeads || raw_cap < 0 || comp_cap < 0 ||
-        (sel && sel_cap < 1) || !raw_n || !comp_n || !sinks)
-        return invalid("attention: bad counts (n_tok, n_head, capacities) or missing raw_n / comp_n / sinks");
-    if ((uintptr_t)raw % 16 || (uintptr_t)comp % 16 || (uintptr_t)q % 16 || (uintptr_t)out % 16 ||
-        (uintptr_t)scratch % 16 || raw_stride % 8 || comp_stride % 8)
-        return invalid("attention: q, out, scratch and the row stores must be 16-byte aligned");
     const int n_split = std::max(1, splits(raw_cap, comp_cap, sel_cap, sel != nullptr));
     AttnArgs a{out,       (float*)scratch, q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
                raw_n,     raw_cap,         (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
                comp_n,    comp_cap,        sel,  sel_cap,             sinks,      n_head,
                dim,       n_split,         scale};
+    cudaError_t e = check_args(a, n_tok, kHeads);
+    if (e != cudaSuccess) return e;
     if (a.n_split > 65535) return invalid("attention: too many rows");
     switch (dim * (f32_rows ? -1 : 1)) {
         case 128: return attention_launch<4, __half>(s, a, n_tok);
@@ -508,17 +510,12 @@ cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* 
                                        int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
                                        const void* const* raw_rows, const void* const* comp_rows) {
     clear_error();
-    if (dim != 128 && dim != 256 && dim != 512) return invalid("attention: dim must be 128, 256 or 512");
-    if (n_tok < 1 || n_tok > 65535 || n_head < 1 || n_head > 65535 * kPfHeads || raw_cap < 0 || comp_cap < 0 ||
-        (sel && sel_cap < 1) || !raw_n || !comp_n || !sinks)
-        return invalid("attention: bad counts (n_tok, n_head, capacities) or missing raw_n / comp_n / sinks");
-    if ((uintptr_t)raw % 16 || (uintptr_t)comp % 16 || (uintptr_t)q % 16 || (uintptr_t)out % 16 ||
-        raw_stride % 8 || comp_stride % 8)
-        return invalid("attention: q, out and the row stores must be 16-byte aligned");
     AttnArgs a{out,       nullptr,  q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
                raw_n,     raw_cap,  (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
                comp_n,    comp_cap, sel,  sel_cap,             sinks,      n_head,
                dim,       0,        scale};
+    const cudaError_t e = check_args(a, n_tok, kPfHeads);
+    if (e != cudaSuccess) return e;
     switch (dim) {
         case 128: return attention_prefill_launch<128>(s, a, n_tok);
         case 256: return attention_prefill_launch<256>(s, a, n_tok);

@@ -109,4 +109,13 @@ __device__ __forceinline__ float f16_at(const uint8_t* p) { return __half2float(
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
+// f32 values taken to f16 for a tensor-core or half-precision product: scaling by 2^-e, e = f16_scale_exp(amax),
+// brings the largest magnitude amax into [2^14, 2^15) (no overflow, small rows keep their 11 bits; exact to undo),
+// and split_f16 keeps a value as an f16 high part and the f16 rounding of the rest (about 22 bits together).
+__device__ __forceinline__ int f16_scale_exp(float amax) { return amax > 0.0f ? ilogbf(amax) - 14 : 0; }
+__device__ __forceinline__ void split_f16(float v, __half& hi, __half& lo) {
+    hi = __float2half_rn(v);
+    lo = __float2half_rn(v - __half2float(hi));
+}
+
 }  // namespace ds4::cuda

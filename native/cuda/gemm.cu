@@ -508,8 +508,8 @@ size_t act_size(int type, int64_t n, int64_t cols) {
 }
 int act_kind(int type) { return type == TYPE_Q8_0 ? 32 : 256; }
 
-// F16 weights' activations: each row scaled by 2^-e so that its largest value lands in [2^14, 2^15), then split
-// into an f16 high part and the f16 rounding of the rest (about 22 bits together); scale[row] = 2^e undoes it.
+// F16 weights' activations: each row scaled into f16's range by a power of two and split into two f16 parts
+// (common.cuh); scale[row] = 2^e undoes the scaling.
 __global__ void split_f16_kernel(__half* hi, __half* lo, float* scale, const float* x, int64_t x_stride, int n,
                                  int64_t cols) {
     pdl_trigger();
@@ -520,15 +520,10 @@ __global__ void split_f16_kernel(__half* hi, __half* lo, float* scale, const flo
         float amax = 0.0f;
         for (int64_t k = lane; k < cols; k += 32) amax = fmaxf(amax, fabsf(xr[k]));
         amax = warp_max(amax);
-        const int e = amax > 0.0f ? ilogbf(amax) - 14 : 0;
+        const int e = f16_scale_exp(amax);
         const float inv = ldexpf(1.0f, -e);
         if (lane == 0) scale[r] = ldexpf(1.0f, e);
-        for (int64_t k = lane; k < cols; k += 32) {
-            const float v = xr[k] * inv;
-            const __half h = __float2half_rn(v);
-            hi[r * cols + k] = h;
-            lo[r * cols + k] = __float2half_rn(v - __half2float(h));
-        }
+        for (int64_t k = lane; k < cols; k += 32) split_f16(xr[k] * inv, hi[r * cols + k], lo[r * cols + k]);
     }
 }
 

@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
                 amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
             }
             amax = warp_max(amax);
-            const int e = amax > 0.0f ? ilogbf(amax) - 14 : 0;
+            const int e = f16_scale_exp(amax);
             const float inv = ldexpf(1.0f, -e);
             if (lane == 0) xscale[t] = ldexpf(1.0f, e);
             __half2* dst = (__half2*)(xs + 2 * t * a.cols);
