@@ -441,24 +441,35 @@ def attention_ref(q, raw, raw_n, comp, comp_n, sel, sinks, scale):
     return out
 
 
+RAW_CAP, COMP_CAP, SEL_CAP = 128, 300, 64
+
+
+def attention_case(rng, raw_n, comp_n, dim, n_head, q_scale, with_sel):
+    """Random f16 rows (raw window and compressed), queries scaled per token by q_scale, sinks, and with_sel an
+    indexer selection per token: ascending rows, a few entries short of its capacity (-1)."""
+    T = len(raw_n)
+    raw = rng.standard_normal((T, RAW_CAP, dim)).astype(np.float16)
+    comp = rng.standard_normal((T, COMP_CAP, dim)).astype(np.float16)
+    q = (rng.standard_normal((T, n_head, dim)) * np.asarray(q_scale).reshape(-1, 1, 1)).astype(np.float32)
+    sinks = rng.standard_normal(n_head).astype(np.float32)
+    sel = None
+    if with_sel:
+        sel = np.full((T, SEL_CAP), -1, np.int32)
+        for t in range(T):
+            k = min(int(comp_n[t]), SEL_CAP - 3)
+            sel[t, :k] = np.sort(rng.choice(max(int(comp_n[t]), 1), k, replace=False))
+    return raw, comp, q, sinks, sel
+
+
 @pytest.mark.parametrize("dim,n_head", [(512, 16), (128, 8), (256, 12)])
 @pytest.mark.parametrize("with_sel", [False, True])
 def test_attention_decode(stream, rng, dim, n_head, with_sel):
     d = Dev(stream)
-    raw_cap, comp_cap, sel_cap = 128, 300, 64
+    raw_cap, comp_cap, sel_cap = RAW_CAP, COMP_CAP, SEL_CAP
     raw_n = np.array([1, 77, 128, 0, 33, 0], np.int32)
     comp_n = np.array([0, 5, 300, 40, 129, 0], np.int32)   # the last token sees no row: only its sink
     T = len(raw_n)
-    raw = rng.standard_normal((T, raw_cap, dim)).astype(np.float16)
-    comp = rng.standard_normal((T, comp_cap, dim)).astype(np.float16)
-    q = (rng.standard_normal((T, n_head, dim)) * 0.15).astype(np.float32)
-    sinks = rng.standard_normal(n_head).astype(np.float32)
-    sel = None
-    if with_sel:
-        sel = np.full((T, sel_cap), -1, np.int32)
-        for t in range(T):
-            k = min(int(comp_n[t]), sel_cap - 3)
-            sel[t, :k] = np.sort(rng.choice(max(int(comp_n[t]), 1), k, replace=False))
+    raw, comp, q, sinks, sel = attention_case(rng, raw_n, comp_n, dim, n_head, 0.15, with_sel)
     scale = 1.0 / math.sqrt(dim)
     out = d.out((T, n_head, dim))
     scratch = _cuda.Buffer(_cuda.attention_scratch_bytes(T, n_head, dim, raw_cap, comp_cap, sel_cap, with_sel))
@@ -485,21 +496,12 @@ def test_attention_prefill(stream, rng, dim, n_head, with_sel):
     16, scores large enough to need the running maximum, and the same bits on a second launch."""
     assert _cuda.attention_prefill_ok(dim)  # Hopper's shared memory fits every dim
     d = Dev(stream)
-    raw_cap, comp_cap, sel_cap = 128, 300, 64
+    raw_cap, comp_cap, sel_cap = RAW_CAP, COMP_CAP, SEL_CAP
     raw_n = np.array([1, 77, 128, 0, 33, 0, 128, 5], np.int32)
     comp_n = np.array([0, 5, 300, 40, 129, 0, 64, 2], np.int32)   # token 5 sees no row
     T = len(raw_n)
-    raw = rng.standard_normal((T, raw_cap, dim)).astype(np.float16)
-    comp = rng.standard_normal((T, comp_cap, dim)).astype(np.float16)
-    q = (rng.standard_normal((T, n_head, dim)) * np.array([0.15, 1.0, 3e-3, 0.5, 0.15, 1, 0.2, 30])[:, None, None])
-    q = q.astype(np.float32)
-    sinks = rng.standard_normal(n_head).astype(np.float32)
-    sel = None
-    if with_sel:
-        sel = np.full((T, sel_cap), -1, np.int32)
-        for t in range(T):
-            k = min(int(comp_n[t]), sel_cap - 3)
-            sel[t, :k] = np.sort(rng.choice(max(int(comp_n[t]), 1), k, replace=False))
+    raw, comp, q, sinks, sel = attention_case(rng, raw_n, comp_n, dim, n_head,
+                                              [0.15, 1.0, 3e-3, 0.5, 0.15, 1, 0.2, 30], with_sel)
     scale = 1.0 / math.sqrt(dim)
     out = d.out((T, n_head, dim))
     args = (d.put(q), d.put(raw), raw_cap * dim, d.put(raw_n), raw_cap, d.put(comp), comp_cap * dim, d.put(comp_n),

@@ -91,10 +91,7 @@ def test_pages_of_a_snapshot_being_written_are_never_collected(tmp_path, templat
     """Regression (found reading the page collector, confirmed by this loop): the prefix cache
     collected, on the engine's worker, the pages a session save on the writer thread had just written but whose
     snapshot file was not renamed into place yet; the session then failed to load ("page ... is missing")."""
-    pages = PageStore(tmp_path / "pages")
-    files = SessionFiles(tmp_path / "sessions", "f" * 64, pages)
-    files.root.mkdir(parents=True)
-    cache = PrefixCache(tmp_path, "f" * 64, template, 1 << 20, 1 << 20, pages)
+    pages, files, cache = stores(tmp_path, template)
     rng = np.random.default_rng(0)
     stop = threading.Event()
 
@@ -122,10 +119,7 @@ def test_counting_the_disk_tier_while_a_session_is_saved(tmp_path, template):
     """Regression (found by bench/load.py: `complete` answered `internal error: FileNotFoundError`): the prefix
     cache's size of the disk tier counted every file under pages/, the writer thread's temp files included, and
     failed when one was renamed between the listing and its stat."""
-    pages = PageStore(tmp_path / "pages")
-    files = SessionFiles(tmp_path / "sessions", "f" * 64, pages)
-    files.root.mkdir(parents=True)
-    cache = PrefixCache(tmp_path, "f" * 64, template, 1 << 20, 1 << 20, pages)
+    pages, files, cache = stores(tmp_path, template)
     rng = np.random.default_rng(1)
     done = threading.Event()
 
@@ -142,6 +136,14 @@ def test_counting_the_disk_tier_while_a_session_is_saved(tmp_path, template):
     finally:
         saver.join()
     assert cache.disk_bytes() == sum(p.stat().st_size for p in pages.root.glob("??/*"))
+
+
+def stores(tmp_path, template):
+    """The page store, session files and prefix cache of one model, as the engine wires them."""
+    pages = PageStore(tmp_path / "pages")
+    files = SessionFiles(tmp_path / "sessions", "f" * 64, pages)
+    files.root.mkdir(parents=True)
+    return pages, files, PrefixCache(tmp_path, "f" * 64, template, 1 << 20, 1 << 20, pages)
 
 
 def filled(template, rng):
