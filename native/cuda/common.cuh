@@ -66,6 +66,18 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// n / d for 0 <= n < 2^31 and a divisor d >= 1 fixed at launch: a multiply-high, an add and a shift instead of
+// the ~25 instructions of an integer division (Granlund and Montgomery's magic number, made on the host).
+struct FastDiv {
+    uint32_t m = 1, l = 0;  // d = 1 by default
+    FastDiv() = default;
+    explicit FastDiv(uint32_t d) {
+        while ((1ull << l) < d) ++l;
+        m = (uint32_t)((((1ull << l) - d) << 32) / d + 1);
+    }
+    __device__ __forceinline__ int div(int n) const { return (int)((__umulhi((uint32_t)n, m) + (uint32_t)n) >> l); }
+};
+
 // ---- device side -----------------------------------------------------------------------------------------------
 
 // Waits until the kernel launched before this one on the stream has completed and its writes are visible (a

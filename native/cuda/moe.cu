@@ -27,6 +27,7 @@ struct MoeArgs {
     const uint8_t* w0;  // gate (gate_up) or down
     const uint8_t* w1;  // up (gate_up)
     int64_t rows, cols, row_bytes;  // of one expert's matrix
+    FastDiv rows_div;                // / rows
     int n_expert, n_used;
     const int32_t* ids;
     const float* weights;
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(MoeArgs a) {
 
     auto plan = [&](int set, int st) {
         Src<RPW> s;
-        const int pair = slot + set * n_slots, j = pair / rows, o = pair - j * rows;
+        const int pair = slot + set * n_slots, j = a.rows_div.div(pair), o = pair - j * rows;
         const size_t at = ((size_t)sid[j] * rows + o) * row_bytes + st * G::bytes;
         s.p[0] = a.w0 + at;
         s.p[1] = a.w1 + at;
@@ -280,7 +281,8 @@ cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int
     if (e != cudaSuccess) return e;
     if ((uintptr_t)up % 16 || n_ff < 1) return invalid("moe_gate_up: up must be 16-byte aligned, n_ff >= 1");
     MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
-              (int64_t)row_bytes(type, n_embd), n_expert, n_used, ids, weights, clamp, false, iq2_tables()};
+              (int64_t)row_bytes(type, n_embd), FastDiv((uint32_t)n_ff), n_expert, n_used, ids, weights, clamp,
+              false, iq2_tables()};
     by_type<GateUpOp>(type, e, s, a, n_tok);
     return e;
 }
@@ -293,7 +295,8 @@ cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, co
     if (e != cudaSuccess) return e;
     if (n_embd < 1 || (n_tok > 1 && out_stride < n_embd)) return invalid("moe_down: out_stride shorter than a row");
     MoeArgs a{out, out_stride, mid, n_ff, (const uint8_t*)down, nullptr, n_embd, n_ff,
-              (int64_t)row_bytes(type, n_ff), n_expert, n_used, ids, nullptr, 0.0f, accumulate, iq2_tables()};
+              (int64_t)row_bytes(type, n_ff), FastDiv(), n_expert, n_used, ids, nullptr, 0.0f, accumulate,
+              iq2_tables()};
     by_type<DownOp>(type, e, s, a, n_tok);
     return e;
 }

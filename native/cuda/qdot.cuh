@@ -26,7 +26,9 @@ namespace ds4::cuda {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kIq2TableWords = 256 + 128;  // IQ2_XXS selectors: per grid point, then per 7-bit sign index
+// IQ2_XXS tables: selectors per grid point, then per 7-bit sign index, then the kIq2Lo word (read from shared
+// memory so that it stays in a register; padded to 16 bytes).
+constexpr int kIq2TableWords = 256 + 128 + 4, kIq2LoWord = 256 + 128;
 
 // Device copy of the IQ2_XXS tables for the current device (allocated by ds4_cuda_init, null before).
 const uint32_t* iq2_tables();
@@ -239,6 +241,25 @@ __device__ __forceinline__ float dot8f(const float (&w)[8], const float* x) {
 // them), so that 8 signed weights cost two 32-bit lookups, one add and two prmt.
 constexpr uint32_t kIq2Lo = 0xF82B1908u, kIq2Hi = 0x0000D5E7u;
 
+// 4 signed weights from the low 16 bits of a selector; lo is the table's kIq2Lo word. prmt on the raw selector
+// (its nibbles are 0-5: no masking, unlike __byte_perm).
+__device__ __forceinline__ uint32_t iq2_pick(uint32_t lo, uint32_t sel) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(lo), "r"(kIq2Hi), "r"(sel));
+    return d;
+}
+
+// Group grp of a staged IQ2_XXS block b: its 4 grid indices (grid) and its signs and scale (aux), by aligned 32-bit
+// shared-memory loads whatever b's alignment (pointer arithmetic, not an integer round trip, keeps them LDS).
+__device__ __forceinline__ void iq2_group(const uint8_t* b, int grp, uint32_t& grid, uint32_t& aux) {
+    const uint8_t* p = b + 2 + 8 * grp;
+    const int mis = (int)((uintptr_t)p & 3);
+    const uint32_t* w = (const uint32_t*)(p - mis);
+    const uint32_t sh = 8 * mis, w0 = w[0], w1 = w[1], w2 = w[2];
+    grid = __funnelshift_r(w0, w1, sh);
+    aux = __funnelshift_r(w1, w2, sh);
+}
+
 // Decodes unit u (weights 32 u .. 32 u + 31) of a row's staged bytes of type T into 8 words of signed bytes and
 // its scales: Q8_0 dw; Q4_K dw, dm and the sub-block's 6-bit scale and min (isc, imn); Q2_K dw, dm and the two
 // 16-weight sub-blocks' scale bytes (isc, imn: low 4 bits scale, high 4 min; q holds the 2-bit values); IQ2_XXS
@@ -249,9 +270,9 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uin
     if constexpr (T == TYPE_Q8_0) {
         const uint8_t* b = row + 34 * u;
         dw = f16_at(b);
-        const uintptr_t a = (uintptr_t)(b + 2);
-        const uint32_t* w = (const uint32_t*)(a & ~(uintptr_t)3);
-        const uint32_t sh = (uint32_t)(a & 3) * 8;
+        const int mis = (int)((uintptr_t)(b + 2) & 3);
+        const uint32_t* w = (const uint32_t*)(b + 2 - mis);  // as in iq2_group: shared-memory loads
+        const uint32_t sh = 8 * mis;
         uint32_t prev = w[0];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -294,16 +315,15 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uin
         const int blk = u >> 3, grp = u & 7;
         const uint8_t* b = row + 66 * blk;
         dw = f16_at(b) * 0.125f;  // the format's 1/8, exact
-        const uintptr_t a = (uintptr_t)(b + 2 + 8 * grp);
-        const uint32_t* w = (const uint32_t*)(a & ~(uintptr_t)3);
-        const uint32_t sh = (uint32_t)(a & 3) * 8, w0 = w[0], w1 = w[1], w2 = w[2];
-        const uint32_t grid = __funnelshift_r(w0, w1, sh), aux = __funnelshift_r(w1, w2, sh);
+        uint32_t grid, aux;
+        iq2_group(b, grp, grid, aux);
         isc = 2 * (int)(aux >> 28) + 1;
+        const uint32_t lo = tab[kIq2LoWord];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const uint32_t sel = tab[(grid >> (8 * i)) & 255] + tab[256 + ((aux >> (7 * i)) & 127)];
-            q[2 * i] = (int)__byte_perm(kIq2Lo, kIq2Hi, sel);
-            q[2 * i + 1] = (int)__byte_perm(kIq2Lo, kIq2Hi, sel >> 16);
+            q[2 * i] = (int)iq2_pick(lo, sel);
+            q[2 * i + 1] = (int)iq2_pick(lo, sel >> 16);
         }
     }
 }
@@ -442,12 +462,17 @@ __device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 
-// Copies bytes [src, src + len) to shared address dst + (src & 15), with 16-byte cp.async from the boundary below.
+// Copies bytes [src, src + len) to shared address dst + (src & 15), with 16-byte cp.async from the boundary below;
+// the range spans at most 32 * PER_LANE pieces (straight-line predicated copies, no loop bookkeeping).
+template <int PER_LANE>
 __device__ __forceinline__ void copy_range(uint32_t dst, const uint8_t* src, int len, int lane) {
     const uint32_t off = (uint32_t)(uintptr_t)src & 15;
-    const uint8_t* a0 = src - off;
+    const uint8_t* a0 = src - off + 16 * lane;
     const int n16 = (int)(off + len + 15) >> 4;
-    for (int i = lane; i < n16; i += 32) cp_async16_s(dst + 16 * i, a0 + 16 * i);
+    dst += 16 * lane;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k)
+        if (lane + 32 * k < n16) cp_async16_s(dst + 512 * k, a0 + 512 * k);
 }
 
 // Copies `bytes` (a multiple of 16) from global to shared memory with every thread of the block, as one more
@@ -476,7 +501,7 @@ struct Streamer {
             const uint32_t d = ring_s + is_slot * stage_bytes;
 #pragma unroll
             for (int r = 0; r < RPW; ++r)
-                if (r < s.live) copy_range(d + r * G::slot, s.p[r], s.len, lane);
+                if (r < s.live) copy_range<(G::slot / 16 + 31) / 32>(d + r * G::slot, s.p[r], s.len, lane);
             if (++is_st == steps) is_st = 0, ++is_set;
         }
         is_slot = is_slot == kDepth - 1 ? 0 : is_slot + 1;

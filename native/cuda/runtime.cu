@@ -132,6 +132,7 @@ cudaError_t ds4_cuda_init() {
     for (int i = 0; i < 128; ++i)
         for (int k = 0; k < 8; ++k)
             if (kIq2xxsSigns[i] >> k & 1) host[256 + i] |= 3u << nibble(k);
+    host[kIq2LoWord] = kIq2Lo;
     uint32_t* d = nullptr;
     cudaError_t e = cudaMalloc(&d, kIq2TableWords * sizeof(uint32_t));
     if (e != cudaSuccess) return e;
