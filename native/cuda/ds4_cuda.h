@@ -180,8 +180,8 @@ cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, c
 // rows x_stride apart; fn (n_mix, 4*n_embd) F16/F32/BF16; scale (3) and base (n_mix) f32. n_mix = 24 gives the
 // sublayer input x (n_tok, n_embd) and hc (n_tok, 20) = post gates (4) then the Sinkhorn-normalized combine
 // matrix (16, row-major C[i][j]); n_mix = 4 is the output head (x only, hc unused). n_embd a multiple of 128;
-// scratch: ds4_cuda_hc_pre_scratch_bytes(n_tok, n_embd, n_mix) bytes. norm_w (n_embd, or null): x is then
-// RMSNorm(x) * norm_w with rms_eps (the sublayer's own norm, fused), as ds4_cuda_rms_norm computes it.
+// scratch: ds4_cuda_hc_pre_scratch_bytes(n_tok, n_embd, n_mix) bytes, 16-byte aligned. norm_w (n_embd, or null):
+// x is then RMSNorm(x) * norm_w with rms_eps (the sublayer's own norm, fused), as ds4_cuda_rms_norm computes it.
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, const float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,

@@ -1,11 +1,12 @@
 // RMSNorm and the hyper-connection steps around each sublayer (MODEL.md 3.2, 3.3, 3.5).
 //
 // rms_norm: one block per row. hc_pre: the 24-row mixer product runs on the unnormalized streams, split over its
-// 16384 columns (hc_mix_kernel), and a second kernel per token adds the partial sums and takes the norm of the
-// streams (RMSNorm without weight is one scalar per token, so fn . (X / r) = (fn . X) / r), the sigmoid gates, the
-// 20-iteration Sinkhorn normalization (lanes 0-15 hold the 4x4 matrix; row sums are shuffles within groups of 4
-// lanes, column sums across them) and the weighted sum of the streams. hc_post: one thread per position e
-// computes all 4 new streams from the 4 old ones, so it may work in place.
+// 16384 columns (hc_mix_kernel, its weights loaded before the dependent-launch wait), and each column block also
+// leaves the sum of squares of its columns. A second kernel per token (hc_finish_kernel) has a control warp add
+// the partial sums, which give the norm of the streams too (RMSNorm without weight is one scalar per token, so
+// fn . (X / r) = (fn . X) / r), take the sigmoid gates and run the 20-iteration Sinkhorn normalization (the 4x4
+// matrix in one thread's registers: no shuffles), while its other warps form the weighted sum of the streams.
+// hc_post: one thread per position e computes all 4 new streams from the 4 old ones, so it may work in place.
 #include "common.cuh"
 #include "numerics.cuh"
 
@@ -78,135 +79,278 @@ __global__ void rms_norm_kernel(float* y, int64_t y_stride, const float* x, int6
 }
 
 // The HC mixer product, split over the columns: block (b, y) takes columns [512 b, 512 b + 512) of the 4 * n_embd,
-// all n_mix rows and tokens 16 y .. 16 y + 15, and leaves partial sums (n_tok, n_blocks, n_mix) that hc_finish adds
-// in block order. (24 rows of 16384 give a row-walking product too few rows to spread over the GPU: 12-24
-// blocks.) The block's activation columns sit in shared memory; each warp takes rows warp, warp + 8, ..., lane i
-// columns 4 i + 128 j .. + 3 for j < 4 (consecutive lanes read consecutive 16-byte pieces: no bank conflicts; 16
-// consecutive columns per lane were a 4-way conflict on every load, which made the prefill's hc_pre slow).
-constexpr int kMixCols = 512, kMixTok = 16;
+// all n_mix rows and tokens 16 y .. 16 y + 15, and leaves partial sums that hc_finish adds: per token n_mix + 1
+// rows of n_blocks values (padded to part_stride), the n_mix row products and then the sum of squares of the
+// block's columns (for the norm of the streams). (24 rows of 16384 give a row-walking product too few rows to
+// spread over the GPU: 12-24 blocks.) Warp w takes rows w, w + 8, w + 16 and holds their weights in registers,
+// loaded before the dependent-launch wait (they do not come from the previous kernel, so they load while it
+// finishes); the block's activation columns then sit in shared memory. Lane i takes columns 4 i + 128 j .. + 3 for
+// j < 4 (consecutive lanes read consecutive 16-byte pieces: no bank conflicts; 16 consecutive columns per lane were
+// a 4-way conflict on every load, which made the prefill's hc_pre slow). Per token a warp reduces 4 values at once:
+// its 3 row products and, in warp t % 8, token t's sum of squares.
+constexpr int kMixCols = 512, kMixTok = 16, kMixThreads = 256, kMixWarps = kMixThreads / 32;
+constexpr int kMixRows = 3;  // rows per warp
+static_assert(kMixRows * kMixWarps >= 2 * kHc + kHc * kHc, "hc_mix: 24 rows need 3 per warp");
+static_assert(kMixRows + 1 == 4, "hc_mix: a warp reduces its rows and a sum of squares with warp_sum4");
 
-__global__ void hc_mix_kernel(float* part, const float* X, int64_t x_stride, const void* fn, int fn_type, int n_mix,
-                              int64_t cols, int n_tok) {
+// A token's partials of one row (or of the sum of squares) are contiguous, padded to whole float4s: hc_finish
+// reads them with 16-byte loads.
+__host__ __device__ constexpr int part_stride(int n_blocks) { return (n_blocks + 3) / 4 * 4; }
+
+// sum_j w[j] * x[j] over a lane's 16 columns (two chains).
+__device__ __forceinline__ float dot16(const float (&w)[16], const float4 (&x)[4]) {
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        s0 = fmaf(w[4 * j], x[j].x, s0), s1 = fmaf(w[4 * j + 1], x[j].y, s1);
+        s0 = fmaf(w[4 * j + 2], x[j].z, s0), s1 = fmaf(w[4 * j + 3], x[j].w, s1);
+    }
+    return s0 + s1;
+}
+
+// sum_j x[j]^2 over a lane's 16 columns (two chains).
+__device__ __forceinline__ float sumsq16(const float4 (&x)[4]) {
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        s0 = fmaf(x[j].x, x[j].x, s0), s1 = fmaf(x[j].y, x[j].y, s1);
+        s0 = fmaf(x[j].z, x[j].z, s0), s1 = fmaf(x[j].w, x[j].w, s1);
+    }
+    return s0 + s1;
+}
+
+// The warp sums of 4 values in 6 shuffles instead of 4 * 5: the first two steps (xor 16, xor 8) halve the values a
+// lane carries, each lane keeping the half its partner sends away; the last three are a plain butterfly. Lane l
+// returns the sum of a[l / 8].
+__device__ __forceinline__ float warp_sum4(const float (&a)[4]) {
+    const bool hi = threadIdx.x & 16, mid = threadIdx.x & 8;
+    const float b0 = (hi ? a[2] : a[0]) + __shfl_xor_sync(0xffffffffu, hi ? a[0] : a[2], 16);
+    const float b1 = (hi ? a[3] : a[1]) + __shfl_xor_sync(0xffffffffu, hi ? a[1] : a[3], 16);
+    float v = (mid ? b1 : b0) + __shfl_xor_sync(0xffffffffu, mid ? b0 : b1, 8);
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// (Bounded to 3 blocks per SM, 80 registers, which the 48 weights fit without spills; unbounded, ptxas takes 84 and
+// leaves 2.)
+__global__ void __launch_bounds__(kMixThreads, 3) hc_mix_kernel(float* part, const float* X, int64_t x_stride,
+                                                                const void* fn, int fn_type, int n_mix,
+                                                                int64_t cols, int n_tok) {
     __shared__ __align__(16) float xs[kMixTok * kMixCols];
     pdl_trigger();
-    pdl_wait();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t c0 = (int64_t)blockIdx.x * kMixCols;
-    const int t0 = blockIdx.y * kMixTok;
-    X += t0 * x_stride;
-    part += (int64_t)t0 * gridDim.x * n_mix;
-    n_tok = min(kMixTok, n_tok - t0);
-    for (int i = threadIdx.x; i < n_tok * kMixCols / 4; i += blockDim.x) {
-        const int t = i / (kMixCols / 4), c = i - t * (kMixCols / 4);
-        *(float4*)(xs + t * kMixCols + 4 * c) = *(const float4*)(X + t * x_stride + c0 + 4 * c);
-    }
-    __syncthreads();
-    for (int r = warp; r < n_mix; r += nw) {
-        float w[16];
+    // All weight loads are issued before the wait (rows past n_mix, which the output head's n_mix = 4 leaves, are
+    // 0); F16 / BF16 ones are widened once the activations are on their way.
+    float w[kMixRows][16];
+    uint2 h[kMixRows][4];
+    const bool f32 = fn_type == ds4::TYPE_F32;
+#pragma unroll
+    for (int q = 0; q < kMixRows; ++q) {
+        const int r = warp + kMixWarps * q;
+        const int64_t at = r * cols + c0 + 4 * lane;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int64_t at = r * cols + c0 + 4 * lane + 128 * j;
-            if (fn_type == ds4::TYPE_F32) {
-                const float4 v = *(const float4*)((const float*)fn + at);
-                w[4 * j] = v.x, w[4 * j + 1] = v.y, w[4 * j + 2] = v.z, w[4 * j + 3] = v.w;
+            if (f32) {
+                const float4 v = r < n_mix ? *(const float4*)((const float*)fn + at + 128 * j) : float4{};
+                w[q][4 * j] = v.x, w[q][4 * j + 1] = v.y, w[q][4 * j + 2] = v.z, w[q][4 * j + 3] = v.w;
             } else {
-                const uint2 raw = *(const uint2*)((const uint16_t*)fn + at);
-                const uint32_t h[2] = {raw.x, raw.y};
+                h[q][j] = r < n_mix ? *(const uint2*)((const uint16_t*)fn + at + 128 * j) : uint2{};
+            }
+        }
+    }
+    pdl_wait();
+    const int t0 = blockIdx.y * kMixTok;
+    X += t0 * x_stride;
+    n_tok = min(kMixTok, n_tok - t0);
+    for (int i = threadIdx.x; i < n_tok * kMixCols / 4; i += kMixThreads) {
+        const int t = i / (kMixCols / 4), c = i - t * (kMixCols / 4);
+        cp_async16(xs + t * kMixCols + 4 * c, X + t * x_stride + c0 + 4 * c);
+    }
+    cp_async_commit();
+    if (!f32) {
+#pragma unroll
+        for (int q = 0; q < kMixRows; ++q)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t u[2] = {h[q][j].x, h[q][j].y};
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
                     if (fn_type == ds4::TYPE_F16) {
-                        const float2 f = __half22float2(*(const __half2*)&h[i]);
-                        w[4 * j + 2 * i] = f.x, w[4 * j + 2 * i + 1] = f.y;
+                        const float2 f = __half22float2(*(const __half2*)&u[i]);
+                        w[q][4 * j + 2 * i] = f.x, w[q][4 * j + 2 * i + 1] = f.y;
                     } else {
-                        w[4 * j + 2 * i] = __uint_as_float(h[i] << 16);
-                        w[4 * j + 2 * i + 1] = __uint_as_float(h[i] & 0xffff0000u);
+                        w[q][4 * j + 2 * i] = __uint_as_float(u[i] << 16);
+                        w[q][4 * j + 2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
                     }
                 }
             }
-        }
-        for (int t = 0; t < n_tok; ++t) {
-            const float* xr = xs + t * kMixCols + 4 * lane;
-            float s0 = 0.0f, s1 = 0.0f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    // Lane 8 k stores value k: row warp + 8 k for k < 3, the sum of squares (warp t % 8) for k = 3.
+    const int k = lane / 8, r = warp + kMixWarps * k;
+    const bool row_out = lane % 8 == 0 && k < kMixRows && r < n_mix;
+    const int64_t out_step = (int64_t)(n_mix + 1) * part_stride(gridDim.x);  // per token
+    float* out = part + t0 * out_step + (int64_t)(k < kMixRows ? r : n_mix) * part_stride(gridDim.x) + blockIdx.x;
+    for (int t = 0; t < n_tok; ++t) {
+        float4 v[4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float4 v = *(const float4*)(xr + 128 * j);
-                s0 = fmaf(w[4 * j], v.x, s0), s1 = fmaf(w[4 * j + 1], v.y, s1);
-                s0 = fmaf(w[4 * j + 2], v.z, s0), s1 = fmaf(w[4 * j + 3], v.w, s1);
-            }
-            const float v = warp_sum(s0 + s1);
-            if (lane == 0) part[((int64_t)t * gridDim.x + blockIdx.x) * n_mix + r] = v;
-        }
+        for (int j = 0; j < 4; ++j) v[j] = *(const float4*)(xs + t * kMixCols + 4 * lane + 128 * j);
+        const bool ss = t % kMixWarps == warp;
+        float s[kMixRows + 1];
+#pragma unroll
+        for (int q = 0; q < kMixRows; ++q) s[q] = dot16(w[q], v);
+        s[kMixRows] = ss ? sumsq16(v) : 0.0f;
+        const float sum = warp_sum4(s);
+        if (row_out || (ss && lane == 8 * kMixRows)) out[t * out_step] = sum;
     }
 }
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-// Sum over the 4 lanes of a row (lanes 4r .. 4r + 3) or of a column (lanes c, c + 4, c + 8, c + 12).
-__device__ __forceinline__ float row_sum4(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+// Named barriers of hc_finish: the control warp publishes the pre gates with bar.arrive (it does not wait for the
+// stream warps) and takes no part in the stream warps' reduction.
+__device__ __forceinline__ void bar_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
-__device__ __forceinline__ float col_sum4(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 4);
-    return v + __shfl_xor_sync(0xffffffffu, v, 8);
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
-// One block per token: mix = (sum of the mixer's partials) / r, gates, Sinkhorn, x = sum_i pre_i X_i. Each
-// thread keeps its float4 of every stream (n_embd <= 4 * kHcChunks * blockDim) in registers: the streams are read
-// once, for the norm and the sum alike.
+__device__ __forceinline__ float sum4(float a, float b, float c, float d) { return (a + b) + (c + d); }
+
+// 1 / x for a sum + hc_eps (a normal float): the instructions of __frcp_rn's path for such x (the MUFU estimate and
+// one Newton step) without its range check, whose branches kept a normalization's 4 reciprocals from overlapping.
+__device__ __forceinline__ float rcp(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return fmaf(r, fmaf(-x, r, 1.0f), r);
+}
+
+// Each row (column) of the 4x4 matrix c divided by its sum + eps, as a multiplication by the reciprocal.
+__device__ __forceinline__ void normalize_rows(float (&c)[kHc][kHc], float eps) {
+#pragma unroll
+    for (int r = 0; r < kHc; ++r) {
+        const float inv = rcp(sum4(c[r][0], c[r][1], c[r][2], c[r][3]) + eps);
+#pragma unroll
+        for (int j = 0; j < kHc; ++j) c[r][j] *= inv;
+    }
+}
+
+__device__ __forceinline__ void normalize_cols(float (&c)[kHc][kHc], float eps) {
+#pragma unroll
+    for (int j = 0; j < kHc; ++j) {
+        const float inv = rcp(sum4(c[0][j], c[1][j], c[2][j], c[3][j]) + eps);
+#pragma unroll
+        for (int r = 0; r < kHc; ++r) c[r][j] *= inv;
+    }
+}
+
+// Sinkhorn normalization of the 4x4 combine matrix c (logits) in one thread's registers: row softmax, + eps, column
+// normalization; then n_iter - 1 times row and column normalization. No step needs another lane (every lane of the
+// control warp runs it alike): this serial chain is hc_finish's longest.
+__device__ __forceinline__ void sinkhorn(float (&c)[kHc][kHc], int n_iter, float eps) {
+#pragma unroll
+    for (int r = 0; r < kHc; ++r) {
+        const float mx = fmaxf(fmaxf(c[r][0], c[r][1]), fmaxf(c[r][2], c[r][3]));
+#pragma unroll
+        for (int j = 0; j < kHc; ++j) c[r][j] = expf(c[r][j] - mx);
+        const float inv = rcp(sum4(c[r][0], c[r][1], c[r][2], c[r][3]));
+#pragma unroll
+        for (int j = 0; j < kHc; ++j) c[r][j] = c[r][j] * inv + eps;
+    }
+    normalize_cols(c, eps);
+    for (int it = 1; it < n_iter; ++it) normalize_rows(c, eps), normalize_cols(c, eps);
+}
+
+// One block per token: kHcThreads stream threads and a control warp. The control warp adds the mixer's partials
+// (lane i: row i; lane n_mix: the sum of squares, so the norm of the streams r needs no block reduction), takes
+// mix = sum / r and the gates, publishes the pre gates (barrier 1), then writes the post gates and runs the Sinkhorn
+// iterations. Meanwhile each stream thread has loaded its float4 of every stream (n_embd <= 4 * kHcChunks *
+// kHcThreads); it then forms x = sum_i pre_i X_i (with norm_w, RMS-normalized: a reduction over the stream warps
+// alone, barrier 2).
 constexpr int kHcThreads = 512, kHcChunks = 4;
+constexpr int kHcParts = kHc * 4 * kHcChunks * kHcThreads / kMixCols;  // mixer blocks at the largest n_embd
 
-__global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(float* x, float* hc, const float* mix_part,
-                                                                const float* X, int64_t x_stride, const float* scale,
-                                                                const float* base, int64_t n_embd, int n_mix,
-                                                                int n_iter, float hc_eps, float rms_eps,
-                                                                const float* __restrict__ norm_w) {
-    __shared__ float red[32];
+// Sum over the stream threads of hc_finish.
+__device__ __forceinline__ float stream_sum(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) red[warp] = v;
+    bar_sync(2, kHcThreads);
+    v = lane < kHcThreads / 32 ? red[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, float* hc, const float* mix_part,
+                                                                     const float* X, int64_t x_stride,
+                                                                     const float* scale, const float* base,
+                                                                     int64_t n_embd, int n_mix, int n_iter,
+                                                                     float hc_eps, float rms_eps,
+                                                                     const float* __restrict__ norm_w) {
+    __shared__ float red[kHcThreads / 32];
     __shared__ float pre[kHc];
     pdl_trigger();
-    pdl_wait();
-    const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.x, lane = threadIdx.x & 31;
+    if (threadIdx.x >= kHcThreads) {
+        // The control warp. Lane i's scale and base are weights: read before the wait.
+        float sc = 0.0f, b = 0.0f;
+        if (lane < n_mix) sc = scale[lane < kHc ? 0 : lane < 2 * kHc ? 1 : 2], b = base[lane];
+        pdl_wait();
+        const int n_parts = (int)(kHc * n_embd / kMixCols), stride = part_stride(n_parts);
+        const float4* p = (const float4*)(mix_part + ((int64_t)t * (n_mix + 1) + lane) * stride);
+        float4 part[kHcParts / 4];  // all loads first
+#pragma unroll
+        for (int i = 0; i < kHcParts / 4; ++i) part[i] = lane <= n_mix && 4 * i < n_parts ? p[i] : float4{};
+        // Then the sum in a fixed order (deterministic): 4 chains, blocks b = 0, 1, 2, 3 mod 4, then sum4.
+        float s[4] = {};
+#pragma unroll
+        for (int i = 0; i < kHcParts; ++i)
+            if (i < n_parts) s[i % 4] += ((const float*)part)[i];
+        const float m = sum4(s[0], s[1], s[2], s[3]);
+        const float den = sqrtf(__shfl_sync(0xffffffffu, m, n_mix) / (float)(kHc * n_embd) + rms_eps);
+        const float z = m / den * sc + b, gate = sigmoid(z);  // gate: pre at lanes 0-3, post at lanes 4-7
+        if (lane < kHc) pre[lane] = gate + hc_eps;
+        bar_arrive(1, kHcThreads + 32);
+        if (n_mix > kHc) {
+            // post gates, then the combine matrix C[r][c] (logits at lane 8 + 4 r + c) in every lane.
+            float* hct = hc + (int64_t)t * (kHc + kHc * kHc);
+            if (lane >= kHc && lane < 2 * kHc) hct[lane - kHc] = 2.0f * gate;
+            float c[kHc][kHc];
+#pragma unroll
+            for (int i = 0; i < kHc * kHc; ++i) c[i / kHc][i % kHc] = __shfl_sync(0xffffffffu, z, 2 * kHc + i);
+            sinkhorn(c, n_iter, hc_eps);
+            if (lane == 0)
+#pragma unroll
+                for (int i = 0; i < kHc * kHc; ++i) hct[kHc + i] = c[i / kHc][i % kHc];
+        }
+        return;
+    }
+    // A stream thread: its norm_w (a weight) before the wait, then its float4 of every stream.
     const float* Xt = X + t * x_stride;
-    float4 v[kHcChunks][kHc];
-    float ss = 0.0f;
+    float4 g[kHcChunks], v[kHcChunks][kHc];
 #pragma unroll
     for (int k = 0; k < kHcChunks; ++k) {
-        const int64_t e = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
+        const int64_t e = 4 * (threadIdx.x + (int64_t)kHcThreads * k);
+        if (norm_w && e < n_embd) g[k] = *(const float4*)(norm_w + e);
+    }
+    pdl_wait();
+#pragma unroll
+    for (int k = 0; k < kHcChunks; ++k) {
+        const int64_t e = 4 * (threadIdx.x + (int64_t)kHcThreads * k);
         if (e < n_embd)
 #pragma unroll
             for (int i = 0; i < kHc; ++i) v[k][i] = *(const float4*)(Xt + i * n_embd + e);
     }
-#pragma unroll
-    for (int k = 0; k < kHcChunks; ++k) {
-        const int64_t e = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
-        if (e < n_embd)
-#pragma unroll
-            for (int i = 0; i < kHc; ++i) {
-                ss = fmaf(v[k][i].x, v[k][i].x, ss), ss = fmaf(v[k][i].y, v[k][i].y, ss);
-                ss = fmaf(v[k][i].z, v[k][i].z, ss), ss = fmaf(v[k][i].w, v[k][i].w, ss);
-            }
-    }
-    // The mixer's partial sums, added in block order by warp 0 (lane i: row i).
-    __shared__ float mr[2 * kHc + kHc * kHc];
-    const int n_parts = (int)(kHc * n_embd / kMixCols);
-    if (warp == 0 && lane < n_mix) {
-        const float* p = mix_part + (int64_t)t * n_parts * n_mix + lane;
-        float m = 0.0f;
-        for (int b = 0; b < n_parts; ++b) m += p[b * n_mix];
-        mr[lane] = m;
-    }
-    ss = block_sum(ss, red);  // (its barrier also publishes mr)
-    const float den = sqrtf(ss / (float)(kHc * n_embd) + rms_eps);
-    if (threadIdx.x < kHc) pre[threadIdx.x] = sigmoid(mr[threadIdx.x] / den * scale[0] + base[threadIdx.x]) + hc_eps;
-    __syncthreads();
-    // The sublayer input needs only the pre weights: every warp writes it while warp 0 (below) runs the Sinkhorn
-    // iterations, a serial chain of about 2 us. With norm_w, x is normalized first (the sublayer's RMSNorm).
+    bar_sync(1, kHcThreads + 32);  // pre, from the control warp
     float* xt = x + (int64_t)t * n_embd;
     float4 acc[kHcChunks];
     float xs = 0.0f;
 #pragma unroll
     for (int k = 0; k < kHcChunks; ++k) {
-        const int64_t e = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
+        const int64_t e = 4 * (threadIdx.x + (int64_t)kHcThreads * k);
         acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
         if (e < n_embd) {
 #pragma unroll
@@ -218,40 +362,16 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(float* x, float* 
             xs = fmaf(acc[k].z, acc[k].z, xs), xs = fmaf(acc[k].w, acc[k].w, xs);
         }
     }
-    float xden = 1.0f;
-    if (norm_w) {
-        __syncthreads();  // red is reused
-        xden = sqrtf(block_sum(xs, red) / (float)n_embd + rms_eps);
-    }
+    const float xden = norm_w ? sqrtf(stream_sum(xs, red) / (float)n_embd + rms_eps) : 1.0f;
 #pragma unroll
     for (int k = 0; k < kHcChunks; ++k) {
-        const int64_t e = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
+        const int64_t e = 4 * (threadIdx.x + (int64_t)kHcThreads * k);
         if (e < n_embd) {
             float4 o = acc[k];
-            if (norm_w) {
-                const float4 g = *(const float4*)(norm_w + e);
-                o = make_float4(o.x / xden * g.x, o.y / xden * g.y, o.z / xden * g.z, o.w / xden * g.w);
-            }
+            if (norm_w)
+                o = make_float4(o.x / xden * g[k].x, o.y / xden * g[k].y, o.z / xden * g[k].z, o.w / xden * g[k].w);
             *(float4*)(xt + e) = o;
         }
-    }
-    if (warp == 0 && n_mix > kHc) {
-        // post gates (lanes 0-3) and the combine matrix C[r][c] at lane 4 r + c (lanes 0-15).
-        float* hct = hc + (int64_t)t * (kHc + kHc * kHc);
-        if (lane < kHc) hct[lane] = 2.0f * sigmoid(mr[kHc + lane] / den * scale[1] + base[kHc + lane]);
-        const int k = lane & 15;
-        float c = mr[2 * kHc + k] / den * scale[2] + base[2 * kHc + k];
-        // row softmax, + eps, column normalization; then n_iter - 1 times row and column normalization.
-        float mx = fmaxf(c, __shfl_xor_sync(0xffffffffu, c, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        c = expf(c - mx);
-        c = c / row_sum4(c) + hc_eps;
-        c = c / (col_sum4(c) + hc_eps);
-        for (int it = 1; it < n_iter; ++it) {
-            c = c / (row_sum4(c) + hc_eps);
-            c = c / (col_sum4(c) + hc_eps);
-        }
-        if (lane < kHc * kHc) hct[kHc + lane] = c;
     }
 }
 
@@ -310,14 +430,14 @@ cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch,
         return invalid("hc_pre: fn must be F16, F32 or BF16");
     if (n_tok < 1 || n_tok > 65535 * kMixTok || (kHc * n_embd) % kMixCols || n_embd > 4 * kHcChunks * kHcThreads ||
         x_stride % 4 || (uintptr_t)fn % 16 || (uintptr_t)X % 16 || (uintptr_t)x % 16 || (uintptr_t)norm_w % 16 ||
-        n_iter < 1 || (n_mix > kHc && !hc))
+        (uintptr_t)scratch % 16 || n_iter < 1 || (n_mix > kHc && !hc))
         return invalid("hc_pre: needs 1 <= n_tok <= 1048560, n_embd a multiple of 128 up to 8192, aligned rows, "
                        "n_iter >= 1");
     const int n_parts = (int)(kHc * n_embd / kMixCols);
-    cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(256), 0, s,
+    cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(kMixThreads), 0, s,
                            scratch, X, x_stride, fn, fn_type, n_mix, kHc * n_embd, n_tok);
     if (e != cudaSuccess) return e;
-    return launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads), 0, s, x, hc, (const float*)scratch, X, x_stride,
+    return launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads + 32), 0, s, x, hc, (const float*)scratch, X, x_stride,
                   scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps, norm_w);
 }
 
@@ -330,5 +450,5 @@ cudaError_t ds4_cuda_hc_post(cudaStream_t s, float* X_out, const float* f, const
 }
 
 size_t ds4_cuda_hc_pre_scratch_bytes(int n_tok, int64_t n_embd, int n_mix) {
-    return (size_t)n_tok * ceil_div(kHc * n_embd, kMixCols) * n_mix * sizeof(float);
+    return (size_t)n_tok * (n_mix + 1) * part_stride((int)ceil_div(kHc * n_embd, kMixCols)) * sizeof(float);
 }
