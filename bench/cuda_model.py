@@ -128,17 +128,25 @@ class LayerClock:
 
 class OpClock:
     """Events before every op of a step and after its last (external events while the step is captured): device
-    time per op, products named by their weight (attn_q_a, ffn_gate_inp, ...), summed over the layers."""
+    time per op, products named by their weights (attn_q_a, attn_q_a+attn_kv+..., ffn_gate_inp, ...), summed over
+    the layers."""
     OPS = ("embed", "rms_norm", "norm_rope", "hc_pre", "hc_post", "hc_head", "rope", "attend", "route", "moe",
-           "matmul", "matmul_grouped")
+           "matmul", "matmuls", "matmul_grouped")
 
     def __init__(self, m: Model):
         self.m, self.events, self.times = m, [], []
         ops = m.ops
+
+        def short(w) -> str:
+            parts = w.name.split(".")                                                 # blk.N.<name>.weight
+            return ".".join(parts[2:-1]) or parts[0]
+
         for name in self.OPS:
             def wrapped(*a, _fn=getattr(ops, name), _name=name, **kw):
-                parts = a[0].name.split(".") if _name.startswith("matmul") else None   # blk.N.<name>.weight
-                self.mark(".".join(parts[2:-1]) or parts[0] if parts else _name)
+                if _name == "matmuls":
+                    self.mark("+".join(short(w) for w in a[0]))
+                else:
+                    self.mark(short(a[0]) if _name.startswith("matmul") else _name)
                 return _fn(*a, **kw)
             setattr(ops, name, wrapped)
         step = ops.step
@@ -240,6 +248,8 @@ def main() -> int:
     ap.add_argument("--no-decode", action="store_true", help="prefill figures only")
     ap.add_argument("--no-gemm", action="store_true",
                     help="prefill products and experts through the decode kernels (the comparison)")
+    ap.add_argument("--no-join", action="store_true",
+                    help="one product per weight also for one token (not the sublayer input's joined products)")
     ap.add_argument("--json")
     args = ap.parse_args()
     ctxs = [int(c) for c in args.ctx.split(",")]
@@ -252,6 +262,7 @@ def main() -> int:
     print(f"model file: {path.stat().st_size / 2**30:.2f} GiB ({time.time() - t0:.0f} s)", flush=True)
 
     m = open_model(path, backend="cuda", numerics="faithful")
+    m.ops.join = not args.no_join
     if args.expert_holes:
         for i, L in enumerate(m.weights.layers):
             for k, w in enumerate((L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps)):

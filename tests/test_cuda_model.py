@@ -157,6 +157,28 @@ def test_batch_equals_each_session_alone(models, numerics):
     check(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]), numerics, "3 sessions batched vs alone")
 
 
+def test_one_token_joins_the_products_of_one_input(models):
+    """A one-token step runs the products of a sublayer's input as one product per weight type (attn_q_a with
+    attn_kv; the compressors' and the indexer's F16 products): fewer weight kernels than one product per weight,
+    and the same logits."""
+    m = models("f32", "cuda", "exact")
+    ids = prompt(40, seed=7)
+    logits, calls = [], []
+    for join in (False, True):
+        st = m.new_state()
+        m.prefill(st, ids[:30])
+        m.ops.join, m.ops.graphs = join, False
+        try:
+            before = m.ops.weight_calls
+            logits.append([m.decode([st], [t])[0] for t in ids[30:34]])
+            calls.append(m.ops.weight_calls - before)
+        finally:
+            m.ops.join, m.ops.graphs = True, True
+    apart = sum(2 + 2 * (L.compressor is not None) + 3 * (L.indexer is not None) for L in m.weights.layers)
+    assert calls[0] - calls[1] == 4 * (apart - len(m.weights.layers))   # the f32 model: one type, one product
+    check(logits[1], logits[0], "exact", "products joined vs apart")
+
+
 def test_mixed_batch_prefill_and_decode(models):
     m = models("f32", "cuda", "exact")
     a, b = prompt(70, seed=20), prompt(50, seed=21)

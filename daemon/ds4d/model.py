@@ -158,18 +158,23 @@ class Model:
         s, ops = self.shape, self.ops
         N = len(positions)
         h, post, comb = ops.hc_pre(X, L.hc_attn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, L.attn_norm)  # (N, E)
-        qn = ops.rms_norm(ops.matmul(L.attn_q_a, h), L.attn_q_a_norm, s.rms_eps)    # (N, q_rank)
+        # Every product of h in one call (a backend may join those of one weight type into one product).
+        ws = [L.attn_q_a, L.attn_kv]
+        if L.compressor is not None:
+            ws += [L.compressor.kv, L.compressor.gate]                               # (N, coff·D) each
+        if L.indexer is not None:
+            ws += [L.indexer.compressor.kv, L.indexer.compressor.gate, L.indexer.proj]
+        qa, kv, *of_h = ops.matmuls(ws, h)
+        qn = ops.rms_norm(qa, L.attn_q_a_norm, s.rms_eps)                            # (N, q_rank)
         spec = self.attn_specs[L.index]
         q = ops.norm_rope(ops.matmul(L.attn_q_b, qn).reshape(N, s.n_head, s.head_dim), None, s.rms_eps, positions,
                           spec.rope)                                                  # (N, H, D)
-        kv = ops.norm_rope(ops.matmul(L.attn_kv, h), L.attn_kv_a_norm, s.rms_eps, positions, spec.rope)  # (N, D)
-        comp = idx = None
-        if L.compressor is not None:
-            comp = (ops.matmul(L.compressor.kv, h), ops.matmul(L.compressor.gate, h))  # (N, coff·D) each
+        kv = ops.norm_rope(kv, L.attn_kv_a_norm, s.rms_eps, positions, spec.rope)    # (N, D)
+        comp = tuple(of_h[:2]) if L.compressor is not None else None
+        idx = None
         if L.indexer is not None:
             iq = ops.matmul(L.indexer.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
-            idx = (ops.matmul(L.indexer.compressor.kv, h), ops.matmul(L.indexer.compressor.gate, h),
-                   ops.rope(iq, positions, self.rope_comp), ops.matmul(L.indexer.proj, h))
+            idx = (of_h[2], of_h[3], ops.rope(iq, positions, self.rope_comp), of_h[4])
         out = ops.attend(spec, states, bounds, positions, q, kv, comp, idx)          # (N, H, D)
         o = ops.rope(out, positions, spec.rope, inverse=True)                        # undo V's rotated tail
         low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)

@@ -35,7 +35,7 @@ from ..weights import Weight
 
 _F32, _I32, _F16 = np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float16)
 MATVEC_ROWS = 16          # ds4_cuda_matvec takes at most this many activation rows
-HC_ROWS = 1024            # tokens per hc_pre call: bounds its scratch (3 KB per token)
+HC_ROWS = 1024            # tokens per hc_pre call: bounds its scratch (~3 KB per token)
 MOE_ROWS = 64             # ds4_cuda_moe_* likewise
 MOE_GROUPED_ROWS = 1024   # tokens per ds4_cuda_moe_grouped call: bounds its workspace (~70 KB per token)
 ATTN_ROWS = 16            # attention queries per launch: bounds the split scratch
@@ -453,12 +453,15 @@ class CUDA:
         self.faithful = numerics == "faithful"
         self.stream = _cuda.Stream()
         self.pool = _Pool(_cuda)
-        self._weights: dict[tuple, object] = {}
+        self._weights: dict[tuple, int] = {}           # weight key -> device address
+        self._buffers: list = []                        # the device buffers behind those addresses
+        self._joins: dict[tuple, int] = {}              # keys of weights stored back to back -> their address
         self._consts: dict[int, tuple] = {}
         self._step: _Step | None = None                 # the forward being run or captured
         self.layout: _Layout | None = None
         self.weight_calls = 0      # weight-kernel launches, for the engine's counters
         self.graphs = os.environ.get("DS4_CUDA_GRAPHS", "1") != "0"
+        self.join = True           # one product per weight type for one token's products of one input (matmuls)
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()   # (batch, bucket) -> captured decode step
         self._seen: set[tuple] = set()                  # decode keys run once eagerly (uploads done)
         self._capturing = False
@@ -479,14 +482,37 @@ class CUDA:
         """Device address of a weight's bytes, uploaded on first use (keyed by the mapped data, so views of the
         same bytes share one copy)."""
         key = self._key(w)
-        buf = self._weights.get(key)
-        if buf is None:
-            self._not_capturing(w.name)
-            raw = np.ascontiguousarray(w.raw)
-            buf = self.cu.Buffer(raw.nbytes)
-            buf.upload(raw.reshape(-1).view(np.uint8))
-            self._weights[key] = buf
+        ptr = self._weights.get(key)
+        if ptr is None:
+            ptr = self._weights[key] = self._upload_weights([w])
+        return ptr
+
+    def _upload_weights(self, ws: list[Weight]) -> int:
+        """Uploads weights back to back into one new buffer; returns its address."""
+        self._not_capturing(ws[0].name)
+        buf = self.cu.Buffer(sum(w.raw.nbytes for w in ws))
+        off = 0
+        for w in ws:
+            buf.upload(np.ascontiguousarray(w.raw).reshape(-1).view(np.uint8), off)
+            off += w.raw.nbytes
+        self._buffers.append(buf)
         return buf.ptr
+
+    def _joined(self, ws: list[Weight]) -> int | None:
+        """Address of weights stored back to back (one product over all their rows), uploading them so on first
+        use; None when one of them is already resident on its own or a weight's bytes are not whole 16-byte pieces
+        (each must stay aligned for products of its own)."""
+        keys = tuple(self._key(w) for w in ws)
+        ptr = self._joins.get(keys)
+        if ptr is None:
+            if any(k in self._weights for k in keys) or any(w.raw.nbytes % 16 for w in ws):
+                return None
+            ptr = self._joins[keys] = self._upload_weights(ws)
+            for k, w in zip(keys, ws):
+                self._weights[k] = ptr
+                ptr += w.raw.nbytes
+            ptr = self._joins[keys]
+        return ptr
 
     @staticmethod
     def _key(w: Weight) -> tuple:
@@ -497,7 +523,8 @@ class CUDA:
         benchmarks of full-size models whose routed experts are holes in a sparse file."""
         buf = self.cu.Buffer(w.raw.nbytes)
         buf.fill_random(int(w.type), seed, stream=self.stream.ptr)
-        self._weights[self._key(w)] = buf
+        self._buffers.append(buf)
+        self._weights[self._key(w)] = buf.ptr
 
     def const(self, a: np.ndarray, dtype) -> int:
         """Device address of a small host array (norm weights, biases, RoPE tables), uploaded once per array."""
@@ -584,21 +611,48 @@ class CUDA:
     def matmul_grouped(self, w: Weight, x: DArray, groups: int) -> DArray:
         return self._matvec(w, x, groups)
 
+    def matmuls(self, ws, x: DArray) -> list[DArray]:
+        """x times each of several weights. Each run of weights of one type and width is stored back to back, so
+        that for one token it is one product whose output is cut per weight (a decode step's small products of
+        the sublayer input: fewer, fuller launches); for more tokens, one product per weight."""
+        out, i = [], 0
+        while i < len(ws):
+            j = i + 1
+            while j < len(ws) and (ws[j].type, ws[j].cols) == (ws[i].type, ws[i].cols):
+                j += 1
+            run = list(ws[i:j])
+            base = self._joined(run) if len(run) > 1 else None
+            if base is None or x.shape[0] > 1 or not self.join:
+                out += [self._matvec(w, x, 1) for w in run]
+            else:
+                y = self._product(base, int(run[0].type), sum(w.rows for w in run), run[0].cols, x, 1)
+                at = y.ptr
+                for w in run:
+                    out.append(DArray(self, (1, w.rows), _F32, at, y.mem))
+                    at += 4 * w.rows
+            i = j
+        return out
+
     def _matvec(self, w: Weight, x: DArray, groups: int) -> DArray:
+        return self._product(self.weight(w), int(w.type), w.rows, w.cols, x, groups)
+
+    def _product(self, wp: int, wtype: int, rows: int, wcols: int, x: DArray, groups: int) -> DArray:
+        """y = x · Wᵀ for the rows x wcols weights of type wtype at wp (groups: block-diagonal, as
+        matmul_grouped)."""
         T, cols = x.shape[0], x.row
-        y = self.empty((T, w.rows))
-        wp, s = self.weight(w), self.stream.ptr
-        per = w.rows // groups
-        if T > MATVEC_ROWS and self.cu.gemm_ok(int(w.type), w.cols):  # prefill: tensor cores
-            work = self.empty((self.cu.gemm_work_bytes(int(w.type), T, w.cols, groups),), np.uint8)
-            self.cu.gemm(s, y.ptr, w.rows, wp, int(w.type), per, w.cols, x.ptr, cols, T, groups, work.ptr)
+        y = self.empty((T, rows))
+        s = self.stream.ptr
+        per = rows // groups
+        if T > MATVEC_ROWS and self.cu.gemm_ok(wtype, wcols):  # prefill: tensor cores
+            work = self.empty((self.cu.gemm_work_bytes(wtype, T, wcols, groups),), np.uint8)
+            self.cu.gemm(s, y.ptr, rows, wp, wtype, per, wcols, x.ptr, cols, T, groups, work.ptr)
             self.weight_calls += 1
             return y
         for t0 in range(0, T, MATVEC_ROWS):
             n = min(MATVEC_ROWS, T - t0)
-            nwork = self.cu.matvec_work_bytes(int(w.type), n, w.cols, groups)
+            nwork = self.cu.matvec_work_bytes(wtype, n, wcols, groups)
             work = self.empty((nwork,), np.uint8) if nwork else None
-            self.cu.matvec(s, y.ptr + 4 * t0 * w.rows, w.rows, wp, int(w.type), per, w.cols, x.ptr + 4 * t0 * cols,
+            self.cu.matvec(s, y.ptr + 4 * t0 * rows, rows, wp, wtype, per, wcols, x.ptr + 4 * t0 * cols,
                            cols, n, groups, work.ptr if work is not None else 0)
             self.weight_calls += 1
         return y

@@ -131,6 +131,10 @@ class Reference:
         """y = x · Wᵀ: (T, cols) -> (T, rows)."""
         return np.asarray(x, self.dtype) @ self._dense(w).T
 
+    def matmuls(self, ws, x: np.ndarray) -> list[np.ndarray]:
+        """x times each of several weights: the products of one input (a backend may join them)."""
+        return [self.matmul(w, x) for w in ws]
+
     def matmul_grouped(self, w: Weight, x: np.ndarray, groups: int) -> np.ndarray:
         """Block-diagonal product: group g of x's columns times rows [g·R/G, (g+1)·R/G) of w, side by side."""
         per = w.rows // groups
