@@ -461,30 +461,33 @@ def attention_case(rng, raw_n, comp_n, dim, n_head, q_scale, with_sel):
     return raw, comp, q, sinks, sel
 
 
-@pytest.mark.parametrize("dim,n_head", [(512, 16), (128, 8), (256, 12)])
+@pytest.mark.parametrize("dim,n_head", [(512, 16), (128, 8), (256, 20)])
 @pytest.mark.parametrize("with_sel", [False, True])
-def test_attention_decode(stream, rng, dim, n_head, with_sel):
+@pytest.mark.parametrize("rows", [np.float16, np.float32])
+def test_attention_decode(stream, rng, dim, n_head, with_sel, rows):
+    """Split rows and their combine: f16 rows on the tensor-core kernel's split mode where shared memory allows
+    (Hopper), f32 rows (exact numerics) on the CUDA-core kernel; head counts not a multiple of 16 or 4."""
     d = Dev(stream)
     raw_cap, comp_cap, sel_cap = RAW_CAP, COMP_CAP, SEL_CAP
     raw_n = np.array([1, 77, 128, 0, 33, 0], np.int32)
     comp_n = np.array([0, 5, 300, 40, 129, 0], np.int32)   # the last token sees no row: only its sink
     T = len(raw_n)
     raw, comp, q, sinks, sel = attention_case(rng, raw_n, comp_n, dim, n_head, 0.15, with_sel)
+    raw, comp = raw.astype(rows), comp.astype(rows)
     scale = 1.0 / math.sqrt(dim)
     out = d.out((T, n_head, dim))
     scratch = _cuda.Buffer(_cuda.attention_scratch_bytes(T, n_head, dim, raw_cap, comp_cap, sel_cap, with_sel))
     scratch.memset(0xFF)
-    _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, d.put(q), d.put(raw), raw_cap * dim, d.put(raw_n),
-                           raw_cap, d.put(comp), comp_cap * dim, d.put(comp_n), comp_cap,
-                           d.put(sel) if with_sel else 0, sel_cap, d.put(sinks), T, n_head, dim, scale)
+    args = (scratch.ptr, d.put(q), d.put(raw), raw_cap * dim, d.put(raw_n), raw_cap, d.put(comp), comp_cap * dim,
+            d.put(comp_n), comp_cap, d.put(sel) if with_sel else 0, sel_cap, d.put(sinks), T, n_head, dim, scale,
+            0, 0, rows == np.float32)
+    _cuda.attention_decode(stream.ptr, out.ptr, *args)
     ref = attention_ref(q, raw, raw_n, comp, comp_n, sel, sinks.astype(np.float64), scale)
     got = d.get(out)
     assert np.all(got[-1] == 0) and rel(got, ref) < 1e-5
     # A second launch on the same scratch gives the same bits (the graph replays it).
     out.memset(0xFF)
-    _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, d.put(q), d.put(raw), raw_cap * dim, d.put(raw_n),
-                           raw_cap, d.put(comp), comp_cap * dim, d.put(comp_n), comp_cap,
-                           d.put(sel) if with_sel else 0, sel_cap, d.put(sinks), T, n_head, dim, scale)
+    _cuda.attention_decode(stream.ptr, out.ptr, *args)
     np.testing.assert_array_equal(d.get(out), got)
 
 

@@ -1,7 +1,10 @@
 // Decode attention: one query token per session against its raw window and (selected) compressed rows, 64 heads
 // sharing one K = V row per position (MODEL.md 3.4 step 8), with a per-head sink in the softmax denominator.
 //
-// Split rows ("flash decoding") in two launches. The first gives each block 32 consecutive rows of one token's
+// Split rows ("flash decoding") in two launches. With f16 rows and the shared memory for it (Hopper), the first is
+// the tensor-core kernel below in its split mode: one block per (token, 16 heads, 32 consecutive rows of the
+// token's row list), leaving that tile's max, sum of exponentials and unnormalized output in scratch. Otherwise
+// (f32 rows for exact numerics; GPUs with less shared memory) it gives each block 32 consecutive rows of one token's
 // row list (raw rows first, then compressed rows in list order) and 4 heads: it stages the f16 rows and the 4
 // query vectors in shared memory, each warp scores one head (lane i: row i), takes the split's max and sum of
 // exponentials, and accumulates its p-weighted rows (lane i: dims 16 i .. 16 i + 15 at dim 512) into a partial
@@ -238,21 +241,8 @@ int splits(int raw_cap, int comp_cap, int sel_cap, bool has_sel) {
     return (int)ceil_div((int64_t)raw_cap + (has_sel ? sel_cap : comp_cap), kRows);
 }
 
-template <int DL, typename R>
-cudaError_t attention_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
-    constexpr int D = 32 * DL;
-    const size_t smem = kRows * (sizeof(R) * D + 16) + kHeads * D * 4 + kHeads * kRows * 4 + kRows * 4;
-    cudaError_t e = allow_smem(attention_split_kernel<DL, R>, smem);
-    if (e != cudaSuccess) return e;
-    e = launch(attention_split_kernel<DL, R>, dim3(a.n_split, (unsigned)ceil_div(a.n_head, kHeads), n_tok),
-               dim3(32 * kHeads), smem, s, a);
-    if (e != cudaSuccess) return e;
-    return launch(attention_combine_kernel, dim3(a.n_head, n_tok), dim3(128), 2 * a.n_split * sizeof(float), s, a);
-}
 
-
-
-// ---- prefill: tensor cores ---------------------------------------------------------------------------------------
+// ---- tensor cores: prefill, and decode's splits ----------------------------------------------------------------
 //
 // One block per (token, 16 heads), 8 warps, f16 rows. The block walks its token's rows 32 at a time (the next
 // tile's rows copied with cp.async while this one computes; rows with no source are zeros, their scores -inf):
@@ -261,8 +251,11 @@ cudaError_t attention_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
 // O += P V (warp w: dims w D / 8 .. + D / 8; V = the same rows, B fragments by ldmatrix.trans). Q and P are f32
 // values split into two f16 parts (the high part and the rounding of the rest: ~22 bits; Q scaled per head by a
 // power of two into f16's range), each product taken twice, so scores and sums stay within f32 rounding of the
-// CUDA-core kernel's. The sink joins at the end: out = O e^(m - M) / (e^(sink - M) + l e^(m - M)).
+// CUDA-core kernel's. The sink joins at the end: out = O e^(m - M) / (e^(sink - M) + l e^(m - M)). SPLIT (decode):
+// block z takes row tile z only and leaves (m, l, O) for attention_combine_kernel, as the CUDA-core split kernel
+// does; many more blocks for a few queries, each row tile staged once per 16 heads instead of once per 4.
 constexpr int kPfHeads = 16, kPfWarps = 8, kPfRows = 32, kPfPadP = 40;  // P rows padded: conflict-free A loads
+static_assert(kPfRows == kRows, "a split is one row tile: the combine counts splits of kRows rows");
 
 __device__ __forceinline__ void mma_f16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -294,8 +287,8 @@ struct PfSmem {
     static constexpr size_t bytes = misc + 4 * kPfHeads * 4;
 };
 
-template <int D>
-__global__ void __launch_bounds__(32 * kPfWarps) attention_prefill_kernel(AttnArgs a) {
+template <int D, bool SPLIT>
+__global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a) {
     using S = PfSmem<D>;
     constexpr int ST = S::kStride, NT = D / 64;  // n8 tiles of dims per warp in O += P V
     extern __shared__ __align__(16) uint8_t smem[];
@@ -314,7 +307,13 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_prefill_kernel(AttnAr
     const int t = blockIdx.y, h0 = blockIdx.x * kPfHeads;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     int n_raw;
-    const int total = row_count(a, t, n_raw), n_tiles = (total + kPfRows - 1) / kPfRows;
+    const int total = row_count(a, t, n_raw);
+    int first = 0, n_tiles = (total + kPfRows - 1) / kPfRows;
+    if constexpr (SPLIT) {
+        first = blockIdx.z;
+        if (first >= n_tiles) return;  // past this token's rows (the grid covers the capacity)
+        n_tiles = first + 1;
+    }
 
     // Q of the block's heads (zeros past n_head), split into f16 high and low parts per head scale.
     for (int hh = 2 * warp; hh < 2 * warp + 2; ++hh) {
@@ -360,8 +359,8 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_prefill_kernel(AttnAr
 
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // heads 2 warp, 2 warp + 1
     float o[NT][4] = {};
-    if (n_tiles > 0) stage(0, 0);
-    for (int i = 0; i < n_tiles; ++i) {
+    if (n_tiles > first) stage(first, first & 1);
+    for (int i = first; i < n_tiles; ++i) {
         const int b = i & 1;
         cp_async_wait<0>();
         __syncthreads();
@@ -433,6 +432,14 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_prefill_kernel(AttnAr
     for (int half = 0; half < 2; ++half) {
         const int hh = g + 8 * half, h = h0 + hh;
         if (h >= a.n_head) continue;
+        if constexpr (SPLIT) {  // the tile's m, l and unnormalized O, laid out as the CUDA-core split kernel's
+            float* part = a.part + (((int64_t)t * a.n_head + h) * a.n_split + blockIdx.z) * (D + 4);
+            if (warp == 0 && t4 == 0) part[0] = m_fin[hh], part[1] = l_fin[hh];
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                *(float2*)(part + 4 + d0 + 8 * j + 2 * t4) = make_float2(o[j][2 * half], o[j][2 * half + 1]);
+            continue;
+        }
         const float sink = a.sinks[h], m = m_fin[hh];
         const float M = fmaxf(m, sink), w = m == -INFINITY ? 0.0f : expf(m - M);
         const float f = w / (expf(sink - M) + l_fin[hh] * w);
@@ -443,13 +450,32 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_prefill_kernel(AttnAr
     }
 }
 
-template <int D>
-cudaError_t attention_prefill_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
+template <int D, bool SPLIT>
+cudaError_t attention_tc_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
     const size_t smem = PfSmem<D>::bytes;
-    cudaError_t e = allow_smem(attention_prefill_kernel<D>, smem);
+    cudaError_t e = allow_smem(attention_tc_kernel<D, SPLIT>, smem);
     if (e != cudaSuccess) return e;
-    return launch(attention_prefill_kernel<D>, dim3((unsigned)ceil_div(a.n_head, kPfHeads), n_tok),
-                  dim3(32 * kPfWarps), smem, s, a);
+    return launch(attention_tc_kernel<D, SPLIT>,
+                  dim3((unsigned)ceil_div(a.n_head, kPfHeads), n_tok, SPLIT ? a.n_split : 1), dim3(32 * kPfWarps),
+                  smem, s, a);
+}
+
+template <int DL, typename R>
+cudaError_t attention_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
+    constexpr int D = 32 * DL;
+    if (sizeof(R) == 2 && PfSmem<D>::bytes <= props().smem_optin) {  // tensor cores
+        cudaError_t e = attention_tc_launch<D, true>(s, a, n_tok);
+        if (e != cudaSuccess) return e;
+        return launch(attention_combine_kernel, dim3(a.n_head, n_tok), dim3(128), 2 * a.n_split * sizeof(float), s,
+                      a);
+    }
+    const size_t smem = kRows * (sizeof(R) * D + 16) + kHeads * D * 4 + kHeads * kRows * 4 + kRows * 4;
+    cudaError_t e = allow_smem(attention_split_kernel<DL, R>, smem);
+    if (e != cudaSuccess) return e;
+    e = launch(attention_split_kernel<DL, R>, dim3(a.n_split, (unsigned)ceil_div(a.n_head, kHeads), n_tok),
+               dim3(32 * kHeads), smem, s, a);
+    if (e != cudaSuccess) return e;
+    return launch(attention_combine_kernel, dim3(a.n_head, n_tok), dim3(128), 2 * a.n_split * sizeof(float), s, a);
 }
 
 // The arguments both attention entry points share (heads_per_block: the grid's head dimension).
@@ -517,8 +543,8 @@ cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* 
     const cudaError_t e = check_args(a, n_tok, kPfHeads);
     if (e != cudaSuccess) return e;
     switch (dim) {
-        case 128: return attention_prefill_launch<128>(s, a, n_tok);
-        case 256: return attention_prefill_launch<256>(s, a, n_tok);
-        default: return attention_prefill_launch<512>(s, a, n_tok);
+        case 128: return attention_tc_launch<128, false>(s, a, n_tok);
+        case 256: return attention_tc_launch<256, false>(s, a, n_tok);
+        default: return attention_tc_launch<512, false>(s, a, n_tok);
     }
 }
