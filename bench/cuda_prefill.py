@@ -5,7 +5,10 @@ Each is timed with CUDA events (median of `--reps` after 3 warm-ups) next to two
 card's dense int8 (quantized weights) or f16 (F16 weights, two products per weight: the activations go in as two
 f16 parts) tensor-core peak, and its weight bytes over the copy bandwidth (`--tops`, `--bw` give the peaks; the
 defaults are an H200's: 1979 int8 TOPS, 989 f16 TFLOPS dense, 4.2 TB/s). Prints a markdown table; `--json`
-writes it. Under Nsight Compute, `--only moe` runs the grouped MoE alone. Results: docs/PERFORMANCE.md.
+writes it. Under Nsight Compute, `--only moe` runs the grouped MoE alone. `--small 1,2,4,8,16` instead times
+each product at those few rows through both ds4_cuda_gemm and the decode kernels' ds4_cuda_matvec (weights
+rotated over copies of at least 256 MB, so that neither reads them from L2): which one a decode batch should
+use. Results: docs/PERFORMANCE.md.
 
     PYTHONPATH=daemon python bench/cuda_prefill.py --tokens 512      (or: bench/cuda_run.sh prefill)
 """
@@ -46,6 +49,55 @@ def timed(stream, fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def graph_timed(stream, fn, weights: list, reps: int) -> float:
+    """Median seconds per call of fn(w) over replays of one CUDA graph calling it once on each of `weights` (as in a
+    decode step: no host launch gaps; the copies keep the weights out of L2)."""
+    _cuda.begin_capture(stream.ptr)
+    for w in weights:
+        fn(w)
+    g = _cuda.end_capture(stream.ptr)
+    return timed(stream, lambda: g.launch(stream.ptr), reps) / len(weights)
+
+
+def small_batches(counts: list[int], reps: int, bw: float, json_path: str | None) -> int:
+    """Each product at a few rows: ds4_cuda_gemm against ds4_cuda_matvec, us per call and the bytes floor."""
+    _cuda.init()
+    stream = _cuda.Stream()
+    rng = np.random.default_rng(0)
+    T = max(counts)
+    x = _cuda.Buffer(4 * T * 8192 * 8)
+    x.upload(rng.standard_normal(T * 8192 * 8).astype(np.float32))
+    y = _cuda.Buffer(4 * T * 32768)
+    rows_out = []
+    print("| product | rows | gemm us | matvec us | bytes floor us |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t, rows, cols, groups in PRODUCTS:
+        nbytes = groups * rows * row_bytes(t, cols)
+        copies = [_cuda.Buffer(nbytes) for _ in range(max(2, -(-(256 << 20) // nbytes)))]
+        for i, w in enumerate(copies):
+            w.fill_random(t, i + 1, stream=stream.ptr)
+        for n in counts:
+            gw = _cuda.Buffer(max(1, _cuda.gemm_work_bytes(t, n, cols, groups)))
+            mw = _cuda.Buffer(max(1, _cuda.matvec_work_bytes(t, n, cols, groups)))
+
+            def gemm(w):
+                _cuda.gemm(stream.ptr, y.ptr, groups * rows, w.ptr, t, rows, cols, x.ptr, groups * cols, n, groups,
+                           gw.ptr)
+
+            def matvec(w):
+                _cuda.matvec(stream.ptr, y.ptr, groups * rows, w.ptr, t, rows, cols, x.ptr, groups * cols, n,
+                             groups, mw.ptr)
+
+            g = graph_timed(stream, gemm, copies, reps) * 1e6 if _cuda.gemm_ok(t, cols) else float("nan")
+            m = graph_timed(stream, matvec, copies, reps) * 1e6
+            floor = nbytes / (bw * 1e12) * 1e6
+            rows_out.append({"name": name, "rows": n, "gemm_us": g, "matvec_us": m, "floor_bytes_us": floor})
+            print(f"| {name} | {n} | {g:.1f} | {m:.1f} | {floor:.1f} |")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"card": _cuda.device_info()["name"], "rows": rows_out}, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=512)
@@ -53,8 +105,11 @@ def main() -> int:
     ap.add_argument("--only", choices=["products", "moe"])
     ap.add_argument("--tops", type=float, default=1979.0, help="dense int8 tensor TOPS (f16: half of it)")
     ap.add_argument("--bw", type=float, default=4.2, help="copy bandwidth, TB/s")
+    ap.add_argument("--small", help="comma-separated row counts: gemm against matvec at each")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.small:
+        return small_batches([int(t) for t in args.small.split(",")], args.reps, args.bw, args.json)
     _cuda.init()
     stream = _cuda.Stream()
     rng = np.random.default_rng(0)

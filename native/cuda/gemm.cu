@@ -319,14 +319,16 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                     // t & 1 of grid points t / 2 and 2 + t / 2. Even lanes look up the first, odd lanes the second.
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        uint32_t grid, aux;
-                        iq2_group(rrow[mi][h], c, grid, aux);
+                        const uintptr_t at = (uintptr_t)(rrow[mi][h] + 2 + 8 * c);
+                        const uint32_t* w = (const uint32_t*)(at & ~(uintptr_t)3);
+                        const uint32_t sh = (uint32_t)(at & 3) * 8, w0 = w[0], w1 = w[1], w2 = w[2];
+                        const uint32_t grid = __funnelshift_r(w0, w1, sh), aux = __funnelshift_r(w1, w2, sh);
                         const int gp = (t4 >> 1) + 2 * (t4 & 1);
                         const uint32_t mine = tab[(grid >> (8 * gp)) & 255] + tab[256 + ((aux >> (7 * gp)) & 127)];
                         const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
                         const uint32_t first = (t4 & 1) ? other : mine, second = (t4 & 1) ? mine : other;
-                        af[mi][h] = iq2_pick(tab[kIq2LoWord], first >> (16 * (t4 & 1)));
-                        af[mi][2 + h] = iq2_pick(tab[kIq2LoWord], second >> (16 * (t4 & 1)));
+                        af[mi][h] = __byte_perm(kIq2Lo, kIq2Hi, first >> (16 * (t4 & 1)));
+                        af[mi][2 + h] = __byte_perm(kIq2Lo, kIq2Hi, second >> (16 * (t4 & 1)));
                         risc[mi][h] = 2 * (int)(aux >> 28) + 1;
                     }
                 } else {
