@@ -14,6 +14,8 @@ uploads and the per-forward tables (synchronous copies), and the logits download
 the FP8 / Hadamard+FP4 emulation (faithful) or as f32 (exact); only the order of float sums differs.
 
 Forwards of up to 16 rows (decode batches) use the decode kernels, and decode steps are captured as CUDA graphs.
+The products of one input that `matmuls` receives (a sublayer's q_a, kv, compressor and indexer projections) are
+stored back to back per weight type, so that one token's step runs each run of them as one product.
 More rows (prefill chunks) go to the tensor-core paths: products through ds4_cuda_gemm (quantized and F16
 weights), the routed experts through ds4_cuda_moe_grouped (pairs sorted by expert), attention through
 ds4_cuda_attention_prefill (f16 rows), hc_pre over all rows at once; the same numerics to f32 rounding
