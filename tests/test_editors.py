@@ -106,7 +106,8 @@ def test_neovim_typing_debounce_tab_and_fallback(daemon):
     try:
         nvim.lua("require('ds4').setup({ debounce_ms = 30, max_tokens = 4 })")
         nvim.call("nvim_input", "ix = ")
-        text = nvim.wait("a suggestion", "return require('ds4.complete').suggestion()")
+        text = nvim.wait("a finished suggestion", "local c = require('ds4.complete') "
+                                                  "return not c.streaming() and c.suggestion()")
         nvim.call("nvim_input", "<Tab>")
         assert nvim.wait("the accepted text", "local b = table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), "
                                               "'\\n') return b ~= 'x = ' and b") == "x = " + text

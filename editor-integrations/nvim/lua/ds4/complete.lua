@@ -64,6 +64,11 @@ function M.suggestion()
   return M.visible() and ghost.text or ''
 end
 
+--- True while a completion request is in flight (its suggestion may still grow).
+function M.streaming()
+  return inflight ~= nil
+end
+
 --- Cancel the request in flight, if any.
 function M.cancel()
   if inflight then
