@@ -62,15 +62,15 @@ class CPU(Reference):
 
     # --- fused ops ------------------------------------------------------------------------------------------
     def moe(self, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: tuple[Weight, Weight, Weight],
-            clamp: float, shared: tuple[Weight, Weight, Weight], shared_clamp: float) -> np.ndarray:
-        """Routed experts in one native call (each used expert's weights read once for all its tokens), plus the
-        shared expert. One weight-kernel call for the routed part, whatever the batch: the engine counts it so."""
+            clamp: float, shared: np.ndarray) -> np.ndarray:
+        """Routed experts in one native call (each used expert's weights read once for all its tokens), added
+        onto the shared expert's output. One weight-kernel call, whatever the batch: the engine counts it so."""
         gate, up, down = experts
         self.weight_calls += 1
         routed = self._cpu.moe(np.ascontiguousarray(h, dtype=np.float32), ids,
                                np.ascontiguousarray(weights, dtype=np.float32), gate.raw, int(gate.type), up.raw,
                                int(up.type), down.raw, int(down.type), gate.rows, float(clamp), self.act8)
-        return self.ffn(h, *shared, shared_clamp) + routed
+        return shared + routed
 
     def attention(self, q: np.ndarray, raw: np.ndarray, raw_lo: np.ndarray, raw_hi: np.ndarray, comp: RowStore,
                   comp_sel: np.ndarray | None, comp_n: np.ndarray, sinks: np.ndarray, scale: float) -> np.ndarray:

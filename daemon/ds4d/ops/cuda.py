@@ -828,31 +828,40 @@ class CUDA:
                       k, float(scale), bool(normalize))
         return ids, w
 
+    def ffn(self, h: DArray, gate: Weight, up: Weight, down: Weight, clamp: float) -> DArray:
+        """The shared expert, down · swiglu(gate · h, up · h). One token: the fused MoE kernels (an expert of
+        one); several: three products and a SwiGLU (the fused kernels read an expert once per token, the
+        products once per block of rows)."""
+        cu = self.cu
+        N, E = h.shape
+        if N > 1:
+            mid = self._matvec(gate, h, 1)
+            cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, self._matvec(up, h, 1).ptr, mid.size, float(clamp))
+            return self._matvec(down, mid, 1)
+        out, mid, s = self.empty((1, E)), self.empty((1, 1, gate.rows)), self.stream.ptr
+        cu.moe_gate_up(s, mid.ptr, h.ptr, E, self.weight(gate), self.weight(up), int(gate.type), gate.rows, E, 1, 0,
+                       0, 1, 1, float(clamp))
+        cu.moe_down(s, out.ptr, E, mid.ptr, self.weight(down), int(down.type), E, gate.rows, 1, 0, 1, 1, False)
+        self.weight_calls += 2
+        return out
+
     def moe(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight], clamp: float,
-            shared: tuple[Weight, Weight, Weight], shared_clamp: float) -> DArray:
-        """Routed experts (gate+up+SwiGLU·weight, then down summed over each token's experts) and the shared
-        expert. One token: both through the fused MoE kernels (routed, then shared accumulated). Several: the
-        shared expert first, as three products and a SwiGLU (the fused kernels read an expert once per token, the
-        products once per block of rows), then the routed experts accumulated onto it: per token for a decode
-        batch, as one grouped product per matrix over the tokens sorted by expert for more (prefill)."""
+            shared: DArray) -> DArray:
+        """Routed experts (gate+up+SwiGLU·weight, then down summed over each token's experts) accumulated onto
+        `shared`, the shared expert's output (in place: model.py reads it only through the result). Up to
+        MATVEC_ROWS tokens: the fused MoE kernels per token; more (prefill): one grouped product per matrix over
+        the tokens sorted by expert."""
         cu, s = self.cu, self.stream.ptr
         N, E = h.shape
         k = ids.shape[1]
         gate, up, down = experts
-        sg, su, sd = shared
         g, u, dn = self.weight(gate), self.weight(up), self.weight(down)
-        if N > 1:
-            mid = self._matvec(sg, h, 1)
-            cu.swiglu(s, mid.ptr, mid.ptr, self._matvec(su, h, 1).ptr, mid.size, float(shared_clamp))
-            out = self._matvec(sd, mid, 1)
-        else:
-            out = self.empty((N, E))
         grouped = N > MATVEC_ROWS and cu.gemm_ok(int(gate.type), E) and cu.gemm_ok(int(down.type), gate.rows)
         for t0 in range(0, N if grouped else 0, MOE_GROUPED_ROWS):
             n = min(MOE_GROUPED_ROWS, N - t0)
             work = self.empty((cu.moe_work_bytes(int(gate.type), int(down.type), n, k, E, gate.rows,
                                                  gate.n_expert),), np.uint8)
-            cu.moe_grouped(s, out.ptr + 4 * t0 * E, E, h.ptr + 4 * t0 * E, E, g, u, dn, int(gate.type),
+            cu.moe_grouped(s, shared.ptr + 4 * t0 * E, E, h.ptr + 4 * t0 * E, E, g, u, dn, int(gate.type),
                            int(down.type), gate.rows, E, gate.n_expert, ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k,
                            k, n, float(clamp), True, work.ptr)
         for t0 in range(0, 0 if grouped else N, MOE_ROWS):
@@ -860,12 +869,7 @@ class CUDA:
             mid = self.empty((n, k, gate.rows))
             cu.moe_gate_up(s, mid.ptr, h.ptr + 4 * t0 * E, E, g, u, int(gate.type), gate.rows, E, gate.n_expert,
                            ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k, k, n, float(clamp))
-            cu.moe_down(s, out.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
-                        ids.ptr + 4 * t0 * k, k, n, N > 1)
-        if N == 1:
-            smid = self.empty((1, 1, sg.rows))
-            cu.moe_gate_up(s, smid.ptr, h.ptr, E, self.weight(sg), self.weight(su), int(sg.type), sg.rows, E, 1, 0,
-                           0, 1, 1, float(shared_clamp))
-            cu.moe_down(s, out.ptr, E, smid.ptr, self.weight(sd), int(sd.type), E, sg.rows, 1, 0, 1, 1, True)
+            cu.moe_down(s, shared.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
+                        ids.ptr + 4 * t0 * k, k, n, True)
         self.weight_calls += 1
-        return out
+        return shared

@@ -412,12 +412,12 @@ class Reference:
         return ids, w * self.dtype.type(scale)
 
     def moe(self, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: tuple[Weight, Weight, Weight],
-            clamp: float, shared: tuple[Weight, Weight, Weight], shared_clamp: float) -> np.ndarray:
+            clamp: float, shared: np.ndarray) -> np.ndarray:
         """The FFN output after routing: Σ_k down_e(swiglu(gate_e·h, up_e·h) · w_k) over each token's experts
-        e = ids[t, k], plus the shared expert (the same clamped SwiGLU with weight 1)."""
+        e = ids[t, k], added onto `shared`, the shared expert's output (`ffn`)."""
         h = np.asarray(h, self.dtype)
         gate, up, down = experts
-        out = self.ffn(h, *shared, shared_clamp)
+        out = np.array(shared, self.dtype)
         for e in np.unique(ids):
             t_idx, k_idx = np.nonzero(ids == e)
             x = h[t_idx]
