@@ -169,6 +169,15 @@ def matvec_work_bytes(type, n_tok, cols, groups=1):
     return 0
 
 
+def matvec_parts(stream, ys, part_rows, w, type, cols, x, x_stride, n_tok, work=0):
+    assert 1 <= n_tok <= 16 and 1 <= len(ys) == len(part_rows) <= 8
+    out = _product(_weights(w, type, sum(part_rows), cols), type, cols, _rows(x, x_stride, n_tok, cols))
+    at = 0
+    for y, r in zip(ys, part_rows):
+        _at(y, np.float32, n_tok * r)[:] = out[:, at:at + r].reshape(-1)
+        at += r
+
+
 def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=1, work=0):
     assert 1 <= n_tok <= 16
     W = _weights(w, type, rows * groups, cols)
@@ -496,7 +505,7 @@ def _enqueued(fn):
     return call
 
 
-for _name in ("memcpy", "matvec", "embed", "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store",
+for _name in ("memcpy", "matvec", "matvec_parts", "embed", "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store",
               "attention_decode", "route", "moe_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4",
               "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill"):
     globals()[_name] = _enqueued(globals()[_name])

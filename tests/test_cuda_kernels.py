@@ -220,6 +220,33 @@ def test_matvec_grouped(stream, rng, type_):
         assert rel(d.get(y), ref) < 2e-5
 
 
+@pytest.mark.parametrize("type_", [Q8_0, F16, IQ2_XXS])
+@pytest.mark.parametrize("n_tok", [1, 3, 16])
+def test_matvec_parts(stream, rng, type_, n_tok):
+    """Rows of matrices stored back to back, each part's rows into its own array: the bits of the one product
+    over all the rows (the same kernel and sums, only where the outputs go differs), nothing past a part."""
+    d = Dev(stream)
+    cols, part_rows = 512, [96, 8, 200, 33]
+    w = rand_weights(rng, type_, sum(part_rows), cols)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    wp, xp = d.put(w), d.put(x)
+    n_work = _cuda.matvec_work_bytes(type_, n_tok, cols)
+    work = d.out((n_work,), np.uint8).ptr if n_work else 0
+    whole = d.out((n_tok, sum(part_rows)))
+    _cuda.matvec(stream.ptr, whole.ptr, sum(part_rows), wp, type_, sum(part_rows), cols, xp, cols, n_tok, work=work)
+    ys = [d.out((n_tok * r + 4,)) for r in part_rows]   # NaN-filled: 4 values past each part must stay so
+    _cuda.matvec_parts(stream.ptr, [y.ptr for y in ys], part_rows, wp, type_, cols, xp, cols, n_tok, work)
+    want, at = d.get(whole), 0
+    for y, r in zip(ys, part_rows):
+        got = d.get(y)
+        np.testing.assert_array_equal(got[:n_tok * r].reshape(n_tok, r), want[:, at:at + r])
+        assert np.all(np.isnan(got[n_tok * r:]))
+        at += r
+    assert rel(want, product_ref(w, type_, cols, x)) < 2e-5
+    with pytest.raises(ValueError, match="parts"):
+        _cuda.matvec_parts(stream.ptr, [y.ptr for y in ys] * 3, part_rows * 3, wp, type_, cols, xp, cols, n_tok)
+
+
 def test_matvec_rejects_bad_arguments(stream):
     d = Dev(stream)
     b = d.out((64,))

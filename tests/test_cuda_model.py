@@ -157,26 +157,31 @@ def test_batch_equals_each_session_alone(models, numerics):
     check(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]), numerics, "3 sessions batched vs alone")
 
 
-def test_one_token_joins_the_products_of_one_input(models):
-    """A one-token step runs the products of a sublayer's input as one product per weight type (attn_q_a with
-    attn_kv; the compressors' and the indexer's F16 products): fewer weight kernels than one product per weight,
-    and the same logits."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_joins_the_products_of_one_input(models, batch):
+    """A decode step runs the products of one input as one product per weight type (attn_q_a with attn_kv; the
+    compressors' and the indexer's projections; for several tokens the shared expert's gate and up): fewer weight
+    kernels than one product per weight, and the same logits."""
     m = models("f32", "cuda", "exact")
-    ids = prompt(40, seed=7)
     logits, calls = [], []
     for join in (False, True):
-        st = m.new_state()
-        m.prefill(st, ids[:30])
+        states = [m.new_state() for _ in range(batch)]
+        for i, st in enumerate(states):
+            m.prefill(st, prompt(30 + i, seed=7 + i))
         m.ops.join, m.ops.graphs = join, False
         try:
             before = m.ops.weight_calls
-            logits.append([m.decode([st], [t])[0] for t in ids[30:34]])
+            for k in range(4):
+                logits.append(m.decode(states, prompt(batch, seed=20 + k)))
             calls.append(m.ops.weight_calls - before)
         finally:
             m.ops.join, m.ops.graphs = True, True
-    apart = sum(2 + 2 * (L.compressor is not None) + 3 * (L.indexer is not None) for L in m.weights.layers)
-    assert calls[0] - calls[1] == 4 * (apart - len(m.weights.layers))   # the f32 model: one type, one product
-    check(logits[1], logits[0], "exact", "products joined vs apart")
+    layers = m.weights.layers
+    apart = sum(2 + 2 * (L.compressor is not None) + 3 * (L.indexer is not None) for L in layers)
+    saved = apart - len(layers) + (len(layers) if batch > 1 else 0)    # the f32 model: one weight type
+    assert calls[0] - calls[1] == 4 * saved
+    got, want = np.concatenate(logits[4:]).reshape(-1, 129280), np.concatenate(logits[:4]).reshape(-1, 129280)
+    check(got, want, "exact", f"products joined vs apart, batch {batch}")
 
 
 def test_mixed_batch_prefill_and_decode(models):

@@ -220,6 +220,17 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
        py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups") = 1,
        py::arg("work") = 0);
+    m.def("matvec_parts", [](uintptr_t s, const std::vector<uintptr_t>& ys, const std::vector<int64_t>& part_rows,
+                             uintptr_t w, int type, int64_t cols, uintptr_t x, int64_t x_stride, int n_tok,
+                             uintptr_t work) {
+        if (ys.size() != part_rows.size()) throw py::value_error("matvec_parts: one y per part");
+        std::vector<float*> outs;
+        for (uintptr_t y : ys) outs.push_back(dev<float>(y));
+        check(ds4_cuda_matvec_parts(st(s), outs.data(), part_rows.data(), (int)outs.size(), dev<void>(w), type, cols,
+                                    dev<const float>(x), x_stride, n_tok, dev<void>(work)),
+              "matvec_parts");
+    }, py::arg("stream"), py::arg("ys"), py::arg("part_rows"), py::arg("w"), py::arg("type"), py::arg("cols"),
+       py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("work") = 0);
     m.def("matvec_work_bytes", &ds4_cuda_matvec_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("cols"),
           py::arg("groups") = 1);
     m.def("quantize_act", [](uintptr_t s, uintptr_t qs, uintptr_t d, uintptr_t bsums, uintptr_t x, int64_t x_stride,

@@ -43,6 +43,12 @@ cudaError_t ds4_cuda_fill_random(cudaStream_t s, void* dst, size_t bytes, int ty
 // attention output projection). x rows start 16-byte aligned (x_stride a multiple of 4).
 cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
                             int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work);
+// ds4_cuda_matvec over the rows of several matrices of one type and width stored back to back (the products of
+// one input), each part's rows written to its own dense (n_tok, part_rows[k]) array ys[k]: one launch. At most 8
+// parts; work as for ds4_cuda_matvec with the same type, n_tok and cols.
+cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,
+                                  const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
+                                  void* work);
 // Bytes of `work` that lets ds4_cuda_matvec quantize the activations once (quantized types, n_tok > 2) instead of
 // in every block; 0 when it would not use it. work may always be null (slower for several tokens).
 size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups);

@@ -17,9 +17,14 @@
 namespace ds4::cuda {
 namespace {
 
+constexpr int kMaxParts = 8;
+
 struct MatvecArgs {
     float* y;
     int64_t y_stride;
+    int n_parts;                  // > 0: rows cut into parts, part k (rows part_end[k - 1] .. part_end[k] - 1)
+    int64_t part_end[kMaxParts];  // a dense (n_tok, rows of the part) array at part_y[k] (groups 1)
+    float* part_y[kMaxParts];
     const uint8_t* w;
     int64_t rows, cols, row_bytes;
     const float* x;
@@ -50,6 +55,15 @@ size_t matvec_smem(int64_t cols, bool x_smem, bool x16) {
     constexpr int RPW = rows_per_warp<NB>();
     return table_bytes<T>() + x_bytes<T>(NB, cols, x_smem, x16) + kWarps * RPW * NB * sizeof(float) +
            (size_t)kWarps * kDepth * RPW * Stage<T, WT<T>::sps>::slot;
+}
+
+// Where output (token t, row) goes: y's rows (group g's block of them), or the part that holds the row.
+__device__ __forceinline__ float* out_at(const MatvecArgs& a, int g, int t, int64_t row) {
+    if (a.n_parts == 0) return a.y + (int64_t)g * a.rows + t * a.y_stride + row;
+    int k = 0;
+    while (row >= a.part_end[k]) ++k;
+    const int64_t first = k ? a.part_end[k - 1] : 0;
+    return a.part_y[k] + t * (a.part_end[k] - first) + (row - first);
 }
 
 __device__ __forceinline__ void named_barrier(int id, int count) {
@@ -154,7 +168,6 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     auto xview = [&](int) { return &xv; };
     auto flush = [&](int set, float (&acc)[RPW][NB]) {
         const int64_t rs = slot + (int64_t)set * n_slots;
-        float* y = a.y + (int64_t)g * a.rows;
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
 #pragma unroll
@@ -163,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
                 const float v = warp_sum(acc[r][t]) * (a.x16 ? xscale[t] : 1.0f);
                 const int64_t row = rs * RPW + r;
                 if (ks == 1) {
-                    if (lane == 0 && row < a.rows) y[t * a.y_stride + row] = v;
+                    if (lane == 0 && row < a.rows) *out_at(a, g, t, row) = v;
                 } else if (lane == 0) {
                     red[(warp * RPW + r) * NB + t] = v;
                 }
@@ -177,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
                 if (t < a.n_tok && row < a.rows) {
                     float v = 0.0f;
                     for (int s = 0; s < ks; ++s) v += red[((first + s) * RPW + r) * NB + t];
-                    y[t * a.y_stride + row] = v;
+                    *out_at(a, g, t, row) = v;
                 }
             }
             named_barrier(1 + warp / ks, 32 * ks);  // partials read before the next set overwrites them
@@ -256,6 +269,7 @@ struct MatvecOp {
             c.n_tok = std::min(chunk, a.n_tok - t0);
             c.x += t0 * a.x_stride;
             c.y += t0 * a.y_stride;
+            for (int k = 0; k < a.n_parts; ++k) c.part_y[k] += t0 * (a.part_end[k] - (k ? a.part_end[k - 1] : 0));
             cudaError_t e = tokens(s, c, groups);
             if (e != cudaSuccess) return e;
         }
@@ -305,9 +319,10 @@ size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups)
     return n;
 }
 
-cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
-                            int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work) {
-    clear_error();
+namespace {
+// The argument checks of ds4_cuda_matvec (y_stride: the output row stride it needs at n_tok > 1).
+cudaError_t check_matvec(const void* w, int type, int64_t rows, int64_t cols, const float* x, int64_t x_stride,
+                         int n_tok, int groups, int64_t y_stride, const void* work) {
     if (block_weights(type) == 0) return invalid("matvec: unsupported weight type " + std::to_string(type));
     if (!cols_ok(type, cols))
         return invalid("matvec: cols=" + std::to_string(cols) + " is not a whole number of blocks of type " +
@@ -319,12 +334,44 @@ cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const vo
     if (n_tok > 1 && y_stride < rows * groups) return invalid("matvec: y_stride is shorter than a row of y");
     if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("matvec: call ds4_cuda_init first");
     if ((uintptr_t)work % 16) return invalid("matvec: work must be 16-byte aligned");
-    MatvecArgs a{y, y_stride, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x, x_stride, n_tok,
-                 1, iq2_tables(), nullptr, false, false};
+    return cudaSuccess;
+}
+
+cudaError_t matvec_run(cudaStream_t s, MatvecArgs& a, int type, int groups, void* work) {
     cudaError_t e = cudaSuccess;
     if (!by_type<MatvecOp>(type, e, s, a, groups, work))
         return invalid("matvec: unsupported weight type " + std::to_string(type));
     return e;
+}
+}  // namespace
+
+cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
+                            int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work) {
+    clear_error();
+    const cudaError_t e = check_matvec(w, type, rows, cols, x, x_stride, n_tok, groups, y_stride, work);
+    if (e != cudaSuccess) return e;
+    MatvecArgs a{y, y_stride, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x,
+                 x_stride, n_tok, 1, iq2_tables(), nullptr, false, false};
+    return matvec_run(s, a, type, groups, work);
+}
+
+cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,
+                                  const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
+                                  void* work) {
+    clear_error();
+    if (n_parts < 1 || n_parts > kMaxParts) return invalid("matvec_parts: 1 to 8 parts");
+    MatvecArgs a{nullptr, 0, n_parts, {}, {}, (const uint8_t*)w, 0, cols, (int64_t)row_bytes(type, cols), x,
+                 x_stride, n_tok, 1, iq2_tables(), nullptr, false, false};
+    for (int k = 0; k < n_parts; ++k) {
+        if (part_rows[k] < 1 || (uintptr_t)ys[k] % 4) return invalid("matvec_parts: every part needs rows and a y");
+        a.rows += part_rows[k];
+        a.part_end[k] = a.rows;
+        a.part_y[k] = ys[k];
+    }
+    a.y_stride = a.rows;
+    const cudaError_t e = check_matvec(w, type, a.rows, cols, x, x_stride, n_tok, 1, a.y_stride, work);
+    if (e != cudaSuccess) return e;
+    return matvec_run(s, a, type, 1, work);
 }
 
 cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t* bsums, const float* x,

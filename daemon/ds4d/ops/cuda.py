@@ -14,8 +14,9 @@ uploads and the per-forward tables (synchronous copies), and the logits download
 the FP8 / Hadamard+FP4 emulation (faithful) or as f32 (exact); only the order of float sums differs.
 
 Forwards of up to 16 rows (decode batches) use the decode kernels, and decode steps are captured as CUDA graphs.
-The products of one input that `matmuls` receives (a sublayer's q_a, kv, compressor and indexer projections) are
-stored back to back per weight type, so that one token's step runs each run of them as one product.
+The products of one input that `matmuls` receives (a sublayer's q_a, kv, compressor and indexer projections; the
+shared expert's gate and up) are stored back to back per weight type, so that a decode step runs each run of them
+as one product.
 More rows (prefill chunks) go to the tensor-core paths: products through ds4_cuda_gemm (quantized and F16
 weights), the routed experts through ds4_cuda_moe_grouped (pairs sorted by expert), attention through
 ds4_cuda_attention_prefill (f16 rows), hc_pre over all rows at once; the same numerics to f32 rounding
@@ -615,23 +616,28 @@ class CUDA:
 
     def matmuls(self, ws, x: DArray) -> list[DArray]:
         """x times each of several weights. Each run of weights of one type and width is stored back to back, so
-        that for one token it is one product whose output is cut per weight (a decode step's small products of
-        the sublayer input: fewer, fuller launches); for more tokens, one product per weight."""
+        that for up to MATVEC_ROWS tokens it is one product writing each weight's rows to its own array
+        (ds4_cuda_matvec_parts: a decode step's small products of one input in fewer, fuller launches); for more
+        tokens, one product per weight."""
         out, i = [], 0
+        T = x.shape[0]
         while i < len(ws):
             j = i + 1
-            while j < len(ws) and (ws[j].type, ws[j].cols) == (ws[i].type, ws[i].cols):
+            while j < len(ws) and (ws[j].type, ws[j].cols) == (ws[i].type, ws[i].cols) and j - i < 8:
                 j += 1
             run = list(ws[i:j])
             base = self._joined(run) if len(run) > 1 else None
-            if base is None or x.shape[0] > 1 or not self.join:
+            if base is None or T > MATVEC_ROWS or not self.join:
                 out += [self._matvec(w, x, 1) for w in run]
             else:
-                y = self._product(base, int(run[0].type), sum(w.rows for w in run), run[0].cols, x, 1)
-                at = y.ptr
-                for w in run:
-                    out.append(DArray(self, (1, w.rows), _F32, at, y.mem))
-                    at += 4 * w.rows
+                ys = [self.empty((T, w.rows)) for w in run]
+                wtype, cols = int(run[0].type), run[0].cols
+                nwork = self.cu.matvec_work_bytes(wtype, T, cols, 1)
+                work = self.empty((nwork,), np.uint8) if nwork else None
+                self.cu.matvec_parts(self.stream.ptr, [y.ptr for y in ys], [w.rows for w in run], base, wtype, cols,
+                                     x.ptr, x.row, T, work.ptr if work is not None else 0)
+                self.weight_calls += 1
+                out += ys
             i = j
         return out
 
@@ -830,14 +836,15 @@ class CUDA:
 
     def ffn(self, h: DArray, gate: Weight, up: Weight, down: Weight, clamp: float) -> DArray:
         """The shared expert, down · swiglu(gate · h, up · h). One token: the fused MoE kernels (an expert of
-        one); several: three products and a SwiGLU (the fused kernels read an expert once per token, the
-        products once per block of rows)."""
+        one); several: gate and up as one product of two parts, a SwiGLU and down (the fused kernels read an
+        expert once per token, the products once per block of rows)."""
         cu = self.cu
         N, E = h.shape
         if N > 1:
-            mid = self._matvec(gate, h, 1)
-            cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, self._matvec(up, h, 1).ptr, mid.size, float(clamp))
+            mid, u = self.matmuls([gate, up], h)
+            cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
             return self._matvec(down, mid, 1)
+        self._joined([gate, up])  # stored together for the products of several tokens
         out, mid, s = self.empty((1, E)), self.empty((1, 1, gate.rows)), self.stream.ptr
         cu.moe_gate_up(s, mid.ptr, h.ptr, E, self.weight(gate), self.weight(up), int(gate.type), gate.rows, E, 1, 0,
                        0, 1, 1, float(clamp))
