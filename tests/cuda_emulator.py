@@ -332,7 +332,8 @@ def attention_scratch_bytes(n_tok, n_head, dim, raw_cap, comp_cap, sel_cap, has_
 
 
 def attention_decode(stream, out, scratch, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n, comp_cap,
-                     sel, sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0, f32_rows=False):
+                     sel, sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0, f32_rows=False,
+                     rope_pos=0, rope_freq=0, n_rot=0):
     rt = np.float32 if f32_rows else np.float16
     es = np.dtype(rt).itemsize
     rn, cn = _at(raw_n, np.int32, n_tok), _at(comp_n, np.int32, n_tok)
@@ -356,6 +357,8 @@ def attention_decode(stream, out, scratch, q, raw, raw_stride, raw_n, raw_cap, c
         p = np.exp(s - m[:, None])
         den = p.sum(axis=1) + np.exp(sk - m)
         _at(out + 4 * t * n_head * dim, np.float32, n_head * dim)[:] = ((p @ k) / den[:, None]).reshape(-1)
+    if rope_pos:
+        rope.__wrapped__(stream, out, n_head * dim, rope_pos, 0, rope_freq, n_tok, n_head, dim, n_rot, True)
 
 
 def attention_prefill_ok(dim):

@@ -518,6 +518,32 @@ def test_attention_decode(stream, rng, dim, n_head, with_sel, rows):
     np.testing.assert_array_equal(d.get(out), got)
 
 
+@pytest.mark.parametrize("rows", [np.float16, np.float32])
+def test_attention_decode_inverse_rope(stream, rng, rows):
+    """With positions, each head's rotated tail comes back turned by the inverse RoPE (positions to 10^6, the
+    model's YaRN frequencies): the reference attention then Reference.rope in float64, to f32 rounding."""
+    d = Dev(stream)
+    dim, n_head = 512, 16
+    raw_n = np.array([1, 77, 128, 0, 33, 0], np.int32)
+    comp_n = np.array([0, 5, 300, 40, 129, 0], np.int32)
+    T = len(raw_n)
+    raw, comp, q, sinks, _ = attention_case(rng, raw_n, comp_n, dim, n_head, 0.15, False)
+    raw, comp = raw.astype(rows), comp.astype(rows)
+    pos = np.array([0, 5, 1000, 65535, 999_999, 31], np.int32)
+    inv_freq = rope_inv_freq(64, 10000.0, (16.0, 65536, 32.0, 1.0))
+    scale = 1.0 / math.sqrt(dim)
+    out = d.out((T, n_head, dim))
+    scratch = _cuda.Buffer(_cuda.attention_scratch_bytes(T, n_head, dim, RAW_CAP, COMP_CAP, SEL_CAP, False))
+    _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, d.put(q), d.put(raw), RAW_CAP * dim, d.put(raw_n),
+                           RAW_CAP, d.put(comp), COMP_CAP * dim, d.put(comp_n), COMP_CAP, 0, SEL_CAP, d.put(sinks), T,
+                           n_head, dim, scale, 0, 0, rows == np.float32, d.put(pos), d.put(inv_freq), 64)
+    att = attention_ref(q, raw, raw_n, comp, comp_n, None, sinks.astype(np.float64), scale)
+    ref = Reference(np.float64).rope(att, pos, inv_freq, inverse=True)
+    got = d.get(out)
+    assert np.all(got[-1] == 0) and rel(got, ref) < 1e-5
+    assert rel(got[..., -64:], ref[..., -64:]) < 1e-5 and rel(att[..., -64:], ref[..., -64:]) > 1e-2
+
+
 @pytest.mark.parametrize("dim,n_head", [(512, 64), (128, 8), (256, 20)])
 @pytest.mark.parametrize("with_sel", [False, True])
 def test_attention_prefill(stream, rng, dim, n_head, with_sel):

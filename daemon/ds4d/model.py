@@ -150,8 +150,9 @@ class Model:
     # Per token: the query path (low rank, weighted norm, per-head unweighted norm, RoPE), one K=V row (norm,
     # RoPE), the compressors' projections of the normed input and the indexer's query; then the backend's
     # `attend` stores the K=V row (FP8 of the unrotated dims, f16 storage), runs the compressors and the indexer
-    # on each session's state and attends over the raw window plus the compressed rows visible at each position.
-    # Inverse RoPE on the output and the grouped low-rank output projection close the sublayer.
+    # on each session's state, attends over the raw window plus the compressed rows visible at each position and
+    # turns the output's rotated tail back (inverse RoPE). The grouped low-rank output projection closes the
+    # sublayer.
 
     def _attention(self, L: Layer, X: np.ndarray, states: list[LayerState], bounds: np.ndarray,
                    positions: np.ndarray) -> np.ndarray:
@@ -175,8 +176,7 @@ class Model:
         if L.indexer is not None:
             iq = ops.matmul(L.indexer.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
             idx = (of_h[2], of_h[3], ops.rope(iq, positions, self.rope_comp), of_h[4])
-        out = ops.attend(spec, states, bounds, positions, q, kv, comp, idx)          # (N, H, D)
-        o = ops.rope(out, positions, spec.rope, inverse=True)                        # undo V's rotated tail
+        o = ops.attend(spec, states, bounds, positions, q, kv, comp, idx)            # (N, H, D), V's tail unrotated
         low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)
         y = ops.matmul(L.attn_output_b, low)                                          # (N, E)
         return ops.hc_post(y, X, post, comb)

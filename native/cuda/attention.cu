@@ -15,6 +15,7 @@
 // of a batch have separate buffers; a prefill token's window is a range of a staging array). f32 arithmetic
 // throughout (f16 rows convert exactly).
 #include "common.cuh"
+#include "numerics.cuh"
 
 namespace ds4::cuda {
 namespace {
@@ -41,6 +42,9 @@ struct AttnArgs {
     const float* sinks;
     int n_head, dim, n_split;
     float scale;
+    const int32_t* rope_pos;  // decode's combine: the inverse RoPE of each head's last n_rot dims (null: none)
+    const double* rope_freq;
+    int n_rot;
 };
 
 // Rows of token t: raw rows, then compressed candidates (the selection list's entries, or every row).
@@ -232,8 +236,15 @@ __global__ void attention_combine_kernel(AttnArgs a) {
                 acc.z = fmaf(w, o[k].z, acc.z), acc.w = fmaf(w, o[k].w, acc.w);
             }
         }
-        *(float4*)(a.out + ((int64_t)t * a.n_head + h) * a.dim + d) =
-            make_float4(acc.x * inv_den, acc.y * inv_den, acc.z * inv_den, acc.w * inv_den);
+        float4 r = make_float4(acc.x * inv_den, acc.y * inv_den, acc.z * inv_den, acc.w * inv_den);
+        if (a.rope_pos && d >= a.dim - a.n_rot) {  // V's rotated tail back (rope_kernel's inverse, two pairs)
+            const int j = (d - (a.dim - a.n_rot)) / 2;
+            float c0, s0, c1, s1;
+            rope_angle(a.rope_pos[t], a.rope_freq[j], c0, s0);
+            rope_angle(a.rope_pos[t], a.rope_freq[j + 1], c1, s1);
+            r = make_float4(r.x * c0 + r.y * s0, r.y * c0 - r.x * s0, r.z * c1 + r.w * s1, r.w * c1 - r.z * s1);
+        }
+        *(float4*)(a.out + ((int64_t)t * a.n_head + h) * a.dim + d) = r;
     }
 }
 
@@ -505,15 +516,18 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
                                       int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                       int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
                                       int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
-                                      const void* const* raw_rows, const void* const* comp_rows, bool f32_rows) {
+                                      const void* const* raw_rows, const void* const* comp_rows, bool f32_rows,
+                                      const int32_t* rope_pos, const double* rope_freq, int n_rot) {
     clear_error();
     const int n_split = std::max(1, splits(raw_cap, comp_cap, sel_cap, sel != nullptr));
     AttnArgs a{out,       (float*)scratch, q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
                raw_n,     raw_cap,         (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
                comp_n,    comp_cap,        sel,  sel_cap,             sinks,      n_head,
-               dim,       n_split,         scale};
+               dim,       n_split,         scale, rope_pos,           rope_freq,  n_rot};
     cudaError_t e = check_args(a, n_tok, kHeads);
     if (e != cudaSuccess) return e;
+    if (rope_pos && (!rope_freq || n_rot < 4 || n_rot % 4 || n_rot > dim))
+        return invalid("attention: the inverse RoPE needs its frequencies and n_rot a multiple of 4 up to dim");
     if (a.n_split > 65535) return invalid("attention: too many rows");
     switch (dim * (f32_rows ? -1 : 1)) {
         case 128: return attention_launch<4, __half>(s, a, n_tok);

@@ -115,12 +115,15 @@ cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const fl
 // With row tables (device arrays of n_tok pointers), token t's rows start at raw_rows[t] / comp_rows[t] instead.
 // out[t, h] = sum_r e^(s_r - M) k_r / (e^(sink_h - M) + sum_r e^(s_r - M)), s_r = scale * q[t, h] . k_r.
 // raw_n, comp_n (n_tok) are read from device memory. scratch: ds4_cuda_attention_scratch_bytes(...) bytes.
+// With rope_pos (n_tok positions, device), each head's last n_rot dims of out are rotated back (the inverse of
+// ds4_cuda_rope with those positions and the n_rot / 2 frequencies rope_freq, float64, device): V's rotated tail.
 cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch, const float* q, const void* raw,
                                       int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                       int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
                                       int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
                                       const void* const* raw_rows = nullptr, const void* const* comp_rows = nullptr,
-                                      bool f32_rows = false);
+                                      bool f32_rows = false, const int32_t* rope_pos = nullptr,
+                                      const double* rope_freq = nullptr, int n_rot = 0);
 size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_cap, int comp_cap, int sel_cap,
                                         bool has_sel);
 // The same attention for many query tokens (prefill) with f16 rows, on tensor cores: no split, no scratch (each

@@ -743,7 +743,8 @@ class CUDA:
     def attend(self, spec, states: list, bounds: np.ndarray, positions: np.ndarray, q: DArray, kv: DArray,
                comp: tuple | None, idx: tuple | None) -> DArray:
         """reference.attend on the device: K=V rows into the rings (or the prefill staging), the compressors and
-        their emitted rows, the indexer's choice past top_k rows, then attention, for every session at once."""
+        their emitted rows, the indexer's choice past top_k rows, then attention, for every session at once (for
+        decode tokens the inverse RoPE of its output inside the attention's last kernel)."""
         cu, s = self.cu, self.stream.ptr
         step = self._step
         li = states[0].index
@@ -773,6 +774,8 @@ class CUDA:
             cu.attention_prefill(s, out.ptr, q.ptr, 0, 0, step.raw_n, n_swa, 0, 0, comp_n, comp_cap,
                                  sel.ptr if sel is not None else 0, spec.top_k, sinks, N, H, D, float(spec.scale),
                                  tab["raw_rows"], tab["comp_rows"] if comp is not None else 0)
+            self.rope(out, positions, spec.rope, inverse=True)
+        freq = self.const(spec.rope, np.float64)
         for t0 in range(0, 0 if prefill else N, ATTN_ROWS):
             n = min(ATTN_ROWS, N - t0)
             nbytes = cu.attention_scratch_bytes(n, H, D, n_swa, comp_cap, spec.top_k, sel is not None)
@@ -781,7 +784,8 @@ class CUDA:
                                 step.raw_n + 4 * t0, n_swa, 0, 0, comp_n + 4 * t0,
                                 comp_cap, sel.ptr + 4 * t0 * spec.top_k if sel is not None else 0, spec.top_k,
                                 sinks, n, H, D, float(spec.scale), tab["raw_rows"] + 8 * t0,
-                                tab["comp_rows"] + 8 * t0 if comp is not None else 0, f32)
+                                tab["comp_rows"] + 8 * t0 if comp is not None else 0, f32, step.pos + 4 * t0, freq,
+                                2 * len(spec.rope))
         for st, pos0, T, n_old, at in step.linear:    # the segment's last n_swa rows into the ring
             keep = min(T, n_swa)
             self._ring_copy(st, li, pos0 + T - keep, keep, step.staging.ptr + at + (n_old + T - keep) * row,

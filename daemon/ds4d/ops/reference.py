@@ -332,7 +332,8 @@ class Reference:
         states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) after RoPE;
         comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, q (N, Hi, 128) after RoPE,
         head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the token that emits them.
-        Returns the attention output (N, H, D), still rotated (the caller applies the inverse RoPE).
+        Returns the attention output (N, H, D) with V's rotated tail turned back (the inverse RoPE at each
+        token's position).
         """
         if spec.faithful:
             kv = self.fp8_kv(kv, spec.n_nope)
@@ -363,7 +364,7 @@ class Reference:
                 st.idx.append(self._finish_rows(spec, pooled, starts, spec.idx_norm, indexer=True))
                 sel = self.indexer_topk(idx[2][a:b], idx[3][a:b], st.idx, visible, spec.top_k, spec.idx_w_scale)
             out[a:b] = self.attention(q[a:b], raw, raw_lo, raw_hi, rows, sel, visible, spec.sinks, spec.scale)
-        return out
+        return self.rope(out, positions, spec.rope, inverse=True)
 
     def _finish_rows(self, spec, rows: np.ndarray, starts: np.ndarray, norm: np.ndarray, indexer: bool) -> np.ndarray:
         """A compressor's pooled rows -> stored rows: norm, RoPE at the block's first position, then the faithful
