@@ -464,7 +464,7 @@ class CUDA:
         self.layout: _Layout | None = None
         self.weight_calls = 0      # weight-kernel launches, for the engine's counters
         self.graphs = os.environ.get("DS4_CUDA_GRAPHS", "1") != "0"
-        self.join = True           # one product per weight type for one token's products of one input (matmuls)
+        self.join = True           # matmuls: a decode batch's products of one input as one product per type
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()   # (batch, bucket) -> captured decode step
         self._seen: set[tuple] = set()                  # decode keys run once eagerly (uploads done)
         self._capturing = False
@@ -506,16 +506,15 @@ class CUDA:
         use; None when one of them is already resident on its own or a weight's bytes are not whole 16-byte pieces
         (each must stay aligned for products of its own)."""
         keys = tuple(self._key(w) for w in ws)
-        ptr = self._joins.get(keys)
-        if ptr is None:
+        base = self._joins.get(keys)
+        if base is None:
             if any(k in self._weights for k in keys) or any(w.raw.nbytes % 16 for w in ws):
                 return None
-            ptr = self._joins[keys] = self._upload_weights(ws)
+            base = at = self._joins[keys] = self._upload_weights(ws)
             for k, w in zip(keys, ws):
-                self._weights[k] = ptr
-                ptr += w.raw.nbytes
-            ptr = self._joins[keys]
-        return ptr
+                self._weights[k] = at
+                at += w.raw.nbytes
+        return base
 
     @staticmethod
     def _key(w: Weight) -> tuple:
@@ -623,7 +622,7 @@ class CUDA:
         T = x.shape[0]
         while i < len(ws):
             j = i + 1
-            while j < len(ws) and (ws[j].type, ws[j].cols) == (ws[i].type, ws[i].cols) and j - i < 8:
+            while j < len(ws) and (ws[j].type, ws[j].cols) == (ws[i].type, ws[i].cols) and j - i < 8:  # 8 parts
                 j += 1
             run = list(ws[i:j])
             base = self._joined(run) if len(run) > 1 else None
@@ -642,25 +641,20 @@ class CUDA:
         return out
 
     def _matvec(self, w: Weight, x: DArray, groups: int) -> DArray:
-        return self._product(self.weight(w), int(w.type), w.rows, w.cols, x, groups)
-
-    def _product(self, wp: int, wtype: int, rows: int, wcols: int, x: DArray, groups: int) -> DArray:
-        """y = x · Wᵀ for the rows x wcols weights of type wtype at wp (groups: block-diagonal, as
-        matmul_grouped)."""
         T, cols = x.shape[0], x.row
-        y = self.empty((T, rows))
-        s = self.stream.ptr
-        per = rows // groups
-        if T > MATVEC_ROWS and self.cu.gemm_ok(wtype, wcols):  # prefill: tensor cores
-            work = self.empty((self.cu.gemm_work_bytes(wtype, T, wcols, groups),), np.uint8)
-            self.cu.gemm(s, y.ptr, rows, wp, wtype, per, wcols, x.ptr, cols, T, groups, work.ptr)
+        y = self.empty((T, w.rows))
+        wp, s = self.weight(w), self.stream.ptr
+        per = w.rows // groups
+        if T > MATVEC_ROWS and self.cu.gemm_ok(int(w.type), w.cols):  # prefill: tensor cores
+            work = self.empty((self.cu.gemm_work_bytes(int(w.type), T, w.cols, groups),), np.uint8)
+            self.cu.gemm(s, y.ptr, w.rows, wp, int(w.type), per, w.cols, x.ptr, cols, T, groups, work.ptr)
             self.weight_calls += 1
             return y
         for t0 in range(0, T, MATVEC_ROWS):
             n = min(MATVEC_ROWS, T - t0)
-            nwork = self.cu.matvec_work_bytes(wtype, n, wcols, groups)
+            nwork = self.cu.matvec_work_bytes(int(w.type), n, w.cols, groups)
             work = self.empty((nwork,), np.uint8) if nwork else None
-            self.cu.matvec(s, y.ptr + 4 * t0 * rows, rows, wp, wtype, per, wcols, x.ptr + 4 * t0 * cols,
+            self.cu.matvec(s, y.ptr + 4 * t0 * w.rows, w.rows, wp, int(w.type), per, w.cols, x.ptr + 4 * t0 * cols,
                            cols, n, groups, work.ptr if work is not None else 0)
             self.weight_calls += 1
         return y
