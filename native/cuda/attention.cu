@@ -471,20 +471,21 @@ cudaError_t attention_tc_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
                   smem, s, a);
 }
 
+// The split kernel of decode: the tensor-core one for f16 rows where its shared memory fits, else the CUDA-core one.
+template <int DL, typename R>
+cudaError_t attention_splits(cudaStream_t s, const AttnArgs& a, int n_tok) {
+    constexpr int D = 32 * DL;
+    if (sizeof(R) == 2 && PfSmem<D>::bytes <= props().smem_optin) return attention_tc_launch<D, true>(s, a, n_tok);
+    const size_t smem = kRows * (sizeof(R) * D + 16) + kHeads * D * 4 + kHeads * kRows * 4 + kRows * 4;
+    const cudaError_t e = allow_smem(attention_split_kernel<DL, R>, smem);
+    if (e != cudaSuccess) return e;
+    return launch(attention_split_kernel<DL, R>, dim3(a.n_split, (unsigned)ceil_div(a.n_head, kHeads), n_tok),
+                  dim3(32 * kHeads), smem, s, a);
+}
+
 template <int DL, typename R>
 cudaError_t attention_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
-    constexpr int D = 32 * DL;
-    if (sizeof(R) == 2 && PfSmem<D>::bytes <= props().smem_optin) {  // tensor cores
-        cudaError_t e = attention_tc_launch<D, true>(s, a, n_tok);
-        if (e != cudaSuccess) return e;
-        return launch(attention_combine_kernel, dim3(a.n_head, n_tok), dim3(128), 2 * a.n_split * sizeof(float), s,
-                      a);
-    }
-    const size_t smem = kRows * (sizeof(R) * D + 16) + kHeads * D * 4 + kHeads * kRows * 4 + kRows * 4;
-    cudaError_t e = allow_smem(attention_split_kernel<DL, R>, smem);
-    if (e != cudaSuccess) return e;
-    e = launch(attention_split_kernel<DL, R>, dim3(a.n_split, (unsigned)ceil_div(a.n_head, kHeads), n_tok),
-               dim3(32 * kHeads), smem, s, a);
+    const cudaError_t e = attention_splits<DL, R>(s, a, n_tok);
     if (e != cudaSuccess) return e;
     return launch(attention_combine_kernel, dim3(a.n_head, n_tok), dim3(128), 2 * a.n_split * sizeof(float), s, a);
 }

@@ -257,6 +257,10 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     };
 
     const int wrow = (warp / WN) * 16 * MI, wcol = (warp % WN) * 8 * NI;
+    // Element e of this lane's accumulator fragment of tile (mi, ni) (mma's C layout): its row in the block's
+    // weight tile and its activation column.
+    auto c_row = [&](int mi, int e) { return wrow + 16 * mi + g + 8 * (e >> 1); };
+    auto c_col = [&](int ni, int e) { return wcol + 8 * ni + 2 * t4 + (e & 1); };
     float acc[MI][NI][4] = {};
     int isum[MI][NI][4] = {};
 
@@ -372,7 +376,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                             mma_s8(ci, af[mi], bf[ni]);
 #pragma unroll
                             for (int e = 0; e < 4; ++e) {
-                                const int row = wrow + 16 * mi + g + 8 * (e >> 1), n = wcol + 8 * ni + 2 * t4 + (e & 1);
+                                const int row = c_row(mi, e), n = c_col(ni, e);
                                 if constexpr (T == TYPE_Q8_0)
                                     acc[mi][ni][e] =
                                         fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
@@ -422,7 +426,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const int row = wrow + 16 * mi + g + 8 * (e >> 1), n = wcol + 8 * ni + 2 * t4 + (e & 1);
+                        const int row = c_row(mi, e), n = c_col(ni, e);
                         const float dx = bd[n * 8];
                         const float dw = kRegA ? rdw[mi][e >> 1] : asc[row * 8];
                         float v = fmaf(dw * dx, (float)isum[mi][ni][e], acc[mi][ni][e]);
@@ -443,8 +447,8 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
         for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int64_t row = row0 + wrow + 16 * mi + g + 8 * (e >> 1);
-                const int n = wcol + 8 * ni + 2 * t4 + (e & 1);
+                const int64_t row = row0 + c_row(mi, e);
+                const int n = c_col(ni, e);
                 const float v = F16 ? acc[mi][ni][e] * Bd[((nk - 1) & 1) * BN * 8 + n * 8] : acc[mi][ni][e];
                 if (row < a.rows && n < count) y[(first + n) * a.y_stride + row] = v;
             }
