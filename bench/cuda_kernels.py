@@ -184,16 +184,17 @@ def bench_moe(gpu, out, batches):
             h = gpu.buf(4 * b * E, F32, 5)
             mid = gpu.buf(4 * b * k * F)
             y = gpu.buf(4 * b * E)
+            work = gpu.buf(max(16, _cuda.moe_down_work_bytes(dt, b, k, F)))
 
             def gate_up(i, b=b, ids=ids, wts=wts, h=h, mid=mid, gate=gate, up=up, gt=gt):
                 c = i % n_sets
                 _cuda.moe_gate_up(gpu.s.ptr, mid.ptr, h.ptr, E, gate.ptr, up.ptr, gt, F, E, n_expert,
                                   ids.ptr + 4 * c * b * k, wts.ptr + 4 * c * b * k, k, b, 10.0)
 
-            def down_(i, b=b, ids=ids, mid=mid, y=y, down=down, dt=dt):
+            def down_(i, b=b, ids=ids, mid=mid, y=y, down=down, dt=dt, work=work):
                 c = i % n_sets
                 _cuda.moe_down(gpu.s.ptr, y.ptr, E, mid.ptr, down.ptr, dt, E, F, n_expert, ids.ptr + 4 * c * b * k,
-                               k, b)
+                               k, b, False, work.ptr)
 
             med, best = gpu.time_graph(gate_up, n_sets)
             nb = b * k * 2 * gb + 4 * b * (E + k * F)
@@ -348,8 +349,9 @@ class Acts:
         self.att_scratch = gpu.buf(_cuda.attention_scratch_bytes(b, H, D, 128, comp_rows, 0, False))
         self.qn, self.kvn = f(b * 1024), f(b * D)   # norms write beside their input (in place measured slower)
         self.inv = gpu.put(rope_inv_freq(64, 160000.0, (16.0, 65536, 32.0, 1.0)))
-        self.work = gpu.buf(max(16, max(_cuda.matvec_work_bytes(Q8_0, b, c, g) for c, g in ((E, 1), (1024, 1),
-                                                                                             (8192, 1), (E, 8)))))
+        self.work = gpu.buf(max(16, _cuda.moe_down_work_bytes(Q2_K, b, 6, 2048),
+                                max(_cuda.matvec_work_bytes(Q8_0, b, c, g) for c, g in ((E, 1), (1024, 1), (8192, 1),
+                                                                                        (E, 8)))))
 
 
 def layer_steps(gpu, L, A):
@@ -407,12 +409,13 @@ def layer_steps(gpu, L, A):
         s, A.mid.ptr, A.h.ptr, E, w["ffn_gate_exps"].ptr, w["ffn_up_exps"].ptr, IQ2_XXS, 2048, E, 256, A.ids.ptr,
         A.wts.ptr, 6, b, 10.0), 6 * b * 2 * row_bytes(IQ2_XXS, E) * 2048)
     op("moe down (Q2_K)", lambda: _cuda.moe_down(s, A.moe.ptr, E, A.mid.ptr, w["ffn_down_exps"].ptr, Q2_K, E, 2048,
-                                                 256, A.ids.ptr, 6, b), 6 * b * row_bytes(Q2_K, 2048) * E)
+                                                 256, A.ids.ptr, 6, b, False, A.work.ptr),
+       6 * b * row_bytes(Q2_K, 2048) * E)
     op("shared gate+up (Q8_0)", lambda: _cuda.moe_gate_up(
         s, A.smid.ptr, A.h.ptr, E, w["ffn_gate_shexp"].ptr, w["ffn_up_shexp"].ptr, Q8_0, 2048, E, 1, 0, 0, 1, b,
         10.0), 2 * row_bytes(Q8_0, E) * 2048)
     op("shared down (Q8_0)", lambda: _cuda.moe_down(s, A.moe.ptr, E, A.smid.ptr, w["ffn_down_shexp"].ptr, Q8_0, E,
-                                                    2048, 1, 0, 1, b, True), row_bytes(Q8_0, 2048) * E)
+                                                    2048, 1, 0, 1, b, True, A.work.ptr), row_bytes(Q8_0, 2048) * E)
     op("hc_post (ffn)", lambda: _cuda.hc_post(s, A.X.ptr, A.moe.ptr, A.X.ptr, A.hc_f.ptr, b, E))
     return steps
 

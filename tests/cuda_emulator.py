@@ -402,7 +402,12 @@ def swiglu(stream, mid, g, u, n, clamp):
     _at(mid, np.float32, n)[:] = REF.swiglu(_at(g, np.float32, n), _at(u, np.float32, n), clamp)
 
 
-def moe_down(stream, out, out_stride, mid, down, type, n_embd, n_ff, n_expert, ids, n_used, n_tok, accumulate=False):
+def moe_down_work_bytes(type, n_tok, n_used, n_ff):
+    return 0 if type in (F32, F16, BF16) else 16  # the kernels here need none
+
+
+def moe_down(stream, out, out_stride, mid, down, type, n_embd, n_ff, n_expert, ids, n_used, n_tok, accumulate=False,
+             work=0):
     M = _at(mid, np.float32, n_tok * n_used * n_ff).reshape(n_tok, n_used, n_ff)
     Dw = _weights(down, type, n_expert * n_embd, n_ff)
     I = _at(ids, np.int32, n_tok * n_used).reshape(n_tok, n_used) if ids else np.tile(np.arange(n_used), (n_tok, 1))

@@ -373,9 +373,16 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used):
     assert np.abs(ref_mid).max() > 0.5  # silu(g) may underflow to exactly 0 (g < -88): no test on zeros here
     assert rel(got_mid, ref_mid) < 1e-4
 
-    out = d.out((n_tok, n_embd + 2))
-    _cuda.moe_down(stream.ptr, out.ptr, n_embd + 2, mid.ptr, d.put(down), down_type, n_embd, n_ff, n_expert,
-                   d.put(ids), n_used, n_tok)
+    # down with mid quantized once into a workspace, and by every block itself (no workspace): the same bits
+    out, out_self = d.out((n_tok, n_embd + 2)), d.out((n_tok, n_embd + 2))
+    nwork = _cuda.moe_down_work_bytes(down_type, n_tok, n_used, n_ff)
+    assert (nwork > 0) == (down_type not in FLOAT_TYPES)
+    work = d.out((max(nwork, 16),), np.uint8)
+    dp, ip = d.put(down), d.put(ids)
+    _cuda.moe_down(stream.ptr, out.ptr, n_embd + 2, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used,
+                   n_tok, False, work.ptr if nwork else 0)
+    _cuda.moe_down(stream.ptr, out_self.ptr, n_embd + 2, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used,
+                   n_tok)
     got = d.get(out)
     assert np.all(np.isnan(got[:, n_embd:]))
     ref = np.zeros((n_tok, n_embd))
@@ -383,6 +390,7 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used):
         for j, e in enumerate(ids[t]):  # from the GPU's mid, so that this checks the down kernel alone
             ref[t] += product_ref(down[e], down_type, n_ff, got_mid[t, j:j + 1])[0]
     assert rel(got[:, :n_embd], ref) < 2e-5
+    assert np.array_equal(got[:, :n_embd], d.get(out_self)[:, :n_embd])
 
 
 @pytest.mark.parametrize("gate_type,down_type", MOE_TYPES)

@@ -277,13 +277,16 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("mid"), py::arg("g"), py::arg("u"), py::arg("n"), py::arg("clamp"));
     m.def("moe_down", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t mid, uintptr_t down, int type,
                          int64_t n_embd, int64_t n_ff, int n_expert, uintptr_t ids, int n_used, int n_tok,
-                         bool accumulate) {
+                         bool accumulate, uintptr_t work) {
         check(ds4_cuda_moe_down(st(s), dev<float>(out), out_stride, dev<const float>(mid), dev<void>(down), type,
-                                n_embd, n_ff, n_expert, dev<const int32_t>(ids), n_used, n_tok, accumulate),
+                                n_embd, n_ff, n_expert, dev<const int32_t>(ids), n_used, n_tok, accumulate,
+                                dev<void>(work)),
               "moe_down");
     }, py::arg("stream"), py::arg("out"), py::arg("out_stride"), py::arg("mid"), py::arg("down"), py::arg("type"),
        py::arg("n_embd"), py::arg("n_ff"), py::arg("n_expert"), py::arg("ids"), py::arg("n_used"), py::arg("n_tok"),
-       py::arg("accumulate") = false);
+       py::arg("accumulate") = false, py::arg("work") = 0);
+    m.def("moe_down_work_bytes", &ds4_cuda_moe_down_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("n_used"),
+          py::arg("n_ff"));
     m.def("attention_prefill_ok", &ds4_cuda_attention_prefill_ok, py::arg("dim"));
     m.def("attention_prefill", [](uintptr_t s, uintptr_t out, uintptr_t q, uintptr_t raw, int64_t raw_stride,
                                   uintptr_t raw_n, int raw_cap, uintptr_t comp, int64_t comp_stride, uintptr_t comp_n,

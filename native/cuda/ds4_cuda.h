@@ -97,10 +97,12 @@ cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int
                                  const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
                                  const int32_t* ids, const float* weights, int n_used, int n_tok, float clamp);
 // out[t, :] (+)= sum_j down_e . mid[t, j, :], e = ids[t, j]; down: n_expert matrices of (n_embd, n_ff) weights.
-// accumulate adds to out (the shared expert after the routed ones) instead of overwriting it.
+// accumulate adds to out (the shared expert after the routed ones) instead of overwriting it. work (optional: null,
+// or ds4_cuda_moe_down_work_bytes(...) bytes): mid is quantized once there instead of in every block (faster).
 cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, const float* mid, const void* down,
                               int type, int64_t n_embd, int64_t n_ff, int n_expert, const int32_t* ids, int n_used,
-                              int n_tok, bool accumulate);
+                              int n_tok, bool accumulate, void* work = nullptr);
+size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_ff);
 // mid[i] = silu(min(g[i], clamp)) * clip(u[i], +-clamp) for i < n, as moe_gate_up finishes a pair: the shared
 // expert of several tokens as products (its weights read once per matvec block, not once per token).
 cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const float* u, int64_t n, float clamp);

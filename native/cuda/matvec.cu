@@ -229,32 +229,12 @@ cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
     return launch(kernel, dim3((unsigned)blocks, groups), dim3(kThreads), smem, s, a);
 }
 
-// Quantizes every group's slice of the activation rows into the workspace (one act_view block per group).
-template <int XB>
-__global__ void quantize_groups_kernel(uint8_t* work, const float* x, int64_t x_stride, int n_tok, int64_t cols,
-                                       size_t group_bytes) {
-    pdl_trigger();
-    pdl_wait();
-    const int g = blockIdx.y;
-    uint8_t* base = work + g * group_bytes;
-    int8_t* qs = (int8_t*)base;
-    float* d = (float*)(base + (size_t)n_tok * cols);
-    int16_t* bs = (int16_t*)(base + (size_t)n_tok * cols + 4 * (size_t)n_tok * (cols / XB));
-    const int first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), step = gridDim.x * (blockDim.x >> 5);
-    quantize_rows<XB>(qs, d, bs, x + g * cols, x_stride, n_tok, cols, first, step);
-}
-
 template <int T>
 struct MatvecOp {
     static cudaError_t run(cudaStream_t s, MatvecArgs a, int groups, void* work) {
         if constexpr (WT<T>::xb != 0) {
             if (work && a.n_tok > kQuantizeAbove && fits(a.n_tok, a.cols) <= props().smem_optin) {
-                constexpr int xb = WT<T>::xb;
-                const int64_t blocks = a.n_tok * (a.cols / xb);
-                const int gx = (int)std::min<int64_t>(ceil_div(blocks, kWarps * (xb == 32 ? 32 : 4)), props().sms);
-                cudaError_t e = launch(quantize_groups_kernel<xb>, dim3(gx, groups), dim3(kThreads), 0, s,
-                                       (uint8_t*)work, a.x, a.x_stride, a.n_tok, a.cols,
-                                       act_bytes<T>(a.n_tok, a.cols));
+                cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.cols, a.x_stride, a.n_tok, a.cols, groups);
                 if (e != cudaSuccess) return e;
                 a.xq = (const uint8_t*)work;
             }

@@ -9,9 +9,11 @@
 // experts' rows one after the other instead.
 //
 // Expert ids and weights are read from device memory (the router's output), so a captured graph replays any
-// routing; each block copies its token's into shared memory first. Each block quantizes the activations it needs
-// (h_t, or the n_used mid rows of t) into shared memory. Tokens do not share expert reads: at decode sizes most of
-// a token's experts are its own (8 tokens x 6 of 256).
+// routing; each block copies its token's into shared memory first. gate_up's blocks quantize h_t into shared
+// memory themselves; down's n_used mid rows of t are quantized once by a small kernel into the caller's workspace,
+// which every block copies (each of ~260 blocks quantizing 6 x 2048 values itself took 8 of the kernel's 18 us at
+// one token). Tokens do not share expert reads: at decode sizes most of a token's experts are its own (8 tokens x
+// 6 of 256).
 #include "qdot.cuh"
 
 namespace ds4::cuda {
@@ -34,6 +36,7 @@ struct MoeArgs {
     float clamp;
     bool accumulate;
     const uint32_t* tab;
+    const uint8_t* xq;  // down: the mid rows quantized once (act_bytes(n_used, cols) per token), or null
 };
 
 // Stage sizes: gate/up rows (n_embd = 4096 wide) in two stages of 2048 weights for the 2-bit and 4-bit types
@@ -173,10 +176,15 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     load_tables<T>(tab, a.tab);
     pdl_wait();
     load_routing(sid, swt, a, t);
+    const bool copy_x = WT<T>::xb != 0 && a.xq;
+    if (copy_x) {  // before the weights' first stages, so that they queue behind it
+        const size_t n = act_bytes<T>(a.n_used, a.cols);
+        copy_block(xs, a.xq + t * n, n);
+    }
     __syncthreads();
     stream.prologue();
-
-    if constexpr (WT<T>::xb != 0) quantize_block<T>(xs, mid, a.cols, a.n_used, a.cols);
+    if (copy_x) cp_async_wait<kDepth - 1>();  // the activations' group, not the stages after it
+    else if constexpr (WT<T>::xb != 0) quantize_block<T>(xs, mid, a.cols, a.n_used, a.cols);
     if (threadIdx.x < a.n_used) {
         const int j = threadIdx.x;
         XView v{};
@@ -232,7 +240,15 @@ cudaError_t down_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
 
 template <int T>
 struct DownOp {
-    static cudaError_t run(cudaStream_t s, const MoeArgs& a, int n_tok) {
+    static cudaError_t run(cudaStream_t s, MoeArgs a, int n_tok, void* work) {
+        if constexpr (WT<T>::xb != 0) {
+            if (work) {
+                const cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.n_used * a.cols, a.cols, a.n_used,
+                                                         a.cols, n_tok);
+                if (e != cudaSuccess) return e;
+                a.xq = (const uint8_t*)work;
+            }
+        }
         if constexpr (down_together<T>()) {
             if (a.n_used <= 1) return down_launch<T, 1>(s, a, n_tok);
             if (a.n_used <= 2) return down_launch<T, 2>(s, a, n_tok);
@@ -283,22 +299,38 @@ cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int
     if ((uintptr_t)up % 16 || n_ff < 1) return invalid("moe_gate_up: up must be 16-byte aligned, n_ff >= 1");
     MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
               (int64_t)row_bytes(type, n_embd), FastDiv((uint32_t)n_ff), n_expert, n_used, ids, weights, clamp,
-              false, iq2_tables()};
+              false, iq2_tables(), nullptr};
     by_type<GateUpOp>(type, e, s, a, n_tok);
     return e;
 }
 
+template <int T>
+struct DownWorkBytes {
+    static cudaError_t run(size_t* out, int n_tok, int n_used, int64_t n_ff) {
+        *out = WT<T>::xb != 0 ? n_tok * act_bytes<T>(n_used, n_ff) : 0;
+        return cudaSuccess;
+    }
+};
+
+size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_ff) {
+    size_t n = 0;
+    cudaError_t e;
+    by_type<DownWorkBytes>(type, e, &n, n_tok, n_used, n_ff);
+    return n;
+}
+
 cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, const float* mid, const void* down,
                               int type, int64_t n_embd, int64_t n_ff, int n_expert, const int32_t* ids, int n_used,
-                              int n_tok, bool accumulate) {
+                              int n_tok, bool accumulate, void* work) {
     clear_error();
     cudaError_t e = check_moe("moe_down", type, n_ff, n_expert, n_used, n_tok, down, mid, n_ff);
     if (e != cudaSuccess) return e;
     if (n_embd < 1 || (n_tok > 1 && out_stride < n_embd)) return invalid("moe_down: out_stride shorter than a row");
+    if ((uintptr_t)work % 16) return invalid("moe_down: work must be 16-byte aligned");
     MoeArgs a{out, out_stride, mid, n_ff, (const uint8_t*)down, nullptr, n_embd, n_ff,
               (int64_t)row_bytes(type, n_ff), FastDiv(), n_expert, n_used, ids, nullptr, 0.0f, accumulate,
-              iq2_tables()};
-    by_type<DownOp>(type, e, s, a, n_tok);
+              iq2_tables(), nullptr};
+    by_type<DownOp>(type, e, s, a, n_tok, work);
     return e;
 }
 

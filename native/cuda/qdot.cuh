@@ -197,6 +197,34 @@ __device__ __forceinline__ void quantize_block(uint8_t* base, const float* x, in
     }
 }
 
+// Quantizes n_rows activation rows per group into `work`, one act_view block of group_bytes per group (blockIdx.y):
+// group g's rows start at x + g * group_stride, x_stride apart (a matvec's column groups; the MoE's tokens).
+template <int XB>
+__global__ void quantize_groups_kernel(uint8_t* work, const float* x, int64_t group_stride, int64_t x_stride,
+                                       int n_rows, int64_t cols, size_t group_bytes) {
+    pdl_trigger();
+    pdl_wait();
+    const int g = blockIdx.y;
+    uint8_t* base = work + g * group_bytes;
+    int8_t* qs = (int8_t*)base;
+    float* d = (float*)(base + (size_t)n_rows * cols);
+    int16_t* bs = (int16_t*)(base + (size_t)n_rows * cols + 4 * (size_t)n_rows * (cols / XB));
+    const int first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), step = gridDim.x * (blockDim.x >> 5);
+    quantize_rows<XB>(qs, d, bs, x + g * group_stride, x_stride, n_rows, cols, first, step);
+}
+
+// Launches quantize_groups_kernel for weights of type T (which must take 8-bit activations): `groups` blocks of
+// act_bytes<T>(n_rows, cols) bytes at work.
+template <int T>
+cudaError_t quantize_groups(cudaStream_t s, uint8_t* work, const float* x, int64_t group_stride, int64_t x_stride,
+                            int n_rows, int64_t cols, int groups) {
+    constexpr int xb = WT<T>::xb;
+    const int64_t blocks = n_rows * (cols / xb);  // per group
+    const int gx = (int)std::min<int64_t>(ceil_div(blocks, kWarps * (xb == 32 ? 32 : 4)), props().sms);
+    return launch(quantize_groups_kernel<xb>, dim3(gx, groups), dim3(kThreads), 0, s, work, x, group_stride, x_stride,
+                  n_rows, cols, act_bytes<T>(n_rows, cols));
+}
+
 // ---- per-unit dot products -------------------------------------------------------------------------------------
 
 __device__ __forceinline__ int dot8(const int (&w)[8], const int8_t* x) {

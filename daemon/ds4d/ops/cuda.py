@@ -846,7 +846,9 @@ class CUDA:
         out, mid, s = self.empty((1, E)), self.empty((1, 1, gate.rows)), self.stream.ptr
         cu.moe_gate_up(s, mid.ptr, h.ptr, E, self.weight(gate), self.weight(up), int(gate.type), gate.rows, E, 1, 0,
                        0, 1, 1, float(clamp))
-        cu.moe_down(s, out.ptr, E, mid.ptr, self.weight(down), int(down.type), E, gate.rows, 1, 0, 1, 1, False)
+        work = self._down_work(down, 1, 1, gate.rows)
+        cu.moe_down(s, out.ptr, E, mid.ptr, self.weight(down), int(down.type), E, gate.rows, 1, 0, 1, 1, False,
+                    work.ptr if work is not None else 0)
         self.weight_calls += 2
         return out
 
@@ -871,10 +873,15 @@ class CUDA:
                            k, n, float(clamp), True, work.ptr)
         for t0 in range(0, 0 if grouped else N, MOE_ROWS):
             n = min(MOE_ROWS, N - t0)
-            mid = self.empty((n, k, gate.rows))
+            mid, work = self.empty((n, k, gate.rows)), self._down_work(down, n, k, gate.rows)
             cu.moe_gate_up(s, mid.ptr, h.ptr + 4 * t0 * E, E, g, u, int(gate.type), gate.rows, E, gate.n_expert,
                            ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k, k, n, float(clamp))
             cu.moe_down(s, shared.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
-                        ids.ptr + 4 * t0 * k, k, n, True)
+                        ids.ptr + 4 * t0 * k, k, n, True, work.ptr if work is not None else 0)
         self.weight_calls += 1
         return shared
+
+    def _down_work(self, down: Weight, n_tok: int, n_used: int, n_ff: int) -> DArray | None:
+        """A workspace for moe_down to quantize the mid rows into once (None for float experts: they need none)."""
+        nwork = self.cu.moe_down_work_bytes(int(down.type), n_tok, n_used, n_ff)
+        return self.empty((nwork,), np.uint8) if nwork else None
