@@ -305,6 +305,43 @@ def test_topk_ties_to_lower_index(cu):
 
 
 @gpu_only
+@pytest.mark.parametrize("n_head,f32_rows", [(64, False), (64, True), (5, False)])
+def test_indexer_scores(cu, n_head, f32_rows):
+    """Each key's score, sum_h w_h * scale * relu(q_h . key), against float64 for tokens that see more keys than
+    top_k (one sees fewer: its scores are not written, nor any past a token's own keys)."""
+    rng = np.random.default_rng(9)
+    dim, top_k, cap, scale = 128, 512, 1024, 0.3
+    n_vis = np.array([700, 300, 1000], np.int32)
+    rt = np.float32 if f32_rows else np.float16
+    q = rng.standard_normal((3, n_head, dim)).astype(np.float32)
+    w = rng.standard_normal((3, n_head)).astype(np.float32)
+    keys = [rng.standard_normal((int(n), dim)).astype(rt) for n in n_vis]
+    stream = cu.Stream()
+    bufs = []
+
+    def put(a):
+        b = cu.Buffer(max(a.nbytes, 16))
+        b.upload(np.ascontiguousarray(a))
+        bufs.append(b)
+        return b.ptr
+
+    table = np.array([put(k) for k in keys], np.uint64)
+    scores = cu.Buffer(3 * cap * 4)
+    scores.upload(np.full((3, cap), np.nan, np.float32))
+    cu.indexer_scores(stream.ptr, scores.ptr, cap, put(q), put(w), scale, put(table), put(n_vis), 3, n_head, dim,
+                      cap, top_k, f32_rows)
+    got = scores.download(np.float32, [3, cap])
+    for t, n in enumerate(n_vis):
+        if n <= top_k:
+            assert np.isnan(got[t]).all()
+            continue
+        dots = q[t].astype(np.float64) @ keys[t].astype(np.float64).T
+        want = (w[t].astype(np.float64) * scale) @ np.maximum(dots, 0)
+        np.testing.assert_allclose(got[t, :n], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert np.isnan(got[t, n:]).all()
+
+
+@gpu_only
 def test_hadamard_fp4_matches_reference(cu):
     from ds4d.ops.reference import Reference
     rng = np.random.default_rng(8)
