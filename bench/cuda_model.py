@@ -237,7 +237,8 @@ def main() -> int:
     ap.add_argument("--ctx", default="2048,8192,16384,65536", help="prompt lengths before the batch-1 decodes")
     ap.add_argument("--ctx8", type=int, default=2048, help="prompt length of each batch-8 session")
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (the engine's default: 512)")
+    ap.add_argument("--chunk", type=int, default=512,
+                    help="prefill chunk (the engine's: 512 beside other jobs, 2048 for a prompt alone)")
     ap.add_argument("--socket", action="store_true", help="also the end-to-end figure through the daemon")
     ap.add_argument("--expert-holes", action="store_true",
                     help="write the routed experts as holes and fill them with random blocks on the GPU (the "

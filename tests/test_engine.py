@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from ds4d.engine import SNAP_TAIL, Engine, EngineError, Job
+from ds4d.engine import ALONE_CHUNKS, SNAP_TAIL, Engine, EngineError, Job
 from ds4d.model import open_model
 
 
@@ -95,7 +95,7 @@ def test_cache_hit_gives_the_same_logits_as_a_cold_prefill(model, tmp_path):
     warm.call("generate", tokens=ids[:290] + [5, 6, 7], max_tokens=1, temperature=0)
     hit, hit_lp, hit_ids = first_logprobs(warm)
     warm.stop()
-    # The first warm request left snapshots at 128, 256 and 16 / 1 / 0 tokens before its end (293 tokens):
+    # The first warm request left snapshots at its chunk ends, 16 / 1 / 0 tokens before its end (293 tokens):
     # the longest that is a prefix of `ids` is 277.
     assert ref["usage"]["cached_tokens"] == 0 and hit["usage"]["cached_tokens"] == 293 - SNAP_TAIL[0]
     assert hit_ids == ref_ids and np.abs(hit_lp - ref_lp).max() < 1e-4 * np.abs(ref_lp).max()
@@ -190,12 +190,24 @@ def test_complete_starts_within_one_chunk_of_a_long_prefill(model, tmp_path):
     at_submit = events[-1][1]["done"]
     assert cdone.wait(60) and done.wait(120)
     assert cbox["r"]["finish_reason"] in ("length", "eos") and cbox["t"] < box["t"]
-    # The completion's prompt ran right after the chunk that was in flight when it arrived (its decode steps
-    # then share each step with one more chunk of the long prompt).
+    # The completion's prompt ran right after the chunk that was in flight when it arrived (a lone prompt's chunk:
+    # ALONE_CHUNKS x 128; its decode steps then share each step with one more chunk of 128 of the long prompt).
     started = cevents[0][0]
     progress = [ev["done"] for t, ev in events if ev["kind"] == "progress" and t <= started]
-    assert progress[-1] - at_submit <= 128
+    assert progress[-1] - at_submit <= ALONE_CHUNKS * 128
     assert events[-1][1]["kind"] != "progress" or events[-1][1]["done"] == 2000
+    e.stop()
+
+
+def test_a_lone_prompt_prefills_in_bigger_chunks_ending_on_snapshot_points(model, tmp_path):
+    """With no other job active a prompt goes in chunks of ALONE_CHUNKS x prefill_chunk (each expert's weights
+    read once per chunk), each ending at a multiple of SNAP_ALIGN or at a snapshot point near the prompt's end."""
+    e = engine(model, tmp_path, prefill_chunk=128, ctx=8192)
+    ids = [int(t) for t in np.random.default_rng(5).integers(0, 129280, 1500)]
+    _, events, done, box = _track(e, "generate", tokens=ids, max_tokens=1, temperature=0)
+    assert done.wait(60)
+    ends = [ev["done"] for _, ev in events if ev["kind"] == "progress"]
+    assert ends == [512, 1024, 1484, 1499, 1500]   # 1500 - SNAP_TAIL: 1484, 1499, 1500
     e.stop()
 
 
@@ -211,7 +223,7 @@ def test_cancel_mid_prefill_stops_within_a_chunk_and_session_stays_usable(model,
     r = box["r"]
     assert r["finish_reason"] == "cancelled"
     last = max(ev["done"] for _, ev in events)
-    assert last - at_cancel <= 2 * 128 and last < 3000
+    assert last - at_cancel <= 2 * ALONE_CHUNKS * 128 and last < 3000
     assert len(e.sessions["c"].tokens) == last == e.sessions["c"].state.n_tokens
     r2 = e.call("generate", tokens=ids[:last] + [11, 12], session="c", max_tokens=2, temperature=0)
     assert r2["usage"]["cached_tokens"] == last and r2["finish_reason"] == "length"

@@ -3,8 +3,11 @@
 Owns scheduling and state: a job queue fed from any thread (`submit`), one worker thread that alone touches the
 model, the sessions and the prompt cache, and the step loop. Each step runs one `model.forward` over a batch of
 segments: every decoding job advances by one token (weights read once per step, whatever the batch), plus at
-most one chunk of one job's prompt, so a 100K-token prefill never freezes the other sessions. Latency-bound
-`complete` jobs go first. Cancellation is checked at every chunk and every step; a cancelled prefill leaves its
+most one chunk of one job's prompt, so a 100K-token prefill never freezes the other sessions. A chunk is
+`prefill_chunk` tokens (512) while other jobs are active and ALONE_CHUNKS times that when the prompt's job is the
+only one (bigger chunks run faster per token: each expert's weights are read once per chunk; a job that arrives
+meanwhile waits at most that one chunk). Prompt snapshots land at chunk ends. Latency-bound `complete` jobs go
+first. Cancellation is checked at every chunk and every step; a cancelled prefill leaves its
 session at the last chunk it completed. Named sessions are saved after every request by a writer thread, from a
 snapshot the worker takes, so saving never blocks the next step.
 
@@ -38,10 +41,11 @@ from .session import Session, SessionFiles, SessionNameError, check_name, common
 log = logging.getLogger("ds4d.engine")
 
 STATE_FORMAT = 1
-SNAP_ALIGN = 128          # prompt snapshots at multiples of this many tokens ...
+SNAP_ALIGN = 128          # prompt snapshots at chunk ends, multiples of this many tokens ...
 SNAP_TAIL = (16, 1, 0)    # ... and this many tokens before the end of every prompt (0: the whole prompt)
 SNAP_FIM = (8, 2, 0)      # ... and before the end of a completion's prefix (where the next keystroke lands)
 THINK_MAX_MIN_CTX = 393216
+ALONE_CHUNKS = 4          # a prompt with no other job active prefills in chunks this many times prefill_chunk
 
 
 class EngineError(Exception):
@@ -300,7 +304,7 @@ class Engine:
         segments, fill = [], None
         if prefilling:
             fill = prefilling[0]
-            end = self._chunk_end(fill)
+            end = self._chunk_end(fill, self.chunk * (ALONE_CHUNKS if len(self._active) == 1 else 1))
             segments.append(Segment(fill.session.state, np.asarray(fill.target[fill.pos:end], np.int64)))
         for j in decoding:
             segments.append(Segment(j.session.state, np.asarray([j.pending], np.int64)))
@@ -322,15 +326,15 @@ class Engine:
             j.pending = None
             self._sampled(j, next(rows)[0])
 
-    def _chunk_end(self, job: Job) -> int:
-        """Where the next prefill chunk stops: at most `chunk` tokens, at SNAP_ALIGN multiples and at the job's
-        snapshot points (near the end of the prompt, and of a completion's prefix), so the cache can keep the
-        state at each of them."""
+    def _chunk_end(self, job: Job, chunk: int) -> int:
+        """Where the next prefill chunk stops: at the job's first snapshot point ahead (near the end of the prompt,
+        and of a completion's prefix) or its end, else after at most `chunk` tokens at a multiple of SNAP_ALIGN,
+        so that the cache can keep the state there."""
         start, total = job.pos, len(job.target)
-        stops = [total] + [p for p in job.snap_points if p > start]
-        aligned = (start // SNAP_ALIGN + 1) * SNAP_ALIGN
-        stops += list(range(aligned, total, SNAP_ALIGN))
-        return min(min(s for s in stops if s > start), start + self.chunk)
+        stop = min([total] + [p for p in job.snap_points if p > start])
+        if stop - start <= chunk:
+            return stop
+        return max((start + chunk) // SNAP_ALIGN * SNAP_ALIGN, (start // SNAP_ALIGN + 1) * SNAP_ALIGN)
 
     def _prefilled(self, job: Job, end: int, logits: np.ndarray) -> None:
         s = job.session
