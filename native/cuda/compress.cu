@@ -10,10 +10,11 @@
 // token's row; the finish kernel normalizes, rotates and stores them at row (pos + 1) / ratio - 1 of the session's
 // compressed-row array.
 //
-// Indexer: scores in 32-row tiles (the query's heads and a tile of f16 keys in shared memory, 8 head groups per
-// row), top-k by a 4-pass radix select on order-preserving integer keys in one block per token, then an
-// index-ordered compaction that takes the tied rows at the threshold lowest index first (the reference's stable
-// sort). Tokens that see at most top_k rows take all of them and need no scores.
+// Indexer: scores in 32-row tiles (the query's heads and a tile of keys, as f32, in shared memory; a lane per key
+// and 8 head groups), top-k by a 4-pass radix select on order-preserving integer keys in one block per token (one
+// warp finds each pass's bin), then an index-ordered compaction that takes the tied rows at the threshold lowest
+// index first (the reference's stable sort). Tokens that see at most top_k rows take all of them and need no
+// scores.
 #include "common.cuh"
 #include "numerics.cuh"
 
