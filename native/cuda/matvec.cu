@@ -284,19 +284,8 @@ __global__ void quantize_kernel(int8_t* qs, float* d, int16_t* bs, const float* 
 using namespace ds4;
 using namespace ds4::cuda;
 
-template <int T>
-struct WorkBytes {
-    static cudaError_t run(size_t* out, int n_tok, int64_t cols, int groups) {
-        *out = WT<T>::xb != 0 && n_tok > kQuantizeAbove ? groups * act_bytes<T>(n_tok, cols) : 0;
-        return cudaSuccess;
-    }
-};
-
 size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups) {
-    size_t n = 0;
-    cudaError_t e;
-    by_type<WorkBytes>(type, e, &n, n_tok, cols, groups);
-    return n;
+    return n_tok > kQuantizeAbove ? groups * act_bytes_of(type, n_tok, cols) : 0;
 }
 
 namespace {

@@ -304,19 +304,8 @@ cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int
     return e;
 }
 
-template <int T>
-struct DownWorkBytes {
-    static cudaError_t run(size_t* out, int n_tok, int n_used, int64_t n_ff) {
-        *out = WT<T>::xb != 0 ? n_tok * act_bytes<T>(n_used, n_ff) : 0;
-        return cudaSuccess;
-    }
-};
-
 size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_ff) {
-    size_t n = 0;
-    cudaError_t e;
-    by_type<DownWorkBytes>(type, e, &n, n_tok, n_used, n_ff);
-    return n;
+    return n_tok * act_bytes_of(type, n_used, n_ff);
 }
 
 cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, const float* mid, const void* down,

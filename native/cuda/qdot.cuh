@@ -604,4 +604,21 @@ bool by_type(int type, cudaError_t& e, A&&... args) {
     }
 }
 
+template <int T>
+struct ActBytes {
+    static cudaError_t run(size_t* out, int n, int64_t cols) {
+        *out = act_bytes<T>(n, cols);
+        return cudaSuccess;
+    }
+};
+
+// act_bytes for a runtime type code: the bytes of n quantized activation rows of `cols` values (0 for the float
+// types and for unknown codes) - the size of one group of a workspace that quantize_groups fills.
+inline size_t act_bytes_of(int type, int n, int64_t cols) {
+    size_t bytes = 0;
+    cudaError_t e;
+    by_type<ActBytes>(type, e, &bytes, n, cols);
+    return bytes;
+}
+
 }  // namespace ds4::cuda

@@ -631,8 +631,7 @@ class CUDA:
             else:
                 ys = [self.empty((T, w.rows)) for w in run]
                 wtype, cols = int(run[0].type), run[0].cols
-                nwork = self.cu.matvec_work_bytes(wtype, T, cols, 1)
-                work = self.empty((nwork,), np.uint8) if nwork else None
+                work = self._work(self.cu.matvec_work_bytes(wtype, T, cols, 1))
                 self.cu.matvec_parts(self.stream.ptr, [y.ptr for y in ys], [w.rows for w in run], base, wtype, cols,
                                      x.ptr, x.row, T, work.ptr if work is not None else 0)
                 self.weight_calls += 1
@@ -652,8 +651,7 @@ class CUDA:
             return y
         for t0 in range(0, T, MATVEC_ROWS):
             n = min(MATVEC_ROWS, T - t0)
-            nwork = self.cu.matvec_work_bytes(int(w.type), n, w.cols, groups)
-            work = self.empty((nwork,), np.uint8) if nwork else None
+            work = self._work(self.cu.matvec_work_bytes(int(w.type), n, w.cols, groups))
             self.cu.matvec(s, y.ptr + 4 * t0 * w.rows, w.rows, wp, int(w.type), per, w.cols, x.ptr + 4 * t0 * cols,
                            cols, n, groups, work.ptr if work is not None else 0)
             self.weight_calls += 1
@@ -846,7 +844,7 @@ class CUDA:
         out, mid, s = self.empty((1, E)), self.empty((1, 1, gate.rows)), self.stream.ptr
         cu.moe_gate_up(s, mid.ptr, h.ptr, E, self.weight(gate), self.weight(up), int(gate.type), gate.rows, E, 1, 0,
                        0, 1, 1, float(clamp))
-        work = self._down_work(down, 1, 1, gate.rows)
+        work = self._work(cu.moe_down_work_bytes(int(down.type), 1, 1, gate.rows))
         cu.moe_down(s, out.ptr, E, mid.ptr, self.weight(down), int(down.type), E, gate.rows, 1, 0, 1, 1, False,
                     work.ptr if work is not None else 0)
         self.weight_calls += 2
@@ -873,7 +871,8 @@ class CUDA:
                            k, n, float(clamp), True, work.ptr)
         for t0 in range(0, 0 if grouped else N, MOE_ROWS):
             n = min(MOE_ROWS, N - t0)
-            mid, work = self.empty((n, k, gate.rows)), self._down_work(down, n, k, gate.rows)
+            mid = self.empty((n, k, gate.rows))
+            work = self._work(cu.moe_down_work_bytes(int(down.type), n, k, gate.rows))
             cu.moe_gate_up(s, mid.ptr, h.ptr + 4 * t0 * E, E, g, u, int(gate.type), gate.rows, E, gate.n_expert,
                            ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k, k, n, float(clamp))
             cu.moe_down(s, shared.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
@@ -881,7 +880,6 @@ class CUDA:
         self.weight_calls += 1
         return shared
 
-    def _down_work(self, down: Weight, n_tok: int, n_used: int, n_ff: int) -> DArray | None:
-        """A workspace for moe_down to quantize the mid rows into once (None for float experts: they need none)."""
-        nwork = self.cu.moe_down_work_bytes(int(down.type), n_tok, n_used, n_ff)
-        return self.empty((nwork,), np.uint8) if nwork else None
+    def _work(self, nbytes: int) -> DArray | None:
+        """A kernel's workspace of nbytes (None when it needs none); the caller keeps it until after the launch."""
+        return self.empty((nbytes,), np.uint8) if nbytes else None
