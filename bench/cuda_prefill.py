@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--only", choices=["products", "moe"])
+    ap.add_argument("--moe-tiles", default="0", help="comma-separated grouped MoE tile widths to time (0: auto)")
     ap.add_argument("--tops", type=float, default=1979.0, help="dense int8 tensor TOPS (f16: half of it)")
     ap.add_argument("--bw", type=float, default=4.2, help="copy bandwidth, TB/s")
     ap.add_argument("--small", help="comma-separated row counts: gemm against matvec at each")
@@ -149,12 +150,13 @@ def main() -> int:
         h = _cuda.Buffer(4 * T * n_embd)
         h.upload((rng.standard_normal((T, n_embd)) * 0.05).astype(np.float32))
         work = _cuda.Buffer(_cuda.moe_work_bytes(IQ2_XXS, Q2_K, T, n_used, n_embd, n_ff, n_expert))
-        secs = timed(stream, lambda: _cuda.moe_grouped(stream.ptr, y.ptr, n_embd, h.ptr, n_embd, gate.ptr, up.ptr,
-                                                        down.ptr, IQ2_XXS, Q2_K, n_ff, n_embd, n_expert, idb.ptr,
-                                                        wb.ptr, n_used, T, 10.0, False, work.ptr), args.reps)
         used = len(np.unique(ids))
-        record(f"moe_grouped ({used} experts used)", secs, T * n_used * 3 * n_ff * n_embd,
-               used * (gate.nbytes + up.nbytes + down.nbytes) // n_expert, False)
+        for tile in (int(t) for t in args.moe_tiles.split(",")):
+            secs = timed(stream, lambda: _cuda.moe_grouped(stream.ptr, y.ptr, n_embd, h.ptr, n_embd, gate.ptr, up.ptr,
+                                                            down.ptr, IQ2_XXS, Q2_K, n_ff, n_embd, n_expert, idb.ptr,
+                                                            wb.ptr, n_used, T, 10.0, False, work.ptr, tile), args.reps)
+            record(f"moe_grouped ({used} experts used, tiles of {tile or 'auto'})", secs,
+                   T * n_used * 3 * n_ff * n_embd, used * (gate.nbytes + up.nbytes + down.nbytes) // n_expert, False)
 
     info = _cuda.device_info()
     print(f"\n{info['name']}, {T} tokens; floors: {args.tops:.0f} int8 TOPS (f16 half), {args.bw} TB/s\n")

@@ -212,8 +212,9 @@ def moe_work_bytes(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert):
 
 
 def moe_grouped(stream, out, out_stride, h, h_stride, gate, up, down, gate_type, down_type, n_ff, n_embd, n_expert,
-                ids, weights, n_used, n_tok, clamp, accumulate, work):
+                ids, weights, n_used, n_tok, clamp, accumulate, work, tile=0):
     assert gemm_ok(gate_type, n_embd) and gemm_ok(down_type, n_ff) and ids and weights and work
+    assert tile in (0, 16, 32, 64)
     H = _rows(h, h_stride, n_tok, n_embd)
     G = _weights(gate, gate_type, n_expert * n_ff, n_embd)
     U = _weights(up, gate_type, n_expert * n_ff, n_embd)

@@ -397,11 +397,13 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used):
 
 
 @pytest.mark.parametrize("gate_type,down_type", MOE_TYPES)
-@pytest.mark.parametrize("n_tok,n_used", [(2, 6), (40, 6), (150, 4)])
-def test_moe_grouped(stream, rng, gate_type, down_type, n_tok, n_used):
+@pytest.mark.parametrize("n_tok,n_used,tile", [(2, 6, 0), (40, 6, 0), (150, 4, 0), (150, 4, 16), (150, 4, 64),
+                                               (300, 6, 32)])
+def test_moe_grouped(stream, rng, gate_type, down_type, n_tok, n_used, tile):
     """The routed experts of many tokens in one grouped pass equal the per-pair reference: skewed routing (one
-    expert takes more than a tile of 16 pairs, some none), an id out of range (reads expert 0), and the result
-    added to what out holds (the shared expert)."""
+    expert takes more than a tile of pairs, some none), an id out of range (reads expert 0), and the result added
+    to what out holds (the shared expert); tiles of each width (0: the kernel's choice), some of them partly
+    empty."""
     d = Dev(stream)
     n_expert, n_embd, n_ff, clamp = 16, 512, 256, 10.0
     gate = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
@@ -426,7 +428,7 @@ def test_moe_grouped(stream, rng, gate_type, down_type, n_tok, n_used):
     work = d.out((_cuda.moe_work_bytes(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert),), np.uint8)
     _cuda.moe_grouped(stream.ptr, out.ptr, n_embd + 2, d.put(h), n_embd, d.put(gate), d.put(up), d.put(down),
                       gate_type, down_type, n_ff, n_embd, n_expert, d.put(ids), d.put(wts), n_used, n_tok, clamp,
-                      True, work.ptr)
+                      True, work.ptr, tile)
     got = d.get(out)
     assert np.all(np.isnan(got[:, n_embd:]))
     # mid rows are re-quantized to 8 bits from f32 sums in another order: a rounding may flip (1/127 of a block)

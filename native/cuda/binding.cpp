@@ -252,15 +252,15 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("moe_grouped", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t h, int64_t h_stride,
                             uintptr_t gate, uintptr_t up, uintptr_t down, int gate_type, int down_type, int64_t n_ff,
                             int64_t n_embd, int n_expert, uintptr_t ids, uintptr_t weights, int n_used, int n_tok,
-                            float clamp, bool accumulate, uintptr_t work) {
+                            float clamp, bool accumulate, uintptr_t work, int tile) {
         check(ds4_cuda_moe_grouped(st(s), dev<float>(out), out_stride, dev<const float>(h), h_stride, dev<void>(gate),
                                    dev<void>(up), dev<void>(down), gate_type, down_type, n_ff, n_embd, n_expert,
                                    dev<const int32_t>(ids), dev<const float>(weights), n_used, n_tok, clamp,
-                                   accumulate, dev<void>(work)), "moe_grouped");
+                                   accumulate, dev<void>(work), tile), "moe_grouped");
     }, py::arg("stream"), py::arg("out"), py::arg("out_stride"), py::arg("h"), py::arg("h_stride"), py::arg("gate"),
        py::arg("up"), py::arg("down"), py::arg("gate_type"), py::arg("down_type"), py::arg("n_ff"), py::arg("n_embd"),
        py::arg("n_expert"), py::arg("ids"), py::arg("weights"), py::arg("n_used"), py::arg("n_tok"), py::arg("clamp"),
-       py::arg("accumulate"), py::arg("work"));
+       py::arg("accumulate"), py::arg("work"), py::arg("tile") = 0);
     m.def("moe_work_bytes", &ds4_cuda_moe_work_bytes, py::arg("gate_type"), py::arg("down_type"), py::arg("n_tok"),
           py::arg("n_used"), py::arg("n_embd"), py::arg("n_ff"), py::arg("n_expert"));
     m.def("moe_gate_up", [](uintptr_t s, uintptr_t mid, uintptr_t h, int64_t h_stride, uintptr_t gate, uintptr_t up,

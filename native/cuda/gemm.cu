@@ -37,11 +37,9 @@ constexpr int kKB = 256;                // bytes of a tile row per stage: 256 in
 constexpr int kPad = kKB + 16;          // tile row stride in bytes
 
 // Activation rows per tile (BN: 16, 32 or 64). A dense product takes 64, halved while that would leave SMs
-// without a block (products of few rows). The grouped MoE's tiles hold 16 pairs: its experts have ~12 pairs each
-// in a chunk of 512 tokens; tiles of 24 took as long (fewer tiles, as many padded columns) and tiles of 32 14%
-// longer (twice the registers, fewer blocks per SM). Shared-memory traffic bounds these kernels (Nsight Compute:
-// L1 at 82-86% of its throughput, DRAM at 12-15%): the decoded tile's stores and every warp's fragment loads.
-constexpr int kMoeBN = 16;
+// without a block (products of few rows). The grouped MoE's tiles hold up to BN pairs of one expert, BN the
+// smallest width at least the mean pairs per expert (moe_bn): each decoded weight fragment then serves as many
+// pairs as the expert has, and a tile's 8-column blocks with no pair skip their loads and mmas.
 int dense_bn(int64_t n_tok, int64_t row_tiles) {
     int bn = 64;
     while (bn > 16 && ceil_div(n_tok, bn) * row_tiles < props().sms) bn /= 2;
@@ -63,6 +61,12 @@ constexpr int raw_slot() {  // a row's raw stage: bytes + alignment offset + the
 template <int T>
 constexpr bool has_min() {
     return T == TYPE_Q2_K || T == TYPE_Q4_K;
+}
+// IQ2_XXS and Q2_K (the q2 file's routed experts) are decoded straight into the mma's A fragments, each warp
+// owning 16 weight rows and all of the tile's activation rows; the other types go through an int8 tile.
+template <int T>
+constexpr bool reg_a() {
+    return T == TYPE_IQ2_XXS || T == TYPE_Q2_K;
 }
 template <int T>
 constexpr bool gemm_type() {
@@ -91,14 +95,15 @@ struct GemmSmem {
     static constexpr size_t tab = 0;
     static constexpr size_t raw = table_bytes<T>();
     static constexpr size_t a = raw + 2 * kBM * raw_slot<T>();
-    static constexpr size_t asc = a + kBM * kPad;                  // float [kBM][8]: Q8_0 per block; else d, dmin
+    static constexpr size_t asc = a + (reg_a<T>() ? 0 : kBM * kPad);  // float [kBM][8]: Q8_0 per block; else d, dmin
     static constexpr size_t aisc = asc + kBM * 8 * 4;              // int [kBM][8]: sub-block scales (Q4_K, IQ2)
     static constexpr size_t amin = aisc + kBM * 8 * 4;             // half [kBM][16]: 16-weight mins (Q2_K, Q4_K)
     static constexpr size_t bq = amin + kBM * 16 * 2;              // int8 [2][BN][kPad]
     static constexpr size_t bd = bq + 2 * BN * kPad;               // float [2][BN][8]: Q8_0 per block; else [0]
     static constexpr size_t bbs = bd + 2 * BN * 8 * 4;             // int16 [2][BN][16]: activation sums per 16
     static constexpr size_t blo = bbs + 2 * BN * 16 * 2;           // F16: f16 [2][BN][kPad / 2], the low halves
-    static constexpr size_t bytes = blo + (T == TYPE_F16 ? 2 * BN * kPad : 0);
+    static constexpr size_t xr = blo + (T == TYPE_F16 ? 2 * BN * kPad : 0);  // int [BN]: each column's activation row
+    static constexpr size_t bytes = xr + 4 * BN;
 };
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
@@ -111,6 +116,13 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], cons
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// The same product into fresh accumulators (C = 0: no zeroed registers to set up per mma).
+__device__ __forceinline__ void mma_s8_new(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
 }
 __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     asm volatile(
@@ -129,13 +141,14 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     constexpr int xb = WT<T>::xb, SB = sb_bytes<T>(), RS = raw_slot<T>(), KS = ks<T>();
     constexpr bool F16 = T == TYPE_F16;
     constexpr int NC = (SB + 15 + 15) / 16;          // 16-byte pieces of a row's stage, at most
-    constexpr int WN = BN >= 32 ? 2 : 1, WM = kGWarps / WN;  // warps: 2 x 2 of 32 x BN / 2, or 4 x 1 of 16 x 16
+    // IQ2_XXS and Q2_K (reg_a): decoded straight into the A fragments (registers) from the staged raw rows, no
+    // int8 tile (its shared-memory stores and loads were most of these kernels' traffic), each warp owning 16 rows
+    // and all BN columns, so a decoded fragment serves BN / 8 mmas. IQ2_XXS lookups stay one per grid point (each
+    // lane looks up one of the two its pair of lanes needs and they swap); Q2_K words are a shift, a mask and the
+    // sub-block scale. The other types: warps 2 x 2 of 32 x BN / 2 (BN >= 32), or 4 x 1 of 16 x 16.
+    constexpr bool kRegA = reg_a<T>();
+    constexpr int WN = BN >= 32 && !kRegA ? 2 : 1, WM = kGWarps / WN;
     constexpr int MI = kBM / (16 * WM), NI = BN / (8 * WN);
-    // IQ2_XXS and Q2_K when each warp owns its rows (4 x 1 warps: the grouped MoE): decoded straight into the A
-    // fragments (registers) from the staged raw rows, no int8 tile. Its shared-memory stores and loads are most
-    // of these kernels' traffic. IQ2_XXS lookups stay one per grid point (each lane looks up one of the two its
-    // pair of lanes needs and they swap); Q2_K words are a shift, a mask and the sub-block scale.
-    constexpr bool kRegA = (T == TYPE_IQ2_XXS || T == TYPE_Q2_K) && WN == 1;
     extern __shared__ __align__(16) uint8_t smem[];
     uint32_t* tab = (uint32_t*)(smem + S::tab);
     uint8_t* raw = smem + S::raw;
@@ -147,6 +160,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     float* Bd = (float*)(smem + S::bd);
     int16_t* Bbs = (int16_t*)(smem + S::bbs);
     uint8_t* Blo = smem + S::blo;
+    int* xr_of = (int*)(smem + S::xr);
 
     pdl_trigger();
     pdl_wait();
@@ -174,6 +188,15 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     }
     const int64_t last_row = a.rows - 1;
     load_tables<T>(tab, a.tab);
+    // Each column's activation row, gathered once (columns past count repeat the last row).
+    for (int n = tid; n < BN; n += kGThreads) {
+        const int64_t r = first + min(n, count - 1);
+        xr_of[n] = (int)(a.gather ? a.gather[r] / a.gather_div : r);
+    }
+    // Columns of the 8-column mma blocks that hold a real one: only these are staged and multiplied (a grouped
+    // tile is often far from full).
+    const int live_cols = min(BN, (count + 7) & ~7);
+    __syncthreads();
 
     // Activation planes (act_view; F16: f16 high and low parts, then a power-of-two scale per row) and this
     // tile's rows.
@@ -181,10 +204,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     const uint8_t* xqs = a.xq;
     const float* xd = (const float*)(a.xq + (F16 ? 2 : 1) * plane);
     const int16_t* xbs = (const int16_t*)(a.xq + plane + 4 * a.x_rows * (a.x_width / (xb ? xb : 1)));
-    auto xrow = [&](int n) -> int64_t {
-        const int64_t r = first + min(n, count - 1);
-        return a.gather ? a.gather[r] / a.gather_div : r;
-    };
+    auto xrow = [&](int n) -> int64_t { return xr_of[n]; };
 
     auto load = [&](int buf, int kb) {
         // weights: kBM rows x SB bytes from weight kb * 256, 16-byte pieces from the boundary below
@@ -197,13 +217,13 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
         // activations: BN rows of 256 bytes (int8, or the f16 high and low parts), their scales and (K types)
         // sums per 16
         const int64_t k0 = xcol + (int64_t)kb * KS;
-        for (int i = tid; i < BN * 16; i += kGThreads) {
+        for (int i = tid; i < live_cols * 16; i += kGThreads) {
             const int n = i >> 4, c = i & 15;
             const int64_t at = (xrow(n) * a.x_width + k0) * (F16 ? 2 : 1) + 16 * c;
             cp_async16(Bq + (buf * BN + n) * kPad + 16 * c, xqs + at);
             if constexpr (F16) cp_async16(Blo + (buf * BN + n) * kPad + 16 * c, xqs + plane + at);
         }
-        for (int i = tid; i < BN * 8; i += kGThreads) {
+        for (int i = tid; i < live_cols * 8; i += kGThreads) {
             const int n = i >> 3, c = i & 7;
             const int64_t xr = xrow(n);
             if constexpr (F16) {
@@ -261,6 +281,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     // weight tile and its activation column.
     auto c_row = [&](int mi, int e) { return wrow + 16 * mi + g + 8 * (e >> 1); };
     auto c_col = [&](int ni, int e) { return wcol + 8 * ni + 2 * t4 + (e & 1); };
+    auto live = [&](int ni) { return wcol + 8 * ni < live_cols; };  // warp-uniform
     float acc[MI][NI][4] = {};
     int isum[MI][NI][4] = {};
 
@@ -345,6 +366,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             }
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
+                if (!live(ni)) break;
                 const int8_t* p = bq + (wcol + 8 * ni + g) * kPad + 32 * c + 4 * t4;
                 bf[ni][0] = *(const uint32_t*)p;
                 bf[ni][1] = *(const uint32_t*)(p + 16);
@@ -353,6 +375,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 uint32_t lo[NI][2];
 #pragma unroll
                 for (int ni = 0; ni < NI; ++ni) {
+                    if (!live(ni)) break;
                     const uint8_t* p = Blo + (buf * BN + wcol + 8 * ni + g) * kPad + 32 * c + 4 * t4;
                     lo[ni][0] = *(const uint32_t*)p;
                     lo[ni][1] = *(const uint32_t*)(p + 16);
@@ -361,6 +384,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                     for (int ni = 0; ni < NI; ++ni) {
+                        if (!live(ni)) break;
                         mma_f16(acc[mi][ni], af[mi], bf[ni]);
                         mma_f16(acc[mi][ni], af[mi], lo[ni]);
                     }
@@ -369,11 +393,12 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                     for (int ni = 0; ni < NI; ++ni) {
+                        if (!live(ni)) break;
                         if constexpr (T == TYPE_Q2_K) {
                             mma_s8(isum[mi][ni], af[mi], bf[ni]);
                         } else {
-                            int ci[4] = {0, 0, 0, 0};
-                            mma_s8(ci, af[mi], bf[ni]);
+                            int ci[4];
+                            mma_s8_new(ci, af[mi], bf[ni]);
 #pragma unroll
                             for (int e = 0; e < 4; ++e) {
                                 const int row = c_row(mi, e), n = c_col(ni, e);
@@ -411,6 +436,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 }
 #pragma unroll
                 for (int ni = 0; ni < NI; ++ni) {
+                    if (!live(ni)) break;
                     const int16_t* p = bs + (wcol + 8 * ni + g) * 16 + 2 * t4;
                     bf[ni][0] = half2_bits(p[0], p[1]);
                     bf[ni][1] = half2_bits(p[8], p[9]);
@@ -418,12 +444,16 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                    for (int ni = 0; ni < NI; ++ni) mma_f16(msum[mi][ni], af[mi], bf[ni]);
+                    for (int ni = 0; ni < NI; ++ni) {
+                        if (!live(ni)) break;
+                        mma_f16(msum[mi][ni], af[mi], bf[ni]);
+                    }
             }
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < NI; ++ni)
+                for (int ni = 0; ni < NI; ++ni) {
+                    if (!live(ni)) break;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int row = c_row(mi, e), n = c_col(ni, e);
@@ -437,6 +467,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                         acc[mi][ni][e] = v;
                         isum[mi][ni][e] = 0;
                     }
+                }
         }
         __syncthreads();  // the tiles are read before the next stage's copies and decode overwrite them
     }
@@ -489,11 +520,12 @@ struct DenseOp {
 };
 template <int T>
 struct GroupedOp {
-    static cudaError_t run(cudaStream_t s, GemmArgs a, int max_tiles) {
+    static cudaError_t run(cudaStream_t s, GemmArgs a, int bn, int max_tiles) {
         if constexpr (!gemm_type<T>()) {
             return invalid("moe_grouped: unsupported weight type " + std::to_string(T));
         } else {
-            return gemm_launch<T, kMoeBN>(s, a, dim3((unsigned)ceil_div(a.rows, kBM), (unsigned)max_tiles));
+            return gemm_launch_bn<T>(s, a, fitting_bn<T>(bn),
+                                     dim3((unsigned)ceil_div(a.rows, kBM), (unsigned)max_tiles));
         }
     }
 };
@@ -548,9 +580,9 @@ cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t
 // ---- grouped MoE helpers ---------------------------------------------------------------------------------------
 
 // Pairs by expert, in one block: pos_of[p] (p = t * n_used + j), pair_at[pos], tiles (expert, first, count) of up
-// to kMoeBN consecutive positions of one expert, n_tiles. shared: 2 * n_expert ints.
+// to bn consecutive positions of one expert, n_tiles. shared: 2 * n_expert ints.
 __global__ void moe_sort_kernel(int32_t* pos_of, int32_t* pair_at, int32_t* tiles, int32_t* n_tiles,
-                                const int32_t* ids, int n_pairs, int n_expert) {
+                                const int32_t* ids, int n_pairs, int n_expert, int bn) {
     extern __shared__ int sh[];
     int* cnt = sh;
     int* base = sh + n_expert;
@@ -567,10 +599,10 @@ __global__ void moe_sort_kernel(int32_t* pos_of, int32_t* pair_at, int32_t* tile
         int off = 0, nt = 0;
         for (int e = 0; e < n_expert; ++e) {
             base[e] = off;
-            for (int i = 0; i < cnt[e]; i += kMoeBN, ++nt) {
+            for (int i = 0; i < cnt[e]; i += bn, ++nt) {
                 tiles[3 * nt] = e;
                 tiles[3 * nt + 1] = off + i;
-                tiles[3 * nt + 2] = min(kMoeBN, cnt[e] - i);
+                tiles[3 * nt + 2] = min(bn, cnt[e] - i);
             }
             off += cnt[e];
         }
@@ -614,12 +646,21 @@ __global__ void moe_combine_kernel(float* out, int64_t out_stride, const float* 
 }
 
 // The grouped MoE's workspace, in order (each piece 256-byte aligned).
+// Tile width of a grouped MoE over n_pairs pairs (tile: 16, 32 or 64 to force one; 0 chooses).
+int moe_bn(int64_t n_pairs, int n_expert, int tile) {
+    if (tile) return tile;
+    const int64_t mean = ceil_div(n_pairs, n_expert);
+    return mean <= 16 ? 16 : mean <= 32 ? 32 : 64;
+}
+
 struct MoeWork {
     size_t pos_of, pair_at, tiles, n_tiles, hq, g, u, midq, d, bytes;
-    int max_tiles;
-    MoeWork(int gate_type, int down_type, int n_tok, int n_used, int64_t n_embd, int64_t n_ff, int n_expert) {
+    int bn, max_tiles;
+    MoeWork(int gate_type, int down_type, int n_tok, int n_used, int64_t n_embd, int64_t n_ff, int n_expert,
+            int tile) {
         const int64_t P = (int64_t)n_tok * n_used;
-        max_tiles = (int)(ceil_div(P, kMoeBN) + std::min<int64_t>(n_expert, P));
+        bn = moe_bn(P, n_expert, tile);
+        max_tiles = (int)(ceil_div(P, bn) + std::min<int64_t>(n_expert, P));
         size_t at = 0;
         auto take = [&](size_t n) {
             const size_t here = at;
@@ -681,14 +722,15 @@ cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void
 
 size_t ds4_cuda_moe_work_bytes(int gate_type, int down_type, int n_tok, int n_used, int64_t n_embd, int64_t n_ff,
                                int n_expert) {
-    return MoeWork(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert).bytes;
+    // the most tiles of any width: the narrowest's
+    return MoeWork(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert, 16).bytes;
 }
 
 cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride, const float* h, int64_t h_stride,
                                  const void* gate, const void* up, const void* down, int gate_type, int down_type,
                                  int64_t n_ff, int64_t n_embd, int n_expert, const int32_t* ids,
                                  const float* weights, int n_used, int n_tok, float clamp, bool accumulate,
-                                 void* work) {
+                                 void* work, int tile) {
     clear_error();
     if (!ds4_cuda_gemm_ok(gate_type, n_embd) || !ds4_cuda_gemm_ok(down_type, n_ff))
         return invalid("moe_grouped: needs Q8_0, Q2_K, Q4_K, IQ2_XXS or F16 experts of rows a multiple of 256 "
@@ -701,7 +743,8 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
         return invalid("moe_grouped: ids, weights and work are required; weights, h and work 16-byte aligned");
     if ((gate_type == TYPE_IQ2_XXS || down_type == TYPE_IQ2_XXS) && !iq2_tables())
         return invalid("moe_grouped: call ds4_cuda_init first");
-    const MoeWork m(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert);
+    if (tile != 0 && tile != 16 && tile != 32 && tile != 64) return invalid("moe_grouped: tile must be 0, 16, 32 or 64");
+    const MoeWork m(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert, tile);
     if (m.max_tiles > 65535) return invalid("moe_grouped: too many tiles for one launch");
     uint8_t* wk = (uint8_t*)work;
     int32_t *pos_of = (int32_t*)(wk + m.pos_of), *pair_at = (int32_t*)(wk + m.pair_at);
@@ -710,22 +753,22 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
     const int64_t P = (int64_t)n_tok * n_used;
 
     cudaError_t e = launch(moe_sort_kernel, dim3(1), dim3(1024), 2 * sizeof(int) * n_expert, s, pos_of, pair_at,
-                           tiles, n_tiles, ids, (int)P, n_expert);
+                           tiles, n_tiles, ids, (int)P, n_expert, m.bn);
     if (e == cudaSuccess) e = quantize_into(s, wk + m.hq, h, h_stride, n_tok, n_embd, gate_type);
     const int64_t grb = (int64_t)row_bytes(gate_type, n_embd), drb = (int64_t)row_bytes(down_type, n_ff);
     GemmArgs a{G, n_ff, (const uint8_t*)gate, n_ff, n_embd, grb, n_ff * grb, wk + m.hq, n_tok, n_embd, 0,
                tiles, n_tiles, pair_at, n_used, iq2_tables()};
-    if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.max_tiles);
+    if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.bn, m.max_tiles);
     a.y = U;
     a.w = (const uint8_t*)up;
-    if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.max_tiles);
+    if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.bn, m.max_tiles);
     if (e == cudaSuccess)
         e = launch(moe_swiglu_kernel, dim3(grid_for(P * n_ff)), dim3(256), 0, s, G, (const float*)U, weights,
                    (const int32_t*)pair_at, P, n_ff, clamp);
     if (e == cudaSuccess) e = quantize_into(s, wk + m.midq, G, n_ff, P, n_ff, down_type);
     GemmArgs b{D, n_embd, (const uint8_t*)down, n_embd, n_ff, drb, n_embd * drb, wk + m.midq, P, n_ff, 0,
                tiles, n_tiles, nullptr, 1, iq2_tables()};
-    if (e == cudaSuccess) by_type<GroupedOp>(down_type, e, s, b, m.max_tiles);
+    if (e == cudaSuccess) by_type<GroupedOp>(down_type, e, s, b, m.bn, m.max_tiles);
     if (e == cudaSuccess)
         e = launch(moe_combine_kernel, dim3(grid_for((int64_t)n_tok * n_embd)), dim3(256), 0, s, out, out_stride,
                    (const float*)D, (const int32_t*)pos_of, n_tok, n_used, n_embd, accumulate);

@@ -40,7 +40,7 @@ _F32, _I32, _F16 = np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float16
 MATVEC_ROWS = 16          # ds4_cuda_matvec takes at most this many activation rows
 HC_ROWS = 1024            # tokens per hc_pre call: bounds its scratch (~3 KB per token)
 MOE_ROWS = 64             # ds4_cuda_moe_* likewise
-MOE_GROUPED_ROWS = 1024   # tokens per ds4_cuda_moe_grouped call: bounds its workspace (~70 KB per token)
+MOE_GROUPED_ROWS = 2048   # tokens per ds4_cuda_moe_grouped call: bounds its workspace (~215 KB per token)
 ATTN_ROWS = 16            # attention queries per launch: bounds the split scratch
 
 
