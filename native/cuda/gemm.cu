@@ -37,9 +37,10 @@ constexpr int kKB = 256;                // bytes of a tile row per stage: 256 in
 constexpr int kPad = kKB + 16;          // tile row stride in bytes
 
 // Activation rows per tile (BN: 16, 32 or 64). A dense product takes 64, halved while that would leave SMs
-// without a block (products of few rows). The grouped MoE's tiles hold up to BN pairs of one expert, BN the
-// smallest width at least the mean pairs per expert (moe_bn): each decoded weight fragment then serves as many
-// pairs as the expert has, and a tile's 8-column blocks with no pair skip their loads and mmas.
+// without a block (products of few rows). The grouped MoE's tiles hold up to BN pairs of one expert (moe_bn, from
+// the mean pairs per expert): a decoded weight fragment serves all of them, and a tile's 8-column blocks with no
+// pair skip their loads and mmas. Measured (H200, 256 experts, 6 per token): 512 tokens (12 pairs per expert) 16
+// / 32 / 64 wide: 2,279 / 2,136 / 2,437 us; 1024 tokens: 3,950 / 2,645 / 2,928; 2048: 6,994 / 4,976 / 4,000.
 int dense_bn(int64_t n_tok, int64_t row_tiles) {
     int bn = 64;
     while (bn > 16 && ceil_div(n_tok, bn) * row_tiles < props().sms) bn /= 2;
@@ -55,8 +56,10 @@ constexpr int sb_bytes() {  // raw bytes of a stage of a row: Q8_0 272, Q2_K 84,
     return ks<T>() / WT<T>::bw * WT<T>::bb;
 }
 template <int T>
-constexpr int raw_slot() {  // a row's raw stage: bytes + alignment offset + the decoders' over-read
-    return (sb_bytes<T>() + 32 + 15) / 16 * 16;
+constexpr int raw_slot() {  // a row's raw stage: bytes + alignment offset + the decoders' over-read, in an odd
+                            // number of 16-byte pieces (a fragment's 8 rows then fall in distinct banks)
+    constexpr int pieces = (sb_bytes<T>() + 32 + 15) / 16;
+    return 16 * (pieces | 1);
 }
 template <int T>
 constexpr bool has_min() {
@@ -193,8 +196,9 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
         const int64_t r = first + min(n, count - 1);
         xr_of[n] = (int)(a.gather ? a.gather[r] / a.gather_div : r);
     }
-    // Columns of the 8-column mma blocks that hold a real one: only these are staged and multiplied (a grouped
-    // tile is often far from full).
+    // Columns of the 8-column mma blocks that hold a real one: only these are staged (a grouped tile is often far
+    // from full). The reg_a types skip the other blocks' mmas too; the int8-tile path multiplies them (stale
+    // shared memory) rather than branch inside its unrolled loops, and never stores their results.
     const int live_cols = min(BN, (count + 7) & ~7);
     __syncthreads();
 
@@ -204,13 +208,16 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     const uint8_t* xqs = a.xq;
     const float* xd = (const float*)(a.xq + (F16 ? 2 : 1) * plane);
     const int16_t* xbs = (const int16_t*)(a.xq + plane + 4 * a.x_rows * (a.x_width / (xb ? xb : 1)));
-    auto xrow = [&](int n) -> int64_t { return xr_of[n]; };
+    // Byte offset in the matrix of stage kb of the tile's row r (32 bits: the host keeps matrices under 4 GiB).
+    auto woff = [&](int r, int kb) -> uint32_t {
+        return (uint32_t)min(row0 + r, last_row) * (uint32_t)a.row_bytes + (uint32_t)(kb * SB);
+    };
 
     auto load = [&](int buf, int kb) {
         // weights: kBM rows x SB bytes from weight kb * 256, 16-byte pieces from the boundary below
         for (int i = tid; i < kBM * NC; i += kGThreads) {
             const int r = i / NC, c = i - r * NC;
-            const uint8_t* src = wm + min(row0 + r, last_row) * a.row_bytes + (int64_t)kb * SB;
+            const uint8_t* src = wm + woff(r, kb);
             const uint32_t off = (uint32_t)(uintptr_t)src & 15;
             if (c < (int)((off + SB + 15) >> 4)) cp_async16(raw + (buf * kBM + r) * RS + 16 * c, src - off + 16 * c);
         }
@@ -218,21 +225,21 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
         // sums per 16
         const int64_t k0 = xcol + (int64_t)kb * KS;
         for (int i = tid; i < live_cols * 16; i += kGThreads) {
-            const int n = i >> 4, c = i & 15;
-            const int64_t at = (xrow(n) * a.x_width + k0) * (F16 ? 2 : 1) + 16 * c;
+            const int n = i >> 4, c = i & 15;  // 32-bit offsets: the host keeps the activations under 4 GiB
+            const uint32_t at = ((uint32_t)xr_of[n] * (uint32_t)a.x_width + (uint32_t)k0) * (F16 ? 2 : 1) + 16 * c;
             cp_async16(Bq + (buf * BN + n) * kPad + 16 * c, xqs + at);
             if constexpr (F16) cp_async16(Blo + (buf * BN + n) * kPad + 16 * c, xqs + plane + at);
         }
         for (int i = tid; i < live_cols * 8; i += kGThreads) {
             const int n = i >> 3, c = i & 7;
-            const int64_t xr = xrow(n);
+            const uint32_t xr = (uint32_t)xr_of[n], k = (uint32_t)k0;
             if constexpr (F16) {
                 if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + xr);
             } else if constexpr (xb == 32) {
-                cp_async4(Bd + (buf * BN + n) * 8 + c, xd + xr * (a.x_width / 32) + k0 / 32 + c);
+                cp_async4(Bd + (buf * BN + n) * 8 + c, xd + (xr * (uint32_t)(a.x_width / 32) + k / 32 + c));
             } else {
-                    if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + xr * (a.x_width / 256) + k0 / 256);
-                    cp_async4(Bbs + (buf * BN + n) * 16 + 2 * c, xbs + xr * (a.x_width / 16) + k0 / 16 + 2 * c);
+                if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + (xr * (uint32_t)(a.x_width / 256) + k / 256));
+                cp_async4(Bbs + (buf * BN + n) * 16 + 2 * c, xbs + (xr * (uint32_t)(a.x_width / 16) + k / 16 + 2 * c));
             }
         }
     };
@@ -241,7 +248,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     auto decode = [&](int buf, int kb) {
         for (int i = tid; i < kBM * 8; i += kGThreads) {
             const int r = i >> 3, u = i & 7;
-            const uint8_t* src = wm + min(row0 + r, last_row) * a.row_bytes + (int64_t)kb * SB;
+            const uint8_t* src = wm + woff(r, kb);
             const uint8_t* rp = raw + (buf * kBM + r) * RS + ((uintptr_t)src & 15);
             int4* dst = (int4*)(A + r * kPad + 32 * u);
             if constexpr (F16) {  // f16 weights as they are
@@ -281,7 +288,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     // weight tile and its activation column.
     auto c_row = [&](int mi, int e) { return wrow + 16 * mi + g + 8 * (e >> 1); };
     auto c_col = [&](int ni, int e) { return wcol + 8 * ni + 2 * t4 + (e & 1); };
-    auto live = [&](int ni) { return wcol + 8 * ni < live_cols; };  // warp-uniform
+    auto live = [&](int ni) { return wcol + 8 * ni < live_cols; };  // warp-uniform (the reg_a path's test)
     float acc[MI][NI][4] = {};
     int isum[MI][NI][4] = {};
 
@@ -303,100 +310,133 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
 
         const int8_t* bq = Bq + buf * BN * kPad;
         const float* bd = Bd + buf * BN * 8;
-        const uint8_t* rrow[MI][2];  // kRegA: the staged rows g and g + 8 of each m16 tile, their d (IQ2: / 8)
-        float rdw[MI][2], rdm[MI][2];  // and Q2_K's dmin
-        int risc[MI][2];
         if constexpr (kRegA) {
+            // This warp's rows g and g + 8 (h = 0, 1) as staged, their d (IQ2_XXS: / 8) and Q2_K's dmin; then all 8
+            // A fragments of the stage decoded at once (the lookups in flight together), and each live 8-column
+            // block multiplied through the stage and folded into acc (one liveness test per block and stage).
+            const uint8_t* rr[2];
+            float rdw[2], rdm[2];
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = wrow + 16 * mi + g + 8 * h;
-                    const uint8_t* src = wm + min(row0 + r, last_row) * a.row_bytes + (int64_t)kb * SB;
-                    rrow[mi][h] = raw + (buf * kBM + r) * RS + ((uintptr_t)src & 15);
-                    if constexpr (T == TYPE_Q2_K) {
-                        const float2 dd = __half22float2(*(const __half2*)(rrow[mi][h] + 80));
-                        rdw[mi][h] = dd.x, rdm[mi][h] = dd.y;
-                    } else {
-                        rdw[mi][h] = f16_at(rrow[mi][h]) * 0.125f;
-                    }
+            for (int h = 0; h < 2; ++h) {
+                const int r = wrow + g + 8 * h;
+                const uint8_t* src = wm + woff(r, kb);
+                rr[h] = raw + (buf * kBM + r) * RS + ((uintptr_t)src & 15);
+                if constexpr (T == TYPE_Q2_K) {
+                    const float2 dd = __half22float2(*(const __half2*)(rr[h] + 80));
+                    rdw[h] = dd.x, rdm[h] = dd.y;
+                } else {
+                    rdw[h] = f16_at(rr[h]) * 0.125f;
                 }
-        }
+            }
+            uint32_t af[8][4], mf[4];
+            int rsc[8][2];  // IQ2_XXS: the sub-block scale 2 s + 1 of rows g, g + 8 per group of 32
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            // A 16 x 32-byte fragment: 32 int8 (m16n8k32) or 16 f16 (m16n8k16) of K; the same bytes per lane
-            uint32_t af[MI][4], bf[NI][2];
+            for (int h = 0; h < 2; ++h) {
+                if constexpr (T == TYPE_Q2_K) {
+                    // Lane (g, t): words t and 4 + t of unit c (sub-blocks 2c, 2c + 1), times their scales (bytes
+                    // <= 3 * 15); the mins (the scale bytes' high nibbles) as f16 for the min term's mma.
+                    const uint8_t* b = rr[h];
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                if constexpr (kRegA && T == TYPE_Q2_K) {
-                    // Lane (g, t): words t and 4 + t of unit c (sub-blocks 2c, 2c + 1) of rows g and g + 8.
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const uint8_t* b = rrow[mi][h];
+                    for (int c = 0; c < 8; ++c) {
                         const uint32_t scs = *(const uint16_t*)(b + 2 * c);
                         const uint32_t* qp = (const uint32_t*)(b + 16 + 32 * (c >> 2));
                         const int shift = 2 * (c & 3);
-                        af[mi][h] = ((qp[t4] >> shift) & 0x03030303u) * (scs & 15);
-                        af[mi][2 + h] = ((qp[4 + t4] >> shift) & 0x03030303u) * ((scs >> 8) & 15);
+                        af[c][h] = ((qp[t4] >> shift) & 0x03030303u) * (scs & 15);
+                        af[c][2 + h] = ((qp[4 + t4] >> shift) & 0x03030303u) * ((scs >> 8) & 15);
                     }
-                } else if constexpr (kRegA) {
-                    // Lane (g, t) needs words t and 4 + t (4 weights each) of group c of rows g and g + 8: halves
-                    // t & 1 of grid points t / 2 and 2 + t / 2. Even lanes look up the first, odd lanes the second.
+                    const uint8_t* sc = b + 2 * t4;
+                    mf[h] = half2_bits(sc[0] >> 4, sc[1] >> 4);
+                    mf[2 + h] = half2_bits(sc[8] >> 4, sc[9] >> 4);
+                } else {
+                    // Lane (g, t) needs words t and 4 + t (4 weights each) of group c: halves t & 1 of grid points
+                    // t / 2 and 2 + t / 2. Even lanes look up the first, odd lanes the second, and they swap.
+                    const uint8_t* q = rr[h] + 2;  // the groups' 8-byte (grid, aux) pairs, maybe unaligned
+                    const uint32_t mis = (uint32_t)((uintptr_t)q & 3), sh = 8 * mis;
+                    const uint32_t* w = (const uint32_t*)(q - mis);
+                    const int gp = (t4 >> 1) + 2 * (t4 & 1);
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const uintptr_t at = (uintptr_t)(rrow[mi][h] + 2 + 8 * c);
-                        const uint32_t* w = (const uint32_t*)(at & ~(uintptr_t)3);
-                        const uint32_t sh = (uint32_t)(at & 3) * 8, w0 = w[0], w1 = w[1], w2 = w[2];
+                    for (int c = 0; c < 8; ++c) {
+                        const uint32_t w0 = w[2 * c], w1 = w[2 * c + 1], w2 = w[2 * c + 2];
                         const uint32_t grid = __funnelshift_r(w0, w1, sh), aux = __funnelshift_r(w1, w2, sh);
-                        const int gp = (t4 >> 1) + 2 * (t4 & 1);
                         const uint32_t mine = tab[(grid >> (8 * gp)) & 255] + tab[256 + ((aux >> (7 * gp)) & 127)];
                         const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
                         const uint32_t first = (t4 & 1) ? other : mine, second = (t4 & 1) ? mine : other;
-                        af[mi][h] = __byte_perm(kIq2Lo, kIq2Hi, first >> (16 * (t4 & 1)));
-                        af[mi][2 + h] = __byte_perm(kIq2Lo, kIq2Hi, second >> (16 * (t4 & 1)));
-                        risc[mi][h] = 2 * (int)(aux >> 28) + 1;
+                        af[c][h] = __byte_perm(kIq2Lo, kIq2Hi, first >> (16 * (t4 & 1)));
+                        af[c][2 + h] = __byte_perm(kIq2Lo, kIq2Hi, second >> (16 * (t4 & 1)));
+                        rsc[c][h] = 2 * (int)(aux >> 28) + 1;
                     }
-                } else {
+                }
+            }
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                if (!live(ni)) break;
+                const int8_t* bp = bq + (8 * ni + g) * kPad + 4 * t4;
+                int isum[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int c = 0; c < 8; ++c) {
+                    const uint32_t bf[2] = {*(const uint32_t*)(bp + 32 * c), *(const uint32_t*)(bp + 32 * c + 16)};
+                    if constexpr (T == TYPE_Q2_K) {
+                        mma_s8(isum, af[c], bf);
+                    } else {
+                        int ci[4];
+                        mma_s8_new(ci, af[c], bf);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) isum[e] += ci[e] * rsc[c][e >> 1];
+                    }
+                }
+                float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                if constexpr (T == TYPE_Q2_K) {
+                    const int16_t* p = Bbs + (buf * BN + 8 * ni + g) * 16 + 2 * t4;
+                    const uint32_t bf[2] = {half2_bits(p[0], p[1]), half2_bits(p[8], p[9])};
+                    mma_f16(msum, mf, bf);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float dx = bd[c_col(ni, e) * 8];
+                    float v = fmaf(rdw[e >> 1] * dx, (float)isum[e], acc[0][ni][e]);
+                    if constexpr (T == TYPE_Q2_K) v = fmaf(-(rdm[e >> 1] * dx), msum[e], v);
+                    acc[0][ni][e] = v;
+                }
+            }
+        } else {
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                // A 16 x 32-byte fragment: 32 int8 (m16n8k32) or 16 f16 (m16n8k16) of K; the same bytes per lane
+                uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
                     const int8_t* p = A + (wrow + 16 * mi + g) * kPad + 32 * c + 4 * t4;
                     af[mi][0] = *(const uint32_t*)p;
                     af[mi][1] = *(const uint32_t*)(p + 8 * kPad);
                     af[mi][2] = *(const uint32_t*)(p + 16);
                     af[mi][3] = *(const uint32_t*)(p + 8 * kPad + 16);
                 }
-            }
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni) {
-                if (!live(ni)) break;
-                const int8_t* p = bq + (wcol + 8 * ni + g) * kPad + 32 * c + 4 * t4;
-                bf[ni][0] = *(const uint32_t*)p;
-                bf[ni][1] = *(const uint32_t*)(p + 16);
-            }
-            if constexpr (F16) {
-                uint32_t lo[NI][2];
 #pragma unroll
                 for (int ni = 0; ni < NI; ++ni) {
-                    if (!live(ni)) break;
-                    const uint8_t* p = Blo + (buf * BN + wcol + 8 * ni + g) * kPad + 32 * c + 4 * t4;
-                    lo[ni][0] = *(const uint32_t*)p;
-                    lo[ni][1] = *(const uint32_t*)(p + 16);
+                    const int8_t* p = bq + (wcol + 8 * ni + g) * kPad + 32 * c + 4 * t4;
+                    bf[ni][0] = *(const uint32_t*)p;
+                    bf[ni][1] = *(const uint32_t*)(p + 16);
                 }
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi)
+                if constexpr (F16) {
+                    uint32_t lo[NI][2];
 #pragma unroll
                     for (int ni = 0; ni < NI; ++ni) {
-                        if (!live(ni)) break;
-                        mma_f16(acc[mi][ni], af[mi], bf[ni]);
-                        mma_f16(acc[mi][ni], af[mi], lo[ni]);
+                        const uint8_t* p = Blo + (buf * BN + wcol + 8 * ni + g) * kPad + 32 * c + 4 * t4;
+                        lo[ni][0] = *(const uint32_t*)p;
+                        lo[ni][1] = *(const uint32_t*)(p + 16);
                     }
-            } else {
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi)
+                    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                    for (int ni = 0; ni < NI; ++ni) {
-                        if (!live(ni)) break;
-                        if constexpr (T == TYPE_Q2_K) {
-                            mma_s8(isum[mi][ni], af[mi], bf[ni]);
-                        } else {
+                        for (int ni = 0; ni < NI; ++ni) {
+                            mma_f16(acc[mi][ni], af[mi], bf[ni]);
+                            mma_f16(acc[mi][ni], af[mi], lo[ni]);
+                        }
+                } else {
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                        for (int ni = 0; ni < NI; ++ni) {
                             int ci[4];
                             mma_s8_new(ci, af[mi], bf[ni]);
 #pragma unroll
@@ -406,68 +446,56 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                                     acc[mi][ni][e] =
                                         fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
                                 else
-                                    isum[mi][ni][e] += ci[e] * (kRegA ? risc[mi][e >> 1] : aisc[row * 8 + c]);
+                                    isum[mi][ni][e] += ci[e] * aisc[row * 8 + c];
                             }
                         }
-                    }
+                }
             }
-        }
-        if constexpr (T != TYPE_Q8_0 && !F16) {
-            float msum[MI][NI][4] = {};
-            if constexpr (has_min<T>()) {
-                const int16_t* bs = Bbs + buf * BN * 16;
-                uint32_t af[MI][4], bf[NI][2];
+            if constexpr (T != TYPE_Q8_0 && !F16) {
+                float msum[MI][NI][4] = {};
+                if constexpr (has_min<T>()) {
+                    const int16_t* bs = Bbs + buf * BN * 16;
+                    uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    if constexpr (kRegA) {  // Q2_K: the mins are the scale bytes' high nibbles
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            const uint8_t* sc = rrow[mi][h] + 2 * t4;
-                            af[mi][h] = half2_bits(sc[0] >> 4, sc[1] >> 4);
-                            af[mi][2 + h] = half2_bits(sc[8] >> 4, sc[9] >> 4);
-                        }
-                    } else {
+                    for (int mi = 0; mi < MI; ++mi) {
                         const __half* p = amin + (wrow + 16 * mi + g) * 16 + 2 * t4;
                         af[mi][0] = *(const uint32_t*)p;
                         af[mi][1] = *(const uint32_t*)(p + 8 * 16);
                         af[mi][2] = *(const uint32_t*)(p + 8);
                         af[mi][3] = *(const uint32_t*)(p + 8 * 16 + 8);
                     }
-                }
 #pragma unroll
-                for (int ni = 0; ni < NI; ++ni) {
-                    if (!live(ni)) break;
-                    const int16_t* p = bs + (wcol + 8 * ni + g) * 16 + 2 * t4;
-                    bf[ni][0] = half2_bits(p[0], p[1]);
-                    bf[ni][1] = half2_bits(p[8], p[9]);
+                    for (int ni = 0; ni < NI; ++ni) {
+                        const int16_t* p = bs + (wcol + 8 * ni + g) * 16 + 2 * t4;
+                        bf[ni][0] = half2_bits(p[0], p[1]);
+                        bf[ni][1] = half2_bits(p[8], p[9]);
+                    }
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                        for (int ni = 0; ni < NI; ++ni) {
+                            mma_f16(msum[mi][ni], af[mi], bf[ni]);
+                        }
                 }
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                     for (int ni = 0; ni < NI; ++ni) {
-                        if (!live(ni)) break;
-                        mma_f16(msum[mi][ni], af[mi], bf[ni]);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int row = c_row(mi, e), n = c_col(ni, e);
+                            const float dx = bd[n * 8];
+                            const float dw = asc[row * 8];
+                            float v = fmaf(dw * dx, (float)isum[mi][ni][e], acc[mi][ni][e]);
+                            if constexpr (has_min<T>()) {
+                                const float dm = asc[row * 8 + 1];
+                                v = fmaf(-(dm * dx), msum[mi][ni][e], v);
+                            }
+                            acc[mi][ni][e] = v;
+                            isum[mi][ni][e] = 0;
+                        }
                     }
             }
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < NI; ++ni) {
-                    if (!live(ni)) break;
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int row = c_row(mi, e), n = c_col(ni, e);
-                        const float dx = bd[n * 8];
-                        const float dw = kRegA ? rdw[mi][e >> 1] : asc[row * 8];
-                        float v = fmaf(dw * dx, (float)isum[mi][ni][e], acc[mi][ni][e]);
-                        if constexpr (has_min<T>()) {
-                            const float dm = kRegA ? rdm[mi][e >> 1] : asc[row * 8 + 1];
-                            v = fmaf(-(dm * dx), msum[mi][ni][e], v);
-                        }
-                        acc[mi][ni][e] = v;
-                        isum[mi][ni][e] = 0;
-                    }
-                }
         }
         __syncthreads();  // the tiles are read before the next stage's copies and decode overwrite them
     }
@@ -650,7 +678,7 @@ __global__ void moe_combine_kernel(float* out, int64_t out_stride, const float* 
 int moe_bn(int64_t n_pairs, int n_expert, int tile) {
     if (tile) return tile;
     const int64_t mean = ceil_div(n_pairs, n_expert);
-    return mean <= 16 ? 16 : mean <= 32 ? 32 : 64;
+    return mean <= 6 ? 16 : mean <= 32 ? 32 : 64;
 }
 
 struct MoeWork {
@@ -709,6 +737,8 @@ cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void
         (uintptr_t)work % 16)
         return invalid("gemm: w, x and work must be 16-byte aligned, x rows covering groups * cols");
     if (y_stride < rows * groups) return invalid("gemm: y_stride is shorter than a row of y");
+    if (rows * (int64_t)row_bytes(type, cols) >= (1LL << 32) || 2LL * n_tok * cols * groups >= (1LL << 32))
+        return invalid("gemm: a matrix or the activations of one call exceed 4 GiB");
     if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("gemm: call ds4_cuda_init first");
     if (tile != 0 && tile != 16 && tile != 32 && tile != 64) return invalid("gemm: tile must be 0, 16, 32 or 64");
     cudaError_t e = quantize_into(s, (uint8_t*)work, x, x_stride, n_tok, cols * groups, type);
@@ -743,6 +773,8 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
         return invalid("moe_grouped: ids, weights and work are required; weights, h and work 16-byte aligned");
     if ((gate_type == TYPE_IQ2_XXS || down_type == TYPE_IQ2_XXS) && !iq2_tables())
         return invalid("moe_grouped: call ds4_cuda_init first");
+    if (2LL * n_tok * n_used * std::max(n_ff, n_embd) >= (1LL << 32))
+        return invalid("moe_grouped: the activations of one call exceed 4 GiB");
     if (tile != 0 && tile != 16 && tile != 32 && tile != 64) return invalid("moe_grouped: tile must be 0, 16, 32 or 64");
     const MoeWork m(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert, tile);
     if (m.max_tiles > 65535) return invalid("moe_grouped: too many tiles for one launch");
