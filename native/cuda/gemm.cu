@@ -775,7 +775,8 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
         return invalid("moe_grouped: call ds4_cuda_init first");
     if (2LL * n_tok * n_used * std::max(n_ff, n_embd) >= (1LL << 32))
         return invalid("moe_grouped: the activations of one call exceed 4 GiB");
-    if (tile != 0 && tile != 16 && tile != 32 && tile != 64) return invalid("moe_grouped: tile must be 0, 16, 32 or 64");
+    if (tile != 0 && tile != 16 && tile != 32 && tile != 64)
+        return invalid("moe_grouped: tile must be 0, 16, 32 or 64");
     const MoeWork m(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert, tile);
     if (m.max_tiles > 65535) return invalid("moe_grouped: too many tiles for one launch");
     uint8_t* wk = (uint8_t*)work;
