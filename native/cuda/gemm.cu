@@ -13,7 +13,8 @@
 // shared memory with cp.async (double-buffered: the next stage's copies fly while this one computes), decode the
 // weights into a 64 x 256 int8 tile with per-row scales, and the warps run int8 mma.sync m16n8k32 (one per 32
 // weights, the sub-block of every type) on fragments read straight from the tiles (rows padded by 16 bytes:
-// conflict-free). The K types' min terms (sum over 16-weight sub-blocks of min x activation sum) are one f16 mma
+// conflict-free). IQ2_XXS and Q2_K (reg_a) skip the int8 tile: each warp decodes its 16 rows' A fragments straight
+// from the staged raw rows and multiplies them by all of the tile's columns. The K types' min terms (sum over 16-weight sub-blocks of min x activation sum) are one f16 mma
 // m16n8k16 per stage: mins (< 64) and activation sums (|.| <= 2032) are exact in f16 and their products sum
 // exactly in f32. F16 weights (the router, compressors and indexer) take the same path with 128 f16 weights per
 // stage and m16n8k16 against the activations split into two f16 parts (high, and the rounding of the rest: about
@@ -21,7 +22,7 @@
 //
 // The grouped MoE: a one-block kernel sorts the (token, slot) pairs by expert (counts, offsets, each pair's
 // position; order within an expert does not matter, every output element is computed alone) and lists tiles of
-// up to 16 pairs of one expert. gate and up are then two grouped products over those tiles (activation rows
+// up to BN (16, 32 or 64, by the mean pairs per expert) pairs of one expert. gate and up are then two grouped products over those tiles (activation rows
 // gathered by pair), SwiGLU times the routing weight writes the mid rows in sorted order, down is a third grouped
 // product, and a last kernel adds each token's n_used rows in slot order (no atomics: the same bits every run).
 #include "qdot.cuh"
