@@ -646,31 +646,36 @@ __global__ void moe_sort_kernel(int32_t* pos_of, int32_t* pair_at, int32_t* tile
     }
 }
 
-// mid[pos] = silu(min(g, clamp)) * clip(u, +-clamp) * weights[pair_at[pos]], in place over g.
+// mid[pos] = silu(min(g, clamp)) * clip(u, +-clamp) * weights[pair_at[pos]], in place over g. Blocks walk whole
+// rows (no division per element).
 __global__ void moe_swiglu_kernel(float* g, const float* u, const float* weights, const int32_t* pair_at,
                                   int64_t n_pairs, int64_t n_ff, float clamp) {
     pdl_trigger();
     pdl_wait();
-    const int64_t n = n_pairs * n_ff;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t pos = i / n_ff;
-        const float gc = fminf(g[i], clamp), uc = fminf(fmaxf(u[i], -clamp), clamp);
-        g[i] = silu(gc) * uc * weights[pair_at[pos]];
+    for (int64_t pos = blockIdx.x; pos < n_pairs; pos += gridDim.x) {
+        const float w = weights[pair_at[pos]];
+        float* gr = g + pos * n_ff;
+        const float* ur = u + pos * n_ff;
+        for (int64_t i = threadIdx.x; i < n_ff; i += blockDim.x) {
+            const float gc = fminf(gr[i], clamp), uc = fminf(fmaxf(ur[i], -clamp), clamp);
+            gr[i] = silu(gc) * uc * w;
+        }
     }
 }
 
-// out[t] (+)= sum over j in order of d[pos_of[t * n_used + j]].
+// out[t] (+)= sum over j in order of d[pos_of[t * n_used + j]]. Blocks walk whole tokens.
 __global__ void moe_combine_kernel(float* out, int64_t out_stride, const float* d, const int32_t* pos_of, int n_tok,
                                    int n_used, int64_t n_embd, bool accumulate) {
     pdl_trigger();
     pdl_wait();
-    const int64_t n = (int64_t)n_tok * n_embd;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t t = i / n_embd, o = i - t * n_embd;
-        float v = 0.0f;
-        for (int j = 0; j < n_used; ++j) v += d[pos_of[t * n_used + j] * n_embd + o];
-        float* dst = out + t * out_stride + o;
-        *dst = accumulate ? *dst + v : v;
+    for (int t = blockIdx.x; t < n_tok; t += gridDim.x) {
+        const int32_t* pos = pos_of + (int64_t)t * n_used;
+        float* dst = out + t * out_stride;
+        for (int64_t o = threadIdx.x; o < n_embd; o += blockDim.x) {
+            float v = 0.0f;
+            for (int j = 0; j < n_used; ++j) v += d[pos[j] * n_embd + o];
+            dst[o] = accumulate ? dst[o] + v : v;
+        }
     }
 }
 
@@ -709,7 +714,7 @@ struct MoeWork {
     }
 };
 
-unsigned grid_for(int64_t n) { return (unsigned)std::min<int64_t>(ceil_div(n, 256), 8 * props().sms); }
+unsigned rows_grid(int64_t rows) { return (unsigned)std::min<int64_t>(rows, 16 * props().sms); }  // a block per row
 
 }  // namespace
 }  // namespace ds4::cuda
@@ -797,14 +802,14 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
     a.w = (const uint8_t*)up;
     if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.bn, m.max_tiles);
     if (e == cudaSuccess)
-        e = launch(moe_swiglu_kernel, dim3(grid_for(P * n_ff)), dim3(256), 0, s, G, (const float*)U, weights,
+        e = launch(moe_swiglu_kernel, dim3(rows_grid(P)), dim3(256), 0, s, G, (const float*)U, weights,
                    (const int32_t*)pair_at, P, n_ff, clamp);
     if (e == cudaSuccess) e = quantize_into(s, wk + m.midq, G, n_ff, P, n_ff, down_type);
     GemmArgs b{D, n_embd, (const uint8_t*)down, n_embd, n_ff, drb, n_embd * drb, wk + m.midq, P, n_ff, 0,
                tiles, n_tiles, nullptr, 1, iq2_tables()};
     if (e == cudaSuccess) by_type<GroupedOp>(down_type, e, s, b, m.bn, m.max_tiles);
     if (e == cudaSuccess)
-        e = launch(moe_combine_kernel, dim3(grid_for((int64_t)n_tok * n_embd)), dim3(256), 0, s, out, out_stride,
+        e = launch(moe_combine_kernel, dim3(rows_grid(n_tok)), dim3(256), 0, s, out, out_stride,
                    (const float*)D, (const int32_t*)pos_of, n_tok, n_used, n_embd, accumulate);
     return e;
 }
