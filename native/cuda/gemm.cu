@@ -13,18 +13,20 @@
 // shared memory with cp.async (double-buffered: the next stage's copies fly while this one computes), decode the
 // weights into a 64 x 256 int8 tile with per-row scales, and the warps run int8 mma.sync m16n8k32 (one per 32
 // weights, the sub-block of every type) on fragments read straight from the tiles (rows padded by 16 bytes:
-// conflict-free). IQ2_XXS and Q2_K (reg_a) skip the int8 tile: each warp decodes its 16 rows' A fragments straight
-// from the staged raw rows and multiplies them by all of the tile's columns. The K types' min terms (sum over 16-weight sub-blocks of min x activation sum) are one f16 mma
-// m16n8k16 per stage: mins (< 64) and activation sums (|.| <= 2032) are exact in f16 and their products sum
-// exactly in f32. F16 weights (the router, compressors and indexer) take the same path with 128 f16 weights per
-// stage and m16n8k16 against the activations split into two f16 parts (high, and the rounding of the rest: about
-// 22 bits, scaled per row by a power of two), both products summed in f32.
+// conflict-free). IQ2_XXS and Q2_K (reg_a) skip the int8 tile: each warp decodes its 16 rows' A fragments
+// straight from the staged raw rows and multiplies them by all of the tile's columns. The K types' min terms (sum
+// over 16-weight sub-blocks of min x activation sum) are one f16 mma m16n8k16 per stage: mins (< 64) and
+// activation sums (|.| <= 2032) are exact in f16 and their products sum exactly in f32. F16 weights (the router,
+// compressors and indexer) take the same path with 128 f16 weights per stage and m16n8k16 against the activations
+// split into two f16 parts (high, and the rounding of the rest: about 22 bits, scaled per row by a power of two),
+// both products summed in f32.
 //
 // The grouped MoE: a one-block kernel sorts the (token, slot) pairs by expert (counts, offsets, each pair's
 // position; order within an expert does not matter, every output element is computed alone) and lists tiles of
-// up to BN (16, 32 or 64, by the mean pairs per expert) pairs of one expert. gate and up are then two grouped products over those tiles (activation rows
-// gathered by pair), SwiGLU times the routing weight writes the mid rows in sorted order, down is a third grouped
-// product, and a last kernel adds each token's n_used rows in slot order (no atomics: the same bits every run).
+// up to BN (16, 32 or 64, by the mean pairs per expert) pairs of one expert. gate and up are then two grouped
+// products over those tiles (activation rows gathered by pair), SwiGLU times the routing weight writes the mid
+// rows in sorted order, down is a third grouped product, and a last kernel adds each token's n_used rows in slot
+// order (no atomics: the same bits every run).
 #include "qdot.cuh"
 
 namespace ds4::cuda {
@@ -291,7 +293,6 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     auto c_col = [&](int ni, int e) { return wcol + 8 * ni + 2 * t4 + (e & 1); };
     auto live = [&](int ni) { return wcol + 8 * ni < live_cols; };  // warp-uniform (the reg_a path's test)
     float acc[MI][NI][4] = {};
-    int isum[MI][NI][4] = {};
 
     const int nk = (int)(a.cols / KS);
     load(0, 0);
@@ -400,6 +401,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 }
             }
         } else {
+            int isum[MI][NI][4] = {};  // the stage's integer sums (not Q8_0: its blocks are scaled one by one)
 #pragma unroll
             for (int c = 0; c < 8; ++c) {
                 // A 16 x 32-byte fragment: 32 int8 (m16n8k32) or 16 f16 (m16n8k16) of K; the same bytes per lane
@@ -493,7 +495,6 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                                 v = fmaf(-(dm * dx), msum[mi][ni][e], v);
                             }
                             acc[mi][ni][e] = v;
-                            isum[mi][ni][e] = 0;
                         }
                     }
             }
@@ -553,8 +554,7 @@ struct GroupedOp {
         if constexpr (!gemm_type<T>()) {
             return invalid("moe_grouped: unsupported weight type " + std::to_string(T));
         } else {
-            return gemm_launch_bn<T>(s, a, fitting_bn<T>(bn),
-                                     dim3((unsigned)ceil_div(a.rows, kBM), (unsigned)max_tiles));
+            return gemm_launch_bn<T>(s, a, bn, dim3((unsigned)ceil_div(a.rows, kBM), (unsigned)max_tiles));
         }
     }
 };
@@ -679,21 +679,33 @@ __global__ void moe_combine_kernel(float* out, int64_t out_stride, const float* 
     }
 }
 
-// The grouped MoE's workspace, in order (each piece 256-byte aligned).
-// Tile width of a grouped MoE over n_pairs pairs (tile: 16, 32 or 64 to force one; 0 chooses).
-int moe_bn(int64_t n_pairs, int n_expert, int tile) {
-    if (tile) return tile;
+// Tile width of a grouped MoE over n_pairs pairs (tile: 16, 32 or 64 to force one; 0 chooses), narrowed to what
+// this device's shared memory allows for both weight types: the sort lists tiles of this width and every grouped
+// product must take them whole.
+template <int T>
+struct FitBn {
+    static cudaError_t run(int* bn) {
+        if constexpr (gemm_type<T>()) *bn = fitting_bn<T>(*bn);
+        return cudaSuccess;
+    }
+};
+int moe_bn(int64_t n_pairs, int n_expert, int tile, int gate_type, int down_type) {
     const int64_t mean = ceil_div(n_pairs, n_expert);
-    return mean <= 6 ? 16 : mean <= 32 ? 32 : 64;
+    int g = tile ? tile : mean <= 6 ? 16 : mean <= 32 ? 32 : 64, d = g;
+    cudaError_t e;
+    by_type<FitBn>(gate_type, e, &g);
+    by_type<FitBn>(down_type, e, &d);
+    return std::min(g, d);
 }
 
+// The grouped MoE's workspace, in order (each piece 256-byte aligned).
 struct MoeWork {
     size_t pos_of, pair_at, tiles, n_tiles, hq, g, u, midq, d, bytes;
     int bn, max_tiles;
     MoeWork(int gate_type, int down_type, int n_tok, int n_used, int64_t n_embd, int64_t n_ff, int n_expert,
             int tile) {
         const int64_t P = (int64_t)n_tok * n_used;
-        bn = moe_bn(P, n_expert, tile);
+        bn = moe_bn(P, n_expert, tile, gate_type, down_type);
         max_tiles = (int)(ceil_div(P, bn) + std::min<int64_t>(n_expert, P));
         size_t at = 0;
         auto take = [&](size_t n) {
@@ -713,6 +725,12 @@ struct MoeWork {
         bytes = at;
     }
 };
+
+// Whether a call suits the kernels' 32-bit offsets: each matrix (an expert's) and the call's activations (at
+// most two bytes per value) under 4 GiB.
+bool offsets_fit(int64_t matrix_bytes, int64_t act_values) {
+    return matrix_bytes < (1LL << 32) && 2 * act_values < (1LL << 32);
+}
 
 unsigned rows_grid(int64_t rows) { return (unsigned)std::min<int64_t>(rows, 16 * props().sms); }  // a block per row
 
@@ -743,7 +761,7 @@ cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void
         (uintptr_t)work % 16)
         return invalid("gemm: w, x and work must be 16-byte aligned, x rows covering groups * cols");
     if (y_stride < rows * groups) return invalid("gemm: y_stride is shorter than a row of y");
-    if (rows * (int64_t)row_bytes(type, cols) >= (1LL << 32) || 2LL * n_tok * cols * groups >= (1LL << 32))
+    if (!offsets_fit(rows * (int64_t)row_bytes(type, cols), (int64_t)n_tok * cols * groups))
         return invalid("gemm: a matrix or the activations of one call exceed 4 GiB");
     if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("gemm: call ds4_cuda_init first");
     if (tile != 0 && tile != 16 && tile != 32 && tile != 64) return invalid("gemm: tile must be 0, 16, 32 or 64");
@@ -779,8 +797,9 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
         return invalid("moe_grouped: ids, weights and work are required; weights, h and work 16-byte aligned");
     if ((gate_type == TYPE_IQ2_XXS || down_type == TYPE_IQ2_XXS) && !iq2_tables())
         return invalid("moe_grouped: call ds4_cuda_init first");
-    if (2LL * n_tok * n_used * std::max(n_ff, n_embd) >= (1LL << 32))
-        return invalid("moe_grouped: the activations of one call exceed 4 GiB");
+    const int64_t grb = (int64_t)row_bytes(gate_type, n_embd), drb = (int64_t)row_bytes(down_type, n_ff);
+    if (!offsets_fit(std::max(n_ff * grb, n_embd * drb), (int64_t)n_tok * n_used * std::max(n_ff, n_embd)))
+        return invalid("moe_grouped: an expert's matrix or the activations of one call exceed 4 GiB");
     if (tile != 0 && tile != 16 && tile != 32 && tile != 64)
         return invalid("moe_grouped: tile must be 0, 16, 32 or 64");
     const MoeWork m(gate_type, down_type, n_tok, n_used, n_embd, n_ff, n_expert, tile);
@@ -794,7 +813,6 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
     cudaError_t e = launch(moe_sort_kernel, dim3(1), dim3(1024), 2 * sizeof(int) * n_expert, s, pos_of, pair_at,
                            tiles, n_tiles, ids, (int)P, n_expert, m.bn);
     if (e == cudaSuccess) e = quantize_into(s, wk + m.hq, h, h_stride, n_tok, n_embd, gate_type);
-    const int64_t grb = (int64_t)row_bytes(gate_type, n_embd), drb = (int64_t)row_bytes(down_type, n_ff);
     GemmArgs a{G, n_ff, (const uint8_t*)gate, n_ff, n_embd, grb, n_ff * grb, wk + m.hq, n_tok, n_embd, 0,
                tiles, n_tiles, pair_at, n_used, iq2_tables()};
     if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.bn, m.max_tiles);
