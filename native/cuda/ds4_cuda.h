@@ -76,9 +76,9 @@ size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t cols, int groups);
 // The routed experts of n_tok tokens in one pass (prefill): out[t, :] (+)= sum_j weights[t, j] * down_e
 // (silu(min(gate_e . h_t, clamp)) * clip(up_e . h_t, +-clamp)), e = ids[t, j] (outside [0, n_expert): expert 0),
 // as ds4_cuda_moe_gate_up + ds4_cuda_moe_down compute it, but each expert's weights read once per tile of up to
-// 16, 32 or 64 of its pairs (tile; 0: the narrowest at least the mean pairs per expert): the pairs are sorted by
-// expert on the device and each matrix is one grouped tensor-core product. Gate and up share gate_type, down has
-// down_type (both ds4_cuda_gemm_ok). work: ds4_cuda_moe_work_bytes(...) bytes.
+// 16, 32 or 64 of its pairs (tile; 0: chosen by the mean pairs per expert; narrowed where shared memory is short):
+// the pairs are sorted by expert on the device and each matrix is one grouped tensor-core product. Gate and up
+// share gate_type, down has down_type (both ds4_cuda_gemm_ok). work: ds4_cuda_moe_work_bytes(...) bytes.
 cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride, const float* h, int64_t h_stride,
                                  const void* gate, const void* up, const void* down, int gate_type, int down_type,
                                  int64_t n_ff, int64_t n_embd, int n_expert, const int32_t* ids,
