@@ -25,7 +25,9 @@ import time
 import numpy as np
 
 from ds4d import _cuda
+from ds4d.ops.cuda import draw_records
 from ds4d.ops.reference import rope_inv_freq
+from ds4d.sampling import Draw, SamplingParams
 
 F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS, BF16 = 0, 1, 8, 10, 12, 16, 30
 NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q2_K: "Q2_K", Q4_K: "Q4_K", IQ2_XXS: "IQ2_XXS"}
@@ -257,8 +259,11 @@ def bench_small(gpu, out, batches):
         logits = gpu.buf(4 * b * 256, F32, 36)
         ids, wts = gpu.buf(4 * b * 6), gpu.buf(4 * b * 6)
         bias = gpu.buf(4 * 256, F32, 37)
-        vocab = gpu.buf(4 * b * 129280, F32, 38)
-        sampled, arg_scratch = gpu.buf(4 * b), gpu.buf(_cuda.argmax_scratch_bytes(b))
+        # LM-like logits (~0.1% within 3 of the top) and the sampler's default knobs, or greedy
+        vocab = gpu.put((np.random.default_rng(38).standard_normal((b, 129280)) * 2).astype(np.float32))
+        sampled = gpu.buf(4 * b)
+        greedy, default = (gpu.put(draw_records([Draw(SamplingParams(), g, 0.5)] * b).view(np.uint8))
+                           for g in (True, False))
         ops = [
             ("rms_norm", "4096", 8 * b * E,
              lambda: _cuda.rms_norm(gpu.s.ptr, h.ptr, E, x.ptr, E, w.ptr, b, E, 1e-6)),
@@ -277,8 +282,10 @@ def bench_small(gpu, out, batches):
              lambda: _cuda.kv_store(gpu.s.ptr, ring.ptr, 128 * D, y.ptr, H * D, pos.ptr, 0, 1, 128, b, D, 448, True)),
             ("route", "256 -> 6", 4 * b * 256,
              lambda: _cuda.route(gpu.s.ptr, ids.ptr, wts.ptr, logits.ptr, bias.ptr, 0, 0, b, 256, 6, 1.5, True)),
-            ("argmax", "129280", 4 * b * 129280,
-             lambda: _cuda.argmax(gpu.s.ptr, sampled.ptr, arg_scratch.ptr, vocab.ptr, 129280, b, 129280)),
+            ("sample greedy", "129280", 4 * b * 129280,
+             lambda: _cuda.sample(gpu.s.ptr, sampled.ptr, greedy.ptr, vocab.ptr, 129280, b, 129280)),
+            ("sample T=1 min_p=0.05", "129280", 4 * b * 129280,
+             lambda: _cuda.sample(gpu.s.ptr, sampled.ptr, default.ptr, vocab.ptr, 129280, b, 129280)),
         ]
         for name, shape, nb, fn_ in ops:
             med, best = gpu.time_graph(lambda i, f=fn_: f(), 50)

@@ -1,4 +1,4 @@
-"""Benchmark of the whole forward pass on the CUDA backend: the engine's step (`Model.forward`), full-width layers.
+"""Benchmark of the whole forward pass on the CUDA backend: the engine's step (`Model.sample`), full-width layers.
 
 Writes a q2 model of N full-width layers (the real shapes and types; random values: valid random blocks for every
 quantized or large float tensor, the generator's values for norms, biases and small tables, so routing spreads
@@ -7,8 +7,9 @@ over the experts), opens it with backend="cuda" and times, after a warm-up that 
 * prefill of a prompt of each `--ctx` length (tokens/s, chunks of `--chunk` tokens: tensor-core products, the
   routed experts grouped by expert, tensor-core attention; `--no-gemm`: the products and experts through the
   decode kernels, 16 rows at a time, for comparison) and, with `--prefill-ops`, its device time per op;
-* decode at batch 1 after each prompt and at batch 8 (8 sessions of `--ctx8` tokens): wall time per step (the
-  logits download ends each step), median of `--steps`, with the step replayed as a CUDA graph, and at the
+* decode at batch 1 after each prompt and at batch 8 (8 sessions of `--ctx8` tokens): wall time per step of
+  `Model.sample`, the engine's step (sampling on the device with the default knobs at `--temperature`; the ids'
+  download ends each step; rows the kernel leaves to the host are counted), median of `--steps`, with the step replayed as a CUDA graph, and at the
   first length also run eagerly (every kernel launched from Python) for comparison; per layer from CUDA events
   recorded between the layers (graph nodes when captured), by layer kind (ratio 0 / 4 / 128);
 * the floor per layer: the layer's bytes (non-routed weights, 6 routed experts per token that random routing
@@ -34,8 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # daemon_harness
 from ds4d import _cuda  # noqa: E402
-from ds4d.model import Model, open_model
+from ds4d.model import Model, Segment, open_model
 from ds4d.quants import random_blocks
+from ds4d.sampling import Draw, SamplingParams
 from ds4d.shape import flash_shape
 from ds4d.tiny import _encode, _rng, _values, plan, tensor_nbytes, write_model
 
@@ -151,12 +153,12 @@ class OpClock:
             setattr(ops, name, wrapped)
         step = ops.step
 
-        def timed_step(states, tokens, bounds, positions, run):
+        def timed_step(states, tokens, bounds, positions, run, draws=None):
             def run_marked():
                 out = run()
                 self.mark("end")
                 return out
-            return step(states, tokens, bounds, positions, run_marked)
+            return step(states, tokens, bounds, positions, run_marked, draws)
         ops.step = timed_step
         ops.drop_graphs()                          # the next capture records the events
 
@@ -255,6 +257,8 @@ def main() -> int:
                     help="prefill products and experts through the decode kernels (the comparison)")
     ap.add_argument("--no-join", action="store_true",
                     help="one product per weight also for one token (not the sublayer input's joined products)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="decode steps sample with the default knobs at this temperature (0: greedy)")
     ap.add_argument("--json")
     args = ap.parse_args()
     ctxs = [int(c) for c in args.ctx.split(",")]
@@ -283,24 +287,30 @@ def main() -> int:
            "ratios": [L.ratio for L in m.weights.layers], "runs": []}
     clock = LayerClock(m)
 
+    params = SamplingParams(temperature=args.temperature)
+
     def decode(states, ctx, graphs, label):
         m.ops.graphs = graphs
         clock.times.clear()
         walls = []
+        host_rows = 0
         for _ in range(args.steps):
             toks = [int(t) for t in rng.integers(0, m.shape.n_vocab, len(states))]
+            draws = [Draw(params, params.temperature == 0, float(rng.random())) for _ in states]
             t0 = time.perf_counter()
-            logits = m.decode(states, toks)
+            res = m.sample([Segment(st, np.array([t])) for st, t in zip(states, toks)], draws)
             walls.append(time.perf_counter() - t0)
             clock.read()
-            assert np.isfinite(logits).all()
+            assert all(0 <= t < m.shape.n_vocab for t in res.tokens)
+            host_rows += res.host_rows
         B, wall, per_layer = len(states), statistics.median(walls[4:]), clock.per_layer_us(4)
         floors = [b / bw * 1e6 for b in layer_bytes(m, ctx, B)]
         run = {"label": label, "B": B, "ctx": ctx, "graphs": graphs, "step_ms": wall * 1e3, "tok_s": B / wall,
                "layer_us": per_layer, "floor_us": floors, "head_us": wall * 1e6 - sum(per_layer[:args.layers])}
         res["runs"].append(run)
         print(f"decode {label}: {wall * 1e3:.2f} ms per step, {B / wall:.1f} tok/s; per layer "
-              + ", ".join(f"{u:.0f}" for u in per_layer[:args.layers]) + " us", flush=True)
+              + ", ".join(f"{u:.0f}" for u in per_layer[:args.layers]) + f" us; {host_rows} tokens sampled on the "
+              "host", flush=True)
 
     for i, ctx in enumerate(ctxs):
         st = m.new_state()

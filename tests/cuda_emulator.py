@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 import sys
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from ds4d import _cpu
 from ds4d.ops.reference import Reference, fp8_e4m3_roundtrip
 from ds4d.quants import row_bytes
+from ds4d.sampling import Draw, SamplingParams, candidates, pick
 from ds4d.weights import HyperConn, Weight
 
 REF = Reference(np.float32)
@@ -384,6 +386,27 @@ def route(stream, ids, weights, logits, bias, tid2eid, tokens, n_tok, n_expert, 
     _at(weights, np.float32, n_tok * n_used)[:] = w.reshape(-1)
 
 
+def sample(stream, ids, draws, x, x_stride, n_rows, n):
+    """The kernel's rule through sampling.pick (min_p recovered from T ln(min_p)), including the rows it leaves to
+    the host: a non-finite logit, more than 4096 candidates to sort (top-p without top-k)."""
+    from ds4d.ops.cuda import _DRAW, _DRAW_GREEDY, _DRAW_SKIP
+    recs = _at(draws, np.uint8, n_rows * _DRAW.itemsize).view(_DRAW)
+    out = _at(ids, np.int32, n_rows)
+    for r, rec in enumerate(recs):
+        row = _at(x + 4 * r * x_stride, np.float32, n).copy()
+        if rec["mode"] == _DRAW_SKIP or not np.isfinite(row).all():
+            out[r] = -1
+            continue
+        T = float(rec["temperature"])
+        params = SamplingParams(temperature=T if rec["mode"] != _DRAW_GREEDY else 0.0, top_k=int(rec["top_k"]),
+                                top_p=float(rec["top_p"]) if rec["mode"] != _DRAW_GREEDY else 1.0,
+                                min_p=math.exp(rec["t_log_min_p"] / T) if rec["mode"] != _DRAW_GREEDY else 0.0)
+        d = Draw(params, rec["mode"] == _DRAW_GREEDY, float(rec["u"]))
+        over = not d.greedy and params.top_k == 0 and params.top_p < 1 and \
+            len(candidates(row, T, 0, 1.0, params.min_p)[0]) > 4096
+        out[r] = -1 if over else pick(row, d)
+
+
 def moe_gate_up(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, ids, weights, n_used, n_tok, clamp):
     H = _rows(h, h_stride, n_tok, n_embd)
     G = _weights(gate, type, n_expert * n_ff, n_embd)
@@ -516,5 +539,5 @@ def _enqueued(fn):
 
 for _name in ("memcpy", "matvec", "matvec_parts", "embed", "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store",
               "attention_decode", "route", "moe_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4",
-              "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill"):
+              "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
     globals()[_name] = _enqueued(globals()[_name])

@@ -756,7 +756,7 @@ def test_route_ties_go_to_the_lower_index(stream):
     np.testing.assert_array_equal(d.get(ids)[0], [7, 13, 40, 0])
 
 
-def test_embed_and_argmax(stream, rng):
+def test_embed(stream, rng):
     d = Dev(stream)
     V, E, T = 100, 256, 3
     table = rng.standard_normal((V, E)).astype(np.float16)
@@ -764,16 +764,90 @@ def test_embed_and_argmax(stream, rng):
     X = d.out((T, 4, E))
     _cuda.embed(stream.ptr, X.ptr, d.put(table), F16, d.put(tokens), T, E, 4)
     np.testing.assert_array_equal(d.get(X), np.repeat(table[tokens].astype(np.float32)[:, None], 4, axis=1))
-    n = 129280
-    x = rng.standard_normal((T, n)).astype(np.float32)
-    x[1, [1000, 70000]] = 50.0  # a tie: the lower index
-    ids = d.out((T,), np.int32)
-    scratch = d.out((_cuda.argmax_scratch_bytes(T),), np.uint8)
-    _cuda.argmax(stream.ptr, ids.ptr, scratch.ptr, d.put(x), n, T, n)
-    np.testing.assert_array_equal(d.get(ids), np.argmax(x, axis=1))
-    small = rng.standard_normal((2, 5)).astype(np.float32)   # fewer values than the kernel's blocks
-    _cuda.argmax(stream.ptr, ids.ptr, scratch.ptr, d.put(small), 5, 2, 5)
-    np.testing.assert_array_equal(d.get(ids)[:2], np.argmax(small, axis=1))
+
+
+def _sample_cases(rng, n):
+    """(logits, draws) rows covering sampling's paths: greedy (with a tie at the top), the default min-p, top-k
+    (with ties at the k-th value), top-p with and without top-k, temperatures, rows the kernel leaves to the host
+    (a NaN; more than 4096 candidates), skipped rows."""
+    from ds4d.sampling import Draw, SamplingParams as P
+    rows, draws = [], []
+
+    def add(x, params, greedy=False, u=None):
+        rows.append(np.asarray(x, np.float32))
+        u = (0.0 if greedy else float(rng.random())) if u is None else u
+        draws.append(None if params is None else Draw(params, greedy, u))
+
+    peaked = lambda: rng.standard_normal(n) * 2.0                        # noqa: E731: ~0.1% within 3 of the top
+    coarse = lambda: np.round(rng.standard_normal(n) * 8) / 4           # noqa: E731: many equal values (ties)
+    tie_top = peaked()
+    tie_top[[n // 3, n - 1]] = tie_top.max() + 1.0
+    add(tie_top, P(), greedy=True)
+    add(coarse(), P(), greedy=True)
+    add(peaked(), None)
+    for params in (P(), P(temperature=0.7), P(temperature=2.5, min_p=0.2), P(min_p=1.0), P(top_k=1),
+                   P(top_k=40, min_p=0.0), P(top_k=1024, min_p=0.0, temperature=1.3), P(top_k=5000, min_p=0.0),
+                   P(top_p=0.9), P(top_p=0.5, min_p=0.01, temperature=0.8), P(top_k=300, top_p=0.95, min_p=0.0),
+                   P(top_k=40, top_p=0.7)):
+        for make in (peaked, coarse):
+            for _ in range(3):
+                add(make(), params)
+    nan = peaked()
+    nan[n // 2] = np.nan
+    add(nan, P())
+    flat = lambda: rng.standard_normal(n) * 0.1                         # noqa: E731: every logit a candidate
+    add(flat(), P(min_p=0.0))
+    for u in (0.0, 1 - 2.0 ** -24):                                     # the uniforms' ends
+        add(peaked(), P(), u=u)
+        add(peaked(), P(top_k=40), u=u)
+    add(flat(), P(min_p=0.0, top_p=0.99))
+    return np.stack(rows), draws
+
+
+@pytest.mark.parametrize("n", [129280, 3000, 7])
+def test_sample_matches_host(stream, rng, n):
+    """The sampling kernel against sampling.pick, the host's rule, row by row: the same token for every draw,
+    -1 exactly where the kernel leaves the row to the host (a non-finite logit, over 4096 candidates to sort: top-p
+    without top-k) or the row has no draw."""
+    from ds4d.ops.cuda import draw_records
+    from ds4d.sampling import candidates, pick
+    d = Dev(stream)
+    x, draws = _sample_cases(rng, n)
+    ids = d.out((len(x),), np.int32)
+    _cuda.sample(stream.ptr, ids.ptr, d.put(draw_records(draws).view(np.uint8)), d.put(x), n, len(x), n)
+    got = d.get(ids)
+    host_rows = 0
+    for r, (row, dr) in enumerate(zip(x, draws)):
+        if dr is None:
+            want = -1
+        elif not np.isfinite(row).all() or (not dr.greedy and dr.params.top_k == 0 and dr.params.top_p < 1 and len(
+                candidates(row, dr.params.temperature, 0, 1.0, dr.params.min_p)[0]) > 4096):
+            want = -1
+            host_rows += 1
+        else:
+            want = pick(row, dr)
+        assert got[r] == want, (r, dr, got[r], want)
+    assert host_rows == (2 if n > 4096 else 1)
+
+
+def test_sample_draws_follow_the_distribution(stream, rng):
+    """Many uniforms on one row: the kernel's tokens are the inverse CDF of the candidates' weights, so their
+    frequencies match sampling.candidates' distribution (and each equals pick's token)."""
+    from ds4d.ops.cuda import draw_records
+    from ds4d.sampling import Draw, SamplingParams, candidates, pick
+    d = Dev(stream)
+    n, rows = 5000, 2000
+    logit = (rng.standard_normal(n) * 1.5).astype(np.float32)
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.01)
+    draws = [Draw(params, False, float(u)) for u in rng.random(rows)]
+    x = np.repeat(logit[None], rows, axis=0)
+    ids = d.out((rows,), np.int32)
+    _cuda.sample(stream.ptr, ids.ptr, d.put(draw_records(draws).view(np.uint8)), d.put(x), n, rows, n)
+    got = d.get(ids)
+    assert all(g == pick(logit, dr) for g, dr in zip(got, draws))
+    cand, w = candidates(logit, 0.9, 50, 0.9, 0.01)
+    freq = np.array([(got == c).mean() for c in cand])
+    assert set(got) <= set(cand) and np.abs(freq - w / w.sum()).max() < 0.04
 
 
 # ---- graph capture ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from ds4d.model import Segment, open_model
+from ds4d.sampling import pick
 
 from ds4d.ops.cuda import available  # noqa: E402
 
@@ -217,9 +218,34 @@ def test_graph_replay_equals_eager(models):
         graphed = run(True)
     finally:
         m.ops.graphs = True
-    assert {(2, 256), (2, 512)} <= set(m.ops._graphs)
+    assert {(2, 256, False), (2, 512, False)} <= set(m.ops._graphs)
     np.testing.assert_array_equal(graphed, eager)
     assert m.ops.weight_calls - calls > 0
+
+
+def test_sampling_step(models):
+    """Model.sample, the engine's step, on CUDA: decode steps replayed from a graph that samples on the device (a
+    prefill chunk's row too) give pick's token on the logits they leave on the device, whatever each step's draws
+    (greedy, default, top-k, top-p, a draw the kernel leaves to the host), and those logits are the bits of the
+    forward without sampling on the same states."""
+    from ds4d.sampling import Draw, SamplingParams as P
+    m = models("q2", "cuda", "faithful")
+    ids, rng = prompt(200, seed=8), np.random.default_rng(8)
+    kinds = [P(), P(temperature=0.8, top_k=40), P(top_p=0.9, min_p=0.0, top_k=200), P(top_p=0.999, min_p=0.0)]
+    a, b = m.new_state(), m.new_state()
+    m.prefill(a, ids[:120])
+    res = m.sample([Segment(b, ids[:90])], [Draw(P(), False, 0.5)])
+    assert res.tokens[0] == pick(res.logits(0), Draw(P(), False, 0.5))
+    twins = [m.live_state(a.snapshot()), m.live_state(b.snapshot())]
+    for k in range(12):
+        draws = [Draw(kinds[k % 4], False, float(rng.random())), Draw(P(), k % 3 == 0, 0.25)]
+        toks = [ids[120 + k], ids[90 + k]]
+        res = m.sample([Segment(st, np.array([t])) for st, t in zip((a, b), toks)], draws)
+        want = m.decode(twins, toks)
+        for i, d in enumerate(draws):
+            np.testing.assert_array_equal(res.logits(i), want[i])
+            assert res.tokens[i] == pick(want[i], d), (k, i)
+    assert any(key[2] for key in m.ops._graphs)
 
 
 def test_snapshot_restore_continue(models):

@@ -32,7 +32,7 @@ import numpy as np
 
 from .chat import effective_thinking, render_chat_parts, render_fim_parts
 from .kvstore import PageStore, SnapshotError, remove_stale_temps
-from .model import Model, Segment
+from .model import Model, Sampled, Segment
 from .output import OutputStream
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
@@ -310,21 +310,25 @@ class Engine:
             segments.append(Segment(j.session.state, np.asarray([j.pending], np.int64)))
         if not segments:
             return
+        # Each next token is drawn before the step (the RNG's uniform, greedy or not), so that the backend samples
+        # it in the step: from a GPU only the token ids come back.
+        draws = [fill.out.draw() if end == len(fill.target) else None] if fill is not None else []
+        draws += [j.out.draw() for j in decoding]
         calls = getattr(self.model.ops, "weight_calls", 0)
-        logits = self.model.forward(segments)
+        res = self.model.sample(segments, draws)
         if fill is None:
             self.counters["decode_steps"] += 1
             used = getattr(self.model.ops, "weight_calls", 0) - calls
             self.counters["weight_calls_last_step"] = used
             self.weight_calls_by_batch[len(decoding)] = used
-        rows = iter(logits)
+        rows = iter(range(len(segments)))
         if fill is not None:
-            self._prefilled(fill, end, next(rows)[0])
+            self._prefilled(fill, end, res, next(rows))
         for j in decoding:
             j.session.tokens.append(j.pending)
             self.counters["decode_tokens"] += 1
             j.pending = None
-            self._sampled(j, next(rows)[0])
+            self._sampled(j, res, next(rows))
 
     def _chunk_end(self, job: Job, chunk: int) -> int:
         """Where the next prefill chunk stops: at the job's first snapshot point ahead (near the end of the prompt,
@@ -336,7 +340,7 @@ class Engine:
             return stop
         return max((start + chunk) // SNAP_ALIGN * SNAP_ALIGN, (start // SNAP_ALIGN + 1) * SNAP_ALIGN)
 
-    def _prefilled(self, job: Job, end: int, logits: np.ndarray) -> None:
+    def _prefilled(self, job: Job, end: int, res: Sampled, row: int) -> None:
         s = job.session
         self.counters["prefill_tokens"] += end - job.pos
         s.tokens.extend(job.target[job.pos:end])
@@ -346,15 +350,15 @@ class Engine:
             self.cache.insert(s.tokens, s.state)
         job.on_event({"kind": "progress", "done": end, "total": total})
         if end == total:
-            self._sampled(job, logits)
+            self._sampled(job, res, row)
 
-    def _sampled(self, job: Job, logits: np.ndarray) -> None:
-        """Sample the next token from the logits of the last fed token, stream it, finish or queue it."""
+    def _sampled(self, job: Job, res: Sampled, row: int) -> None:
+        """Stream the token sampled from the last fed token's logits (row `row` of the step), finish or queue it."""
         if job.cancelled.is_set():
             self._finish(job, "cancelled")
             return
-        t = job.out.token(logits)
-        for ev in job.out.push(t, logits):
+        t = res.tokens[row]
+        for ev in job.out.push(t, res.logits(row) if job.out.params.logprobs else None):
             job.on_event(_event_dict(ev))
         if job.out.done:
             self._finish(job, job.out.finish_reason)

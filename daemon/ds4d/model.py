@@ -12,7 +12,8 @@ the positions inside the ops, not from branches here). Matrix products run once 
 weights are read once per step.
 
 Entry point: `open_model(path, backend="cpu", numerics="faithful")`, then `m.logits(ids)` or
-`m.new_state()` + `m.forward(...)`.
+`m.new_state()` + `m.forward(...)`, or `m.sample(...)` (the forward plus each segment's next token, sampled by the
+backend: the engine's step).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from .gguf_file import GGUFFile
 from .ops import AttnSpec, get_backend
 from .ops.reference import rope_inv_freq
+from .sampling import Draw, pick
 from .shape import Shape, read_shape
 from .state import LayerState, SessionState
 from .weights import Layer, Weights, load_weights
@@ -38,6 +40,18 @@ class Segment:
     """New tokens of one session, at positions state.n_tokens, state.n_tokens + 1, ..."""
     state: SessionState
     tokens: np.ndarray
+
+
+class Sampled:
+    """What `Model.sample` gives back: each segment's next token (-1 where it had no draw), how many of them the
+    host picked (the rows a device sampler leaves to it), and on demand the logits of a segment's last token (a
+    download from a GPU backend; valid until the next forward)."""
+
+    def __init__(self, ops, tokens: list[int], logits, host_rows: int = 0):
+        self.tokens, self.host_rows, self._ops, self._logits = tokens, host_rows, ops, logits
+
+    def logits(self, i: int) -> np.ndarray:
+        return self._ops.host(self._logits[i:i + 1])[0]
 
 
 class Model:
@@ -112,10 +126,30 @@ class Model:
         segs = [Segment(st, np.asarray([t], dtype=np.int64)) for st, t in zip(states, tokens)]
         return np.concatenate(self.forward(segs)).astype(np.float32, copy=False)
 
+    def sample(self, segments: list[Segment], draws: list[Draw | None]) -> Sampled:
+        """`forward`, then each segment's next token from its last logits by its draw (None: no token), on the
+        backend's device where it can (the engine's step: only the token ids come back from a GPU)."""
+        if len(draws) != len(segments):
+            raise ValueError("one draw (or None) per segment")
+        (ids, logits), _ = self._pass(segments, False, draws)
+        tokens, host = [int(t) for t in ids], 0
+        for i, d in enumerate(draws):
+            if d is not None and tokens[i] < 0:        # rows the device leaves to the host (sampling.pick)
+                tokens[i] = pick(self.ops.host(logits[i:i + 1])[0], d)
+                host += 1
+        return Sampled(self.ops, tokens, logits, host)
+
     # --- the pass -------------------------------------------------------------------------------------------
     def forward(self, segments: list[Segment], all_logits: bool = False) -> list[np.ndarray]:
         """Run new tokens of several sessions through the model; returns per segment the logits of its last
         token (1, vocab), or of every token with all_logits. Advances each state."""
+        logits, bounds = self._pass(segments, all_logits, None)
+        if all_logits:
+            return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [logits[i:i + 1] for i in range(len(segments))]
+
+    def _pass(self, segments: list[Segment], all_logits: bool, draws: list | None):
+        """The forward of `forward` and `sample`: (the backend step's result, the segments' row bounds)."""
         s, ops = self.shape, self.ops
         if not segments or any(len(seg.tokens) == 0 for seg in segments):
             raise ValueError("every segment needs at least one token")
@@ -136,14 +170,14 @@ class Model:
                 X = self._attention(layer, X, states, bounds, positions)
                 X = self._ffn(layer, X, tokens)
             x = ops.hc_head(X[rows], self.weights.output_hc, s.hc_eps, s.rms_eps)
-            return ops.matmul(self.weights.output, ops.rms_norm(x, self.weights.output_norm, s.rms_eps))
-        # The backend runs the pass: at once on the CPU; on a GPU maybe as the replay of a captured graph.
-        logits = ops.step([seg.state for seg in segments], tokens, bounds, positions, run)
+            logits = ops.matmul(self.weights.output, ops.rms_norm(x, self.weights.output_norm, s.rms_eps))
+            return logits if draws is None else (ops.sample(logits, draws), logits)
+        # The backend runs the pass: at once on the CPU; on a GPU maybe as the replay of a captured graph. It
+        # returns the logits on the host, or with draws the token ids on the host and the logits where they are.
+        out = ops.step([seg.state for seg in segments], tokens, bounds, positions, run, draws)
         for seg in segments:
             seg.state.n_tokens += len(seg.tokens)
-        if all_logits:
-            return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        return [logits[i:i + 1] for i in range(len(segments))]
+        return out, bounds
 
     # --- attention sublayer ---------------------------------------------------------------------------------
     #

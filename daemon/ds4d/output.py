@@ -4,7 +4,8 @@ Owns the per-token logic that sits between the logits and the client, the same f
 generate / chat / complete jobs and the REPL: choose the token (greedy on DSML structure, MODEL.md §7), detokenize
 without splitting UTF-8, switch from reasoning to content at `</think>`, parse DSML tool calls out of the content,
 hold back and cut at stop strings, and decide when to finish (EOS, a stop string, the token budget, or a full
-context). It never runs the model: its driver feeds it logits and asks `token()` / `push()`.
+context). It never runs the model: its driver asks `draw()` before a step and pushes the token the backend sampled
+(the engine), or feeds it logits and asks `token()` (`ds4d run`), then `push()`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chat import Content, ToolCall, ToolCallDelta, ToolCallError, ToolCallParser
-from .sampling import Sampler, SamplingParams, StopMatcher, top_logprobs
+from .sampling import Draw, Sampler, SamplingParams, StopMatcher, pick, top_logprobs
 from .tokenizer import Tokenizer
 
 THINK_END = "</think>"
@@ -56,10 +57,14 @@ class OutputStream:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def draw(self) -> Draw:
+        """The next token's draw (greedy while a tool call's structure is being written), made before the logits
+        exist so that a backend can sample in its step (the engine's way)."""
+        return self.sampler.draw(greedy=self.parser is not None and not self.in_reasoning and self.parser.structural)
+
     def token(self, logits: np.ndarray) -> int:
-        """Choose the next token (greedy while a tool call's structure is being written)."""
-        greedy = self.parser is not None and not self.in_reasoning and self.parser.structural
-        return self.sampler.sample(logits, greedy=greedy)
+        """Choose the next token from its logits on the host."""
+        return pick(logits, self.draw())
 
     def push(self, token_id: int, logits: np.ndarray | None = None) -> list[Event]:
         """Account for a sampled token; returns the events it completes (possibly none)."""

@@ -1,8 +1,9 @@
 """Token sampling (MODEL.md §7), log-probabilities and stop strings: pure functions on numpy logits and text.
 
 Owns: the sampling parameters and their validation, ds4's sampler (temperature, min-p relative to the top token,
-top-k capped at 1024, top-p over the sorted mass, xorshift64* RNG with 24-bit uniforms), top-k log-probabilities,
-and stop-string matching on streamed text.
+top-k capped at 1024, top-p over the sorted mass, xorshift64* RNG with 24-bit uniforms) split into the draw made
+before a step (`Sampler.draw`: the RNG's uniform) and the rule applied to the logits (`pick`, the reference of the
+CUDA backend's sampling kernel), top-k log-probabilities, and stop-string matching on streamed text.
 
 Deliberately not here: when to sample greedily because a DSML tool call is in a structural position (the caller asks
 `ToolCallParser.structural` and passes `greedy=True`), logits computation, detokenization, EOS handling.
@@ -93,6 +94,16 @@ class Rng:
         return (self.next_u64() >> 40) / 16777216.0
 
 
+@dataclass(frozen=True)
+class Draw:
+    """One token's sampling, fixed before its logits exist: the request's knobs, whether to take the argmax, and
+    the uniform the RNG gave (0 for greedy draws, which take none). A backend may sample on its device from this
+    (the CUDA step does); `pick` is the rule on the host."""
+    params: SamplingParams
+    greedy: bool
+    u: float
+
+
 class Sampler:
     """Draws tokens for one request. Seeded samplers reproduce their sequence; unseeded ones seed from os.urandom."""
 
@@ -100,16 +111,27 @@ class Sampler:
         self.params = params
         self.rng = Rng(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little"))
 
-    def sample(self, logits: np.ndarray, greedy: bool = False) -> int:
-        """A token id from `logits` (vocab,). greedy=True (DSML structure, MODEL.md §7) takes the argmax and
+    def draw(self, greedy: bool = False) -> Draw:
+        """The next token's draw. greedy=True (DSML structure, MODEL.md §7) or temperature 0 takes the argmax and
         draws nothing from the RNG."""
-        p = self.params
-        if greedy or p.temperature <= 0:
-            return int(np.argmax(logits))
-        ids, weights = candidates(logits, p.temperature, p.top_k, p.top_p, p.min_p)
-        cum = np.cumsum(weights)
-        i = int(np.searchsorted(cum, self.rng.uniform() * cum[-1], side="left"))
-        return int(ids[min(i, len(ids) - 1)])
+        greedy = greedy or self.params.temperature <= 0
+        return Draw(self.params, greedy, 0.0 if greedy else self.rng.uniform())
+
+    def sample(self, logits: np.ndarray, greedy: bool = False) -> int:
+        """A token id from `logits` (vocab,)."""
+        return pick(logits, self.draw(greedy))
+
+
+def pick(logits: np.ndarray, d: Draw) -> int:
+    """The token a draw takes from `logits` (vocab,): the argmax, or the first candidate whose running weight
+    reaches u times the candidates' total."""
+    if d.greedy:
+        return int(np.argmax(logits))
+    p = d.params
+    ids, weights = candidates(logits, p.temperature, p.top_k, p.top_p, p.min_p)
+    cum = np.cumsum(weights)
+    i = int(np.searchsorted(cum, d.u * cum[-1], side="left"))
+    return int(ids[min(i, len(ids) - 1)])
 
 
 def candidates(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float
@@ -127,8 +149,9 @@ def candidates(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
         pool = None
         top = float(logits[finite].max())
     # min-p in logit space (weight >= min_p <=> logit >= top + T log min_p), so only survivors are exponentiated:
-    # with the default min_p that is a handful of the 129K logits.
-    floor = top + temperature * math.log(min_p) if min_p > 0 else -math.inf
+    # with the default min_p that is a handful of the 129K logits. The floor is rounded to the logits' precision
+    # (float32 from every backend but the float64 reference), as the CUDA sampler does.
+    floor = logits.dtype.type(top + temperature * math.log(min_p) if min_p > 0 else -math.inf)
     ids = pool[logits[pool] >= floor] if pool is not None else np.flatnonzero(finite & (logits >= floor))
 
     def weights_of(idx: np.ndarray) -> np.ndarray:

@@ -425,11 +425,12 @@ PYBIND11_MODULE(_cuda, m) {
                              n_hc), "embed");
     }, py::arg("stream"), py::arg("X"), py::arg("table"), py::arg("type"), py::arg("tokens"), py::arg("n_tok"),
        py::arg("n_embd"), py::arg("n_hc"));
-    m.def("argmax", [](uintptr_t s, uintptr_t ids, uintptr_t scratch, uintptr_t x, int64_t x_stride, int n_tok,
-                       int64_t n) {
-        check(ds4_cuda_argmax(st(s), dev<int32_t>(ids), dev<void>(scratch), dev<const float>(x), x_stride, n_tok, n),
-              "argmax");
-    }, py::arg("stream"), py::arg("ids"), py::arg("scratch"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"),
+    m.def("sample", [](uintptr_t s, uintptr_t ids, uintptr_t draws, uintptr_t x, int64_t x_stride, int n_rows,
+                       int n) {
+        check(ds4_cuda_sample(st(s), dev<int32_t>(ids), dev<const ds4_cuda_draw>(draws), dev<const float>(x),
+                              x_stride, n_rows, n),
+              "sample");
+    }, py::arg("stream"), py::arg("ids"), py::arg("draws"), py::arg("x"), py::arg("x_stride"), py::arg("n_rows"),
        py::arg("n"));
-    m.def("argmax_scratch_bytes", &ds4_cuda_argmax_scratch_bytes, py::arg("n_tok"));
+    m.def("draw_bytes", []() { return sizeof(ds4_cuda_draw); });
 }

@@ -232,8 +232,22 @@ cudaError_t ds4_cuda_route(cudaStream_t s, int32_t* ids, float* weights, const f
 cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type, const int32_t* tokens, int n_tok,
                            int64_t n_embd, int n_hc);
 
-// Greedy sampling: ids[t] = the index of the largest x[t, :] (the lowest on ties), n values per row; scratch:
-// ds4_cuda_argmax_scratch_bytes(n_tok) bytes.
-cudaError_t ds4_cuda_argmax(cudaStream_t s, int32_t* ids, void* scratch, const float* x, int64_t x_stride, int n_tok,
-                            int64_t n);
-size_t ds4_cuda_argmax_scratch_bytes(int n_tok);
+// Sampling the next token of each row (MODEL.md 7, the rule of daemon/ds4d/sampling.py): draws[r] holds row r's
+// knobs and its uniform, drawn on the host before the step (device memory, so a captured step samples with each
+// replay's). Greedy rows take the largest logit (the lowest index on ties). Sampled rows: the candidates are the
+// pool (the top_k largest logits, ties to the lower index, or all) not under the floor top + t_log_min_p (in
+// float32), weighted exp((l - top) / temperature) in float64, in the pool's sorted order with top-k or top-p
+// (else index order), cut at the first prefix reaching top_p of the pool's weight; the token is the first whose
+// prefix reaches u times the kept weight. ids[r] = -1 for a skipped row, and where the host must sample instead:
+// a logit that is not finite, or more than 4096 candidates to sort (top-p without top-k). top_k <= 1024.
+enum { DS4_DRAW_SAMPLE = 0, DS4_DRAW_GREEDY = 1, DS4_DRAW_SKIP = 2 };
+typedef struct ds4_cuda_draw {
+    double temperature;  // > 0 for sampled rows
+    double top_p;        // (0, 1]; 1 = no cut
+    double t_log_min_p;  // temperature * ln(min_p), -inf when min_p = 0
+    double u;            // uniform in [0, 1)
+    int32_t top_k;       // 0 = no top-k, else at most 1024
+    int32_t mode;        // DS4_DRAW_*
+} ds4_cuda_draw;
+cudaError_t ds4_cuda_sample(cudaStream_t s, int32_t* ids, const ds4_cuda_draw* draws, const float* x,
+                            int64_t x_stride, int n_rows, int n);

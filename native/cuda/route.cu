@@ -1,5 +1,5 @@
 // Token-level ops at the ends of a decode step and around the MoE: the router's expert choice (MODEL.md 3.4 steps
-// 2-4), the embedding lookup into the hyper-connection streams, and greedy sampling (argmax).
+// 2-4), the embedding lookup into the hyper-connection streams, and sampling the next token (MODEL.md 7).
 //
 // route: one block per token. Scores p = sqrt(softplus(logit)) in shared memory; then n_used rounds of a block
 // argmax of p + bias over the experts not yet taken, ordered by (value, lower index) so ties go to the lower
@@ -101,57 +101,332 @@ __global__ void embed_kernel(float* X, const void* table, int type, const int32_
     for (int i = 0; i < n_hc; ++i) X[((int64_t)t * n_hc + i) * n_embd + e] = v;
 }
 
-// argmax in two steps: kArgBlocks blocks per row each take a slice (8 loads in flight per thread) and leave
-// their best (value, index) in scratch; one warp per row picks the best of those.
-constexpr int kArgBlocks = 32, kArgThreads = 512, kArgBatch = 8;
+// ---- sampling (MODEL.md 7; daemon/ds4d/sampling.py is the reference) ----------------------------------------
+//
+// One block of 1024 threads per row. Each pass reads the row (from L2: the head just wrote it):
+//   1. the largest logit (lowest index on ties), and whether any logit is not finite (then the host decides);
+//      without top-k and top-p (the default knobs) the draw then runs in index order (draw_in_index_order);
+//   2. with top-k, the k-th largest value by radix select over the logits' order-preserving bit patterns, 8 bits a
+//      pass, and how many of the values equal to it the pool takes (the lowest indices, as the host's top-k);
+//   3. per warp (each owns a contiguous range of indices) the count of candidates: pool members not under the
+//      min-p floor; with top-p also the pool's total weight;
+//   4. the candidates compacted into shared memory in index order (ballots keep the order), at most kSampleCap
+//      of them (more, possible only with top-p and no top-k: the host samples the row);
+// then, with top-k or top-p, a bitonic sort by (logit descending, index ascending); weights exp((l - top) / T) in
+// float64, their prefix sums, the top-p cut (the first prefix reaching top_p of the pool's weight) and the draw
+// (the first prefix reaching u times the kept weight). Only the order of the float64 sums differs from the host.
+constexpr int kSampleThreads = 1024, kSampleWarps = kSampleThreads / 32, kSampleCap = 4096;
+constexpr int kSamplePer = kSampleCap / kSampleThreads;  // entries per thread in the prefix sums
+constexpr int kSampleBatch = 8;                          // loads in flight per thread in the passes over a row
 
-__global__ void __launch_bounds__(kArgThreads) argmax_partial_kernel(float2* part, const float* x, int64_t x_stride,
-                                                                     int64_t n) {
-    __shared__ float sv[32];
-    __shared__ int si[33];
-    pdl_trigger();
-    pdl_wait();
-    const float* xt = x + blockIdx.y * x_stride;
-    const int64_t per = ceil_div(n, gridDim.x), lo = blockIdx.x * per, hi = min(n, lo + per);
-    float v = -INFINITY;
-    int i = 0x7fffffff;
-    for (int64_t b = lo + threadIdx.x; b < hi; b += (int64_t)kArgBatch * blockDim.x) {
-        float u[kArgBatch];
+// l[j] = x[e0 + j * step] below `end` (else -inf, which callers exclude by index): the loads of a batch in flight
+// together, since every pass is bound by their latency.
+__device__ __forceinline__ void load_batch(float (&l)[kSampleBatch], const float* x, int e0, int step, int end) {
 #pragma unroll
-        for (int k = 0; k < kArgBatch; ++k) {
-            const int64_t e = b + (int64_t)k * blockDim.x;
-            u[k] = e < hi ? xt[e] : -INFINITY;
-        }
-#pragma unroll
-        for (int k = 0; k < kArgBatch; ++k) {
-            const int e = (int)(b + (int64_t)k * blockDim.x);
-            if (e < hi && ahead(u[k], e, v, i)) v = u[k], i = e;
-        }
-    }
-    const int best = block_best(v, i, sv, si);
-    if (threadIdx.x == 0) {
-        const float bv = best == 0x7fffffff ? -INFINITY : xt[best];
-        part[blockIdx.y * gridDim.x + blockIdx.x] = make_float2(bv, __int_as_float(best));
-    }
+    for (int j = 0; j < kSampleBatch; ++j) l[j] = e0 + j * step < end ? x[e0 + j * step] : -INFINITY;
 }
 
-__global__ void argmax_final_kernel(int32_t* ids, const float2* part, int nb) {
-    pdl_trigger();
-    pdl_wait();
-    const int lane = threadIdx.x;
-    float v = -INFINITY;
-    int i = 0x7fffffff;
-    if (lane < nb) {
-        const float2 p = part[blockIdx.x * nb + lane];
-        v = p.x, i = __float_as_int(p.y);
+// Unsigned keys in the order of the floats (-0 as +0, so equal floats have equal keys).
+__device__ __forceinline__ uint32_t order_key(float v) {
+    const uint32_t b = __float_as_uint(v == 0.0f ? 0.0f : v);
+    return b ^ ((b >> 31) ? 0xffffffffu : 0x80000000u);
+}
+
+// Exclusive prefix over the block's threads of v; every thread gets the block's total in *total.
+template <typename T>
+__device__ __forceinline__ T block_exclusive(T v, T* sh, T* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    T inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const T n = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += n;
+    }
+    if (lane == 31) sh[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        T w = lane < kSampleWarps ? sh[lane] : T(0);
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const T n = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += n;
+        }
+        if (lane < kSampleWarps) sh[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    const T before = (warp ? sh[warp - 1] : T(0)) + inc - v;
+    *total = sh[kSampleWarps - 1];
+    __syncthreads();  // sh is reused
+    return before;
+}
+
+// Without top-k or top-p the candidates stay in index order, so nothing is compacted and any number of them is
+// fine: each warp sums the weights of its range's candidates, thread 0 runs the prefix over the warps in order,
+// and the first warp whose prefix reaches the target walks its range again, 32 logits at a time.
+__device__ __forceinline__ int draw_in_index_order(const float* xr, int lo, int hi, float top, double temp, float floor,
+                                                double u, double* sd, int* pick) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    double w = 0.0;
+    for (int e0 = lo + lane; e0 < hi; e0 += kSampleBatch * 32) {
+        float l[kSampleBatch];
+        load_batch(l, xr, e0, 32, hi);
+#pragma unroll
+        for (int j = 0; j < kSampleBatch; ++j)
+            if (e0 + j * 32 < hi && l[j] >= floor) w += exp(((double)l[j] - top) / temp);
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (ahead(ov, oi, v, i)) v = ov, i = oi;
+    for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+    if (lane == 0) sd[warp] = w;
+    __syncthreads();
+    if (threadIdx.x == 0) {  // in order, so the prefixes never decrease; the crossing warp has weight of its own
+        double run = 0.0;
+        for (int i = 0; i < kSampleWarps; ++i) sd[i] = run += sd[i];
+        const double target = u * run;
+        int at = -1;
+        for (int i = 0; i < kSampleWarps; ++i)
+            if (sd[i] > (i ? sd[i - 1] : 0.0)) {
+                at = i;
+                if (sd[i] >= target) break;
+            }
+        pick[0] = at;
     }
-    if (lane == 0) ids[blockIdx.x] = i == 0x7fffffff ? 0 : i;
+    __syncthreads();
+    const int at = pick[0];
+    if (warp != at) return -1;
+    const double target = u * sd[kSampleWarps - 1];
+    double run = at ? sd[at - 1] : 0.0;
+    int last = -1;
+    for (int e0 = lo + lane; e0 - lane < hi; e0 += kSampleBatch * 32) {
+        float l[kSampleBatch];
+        load_batch(l, xr, e0, 32, hi);
+#pragma unroll
+        for (int j = 0; j < kSampleBatch; ++j) {
+            const int e = e0 + j * 32;
+            const bool in = e < hi && l[j] >= floor;
+            const uint32_t any = __ballot_sync(0xffffffffu, in);
+            if (!any) continue;
+            double v = in ? exp(((double)l[j] - top) / temp) : 0.0;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const double t = __shfl_up_sync(0xffffffffu, v, o);
+                if (lane >= o) v += t;
+            }
+            const uint32_t hit = __ballot_sync(0xffffffffu, in && run + v >= target);
+            if (hit) return __shfl_sync(0xffffffffu, e, __ffs(hit) - 1);
+            last = __shfl_sync(0xffffffffu, e, 31 - __clz(any));
+            run += __shfl_sync(0xffffffffu, v, 31);
+        }
+    }
+    return last;  // the prefixes' rounding left the target past this warp's own sums: its last candidate
+}
+
+__global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, const ds4_cuda_draw* draws,
+                                                                const float* x, int64_t x_stride, int n) {
+    __shared__ float cl[kSampleCap];
+    __shared__ int ci[kSampleCap];
+    __shared__ uint32_t hist[256];
+    __shared__ float sv[32];
+    __shared__ int si[33];
+    __shared__ int sn[kSampleWarps];
+    __shared__ double sd[kSampleWarps];
+    __shared__ int pick[3];  // radix digit / need; top-p cut; draw
+    pdl_trigger();
+    pdl_wait();
+    const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const ds4_cuda_draw d = draws[row];
+    const float* xr = x + row * x_stride;
+    if (d.mode == DS4_DRAW_SKIP) {
+        if (tid == 0) ids[row] = -1;
+        return;
+    }
+    // 1. the top logit
+    float v = -INFINITY;
+    int i = 0x7fffffff, bad = 0;
+    for (int e0 = tid; e0 < n; e0 += kSampleBatch * kSampleThreads) {
+        float l[kSampleBatch];
+        load_batch(l, xr, e0, kSampleThreads, n);
+#pragma unroll
+        for (int j = 0; j < kSampleBatch; ++j) {
+            const int e = e0 + j * kSampleThreads;
+            if (e < n && !isfinite(l[j])) bad = 1;
+            else if (e < n && ahead(l[j], e, v, i)) v = l[j], i = e;
+        }
+    }
+    bad = __syncthreads_or(bad);
+    const int best = block_best(v, i, sv, si);
+    if (bad || d.mode == DS4_DRAW_GREEDY) {
+        if (tid == 0) ids[row] = bad ? -1 : best;
+        return;
+    }
+    const float top = xr[best];
+    const double temp = d.temperature;
+    const float floor = __double2float_rn((double)top + d.t_log_min_p);  // the host compares in float32 as well
+    const int per = (int)ceil_div(ceil_div(n, kSampleWarps), 32) * 32;     // each warp's range of indices
+    const int lo = min(n, warp * per), hi = min(n, lo + per);
+    if (d.top_k == 0 && d.top_p >= 1.0) {
+        const int token = draw_in_index_order(xr, lo, hi, top, temp, floor, d.u, sd, pick);
+        if (token >= 0 && lane == 0) ids[row] = token;
+        return;
+    }
+    // 2. top-k: the k-th largest key, and `need`, how many of the keys equal to it are in the pool
+    const int k = min(d.top_k, n);
+    uint32_t kth = 0;
+    int need = 0;
+    if (k > 0) {
+        uint32_t mask = 0;
+        need = k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            if (tid < 256) hist[tid] = 0;
+            __syncthreads();
+            for (int e0 = tid; e0 - tid < n; e0 += kSampleBatch * kSampleThreads) {  // one add per distinct bin
+                float l[kSampleBatch];                                                // of a warp's keys
+                load_batch(l, xr, e0, kSampleThreads, n);
+#pragma unroll
+                for (int j = 0; j < kSampleBatch; ++j) {
+                    const uint32_t key = order_key(l[j]);
+                    const bool in = e0 + j * kSampleThreads < n && (key & mask) == kth;
+                    const uint32_t peers = __match_any_sync(0xffffffffu, in ? (key >> shift) & 255 : 256u);
+                    if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[(key >> shift) & 255], __popc(peers));
+                }
+            }
+            __syncthreads();
+            if (warp == 0) {  // lane L owns the bins 255 - 8L down to 248 - 8L
+                uint32_t c[8], sum = 0;
+#pragma unroll
+                for (int b = 0; b < 8; ++b) sum += c[b] = hist[255 - 8 * lane - b];
+                uint32_t inc = sum;
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1) {
+                    const uint32_t t = __shfl_up_sync(0xffffffffu, inc, o);
+                    if (lane >= o) inc += t;
+                }
+                const uint32_t reach = __ballot_sync(0xffffffffu, inc >= (uint32_t)need);
+                if (lane == __ffs(reach) - 1) {
+                    uint32_t before = inc - sum;
+                    int b = 0;
+                    while (before + c[b] < (uint32_t)need) before += c[b++];
+                    pick[0] = 255 - 8 * lane - b;
+                    pick[1] = need - (int)before;
+                }
+            }
+            __syncthreads();
+            kth |= (uint32_t)pick[0] << shift;
+            mask |= 255u << shift;
+            need = pick[1];
+            __syncthreads();
+        }
+    }
+    const bool ties_in = k > 0 && order_key(floor) <= kth;  // the pool's ties at the k-th value pass the floor
+    // 3. per warp: candidates other than ties at the k-th value, those ties, and the pool's weight
+    int cand = 0, ties = 0;
+    double mass = 0.0;
+    for (int e0 = lo + lane; e0 < hi; e0 += kSampleBatch * 32) {
+        float l[kSampleBatch];
+        load_batch(l, xr, e0, 32, hi);
+#pragma unroll
+        for (int j = 0; j < kSampleBatch; ++j) {
+            if (d.top_p >= 1.0 && !(l[j] >= floor)) continue;  // neither a candidate nor a tie that counts
+            const uint32_t key = order_key(l[j]);
+            const bool real = e0 + j * 32 < hi, above = real && (k == 0 || key > kth);
+            cand += above && l[j] >= floor;
+            ties += real && k > 0 && key == kth;
+            if (d.top_p < 1.0 && above) mass += exp(((double)l[j] - top) / temp);
+        }
+    }
+    cand = __reduce_add_sync(0xffffffffu, cand);
+    ties = __reduce_add_sync(0xffffffffu, ties);
+    if (d.top_p < 1.0) {
+        if (k > 0 && tid == 0) mass += need * exp(((double)__uint_as_float(kth ^ ((kth >> 31) ? 0x80000000u
+                                                                                  : 0xffffffffu)) - top) / temp);
+        double pool;
+        block_exclusive(mass, sd, &pool);
+        mass = pool;
+    }
+    int n_ties;
+    const int tie_base = block_exclusive(lane == 0 ? ties : 0, sn, &n_ties);
+    const int tie_base_w = __shfl_sync(0xffffffffu, tie_base, 0);
+    const int mine = cand + (ties_in ? max(0, min(ties, need - tie_base_w)) : 0);
+    int m;
+    int at = __shfl_sync(0xffffffffu, block_exclusive(lane == 0 ? mine : 0, sn, &m), 0);
+    if (m > kSampleCap) {
+        if (tid == 0) ids[row] = -1;
+        return;
+    }
+    // 4. compaction in index order
+    int tie_at = tie_base_w;
+    const uint32_t lt = (1u << lane) - 1;
+    for (int e0 = lo + lane; e0 - lane < hi; e0 += kSampleBatch * 32) {
+        float l[kSampleBatch];
+        load_batch(l, xr, e0, 32, hi);
+#pragma unroll
+        for (int j = 0; j < kSampleBatch; ++j) {
+            // Every candidate is at or above the floor (ties at the k-th value count only when it is): most
+            // groups of 32 have none.
+            if (!__any_sync(0xffffffffu, l[j] >= floor)) continue;
+            const int e = e0 + j * 32;
+            const uint32_t key = order_key(l[j]);
+            const bool tie = e < hi && k > 0 && key == kth;
+            const uint32_t tb = __ballot_sync(0xffffffffu, tie);
+            const bool in = e < hi && (tie ? ties_in && tie_at + __popc(tb & lt) < need
+                                           : (k == 0 || key > kth) && l[j] >= floor);
+            const uint32_t ib = __ballot_sync(0xffffffffu, in);
+            if (in) cl[at + __popc(ib & lt)] = l[j], ci[at + __popc(ib & lt)] = e;
+            tie_at += __popc(tb);
+            at += __popc(ib);
+        }
+    }
+    __syncthreads();
+    // sorted order with top-k or top-p: bitonic over the next power of two, padded with entries behind all others
+    if (k > 0 || d.top_p < 1.0) {
+        int p2 = 1;
+        while (p2 < m) p2 <<= 1;
+        for (int j = m + tid; j < p2; j += kSampleThreads) cl[j] = -INFINITY, ci[j] = 0x7fffffff;
+        __syncthreads();
+        for (int size = 2; size <= p2; size <<= 1)
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int t = tid; t < p2 / 2; t += kSampleThreads) {
+                    const int a = 2 * t - (t & (stride - 1)), b = a + stride;
+                    const bool first = ahead(cl[a], ci[a], cl[b], ci[b]);
+                    if (first != ((a & size) == 0)) {
+                        const float fl = cl[a];
+                        const int fi = ci[a];
+                        cl[a] = cl[b], ci[a] = ci[b], cl[b] = fl, ci[b] = fi;
+                    }
+                }
+                __syncthreads();
+            }
+    }
+    // prefix sums of the weights: thread t owns entries kSamplePer * t ...
+    double c[kSamplePer], run = 0.0;
+#pragma unroll
+    for (int j = 0; j < kSamplePer; ++j) {
+        const int e = kSamplePer * tid + j;
+        run += e < m ? exp(((double)cl[e] - top) / temp) : 0.0;
+        c[j] = run;
+    }
+    double total;
+    const double base = block_exclusive(run, sd, &total);
+#pragma unroll
+    for (int j = 0; j < kSamplePer; ++j) c[j] += base;
+    // the top-p cut: the first prefix reaching top_p of the pool's weight keeps entries up to it
+    if (tid == 0) pick[1] = m - 1, pick[2] = 0x7fffffff;
+    __syncthreads();
+    if (d.top_p < 1.0) {
+        const double want = d.top_p * mass;
+#pragma unroll
+        for (int j = 0; j < kSamplePer; ++j)
+            if (kSamplePer * tid + j < m && c[j] >= want) atomicMin(&pick[1], kSamplePer * tid + j);
+        __syncthreads();
+    }
+    const int last = pick[1];
+    if (last / kSamplePer == tid) sd[0] = c[last % kSamplePer];
+    __syncthreads();
+    const double target = d.u * sd[0];
+#pragma unroll
+    for (int j = 0; j < kSamplePer; ++j)
+        if (kSamplePer * tid + j <= last && c[j] >= target) atomicMin(&pick[2], kSamplePer * tid + j);
+    __syncthreads();
+    if (tid == 0) ids[row] = ci[min(pick[2], last)];
 }
 
 }  // namespace
@@ -180,15 +455,9 @@ cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type
                   n_embd, n_hc);
 }
 
-size_t ds4_cuda_argmax_scratch_bytes(int n_tok) { return (size_t)n_tok * kArgBlocks * sizeof(float2); }
-
-cudaError_t ds4_cuda_argmax(cudaStream_t s, int32_t* ids, void* scratch, const float* x, int64_t x_stride, int n_tok,
-                            int64_t n) {
+cudaError_t ds4_cuda_sample(cudaStream_t s, int32_t* ids, const ds4_cuda_draw* draws, const float* x,
+                            int64_t x_stride, int n_rows, int n) {
     clear_error();
-    if (n_tok < 1 || n_tok > 65535 || n < 1 || n > 0x7ffffffe || !scratch)
-        return invalid("argmax: empty, or no scratch");
-    cudaError_t e = launch(argmax_partial_kernel, dim3(kArgBlocks, n_tok), dim3(kArgThreads), 0, s, (float2*)scratch,
-                           x, x_stride, n);
-    if (e != cudaSuccess) return e;
-    return launch(argmax_final_kernel, dim3(n_tok), dim3(32), 0, s, ids, (const float2*)scratch, kArgBlocks);
+    if (n_rows < 1 || n_rows > 65535 || n < 1 || x_stride < n) return invalid("sample: empty rows");
+    return launch(sample_kernel, dim3(n_rows), dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
 }

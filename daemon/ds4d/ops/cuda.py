@@ -33,6 +33,7 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 
+from ..sampling import TOP_K_MAX
 from ..state import LayerState, RowStore, SessionState
 from ..weights import Weight
 
@@ -347,7 +348,8 @@ class _Step:
     step the next power of two, so that one captured graph serves every position up to it; else the exact
     largest position."""
 
-    def __init__(self, be: "CUDA", sessions: list, bounds: np.ndarray, positions: np.ndarray, tokens: np.ndarray):
+    def __init__(self, be: "CUDA", sessions: list, bounds: np.ndarray, positions: np.ndarray, tokens: np.ndarray,
+                 draws: list | None = None):
         L = be.layout
         N, S, n_swa = len(positions), len(sessions), L.n_swa
         self.n_tok, self.n_seg, self.decode = N, S, N == S
@@ -405,6 +407,11 @@ class _Step:
             "idx_fr_sc": fixed_s[None, :] + frontier(L.idx_fr, 1),
         }
         table, cursor, start = [ints.view(np.int64)], len(ints) // 2, {}
+        self.draws_at = None
+        if draws is not None:                                  # ds4_cuda_draw records, one per segment
+            self.draws_at = cursor * 8
+            table.append(draw_records(draws).view(np.int64))
+            cursor += len(draws) * _DRAW.itemsize // 8
         for name, block in fields.items():
             table.append(block.reshape(-1))
             start[name] = cursor * 8
@@ -425,16 +432,42 @@ class _Step:
         self.comp_n = {4: t + 8 * N, 128: t + 12 * N}
         self.seg_first, self.seg_len = t + 16 * N, t + 16 * N + 4 * S
         self.tokens = t + 16 * N + 8 * S
+        self.draws = None if self.draws_at is None else t + self.draws_at
         self.layers = [{k: t + v for k, v in entry.items()} for entry in self.rel_layers]
         return self
 
 
-class _Graph:
-    """A captured decode step: the graph, the buffers it owns (its table and activations), its logits array, and
-    the weight-kernel launches one replay makes."""
+# ds4_cuda_draw (ds4_cuda.h): a row's sampling knobs and uniform, read by the sampling kernel from the step's table.
+_DRAW = np.dtype([("temperature", "<f8"), ("top_p", "<f8"), ("t_log_min_p", "<f8"), ("u", "<f8"), ("top_k", "<i4"),
+                  ("mode", "<i4")])
+_DRAW_SAMPLE, _DRAW_GREEDY, _DRAW_SKIP = 0, 1, 2
 
-    def __init__(self, graph, table: DArray, logits: DArray, owned: dict, weight_calls: int):
-        self.graph, self.table, self.logits, self.owned, self.weight_calls = graph, table, logits, owned, weight_calls
+
+def draw_records(draws: list) -> np.ndarray:
+    """The ds4_cuda_draw records of sampling.Draw objects (None: a row without a token)."""
+    rec = np.zeros(len(draws), _DRAW)
+    for r, d in zip(rec, draws):
+        if d is None or d.greedy:
+            r["mode"] = _DRAW_SKIP if d is None else _DRAW_GREEDY
+            continue
+        p = d.params
+        r["temperature"], r["top_p"], r["u"] = p.temperature, p.top_p, d.u
+        r["t_log_min_p"] = p.temperature * math.log(p.min_p) if p.min_p > 0 else -math.inf
+        r["top_k"] = min(p.top_k, TOP_K_MAX)
+    return rec
+
+
+def _downloaded(out):
+    """A pass's result on the host: the logits, or of (ids, logits) the ids (the logits stay on the device)."""
+    return (out[0].numpy(), out[1]) if isinstance(out, tuple) else out.numpy()
+
+
+class _Graph:
+    """A captured decode step: the graph, the buffers it owns (its table and activations), what its pass returned
+    (the logits, or the sampled ids and the logits), and the weight-kernel launches one replay makes."""
+
+    def __init__(self, graph, table: DArray, out, owned: dict, weight_calls: int):
+        self.graph, self.table, self.out, self.owned, self.weight_calls = graph, table, out, owned, weight_calls
 
 
 # --- the backend ------------------------------------------------------------------------------------------------
@@ -543,15 +576,17 @@ class CUDA:
     # --- a whole forward --------------------------------------------------------------------------------------
     MAX_GRAPHS = 32          # captured decode steps kept; the least recently used goes first
 
-    def step(self, states: list, tokens: np.ndarray, bounds: np.ndarray, positions: np.ndarray, run) -> np.ndarray:
-        """One forward; returns the logits as a numpy array (the forward's one download).
+    def step(self, states: list, tokens: np.ndarray, bounds: np.ndarray, positions: np.ndarray, run,
+             draws: list | None = None):
+        """One forward; returns the logits as a numpy array (the forward's one download), or with draws the
+        sampled ids as a numpy array (the one download) and the logits left on the device.
 
         A decode step (one token per session) replays the graph captured for its (batch, bucket): the first step
         of a key runs eagerly (uploading whatever weights and constants the pass uses), the second is captured,
         and each later one only uploads its table (tokens, positions, row addresses) and launches the graph.
         Prefill chunks and mixed batches run eagerly. DS4_CUDA_GRAPHS=0 turns graphs off."""
-        step = _Step(self, states, bounds, positions, tokens)
-        key = (len(states), step.bucket)
+        step = _Step(self, states, bounds, positions, tokens, draws)
+        key = (len(states), step.bucket, draws is not None)
         graphed = step.decode and self.graphs
         g = self._graphs.get(key) if graphed else None
         if g is not None:
@@ -562,14 +597,14 @@ class CUDA:
                 self._seen.add(key)
             self._step = step.place(self)
             try:
-                return run().numpy()
+                return _downloaded(run())
             finally:
                 self._step = None
         else:
             g = self._capture(key, step, run)
         g.graph.launch(self.stream.ptr)
         self.weight_calls += g.weight_calls
-        return g.logits.numpy()
+        return _downloaded(g.out)
 
     def _capture(self, key: tuple, step: _Step, run) -> _Graph:
         self.pool.recording = {}
@@ -579,7 +614,7 @@ class CUDA:
             self.cu.begin_capture(self.stream.ptr)
             self._capturing = True
             try:
-                logits = run()
+                out = run()
             finally:
                 self._capturing = False
                 graph = self.cu.end_capture(self.stream.ptr)
@@ -588,14 +623,14 @@ class CUDA:
             self.pool.recording = None
             self._step = None
         self.pool.hold(owned)
-        g = self._graphs[key] = _Graph(graph, step.mem, logits, owned, self.weight_calls - calls)
+        g = self._graphs[key] = _Graph(graph, step.mem, out, owned, self.weight_calls - calls)
         self.weight_calls = calls
         while len(self._graphs) > self.MAX_GRAPHS:
             self._drop(self._graphs.popitem(last=False)[1])
         return g
 
     def _drop(self, g: _Graph) -> None:
-        g.table = g.logits = None                      # their arrays first, then the buffers back to the pool
+        g.table = g.out = None                         # their arrays first, then the buffers back to the pool
         self.pool.release(g.owned)
 
     def drop_graphs(self) -> None:
@@ -822,6 +857,16 @@ class CUDA:
         return sel
 
     # --- mixture of experts -----------------------------------------------------------------------------------
+    def sample(self, logits: DArray, draws: list) -> DArray:
+        """Each row's next token on the device, by the draws in the step's table (the draws argument is this
+        step's: a replayed graph samples with each step's own); -1 where the host must pick (model.py does)."""
+        ids = self.empty((len(draws),), _I32)
+        self.cu.sample(self.stream.ptr, ids.ptr, self._step.draws, logits.ptr, logits.row, len(draws), logits.row)
+        return ids
+
+    def host(self, x: DArray) -> np.ndarray:
+        return x.numpy()
+
     def route(self, logits: DArray, bias, tid2eid, tokens: np.ndarray, k: int, scale: float, normalize: bool):
         N, n_expert = logits.shape
         ids, w = self.empty((N, k), _I32), self.empty((N, k))

@@ -16,6 +16,7 @@ import functools
 import math
 
 import numpy as np
+from ..sampling import pick
 from ..state import RowStore, SessionState
 from ..weights import HyperConn, Weight
 
@@ -311,11 +312,21 @@ class Reference:
         return sel
 
     # --- session state --------------------------------------------------------------------------------------
-    def step(self, states: list, tokens: np.ndarray, bounds: np.ndarray, positions: np.ndarray, run):
-        """Run one forward: `run()` calls the ops of the whole pass and returns the logits, here at once. A
-        backend that can replay a captured pass (CUDA graphs) overrides this; the arguments are the pass's
-        sessions, token ids, segment bounds and positions."""
+    def step(self, states: list, tokens: np.ndarray, bounds: np.ndarray, positions: np.ndarray, run,
+             draws: list | None = None):
+        """Run one forward: `run()` calls the ops of the whole pass and returns the logits, or with draws (one
+        per segment, for `sample`) the token ids and the logits; here at once, and already on the host. A
+        backend that can replay a captured pass (CUDA graphs) overrides this and returns the ids (or logits) on
+        the host; the arguments are the pass's sessions, token ids, segment bounds and positions, and draws."""
         return run()
+
+    def sample(self, logits: np.ndarray, draws: list) -> np.ndarray:
+        """Each row's next token by its draw (sampling.pick; -1 for a row whose draw is None)."""
+        return np.array([-1 if d is None else pick(row, d) for row, d in zip(logits, draws)], np.int64)
+
+    def host(self, x: np.ndarray) -> np.ndarray:
+        """An array of this backend on the host (it is already)."""
+        return x
 
     def new_state(self, shape, store_dtype) -> SessionState:
         """A live state; the host backends keep it in host memory, so it is the snapshot format itself."""
