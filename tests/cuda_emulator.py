@@ -71,6 +71,10 @@ class Buffer:
         a = np.ascontiguousarray(array)
         _at(self.ptr + offset, np.uint8, a.nbytes)[:] = a.reshape(-1).view(np.uint8)
 
+    def upload_async(self, array, offset, stream):
+        _not_capturing("upload_async")   # ops/cuda.py uploads tables before a capture, never into one
+        self.upload(array, offset)
+
     def download(self, dtype, shape, offset=0):
         _not_capturing("download")
         n = int(np.prod(shape))

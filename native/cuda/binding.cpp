@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -38,12 +39,17 @@ cudaStream_t st(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 struct Buffer {
     void* ptr = nullptr;
     size_t nbytes = 0;
+    void* staging = nullptr;         // pinned host memory of upload_async, made on first use
+    size_t staged = 0;
+    cudaEvent_t copied = nullptr;    // the last asynchronous upload's copy out of `staging`
     explicit Buffer(size_t n) : nbytes(n) {
         // Rounded up to 256 bytes: kernels may read up to the next 16-byte boundary past the last weight row.
         check(cudaMalloc(&ptr, (n + 255) / 256 * 256 + 256), "cudaMalloc");
     }
     ~Buffer() {
         if (ptr) cudaFree(ptr);
+        if (staging) cudaFreeHost(staging);
+        if (copied) cudaEventDestroy(copied);
     }
     Buffer(const Buffer&) = delete;
     Buffer& operator=(const Buffer&) = delete;
@@ -59,6 +65,24 @@ struct Buffer {
         const void* src = a.data();
         py::gil_scoped_release nogil;
         check(cudaMemcpy((char*)ptr + offset, src, a.nbytes(), cudaMemcpyHostToDevice), "upload");
+    }
+    // The copy is enqueued on the stream from pinned memory and the host goes on (a synchronous cudaMemcpy also
+    // waits for the device to go idle). Only the previous asynchronous copy from this buffer is waited for.
+    void upload_async(const py::array& a, size_t offset, uintptr_t stream) {
+        if (!(a.flags() & py::array::c_style)) throw py::value_error("upload: the array must be C-contiguous");
+        const size_t n = a.nbytes();
+        range(offset, n);
+        if (copied) check(cudaEventSynchronize(copied), "upload_async");
+        else check(cudaEventCreateWithFlags(&copied, cudaEventDisableTiming), "cudaEventCreate");
+        if (staged < n) {
+            if (staging) cudaFreeHost(staging);
+            staging = nullptr, staged = 0;
+            check(cudaMallocHost(&staging, n), "cudaMallocHost");
+            staged = n;
+        }
+        std::memcpy(staging, a.data(), n);
+        check(cudaMemcpyAsync((char*)ptr + offset, staging, n, cudaMemcpyHostToDevice, st(stream)), "upload_async");
+        check(cudaEventRecord(copied, st(stream)), "upload_async");
     }
     py::array download(const py::object& dtype, const std::vector<py::ssize_t>& shape, size_t offset) {
         py::array out(py::dtype::from_args(dtype), shape);
@@ -163,6 +187,8 @@ PYBIND11_MODULE(_cuda, m) {
         .def_readonly("nbytes", &Buffer::nbytes)
         .def("upload", &Buffer::upload, py::arg("array"), py::arg("offset") = 0,
              "Copy a C-contiguous numpy array to ptr + offset (synchronous).")
+        .def("upload_async", &Buffer::upload_async, py::arg("array"), py::arg("offset"), py::arg("stream"),
+             "Copy a C-contiguous numpy array to ptr + offset in stream order, through pinned memory.")
         .def("download", &Buffer::download, py::arg("dtype"), py::arg("shape"), py::arg("offset") = 0,
              "A new numpy array of dtype and shape copied from ptr + offset (synchronous).")
         .def("memset", [](Buffer& b, int value, size_t offset, py::object n) {

@@ -8,8 +8,10 @@ the session files use, and `live_state()` back; and the per-forward tables the k
 counts, each token's row addresses), built on the host and uploaded once per forward.
 
 Every kernel is enqueued on one stream, so device memory freed by Python can be handed to the next op at once
-(`_Pool`, stream-ordered reuse) and only three points of a forward wait for the GPU: the token and position
-uploads and the per-forward tables (synchronous copies), and the logits download. Numerics are the CPU backend's
+(`_Pool`, stream-ordered reuse). The per-forward table (token ids, positions, row addresses, sampling draws) goes
+up in stream order from pinned memory, so a forward waits for the GPU only at its one download: the sampled token
+ids (`sample`, the engine's step) or the logits; besides, first uses upload weights and constants synchronously
+(never inside a captured step). Numerics are the CPU backend's
 (docs/CUDA_KERNELS.md): f32 activations and arithmetic, the act8 path for quantized weights, K=V rows as f16 with
 the FP8 / Hadamard+FP4 emulation (faithful) or as f32 (exact); only the order of float sums differs.
 
@@ -426,7 +428,7 @@ class _Step:
     def place(self, be: "CUDA", mem: DArray | None = None) -> "_Step":
         """Upload the table (into `mem`, a captured graph's table, or a new array) and set the addresses."""
         self.mem = mem if mem is not None else be.empty((len(self.host),), np.dtype(np.int64))
-        self.mem.mem.buf.upload(self.host, self.mem.ptr - self.mem.mem.buf.ptr)
+        self.mem.mem.buf.upload_async(self.host, self.mem.ptr - self.mem.mem.buf.ptr, be.stream.ptr)
         t, N, S = self.mem.ptr, self.n_tok, self.n_seg
         self.pos, self.raw_n = t, t + 4 * N
         self.comp_n = {4: t + 8 * N, 128: t + 12 * N}
