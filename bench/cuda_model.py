@@ -298,15 +298,15 @@ def main() -> int:
             toks = [int(t) for t in rng.integers(0, m.shape.n_vocab, len(states))]
             draws = [Draw(params, params.temperature == 0, float(rng.random())) for _ in states]
             t0 = time.perf_counter()
-            res = m.sample([Segment(st, np.array([t])) for st, t in zip(states, toks)], draws)
+            got = m.sample([Segment(st, np.array([t])) for st, t in zip(states, toks)], draws)
             walls.append(time.perf_counter() - t0)
             clock.read()
-            assert all(0 <= t < m.shape.n_vocab for t in res.tokens)
-            host_rows += res.host_rows
+            assert all(0 <= t < m.shape.n_vocab for t in got.tokens)
+            host_rows += got.host_rows
         B, wall, per_layer = len(states), statistics.median(walls[4:]), clock.per_layer_us(4)
         floors = [b / bw * 1e6 for b in layer_bytes(m, ctx, B)]
         run = {"label": label, "B": B, "ctx": ctx, "graphs": graphs, "step_ms": wall * 1e3, "tok_s": B / wall,
-               "layer_us": per_layer, "floor_us": floors, "head_us": wall * 1e6 - sum(per_layer[:args.layers])}
+               "layer_us": per_layer, "floor_us": floors, "head_us": wall * 1e6 - sum(per_layer[:args.layers]), "host_rows": host_rows}
         res["runs"].append(run)
         print(f"decode {label}: {wall * 1e3:.2f} ms per step, {B / wall:.1f} tok/s; per layer "
               + ", ".join(f"{u:.0f}" for u in per_layer[:args.layers]) + f" us; {host_rows} tokens sampled on the "
