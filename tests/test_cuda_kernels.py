@@ -811,6 +811,7 @@ def test_sample_matches_host(stream, rng, n):
     without top-k) or the row has no draw."""
     from ds4d.ops.cuda import draw_records
     from ds4d.sampling import candidates, pick
+    assert _cuda.draw_bytes() == draw_records([None]).itemsize     # ds4_cuda_draw and the table's records agree
     d = Dev(stream)
     x, draws = _sample_cases(rng, n)
     ids = d.out((len(x),), np.int32)

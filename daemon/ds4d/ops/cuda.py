@@ -858,7 +858,7 @@ class CUDA:
         self.cu.topk(self.stream.ptr, sel.ptr, scores.ptr, cap, step.comp_n[4], N, spec.top_k)
         return sel
 
-    # --- mixture of experts -----------------------------------------------------------------------------------
+    # --- sampling ---------------------------------------------------------------------------------------------
     def sample(self, logits: DArray, draws: list) -> DArray:
         """Each row's next token on the device, by the draws in the step's table (the draws argument is this
         step's: a replayed graph samples with each step's own); -1 where the host must pick (model.py does)."""
@@ -869,6 +869,7 @@ class CUDA:
     def host(self, x: DArray) -> np.ndarray:
         return x.numpy()
 
+    # --- mixture of experts -----------------------------------------------------------------------------------
     def route(self, logits: DArray, bias, tid2eid, tokens: np.ndarray, k: int, scale: float, normalize: bool):
         N, n_expert = logits.shape
         ids, w = self.empty((N, k), _I32), self.empty((N, k))
