@@ -89,14 +89,19 @@ def test_streams_yield_their_events_then_the_result(client):
 
 
 def test_requests_in_flight_together_are_told_apart(client):
-    prompts = ["alpha", "beta gamma", "delta"]
-    expected = [client.generate(p, max_tokens=8, temperature=0).text for p in prompts]
+    # Prompts of different lengths: each result's prompt size names its request. (Their texts are not compared
+    # with runs alone: batched decode need not give the same bits as one token alone, e.g. the GPU's products of
+    # several tokens run on tensor cores.)
+    prompts = ["alpha", "beta gamma", "delta epsilon zeta eta"]
+    sizes = [client.generate(p, max_tokens=1, temperature=0).usage["prompt_tokens"] for p in prompts]
+    assert len(set(sizes)) == 3
     streams = [client.generate(p, max_tokens=8, temperature=0, stream=True) for p in prompts]
     assert len({s.msgid for s in streams}) == 3
     # Reading the last stream first pumps the others' notifications into their own queues.
     results = {i: drain(streams[i]) for i in (2, 0, 1)}
     for i, (events, r) in results.items():
-        assert r.text == expected[i] == joined(events, "content")
+        assert r.usage["prompt_tokens"] == sizes[i] and r.text == joined(events, "content")
+        assert [t for e in events for t in e.tokens] == r.tokens
 
 
 def test_cancel_stops_the_generation_and_leaving_a_stream_early_too(client):
@@ -210,19 +215,22 @@ def test_no_daemon_a_foreign_one_or_a_vanishing_one(tmp_path):
 
 
 def test_async_client(daemon, client):
-    expected = {q: client.chat(user(q), thinking="none", max_tokens=6, temperature=0).text for q in "abc"}
+    questions = ["a", "b c", "d e f g"]
+    alone = {q: client.chat(user(q), thinking="none", max_tokens=6, temperature=0) for q in questions}
+    assert len({r.usage["prompt_tokens"] for r in alone.values()}) == 3
 
     async def main():
         async with await AsyncClient.connect(daemon.socket, timeout=60) as a:
             assert a.info["protocol"] == "1.0"
-            # Three requests on one connection at once, answered as they finish.
+            # Three requests on one connection at once, answered as they finish, each to its own caller (told by
+            # its prompt's size: batched decode need not repeat the bits of a request alone).
             results = await asyncio.gather(*(a.chat(user(q), thinking="none", max_tokens=6, temperature=0)
-                                             for q in "abc"))
-            assert [r.text for r in results] == list(expected.values())
+                                             for q in questions))
+            assert [r.usage["prompt_tokens"] for r in results] == [alone[q].usage["prompt_tokens"] for q in questions]
             stream = a.chat(user("a"), thinking="none", max_tokens=6, temperature=0, stream=True)
             items = [item async for item in stream]
             assert isinstance(items[-1], Result) and items[-1] is stream.result
-            assert joined(items[:-1], "content") == expected["a"]
+            assert joined(items[:-1], "content") == alone["a"].text
             # Cancel from the stream, and errors as exceptions.
             stream = a.generate("count", max_tokens=5000, temperature=0, stream=True)
             async for item in stream:

@@ -117,6 +117,24 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Tensor-core int8 product m16n8k32 (sm_80+), row-major A (16 x 32) by column-major B (32 x 8): c += a b. Lane
+// (g, t) = (lane / 4, lane % 4) holds A's rows g and g + 8 at bytes 4t and 16 + 4t (a[0], a[1] for the first
+// bytes of rows g and g + 8, a[2], a[3] for the second), B's column g at the same bytes (b[0], b[1]), and C's
+// rows g, g + 8 by columns 2t, 2t + 1 (c[0], c[1], c[2], c[3]).
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// The same product into fresh accumulators (C = 0: no zeroed registers to set up per mma).
+__device__ __forceinline__ void mma_s8_new(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+}
+
 __device__ __forceinline__ float f16_at(const uint8_t* p) { return __half2float(*(const __half*)p); }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }

@@ -229,6 +229,168 @@ cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
     return launch(kernel, dim3((unsigned)blocks, groups), dim3(kThreads), smem, s, a);
 }
 
+// ---- Q8_0 for 3 to 16 tokens on tensor cores ---------------------------------------------------------------------
+//
+// With several tokens the dp4a path above spends ~15 instructions per 32 weights, row and token, so it is bound by
+// issue, not bytes (attn_q_b at 8 tokens: 26% of the copy bandwidth). Here each warp takes sets of 16 weight rows,
+// or a slice of their K shared by ks warps of the block (ks = 1, 2 or 4, by makespan as above), and streams stages
+// of 256 weights (16 rows x 272 bytes) with the tokens' quantized activations (from the workspace) through its own
+// cp.async ring, on from one set to the next; per 32 weights one int8 mma m16n8k32 per 8 tokens gives the exact
+// integer sums, then acc += (dw dx) sum as the dp4a path does, per row and token. A set's slices meet in shared
+// memory, added in slice order. Needs the activations quantized into the workspace and rows of a multiple of 256
+// weights (every DS4 product).
+constexpr int kMmaWarps = 4, kMmaRowBytes = 272;  // a stage of a row: 8 Q8_0 blocks; also the activation rows'
+                                                  // pitch in shared memory (conflict-free fragment loads)
+template <int NT>
+struct MmaQ8 {
+    static constexpr int tok = 8 * NT;                       // token columns (n8 tiles of the mma)
+    static constexpr int w_bytes = 16 * kMmaRowBytes, x_bytes = tok * kMmaRowBytes, d_bytes = tok * 32;
+    static constexpr int slot = w_bytes + x_bytes + d_bytes;
+    static constexpr int depth = NT == 1 ? 3 : 2;            // ring stages per warp
+    static constexpr size_t smem = (size_t)kMmaWarps * depth * slot + kMmaWarps * 16 * tok * sizeof(float);
+};
+
+template <int NT>
+__global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_q8_kernel(MatvecArgs a) {
+    using M = MmaQ8<NT>;
+    constexpr int D = M::depth;
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    uint8_t* ring = smem + (size_t)warp * D * M::slot;
+    float* red = (float*)(smem + (size_t)kMmaWarps * D * M::slot);
+    pdl_trigger();
+
+    // Block iteration it covers sets (blockIdx.x + it gridDim.x) per_it + warp / ks, this warp the K slice
+    // warp % ks of its set: n_per stages from s0.
+    const int grp = blockIdx.y, ks = a.ks, per_it = kMmaWarps / ks, slice = warp % ks;
+    const int n_sets = (int)ceil_div(a.rows, 16), n_it_all = (int)ceil_div(n_sets, per_it);
+    const int n_it = blockIdx.x < n_it_all ? (n_it_all - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    const int nst = (int)(a.cols / 256), s0 = slice * nst / ks, n_per = (slice + 1) * nst / ks - s0;
+    const int total = n_it * n_per;  // this warp's stages, in order
+    const uint8_t* wg = a.w + (size_t)grp * a.rows * a.row_bytes;
+    const uint8_t* xq = a.xq + grp * act_bytes<TYPE_Q8_0>(a.n_tok, a.cols);
+    const float* xd = (const float*)(xq + (size_t)a.n_tok * a.cols);
+    const int n_tok = a.n_tok;
+    auto set_of = [&](int it) { return (blockIdx.x + it * gridDim.x) * per_it + warp / ks; };
+    auto issue_w = [&](int j) {  // this warp's stage j: 16 rows x 272 bytes
+        uint8_t* dst = ring + (j % D) * M::slot;
+        const int it = j / n_per;
+        const int64_t off = (int64_t)(s0 + j - it * n_per) * kMmaRowBytes, row0 = (int64_t)set_of(it) * 16;
+        for (int p = lane; p < 16 * 17; p += 32) {
+            const int r = p / 17, c = p - 17 * r;
+            const int64_t row = min(row0 + r, a.rows - 1);
+            cp_async16(dst + r * kMmaRowBytes + 16 * c, wg + row * a.row_bytes + off + 16 * c);
+        }
+    };
+    auto issue_x = [&](int j) {  // the tokens' 256 int8 of stage j and their 8 scales
+        uint8_t* dst = ring + (j % D) * M::slot + M::w_bytes;
+        const int64_t k0 = (int64_t)(s0 + j % n_per) * 256;
+        for (int p = lane; p < n_tok * 18; p += 32) {
+            const int t = p / 18, c = p - 18 * t;
+            if (c < 16) cp_async16(dst + t * kMmaRowBytes + 16 * c, xq + t * a.cols + k0 + 16 * c);
+            else cp_async16(dst + M::x_bytes + t * 32 + 16 * (c - 16), xd + t * (a.cols / 32) + k0 / 32 + 4 * (c - 16));
+        }
+    };
+    // The first stages' weights before the previous kernel is done (they never depend on it), then activations.
+    for (int j = 0; j < D - 1 && j < total; ++j) issue_w(j);
+    pdl_wait();
+    for (int j = 0; j < D - 1; ++j) {
+        if (j < total) issue_x(j);
+        cp_async_commit();
+    }
+
+    for (int it = 0, j = 0; it < n_it; ++it) {
+        float acc[NT][4] = {};
+        for (int k = 0; k < n_per; ++k, ++j) {
+            cp_async_wait<D - 2>();
+            __syncwarp();  // stage j is in, and every lane is done with the slot the next copies overwrite
+            if (j + D - 1 < total) {
+                issue_w(j + D - 1);
+                issue_x(j + D - 1);
+            }
+            cp_async_commit();
+            const uint8_t* w = ring + (j % D) * M::slot;
+            const uint8_t* x = w + M::w_bytes;
+            const float* dx = (const float*)(x + M::x_bytes);
+#pragma unroll
+            for (int b = 0; b < 8; ++b) {
+                // Rows g and g + 8 of block b: f16 scale at 34 b, quants from 34 b + 2 (2 bytes past a word for
+                // even b: two aligned words and a funnel shift).
+                uint32_t af[4];
+                float dw[2];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint8_t* rp = w + (g + 8 * h) * kMmaRowBytes + 34 * b;
+                    dw[h] = f16_at(rp);
+#pragma unroll
+                    for (int q = 0; q < 2; ++q) {
+                        const int at = 2 + 16 * q + 4 * t4;
+                        if (b & 1) {
+                            af[2 * q + h] = *(const uint32_t*)(rp + at);
+                        } else {
+                            const uint32_t* wp = (const uint32_t*)(rp + at - 2);
+                            af[2 * q + h] = __funnelshift_r(wp[0], wp[1], 16);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int ni = 0; ni < NT; ++ni) {
+                    const uint8_t* xp = x + (8 * ni + g) * kMmaRowBytes + 32 * b + 4 * t4;
+                    const uint32_t bf[2] = {*(const uint32_t*)xp, *(const uint32_t*)(xp + 16)};
+                    int ci[4];
+                    mma_s8_new(ci, af, bf);
+                    const float d0 = dx[(8 * ni + 2 * t4) * 8 + b], d1 = dx[(8 * ni + 2 * t4 + 1) * 8 + b];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[ni][e] = fmaf(dw[e >> 1] * ((e & 1) ? d1 : d0), (float)ci[e], acc[ni][e]);
+                }
+            }
+        }
+        // The slices' partial sums, then per (row, token) in slice order.
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                red[(warp * 16 + g + 8 * (e >> 1)) * M::tok + 8 * ni + 2 * t4 + (e & 1)] = acc[ni][e];
+        __syncthreads();
+        for (int o = threadIdx.x; o < per_it * 16 * n_tok; o += 32 * kMmaWarps) {
+            const int sw = o / (16 * n_tok), r = (o - sw * 16 * n_tok) / n_tok, t = o % n_tok;
+            const int64_t row = (int64_t)((blockIdx.x + it * gridDim.x) * per_it + sw) * 16 + r;
+            if (row >= a.rows) continue;
+            float v = 0.0f;
+            for (int k = 0; k < ks; ++k) v += red[((sw * ks + k) * 16 + r) * M::tok + t];
+            *out_at(a, grp, t, row) = v;
+        }
+        __syncthreads();  // red is read before the next iteration's sums overwrite it
+    }
+}
+
+// Warps per set (ks) and blocks by the smallest makespan, as matvec_launch does.
+template <int NT>
+cudaError_t matvec_mma_q8(cudaStream_t s, MatvecArgs a, int groups) {
+    auto kernel = matvec_mma_q8_kernel<NT>;
+    const size_t smem = MmaQ8<NT>::smem;
+    cudaError_t e = allow_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    const int64_t sets = ceil_div(a.rows, 16), nst = a.cols / 256;
+    const int64_t blocks = std::max(1, resident_blocks(kernel, 32 * kMmaWarps, smem) / groups);
+    double best = 1e300;
+    int64_t grid = 1;
+    for (int ks = 1; ks <= kMmaWarps && ks <= nst; ks *= 2) {
+        const int64_t iters = ceil_div(sets, kMmaWarps / ks), used = std::min(iters, blocks);
+        const double cost = (double)ceil_div(iters, used) * ((double)ceil_div(nst, ks) + 0.5);
+        if (cost < best - 1e-9) best = cost, a.ks = ks, grid = used;
+    }
+    return launch(kernel, dim3((unsigned)grid, groups), dim3(32 * kMmaWarps), smem, s, a);
+}
+
+// Whether a Q8_0 product takes the tensor-core path: activations quantized into the workspace, whole stages, and
+// rows and base on 16-byte boundaries (a row of a multiple of 256 weights is 272 k bytes).
+bool mma_q8_ok(const MatvecArgs& a) {
+    return a.xq && a.cols % 256 == 0 && (uintptr_t)a.w % 16 == 0 && props().cc >= 80 &&
+           MmaQ8<2>::smem <= props().smem_optin;
+}
+
 template <int T>
 struct MatvecOp {
     static cudaError_t run(cudaStream_t s, MatvecArgs a, int groups, void* work) {
@@ -238,6 +400,9 @@ struct MatvecOp {
                 if (e != cudaSuccess) return e;
                 a.xq = (const uint8_t*)work;
             }
+        }
+        if constexpr (T == TYPE_Q8_0) {
+            if (mma_q8_ok(a)) return a.n_tok <= 8 ? matvec_mma_q8<1>(s, a, groups) : matvec_mma_q8<2>(s, a, groups);
         }
         // Tokens in chunks whose activations fit in shared memory (each chunk reads the weights again: only
         // rows much wider than DS4's 8192 quantized columns need more than one).
