@@ -12,6 +12,7 @@
 // copies the int8 rows (4x fewer bytes than f32, and no repeated quantization). Float types keep f32 rows in
 // shared memory when they fit in 64 KB; for 4+ tokens of wider rows, f16 rows scaled by a power of two per row
 // (activations rounded to 11 bits: ~1e-4 relative on a product); else they read f32 rows from global memory.
+// Q8_0 weights with 3+ tokens (the quantized rows in the workspace) take the int8 tensor-core kernel below instead.
 #include "qdot.cuh"
 
 namespace ds4::cuda {
