@@ -176,12 +176,14 @@ def test_matvec_act8_close_to_exact(stream, rng, type_):
 
 @pytest.mark.parametrize("type_,rows,cols", [(Q8_0, 1024, 4096), (Q8_0, 512, 4096), (F16, 24, 16384),
                                              (IQ2_XXS, 2048, 4096), (Q2_K, 4096, 2048), (Q4_K, 2048, 4096),
-                                             (F16, 256, 4096), (Q8_0, 4096, 8192)])
+                                             (F16, 256, 4096), (Q8_0, 4096, 8192), (F16, 8192, 1024)])
 def test_matvec_real_shapes(stream, rng, type_, rows, cols):
+    """The products of the model's shapes for one token and with the workspace for 8 and 13 (Q8_0, and F16 of
+    2048+ rows: the tensor-core path)."""
     d = Dev(stream)
     w = rand_weights(rng, type_, rows, cols)
     wp = d.put(w)
-    for n_tok in (1, 8):
+    for n_tok in (1, 8, 13):
         x = rng.standard_normal((n_tok, cols)).astype(np.float32)
         y = d.out((n_tok, rows))
         work = d.out((max(_cuda.matvec_work_bytes(type_, n_tok, cols), 16),), np.uint8)

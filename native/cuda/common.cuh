@@ -78,6 +78,12 @@ struct FastDiv {
     __device__ __forceinline__ int div(int n) const { return (int)((__umulhi((uint32_t)n, m) + (uint32_t)n) >> l); }
 };
 
+// Writes n activation rows into `work` as the tensor-core products read them (gemm.cu): the act8 blocks of the
+// quantized types, or for F16 weights two f16 planes (each row scaled by a power of two: high parts, then the
+// rounding of the rest) and a float scale per row.
+cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t x_stride, int64_t n, int64_t cols,
+                          int type);
+
 // ---- device side -----------------------------------------------------------------------------------------------
 
 // Waits until the kernel launched before this one on the stream has completed and its writes are visible (a
@@ -133,6 +139,15 @@ __device__ __forceinline__ void mma_s8_new(int (&c)[4], const uint32_t (&a)[4], 
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
         : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+}
+
+// The f16 product m16n8k16 into f32 (sm_80+): the same lane layout with 2 f16 per 32-bit register (A's halves
+// 2t, 2t + 1 and 8 + 2t, 9 + 2t of its rows g, g + 8; B's of its column g).
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 __device__ __forceinline__ float f16_at(const uint8_t* p) { return __half2float(*(const __half*)p); }

@@ -117,12 +117,6 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
 }
 
-__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 __device__ __forceinline__ uint32_t half2_bits(int lo, int hi) {
     const __half2 h = __halves2half2(__int2half_rn(lo), __int2half_rn(hi));
     return *(const uint32_t*)&h;
@@ -561,30 +555,47 @@ size_t act_size(int type, int64_t n, int64_t cols) {
 int act_kind(int type) { return type == TYPE_Q8_0 ? 32 : 256; }
 
 // F16 weights' activations: each row scaled into f16's range by a power of two and split into two f16 parts
-// (common.cuh); scale[row] = 2^e undoes the scaling.
+// (common.cuh); scale[row] = 2^e undoes the scaling. One block per row (a decode batch has few, wide rows), each
+// thread 4 values at a time.
 __global__ void split_f16_kernel(__half* hi, __half* lo, float* scale, const float* x, int64_t x_stride, int n,
                                  int64_t cols) {
+    __shared__ float wmax[8];
     pdl_trigger();
     pdl_wait();
-    const int lane = threadIdx.x & 31;
-    for (int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < n; r += gridDim.x * (blockDim.x >> 5)) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
         const float* xr = x + r * x_stride;
         float amax = 0.0f;
-        for (int64_t k = lane; k < cols; k += 32) amax = fmaxf(amax, fabsf(xr[k]));
+        for (int64_t k = 4 * threadIdx.x; k < cols; k += 4 * blockDim.x) {
+            const float4 v = *(const float4*)(xr + k);
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+        }
         amax = warp_max(amax);
+        if (lane == 0) wmax[warp] = amax;
+        __syncthreads();
+        amax = wmax[0];
+        for (int i = 1; i < (int)(blockDim.x >> 5); ++i) amax = fmaxf(amax, wmax[i]);
+        __syncthreads();  // wmax is read before the next row overwrites it
         const int e = f16_scale_exp(amax);
         const float inv = ldexpf(1.0f, -e);
-        if (lane == 0) scale[r] = ldexpf(1.0f, e);
-        for (int64_t k = lane; k < cols; k += 32) split_f16(xr[k] * inv, hi[r * cols + k], lo[r * cols + k]);
+        if (threadIdx.x == 0) scale[r] = ldexpf(1.0f, e);
+        for (int64_t k = 4 * threadIdx.x; k < cols; k += 4 * blockDim.x) {
+            const float4 v = *(const float4*)(xr + k);
+            const float f[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) split_f16(f[i] * inv, hi[r * cols + k + i], lo[r * cols + k + i]);
+        }
     }
 }
+
+}  // namespace
 
 cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t x_stride, int64_t n, int64_t cols,
                           int type) {
     if (type == TYPE_F16) {
         __half* hi = (__half*)work;
-        return launch(split_f16_kernel, dim3((unsigned)std::min<int64_t>(ceil_div(n, 8), 4 * props().sms)),
-                      dim3(256), 0, s, hi, hi + n * cols, (float*)(hi + 2 * n * cols), x, x_stride, (int)n, cols);
+        return launch(split_f16_kernel, dim3((unsigned)std::min<int64_t>(n, 8 * props().sms)), dim3(256), 0, s, hi,
+                      hi + n * cols, (float*)(hi + 2 * n * cols), x, x_stride, (int)n, cols);
     }
     const int kind = act_kind(type);
     int8_t* qs = (int8_t*)work;
@@ -592,6 +603,8 @@ cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t
     int16_t* bs = (int16_t*)(work + n * cols + 4 * n * (cols / kind));
     return ds4_cuda_quantize_act(s, qs, d, kind == 256 ? bs : nullptr, x, x_stride, (int)n, cols, kind);
 }
+
+namespace {
 
 // ---- grouped MoE helpers ---------------------------------------------------------------------------------------
 

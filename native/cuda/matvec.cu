@@ -12,7 +12,7 @@
 // copies the int8 rows (4x fewer bytes than f32, and no repeated quantization). Float types keep f32 rows in
 // shared memory when they fit in 64 KB; for 4+ tokens of wider rows, f16 rows scaled by a power of two per row
 // (activations rounded to 11 bits: ~1e-4 relative on a product); else they read f32 rows from global memory.
-// Q8_0 weights with 3+ tokens (the quantized rows in the workspace) take the int8 tensor-core kernel below instead.
+// Q8_0 and F16 weights with 3+ tokens and a workspace take the tensor-core kernel below instead.
 #include "qdot.cuh"
 
 namespace ds4::cuda {
@@ -230,30 +230,34 @@ cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
     return launch(kernel, dim3((unsigned)blocks, groups), dim3(kThreads), smem, s, a);
 }
 
-// ---- Q8_0 for 3 to 16 tokens on tensor cores ---------------------------------------------------------------------
+// ---- Q8_0 and F16 for 3 to 16 tokens on tensor cores -------------------------------------------------------------
 //
-// With several tokens the dp4a path above spends ~15 instructions per 32 weights, row and token, so it is bound by
-// issue, not bytes (attn_q_b at 8 tokens: 26% of the copy bandwidth). Here each warp takes sets of 16 weight rows,
-// or a slice of their K shared by ks warps of the block (ks = 1, 2 or 4, by makespan as above), and streams stages
-// of 256 weights (16 rows x 272 bytes) with the tokens' quantized activations (from the workspace) through its own
-// cp.async ring, on from one set to the next; per 32 weights one int8 mma m16n8k32 per 8 tokens gives the exact
-// integer sums, then acc += (dw dx) sum as the dp4a path does, per row and token. A set's slices meet in shared
-// memory, added in slice order. Needs the activations quantized into the workspace and rows of a multiple of 256
-// weights (every DS4 product).
-constexpr int kMmaWarps = 4, kMmaRowBytes = 272;  // a stage of a row: 8 Q8_0 blocks; also the activation rows'
-                                                  // pitch in shared memory (conflict-free fragment loads)
-template <int NT>
-struct MmaQ8 {
-    static constexpr int tok = 8 * NT;                       // token columns (n8 tiles of the mma)
-    static constexpr int w_bytes = 16 * kMmaRowBytes, x_bytes = tok * kMmaRowBytes, d_bytes = tok * 32;
-    static constexpr int slot = w_bytes + x_bytes + d_bytes;
-    static constexpr int depth = NT == 1 ? 3 : 2;            // ring stages per warp
+// With several tokens the dp4a / FMA paths above are bound by issue, not bytes (~15 instructions per 32 Q8_0
+// weights, row and token; attn_q_b at 8 tokens: 26% of the copy bandwidth). Here each warp takes sets of 16 weight
+// rows, or a slice of their K shared by ks warps of the block (ks = 1, 2 or 4, by makespan as above), and streams
+// stages (16 rows x 272 bytes: 256 Q8_0 weights, or 128 F16 weights in 256 bytes) with the tokens' activations
+// from the workspace through its own cp.async ring, on from one set to the next. Q8_0: per 32 weights one int8
+// mma m16n8k32 per 8 tokens gives the exact integer sums, then acc += (dw dx) sum as the dp4a path does. F16: the
+// activations as two f16 parts (high, and the rounding of the rest; each token scaled by a power of two, as the
+// prefill products take them), two f16 mma m16n8k16 per 16 weights into f32. A set's slices meet in shared
+// memory, added in slice order. Needs the workspace and rows of whole stages (every DS4 product).
+constexpr int kMmaWarps = 4, kMmaPitch = 272;  // shared-memory pitch of a stage's row (conflict-free fragments)
+
+template <int T, int NT>
+struct MmaMv {
+    static constexpr bool F16 = T == TYPE_F16;
+    static constexpr int tok = 8 * NT;                                // token columns (n8 tiles of the mma)
+    static constexpr int kw = F16 ? 128 : 256;                        // weights per stage of a row
+    static constexpr int w_piece = F16 ? 16 : 17;                     // 16-byte pieces of a stage of a row
+    static constexpr int w_bytes = 16 * kMmaPitch, x_bytes = tok * kMmaPitch;
+    static constexpr int slot = w_bytes + x_bytes + (F16 ? x_bytes : tok * 32);  // weights, activations, their
+    static constexpr int depth = NT == 1 ? 3 : 2;                     // scales (Q8_0) or low parts (F16)
     static constexpr size_t smem = (size_t)kMmaWarps * depth * slot + kMmaWarps * 16 * tok * sizeof(float);
 };
 
-template <int NT>
-__global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_q8_kernel(MatvecArgs a) {
-    using M = MmaQ8<NT>;
+template <int T, int NT>
+__global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a) {
+    using M = MmaMv<T, NT>;
     constexpr int D = M::depth;
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
@@ -266,30 +270,39 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_q8_kernel(MatvecArg
     const int grp = blockIdx.y, ks = a.ks, per_it = kMmaWarps / ks, slice = warp % ks;
     const int n_sets = (int)ceil_div(a.rows, 16), n_it_all = (int)ceil_div(n_sets, per_it);
     const int n_it = blockIdx.x < n_it_all ? (n_it_all - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-    const int nst = (int)(a.cols / 256), s0 = slice * nst / ks, n_per = (slice + 1) * nst / ks - s0;
+    const int nst = (int)(a.cols / M::kw), s0 = slice * nst / ks, n_per = (slice + 1) * nst / ks - s0;
     const int total = n_it * n_per;  // this warp's stages, in order
-    const uint8_t* wg = a.w + (size_t)grp * a.rows * a.row_bytes;
-    const uint8_t* xq = a.xq + grp * act_bytes<TYPE_Q8_0>(a.n_tok, a.cols);
-    const float* xd = (const float*)(xq + (size_t)a.n_tok * a.cols);
     const int n_tok = a.n_tok;
+    const uint8_t* wg = a.w + (size_t)grp * a.rows * a.row_bytes;
+    // Workspace: Q8_0 act_view planes per group (int8, then a float per 32); F16 the high and low f16 planes, then
+    // a float scale per token.
+    const uint8_t* xq = a.xq + (M::F16 ? 0 : grp * act_bytes<TYPE_Q8_0>(n_tok, a.cols));
+    const uint8_t* xd = xq + (size_t)n_tok * a.cols * (M::F16 ? 2 : 1);
     auto set_of = [&](int it) { return (blockIdx.x + it * gridDim.x) * per_it + warp / ks; };
-    auto issue_w = [&](int j) {  // this warp's stage j: 16 rows x 272 bytes
+    auto issue_w = [&](int j) {  // this warp's stage j: 16 rows
         uint8_t* dst = ring + (j % D) * M::slot;
         const int it = j / n_per;
-        const int64_t off = (int64_t)(s0 + j - it * n_per) * kMmaRowBytes, row0 = (int64_t)set_of(it) * 16;
-        for (int p = lane; p < 16 * 17; p += 32) {
-            const int r = p / 17, c = p - 17 * r;
+        const int64_t off = (int64_t)(s0 + j - it * n_per) * M::w_piece * 16, row0 = (int64_t)set_of(it) * 16;
+        for (int p = lane; p < 16 * M::w_piece; p += 32) {
+            const int r = p / M::w_piece, c = p - M::w_piece * r;
             const int64_t row = min(row0 + r, a.rows - 1);
-            cp_async16(dst + r * kMmaRowBytes + 16 * c, wg + row * a.row_bytes + off + 16 * c);
+            cp_async16(dst + r * kMmaPitch + 16 * c, wg + row * a.row_bytes + off + 16 * c);
         }
     };
-    auto issue_x = [&](int j) {  // the tokens' 256 int8 of stage j and their 8 scales
-        uint8_t* dst = ring + (j % D) * M::slot + M::w_bytes;
-        const int64_t k0 = (int64_t)(s0 + j % n_per) * 256;
-        for (int p = lane; p < n_tok * 18; p += 32) {
-            const int t = p / 18, c = p - 18 * t;
-            if (c < 16) cp_async16(dst + t * kMmaRowBytes + 16 * c, xq + t * a.cols + k0 + 16 * c);
-            else cp_async16(dst + M::x_bytes + t * 32 + 16 * (c - 16), xd + t * (a.cols / 32) + k0 / 32 + 4 * (c - 16));
+    auto issue_x = [&](int j) {  // the tokens' activations of stage j: 256 bytes each, and the Q8_0 scales or
+        uint8_t* dst = ring + (j % D) * M::slot + M::w_bytes;  // the F16 low parts
+        const int64_t k0 = (int64_t)(s0 + j % n_per) * M::kw, kb = k0 * (M::F16 ? 2 : 1);
+        constexpr int per_tok = M::F16 ? 32 : 18;
+        for (int p = lane; p < n_tok * per_tok; p += 32) {
+            const int t = p / per_tok, c = p - per_tok * t;
+            if (c < 16) {
+                cp_async16(dst + t * kMmaPitch + 16 * c, xq + t * a.cols * (M::F16 ? 2 : 1) + kb + 16 * c);
+            } else if constexpr (M::F16) {
+                cp_async16(dst + M::x_bytes + t * kMmaPitch + 16 * (c - 16), xd + t * a.cols * 2 + kb + 16 * (c - 16));
+            } else {
+                cp_async16(dst + M::x_bytes + t * 32 + 16 * (c - 16),
+                           (const float*)xd + t * (a.cols / 32) + k0 / 32 + 4 * (c - 16));
+            }
         }
     };
     // The first stages' weights before the previous kernel is done (they never depend on it), then activations.
@@ -312,42 +325,59 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_q8_kernel(MatvecArg
             cp_async_commit();
             const uint8_t* w = ring + (j % D) * M::slot;
             const uint8_t* x = w + M::w_bytes;
-            const float* dx = (const float*)(x + M::x_bytes);
+            const uint8_t* x2 = x + M::x_bytes;
 #pragma unroll
             for (int b = 0; b < 8; ++b) {
-                // Rows g and g + 8 of block b: f16 scale at 34 b, quants from 34 b + 2 (2 bytes past a word for
-                // even b: two aligned words and a funnel shift).
                 uint32_t af[4];
-                float dw[2];
+                if constexpr (M::F16) {  // rows g and g + 8, f16 weights 16 b + 2 t ... as they are
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const uint8_t* rp = w + (g + 8 * h) * kMmaRowBytes + 34 * b;
-                    dw[h] = f16_at(rp);
+                    for (int h = 0; h < 2; ++h)
 #pragma unroll
-                    for (int q = 0; q < 2; ++q) {
-                        const int at = 2 + 16 * q + 4 * t4;
-                        if (b & 1) {
-                            af[2 * q + h] = *(const uint32_t*)(rp + at);
-                        } else {
-                            const uint32_t* wp = (const uint32_t*)(rp + at - 2);
-                            af[2 * q + h] = __funnelshift_r(wp[0], wp[1], 16);
+                        for (int q = 0; q < 2; ++q)
+                            af[2 * q + h] = *(const uint32_t*)(w + (g + 8 * h) * kMmaPitch + 32 * b + 16 * q + 4 * t4);
+#pragma unroll
+                    for (int ni = 0; ni < NT; ++ni) {
+                        const int at = (8 * ni + g) * kMmaPitch + 32 * b + 4 * t4;
+                        const uint32_t hi[2] = {*(const uint32_t*)(x + at), *(const uint32_t*)(x + at + 16)};
+                        const uint32_t lo[2] = {*(const uint32_t*)(x2 + at), *(const uint32_t*)(x2 + at + 16)};
+                        mma_f16(acc[ni], af, hi);
+                        mma_f16(acc[ni], af, lo);
+                    }
+                } else {
+                    // Rows g and g + 8 of Q8_0 block b: f16 scale at 34 b, quants from 34 b + 2 (2 bytes past a
+                    // word for even b: two aligned words and a funnel shift).
+                    float dw[2];
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const uint8_t* rp = w + (g + 8 * h) * kMmaPitch + 34 * b;
+                        dw[h] = f16_at(rp);
+#pragma unroll
+                        for (int q = 0; q < 2; ++q) {
+                            const int at = 2 + 16 * q + 4 * t4;
+                            if (b & 1) {
+                                af[2 * q + h] = *(const uint32_t*)(rp + at);
+                            } else {
+                                const uint32_t* wp = (const uint32_t*)(rp + at - 2);
+                                af[2 * q + h] = __funnelshift_r(wp[0], wp[1], 16);
+                            }
                         }
                     }
-                }
+                    const float* dx = (const float*)x2;
 #pragma unroll
-                for (int ni = 0; ni < NT; ++ni) {
-                    const uint8_t* xp = x + (8 * ni + g) * kMmaRowBytes + 32 * b + 4 * t4;
-                    const uint32_t bf[2] = {*(const uint32_t*)xp, *(const uint32_t*)(xp + 16)};
-                    int ci[4];
-                    mma_s8_new(ci, af, bf);
-                    const float d0 = dx[(8 * ni + 2 * t4) * 8 + b], d1 = dx[(8 * ni + 2 * t4 + 1) * 8 + b];
+                    for (int ni = 0; ni < NT; ++ni) {
+                        const uint8_t* xp = x + (8 * ni + g) * kMmaPitch + 32 * b + 4 * t4;
+                        const uint32_t bf[2] = {*(const uint32_t*)xp, *(const uint32_t*)(xp + 16)};
+                        int ci[4];
+                        mma_s8_new(ci, af, bf);
+                        const float d0 = dx[(8 * ni + 2 * t4) * 8 + b], d1 = dx[(8 * ni + 2 * t4 + 1) * 8 + b];
 #pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        acc[ni][e] = fmaf(dw[e >> 1] * ((e & 1) ? d1 : d0), (float)ci[e], acc[ni][e]);
+                        for (int e = 0; e < 4; ++e)
+                            acc[ni][e] = fmaf(dw[e >> 1] * ((e & 1) ? d1 : d0), (float)ci[e], acc[ni][e]);
+                    }
                 }
             }
         }
-        // The slices' partial sums, then per (row, token) in slice order.
+        // The slices' partial sums, then per (row, token) in slice order (F16: times the token's scale).
 #pragma unroll
         for (int ni = 0; ni < NT; ++ni)
 #pragma unroll
@@ -360,6 +390,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_q8_kernel(MatvecArg
             if (row >= a.rows) continue;
             float v = 0.0f;
             for (int k = 0; k < ks; ++k) v += red[((sw * ks + k) * 16 + r) * M::tok + t];
+            if constexpr (M::F16) v *= ((const float*)(xd + (size_t)n_tok * a.cols * 2))[t];
             *out_at(a, grp, t, row) = v;
         }
         __syncthreads();  // red is read before the next iteration's sums overwrite it
@@ -367,14 +398,14 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_q8_kernel(MatvecArg
 }
 
 // Warps per set (ks) and blocks by the smallest makespan, as matvec_launch does.
-template <int NT>
-cudaError_t matvec_mma_q8(cudaStream_t s, MatvecArgs a, int groups) {
-    auto kernel = matvec_mma_q8_kernel<NT>;
-    const size_t smem = MmaQ8<NT>::smem;
-    cudaError_t e = allow_smem(kernel, smem);
+template <int T, int NT>
+cudaError_t matvec_mma(cudaStream_t s, MatvecArgs a, int groups) {
+    using M = MmaMv<T, NT>;
+    auto kernel = matvec_mma_kernel<T, NT>;
+    cudaError_t e = allow_smem(kernel, M::smem);
     if (e != cudaSuccess) return e;
-    const int64_t sets = ceil_div(a.rows, 16), nst = a.cols / 256;
-    const int64_t blocks = std::max(1, resident_blocks(kernel, 32 * kMmaWarps, smem) / groups);
+    const int64_t sets = ceil_div(a.rows, 16), nst = a.cols / M::kw;
+    const int64_t blocks = std::max(1, resident_blocks(kernel, 32 * kMmaWarps, M::smem) / groups);
     double best = 1e300;
     int64_t grid = 1;
     for (int ks = 1; ks <= kMmaWarps && ks <= nst; ks *= 2) {
@@ -382,14 +413,20 @@ cudaError_t matvec_mma_q8(cudaStream_t s, MatvecArgs a, int groups) {
         const double cost = (double)ceil_div(iters, used) * ((double)ceil_div(nst, ks) + 0.5);
         if (cost < best - 1e-9) best = cost, a.ks = ks, grid = used;
     }
-    return launch(kernel, dim3((unsigned)grid, groups), dim3(32 * kMmaWarps), smem, s, a);
+    return launch(kernel, dim3((unsigned)grid, groups), dim3(32 * kMmaWarps), M::smem, s, a);
 }
 
-// Whether a Q8_0 product takes the tensor-core path: activations quantized into the workspace, whole stages, and
-// rows and base on 16-byte boundaries (a row of a multiple of 256 weights is 272 k bytes).
-bool mma_q8_ok(const MatvecArgs& a) {
-    return a.xq && a.cols % 256 == 0 && (uintptr_t)a.w % 16 == 0 && props().cc >= 80 &&
-           MmaQ8<2>::smem <= props().smem_optin;
+// Whether a product takes the tensor-core path: 3+ tokens with a workspace (Q8_0: the activations quantized into
+// it; F16: one group, and rows enough to pay for the split of the activations, one more launch: at 8 tokens of
+// 4096, 256 rows took 13.1 us against 10.4 on the FMA path, 1024 rows 15.0 against 14.5, 4096 rows 20.8 against
+// 36.5), whole stages, rows and base on 16-byte boundaries (Q8_0 rows of 256 k weights: 272 k bytes).
+constexpr int64_t kMmaF16MinRows = 2048;
+template <int T>
+bool mma_ok(const MatvecArgs& a, int groups, const void* work) {
+    using M = MmaMv<T, 2>;
+    return (T == TYPE_F16 ? groups == 1 && a.rows >= kMmaF16MinRows : a.xq != nullptr) && work &&
+           a.n_tok > kQuantizeAbove &&
+           a.cols % M::kw == 0 && (uintptr_t)a.w % 16 == 0 && props().cc >= 80 && M::smem <= props().smem_optin;
 }
 
 template <int T>
@@ -402,8 +439,15 @@ struct MatvecOp {
                 a.xq = (const uint8_t*)work;
             }
         }
-        if constexpr (T == TYPE_Q8_0) {
-            if (mma_q8_ok(a)) return a.n_tok <= 8 ? matvec_mma_q8<1>(s, a, groups) : matvec_mma_q8<2>(s, a, groups);
+        if constexpr (T == TYPE_Q8_0 || T == TYPE_F16) {
+            if (mma_ok<T>(a, groups, work)) {
+                if constexpr (T == TYPE_F16) {  // the activations' two f16 parts and scales, once
+                    cudaError_t e = quantize_into(s, (uint8_t*)work, a.x, a.x_stride, a.n_tok, a.cols, TYPE_F16);
+                    if (e != cudaSuccess) return e;
+                    a.xq = (const uint8_t*)work;
+                }
+                return a.n_tok <= 8 ? matvec_mma<T, 1>(s, a, groups) : matvec_mma<T, 2>(s, a, groups);
+            }
         }
         // Tokens in chunks whose activations fit in shared memory (each chunk reads the weights again: only
         // rows much wider than DS4's 8192 quantized columns need more than one).
@@ -451,7 +495,9 @@ using namespace ds4;
 using namespace ds4::cuda;
 
 size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups) {
-    return n_tok > kQuantizeAbove ? groups * act_bytes_of(type, n_tok, cols) : 0;
+    if (n_tok <= kQuantizeAbove) return 0;
+    if (type == TYPE_F16) return groups == 1 && cols % 128 == 0 ? (size_t)n_tok * (cols * 4 + 4) : 0;  // f16 parts
+    return groups * act_bytes_of(type, n_tok, cols);
 }
 
 namespace {
