@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # daemo
 from ds4d import _cuda  # noqa: E402
 from ds4d.model import Model, Segment, open_model
 from ds4d.quants import random_blocks
-from ds4d.sampling import Draw, SamplingParams
+from ds4d.sampling import Sampler, SamplingParams
 from ds4d.shape import flash_shape
 from ds4d.tiny import _encode, _rng, _values, plan, tensor_nbytes, write_model
 
@@ -287,16 +287,15 @@ def main() -> int:
            "ratios": [L.ratio for L in m.weights.layers], "runs": []}
     clock = LayerClock(m)
 
-    params = SamplingParams(temperature=args.temperature)
-
     def decode(states, ctx, graphs, label):
         m.ops.graphs = graphs
         clock.times.clear()
         walls = []
         host_rows = 0
+        samplers = [Sampler(SamplingParams(temperature=args.temperature, seed=i)) for i in range(len(states))]
         for _ in range(args.steps):
             toks = [int(t) for t in rng.integers(0, m.shape.n_vocab, len(states))]
-            draws = [Draw(params, params.temperature == 0, float(rng.random())) for _ in states]
+            draws = [s.draw() for s in samplers]
             t0 = time.perf_counter()
             got = m.sample([Segment(st, np.array([t])) for st, t in zip(states, toks)], draws)
             walls.append(time.perf_counter() - t0)

@@ -47,8 +47,8 @@ class Sampled:
     host picked (the rows a device sampler leaves to it), and on demand the logits of a segment's last token (a
     download from a GPU backend; valid until the next forward)."""
 
-    def __init__(self, ops, tokens: list[int], logits, host_rows: int = 0):
-        self.tokens, self.host_rows, self._ops, self._logits = tokens, host_rows, ops, logits
+    def __init__(self, ops, tokens: list[int], logits):
+        self.tokens, self.host_rows, self._ops, self._logits = tokens, 0, ops, logits
 
     def logits(self, i: int) -> np.ndarray:
         return self._ops.host(self._logits[i:i + 1])[0]
@@ -132,12 +132,12 @@ class Model:
         if len(draws) != len(segments):
             raise ValueError("one draw (or None) per segment")
         (ids, logits), _ = self._pass(segments, False, draws)
-        tokens, host = [int(t) for t in ids], 0
+        res = Sampled(self.ops, [int(t) for t in ids], logits)
         for i, d in enumerate(draws):
-            if d is not None and tokens[i] < 0:        # rows the device leaves to the host (sampling.pick)
-                tokens[i] = pick(self.ops.host(logits[i:i + 1])[0], d)
-                host += 1
-        return Sampled(self.ops, tokens, logits, host)
+            if d is not None and res.tokens[i] < 0:    # rows the device leaves to the host (sampling.pick)
+                res.tokens[i] = pick(res.logits(i), d)
+                res.host_rows += 1
+        return res
 
     # --- the pass -------------------------------------------------------------------------------------------
     def forward(self, segments: list[Segment], all_logits: bool = False) -> list[np.ndarray]:
