@@ -2,8 +2,9 @@
 ds4_cuda_moe_grouped over a chunk of tokens, full-size random weights of the q2 file's types.
 
 Each is timed with CUDA events (median of `--reps` after 3 warm-ups) next to two floors: its multiply-adds at the
-card's dense int8 (quantized weights) or f16 (F16 weights, two products per weight: the activations go in as two
-f16 parts) tensor-core peak, and its weight bytes over the copy bandwidth (`--tops`, `--bw` give the peaks; the
+card's dense int8 (quantized weights on mma.sync), f16 (F16 weights on mma.sync, two products per weight: the
+activations go in as two f16 parts) or bf16 / f16 (Hopper's wgmma path, one product; timed beside the mma.sync
+path) tensor-core peak, and its weight bytes over the copy bandwidth (`--tops`, `--bw` give the peaks; the
 defaults are an H200's: 1979 int8 TOPS, 989 f16 TFLOPS dense, 4.2 TB/s). Prints a markdown table; `--json`
 writes it. Under Nsight Compute, `--only moe` runs the grouped MoE alone. `--small 1,2,4,8,16` instead times
 each product at those few rows through both ds4_cuda_gemm and the decode kernels' ds4_cuda_matvec (weights
@@ -77,7 +78,7 @@ def small_batches(counts: list[int], reps: int, bw: float, json_path: str | None
         for i, w in enumerate(copies):
             w.fill_random(t, i + 1, stream=stream.ptr)
         for n in counts:
-            gw = _cuda.Buffer(max(1, _cuda.gemm_work_bytes(t, n, cols, groups)))
+            gw = _cuda.Buffer(max(1, _cuda.gemm_work_bytes(t, n, rows, cols, groups)))
             mw = _cuda.Buffer(max(1, _cuda.matvec_work_bytes(t, n, cols, groups)))
 
             def gemm(w):
@@ -117,9 +118,9 @@ def main() -> int:
     T = args.tokens
     rows_out = []
 
-    def record(name, secs, macs, wbytes, f16):
-        peak = args.tops * 1e12 / 2 / (2 if f16 else 1)        # multiply-adds per second
-        macs_eff = macs * (2 if f16 else 1)                    # F16: the high and the low part
+    def record(name, secs, macs, wbytes, f16, wgmma=False):
+        peak = args.tops * 1e12 / 2 / (2 if f16 or wgmma else 1)  # multiply-adds per second
+        macs_eff = macs * (2 if f16 and not wgmma else 1)         # F16 on mma.sync: the high and the low part
         floor_c, floor_b = macs_eff / peak, wbytes / (args.bw * 1e12)
         rows_out.append({"name": name, "us": secs * 1e6, "us_per_token": secs * 1e6 / T, "tmacs": macs / secs / 1e12,
                          "floor_compute_us": floor_c * 1e6, "floor_bytes_us": floor_b * 1e6,
@@ -128,14 +129,20 @@ def main() -> int:
     x = _cuda.Buffer(4 * T * 8192 * 8)
     x.upload(rng.standard_normal(T * 8192 * 8).astype(np.float32))
     y = _cuda.Buffer(4 * T * 32768)
+    wgmma_path = _cuda.device_info()["cc"] == 90 and T >= 64 and _cuda.has_cutlass   # gemm_sm90.cu
     if args.only != "moe":
         for name, t, rows, cols, groups in PRODUCTS:
             w = _cuda.Buffer(groups * rows * row_bytes(t, cols))
             w.fill_random(t, 1, stream=stream.ptr)
-            work = _cuda.Buffer(_cuda.gemm_work_bytes(t, T, cols, groups))
-            secs = timed(stream, lambda: _cuda.gemm(stream.ptr, y.ptr, groups * rows, w.ptr, t, rows, cols, x.ptr,
-                                                    groups * cols, T, groups, work.ptr), args.reps)
-            record(name, secs, T * groups * rows * cols, w.nbytes, t == F16)
+            work = _cuda.Buffer(_cuda.gemm_work_bytes(t, T, rows, cols, groups))
+            # the path ds4_cuda_gemm picks (on Hopper from 64 rows: wgmma, bf16 or f16 operands) and, where that
+            # is wgmma, the int8 / two-part f16 mma.sync path beside it (a tile width pinned)
+            for tile in (0, 64) if wgmma_path else (0,):
+                secs = timed(stream, lambda: _cuda.gemm(stream.ptr, y.ptr, groups * rows, w.ptr, t, rows, cols, x.ptr,
+                                                        groups * cols, T, groups, work.ptr, tile), args.reps)
+                wgmma = wgmma_path and tile == 0
+                record(name + (" (wgmma)" if wgmma else " (mma.sync)" if wgmma_path else ""), secs,
+                       T * groups * rows * cols, w.nbytes, t == F16, wgmma)
     if args.only != "products":
         n_expert, n_used, n_embd, n_ff = 256, 6, 4096, 2048
         gate, up = (_cuda.Buffer(n_expert * n_ff * row_bytes(IQ2_XXS, n_embd)) for _ in range(2))

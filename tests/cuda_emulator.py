@@ -195,13 +195,14 @@ def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=
 
 
 _GEMM_TYPES = (8, 10, 12, 16, F16)  # Q8_0, Q2_K, Q4_K, IQ2_XXS, F16
+has_cutlass = False                  # no bf16 wgmma path: gemm is the act8 product for every type
 
 
 def gemm_ok(type, cols):
     return type in _GEMM_TYPES and cols > 0 and cols % 256 == 0
 
 
-def gemm_work_bytes(type, n_tok, cols, groups=1):
+def gemm_work_bytes(type, n_tok, rows, cols, groups=1):
     return 16 if gemm_ok(type, cols) else 0
 
 

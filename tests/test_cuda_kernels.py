@@ -302,7 +302,7 @@ def test_gemm_all_types(stream, rng, type_, n_tok, tile):
         x_stride = cols + 4
         x = rng.standard_normal((n_tok, x_stride)).astype(np.float32)
         y = d.out((n_tok, rows + 3))
-        work = d.out((_cuda.gemm_work_bytes(type_, n_tok, cols),), np.uint8)
+        work = d.out((_cuda.gemm_work_bytes(type_, n_tok, rows, cols),), np.uint8)
         _cuda.gemm(stream.ptr, y.ptr, rows + 3, d.put(w), type_, rows, cols, d.put(x), x_stride, n_tok, 1, work.ptr,
                    tile)
         got = d.get(y)
@@ -320,7 +320,7 @@ def test_gemm_close_to_exact_and_grouped(stream, rng, type_, tile):
     w = rand_weights(rng, type_, groups * rows, cols)
     x = rng.standard_normal((n_tok, groups * cols)).astype(np.float32)
     y = d.out((n_tok, groups * rows))
-    work = d.out((_cuda.gemm_work_bytes(type_, n_tok, cols, groups),), np.uint8)
+    work = d.out((_cuda.gemm_work_bytes(type_, n_tok, rows, cols, groups),), np.uint8)
     _cuda.gemm(stream.ptr, y.ptr, groups * rows, d.put(w), type_, rows, cols, d.put(x), groups * cols, n_tok, groups,
                work.ptr, tile)
     got = d.get(y)
@@ -329,6 +329,48 @@ def test_gemm_close_to_exact_and_grouped(stream, rng, type_, tile):
     act8 = np.concatenate([product_ref(w[r], type_, cols, x[:, c]) for r, c in parts], axis=1)
     assert rel(got, act8) < 2e-5
     assert rel(got, exact) < (2e-5 if type_ == F16 else 3e-2)
+
+
+def bf16_round(a):
+    """float32 values rounded to bf16 (to nearest, ties to even), as float32."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.skipif(_SKIP is not None or not _cuda.has_cutlass or _cuda.device_info()["cc"] != 90,
+                    reason="the wgmma path needs an sm_90 GPU and a build with CUTLASS")
+@pytest.mark.parametrize("type_", [Q8_0, F16])
+@pytest.mark.parametrize("rows,cols,groups,n_tok", [(64, 256, 1, 64), (100, 512, 1, 200), (1024, 4096, 1, 130),
+                                                    (128, 1024, 3, 70), (4096, 2048, 1, 512)])
+def test_gemm_wgmma_path(stream, rng, type_, rows, cols, groups, n_tok):
+    """Q8_0 and F16 products of 64+ rows on Hopper (tile 0, y rows of a multiple of 4 floats) run on wgmma with the
+    operands rounded (Q8_0: gguf's weights and the activations to bf16; F16: the activations to f16): equal to the
+    f64 product of those roundings to f32 accumulation, and not to the int8 path's product (the path was taken);
+    groups apart; nothing written past a row of y. Below 64 rows, or with a tile pinned, the int8 path's."""
+    d = Dev(stream)
+    w = rand_weights(rng, type_, groups * rows, cols)
+    x = rng.standard_normal((n_tok, groups * cols)).astype(np.float32)
+    parts = [(slice(g * rows, (g + 1) * rows), slice(g * cols, (g + 1) * cols)) for g in range(groups)]
+    if type_ == Q8_0:
+        xr, wr = bf16_round(x), [bf16_round(dense(w[r], type_, cols)) for r, _ in parts]
+    else:
+        xr, wr = x.astype(np.float16), [dense(w[r], type_, cols) for r, _ in parts]
+    ref = np.concatenate([xr[:, c].astype(np.float64) @ wg.astype(np.float64).T for (_, c), wg in zip(parts, wr)],
+                         axis=1)
+    int8 = np.concatenate([product_ref(w[r], type_, cols, x[:, c]) for r, c in parts], axis=1)
+    y_stride = groups * rows + 4
+    for n, tile in ((n_tok, 0), (63, 0), (n_tok, 64)):
+        y = d.out((n, y_stride))
+        work = d.out((_cuda.gemm_work_bytes(type_, n, rows, cols, groups),), np.uint8)
+        _cuda.gemm(stream.ptr, y.ptr, y_stride, d.put(w), type_, rows, cols, d.put(x[:n]), groups * cols, n, groups,
+                   work.ptr, tile)
+        got = d.get(y)
+        assert np.all(np.isnan(got[:, groups * rows:])), "wrote past the end of a row of y"
+        got = got[:, :groups * rows]
+        if n >= 64 and tile == 0:
+            assert rel(got, ref[:n]) < 1e-5 and rel(got, int8[:n]) > 5e-5
+        else:
+            assert rel(got, int8[:n]) < 2e-5
 
 
 def test_gemm_rejects_bad_arguments(stream):

@@ -170,6 +170,11 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("set_device", [](int d) { check(cudaSetDevice(d), "cudaSetDevice"); }, py::arg("device"));
     m.def("init", [] { check(ds4_cuda_init(), "init"); }, "Prepare the current device (idempotent).");
     m.def("device_info", &device_info, "Name, compute capability, SMs, L2, memory of the current device.");
+#if defined(DS4_CUTLASS)
+    m.attr("has_cutlass") = true;   // Q8_0 prefill products on wgmma (gemm_sm90.cu) on sm_90 devices
+#else
+    m.attr("has_cutlass") = false;
+#endif
     m.def("set_pdl", &ds4_cuda_set_pdl, py::arg("on"), "Programmatic dependent launch on/off (sm_90+).");
     m.def("pdl", &ds4_cuda_pdl, "Whether launches use programmatic dependent launch.");
     m.def("memcpy", [](uintptr_t dst, uintptr_t src, size_t nbytes, uintptr_t stream) {
@@ -273,7 +278,7 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
        py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups"), py::arg("work"),
        py::arg("tile") = 0);
-    m.def("gemm_work_bytes", &ds4_cuda_gemm_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("cols"),
+    m.def("gemm_work_bytes", &ds4_cuda_gemm_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("rows"), py::arg("cols"),
           py::arg("groups") = 1);
     m.def("moe_grouped", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t h, int64_t h_stride,
                             uintptr_t gate, uintptr_t up, uintptr_t down, int gate_type, int down_type, int64_t n_ff,

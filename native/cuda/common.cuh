@@ -84,6 +84,15 @@ struct FastDiv {
 cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t x_stride, int64_t n, int64_t cols,
                           int type);
 
+// Q8_0 and F16 prefill products on Hopper's wgmma through CUTLASS (gemm_sm90.cu; absent in builds without
+// CUTLASS): whether it takes a product of n_tok activation rows (an sm_90 device, at least kGemmSm90MinTok rows, y
+// 16-byte aligned with rows of a multiple of 4 floats), its workspace, and the product (ds4_cuda_gemm's arguments).
+constexpr int kGemmSm90MinTok = 64;
+bool gemm_sm90_ok(int type, const float* y, int64_t y_stride, int64_t rows, int n_tok);
+size_t gemm_sm90_work_bytes(int type, int n_tok, int64_t rows, int64_t cols, int groups);
+cudaError_t gemm_sm90(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
+                      int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work);
+
 // ---- device side -----------------------------------------------------------------------------------------------
 
 // Waits until the kernel launched before this one on the stream has completed and its writes are visible (a
@@ -148,6 +157,104 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], c
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Exclusive prefix over the block's threads of v; every thread gets the block's total in *total. Every thread of
+// the block calls it; sh: one T per warp of shared memory.
+template <typename T>
+__device__ __forceinline__ T block_exclusive(T v, T* sh, T* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warp = blockDim.x >> 5;
+    T inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const T n = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += n;
+    }
+    if (lane == 31) sh[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        T w = lane < n_warp ? sh[lane] : T(0);
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const T n = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += n;
+        }
+        if (lane < n_warp) sh[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    const T before = (warp ? sh[warp - 1] : T(0)) + inc - v;
+    *total = sh[n_warp - 1];
+    __syncthreads();  // sh is reused
+    return before;
+}
+
+// Order-preserving integer key of a float (larger float, larger key; -0 as +0, so that equal floats have equal
+// keys), and the float of a key.
+__device__ __forceinline__ uint32_t order_key(float f) {
+    const uint32_t u = __float_as_uint(f == 0.0f ? 0.0f : f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key_float(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// The k-th largest (1 <= k <= n) of the keys key_at(0 .. n - 1), by radix select: 4 passes of an 8-bit histogram
+// over the keys that share the prefix found so far, whole warps adding once per distinct bin of their keys (the
+// top bytes mostly agree: lane-wise adds serialize), kSelectBatch keys per thread read together; then warp 0 finds
+// the bin holding it, each lane summing 8 bins from the top. Returns the key; *take_eq is how many of the keys
+// equal to it are among the k largest (the lowest indices, for an order by value then index). Every thread of the
+// block calls it; hist: 256 words, sel: 2 ints of shared memory.
+constexpr int kSelectBatch = 8;
+template <typename KeyAt>
+__device__ uint32_t radix_select(KeyAt key_at, int n, int k, uint32_t* hist, int* sel, int* take_eq) {
+    const int lane = threadIdx.x & 31;
+    uint32_t prefix = 0, mask = 0;
+    int need = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        for (int i0 = threadIdx.x - lane; i0 < n; i0 += kSelectBatch * blockDim.x) {
+            uint32_t key[kSelectBatch];
+#pragma unroll
+            for (int j = 0; j < kSelectBatch; ++j) {
+                const int i = i0 + lane + j * blockDim.x;
+                key[j] = i < n ? key_at(i) : 0u;
+            }
+#pragma unroll
+            for (int j = 0; j < kSelectBatch; ++j) {
+                const bool in = i0 + lane + j * (int)blockDim.x < n && (key[j] & mask) == prefix;
+                const uint32_t bin = (key[j] >> shift) & 255u;
+                const uint32_t peers = __match_any_sync(0xffffffffu, in ? bin : 256u);
+                if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (uint32_t)__popc(peers));
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {  // lane l owns the bins 255 - 8 l down to 248 - 8 l
+            uint32_t c[8], sum = 0;
+#pragma unroll
+            for (int b = 0; b < 8; ++b) sum += c[b] = hist[255 - 8 * lane - b];
+            uint32_t incl = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += v;
+            }
+            if (lane == __ffs(__ballot_sync(0xffffffffu, incl >= (uint32_t)need)) - 1) {
+                uint32_t above = incl - sum;
+                int b = 0;
+                while (above + c[b] < (uint32_t)need) above += c[b++];
+                sel[0] = 255 - 8 * lane - b;
+                sel[1] = need - (int)above;
+            }
+        }
+        __syncthreads();
+        prefix |= (uint32_t)sel[0] << shift;
+        mask |= 255u << shift;
+        need = sel[1];
+        __syncthreads();  // sel and hist are read before the next pass overwrites them
+    }
+    *take_eq = need;
+    return prefix;
 }
 
 __device__ __forceinline__ float f16_at(const uint8_t* p) { return __half2float(*(const __half*)p); }

@@ -280,38 +280,12 @@ size_t indexer_score_smem(int n_head) {
     return ((size_t)n_head * (kIdxDim + 1) + kScoreRows * kKeyPitch + kScoreGroups * kScoreRows) * sizeof(float);
 }
 
-// Order-preserving integer key of a float (larger float, larger key).
-__device__ __forceinline__ uint32_t order_key(float f) {
-    const uint32_t u = __float_as_uint(f);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 constexpr int kTopkThreads = 1024, kTopkCached = 10240;
-
-// Exclusive block-wide prefix count of `flag` and the block's total (all threads must call it).
-__device__ __forceinline__ int block_scan(bool flag, int* warp_tot, int& total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warp = blockDim.x >> 5;
-    const uint32_t bal = __ballot_sync(0xffffffffu, flag);
-    const int in_warp = __popc(bal & ((1u << lane) - 1u));
-    __syncthreads();
-    if (lane == 0) warp_tot[warp] = __popc(bal);
-    __syncthreads();
-    const int v = lane < n_warp ? warp_tot[lane] : 0;  // every warp scans the warps' counts (n_warp <= 32)
-    int incl = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int u = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += u;
-    }
-    total = __shfl_sync(0xffffffffu, incl, 31);
-    return __shfl_sync(0xffffffffu, incl - v, warp) + in_warp;
-}
 
 __global__ void __launch_bounds__(kTopkThreads) topk_kernel(int32_t* sel, const float* scores, int64_t score_stride,
                                                             const int32_t* n_vis, int k) {
     __shared__ uint32_t hist[256];
-    __shared__ uint32_t prefix, mask;
-    __shared__ int remaining;
+    __shared__ int sel_sh[2];
     __shared__ int warp_tot[kTopkThreads / 32];
     __shared__ uint32_t cache[kTopkCached];
     pdl_trigger();
@@ -329,63 +303,18 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(int32_t* sel, const 
     if (cached)
         for (int i = threadIdx.x; i < n; i += blockDim.x) cache[i] = order_key(sc[i]);
     auto key_at = [&](int i) { return cached ? cache[i] : order_key(sc[i]); };
-    if (threadIdx.x == 0) prefix = 0, mask = 0, remaining = k;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
-        __syncthreads();
-        const uint32_t pf = prefix, mk = mask;
-        const int lane = threadIdx.x & 31;
-        for (int i0 = threadIdx.x - lane; i0 < n; i0 += blockDim.x) {  // whole warps: one add per bin and warp
-            const int i = i0 + lane;                                   // (the top bytes of the keys mostly
-            const uint32_t key = i < n ? key_at(i) : 0u;               // agree: lane-wise adds serialize)
-            const bool in = i < n && (key & mk) == pf;
-            const uint32_t bin = in ? (key >> shift) & 255u : 256u + lane;
-            const uint32_t peers = __match_any_sync(0xffffffffu, bin);
-            if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (uint32_t)__popc(peers));
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) {  // the bin holding the remaining-th largest key, from the top
-            // Lane l holds bins 255 - 8 l down to 248 - 8 l; a prefix sum over the lanes finds the one whose bins
-            // reach `remaining`, which walks its 8 (one thread walking all 256 bins took most of the kernel).
-            const int lane = threadIdx.x, rem = remaining;
-            int c[8], sum = 0;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) c[j] = (int)hist[255 - 8 * lane - j], sum += c[j];
-            int incl = sum;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int v = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += v;
-            }
-            const int at = __ffs(__ballot_sync(0xffffffffu, incl >= rem)) - 1;
-            if (lane == at) {
-                int above = incl - sum;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    if (above + c[j] >= rem) {
-                        prefix |= (uint32_t)(255 - 8 * lane - j) << shift;
-                        mask |= 255u << shift;
-                        remaining = rem - above;
-                        break;
-                    }
-                    above += c[j];
-                }
-            }
-        }
-        __syncthreads();
-    }
-    // prefix is the k-th largest key; take every larger key and the first `remaining` equal ones, in index order.
-    const uint32_t thr = prefix;
-    const int take_eq = remaining;
+    // The k-th largest key; every larger key and the first take_eq equal ones are taken, in index order.
+    int take_eq;
+    const uint32_t thr = radix_select(key_at, n, k, hist, sel_sh, &take_eq);
     int eq_base = 0, out_base = 0;
     for (int c0 = 0; c0 < n; c0 += blockDim.x) {
         const int i = c0 + threadIdx.x;
         const uint32_t key = i < n ? key_at(i) : 0u;
         const bool gt = i < n && key > thr, eq = i < n && key == thr;
         int eq_total, out_total;
-        const int eq_rank = eq_base + block_scan(eq, warp_tot, eq_total);
+        const int eq_rank = eq_base + block_exclusive<int>(eq, warp_tot, &eq_total);
         const bool take = gt || (eq && eq_rank < take_eq);
-        const int at = out_base + block_scan(take, warp_tot, out_total);
+        const int at = out_base + block_exclusive<int>(take, warp_tot, &out_total);
         if (take) out[at] = i;
         eq_base += eq_total;
         out_base += out_total;

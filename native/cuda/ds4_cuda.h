@@ -68,13 +68,15 @@ cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t*
 bool ds4_cuda_gemm_ok(int type, int64_t cols);
 // ds4_cuda_matvec's product for any number of activation rows (the prefill), on int8 tensor cores: the same
 // quantized activations and exact integer sums per 32 weights, the f32 sums grouped per block of 32 (Q8_0) or 256
-// weights; F16 weights against activations split into two f16 parts (~22 bits). work:
-// ds4_cuda_gemm_work_bytes(...) bytes (the quantized activations), required. tile: activation rows per block
-// (16, 32, 64), 0 to choose by the shape (tests pin it).
+// weights; F16 weights against activations split into two f16 parts (~22 bits). Except Q8_0 matrices of 64+
+// activation rows on an sm_90 device in a build with CUTLASS, with tile 0, y 16-byte aligned and y_stride and rows
+// multiples of 4: those run on wgmma with the weights and activations rounded to bf16 (gemm_sm90.cu). work:
+// ds4_cuda_gemm_work_bytes(...) bytes (rows: as here, per group), required. tile: activation rows per block of the
+// int8 path (16, 32, 64), 0 to choose by the shape (tests pin it).
 cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
                           int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work,
                           int tile = 0);
-size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t cols, int groups);
+size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t rows, int64_t cols, int groups);
 
 // The routed experts of n_tok tokens in one pass (prefill): out[t, :] (+)= sum_j weights[t, j] * down_e
 // (silu(min(gate_e . h_t, clamp)) * clip(up_e . h_t, +-clamp)), e = ids[t, j] (outside [0, n_expert): expert 0),

@@ -745,8 +745,12 @@ bool ds4_cuda_gemm_ok(int type, int64_t cols) {
             type == TYPE_F16) && cols > 0 && cols % 256 == 0;
 }
 
-size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t cols, int groups) {
-    return ds4_cuda_gemm_ok(type, cols) ? act_size(type, n_tok, cols * groups) : 0;
+size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t rows, int64_t cols, int groups) {
+    if (!ds4_cuda_gemm_ok(type, cols)) return 0;
+    const size_t act = act_size(type, n_tok, cols * groups);
+    // the bf16 path's, where it may run (gemm_sm90_ok's conditions on y are the caller's)
+    const bool sm90 = gemm_sm90_ok(type, nullptr, 4, 4, n_tok) && rows > 0 && groups > 0;
+    return sm90 ? std::max(act, gemm_sm90_work_bytes(type, n_tok, rows, cols, groups)) : act;
 }
 
 cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
@@ -765,6 +769,8 @@ cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void
         return invalid("gemm: a matrix or the activations of one call exceed 4 GiB");
     if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("gemm: call ds4_cuda_init first");
     if (tile != 0 && tile != 16 && tile != 32 && tile != 64) return invalid("gemm: tile must be 0, 16, 32 or 64");
+    if (tile == 0 && gemm_sm90_ok(type, y, y_stride, rows, n_tok))
+        return gemm_sm90(s, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups, work);
     cudaError_t e = quantize_into(s, (uint8_t*)work, x, x_stride, n_tok, cols * groups, type);
     if (e != cudaSuccess) return e;
     const int64_t rb = (int64_t)row_bytes(type, cols);

@@ -106,8 +106,8 @@ __global__ void embed_kernel(float* X, const void* table, int type, const int32_
 // One block of 1024 threads per row. Each pass reads the row (from L2: the head just wrote it):
 //   1. the largest logit (lowest index on ties), and whether any logit is not finite (then the host decides);
 //      without top-k and top-p (the default knobs) the draw then runs in index order (draw_in_index_order);
-//   2. with top-k, the k-th largest value by radix select over the logits' order-preserving bit patterns, 8 bits a
-//      pass, and how many of the values equal to it the pool takes (the lowest indices, as the host's top-k);
+//   2. with top-k, the k-th largest value by radix select (common.cuh) over the logits' order-preserving keys,
+//      and how many of the values equal to it the pool takes (the lowest indices, as the host's top-k);
 //   3. per warp (each owns a contiguous range of indices) the count of candidates: pool members not under the
 //      min-p floor; with top-p also the pool's total weight;
 //   4. the candidates compacted into shared memory in index order (ballots keep the order), at most kSampleCap
@@ -124,40 +124,6 @@ constexpr int kSampleBatch = 8;                          // loads in flight per 
 __device__ __forceinline__ void load_batch(float (&l)[kSampleBatch], const float* x, int e0, int step, int end) {
 #pragma unroll
     for (int j = 0; j < kSampleBatch; ++j) l[j] = e0 + j * step < end ? x[e0 + j * step] : -INFINITY;
-}
-
-// Unsigned keys in the order of the floats (-0 as +0, so equal floats have equal keys).
-__device__ __forceinline__ uint32_t order_key(float v) {
-    const uint32_t b = __float_as_uint(v == 0.0f ? 0.0f : v);
-    return b ^ ((b >> 31) ? 0xffffffffu : 0x80000000u);
-}
-
-// Exclusive prefix over the block's threads of v; every thread gets the block's total in *total.
-template <typename T>
-__device__ __forceinline__ T block_exclusive(T v, T* sh, T* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    T inc = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const T n = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += n;
-    }
-    if (lane == 31) sh[warp] = inc;
-    __syncthreads();
-    if (warp == 0) {
-        T w = lane < kSampleWarps ? sh[lane] : T(0);
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const T n = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += n;
-        }
-        if (lane < kSampleWarps) sh[lane] = w;  // inclusive over warps
-    }
-    __syncthreads();
-    const T before = (warp ? sh[warp - 1] : T(0)) + inc - v;
-    *total = sh[kSampleWarps - 1];
-    __syncthreads();  // sh is reused
-    return before;
 }
 
 // Without top-k or top-p the candidates stay in index order, so nothing is compacted and any number of them is
@@ -229,7 +195,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     __shared__ int si[33];
     __shared__ int sn[kSampleWarps];
     __shared__ double sd[kSampleWarps];
-    __shared__ int pick[3];  // radix digit / need; top-p cut; draw
+    __shared__ int pick[3];  // radix_select's digit and count; the top-p cut; the draw (or its warp)
     pdl_trigger();
     pdl_wait();
     const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -272,50 +238,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     const int k = min(d.top_k, n);
     uint32_t kth = 0;
     int need = 0;
-    if (k > 0) {
-        uint32_t mask = 0;
-        need = k;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            if (tid < 256) hist[tid] = 0;
-            __syncthreads();
-            for (int e0 = tid; e0 - tid < n; e0 += kSampleBatch * kSampleThreads) {  // one add per distinct bin
-                float l[kSampleBatch];                                                // of a warp's keys
-                load_batch(l, xr, e0, kSampleThreads, n);
-#pragma unroll
-                for (int j = 0; j < kSampleBatch; ++j) {
-                    const uint32_t key = order_key(l[j]);
-                    const bool in = e0 + j * kSampleThreads < n && (key & mask) == kth;
-                    const uint32_t peers = __match_any_sync(0xffffffffu, in ? (key >> shift) & 255 : 256u);
-                    if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[(key >> shift) & 255], __popc(peers));
-                }
-            }
-            __syncthreads();
-            if (warp == 0) {  // lane L owns the bins 255 - 8L down to 248 - 8L
-                uint32_t c[8], sum = 0;
-#pragma unroll
-                for (int b = 0; b < 8; ++b) sum += c[b] = hist[255 - 8 * lane - b];
-                uint32_t inc = sum;
-#pragma unroll
-                for (int o = 1; o < 32; o <<= 1) {
-                    const uint32_t t = __shfl_up_sync(0xffffffffu, inc, o);
-                    if (lane >= o) inc += t;
-                }
-                const uint32_t reach = __ballot_sync(0xffffffffu, inc >= (uint32_t)need);
-                if (lane == __ffs(reach) - 1) {
-                    uint32_t before = inc - sum;
-                    int b = 0;
-                    while (before + c[b] < (uint32_t)need) before += c[b++];
-                    pick[0] = 255 - 8 * lane - b;
-                    pick[1] = need - (int)before;
-                }
-            }
-            __syncthreads();
-            kth |= (uint32_t)pick[0] << shift;
-            mask |= 255u << shift;
-            need = pick[1];
-            __syncthreads();
-        }
-    }
+    if (k > 0) kth = radix_select([&](int i) { return order_key(xr[i]); }, n, k, hist, pick, &need);
     const bool ties_in = k > 0 && order_key(floor) <= kth;  // the pool's ties at the k-th value pass the floor
     // 3. per warp: candidates other than ties at the k-th value, those ties, and the pool's weight
     int cand = 0, ties = 0;
@@ -336,8 +259,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     cand = __reduce_add_sync(0xffffffffu, cand);
     ties = __reduce_add_sync(0xffffffffu, ties);
     if (d.top_p < 1.0) {
-        if (k > 0 && tid == 0) mass += need * exp(((double)__uint_as_float(kth ^ ((kth >> 31) ? 0x80000000u
-                                                                                  : 0xffffffffu)) - top) / temp);
+        if (k > 0 && tid == 0) mass += need * exp(((double)key_float(kth) - top) / temp);
         double pool;
         block_exclusive(mass, sd, &pool);
         mass = pool;

@@ -682,7 +682,7 @@ class CUDA:
         wp, s = self.weight(w), self.stream.ptr
         per = w.rows // groups
         if T > MATVEC_ROWS and self.cu.gemm_ok(int(w.type), w.cols):  # prefill: tensor cores
-            work = self.empty((self.cu.gemm_work_bytes(int(w.type), T, w.cols, groups),), np.uint8)
+            work = self.empty((self.cu.gemm_work_bytes(int(w.type), T, per, w.cols, groups),), np.uint8)
             self.cu.gemm(s, y.ptr, w.rows, wp, int(w.type), per, w.cols, x.ptr, cols, T, groups, work.ptr)
             self.weight_calls += 1
             return y
