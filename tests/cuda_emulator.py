@@ -450,7 +450,7 @@ def moe_down(stream, out, out_stride, mid, down, type, n_embd, n_ff, n_expert, i
 
 
 def compress(stream, pooled, kv, kv_stride, gate, gate_stride, ape, pos, seg_first, seg_len, state_kv, state_score,
-             n_seg, d, ratio):
+             n_seg, d, ratio, n_tok, path=0):
     r, two = ratio, ratio == 4
     width = 2 * d if two else d
     first, lens = _at(seg_first, np.int32, n_seg), _at(seg_len, np.int32, n_seg)

@@ -331,6 +331,59 @@ def test_topk_ties_to_lower_index(cu):
 
 
 @gpu_only
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_compress_parallel_blocks_equal_the_walk(cu, ratio):
+    """The prefill's compressor (every block that ends in a segment pooled at once, then the frontier rewritten)
+    gives the bits of the decode's in-order walk, pooled rows and frontier both, over three sessions fed in three
+    calls of segments that start and end anywhere in a block; both match the reference's compressor."""
+    from ds4d.ops.reference import NEG_INF, Reference
+    rng = np.random.default_rng(11)
+    ref = Reference(np.float32)
+    d, coff = 160, 2 if ratio == 4 else 1                  # 160: a partial block of 128 dims
+    width, rows = coff * d, coff * ratio
+    ape = rng.standard_normal((ratio, width)).astype(np.float32)
+    stream, bufs = cu.Stream(), []
+
+    def put(a):
+        b = cu.Buffer(max(a.nbytes, 16))
+        b.upload(np.ascontiguousarray(a))
+        bufs.append(b)
+        return b
+
+    host = [(np.zeros((rows, width), np.float32), np.full((rows, width), NEG_INF, np.float32)) for _ in range(3)]
+    states = {path: [(put(k), put(s)) for k, s in host] for path in (1, 2)}
+    pos0 = [0, 0, 0]
+    for lens in ((5, 130, 3), (300, 77, 1), (64, 200, 9)):
+        n_tok = sum(lens)
+        kv = rng.standard_normal((n_tok, width)).astype(np.float32)
+        gate = rng.standard_normal((n_tok, width)).astype(np.float32)
+        first = np.cumsum((0,) + lens[:-1]).astype(np.int32)
+        pos = np.concatenate([p + np.arange(n) for p, n in zip(pos0, lens)]).astype(np.int32)
+        args = [put(a).ptr for a in (kv, gate, ape, pos, first, np.array(lens, np.int32))]
+        got = {}
+        for path in (1, 2):
+            pooled = put(np.full((n_tok, d), np.nan, np.float32))
+            tk = put(np.array([k.ptr for k, _ in states[path]], np.uint64))
+            ts = put(np.array([s.ptr for _, s in states[path]], np.uint64))
+            cu.compress(stream.ptr, pooled.ptr, args[0], width, args[1], width, args[2], args[3], args[4], args[5],
+                        tk.ptr, ts.ptr, 3, d, ratio, n_tok, path)
+            got[path] = (pooled.download(np.float32, [n_tok, d]),
+                         [(k.download(np.float32, [rows, width]), s.download(np.float32, [rows, width]))
+                          for k, s in states[path]])
+        ends = (pos + 1) % ratio == 0
+        np.testing.assert_array_equal(got[1][0][ends], got[2][0][ends])
+        for (k1, s1), (k2, s2) in zip(got[1][1], got[2][1]):
+            np.testing.assert_array_equal(k1, k2)
+            np.testing.assert_array_equal(s1, s2)
+        for s, (p0, n, f) in enumerate(zip(pos0, lens, first)):
+            want, _ = ref.compress(host[s][0], host[s][1], kv[f:f + n], gate[f:f + n], ape, p0, ratio)
+            np.testing.assert_allclose(got[2][0][f:f + n][ends[f:f + n]], want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[2][1][s][0], host[s][0], rtol=0, atol=0)
+            np.testing.assert_allclose(got[2][1][s][1], host[s][1], rtol=1e-6, atol=1e-6)
+            pos0[s] += n
+
+
+@gpu_only
 @pytest.mark.parametrize("n_head,f32_rows", [(64, False), (64, True), (5, False)])
 def test_indexer_scores(cu, n_head, f32_rows):
     """Each key's score, sum_h w_h * scale * relu(q_h . key), against float64 for tokens that see more keys than

@@ -402,14 +402,16 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("fp8") = true, py::arg("dst_rows") = 0, py::arg("f32_rows") = false);
     m.def("compress", [](uintptr_t s, uintptr_t pooled, uintptr_t kv, int64_t kv_stride, uintptr_t gate,
                          int64_t gate_stride, uintptr_t ape, uintptr_t pos, uintptr_t seg_first, uintptr_t seg_len,
-                         uintptr_t state_kv, uintptr_t state_score, int n_seg, int d, int ratio) {
+                         uintptr_t state_kv, uintptr_t state_score, int n_seg, int d, int ratio, int n_tok,
+                         int path) {
         check(ds4_cuda_compress(st(s), dev<float>(pooled), dev<const float>(kv), kv_stride, dev<const float>(gate),
                                 gate_stride, dev<const float>(ape), dev<const int32_t>(pos),
                                 dev<const int32_t>(seg_first), dev<const int32_t>(seg_len), dev<float* const>(state_kv),
-                                dev<float* const>(state_score), n_seg, d, ratio), "compress");
+                                dev<float* const>(state_score), n_seg, d, ratio, n_tok, path), "compress");
     }, py::arg("stream"), py::arg("pooled"), py::arg("kv"), py::arg("kv_stride"), py::arg("gate"),
        py::arg("gate_stride"), py::arg("ape"), py::arg("pos"), py::arg("seg_first"), py::arg("seg_len"),
-       py::arg("state_kv"), py::arg("state_score"), py::arg("n_seg"), py::arg("d"), py::arg("ratio"));
+       py::arg("state_kv"), py::arg("state_score"), py::arg("n_seg"), py::arg("d"), py::arg("ratio"),
+       py::arg("n_tok"), py::arg("path") = 0);
     m.def("comp_finish", [](uintptr_t s, uintptr_t dst, uintptr_t pooled, uintptr_t norm, uintptr_t pos,
                             uintptr_t inv_freq, int n_tok, int d, int ratio, int n_rot, int mode, int n_nope, float eps,
                             bool f32_rows) {

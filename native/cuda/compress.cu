@@ -2,10 +2,11 @@
 // pooling, the finish of each emitted row (norm, RoPE, FP8 or Hadamard + FP4, f16 store), the indexer's FP4 query
 // path, its scores over the indexer rows and the top-k selection.
 //
-// Compressor: one block of threads per (segment, 128 output dims). A segment is a run of consecutive tokens of one
-// session; the block walks them in order, as ds4's streaming decode does: store the token's projected row and score
-// in its frontier row, and at a block end ((pos + 1) mod ratio == 0, read from device memory) pool the frontier
-// and reset it. A thread owns its output dim (and at ratio 4 both lanes' columns of it), so the frontier needs no
+// Compressor: for few tokens (decode), one block of threads per (segment, 128 output dims). A segment is a run of
+// consecutive tokens of one session; the block walks them in order, as ds4's streaming decode does: store the
+// token's projected row and score in its frontier row, and at a block end ((pos + 1) mod ratio == 0, read from
+// device memory) pool the frontier and reset it. For many tokens (prefill) every block that ends in a segment is
+// pooled at once by its own threads, and a second kernel leaves the frontier as the walk would. A thread owns its output dim (and at ratio 4 both lanes' columns of it), so the frontier needs no
 // barrier: every read of a column follows the same thread's writes. The pooled rows go to `pooled` at their
 // token's row; the finish kernel normalizes, rotates and stores them at row (pos + 1) / ratio - 1 of the session's
 // compressed-row array.
@@ -22,6 +23,7 @@ namespace ds4::cuda {
 namespace {
 
 constexpr int kCompThreads = 128;
+constexpr int kCompParallelTok = 64;  // from this many tokens in a call, blocks pooled in parallel
 
 struct CompressArgs {
     float* pooled;
@@ -113,6 +115,87 @@ __global__ void __launch_bounds__(kCompThreads) compress_kernel(CompressArgs a) 
         a.pooled[(int64_t)t * d + j] =
             softmax_pool(r, [&](int k) { return make_float2(kv[k * d + j], sc[k * d + j]); });
         for (int k = 0; k < r; ++k) kv[k * d + j] = 0.0f, sc[k * d + j] = -INFINITY;
+    }
+}
+
+// A long segment's blocks pooled in parallel (the prefill: the in-order walk of compress_kernel kept 4 blocks of
+// threads busy for a whole chunk): block (dims, b, segment) pools the b-th block that ends in the segment, reading
+// each candidate row from the segment's projections or, for positions before it, from the frontier as the walk
+// left it: at ratio 128 row q mod 128; at ratio 4 rows 4 + q mod 4 for the frontier's current (partial) block,
+// q mod 4 for the block before. The same candidates in the same order as the walk: the same bits. The frontier
+// is rewritten after (compress_state_kernel).
+__global__ void __launch_bounds__(kCompThreads) compress_blocks_kernel(CompressArgs a) {
+    pdl_trigger();
+    pdl_wait();
+    const int s = blockIdx.z, j = blockIdx.x * kCompThreads + threadIdx.x, d = a.d, r = a.ratio;
+    const int first = a.seg_first[s], n = a.seg_len[s];
+    if (j >= d || n < 1) return;
+    const int p0 = a.pos[first], p = (p0 / r + (int)blockIdx.y) * r + r - 1;  // the block's last position
+    if (p >= p0 + n) return;
+    const int width = r == 4 ? 2 * d : d, cur = p0 & ~3;  // cur: the walk's current block at ratio 4
+    const float* skv = a.state_kv[s];
+    const float* ssc = a.state_score[s];
+    auto at = [&](int q, int col, int srow) {  // position q's (kv, score) in column col
+        if (q < p0) return make_float2(skv[srow * width + col], ssc[srow * width + col]);
+        const int64_t t = first + (q - p0);
+        return make_float2(a.kv[t * a.kv_stride + col],
+                           a.gate[t * a.gate_stride + col] + a.ape[(int64_t)(q % r) * width + col]);
+    };
+    float v;
+    if (r == 4) {
+        v = softmax_pool(8, [&](int k) {
+            const int q = p - 7 + k;
+            return k < 4 ? at(q, j, q >= cur ? 4 + (q & 3) : q & 3) : at(q, d + j, 4 + (q & 3));
+        });
+    } else {
+        v = softmax_pool(r, [&](int k) { return at(p - r + 1 + k, j, k); });
+    }
+    a.pooled[(int64_t)(first + (p - p0)) * d + j] = v;
+}
+
+// The frontier after a segment pooled by compress_blocks_kernel, as the walk leaves it (pe: the position after the
+// segment): the rows of positions pe & ~(r - 1) .. pe - 1 hold them, the rest of that block's rows are empty; at
+// ratio 4 rows 0..3 hold the block before it, both lanes (moved from rows 4..7 where it was the frontier's current
+// block). Each thread owns its columns: it reads what moves before it writes.
+__global__ void __launch_bounds__(kCompThreads) compress_state_kernel(CompressArgs a) {
+    pdl_trigger();
+    pdl_wait();
+    const int s = blockIdx.y, j = blockIdx.x * kCompThreads + threadIdx.x, d = a.d, r = a.ratio;
+    const int first = a.seg_first[s], n = a.seg_len[s];
+    if (j >= d || n < 1) return;
+    const int p0 = a.pos[first], pe = p0 + n, base = pe / r * r;
+    const int lanes = r == 4 ? 2 : 1, width = lanes * d, cur = p0 & ~3;
+    float* skv = a.state_kv[s];
+    float* ssc = a.state_score[s];
+    auto chunk = [&](int q, int col) {
+        const int64_t t = first + (q - p0);
+        return make_float2(a.kv[t * a.kv_stride + col],
+                           a.gate[t * a.gate_stride + col] + a.ape[(int64_t)(q % r) * width + col]);
+    };
+    if (r == 4) {  // rows 0..3: the block before `base`; moved from rows 4..7 where it was the current block
+        float2 prev[4][2];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int q = base - 4 + k, row = q >= p0 || q < cur ? k : 4 + k;
+#pragma unroll
+            for (int l = 0; l < 2; ++l)
+                prev[k][l] = q >= p0 ? chunk(q, l * d + j)
+                                     : make_float2(skv[row * width + l * d + j], ssc[row * width + l * d + j]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+#pragma unroll
+            for (int l = 0; l < 2; ++l)
+                skv[k * width + l * d + j] = prev[k][l].x, ssc[k * width + l * d + j] = prev[k][l].y;
+    }
+    const int row0 = r == 4 ? 4 : 0;  // the current block's rows
+    for (int k = 0; k < r; ++k) {
+        const int q = base + k;
+        if (q < p0) continue;  // already there
+        for (int l = 0; l < lanes; ++l) {
+            const float2 v = q < pe ? chunk(q, l * d + j) : make_float2(0.0f, -INFINITY);
+            skv[(row0 + k) * width + l * d + j] = v.x, ssc[(row0 + k) * width + l * d + j] = v.y;
+        }
     }
 }
 
@@ -329,14 +412,21 @@ using namespace ds4::cuda;
 cudaError_t ds4_cuda_compress(cudaStream_t s, float* pooled, const float* kv, int64_t kv_stride, const float* gate,
                               int64_t gate_stride, const float* ape, const int32_t* pos, const int32_t* seg_first,
                               const int32_t* seg_len, float* const* state_kv, float* const* state_score, int n_seg,
-                              int d, int ratio) {
+                              int d, int ratio, int n_tok, int path) {
     clear_error();
     if (n_seg < 1 || n_seg > 65535 || d < 1 || (ratio != 4 && ratio != 128) || !pos || !seg_first || !seg_len ||
-        !state_kv || !state_score)
-        return invalid("compress: needs 1 <= n_seg <= 65535, d >= 1, ratio 4 or 128, and every table");
+        !state_kv || !state_score || n_tok < n_seg || path < 0 || path > 2)
+        return invalid("compress: needs 1 <= n_seg <= 65535, n_tok >= n_seg, d >= 1, ratio 4 or 128, path 0-2, "
+                       "and every table");
     const CompressArgs a{pooled, kv, kv_stride, gate, gate_stride, ape, pos, seg_first, seg_len, state_kv,
                          state_score, d, ratio};
-    return launch(compress_kernel, dim3((unsigned)ceil_div(d, kCompThreads), n_seg), dim3(kCompThreads), 0, s, a);
+    const unsigned gx = (unsigned)ceil_div(d, kCompThreads);
+    if (path == 1 || (path == 0 && n_tok < kCompParallelTok))
+        return launch(compress_kernel, dim3(gx, n_seg), dim3(kCompThreads), 0, s, a);
+    // a segment of n tokens ends at most n / ratio + 1 blocks
+    cudaError_t e = launch(compress_blocks_kernel, dim3(gx, (unsigned)(n_tok / ratio + 1), n_seg), dim3(kCompThreads),
+                           0, s, a);
+    return e != cudaSuccess ? e : launch(compress_state_kernel, dim3(gx, n_seg), dim3(kCompThreads), 0, s, a);
 }
 
 cudaError_t ds4_cuda_comp_finish(cudaStream_t s, void* const* dst, const float* pooled, const float* norm,

@@ -154,11 +154,13 @@ cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* 
 // (ape: (ratio, coff*d)) in its row; when (pos[t] + 1) mod ratio == 0 it pools the block by a per-dim softmax over
 // the block's rows (at ratio 4: lane A columns j of rows 0..3 with lane B columns d + j of rows 4..7) into
 // pooled[t] (d values; other tokens' rows are not written) and resets the frontier (ratio 4: rows 4..7 move to
-// 0..3). Positions come from device memory; segments must not share a frontier.
+// 0..3). Positions come from device memory; segments must not share a frontier. n_tok: the tokens of all segments
+// (at least n_seg). path: 1 walks each segment's tokens in order (one kernel), 2 pools the blocks in parallel and
+// then rewrites the frontier (two kernels; the same bits), 0 picks 2 from 64 tokens.
 cudaError_t ds4_cuda_compress(cudaStream_t s, float* pooled, const float* kv, int64_t kv_stride, const float* gate,
                               int64_t gate_stride, const float* ape, const int32_t* pos, const int32_t* seg_first,
                               const int32_t* seg_len, float* const* state_kv, float* const* state_score, int n_seg,
-                              int d, int ratio);
+                              int d, int ratio, int n_tok, int path = 0);
 // The emitted rows' finish, for each token t whose (pos[t] + 1) mod ratio == 0: y = RMSNorm(pooled[t]) * norm,
 // RoPE of the last n_rot dims at position pos[t] + 1 - ratio (inv_freq: n_rot/2 float64), then mode 0: nothing,
 // 1: FP8 E4M3 round trip of the first n_nope dims, 2: Hadamard-128 + FP4 (d = 128); stored as f16 (f32 with

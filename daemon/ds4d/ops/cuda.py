@@ -840,7 +840,7 @@ class CUDA:
         pooled = self.empty((step.n_tok, d))
         self.cu.compress(self.stream.ptr, pooled.ptr, kvp.ptr, kvp.row, gate.ptr, gate.row, self.const(ape, _F32),
                          step.pos, step.seg_first, step.seg_len, tab[kind + "_fr_kv"], tab[kind + "_fr_sc"],
-                         step.n_seg, d, ratio)
+                         step.n_seg, d, ratio, step.n_tok)
         self.cu.comp_finish(self.stream.ptr, tab[kind + "_rows"], pooled.ptr, self.const(norm, _F32), step.pos,
                             self.const(spec.rope_comp, np.float64), step.n_tok, d, ratio, 2 * len(spec.rope_comp),
                             mode, spec.n_nope if mode == 1 else 0, float(spec.rms_eps), self.layout.es == 4)
