@@ -278,8 +278,8 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
        py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups"), py::arg("work"),
        py::arg("tile") = 0);
-    m.def("gemm_work_bytes", &ds4_cuda_gemm_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("rows"), py::arg("cols"),
-          py::arg("groups") = 1);
+    m.def("gemm_work_bytes", &ds4_cuda_gemm_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("rows"),
+          py::arg("cols"), py::arg("groups") = 1);
     m.def("moe_grouped", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t h, int64_t h_stride,
                             uintptr_t gate, uintptr_t up, uintptr_t down, int gate_type, int down_type, int64_t n_ff,
                             int64_t n_embd, int n_expert, uintptr_t ids, uintptr_t weights, int n_used, int n_tok,

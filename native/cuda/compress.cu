@@ -5,11 +5,11 @@
 // Compressor: for few tokens (decode), one block of threads per (segment, 128 output dims). A segment is a run of
 // consecutive tokens of one session; the block walks them in order, as ds4's streaming decode does: store the
 // token's projected row and score in its frontier row, and at a block end ((pos + 1) mod ratio == 0, read from
-// device memory) pool the frontier and reset it. For many tokens (prefill) every block that ends in a segment is
-// pooled at once by its own threads, and a second kernel leaves the frontier as the walk would. A thread owns its output dim (and at ratio 4 both lanes' columns of it), so the frontier needs no
-// barrier: every read of a column follows the same thread's writes. The pooled rows go to `pooled` at their
-// token's row; the finish kernel normalizes, rotates and stores them at row (pos + 1) / ratio - 1 of the session's
-// compressed-row array.
+// device memory) pool the frontier and reset it. A thread owns its output dim (and at ratio 4 both lanes' columns
+// of it), so the frontier needs no barrier: every read of a column follows the same thread's writes. For many
+// tokens (prefill) every block that ends in a segment is pooled at once by its own threads, and a second kernel
+// leaves the frontier as the walk would. The pooled rows go to `pooled` at their token's row; the finish kernel
+// normalizes, rotates and stores them at row (pos + 1) / ratio - 1 of the session's compressed-row array.
 //
 // Indexer: scores in 32-row tiles (the query's heads and a tile of keys, as f32, in shared memory; a lane per key
 // and 8 head groups), top-k by a 4-pass radix select on order-preserving integer keys in one block per token (one
@@ -118,6 +118,14 @@ __global__ void __launch_bounds__(kCompThreads) compress_kernel(CompressArgs a) 
     }
 }
 
+// Position q's (kv, score) in column col from the call's projections: its segment starts at token `first`,
+// position p0; width is the frontier's row (coff * d).
+__device__ __forceinline__ float2 projected(const CompressArgs& a, int first, int p0, int q, int col, int width) {
+    const int64_t t = first + (q - p0);
+    return make_float2(a.kv[t * a.kv_stride + col],
+                       a.gate[t * a.gate_stride + col] + a.ape[(int64_t)(q % a.ratio) * width + col]);
+}
+
 // A long segment's blocks pooled in parallel (the prefill: the in-order walk of compress_kernel kept 4 blocks of
 // threads busy for a whole chunk): block (dims, b, segment) pools the b-th block that ends in the segment, reading
 // each candidate row from the segment's projections or, for positions before it, from the frontier as the walk
@@ -135,11 +143,9 @@ __global__ void __launch_bounds__(kCompThreads) compress_blocks_kernel(CompressA
     const int width = r == 4 ? 2 * d : d, cur = p0 & ~3;  // cur: the walk's current block at ratio 4
     const float* skv = a.state_kv[s];
     const float* ssc = a.state_score[s];
-    auto at = [&](int q, int col, int srow) {  // position q's (kv, score) in column col
-        if (q < p0) return make_float2(skv[srow * width + col], ssc[srow * width + col]);
-        const int64_t t = first + (q - p0);
-        return make_float2(a.kv[t * a.kv_stride + col],
-                           a.gate[t * a.gate_stride + col] + a.ape[(int64_t)(q % r) * width + col]);
+    auto at = [&](int q, int col, int srow) {  // position q's (kv, score) in column col; srow: its frontier row
+        return q < p0 ? make_float2(skv[srow * width + col], ssc[srow * width + col])
+                      : projected(a, first, p0, q, col, width);
     };
     float v;
     if (r == 4) {
@@ -167,11 +173,6 @@ __global__ void __launch_bounds__(kCompThreads) compress_state_kernel(CompressAr
     const int lanes = r == 4 ? 2 : 1, width = lanes * d, cur = p0 & ~3;
     float* skv = a.state_kv[s];
     float* ssc = a.state_score[s];
-    auto chunk = [&](int q, int col) {
-        const int64_t t = first + (q - p0);
-        return make_float2(a.kv[t * a.kv_stride + col],
-                           a.gate[t * a.gate_stride + col] + a.ape[(int64_t)(q % r) * width + col]);
-    };
     if (r == 4) {  // rows 0..3: the block before `base`; moved from rows 4..7 where it was the current block
         float2 prev[4][2];
 #pragma unroll
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kCompThreads) compress_state_kernel(CompressAr
             const int q = base - 4 + k, row = q >= p0 || q < cur ? k : 4 + k;
 #pragma unroll
             for (int l = 0; l < 2; ++l)
-                prev[k][l] = q >= p0 ? chunk(q, l * d + j)
+                prev[k][l] = q >= p0 ? projected(a, first, p0, q, l * d + j, width)
                                      : make_float2(skv[row * width + l * d + j], ssc[row * width + l * d + j]);
         }
 #pragma unroll
@@ -193,7 +194,8 @@ __global__ void __launch_bounds__(kCompThreads) compress_state_kernel(CompressAr
         const int q = base + k;
         if (q < p0) continue;  // already there
         for (int l = 0; l < lanes; ++l) {
-            const float2 v = q < pe ? chunk(q, l * d + j) : make_float2(0.0f, -INFINITY);
+            const float2 v =
+                q < pe ? projected(a, first, p0, q, l * d + j, width) : make_float2(0.0f, -INFINITY);
             skv[(row0 + k) * width + l * d + j] = v.x, ssc[(row0 + k) * width + l * d + j] = v.y;
         }
     }

@@ -72,7 +72,8 @@ typename Gemm<E>::Arguments arguments(float* y, int64_t y_stride, const E* w, in
 __global__ void dequant_q8_0_kernel(__nv_bfloat16* out, const uint8_t* w, int64_t n_blocks) {
     pdl_trigger();
     pdl_wait();
-    for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < n_blocks; b += (int64_t)gridDim.x * blockDim.x) {
+    for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < n_blocks;
+         b += (int64_t)gridDim.x * blockDim.x) {
         const uint16_t* p = (const uint16_t*)(w + 34 * b);
         uint16_t h[17];
 #pragma unroll
