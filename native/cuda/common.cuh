@@ -86,7 +86,8 @@ cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t
 
 // Q8_0 and F16 prefill products on Hopper's wgmma through CUTLASS (gemm_sm90.cu; absent in builds without
 // CUTLASS): whether it takes a product of n_tok activation rows (an sm_90 device, at least kGemmSm90MinTok rows, y
-// 16-byte aligned with rows of a multiple of 4 floats), its workspace, and the product (ds4_cuda_gemm's arguments).
+// 16-byte aligned with rows of a multiple of 4 floats), its workspace, and the product (ds4_cuda_gemm's arguments;
+// cudaErrorNotSupported, having launched nothing CUTLASS would run, where CUTLASS refuses the shape).
 constexpr int kGemmSm90MinTok = 64;
 bool gemm_sm90_ok(int type, const float* y, int64_t y_stride, int64_t rows, int n_tok);
 size_t gemm_sm90_work_bytes(int type, int n_tok, int64_t rows, int64_t cols, int groups);

@@ -769,8 +769,10 @@ cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void
         return invalid("gemm: a matrix or the activations of one call exceed 4 GiB");
     if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("gemm: call ds4_cuda_init first");
     if (tile != 0 && tile != 16 && tile != 32 && tile != 64) return invalid("gemm: tile must be 0, 16, 32 or 64");
-    if (tile == 0 && gemm_sm90_ok(type, y, y_stride, rows, n_tok))
-        return gemm_sm90(s, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups, work);
+    if (tile == 0 && gemm_sm90_ok(type, y, y_stride, rows, n_tok)) {
+        const cudaError_t e = gemm_sm90(s, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups, work);
+        if (e != cudaErrorNotSupported) return e;  // else a shape CUTLASS refuses: the int8 path
+    }
     cudaError_t e = quantize_into(s, (uint8_t*)work, x, x_stride, n_tok, cols * groups, type);
     if (e != cudaSuccess) return e;
     const int64_t rb = (int64_t)row_bytes(type, cols);

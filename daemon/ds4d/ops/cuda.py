@@ -29,6 +29,7 @@ decode tokens attend over their session's ring directly.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import OrderedDict, defaultdict
@@ -213,6 +214,11 @@ class _Layout:
                 off = _align(fr[1] + n)
             self.idx_fr.append(fr)
         self.fixed_bytes = off
+        # the same offsets as (layers, 1) int64 columns, for the step tables (0 where a layer has none)
+        col = lambda v: np.array(v, np.int64)[:, None]  # noqa: E731
+        self.raw_col = col(self.raw)
+        self.fr_cols = {(name, k): col([f[k] if f else 0 for f in frs])
+                        for name, frs in (("comp", self.comp_fr), ("idx", self.idx_fr)) for k in (0, 1)}
         template = np.zeros(off, np.uint8)
         for fr in self.comp_fr + self.idx_fr:
             if fr is not None:
@@ -283,7 +289,8 @@ class CudaState:
                         self.be.cu.memcpy(rows.ptr + new, self.rows.ptr + old, n * width * L.es, self.be.stream.ptr)
             self.be.stream.synchronize()   # the old buffer is freed below
         self.rows, self.cap, self.comp_off, self.idx_off = rows, cap, comp, idx
-        self.row_offsets = ([o or 0 for o in comp], [o or 0 for o in idx])   # for the step tables (0: none)
+        # for the step tables: (layers,) int64 each, 0 where a layer has no such rows
+        self.row_offsets = tuple(np.array([o or 0 for o in v], np.int64) for v in (comp, idx))
 
     def snapshot(self) -> SessionState:
         L, sd = self.layout, self.store_dtype
@@ -394,19 +401,19 @@ class _Step:
         # unused): a host table for 43 layers costs a few dozen numpy operations, not a few per layer.
         fixed_s = np.array([st.fixed.ptr for st in sessions], np.int64)
         rows_s = np.array([st.rows.ptr for st in sessions], np.int64)
-        comp_off = np.array([st.row_offsets[0] for st in sessions], np.int64).T       # (layers, S)
-        idx_off = np.array([st.row_offsets[1] for st in sessions], np.int64).T
-        frontier = lambda frs, k: np.array([f[k] if f else 0 for f in frs], np.int64)[:, None]  # noqa: E731
-        ring = np.array(L.raw, np.int64)[:, None] + fixed_s[seg_of][None, :]          # (layers, N)
+        comp_off = np.stack([st.row_offsets[0] for st in sessions], axis=1)           # (layers, S)
+        idx_off = np.stack([st.row_offsets[1] for st in sessions], axis=1)
+        fr = L.fr_cols
+        ring = L.raw_col + fixed_s[seg_of][None, :]                                   # (layers, N)
         fields = {
             "kv_dst": np.where(staged, base + kv_dst_rel, ring + pos % n_swa * row),
             "raw_rows": np.where(staged, base + raw_rows, ring),
             "comp_rows": (rows_s[None, :] + comp_off)[:, seg_of],
-            "comp_fr_kv": fixed_s[None, :] + frontier(L.comp_fr, 0),
-            "comp_fr_sc": fixed_s[None, :] + frontier(L.comp_fr, 1),
+            "comp_fr_kv": fixed_s[None, :] + fr["comp", 0],
+            "comp_fr_sc": fixed_s[None, :] + fr["comp", 1],
             "idx_rows": (rows_s[None, :] + idx_off)[:, seg_of],
-            "idx_fr_kv": fixed_s[None, :] + frontier(L.idx_fr, 0),
-            "idx_fr_sc": fixed_s[None, :] + frontier(L.idx_fr, 1),
+            "idx_fr_kv": fixed_s[None, :] + fr["idx", 0],
+            "idx_fr_sc": fixed_s[None, :] + fr["idx", 1],
         }
         table, cursor, start = [ints.view(np.int64)], len(ints) // 2, {}
         self.draws_at = None
@@ -418,11 +425,8 @@ class _Step:
             table.append(block.reshape(-1))
             start[name] = cursor * 8
             cursor += block.size
-        self.rel_layers = []                                   # per layer: table byte offsets by name
-        for i, r in enumerate(L.ratios):
-            names = ["kv_dst", "raw_rows"] + (["comp_rows", "comp_fr_kv", "comp_fr_sc"] if r else []) + \
-                (["idx_rows", "idx_fr_kv", "idx_fr_sc"] if r == 4 else [])
-            self.rel_layers.append({k: start[k] + i * fields[k].shape[1] * 8 for k in names})
+        self._start, self._count = start, {k: v.shape[1] for k, v in fields.items()}
+        self._ratios = L.ratios
         self.host = np.concatenate(table)
 
     def place(self, be: "CUDA", mem: DArray | None = None) -> "_Step":
@@ -435,8 +439,19 @@ class _Step:
         self.seg_first, self.seg_len = t + 16 * N, t + 16 * N + 4 * S
         self.tokens = t + 16 * N + 8 * S
         self.draws = None if self.draws_at is None else t + self.draws_at
-        self.layers = [{k: t + v for k, v in entry.items()} for entry in self.rel_layers]
+        self.__dict__.pop("layers", None)
         return self
+
+    @functools.cached_property
+    def layers(self) -> list[dict]:
+        """Per layer, the device addresses of its fields by name (what the ops of an eager or captured step pass to
+        the kernels; a replayed graph has them baked in, so a replay never builds these)."""
+        t, out = self.mem.ptr, []
+        for i, r in enumerate(self._ratios):
+            names = ["kv_dst", "raw_rows"] + (["comp_rows", "comp_fr_kv", "comp_fr_sc"] if r else []) + \
+                (["idx_rows", "idx_fr_kv", "idx_fr_sc"] if r == 4 else [])
+            out.append({k: t + self._start[k] + i * self._count[k] * 8 for k in names})
+        return out
 
 
 # ds4_cuda_draw (ds4_cuda.h): a row's sampling knobs and uniform, read by the sampling kernel from the step's table.
