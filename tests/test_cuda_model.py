@@ -161,8 +161,8 @@ def test_batch_equals_each_session_alone(models, numerics):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_joins_the_products_of_one_input(models, batch):
     """A decode step runs the products of one input as one product per weight type (attn_q_a with attn_kv; the
-    compressors' and the indexer's projections; for several tokens the shared expert's gate and up): fewer weight
-    kernels than one product per weight, and the same logits."""
+    compressors' and the indexer's projections; the shared expert's gate and up): fewer weight kernels than one
+    product per weight, and the same logits."""
     m = models("f32", "cuda", "exact")
     logits, calls = [], []
     for join in (False, True):
@@ -179,7 +179,7 @@ def test_decode_joins_the_products_of_one_input(models, batch):
             m.ops.join, m.ops.graphs = True, True
     layers = m.weights.layers
     apart = sum(2 + 2 * (L.compressor is not None) + 3 * (L.indexer is not None) for L in layers)
-    saved = apart - len(layers) + (len(layers) if batch > 1 else 0)    # the f32 model: one weight type
+    saved = apart     # the f32 model: one weight type; q_a + kv, compressors + indexer, the shared gate + up
     assert calls[0] - calls[1] == 4 * saved
     vocab = m.shape.n_vocab
     got, want = np.concatenate(logits[4:]).reshape(-1, vocab), np.concatenate(logits[:4]).reshape(-1, vocab)
