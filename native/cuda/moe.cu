@@ -1,4 +1,4 @@
-// Mixture-of-experts kernels for decode: the routed (and shared) experts of each token, in two launches.
+// Mixture-of-experts kernels for decode: the routed experts of each token, in two launches.
 //
 // gate_up: block row blockIdx.y is token t; its warps walk the (expert slot j, row o) pairs of that token, each
 // warp streaming row o of gate_e and of up_e together (one activation read serves both), and finishes the
