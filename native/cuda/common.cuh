@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -66,6 +67,9 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A grid-stride kernel's blocks: one per work item (a row, or 256 elements), at most 16 per SM.
+inline unsigned capped_grid(int64_t blocks) { return (unsigned)std::min<int64_t>(blocks, 16 * props().sms); }
+
 // n / d for 0 <= n < 2^31 and a divisor d >= 1 fixed at launch: a multiply-high, an add and a shift instead of
 // the ~25 instructions of an integer division (Granlund and Montgomery's magic number, made on the host).
 struct FastDiv {
@@ -86,8 +90,9 @@ cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t
 
 // Q8_0 and F16 prefill products on Hopper's wgmma through CUTLASS (gemm_sm90.cu; absent in builds without
 // CUTLASS): whether it takes a product of n_tok activation rows (an sm_90 device, at least kGemmSm90MinTok rows, y
-// 16-byte aligned with rows of a multiple of 4 floats), its workspace, and the product (ds4_cuda_gemm's arguments;
-// cudaErrorNotSupported, having launched nothing CUTLASS would run, where CUTLASS refuses the shape).
+// 16-byte aligned with rows of a multiple of 4 floats), its workspace (0 where the type, device or n_tok rule it
+// out), and the product (ds4_cuda_gemm's arguments; cudaErrorNotSupported, having launched nothing, where CUTLASS
+// refuses the shape).
 constexpr int kGemmSm90MinTok = 64;
 bool gemm_sm90_ok(int type, const float* y, int64_t y_stride, int64_t rows, int n_tok);
 size_t gemm_sm90_work_bytes(int type, int n_tok, int64_t rows, int64_t cols, int groups);

@@ -732,8 +732,6 @@ bool offsets_fit(int64_t matrix_bytes, int64_t act_values) {
     return matrix_bytes < (1LL << 32) && 2 * act_values < (1LL << 32);
 }
 
-unsigned rows_grid(int64_t rows) { return (unsigned)std::min<int64_t>(rows, 16 * props().sms); }  // a block per row
-
 }  // namespace
 }  // namespace ds4::cuda
 
@@ -747,10 +745,7 @@ bool ds4_cuda_gemm_ok(int type, int64_t cols) {
 
 size_t ds4_cuda_gemm_work_bytes(int type, int n_tok, int64_t rows, int64_t cols, int groups) {
     if (!ds4_cuda_gemm_ok(type, cols)) return 0;
-    const size_t act = act_size(type, n_tok, cols * groups);
-    // the bf16 path's, where it may run (gemm_sm90_ok's conditions on y are the caller's)
-    const bool sm90 = gemm_sm90_ok(type, nullptr, 4, 4, n_tok) && rows > 0 && groups > 0;
-    return sm90 ? std::max(act, gemm_sm90_work_bytes(type, n_tok, rows, cols, groups)) : act;
+    return std::max(act_size(type, n_tok, cols * groups), gemm_sm90_work_bytes(type, n_tok, rows, cols, groups));
 }
 
 cudaError_t ds4_cuda_gemm(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
@@ -828,14 +823,14 @@ cudaError_t ds4_cuda_moe_grouped(cudaStream_t s, float* out, int64_t out_stride,
     a.w = (const uint8_t*)up;
     if (e == cudaSuccess) by_type<GroupedOp>(gate_type, e, s, a, m.bn, m.max_tiles);
     if (e == cudaSuccess)
-        e = launch(moe_swiglu_kernel, dim3(rows_grid(P)), dim3(256), 0, s, G, (const float*)U, weights,
+        e = launch(moe_swiglu_kernel, dim3(capped_grid(P)), dim3(256), 0, s, G, (const float*)U, weights,
                    (const int32_t*)pair_at, P, n_ff, clamp);
     if (e == cudaSuccess) e = quantize_into(s, wk + m.midq, G, n_ff, P, n_ff, down_type);
     GemmArgs b{D, n_embd, (const uint8_t*)down, n_embd, n_ff, drb, n_embd * drb, wk + m.midq, P, n_ff, 0,
                tiles, n_tiles, nullptr, 1, iq2_tables()};
     if (e == cudaSuccess) by_type<GroupedOp>(down_type, e, s, b, m.bn, m.max_tiles);
     if (e == cudaSuccess)
-        e = launch(moe_combine_kernel, dim3(rows_grid(n_tok)), dim3(256), 0, s, out, out_stride,
+        e = launch(moe_combine_kernel, dim3(capped_grid(n_tok)), dim3(256), 0, s, out, out_stride,
                    (const float*)D, (const int32_t*)pos_of, n_tok, n_used, n_embd, accumulate);
     return e;
 }

@@ -24,6 +24,8 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #endif
 
+#include <type_traits>
+
 namespace ds4::cuda {
 
 #if defined(DS4_CUTLASS)
@@ -119,77 +121,71 @@ __global__ void convert_kernel(E* out, const float* x, int64_t x_stride, int n, 
     }
 }
 
+// Whether this device and call size take the path (gemm_sm90_ok adds y's alignment).
+bool takes(int type, int n_tok) {
+    return (type == TYPE_Q8_0 || type == TYPE_F16) && props().cc == 90 && n_tok >= kGemmSm90MinTok;
+}
+
 // The workspace: the bf16 weights (Q8_0; F16 weights are used as they are), the activations, then CUTLASS's own
 // (16-byte aligned pieces).
 struct Sm90Work {
     size_t w, x, cutlass, bytes;
-    Sm90Work(int type, int n_tok, int64_t rows, int64_t cols, int groups) {
-        w = type == TYPE_Q8_0 ? (size_t)(2 * rows * cols * groups + 15) / 16 * 16 : 0;
+    template <typename E>
+    Sm90Work(E*, int n_tok, int64_t rows, int64_t cols, int groups) {
+        w = std::is_same_v<E, Bf16> ? (size_t)(2 * rows * cols * groups + 15) / 16 * 16 : 0;
         x = (size_t)(2 * (int64_t)n_tok * cols * groups + 15) / 16 * 16;
-        const size_t c = type == TYPE_Q8_0
-            ? Gemm<Bf16>::get_workspace_size(arguments<Bf16>(nullptr, rows * groups, nullptr, rows, cols, nullptr,
-                                                             n_tok, groups))
-            : Gemm<F16>::get_workspace_size(arguments<F16>(nullptr, rows * groups, nullptr, rows, cols, nullptr,
-                                                           n_tok, groups));
-        cutlass = (c + 15) / 16 * 16;
+        cutlass = (Gemm<E>::get_workspace_size(arguments<E>(nullptr, rows * groups, nullptr, rows, cols, nullptr,
+                                                             n_tok, groups)) + 15) / 16 * 16;
         bytes = w + x + cutlass;
     }
 };
 
+// The product with operands of type E: nothing launched (cudaErrorNotSupported) where CUTLASS refuses the shape;
+// else the Q8_0 weights dequantized (E = bf16), the activations converted, and the GEMM.
 template <typename E>
-cudaError_t run(cudaStream_t s, float* y, int64_t y_stride, const E* w, int64_t rows, int64_t cols, const E* x,
-                int n_tok, int groups, void* work) {
+cudaError_t product(cudaStream_t s, float* y, int64_t y_stride, const void* w, int64_t rows, int64_t cols,
+                    const float* x, int64_t x_stride, int n_tok, int groups, uint8_t* work) {
+    const Sm90Work sz((E*)nullptr, n_tok, rows, cols, groups);
+    const E* we = (const E*)w;
+    E* xe = (E*)(work + sz.w);
+    const auto args = arguments<E>(y, y_stride, std::is_same_v<E, Bf16> ? (const E*)work : we, rows, cols, xe,
+                                   n_tok, groups);
+    if (Gemm<E>::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+    cudaError_t e = cudaSuccess;
+    if constexpr (std::is_same_v<E, Bf16>) {
+        const int64_t n_blocks = rows * groups * (cols / 32);
+        e = launch(dequant_q8_0_kernel, dim3(capped_grid(ceil_div(n_blocks, 256))), dim3(256), 0, s,
+                   (__nv_bfloat16*)work, (const uint8_t*)w, n_blocks);
+    }
+    if (e == cudaSuccess)
+        e = launch(convert_kernel<E>, dim3(capped_grid(ceil_div((int64_t)n_tok * cols * groups / 8, 256))),
+                   dim3(256), 0, s, xe, x, x_stride, n_tok, cols * groups);
+    if (e != cudaSuccess) return e;
     Gemm<E> gemm;
-    const auto args = arguments<E>(y, y_stride, w, rows, cols, x, n_tok, groups);
-    if (gemm.initialize(args, work, s) == cutlass::Status::kSuccess && gemm.run(s) == cutlass::Status::kSuccess)
+    if (gemm.initialize(args, work + sz.w + sz.x, s) == cutlass::Status::kSuccess &&
+        gemm.run(s) == cutlass::Status::kSuccess)
         return cudaSuccess;
-    const cudaError_t e = cudaGetLastError();
+    e = cudaGetLastError();
     return e != cudaSuccess ? e : cudaErrorLaunchFailure;
 }
-
-// Whether CUTLASS takes the shape (its alignment rules on the extents and strides; the pointers are ours).
-template <typename E>
-bool implementable(int64_t y_stride, int64_t rows, int64_t cols, int n_tok, int groups) {
-    return Gemm<E>::can_implement(arguments<E>(nullptr, y_stride, nullptr, rows, cols, nullptr, n_tok, groups)) ==
-           cutlass::Status::kSuccess;
-}
-
-unsigned grid_for(int64_t items) { return (unsigned)std::min<int64_t>(ceil_div(items, 256), 16 * props().sms); }
 
 }  // namespace
 
 bool gemm_sm90_ok(int type, const float* y, int64_t y_stride, int64_t rows, int n_tok) {
-    return (type == TYPE_Q8_0 || type == TYPE_F16) && props().cc == 90 && n_tok >= kGemmSm90MinTok &&
-           (uintptr_t)y % 16 == 0 && y_stride % 4 == 0 && rows % 4 == 0;
+    return takes(type, n_tok) && (uintptr_t)y % 16 == 0 && y_stride % 4 == 0 && rows % 4 == 0;
 }
 
 size_t gemm_sm90_work_bytes(int type, int n_tok, int64_t rows, int64_t cols, int groups) {
-    return Sm90Work(type, n_tok, rows, cols, groups).bytes;
+    if (!takes(type, n_tok) || rows < 1 || groups < 1) return 0;
+    return type == TYPE_F16 ? Sm90Work((F16*)nullptr, n_tok, rows, cols, groups).bytes
+                            : Sm90Work((Bf16*)nullptr, n_tok, rows, cols, groups).bytes;
 }
 
 cudaError_t gemm_sm90(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
                       int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work) {
-    if (!(type == TYPE_F16 ? implementable<F16>(y_stride, rows, cols, n_tok, groups)
-                           : implementable<Bf16>(y_stride, rows, cols, n_tok, groups)))
-        return cudaErrorNotSupported;  // the int8 path then
-    const Sm90Work sz(type, n_tok, rows, cols, groups);
-    uint8_t* xe = (uint8_t*)work + sz.w;
-    void* cw = xe + sz.x;
-    const int64_t n_x = (int64_t)n_tok * cols * groups / 8;
-    if (type == TYPE_F16) {
-        cudaError_t e = launch(convert_kernel<F16>, dim3(grid_for(n_x)), dim3(256), 0, s, (F16*)xe, x, x_stride, n_tok,
-                               cols * groups);
-        return e != cudaSuccess ? e : run<F16>(s, y, y_stride, (const F16*)w, rows, cols, (const F16*)xe, n_tok, groups,
-                                               cw);
-    }
-    const int64_t n_blocks = rows * groups * (cols / 32);
-    cudaError_t e = launch(dequant_q8_0_kernel, dim3(grid_for(n_blocks)), dim3(256), 0, s, (__nv_bfloat16*)work,
-                           (const uint8_t*)w, n_blocks);
-    if (e == cudaSuccess)
-        e = launch(convert_kernel<Bf16>, dim3(grid_for(n_x)), dim3(256), 0, s, (Bf16*)xe, x, x_stride, n_tok,
-                   cols * groups);
-    return e != cudaSuccess ? e : run<Bf16>(s, y, y_stride, (const Bf16*)work, rows, cols, (const Bf16*)xe, n_tok,
-                                            groups, cw);
+    return type == TYPE_F16
+               ? product<F16>(s, y, y_stride, w, rows, cols, x, x_stride, n_tok, groups, (uint8_t*)work)
+               : product<Bf16>(s, y, y_stride, w, rows, cols, x, x_stride, n_tok, groups, (uint8_t*)work);
 }
 
 #else

@@ -440,7 +440,7 @@ class _Step:
         self.seg_first, self.seg_len = t + 16 * N, t + 16 * N + 4 * S
         self.tokens = t + 16 * N + 8 * S
         self.draws = None if self.draws_at is None else t + self.draws_at
-        self.__dict__.pop("layers", None)
+        self.__dict__.pop("layers", None)         # `layers` follows this placement's addresses
         return self
 
     @functools.cached_property
