@@ -255,7 +255,11 @@ def rms_norm(stream, y, y_stride, x, x_stride, w, n_rows, n, eps):
         _at(y + 4 * r * y_stride, np.float32, n)[:] = out[r]
 
 
-def rms_norm_rope(stream, y, y_stride, x, x_stride, w, n_rows, n, eps, pos, rows_per_tok, inv_freq, n_rot):
+def rms_norm_rope(stream, y, y_stride, x, x_stride, w, n_rows, n, eps, pos, rows_per_tok, inv_freq, n_rot,
+                  also=None):
+    if also is not None:
+        y2, y2_stride, x2, x2_stride, w2, n_rows2, rows_per_tok2 = also
+        rms_norm_rope(stream, y2, y2_stride, x2, x2_stride, w2, n_rows2, n, eps, pos, rows_per_tok2, inv_freq, n_rot)
     rms_norm(stream, y, y_stride, x, x_stride, w, n_rows, n, eps)
     p = _at(pos, np.int32, n_rows // rows_per_tok).astype(np.int64)
     inv = _at(inv_freq, np.float64, n_rot // 2).copy()

@@ -731,6 +731,29 @@ def test_rms_norm_rope_is_norm_then_rope(stream, rng, heads, weighted):
     assert rel(d.get(fused), REF.norm_rope(x, w, 1e-6, pos, inv)) < 1e-6
 
 
+def test_rms_norm_rope_two_sets_in_one_launch(stream, rng):
+    """`also`: the query heads (unweighted) and the K=V row (weighted) in one launch, each set's bits those of its
+    own launch; nothing written past either set's rows."""
+    d = Dev(stream)
+    inv = rope_inv_freq(64, 10000.0)
+    pos = np.array([3, 70000, 12], np.int32)
+    T, H, D = len(pos), 8, 512
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    kv = (rng.standard_normal((T, D)) * 100).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    pp, ip, wp = d.put(pos), d.put(inv), d.put(w)
+    q1, kv1 = d.out((T, H, D)), d.out((T, D + 4))
+    _cuda.rms_norm_rope(stream.ptr, q1.ptr, D, d.put(q), D, 0, T * H, D, 1e-6, pp, H, ip, 64,
+                        also=(kv1.ptr, D + 4, d.put(kv), D, wp, T, 1))
+    q2, kv2 = d.out((T, H, D)), d.out((T, D + 4))
+    _cuda.rms_norm_rope(stream.ptr, q2.ptr, D, d.put(q), D, 0, T * H, D, 1e-6, pp, H, ip, 64)
+    _cuda.rms_norm_rope(stream.ptr, kv2.ptr, D + 4, d.put(kv), D, wp, T, D, 1e-6, pp, 1, ip, 64)
+    np.testing.assert_array_equal(d.get(q1), d.get(q2))
+    np.testing.assert_array_equal(d.get(kv1)[:, :D], d.get(kv2)[:, :D])
+    assert np.all(np.isnan(d.get(kv1)[:, D:]))
+    assert rel(d.get(kv1)[:, :D], REF.norm_rope(kv, w, 1e-6, pos, inv)) < 1e-6
+
+
 def kv_test_rows(rng, n, dim):
     """Rows whose 64-blocks span magnitudes from below the 1e-4 floor to 1e3, with zeros and exact ties."""
     x = rng.standard_normal((n, dim)) * 10.0 ** rng.uniform(-7, 3, (n, dim // 64, 1)).repeat(64, axis=2).reshape(n, dim)

@@ -202,9 +202,8 @@ class Model:
         qa, kv, *of_h = ops.matmuls(ws, h)
         qn = ops.rms_norm(qa, L.attn_q_a_norm, s.rms_eps)                            # (N, q_rank)
         spec = self.attn_specs[L.index]
-        q = ops.norm_rope(ops.matmul(L.attn_q_b, qn).reshape(N, s.n_head, s.head_dim), None, s.rms_eps, positions,
-                          spec.rope)                                                  # (N, H, D)
-        kv = ops.norm_rope(kv, L.attn_kv_a_norm, s.rms_eps, positions, spec.rope)    # (N, D)
+        q, kv = ops.norm_ropes([(ops.matmul(L.attn_q_b, qn).reshape(N, s.n_head, s.head_dim), None),   # (N, H, D)
+                                (kv, L.attn_kv_a_norm)], s.rms_eps, positions, spec.rope)            # (N, D)
         comp = tuple(of_h[:2]) if L.compressor is not None else None
         idx = None
         if L.indexer is not None:

@@ -360,13 +360,22 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("n_rows"), py::arg("n"), py::arg("eps"));
     m.def("rms_norm_rope", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t x, int64_t x_stride,
                               uintptr_t w, int64_t n_rows, int64_t n, float eps, uintptr_t pos, int rows_per_tok,
-                              uintptr_t inv_freq, int n_rot) {
+                              uintptr_t inv_freq, int n_rot, py::object also) {
+        ds4_cuda_rows b{};
+        if (!also.is_none()) {
+            auto t = also.cast<std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, int>>();
+            b = {dev<float>(std::get<0>(t)), std::get<1>(t), dev<const float>(std::get<2>(t)), std::get<3>(t),
+                 dev<const float>(std::get<4>(t)), std::get<5>(t), std::get<6>(t)};
+        }
         check(ds4_cuda_rms_norm_rope(st(s), dev<float>(y), y_stride, dev<const float>(x), x_stride,
                                      dev<const float>(w), n_rows, n, eps, dev<const int32_t>(pos), rows_per_tok,
-                                     dev<const double>(inv_freq), n_rot), "rms_norm_rope");
+                                     dev<const double>(inv_freq), n_rot, also.is_none() ? nullptr : &b),
+              "rms_norm_rope");
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("x"), py::arg("x_stride"), py::arg("w"),
        py::arg("n_rows"), py::arg("n"), py::arg("eps"), py::arg("pos"), py::arg("rows_per_tok"), py::arg("inv_freq"),
-       py::arg("n_rot"));
+       py::arg("n_rot"), py::arg("also") = py::none(),
+       "rms_norm then RoPE; also = (y, y_stride, x, x_stride, w, n_rows, rows_per_tok): a second set of rows in the "
+       "same launch.");
     m.def("hc_pre", [](uintptr_t s, uintptr_t x, uintptr_t hc, uintptr_t scratch, uintptr_t X, int64_t x_stride,
                        uintptr_t fn, int fn_type, uintptr_t scale, uintptr_t base, int n_tok, int64_t n_embd, int n_mix,
                        int n_iter, float hc_eps, float rms_eps, uintptr_t norm_w) {

@@ -190,10 +190,21 @@ cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const 
                               const float* w, int64_t n_rows, int64_t n, float eps);
 // rms_norm, then on each row's last n_rot values the interleaved-pair RoPE of ds4_cuda_rope at position
 // pos[row / rows_per_tok] (pos in device memory; inv_freq: n_rot/2 float64): the query heads (rows_per_tok =
-// heads) and the K=V row in one launch each. n_rot a multiple of 4.
+// heads) and the K=V row. n_rot a multiple of 4. `also`: a second set of rows of the same length, eps, positions
+// and frequencies in the same launch (the query heads and the K=V row together).
+struct ds4_cuda_rows {
+    float* y;
+    int64_t y_stride;
+    const float* x;
+    int64_t x_stride;
+    const float* w;
+    int64_t n_rows;
+    int rows_per_tok;
+};
 cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,
                                    const float* w, int64_t n_rows, int64_t n, float eps, const int32_t* pos,
-                                   int rows_per_tok, const double* inv_freq, int n_rot);
+                                   int rows_per_tok, const double* inv_freq, int n_rot,
+                                   const ds4_cuda_rows* also = nullptr);
 
 // Hyper-connection pre step (MODEL.md 3.2) for n_tok tokens of n_hc = 4 streams of n_embd: X (n_tok, 4, n_embd)
 // rows x_stride apart; fn (n_mix, 4*n_embd) F16/F32/BF16; scale (3) and base (n_mix) f32. n_mix = 24 gives the

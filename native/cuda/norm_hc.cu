@@ -29,19 +29,32 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 // With pos, RoPE follows on the row's last n_rot values (row r is token r / rows_per_tok), as rope_kernel computes
-// it: the fused norm + RoPE of the query heads and the K=V row.
-__global__ void rms_norm_kernel(float* y, int64_t y_stride, const float* x, int64_t x_stride,
-                                const float* __restrict__ w, int64_t n, float eps, const int32_t* pos,
-                                int rows_per_tok, const double* inv_freq, int n_rot) {
+// it: the fused norm + RoPE of the query heads and the K=V row. Two sets of rows may share a launch (the query
+// heads and the K=V row): blocks [0, n_first) take set 0's rows, the rest set 1's.
+struct NormRows {
+    float* y;
+    int64_t y_stride;
+    const float* x;
+    int64_t x_stride;
+    const float* w;
+    int rows_per_tok;
+};
+
+__global__ void rms_norm_kernel(NormRows set0, NormRows set1, int64_t n_first, int64_t n, float eps,
+                                const int32_t* pos, const double* inv_freq, int n_rot) {
     __shared__ float red[32];
     extern __shared__ float cs[];  // with pos: cos[n_rot / 2], sin[n_rot / 2]
     pdl_trigger();
+    const bool first = blockIdx.x < n_first;
+    const int64_t row = first ? blockIdx.x : blockIdx.x - n_first;
+    const NormRows& set = first ? set0 : set1;
+    const float* __restrict__ w = set.w;
     pdl_wait();
     const int half = n_rot / 2;
     if (pos)
         for (int j = threadIdx.x; j < half; j += blockDim.x)
-            rope_angle(pos[blockIdx.x / rows_per_tok], inv_freq[j], cs[j], cs[half + j]);
-    const float* xr = x + blockIdx.x * x_stride;
+            rope_angle(pos[row / set.rows_per_tok], inv_freq[j], cs[j], cs[half + j]);
+    const float* xr = set.x + row * set.x_stride;
     float4 v[kVec], g[kVec];
     float ss = 0.0f;
 #pragma unroll
@@ -61,7 +74,7 @@ __global__ void rms_norm_kernel(float* y, int64_t y_stride, const float* x, int6
         }
     }
     const float den = sqrtf(block_sum(ss, red) / (float)n + eps);
-    float* yr = y + blockIdx.x * y_stride;
+    float* yr = set.y + row * set.y_stride;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
         const int64_t i = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
@@ -403,16 +416,23 @@ using namespace ds4::cuda;
 
 cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,
                                    const float* w, int64_t n_rows, int64_t n, float eps, const int32_t* pos,
-                                   int rows_per_tok, const double* inv_freq, int n_rot) {
+                                   int rows_per_tok, const double* inv_freq, int n_rot, const ds4_cuda_rows* also) {
     clear_error();
-    if (n_rows < 1 || n_rows > 0x7fffffff || n < 4 || n % 4 || n > 4 * kVec * 1024 || x_stride % 4 ||
-        y_stride % 4 || (uintptr_t)x % 16 || (uintptr_t)y % 16 || (uintptr_t)w % 16)
+    const ds4_cuda_rows none{};
+    const ds4_cuda_rows& b = also ? *also : none;
+    const int64_t total = n_rows + b.n_rows;
+    if (n_rows < 1 || b.n_rows < 0 || total > 0x7fffffff || n < 4 || n % 4 || n > 4 * kVec * 1024 ||
+        (x_stride | y_stride | b.x_stride | b.y_stride) % 4 ||
+        ((uintptr_t)x | (uintptr_t)y | (uintptr_t)w | (uintptr_t)b.x | (uintptr_t)b.y | (uintptr_t)b.w) % 16)
         return invalid("rms_norm: rows of a multiple of 4 values (at most 16384), 16-byte aligned, are needed");
-    if (pos && (rows_per_tok < 1 || n_rot < 4 || n_rot % 4 || n_rot > n || n_rot > 2048 || !inv_freq))
+    if (pos && (rows_per_tok < 1 || (b.n_rows && b.rows_per_tok < 1) || n_rot < 4 || n_rot % 4 || n_rot > n ||
+                n_rot > 2048 || !inv_freq))
         return invalid("rms_norm_rope: needs rows_per_tok >= 1 and n_rot a multiple of 4, at most the row and 2048");
     const int threads = (int)std::min<int64_t>(1024, ceil_div(ceil_div(n, 4 * kVec), 32) * 32);
-    return launch(rms_norm_kernel, dim3((unsigned)n_rows), dim3(threads), pos ? n_rot * sizeof(float) : 0, s, y,
-                  y_stride, x, x_stride, w, n, eps, pos, rows_per_tok, inv_freq, pos ? n_rot : 0);
+    return launch(rms_norm_kernel, dim3((unsigned)total), dim3(threads), pos ? n_rot * sizeof(float) : 0, s,
+                  NormRows{y, y_stride, x, x_stride, w, rows_per_tok},
+                  NormRows{b.y, b.y_stride, b.x, b.x_stride, b.w, b.rows_per_tok}, n_rows, n, eps, pos, inv_freq,
+                  pos ? n_rot : 0);
 }
 
 cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const float* x, int64_t x_stride,

@@ -202,6 +202,11 @@ class Reference:
         """rms_norm over the last axis, then rope: the query heads and the K=V row (a backend may fuse them)."""
         return self.rope(self.rms_norm(x, weight, eps), positions, inv_freq)
 
+    def norm_ropes(self, items, eps: float, positions: np.ndarray, inv_freq: np.ndarray) -> list[np.ndarray]:
+        """norm_rope of several (x, weight) at the same positions: the query heads and the K=V row (a backend may
+        run them as one)."""
+        return [self.norm_rope(x, w, eps, positions, inv_freq) for x, w in items]
+
     def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, inverse: bool = False) -> np.ndarray:
         """Rotate interleaved pairs of the last 2·len(inv_freq) dims of x (T, d) or (T, heads, d) at each row's
         position."""
