@@ -85,7 +85,20 @@ class Buffer:
 
 
 class Stream:
-    ptr = 1
+    ptr = 1         # one stream: every operation runs at once, in the order it is enqueued
+
+    def synchronize(self):
+        pass
+
+
+class Event:
+    """Ordering between streams: nothing to do where every operation runs at once."""
+
+    def record(self, stream=0, external=False):
+        pass
+
+    def wait(self, stream):
+        pass
 
     def synchronize(self):
         pass

@@ -436,3 +436,22 @@ def test_hadamard_fp4_matches_reference(cu):
     same = np.isclose(got, want, rtol=1e-6, atol=0)
     print(f"hadamard+fp4: {1 - same.mean():.2e} of the values one grid step off")
     assert same.mean() > 0.999
+
+
+def test_pool_keeps_what_is_dropped_beside_a_side_stream():
+    """While a side stream runs beside the main one, a dropped buffer is not handed out again (either stream may
+    still be using it) until the streams join; before and after, it is at once."""
+    from ds4d import _cuda
+    from ds4d.ops.cuda import _Pool
+    pool = _Pool(_cuda)
+    a = pool.take(1000)
+    buf = a.buf
+    del a
+    b = pool.take(1000)
+    assert b.buf is buf
+    pool.deferred = []                # forked
+    del b
+    c = pool.take(1000)
+    assert c.buf is not buf
+    pool.settle()                     # joined
+    assert pool.take(1000).buf is buf

@@ -222,7 +222,12 @@ PYBIND11_MODULE(_cuda, m) {
         .def("synchronize", [](Event& e) {
             py::gil_scoped_release nogil;
             check(cudaEventSynchronize(e.e), "event synchronize");
-        });
+        })
+        .def("wait", [](Event& e, uintptr_t stream) {
+            // Work enqueued on `stream` from now on runs after the work before this event's last record (a graph
+            // edge from the recording stream while both are being captured).
+            check(cudaStreamWaitEvent(st(stream), e.e, 0), "wait");
+        }, py::arg("stream"));
     m.def("elapsed_ms", [](const Event& a, const Event& b) {
         float ms = 0;
         check(cudaEventElapsedTime(&ms, a.e, b.e), "elapsed_ms");

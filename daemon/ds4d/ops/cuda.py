@@ -30,6 +30,7 @@ decode tokens attend over their session's ring directly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -80,16 +81,18 @@ def memory_shortfall(g) -> str | None:
 # --- device memory ----------------------------------------------------------------------------------------------
 
 class _Pool:
-    """Device allocations by size class, reused as soon as Python drops them: every kernel runs on one stream, so
-    work enqueued later on a reused buffer runs after the work that used it before. While `recording` is a dict,
-    every buffer handed out is noted in it; `hold` then keeps those buffers out of circulation (a captured graph's
-    activations, whose addresses the graph replays) until `release`."""
+    """Device allocations by size class, reused as soon as Python drops them: work enqueued later on a reused buffer
+    runs after the work that used it before, in stream order. While a side stream runs beside the main one
+    (`deferred` is a list), a dropped buffer waits there until the streams join: either may still be using it. While
+    `recording` is a dict, every buffer handed out is noted in it; `hold` then keeps those buffers out of
+    circulation (a captured graph's activations, whose addresses the graph replays) until `release`."""
 
     def __init__(self, cu):
         self.cu = cu
         self.free: dict[int, list] = defaultdict(list)
         self.recording: dict | None = None
         self.held: set = set()
+        self.deferred: list | None = None
 
     @staticmethod
     def size_class(n: int) -> int:
@@ -107,8 +110,16 @@ class _Pool:
         return _Mem(self, buf, size)
 
     def give(self, buf, size: int) -> None:
-        if buf not in self.held:
+        if self.deferred is not None:
+            self.deferred.append((buf, size))
+        elif buf not in self.held:
             self.free[size].append(buf)
+
+    def settle(self) -> None:
+        """The streams have joined: the buffers dropped meanwhile go back into circulation."""
+        deferred, self.deferred = self.deferred or [], None
+        for buf, size in deferred:
+            self.give(buf, size)
 
     def hold(self, bufs: dict) -> None:
         for buf, size in bufs.items():
@@ -506,6 +517,12 @@ class CUDA:
         _cuda.init()
         self.faithful = numerics == "faithful"
         self.stream = _cuda.Stream()
+        # A decode step's compressor work (its products of h, then the compressors) runs on `side`, beside the
+        # query path on `stream`, from a fork in `matmuls` to the join in `attend`.
+        self.side = _cuda.Stream()
+        self._fork_ev, self._join_ev = _cuda.Event(), _cuda.Event()
+        self._forked = False
+        self.concurrent = True
         self.pool = _Pool(_cuda)
         self._weights: dict[tuple, int] = {}           # weight key -> device address
         self._buffers: list = []                        # the device buffers behind those addresses
@@ -615,7 +632,7 @@ class CUDA:
                 self._seen.add(key)
             self._step = step.place(self)
             try:
-                return _downloaded(run())
+                return _downloaded(self._joined_after(run))
             finally:
                 self._step = None
         else:
@@ -623,6 +640,41 @@ class CUDA:
         g.graph.launch(self.stream.ptr)
         self.weight_calls += g.weight_calls
         return _downloaded(g.out)
+
+    def _joined_after(self, run):
+        """run(), with no side-stream work left unjoined after it (attend joins; this is the safety net)."""
+        try:
+            return run()
+        finally:
+            self._join()
+
+    # --- the side stream --------------------------------------------------------------------------------------
+    def _fork(self) -> None:
+        """Work enqueued on the side stream from here runs after everything enqueued on the main stream so far,
+        beside what the main stream does next, until `_join`."""
+        self._fork_ev.record(self.stream.ptr)
+        self._fork_ev.wait(self.side.ptr)
+        self.pool.deferred = []
+        self._forked = True
+
+    def _join(self) -> None:
+        """The main stream's next work runs after everything enqueued on the side stream (no-op without a fork)."""
+        if self._forked:
+            self._join_ev.record(self.side.ptr)
+            self._join_ev.wait(self.stream.ptr)
+            self._forked = False
+            self.pool.settle()
+
+    @contextlib.contextmanager
+    def _on_side(self, on: bool = True):
+        """The ops inside enqueue on the side stream (when `on` and a fork is open)."""
+        main = self.stream
+        if on and self._forked:
+            self.stream = self.side
+        try:
+            yield
+        finally:
+            self.stream = main
 
     def _capture(self, key: tuple, step: _Step, run) -> _Graph:
         self.pool.recording = {}
@@ -632,7 +684,7 @@ class CUDA:
             self.cu.begin_capture(self.stream.ptr)
             self._capturing = True
             try:
-                out = run()
+                out = self._joined_after(run)
             finally:
                 self._capturing = False
                 graph = self.cu.end_capture(self.stream.ptr)
@@ -671,26 +723,38 @@ class CUDA:
         that for up to MATVEC_ROWS tokens it is one product writing each weight's rows to its own array
         (ds4_cuda_matvec_parts: a decode step's small products of one input in fewer, fuller launches); for more
         tokens, one product per weight."""
-        out, i = [], 0
+        out, runs, i = [], [], 0
         T = x.shape[0]
         while i < len(ws):
             j = i + 1
             while j < len(ws) and (ws[j].type, ws[j].cols) == (ws[i].type, ws[i].cols) and j - i < 8:  # 8 parts
                 j += 1
-            run = list(ws[i:j])
-            base = self._joined(run) if len(run) > 1 else None
-            if base is None or T > MATVEC_ROWS or not self.join:
-                out += [self._matvec(w, x, 1) for w in run]
-            else:
-                ys = [self.empty((T, w.rows)) for w in run]
-                wtype, cols = int(run[0].type), run[0].cols
-                work = self._work(self.cu.matvec_work_bytes(wtype, T, cols, 1))
-                self.cu.matvec_parts(self.stream.ptr, [y.ptr for y in ys], [w.rows for w in run], base, wtype, cols,
-                                     x.ptr, x.row, T, work.ptr if work is not None else 0)
-                self.weight_calls += 1
-                out += ys
+            runs.append(list(ws[i:j]))
             i = j
+        # A decode step's runs after the first (the compressors' and the indexer's F16 products, which only
+        # `attend` reads) go on the side stream, beside the first (q_a and kv) and the query path after it.
+        side = self.concurrent and len(runs) > 1 and self._step.decode and T <= MATVEC_ROWS and not self._forked
+        if side:
+            self._fork()
+        for k, run in enumerate(runs):
+            with self._on_side(side and k > 0):
+                out += self._products(run, x)
         return out
+
+    def _products(self, run: list[Weight], x: DArray) -> list[DArray]:
+        """x times weights of one type and width: one product over all their rows (stored back to back) for up to
+        MATVEC_ROWS tokens, else one product per weight."""
+        T = x.shape[0]
+        base = self._joined(run) if len(run) > 1 else None
+        if base is None or T > MATVEC_ROWS or not self.join:
+            return [self._matvec(w, x, 1) for w in run]
+        ys = [self.empty((T, w.rows)) for w in run]
+        wtype, cols = int(run[0].type), run[0].cols
+        work = self._work(self.cu.matvec_work_bytes(wtype, T, cols, 1))
+        self.cu.matvec_parts(self.stream.ptr, [y.ptr for y in ys], [w.rows for w in run], base, wtype, cols,
+                             x.ptr, x.row, T, work.ptr if work is not None else 0)
+        self.weight_calls += 1
+        return ys
 
     def _matvec(self, w: Weight, x: DArray, groups: int) -> DArray:
         T, cols = x.shape[0], x.row
@@ -813,15 +877,17 @@ class CUDA:
         cu.kv_store(s, 0, 0, kv.ptr, D, step.pos, 0, 1, 1, N, D, spec.n_nope, spec.faithful, tab["kv_dst"], f32)
         sel = None
         comp_cap = 0
-        if comp is not None:
-            self._compress(spec, step, tab, comp, "comp", spec.ratio, L.D, spec.comp_ape, spec.comp_norm,
-                           1 if spec.faithful else 0)
-            comp_cap = step.comp_cap[spec.ratio]
-        if idx is not None:
-            self._compress(spec, step, tab, idx, "idx", 4, L.di, spec.idx_ape, spec.idx_norm,
-                           2 if spec.faithful else 0)
-            if step.comp_cap[4] > spec.top_k:      # some token may see more rows than top_k
-                sel = self._indexer(spec, step, tab, idx[2], idx[3])
+        with self._on_side():                      # where matmuls left the compressors' products
+            if comp is not None:
+                self._compress(spec, step, tab, comp, "comp", spec.ratio, L.D, spec.comp_ape, spec.comp_norm,
+                               1 if spec.faithful else 0)
+                comp_cap = step.comp_cap[spec.ratio]
+            if idx is not None:
+                self._compress(spec, step, tab, idx, "idx", 4, L.di, spec.idx_ape, spec.idx_norm,
+                               2 if spec.faithful else 0)
+        if idx is not None and step.comp_cap[4] > spec.top_k:      # some token may see more rows than top_k
+            sel = self._indexer(spec, step, tab, idx[2], idx[3])
+        self._join()
         out = self.empty((N, H, D))
         sinks = self.const(spec.sinks, _F32)
         comp_n = step.comp_n.get(spec.ratio, step.raw_n)
@@ -877,6 +943,7 @@ class CUDA:
         N, Hi, di = iq.shape
         if spec.faithful:
             self.cu.hadamard_fp4(self.stream.ptr, iq.ptr, N * Hi)
+        self._join()                               # the indexer's rows, compressed on the side stream
         cap = step.comp_cap[4]
         scores = self.empty((N, cap))
         self.cu.indexer_scores(self.stream.ptr, scores.ptr, cap, iq.ptr, w.ptr, float(spec.idx_w_scale),
@@ -909,10 +976,15 @@ class CUDA:
         """The shared expert, down · swiglu(gate · h, up · h): gate and up as one product of two parts, a SwiGLU
         and down. (At one token this beat the fused MoE kernels as an expert of one by ~2 us per layer, 1.3% of a
         decode step, on an H200; at several they read the weights once per token, the products once per block of
-        rows.)"""
-        mid, u = self.matmuls([gate, up], h)
-        self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
-        return self._matvec(down, mid, 1)
+        rows.) In a decode step on the side stream, beside the router and the routed experts' gate and up; `moe`
+        joins before it adds onto the result."""
+        side = self.concurrent and self._step.decode and h.shape[0] <= MATVEC_ROWS and not self._forked
+        if side:
+            self._fork()
+        with self._on_side(side):
+            mid, u = self.matmuls([gate, up], h)
+            self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
+            return self._matvec(down, mid, 1)
 
     def moe(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight], clamp: float,
             shared: DArray) -> DArray:
@@ -926,6 +998,8 @@ class CUDA:
         gate, up, down = experts
         g, u, dn = self.weight(gate), self.weight(up), self.weight(down)
         grouped = N > MATVEC_ROWS and cu.gemm_ok(int(gate.type), E) and cu.gemm_ok(int(down.type), gate.rows)
+        if grouped:
+            self._join()
         for t0 in range(0, N if grouped else 0, MOE_GROUPED_ROWS):
             n = min(MOE_GROUPED_ROWS, N - t0)
             work = self.empty((cu.moe_work_bytes(int(gate.type), int(down.type), n, k, E, gate.rows,
@@ -939,6 +1013,7 @@ class CUDA:
             work = self._work(cu.moe_down_work_bytes(int(down.type), n, k, gate.rows))
             cu.moe_gate_up(s, mid.ptr, h.ptr + 4 * t0 * E, E, g, u, int(gate.type), gate.rows, E, gate.n_expert,
                            ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k, k, n, float(clamp))
+            self._join()                         # `shared`, made on the side stream by ffn
             cu.moe_down(s, shared.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
                         ids.ptr + 4 * t0 * k, k, n, True, work.ptr if work is not None else 0)
         self.weight_calls += 1

@@ -1,0 +1,126 @@
+"""What each op kind costs inside a captured decode step, by leaving it out.
+
+For each op kind named (default: all of OPS), every call of it in the step is replaced by a cached zero array of
+its output's shape (no kernel), the step is captured again and its per-layer device times are compared with the
+unchanged step's, alternating in one process (machines differ by ~1% in device time; an A/B belongs on one).
+The values computed are wrong; only the launches and bytes left out differ. The difference is what the op costs the
+dependent chain of kernels, launch gaps and waits included: the most a fusion of it could save.
+
+    python3 bench/cuda_op_cost.py [--batch 8] [--ops rms_norm,hc_post] [--reps 2]
+
+Needs a GPU and the full-width 4-layer file bench/cuda_model.py writes (routed experts as holes, filled on the
+device). Prints a markdown table: per layer (by compression ratio), the baseline and each op's saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_model import LayerClock, write_full_width  # noqa: E402
+
+from ds4d.model import Segment, open_model  # noqa: E402
+from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
+
+OPS = ("rms_norm", "norm_ropes", "rope", "hc_post", "ffn", "moe", "attend", "matmul", "matmul_grouped", "matmuls")
+
+
+def skipped(ops, name, zero):
+    """A stand-in for op `name` that launches nothing: its output is a zero array (or its input, for in-place-like
+    ops whose output has the input's shape)."""
+    if name == "rms_norm":
+        return lambda x, w, eps: x
+    if name == "norm_ropes":
+        return lambda items, eps, pos, freq: [x for x, _ in items]
+    if name == "rope":
+        return lambda x, pos, freq, inverse=False: x
+    if name == "hc_post":
+        return lambda f, X, post, comb: X
+    if name == "ffn":
+        return lambda h, *a: zero(h.shape)
+    if name == "moe":
+        return lambda h, ids, w, experts, clamp, shared: shared
+    if name == "attend":
+        return lambda spec, states, bounds, positions, q, *a: q
+    if name == "matmul":       # the single products, not the router (its logits choose the experts)
+        matmul = ops.matmul
+        return lambda w, x: matmul(w, x) if w.name.endswith("ffn_gate_inp.weight") else zero((x.shape[0], w.rows))
+    if name == "matmul_grouped":
+        return lambda w, x, groups: zero((x.shape[0], w.rows))
+    if name == "matmuls":
+        return lambda ws, x: [zero((x.shape[0], w.rows)) for w in ws]
+    raise SystemExit(f"unknown op {name!r}; known: {', '.join(OPS)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--file", default="/tmp/ds4-4h.gguf", help="4-layer full-width file (written if missing)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=36)
+    args = ap.parse_args()
+    path = Path(args.file)
+    if not path.exists():
+        write_full_width(path, 4, True)
+    m = open_model(path, backend="cuda")
+    for i, L in enumerate(m.weights.layers):
+        for k, w in enumerate((L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps)):
+            m.ops.fill_random(w, 1000 * i + k)
+    rng = np.random.default_rng(0)
+    m.logits(rng.integers(0, m.shape.n_vocab, 4))
+    B, ops = args.batch, m.ops
+    states = [m.new_state() for _ in range(B)]
+    for st in states:
+        m.prefill(st, rng.integers(0, m.shape.n_vocab, 2048 if B == 1 else 512), chunk=2048)
+    clock = LayerClock(m)
+    samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(B)]
+    names = [n for n in args.ops.split(",") if n]
+    original = {n: getattr(ops, n) for n in names}
+    zeros: dict[tuple, object] = {}
+
+    def zero(shape):
+        shape = tuple(shape)
+        if shape not in zeros:           # made by the eager first step, reused by the captured ones
+            zeros[shape] = ops.upload(np.zeros(shape, np.float32), np.float32)
+        return zeros[shape]
+
+    def layers_us(skip: str | None) -> list[float]:
+        for n, f in original.items():
+            setattr(ops, n, f)
+        if skip:
+            setattr(ops, skip, skipped(ops, skip, zero))
+        ops.drop_graphs()
+        clock.times.clear()
+        for _ in range(args.steps):
+            toks = [int(t) for t in rng.integers(0, m.shape.n_vocab, B)]
+            m.sample([Segment(st, np.array([t])) for st, t in zip(states, toks)], [s.draw() for s in samplers])
+            clock.read()
+        return clock.per_layer_us(4)[:len(m.weights.layers)]
+
+    runs: dict[str, list[list[float]]] = {}
+    t0 = time.time()
+    for _ in range(args.reps):
+        for skip in [None] + names:
+            runs.setdefault(skip or "", []).append(layers_us(skip))
+    mean = {k: [statistics.mean(col) for col in zip(*v)] for k, v in runs.items()}
+    base = mean[""]
+    ratios = " / ".join(str(L.ratio) for L in m.weights.layers)
+    print(f"\nbatch {B}, {args.reps} alternations ({time.time() - t0:.0f} s); layers by ratio {ratios}")
+    print("| left out | layer us | saving per layer, us |")
+    print("|---|---|---|")
+    print("| nothing | " + " / ".join(f"{u:.1f}" for u in base) + " | |")
+    for n in names:
+        print(f"| {n} | " + " / ".join(f"{u:.1f}" for u in mean[n]) + " | " +
+              " / ".join(f"{b - u:.1f}" for u, b in zip(mean[n], base)) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
