@@ -7,8 +7,12 @@ compressed and indexer rows) with `snapshot()` to the host `SessionState` format
 the session files use, and `live_state()` back; and the per-forward tables the kernels read (positions, row
 counts, each token's row addresses), built on the host and uploaded once per forward.
 
-Every kernel is enqueued on one stream, so device memory freed by Python can be handed to the next op at once
-(`_Pool`, stream-ordered reuse). The per-forward table (token ids, positions, row addresses, sampling draws) goes
+Kernels are enqueued on one main stream, so device memory freed by Python can be handed to the next op at once
+(`_Pool`, stream-ordered reuse). In a decode step two branches run on a side stream beside it (forked and joined
+with events, which a captured graph keeps as edges): the compressors' products and the compressors, beside the
+query path, joined before the indexer and attention; the shared expert, beside the router and the routed gate
+and up, joined before the routed down adds onto it. While a branch is open, memory Python frees waits for the
+join before it is reused. The per-forward table (token ids, positions, row addresses, sampling draws) goes
 up in stream order from pinned memory, so a forward waits for the GPU only at its one download: the sampled token
 ids (`sample`, the engine's step) or the logits; besides, first uses upload weights and constants synchronously
 (never inside a captured step). Numerics are the CPU backend's
