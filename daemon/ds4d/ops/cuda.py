@@ -521,8 +521,9 @@ class CUDA:
         _cuda.init()
         self.faithful = numerics == "faithful"
         self.stream = _cuda.Stream()
-        # A decode step's compressor work (its products of h, then the compressors) runs on `side`, beside the
-        # query path on `stream`, from a fork in `matmuls` to the join in `attend`.
+        # A decode step's branches beside the main path run on `side`: the compressors' work (their products of h,
+        # then the compressors) from the fork in `matmuls` to the join in `attend`, the shared expert from `ffn` to
+        # `moe`.
         self.side = _cuda.Stream()
         self._fork_ev, self._join_ev = _cuda.Event(), _cuda.Event()
         self._forked = False
