@@ -654,13 +654,17 @@ class CUDA:
             self._join()
 
     # --- the side stream --------------------------------------------------------------------------------------
-    def _fork(self) -> None:
-        """Work enqueued on the side stream from here runs after everything enqueued on the main stream so far,
-        beside what the main stream does next, until `_join`."""
+    def _fork(self) -> bool:
+        """Opens the side stream where a branch may run there: in a decode step of up to MATVEC_ROWS tokens, with
+        none open. Work enqueued on it from here runs after everything enqueued on the main stream so far, beside
+        what the main stream does next, until `_join`. Whether it opened."""
+        if not (self.concurrent and self._step.decode and self._step.n_tok <= MATVEC_ROWS) or self._forked:
+            return False
         self._fork_ev.record(self.stream.ptr)
         self._fork_ev.wait(self.side.ptr)
         self.pool.deferred = []
         self._forked = True
+        return True
 
     def _join(self) -> None:
         """The main stream's next work runs after everything enqueued on the side stream (no-op without a fork)."""
@@ -729,7 +733,6 @@ class CUDA:
         (ds4_cuda_matvec_parts: a decode step's small products of one input in fewer, fuller launches); for more
         tokens, one product per weight."""
         out, runs, i = [], [], 0
-        T = x.shape[0]
         while i < len(ws):
             j = i + 1
             while j < len(ws) and (ws[j].type, ws[j].cols) == (ws[i].type, ws[i].cols) and j - i < 8:  # 8 parts
@@ -738,9 +741,7 @@ class CUDA:
             i = j
         # A decode step's runs after the first (the compressors' and the indexer's F16 products, which only
         # `attend` reads) go on the side stream, beside the first (q_a and kv) and the query path after it.
-        side = self.concurrent and len(runs) > 1 and self._step.decode and T <= MATVEC_ROWS and not self._forked
-        if side:
-            self._fork()
+        side = len(runs) > 1 and self._fork()
         for k, run in enumerate(runs):
             with self._on_side(side and k > 0):
                 out += self._products(run, x)
@@ -983,10 +984,7 @@ class CUDA:
         decode step, on an H200; at several they read the weights once per token, the products once per block of
         rows.) In a decode step on the side stream, beside the router and the routed experts' gate and up; `moe`
         joins before it adds onto the result."""
-        side = self.concurrent and self._step.decode and h.shape[0] <= MATVEC_ROWS and not self._forked
-        if side:
-            self._fork()
-        with self._on_side(side):
+        with self._on_side(self._fork()):
             mid, u = self.matmuls([gate, up], h)
             self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
             return self._matvec(down, mid, 1)
@@ -1003,8 +1001,6 @@ class CUDA:
         gate, up, down = experts
         g, u, dn = self.weight(gate), self.weight(up), self.weight(down)
         grouped = N > MATVEC_ROWS and cu.gemm_ok(int(gate.type), E) and cu.gemm_ok(int(down.type), gate.rows)
-        if grouped:
-            self._join()
         for t0 in range(0, N if grouped else 0, MOE_GROUPED_ROWS):
             n = min(MOE_GROUPED_ROWS, N - t0)
             work = self.empty((cu.moe_work_bytes(int(gate.type), int(down.type), n, k, E, gate.rows,
