@@ -132,8 +132,8 @@ class OpClock:
     """Events before every op of a step and after its last (external events while the step is captured): device
     time per op, products named by their weights (attn_q_a, attn_q_a+attn_kv+..., ffn_gate_inp, ...), summed over
     the layers."""
-    OPS = ("embed", "rms_norm", "norm_rope", "norm_ropes", "hc_pre", "hc_post", "hc_head", "rope", "attend", "route",
-           "ffn", "moe", "matmul", "matmuls", "matmul_grouped")
+    OPS = ("embed", "rms_norm", "norm_rope", "norm_ropes", "hc_pre", "hc_post", "hc_head", "rope", "attend",
+           "ffn", "moe_routed", "matmul", "norm_matmul", "matmuls", "matmul_grouped")
 
     def __init__(self, m: Model):
         self.m, self.events, self.times = m, [], []
@@ -148,7 +148,7 @@ class OpClock:
                 if _name == "matmuls":
                     self.mark("+".join(short(w) for w in a[0]))
                 else:
-                    self.mark(short(a[0]) if _name.startswith("matmul") else _name)
+                    self.mark(short(a[0]) if "matmul" in _name else _name)
                 return _fn(*a, **kw)
             setattr(ops, name, wrapped)
         step = ops.step

@@ -4,12 +4,14 @@ For each op kind named (default: all of OPS), every call of it in the step is re
 its output's shape (no kernel), the step is captured again and its per-layer device times are compared with the
 unchanged step's, alternating in one process (machines differ by ~1% in device time; an A/B belongs on one).
 The values computed are wrong; only the launches and bytes left out differ. The difference is what the op costs the
-dependent chain of kernels, launch gaps and waits included: the most a fusion of it could save.
+dependent chain of kernels, launch gaps and waits included: the most a fusion of it could save. With --composed,
+the ops named run instead as the reference composes them from other ops (e.g. norm_matmul as rms_norm and then
+matmul, moe_routed as route and then moe): what the backend's fusion of each saves, the same way.
 
-    python3 bench/cuda_op_cost.py [--batch 8] [--ops rms_norm,hc_post] [--reps 2]
+    python3 bench/cuda_op_cost.py [--batch 8] [--ops norm_matmul,hc_post] [--composed moe_routed] [--reps 2]
 
 Needs a GPU and the full-width 4-layer file bench/cuda_model.py writes (routed experts as holes, filled on the
-device). Prints a markdown table: per layer (by compression ratio), the baseline and each op's saving.
+device). Prints a markdown table: per layer (by compression ratio), the baseline and each variant's saving.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +29,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cuda_model import LayerClock, write_full_width  # noqa: E402
 
 from ds4d.model import Segment, open_model  # noqa: E402
+from ds4d.ops.reference import Reference  # noqa: E402
 from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
 
-OPS = ("rms_norm", "norm_ropes", "rope", "hc_post", "ffn", "moe", "attend", "matmul", "matmul_grouped", "matmuls")
+OPS = ("norm_matmul", "norm_ropes", "rope", "hc_post", "ffn", "moe_routed", "attend", "matmul", "matmul_grouped",
+       "matmuls")
 
 
 def skipped(ops, name, zero):
     """A stand-in for op `name` that launches nothing: its output is a zero array (or its input, for in-place-like
     ops whose output has the input's shape)."""
-    if name == "rms_norm":
-        return lambda x, w, eps: x
+    if name == "norm_matmul":
+        return lambda w, x, weight, eps: (zero((x.shape[0], w.rows)), x)
     if name == "norm_ropes":
         return lambda items, eps, pos, freq: [x for x, _ in items]
     if name == "rope":
@@ -44,8 +49,8 @@ def skipped(ops, name, zero):
         return lambda f, X, post, comb: X
     if name == "ffn":
         return lambda h, *a: zero(h.shape)
-    if name == "moe":
-        return lambda h, ids, w, experts, clamp, shared: shared
+    if name == "moe_routed":
+        return lambda h, logits, route, tokens, experts, clamp, shared: shared
     if name == "attend":
         return lambda spec, states, bounds, positions, q, *a: q
     if name == "matmul":       # the single products, not the router (its logits choose the experts)
@@ -63,6 +68,7 @@ def main() -> int:
     ap.add_argument("--file", default="/tmp/ds4-4h.gguf", help="4-layer full-width file (written if missing)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--composed", default="", help="ops to run as the reference composes them (comma-separated)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=36)
     args = ap.parse_args()
@@ -82,7 +88,8 @@ def main() -> int:
     clock = LayerClock(m)
     samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(B)]
     names = [n for n in args.ops.split(",") if n]
-    original = {n: getattr(ops, n) for n in names}
+    composed = [n for n in args.composed.split(",") if n]
+    original = {n: getattr(ops, n) for n in names + composed}
     zeros: dict[tuple, object] = {}
 
     def zero(shape):
@@ -91,11 +98,14 @@ def main() -> int:
             zeros[shape] = ops.upload(np.zeros(shape, np.float32), np.float32)
         return zeros[shape]
 
-    def layers_us(skip: str | None) -> list[float]:
+    def layers_us(variant: str) -> list[float]:
         for n, f in original.items():
             setattr(ops, n, f)
-        if skip:
-            setattr(ops, skip, skipped(ops, skip, zero))
+        how, _, n = variant.partition(" ")
+        if how == "skip":
+            setattr(ops, n, skipped(ops, n, zero))
+        elif how == "composed":
+            setattr(ops, n, types.MethodType(getattr(Reference, n), ops))
         ops.drop_graphs()
         clock.times.clear()
         for _ in range(args.steps):
@@ -106,19 +116,23 @@ def main() -> int:
 
     runs: dict[str, list[list[float]]] = {}
     t0 = time.time()
+    variants = [""] + [f"skip {n}" for n in names] + [f"composed {n}" for n in composed]
     for _ in range(args.reps):
-        for skip in [None] + names:
-            runs.setdefault(skip or "", []).append(layers_us(skip))
+        for v in variants:
+            runs.setdefault(v, []).append(layers_us(v))
     mean = {k: [statistics.mean(col) for col in zip(*v)] for k, v in runs.items()}
     base = mean[""]
     ratios = " / ".join(str(L.ratio) for L in m.weights.layers)
     print(f"\nbatch {B}, {args.reps} alternations ({time.time() - t0:.0f} s); layers by ratio {ratios}")
-    print("| left out | layer us | saving per layer, us |")
+    print("| variant | layer us | saving per layer against it, us |")
     print("|---|---|---|")
-    print("| nothing | " + " / ".join(f"{u:.1f}" for u in base) + " | |")
-    for n in names:
-        print(f"| {n} | " + " / ".join(f"{u:.1f}" for u in mean[n]) + " | " +
-              " / ".join(f"{b - u:.1f}" for u, b in zip(mean[n], base)) + " |")
+    print("| the step as it is | " + " / ".join(f"{u:.1f}" for u in base) + " | |")
+    for v in variants[1:]:
+        saving = [b - u for u, b in zip(mean[v], base)]
+        if v.startswith("composed"):
+            saving = [-x for x in saving]          # what the fusion saves: the composed step's extra time
+        print(f"| {v} | " + " / ".join(f"{u:.1f}" for u in mean[v]) + " | " +
+              " / ".join(f"{x:.1f}" for x in saving) + " |")
     return 0
 
 

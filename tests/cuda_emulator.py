@@ -207,6 +207,16 @@ def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=
             _at(y + 4 * (t * y_stride + g * rows), np.float32, rows)[:] = out[t]
 
 
+def matvec_normed(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, norm_w, eps, xn=0, work=0):
+    assert 1 <= n_tok <= 16 and type not in (F32, F16, BF16)
+    X = REF.rms_norm(_rows(x, x_stride, n_tok, cols), _at(norm_w, np.float32, cols).copy(), eps)
+    if xn:
+        _at(xn, np.float32, n_tok * cols)[:] = X.reshape(-1)
+    out = _product(_weights(w, type, rows, cols), type, cols, X)
+    for t in range(n_tok):
+        _at(y + 4 * t * y_stride, np.float32, rows)[:] = out[t]
+
+
 _GEMM_TYPES = (8, 10, 12, 16, F16)  # Q8_0, Q2_K, Q4_K, IQ2_XXS, F16
 has_cutlass = False                  # no bf16 wgmma path: gemm is the act8 product for every type
 
@@ -444,6 +454,13 @@ def moe_gate_up(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert
             out[t, j] = REF.swiglu(g, u, clamp)[0] * np.float32(W[t, j])
 
 
+def moe_route_gate_up(stream, mid, ids, weights, logits, bias, tid2eid, tokens, scale, normalize, h, h_stride, gate,
+                      up, type, n_ff, n_embd, n_expert, n_used, n_tok, clamp):
+    route.__wrapped__(stream, ids, weights, logits, bias, tid2eid, tokens, n_tok, n_expert, n_used, scale, normalize)
+    moe_gate_up.__wrapped__(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, ids, weights, n_used,
+                            n_tok, clamp)
+
+
 def swiglu(stream, mid, g, u, n, clamp):
     _at(mid, np.float32, n)[:] = REF.swiglu(_at(g, np.float32, n), _at(u, np.float32, n), clamp)
 
@@ -559,7 +576,8 @@ def _enqueued(fn):
     return call
 
 
-for _name in ("memcpy", "matvec", "matvec_parts", "embed", "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store",
-              "attention_decode", "route", "moe_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4",
-              "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
+for _name in ("memcpy", "matvec", "matvec_normed", "matvec_parts", "embed", "rms_norm", "rms_norm_rope", "hc_pre",
+              "hc_post", "rope", "kv_store", "attention_decode", "route", "moe_gate_up", "moe_route_gate_up",
+              "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4", "indexer_scores", "topk", "gemm",
+              "moe_grouped", "attention_prefill", "sample"):
     globals()[_name] = _enqueued(globals()[_name])

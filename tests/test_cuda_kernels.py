@@ -252,6 +252,33 @@ def test_matvec_parts(stream, rng, type_, n_tok):
         _cuda.matvec_parts(stream.ptr, [y.ptr for y in ys] * 3, part_rows * 3, wp, type_, cols, xp, cols, n_tok)
 
 
+@pytest.mark.parametrize("type_", [Q8_0, IQ2_XXS])
+@pytest.mark.parametrize("n_tok,with_work", [(1, False), (2, False), (3, True), (8, True), (8, False), (16, True)])
+def test_matvec_normed(stream, rng, type_, n_tok, with_work):
+    """The product of RMS-normed rows in one launch: the normed rows it writes are the reference's norm, and
+    the product the bits of matvec on them (both quantize the same values: in every block, or once in the
+    workspace); nothing is written past either output. Rows of different magnitudes (each its own norm)."""
+    d = Dev(stream)
+    rows, cols, eps = 300, 1024, 1e-6
+    w = rand_weights(rng, type_, rows, cols)
+    x = (rng.standard_normal((n_tok, cols)) * np.logspace(-2, 2, n_tok)[:, None]).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    wp = d.put(w)
+    n_work = _cuda.matvec_work_bytes(type_, n_tok, cols) if with_work else 0
+    work = d.out((n_work,), np.uint8).ptr if n_work else 0
+    y, xn, y2 = d.out((n_tok, rows + 2)), d.out((n_tok + 1, cols)), d.out((n_tok, rows + 2))
+    _cuda.matvec_normed(stream.ptr, y.ptr, rows + 2, wp, type_, rows, cols, d.put(x), cols, n_tok, d.put(g), eps,
+                        xn.ptr, work)
+    got_xn = d.get(xn)
+    assert rel(got_xn[:n_tok], REF.rms_norm(x, g, eps)) < 1e-6
+    assert np.all(np.isnan(got_xn[n_tok:]))
+    _cuda.matvec(stream.ptr, y2.ptr, rows + 2, wp, type_, rows, cols, xn.ptr, cols, n_tok, work=work)
+    got = d.get(y)
+    np.testing.assert_array_equal(got.view(np.uint32), d.get(y2).view(np.uint32))
+    assert np.all(np.isnan(got[:, rows:]))
+    assert rel(got[:, :rows], product_ref(w, type_, cols, REF.rms_norm(x, g, eps).astype(np.float32))) < 2e-5
+
+
 def test_matvec_rejects_bad_arguments(stream):
     d = Dev(stream)
     b = d.out((64,))
@@ -438,6 +465,38 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used):
             ref[t] += product_ref(down[e], down_type, n_ff, got_mid[t, j:j + 1])[0]
     assert rel(got[:, :n_embd], ref) < 2e-5
     assert np.array_equal(got[:, :n_embd], d.get(out_self)[:, :n_embd])
+
+
+@pytest.mark.parametrize("hash_layer", [False, True])
+@pytest.mark.parametrize("n_tok,n_expert", [(1, 256), (8, 256), (3, 40)])
+def test_moe_route_gate_up(stream, rng, hash_layer, n_tok, n_expert):
+    """gate+up choosing the experts itself from the router's logits: ids and weights bit for bit those of the
+    route kernel (which the reference checks), and mid that of gate+up reading them, for every block of a
+    token (the grid spreads each token's pairs over many blocks; one of them writes the choice)."""
+    d = Dev(stream)
+    n_embd, n_ff, k, clamp = 512, 256, 6, 10.0
+    gate = rand_weights(rng, IQ2_XXS, n_ff, n_embd, lead=(n_expert,))
+    up = rand_weights(rng, IQ2_XXS, n_ff, n_embd, lead=(n_expert,))
+    h = (rng.standard_normal((n_tok, n_embd)) * 0.05).astype(np.float32)
+    logits = (rng.standard_normal((n_tok, n_expert)) * 3).astype(np.float32)
+    bias = (rng.standard_normal(n_expert) * 0.1).astype(np.float32)
+    tid2eid = rng.integers(0, n_expert, (50, k)).astype(np.int32)
+    tokens = rng.integers(0, 50, n_tok).astype(np.int32)
+    lp, bp = d.put(logits), 0 if hash_layer else d.put(bias)
+    tp, kp = d.put(tid2eid) if hash_layer else 0, d.put(tokens)
+    gp, up_, hp = d.put(gate), d.put(up), d.put(h)
+    ids, w, mid = d.out((n_tok, k), np.int32), d.out((n_tok, k)), d.out((n_tok, k, n_ff))
+    _cuda.moe_route_gate_up(stream.ptr, mid.ptr, ids.ptr, w.ptr, lp, bp, tp, kp, 1.5, True, hp, n_embd, gp, up_,
+                            IQ2_XXS, n_ff, n_embd, n_expert, k, n_tok, clamp)
+    rids, rw, rmid = d.out((n_tok, k), np.int32), d.out((n_tok, k)), d.out((n_tok, k, n_ff))
+    _cuda.route(stream.ptr, rids.ptr, rw.ptr, lp, bp, tp, kp, n_tok, n_expert, k, 1.5, True)
+    _cuda.moe_gate_up(stream.ptr, rmid.ptr, hp, n_embd, gp, up_, IQ2_XXS, n_ff, n_embd, n_expert, rids.ptr, rw.ptr,
+                      k, n_tok, clamp)
+    want_ids, want_w = REF.route(logits, None if hash_layer else bias, tid2eid if hash_layer else None, tokens, k,
+                                 1.5, True)
+    np.testing.assert_array_equal(d.get(ids), want_ids)
+    np.testing.assert_array_equal(d.get(w).view(np.uint32), d.get(rw).view(np.uint32))
+    np.testing.assert_array_equal(d.get(mid).view(np.uint32), d.get(rmid).view(np.uint32))
 
 
 @pytest.mark.parametrize("gate_type,down_type", MOE_TYPES)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .gguf_file import GGUFFile
-from .ops import AttnSpec, get_backend
+from .ops import AttnSpec, RouteSpec, get_backend
 from .ops.reference import rope_inv_freq
 from .sampling import Draw, pick
 from .shape import Shape, read_shape
@@ -71,6 +71,8 @@ class Model:
         self.rope_comp = rope_inv_freq(s.n_rot, s.compress_rope_freq_base,
                                        (s.rope_scale_factor, s.rope_orig_ctx, s.yarn_beta_fast, s.yarn_beta_slow))
         self.attn_specs = [self._attn_spec(L) for L in self.weights.layers]
+        self.route_specs = [RouteSpec(L.exp_probs_b, L.ffn_gate_tid2eid, s.n_expert_used, s.expert_weights_scale,
+                                      s.expert_weights_norm) for L in self.weights.layers]
         self._tokenizer = None
 
     def _attn_spec(self, L: Layer) -> AttnSpec:
@@ -200,9 +202,9 @@ class Model:
         if L.indexer is not None:
             ws += [L.indexer.compressor.kv, L.indexer.compressor.gate, L.indexer.proj]
         qa, kv, *of_h = ops.matmuls(ws, h)
-        qn = ops.rms_norm(qa, L.attn_q_a_norm, s.rms_eps)                            # (N, q_rank)
+        q, qn = ops.norm_matmul(L.attn_q_b, qa, L.attn_q_a_norm, s.rms_eps)          # qn: (N, q_rank)
         spec = self.attn_specs[L.index]
-        q, kv = ops.norm_ropes([(ops.matmul(L.attn_q_b, qn).reshape(N, s.n_head, s.head_dim), None),   # (N, H, D)
+        q, kv = ops.norm_ropes([(q.reshape(N, s.n_head, s.head_dim), None),                        # (N, H, D)
                                 (kv, L.attn_kv_a_norm)], s.rms_eps, positions, spec.rope)            # (N, D)
         comp = tuple(of_h[:2]) if L.compressor is not None else None
         idx = None
@@ -220,10 +222,8 @@ class Model:
         h, post, comb = ops.hc_pre(X, L.hc_ffn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, L.ffn_norm)
         # The shared expert (no routing), then the routed experts added onto its output.
         shared = ops.ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, s.swiglu_clamp_shexp[L.index])
-        ids, w = ops.route(ops.matmul(L.ffn_gate_inp, h), L.exp_probs_b, L.ffn_gate_tid2eid, tokens,
-                           s.n_expert_used, s.expert_weights_scale, s.expert_weights_norm)
-        f = ops.moe(h, ids, w, (L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps), s.swiglu_clamp_exp[L.index],
-                    shared)
+        f = ops.moe_routed(h, ops.matmul(L.ffn_gate_inp, h), self.route_specs[L.index], tokens,
+                           (L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps), s.swiglu_clamp_exp[L.index], shared)
         return ops.hc_post(f, X, post, comb)
 
 

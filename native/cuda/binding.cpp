@@ -256,6 +256,15 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
        py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups") = 1,
        py::arg("work") = 0);
+    m.def("matvec_normed", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t w, int type, int64_t rows,
+                              int64_t cols, uintptr_t x, int64_t x_stride, int n_tok, uintptr_t norm_w, float eps,
+                              uintptr_t xn, uintptr_t work) {
+        check(ds4_cuda_matvec_normed(st(s), dev<float>(y), y_stride, dev<void>(w), type, rows, cols,
+                                     dev<const float>(x), x_stride, n_tok, dev<const float>(norm_w), eps,
+                                     dev<float>(xn), dev<void>(work)), "matvec_normed");
+    }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
+       py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("norm_w"), py::arg("eps"),
+       py::arg("xn") = 0, py::arg("work") = 0);
     m.def("matvec_parts", [](uintptr_t s, const std::vector<uintptr_t>& ys, const std::vector<int64_t>& part_rows,
                              uintptr_t w, int type, int64_t cols, uintptr_t x, int64_t x_stride, int n_tok,
                              uintptr_t work) {
@@ -308,6 +317,19 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("mid"), py::arg("h"), py::arg("h_stride"), py::arg("gate"), py::arg("up"),
        py::arg("type"), py::arg("n_ff"), py::arg("n_embd"), py::arg("n_expert"), py::arg("ids"), py::arg("weights"),
        py::arg("n_used"), py::arg("n_tok"), py::arg("clamp"));
+    m.def("moe_route_gate_up", [](uintptr_t s, uintptr_t mid, uintptr_t ids, uintptr_t weights, uintptr_t logits,
+                                  uintptr_t bias, uintptr_t tid2eid, uintptr_t tokens, float scale, bool normalize,
+                                  uintptr_t h, int64_t h_stride, uintptr_t gate, uintptr_t up, int type, int64_t n_ff,
+                                  int64_t n_embd, int n_expert, int n_used, int n_tok, float clamp) {
+        check(ds4_cuda_moe_route_gate_up(st(s), dev<float>(mid), dev<int32_t>(ids), dev<float>(weights),
+                                         dev<const float>(logits), dev<const float>(bias), dev<const int32_t>(tid2eid),
+                                         dev<const int32_t>(tokens), scale, normalize, dev<const float>(h), h_stride,
+                                         dev<void>(gate), dev<void>(up), type, n_ff, n_embd, n_expert, n_used, n_tok,
+                                         clamp), "moe_route_gate_up");
+    }, py::arg("stream"), py::arg("mid"), py::arg("ids"), py::arg("weights"), py::arg("logits"), py::arg("bias"),
+       py::arg("tid2eid"), py::arg("tokens"), py::arg("scale"), py::arg("normalize"), py::arg("h"),
+       py::arg("h_stride"), py::arg("gate"), py::arg("up"), py::arg("type"), py::arg("n_ff"), py::arg("n_embd"),
+       py::arg("n_expert"), py::arg("n_used"), py::arg("n_tok"), py::arg("clamp"));
     m.def("swiglu", [](uintptr_t s, uintptr_t mid, uintptr_t g, uintptr_t u, int64_t n, float clamp) {
         check(ds4_cuda_swiglu(st(s), dev<float>(mid), dev<const float>(g), dev<const float>(u), n, clamp), "swiglu");
     }, py::arg("stream"), py::arg("mid"), py::arg("g"), py::arg("u"), py::arg("n"), py::arg("clamp"));

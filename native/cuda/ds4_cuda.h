@@ -43,6 +43,13 @@ cudaError_t ds4_cuda_fill_random(cudaStream_t s, void* dst, size_t bytes, int ty
 // attention output projection). x rows start 16-byte aligned (x_stride a multiple of 4).
 cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
                             int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work);
+// ds4_cuda_matvec (one group) of x's rows RMS-normed with weight norm_w (x * (1 / sqrt(mean(x^2) + eps)) * norm_w:
+// ds4_cuda_rms_norm's values to a rounding), which it also writes to xn (dense (n_tok, cols)) when xn is not null:
+// a norm between two products needs no launch of its own. Quantized weight types (they take the activations
+// quantized).
+cudaError_t ds4_cuda_matvec_normed(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
+                                   int64_t cols, const float* x, int64_t x_stride, int n_tok, const float* norm_w,
+                                   float eps, float* xn, void* work);
 // ds4_cuda_matvec over the rows of several matrices of one type and width stored back to back (the products of
 // one input), each part's rows written to its own dense (n_tok, part_rows[k]) array ys[k]: one launch. At most 8
 // parts; work as for ds4_cuda_matvec with the same type, n_tok and cols.
@@ -102,6 +109,14 @@ size_t ds4_cuda_moe_work_bytes(int gate_type, int down_type, int n_tok, int n_us
 cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int64_t h_stride, const void* gate,
                                  const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
                                  const int32_t* ids, const float* weights, int n_used, int n_tok, float clamp);
+// The same, with each token's experts chosen in the kernel from the router's logits as ds4_cuda_route chooses
+// them (same arguments; n_expert <= 256): ids and weights are written (for ds4_cuda_moe_down), not read. A decode
+// layer then has no launch of its own for the choice.
+cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids, float* weights, const float* logits,
+                                       const float* bias, const int32_t* tid2eid, const int32_t* tokens, float scale,
+                                       bool normalize, const float* h, int64_t h_stride, const void* gate,
+                                       const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
+                                       int n_used, int n_tok, float clamp);
 // out[t, :] (+)= sum_j down_e . mid[t, j, :], e = ids[t, j]; down: n_expert matrices of (n_embd, n_ff) weights.
 // accumulate adds to out (the shared expert after the routed ones) instead of overwriting it. work (optional: null,
 // or ds4_cuda_moe_down_work_bytes(...) bytes): mid is quantized once there instead of in every block (faster).
@@ -241,7 +256,7 @@ cudaError_t ds4_cuda_fp8_kv(cudaStream_t s, float* y, const float* x, int64_t n_
 
 // Router (MODEL.md 3.4): p = sqrt(softplus(logits[t])); ids[t] = the n_used experts of largest p + bias (ties to
 // the lower index), or tid2eid[tokens[t]] when tid2eid is given (hash layers); weights[t, j] = p[ids[t, j]],
-// divided by max(sum, 2^-14) when normalize, times scale. n_expert <= 1024, n_used <= 16.
+// divided by max(sum, 2^-14) when normalize, times scale. n_expert <= 256, n_used <= 16.
 cudaError_t ds4_cuda_route(cudaStream_t s, int32_t* ids, float* weights, const float* logits, const float* bias,
                            const int32_t* tid2eid, const int32_t* tokens, int n_tok, int n_expert, int n_used,
                            float scale, bool normalize);

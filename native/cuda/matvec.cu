@@ -35,6 +35,9 @@ struct MatvecArgs {
     const uint8_t* xq;     // pre-quantized activations, act_bytes(n_tok, cols) per group, or null
     bool x_smem;           // float types: stage the f32 rows in shared memory
     bool x16;              // float types: stage the rows as f16 (scaled) in shared memory instead
+    const float* norm_w;   // act8 types: the rows of x RMS-normed (x / sqrt(mean(x^2) + eps) * norm_w) first,
+    float norm_eps;        // and written to xn (dense rows) when xn is not null (one group)
+    float* xn;
 };
 
 constexpr int64_t kXSmemMax = 64 * 1024;  // f32 activation rows kept in shared memory up to this size
@@ -77,6 +80,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     using G = Stage<T, SPS>;
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float xscale[16];
+    __shared__ float xinv[kNormRowsMax];
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = blockIdx.y;
@@ -115,6 +119,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     auto stream = make_streamer<T, SPS, NB, RPW, true>(ring, lane, n_sets, steps, plan);
     stream.prologue();
     load_tables<T>(tab, a.tab);
+    if (a.norm_w && !a.xq) prefetch_l1(a.norm_w, a.cols);
     pdl_wait();
 
     const float* xg = a.x + (int64_t)g * a.cols;  // this group's slice of every activation row
@@ -123,6 +128,11 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
         if (a.xq) {
             copy_block(xs, a.xq + g * act_bytes<T>(a.n_tok, a.cols), act_bytes<T>(a.n_tok, a.cols));
             cp_async_wait<0>();
+        } else if (a.norm_w) {  // every block norms the rows itself; block 0 writes them out
+            row_norms(xinv, xg, a.x_stride, a.n_tok, a.cols, a.norm_eps, warp, kWarps);
+            __syncthreads();
+            const RowNorm nrm{xinv, a.norm_w, blockIdx.x == 0 ? a.xn : nullptr};
+            quantize_block<T>(xs, xg, a.x_stride, a.n_tok, a.cols, &nrm);
         } else {
             quantize_block<T>(xs, xg, a.x_stride, a.n_tok, a.cols);
         }
@@ -434,7 +444,8 @@ struct MatvecOp {
     static cudaError_t run(cudaStream_t s, MatvecArgs a, int groups, void* work) {
         if constexpr (WT<T>::xb != 0) {
             if (work && a.n_tok > kQuantizeAbove && fits(a.n_tok, a.cols) <= props().smem_optin) {
-                cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.cols, a.x_stride, a.n_tok, a.cols, groups);
+                cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.cols, a.x_stride, a.n_tok, a.cols, groups,
+                                                   a.norm_w, a.norm_eps, a.xn);
                 if (e != cudaSuccess) return e;
                 a.xq = (const uint8_t*)work;
             }
@@ -459,6 +470,7 @@ struct MatvecOp {
             c.n_tok = std::min(chunk, a.n_tok - t0);
             c.x += t0 * a.x_stride;
             c.y += t0 * a.y_stride;
+            if (a.xn) c.xn += t0 * a.cols;
             for (int k = 0; k < a.n_parts; ++k) c.part_y[k] += t0 * (a.part_end[k] - (k ? a.part_end[k - 1] : 0));
             cudaError_t e = tokens(s, c, groups);
             if (e != cudaSuccess) return e;
@@ -534,6 +546,19 @@ cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const vo
     MatvecArgs a{y, y_stride, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x,
                  x_stride, n_tok, 1, iq2_tables(), nullptr, false, false};
     return matvec_run(s, a, type, groups, work);
+}
+
+cudaError_t ds4_cuda_matvec_normed(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
+                                   int64_t cols, const float* x, int64_t x_stride, int n_tok, const float* norm_w,
+                                   float eps, float* xn, void* work) {
+    clear_error();
+    const cudaError_t e = check_matvec(w, type, rows, cols, x, x_stride, n_tok, 1, y_stride, work);
+    if (e != cudaSuccess) return e;
+    if (act_bytes_of(type, 1, cols) == 0 || !norm_w || (uintptr_t)norm_w % 16 || (uintptr_t)xn % 16)
+        return invalid("matvec_normed: needs a quantized weight type and a 16-byte aligned norm weight (and xn)");
+    MatvecArgs a{y, y_stride, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x,
+                 x_stride, n_tok, 1, iq2_tables(), nullptr, false, false, norm_w, eps, xn};
+    return matvec_run(s, a, type, 1, work);
 }
 
 cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,

@@ -9,12 +9,16 @@
 // experts' rows one after the other instead.
 //
 // Expert ids and weights are read from device memory (the router's output), so a captured graph replays any
-// routing; each block copies its token's into shared memory first. gate_up's blocks quantize h_t into shared
-// memory themselves; down's n_used mid rows of t are quantized once by a small kernel into the caller's workspace,
-// which every block copies (each of ~260 blocks quantizing 6 x 2048 values itself took 8 of the kernel's 18 us at
-// one token). Tokens do not share expert reads: at decode sizes most of a token's experts are its own (8 tokens x
-// 6 of 256).
+// routing; each block copies its token's into shared memory first. Or gate_up makes the choice itself from the
+// router's logits (routing.cuh: warp 0 of every block, for its token), and the token's first block writes it out
+// for down: one launch fewer per decode layer than a separate route kernel. gate_up's blocks quantize h_t into
+// shared memory themselves; down's n_used mid rows of t are quantized once by a small kernel into the caller's
+// workspace, which every block copies (each of ~260 blocks quantizing 6 x 2048 values itself took 8 of the
+// kernel's 18 us at one token; quantizing each block of mid in gate_up, by the warp whose store completes it,
+// cost more than that launch: a fence per pair drains the warp's weight stages in flight). Tokens do not share
+// expert reads: at decode sizes most of a token's experts are its own (8 tokens x 6 of 256).
 #include "qdot.cuh"
+#include "routing.cuh"
 
 namespace ds4::cuda {
 namespace {
@@ -37,6 +41,9 @@ struct MoeArgs {
     bool accumulate;
     const uint32_t* tab;
     const uint8_t* xq;  // down: the mid rows quantized once (act_bytes(n_used, cols) per token), or null
+    RouteIn route;      // gate_up: with route.logits, the choice is made here and written to ids_out / weights_out
+    int32_t* ids_out;
+    float* weights_out;
 };
 
 // Stage sizes: gate/up rows (n_embd = 4096 wide) in two stages of 2048 weights for the 2-bit and 4-bit types
@@ -105,7 +112,22 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(MoeArgs a) {
     auto stream = make_streamer<T, SPS, 1, RPW, true>(ring, lane, n_sets, steps, plan);
     load_tables<T>(tab, a.tab);
     pdl_wait();
-    load_routing(sid, swt, a, t);
+    if (a.route.logits) {
+        if (warp == 0) {
+            route_token(a.route, t, sid, swt);
+            __syncwarp();
+            if (lane < a.n_used) {
+                const int e = sid[lane];
+                if (blockIdx.x == 0) {
+                    a.ids_out[(int64_t)t * a.n_used + lane] = e;
+                    a.weights_out[(int64_t)t * a.n_used + lane] = swt[lane];
+                }
+                sid[lane] = (e < 0 || e >= a.n_expert) ? 0 : e;
+            }
+        }
+    } else {
+        load_routing(sid, swt, a, t);
+    }
     __syncthreads();
     stream.prologue();  // after the wait: which rows to read depends on the router's ids
 
@@ -300,6 +322,25 @@ cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int
     MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
               (int64_t)row_bytes(type, n_embd), FastDiv((uint32_t)n_ff), n_expert, n_used, ids, weights, clamp,
               false, iq2_tables(), nullptr};
+    by_type<GateUpOp>(type, e, s, a, n_tok);
+    return e;
+}
+
+cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids, float* weights, const float* logits,
+                                       const float* bias, const int32_t* tid2eid, const int32_t* tokens, float scale,
+                                       bool normalize, const float* h, int64_t h_stride, const void* gate,
+                                       const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
+                                       int n_used, int n_tok, float clamp) {
+    clear_error();
+    cudaError_t e = check_moe("moe_route_gate_up", type, n_embd, n_expert, n_used, n_tok, gate, h, h_stride);
+    if (e != cudaSuccess) return e;
+    if ((uintptr_t)up % 16 || n_ff < 1) return invalid("moe_route_gate_up: up must be 16-byte aligned, n_ff >= 1");
+    if (!logits || !ids || !weights || n_expert > kRouteMaxExperts || (tid2eid && !tokens))
+        return invalid("moe_route_gate_up: needs logits, ids and weights, n_expert <= 256, tokens with tid2eid");
+    MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
+              (int64_t)row_bytes(type, n_embd), FastDiv((uint32_t)n_ff), n_expert, n_used, nullptr, nullptr, clamp,
+              false, iq2_tables(), nullptr, RouteIn{logits, bias, tid2eid, tokens, n_expert, n_used, scale, normalize},
+              ids, weights};
     by_type<GateUpOp>(type, e, s, a, n_tok);
     return e;
 }

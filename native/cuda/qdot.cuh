@@ -106,15 +106,48 @@ __device__ __forceinline__ XView act_view(uint8_t* base, int n, int64_t cols) {
     return v;
 }
 
+// An RMS norm applied to activation rows as they are quantized: row r's values become x * inv[r] * w[col] (x /
+// sqrt(mean(x^2) + eps) * w to a rounding of the reciprocal), also written to xn (dense rows of cols values) when
+// xn is not null. A product of normed activations then needs no norm launch before it.
+struct RowNorm {
+    const float* inv;  // per row: 1 / sqrt(mean(x^2) + eps) (row_norms)
+    const float* w;    // per column
+    float* xn;
+};
+
+// Brings the n floats at w into L1 (one prefetch per 128-byte line, by the block's threads): a norm's weight,
+// before the dependent-launch wait, so that the quantizer meets it in L1.
+__device__ __forceinline__ void prefetch_l1(const float* w, int64_t n) {
+    for (int64_t i = 32 * (int64_t)threadIdx.x; i < n; i += 32 * (int64_t)blockDim.x)
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(w + i));
+}
+
+// inv[r] = 1 / sqrt(mean(x_r^2) + eps) for r < n (rows x_stride apart), one warp per row: warps first, first +
+// step, ...
+__device__ __forceinline__ void row_norms(float* inv, const float* x, int64_t x_stride, int n, int64_t cols,
+                                          float eps, int first, int step) {
+    const int lane = threadIdx.x & 31;
+    for (int r = first; r < n; r += step) {
+        const float* xr = x + r * x_stride;
+        float ss = 0.0f;
+        for (int64_t k = 4 * lane; k < cols; k += 128) {
+            const float4 v = *(const float4*)(xr + k);
+            ss = fmaf(v.x, v.x, ss), ss = fmaf(v.y, v.y, ss), ss = fmaf(v.z, v.z, ss), ss = fmaf(v.w, v.w, ss);
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) inv[r] = 1.0f / sqrtf(ss / (float)cols + eps);
+    }
+}
+
 // The act8 quantizers of ds4_quant.h, every operation rounded as on the CPU (so the int8 values and scales are
 // bit for bit those of ds4d._cpu.quantize_act). Row i of x is at x + i * x_stride; the outputs are dense rows
 // (qs: cols, d: cols / XB, bs: cols / 16). A Q8_0 block (32 values) is one lane's: its 8 float4 loads are in
 // flight together and its maximum needs no shuffles; a Q8_K block (256) is 8 lanes', 32 values each, and meets in
 // 3 shuffles. Called by all warps of a block (or of a grid: `first`/`step` are the warp's index and the number of
-// warps); a warp takes 32 (Q8_0) or 4 (Q8_K) consecutive blocks at a time.
+// warps); a warp takes 32 (Q8_0) or 4 (Q8_K) consecutive blocks at a time. With nrm, the rows are normed first.
 template <int XB>
 __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_rows,
-                              int64_t cols, int first, int step) {
+                              int64_t cols, int first, int step, const RowNorm* nrm = nullptr) {
     constexpr int kLanes = XB / 32;            // lanes per block
     constexpr int kPerWarp = 32 / kLanes;      // blocks per warp and pass
     const int lane = threadIdx.x & 31, sub = lane % kLanes;
@@ -128,7 +161,14 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
         if (on) {
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
-                const float4 f = *(const float4*)(src + 4 * k);
+                float4 f = *(const float4*)(src + 4 * k);
+                if (nrm) {
+                    const int64_t col = b * XB + 32 * sub + 4 * k;
+                    const float4 g = *(const float4*)(nrm->w + col);
+                    const float r = nrm->inv[row];
+                    f = make_float4(f.x * r * g.x, f.y * r * g.y, f.z * r * g.z, f.w * r * g.w);
+                    if (nrm->xn) *(float4*)(nrm->xn + row * cols + col) = f;
+                }
                 v[4 * k] = f.x, v[4 * k + 1] = f.y, v[4 * k + 2] = f.z, v[4 * k + 3] = f.w;
             }
         } else {
@@ -186,23 +226,31 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
     }
 }
 
-// Quantizes n rows into shared memory laid out for act_view, using every thread of the block.
+// Quantizes n rows into shared memory laid out for act_view, using every thread of the block (normed first with
+// nrm).
 template <int T>
-__device__ __forceinline__ void quantize_block(uint8_t* base, const float* x, int64_t x_stride, int n, int64_t cols) {
+__device__ __forceinline__ void quantize_block(uint8_t* base, const float* x, int64_t x_stride, int n, int64_t cols,
+                                               const RowNorm* nrm = nullptr) {
     constexpr int xb = WT<T>::xb;
     if constexpr (xb != 0) {
         const XView v = act_view<T>(base, n, cols);
         quantize_rows<xb>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, x, x_stride, n, cols, threadIdx.x >> 5,
-                          blockDim.x >> 5);
+                          blockDim.x >> 5, nrm);
     }
 }
 
 // Quantizes n_rows activation rows per group into `work`, one act_view block of group_bytes per group (blockIdx.y):
 // group g's rows start at x + g * group_stride, x_stride apart (a matvec's column groups; the MoE's tokens).
+// With norm_w, the rows are RMS-normed first (one group; every block finds the rows' norms itself) and the normed
+// rows written to xn when it is not null.
+constexpr int kNormRowsMax = 16;
 template <int XB>
 __global__ void quantize_groups_kernel(uint8_t* work, const float* x, int64_t group_stride, int64_t x_stride,
-                                       int n_rows, int64_t cols, size_t group_bytes) {
+                                       int n_rows, int64_t cols, size_t group_bytes, const float* norm_w, float eps,
+                                       float* xn) {
+    __shared__ float inv[kNormRowsMax];
     pdl_trigger();
+    if (norm_w) prefetch_l1(norm_w, cols);
     pdl_wait();
     const int g = blockIdx.y;
     uint8_t* base = work + g * group_bytes;
@@ -210,19 +258,25 @@ __global__ void quantize_groups_kernel(uint8_t* work, const float* x, int64_t gr
     float* d = (float*)(base + (size_t)n_rows * cols);
     int16_t* bs = (int16_t*)(base + (size_t)n_rows * cols + 4 * (size_t)n_rows * (cols / XB));
     const int first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), step = gridDim.x * (blockDim.x >> 5);
-    quantize_rows<XB>(qs, d, bs, x + g * group_stride, x_stride, n_rows, cols, first, step);
+    const RowNorm nrm{inv, norm_w, xn};
+    if (norm_w) {
+        row_norms(inv, x, x_stride, n_rows, cols, eps, threadIdx.x >> 5, blockDim.x >> 5);
+        __syncthreads();
+    }
+    quantize_rows<XB>(qs, d, bs, x + g * group_stride, x_stride, n_rows, cols, first, step, norm_w ? &nrm : nullptr);
 }
 
 // Launches quantize_groups_kernel for weights of type T (which must take 8-bit activations): `groups` blocks of
-// act_bytes<T>(n_rows, cols) bytes at work.
+// act_bytes<T>(n_rows, cols) bytes at work; with norm_w (one group, n_rows <= kNormRowsMax) the rows RMS-normed.
 template <int T>
 cudaError_t quantize_groups(cudaStream_t s, uint8_t* work, const float* x, int64_t group_stride, int64_t x_stride,
-                            int n_rows, int64_t cols, int groups) {
+                            int n_rows, int64_t cols, int groups, const float* norm_w = nullptr, float eps = 0.0f,
+                            float* xn = nullptr) {
     constexpr int xb = WT<T>::xb;
     const int64_t blocks = n_rows * (cols / xb);  // per group
     const int gx = (int)std::min<int64_t>(ceil_div(blocks, kWarps * (xb == 32 ? 32 : 4)), props().sms);
     return launch(quantize_groups_kernel<xb>, dim3(gx, groups), dim3(kThreads), 0, s, work, x, group_stride, x_stride,
-                  n_rows, cols, act_bytes<T>(n_rows, cols));
+                  n_rows, cols, act_bytes<T>(n_rows, cols), norm_w, eps, xn);
 }
 
 // ---- per-unit dot products -------------------------------------------------------------------------------------

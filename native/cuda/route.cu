@@ -1,90 +1,19 @@
 // Token-level ops at the ends of a decode step and around the MoE: the router's expert choice (MODEL.md 3.4 steps
 // 2-4), the embedding lookup into the hyper-connection streams, and sampling the next token (MODEL.md 7).
 //
-// route: one block per token. Scores p = sqrt(softplus(logit)) in shared memory; then n_used rounds of a block
-// argmax of p + bias over the experts not yet taken, ordered by (value, lower index) so ties go to the lower
-// index as in ds4; the weights are the unbiased scores, normalized, times the scale. (One warp per token, with
-// the scores in registers, measured 2.3x slower: each lane's 32 softplus run in series.)
-#include "common.cuh"
+// route: one warp per token (routing.cuh, which the decode MoE's gate+up kernel also runs for itself).
+#include "routing.cuh"
 
 namespace ds4::cuda {
 namespace {
 
-constexpr int kRouteThreads = 256;
+constexpr int kRouteWarps = 4;  // tokens per block
 
-__device__ __forceinline__ float softplus(float z) {
-    return z > 20.0f ? z : (z < -20.0f ? expf(z) : log1pf(expf(z)));
-}
-
-// Is (v, i) ahead of (w, j): larger value, or equal value and lower index.
-__device__ __forceinline__ bool ahead(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
-
-// Block-wide best (value, index) over the threads' candidates; every thread gets the result.
-__device__ __forceinline__ int block_best(float v, int i, float* sv, int* si) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (ahead(ov, oi, v, i)) v = ov, i = oi;
-    }
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) sv[warp] = v, si[warp] = i;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (int)(blockDim.x >> 5) ? sv[lane] : -INFINITY;
-        i = lane < (int)(blockDim.x >> 5) ? si[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-            if (ahead(ov, oi, v, i)) v = ov, i = oi;
-        }
-        if (lane == 0) si[32] = i;
-    }
-    __syncthreads();
-    const int best = si[32];
-    __syncthreads();  // si is reused by the next round
-    return best;
-}
-
-__global__ void route_kernel(int32_t* ids, float* weights, const float* logits, const float* bias,
-                             const int32_t* tid2eid, const int32_t* tokens, int n_expert, int n_used, float scale,
-                             bool normalize) {
-    __shared__ float p[1024], key[1024], sv[32];
-    __shared__ int si[33];
-    __shared__ int chosen[16];
+__global__ void route_kernel(int32_t* ids, float* weights, RouteIn r, int n_tok) {
     pdl_trigger();
     pdl_wait();
-    const int t = blockIdx.x;
-    for (int e = threadIdx.x; e < n_expert; e += blockDim.x) {
-        p[e] = sqrtf(softplus(logits[(int64_t)t * n_expert + e]));
-        key[e] = p[e] + (bias ? bias[e] : 0.0f);
-    }
-    __syncthreads();
-    for (int k = 0; k < n_used; ++k) {
-        int id;
-        if (tid2eid) {
-            id = tid2eid[(int64_t)tokens[t] * n_used + k];
-        } else {
-            float v = -INFINITY;
-            int i = 0x7fffffff;
-            for (int e = threadIdx.x; e < n_expert; e += blockDim.x)
-                if (key[e] != -INFINITY && ahead(key[e], e, v, i)) v = key[e], i = e;
-            id = block_best(v, i, sv, si);
-            if (threadIdx.x == 0) key[id] = -INFINITY;
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) chosen[k] = id;
-    }
-    if (threadIdx.x == 0) {
-        float sum = 0.0f;
-        for (int k = 0; k < n_used; ++k) sum += p[chosen[k]];
-        const float div = normalize ? fmaxf(sum, 6.103515625e-5f) : 1.0f;  // ds4's floor, 2^-14
-        for (int k = 0; k < n_used; ++k) {
-            ids[(int64_t)t * n_used + k] = chosen[k];
-            weights[(int64_t)t * n_used + k] = p[chosen[k]] / div * scale;
-        }
-    }
+    const int t = blockIdx.x * kRouteWarps + (threadIdx.x >> 5);
+    if (t < n_tok) route_token(r, t, ids + (int64_t)t * r.n_used, weights + (int64_t)t * r.n_used);
 }
 
 __global__ void embed_kernel(float* X, const void* table, int type, const int32_t* tokens, int64_t n_embd, int n_hc) {
@@ -118,6 +47,24 @@ __global__ void embed_kernel(float* X, const void* table, int type, const int32_
 constexpr int kSampleThreads = 1024, kSampleWarps = kSampleThreads / 32, kSampleCap = 4096;
 constexpr int kSamplePer = kSampleCap / kSampleThreads;  // entries per thread in the prefix sums
 constexpr int kSampleBatch = 8;                          // loads in flight per thread in the passes over a row
+
+// Block-wide best (value, index) over the threads' candidates; every thread gets the result.
+__device__ __forceinline__ int block_best(float v, int i, float* sv, int* si) {
+    warp_best(v, i);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) sv[warp] = v, si[warp] = i;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? sv[lane] : -INFINITY;
+        i = lane < (int)(blockDim.x >> 5) ? si[lane] : 0x7fffffff;
+        warp_best(v, i);
+        if (lane == 0) si[32] = i;
+    }
+    __syncthreads();
+    const int best = si[32];
+    __syncthreads();  // si is reused by the next round
+    return best;
+}
 
 // l[j] = x[e0 + j * step] below `end` (else -inf, which callers exclude by index): the loads of a batch in flight
 // together, since every pass is bound by their latency.
@@ -360,11 +307,12 @@ cudaError_t ds4_cuda_route(cudaStream_t s, int32_t* ids, float* weights, const f
                            const int32_t* tid2eid, const int32_t* tokens, int n_tok, int n_expert, int n_used,
                            float scale, bool normalize) {
     clear_error();
-    if (n_tok < 1 || n_expert < 1 || n_expert > 1024 || n_used < 1 || n_used > 16 || n_used > n_expert ||
-        (tid2eid && !tokens))
-        return invalid("route: needs 1 <= n_used <= min(16, n_expert), n_expert <= 1024, tokens with tid2eid");
-    return launch(route_kernel, dim3(n_tok), dim3(kRouteThreads), 0, s, ids, weights, logits, bias, tid2eid, tokens,
-                  n_expert, n_used, scale, normalize);
+    if (n_tok < 1 || n_expert < 1 || n_expert > kRouteMaxExperts || n_used < 1 || n_used > kRouteMaxUsed ||
+        n_used > n_expert || (tid2eid && !tokens))
+        return invalid("route: needs 1 <= n_used <= min(16, n_expert), n_expert <= 256, tokens with tid2eid");
+    const RouteIn r{logits, bias, tid2eid, tokens, n_expert, n_used, scale, normalize};
+    return launch(route_kernel, dim3((unsigned)ceil_div(n_tok, kRouteWarps)), dim3(32 * kRouteWarps), 0, s, ids,
+                  weights, r, n_tok);
 }
 
 cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type, const int32_t* tokens, int n_tok,

@@ -38,6 +38,16 @@ class AttnSpec:
     idx_w_scale: float            # 1/sqrt(indexer head dim · indexer heads)
 
 
+@dataclass(frozen=True)
+class RouteSpec:
+    """A layer's router besides its logits (MODEL.md §3.4): built once per layer by the model."""
+    bias: np.ndarray | None       # (n_expert,) selection bias, or None (hash layers)
+    tid2eid: np.ndarray | None    # (vocabulary, k) experts by token id (hash layers), or None
+    k: int                        # experts per token
+    scale: float                  # weight scale
+    normalize: bool               # weights divided by their sum
+
+
 BACKENDS = ("auto", "cuda", "cpu", "reference")
 
 

@@ -41,6 +41,7 @@ import os
 from collections import OrderedDict, defaultdict
 
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 from ..sampling import TOP_K_MAX
 from ..state import LayerState, RowStore, SessionState
@@ -52,6 +53,9 @@ HC_ROWS = 1024            # tokens per hc_pre call: bounds its scratch (~3 KB pe
 MOE_ROWS = 64             # ds4_cuda_moe_* likewise
 MOE_GROUPED_ROWS = 2048   # tokens per ds4_cuda_moe_grouped call: bounds its workspace (~215 KB per token)
 ATTN_ROWS = 16            # attention queries per launch: bounds the split scratch
+ROUTE_EXPERTS_MAX = 256   # ds4_cuda_route and ds4_cuda_moe_route_gate_up: experts per router
+MOE_USED_MAX = 8          # ds4_cuda_moe_*: experts per token
+ACT8_TYPES = frozenset({Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS})   # weights the kernels meet with 8-bit activations
 
 
 def available() -> str | None:
@@ -747,6 +751,21 @@ class CUDA:
                 out += self._products(run, x)
         return out
 
+    def norm_matmul(self, w: Weight, x: DArray, weight: np.ndarray, eps: float) -> tuple[DArray, DArray]:
+        """(W · rms_norm(x), rms_norm(x)); for up to MATVEC_ROWS tokens and 8-bit activations, one launch that
+        norms the rows as it quantizes them (ds4_cuda_matvec_normed: no norm launch before the product)."""
+        T = x.shape[0]
+        if T > MATVEC_ROWS or w.type not in ACT8_TYPES:
+            xn = self.rms_norm(x, weight, eps)
+            return self.matmul(w, xn), xn
+        y, xn = self.empty((T, w.rows)), self.empty(x.shape)
+        work = self._work(self.cu.matvec_work_bytes(int(w.type), T, w.cols, 1))
+        self.cu.matvec_normed(self.stream.ptr, y.ptr, w.rows, self.weight(w), int(w.type), w.rows, w.cols, x.ptr,
+                              x.row, T, self.const(weight, _F32), float(eps), xn.ptr,
+                              work.ptr if work is not None else 0)
+        self.weight_calls += 1
+        return y, xn
+
     def _products(self, run: list[Weight], x: DArray) -> list[DArray]:
         """x times weights of one type and width: one product over all their rows (stored back to back) for up to
         MATVEC_ROWS tokens, else one product per weight."""
@@ -989,6 +1008,22 @@ class CUDA:
             self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
             return self._matvec(down, mid, 1)
 
+    def moe_routed(self, h: DArray, logits: DArray, route, tokens: np.ndarray, experts: tuple[Weight, Weight, Weight],
+                   clamp: float, shared: DArray) -> DArray:
+        """`route` then `moe`; up to MATVEC_ROWS tokens (a decode step), the routed gate+up kernel chooses each
+        token's experts itself from the logits (ds4_cuda_moe_route_gate_up: one launch fewer per layer)."""
+        N, n_expert = logits.shape
+        if N > MATVEC_ROWS or n_expert > ROUTE_EXPERTS_MAX or route.k > MOE_USED_MAX:
+            ids, w = self.route(logits, route.bias, route.tid2eid, tokens, route.k, route.scale, route.normalize)
+            return self.moe(h, ids, w, experts, clamp, shared)
+        ids, w = self.empty((N, route.k), _I32), self.empty((N, route.k))
+        bias = self.const(route.bias, _F32) if route.bias is not None else 0
+        tid2eid = self.const(route.tid2eid, _I32) if route.tid2eid is not None else 0
+        gate_up = functools.partial(self.cu.moe_route_gate_up, logits=logits.ptr, bias=bias, tid2eid=tid2eid,
+                                    tokens=self._step.tokens, scale=float(route.scale),
+                                    normalize=bool(route.normalize))
+        return self._moe_tokens(h, ids, w, experts, clamp, shared, gate_up)
+
     def moe(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight], clamp: float,
             shared: DArray) -> DArray:
         """Routed experts (gate+up+SwiGLU·weight, then down summed over each token's experts) accumulated onto
@@ -999,24 +1034,44 @@ class CUDA:
         N, E = h.shape
         k = ids.shape[1]
         gate, up, down = experts
+        if not (N > MATVEC_ROWS and cu.gemm_ok(int(gate.type), E) and cu.gemm_ok(int(down.type), gate.rows)):
+            return self._moe_tokens(h, ids, weights, experts, clamp, shared, None)
         g, u, dn = self.weight(gate), self.weight(up), self.weight(down)
-        grouped = N > MATVEC_ROWS and cu.gemm_ok(int(gate.type), E) and cu.gemm_ok(int(down.type), gate.rows)
-        for t0 in range(0, N if grouped else 0, MOE_GROUPED_ROWS):
+        for t0 in range(0, N, MOE_GROUPED_ROWS):
             n = min(MOE_GROUPED_ROWS, N - t0)
             work = self.empty((cu.moe_work_bytes(int(gate.type), int(down.type), n, k, E, gate.rows,
                                                  gate.n_expert),), np.uint8)
             cu.moe_grouped(s, shared.ptr + 4 * t0 * E, E, h.ptr + 4 * t0 * E, E, g, u, dn, int(gate.type),
                            int(down.type), gate.rows, E, gate.n_expert, ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k,
                            k, n, float(clamp), True, work.ptr)
-        for t0 in range(0, 0 if grouped else N, MOE_ROWS):
+        self.weight_calls += 1
+        return shared
+
+    def _moe_tokens(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight],
+                    clamp: float, shared: DArray, route_gate_up) -> DArray:
+        """The fused MoE kernels per chunk of MOE_ROWS tokens: gate+up (with route_gate_up, the bound
+        ds4_cuda_moe_route_gate_up, which chooses the experts and writes ids and weights; else reading them),
+        then down onto `shared`."""
+        cu, s = self.cu, self.stream.ptr
+        N, E = h.shape
+        k = ids.shape[1]
+        gate, up, down = experts
+        g, u, dn = self.weight(gate), self.weight(up), self.weight(down)
+        for t0 in range(0, N, MOE_ROWS):
             n = min(MOE_ROWS, N - t0)
             mid = self.empty((n, k, gate.rows))
             work = self._work(cu.moe_down_work_bytes(int(down.type), n, k, gate.rows))
-            cu.moe_gate_up(s, mid.ptr, h.ptr + 4 * t0 * E, E, g, u, int(gate.type), gate.rows, E, gate.n_expert,
-                           ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k, k, n, float(clamp))
+            at_ids, at_w, at_h = ids.ptr + 4 * t0 * k, weights.ptr + 4 * t0 * k, h.ptr + 4 * t0 * E
+            if route_gate_up is None:
+                cu.moe_gate_up(s, mid.ptr, at_h, E, g, u, int(gate.type), gate.rows, E, gate.n_expert, at_ids,
+                               at_w, k, n, float(clamp))
+            else:                                # one chunk: N <= MATVEC_ROWS
+                route_gate_up(stream=s, mid=mid.ptr, ids=at_ids, weights=at_w, h=at_h, h_stride=E, gate=g, up=u,
+                              type=int(gate.type), n_ff=gate.rows, n_embd=E, n_expert=gate.n_expert, n_used=k,
+                              n_tok=n, clamp=float(clamp))
             self._join()                         # `shared`, made on the side stream by ffn
             cu.moe_down(s, shared.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
-                        ids.ptr + 4 * t0 * k, k, n, True, work.ptr if work is not None else 0)
+                        at_ids, k, n, True, work.ptr if work is not None else 0)
         self.weight_calls += 1
         return shared
 

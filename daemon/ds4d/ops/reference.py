@@ -136,6 +136,12 @@ class Reference:
         """x times each of several weights: the products of one input (a backend may join them)."""
         return [self.matmul(w, x) for w in ws]
 
+    def norm_matmul(self, w: Weight, x: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """(W · rms_norm(x), rms_norm(x)): a product of normed rows, and the rows (a backend may norm them inside
+        the product)."""
+        xn = self.rms_norm(x, weight, eps)
+        return self.matmul(w, xn), xn
+
     def matmul_grouped(self, w: Weight, x: np.ndarray, groups: int) -> np.ndarray:
         """Block-diagonal product: group g of x's columns times rows [g·R/G, (g+1)·R/G) of w, side by side."""
         per = w.rows // groups
@@ -427,6 +433,13 @@ class Reference:
         if normalize:
             w = w / np.maximum(w.sum(axis=1, keepdims=True), MOE_WEIGHT_FLOOR)
         return ids, w * self.dtype.type(scale)
+
+    def moe_routed(self, h: np.ndarray, logits: np.ndarray, route, tokens: np.ndarray,
+                   experts: tuple[Weight, Weight, Weight], clamp: float, shared: np.ndarray) -> np.ndarray:
+        """`route` on the router's logits by the layer's RouteSpec, then `moe` (a backend may choose the experts
+        inside its expert kernels)."""
+        ids, w = self.route(logits, route.bias, route.tid2eid, tokens, route.k, route.scale, route.normalize)
+        return self.moe(h, ids, w, experts, clamp, shared)
 
     def moe(self, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: tuple[Weight, Weight, Weight],
             clamp: float, shared: np.ndarray) -> np.ndarray:

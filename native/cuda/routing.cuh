@@ -1,0 +1,98 @@
+// The router's expert choice for one token, made by one warp (MODEL.md 3.4 steps 2-4): the device function that
+// route_kernel runs per token and that the routed experts' gate+up kernel runs in each of its blocks at decode
+// (so that a decode layer has no launch of its own for the choice).
+//
+// Scores p = sqrt(softplus(logit)) for up to kRouteMaxExperts experts (lane i holds experts i, i + 32, ...); then
+// n_used rounds of a warp argmax of p + bias over the experts not yet taken, ordered by (value, lower index) so
+// that ties go to the lower index as in ds4, or the hash table's experts (tid2eid[tokens[t]]); the weights are
+// the chosen experts' unbiased scores, summed in the order chosen, divided by max(sum, 2^-14) when normalizing,
+// times the scale.
+#pragma once
+#include "common.cuh"
+
+namespace ds4::cuda {
+
+constexpr int kRoutePer = 8;                           // experts per lane
+constexpr int kRouteMaxExperts = 32 * kRoutePer;
+constexpr int kRouteMaxUsed = 16;
+
+struct RouteIn {
+    const float* logits;     // (n_tok, n_expert)
+    const float* bias;       // (n_expert) or null
+    const int32_t* tid2eid;  // (vocabulary, n_used) or null: hash routing by token id
+    const int32_t* tokens;   // (n_tok), read with tid2eid
+    int n_expert, n_used;
+    float scale;
+    bool normalize;
+};
+
+__device__ __forceinline__ float softplus(float z) {
+    return z > 20.0f ? z : (z < -20.0f ? expf(z) : log1pf(expf(z)));
+}
+
+// Is (v, i) ahead of (w, j): larger value, or equal value and lower index.
+__device__ __forceinline__ bool ahead(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
+
+// The warp's best (value, index) of its lanes' candidates, in every lane.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ahead(ov, oi, v, i)) v = ov, i = oi;
+    }
+}
+
+// Token t's choice, called by all 32 lanes of a warp; lane 0 writes ids[k] and weights[k] for k < n_used (global
+// or shared memory). Needs n_expert <= kRouteMaxExperts and n_used <= kRouteMaxUsed.
+__device__ __forceinline__ void route_token(const RouteIn& r, int t, int32_t* ids, float* weights) {
+    const int lane = threadIdx.x & 31;
+    float p[kRoutePer], key[kRoutePer];
+#pragma unroll
+    for (int j = 0; j < kRoutePer; ++j) {
+        const int e = lane + 32 * j;
+        p[j] = 0.0f;
+        key[j] = -INFINITY;
+        if (e < r.n_expert) {
+            p[j] = sqrtf(softplus(r.logits[(int64_t)t * r.n_expert + e]));
+            key[j] = p[j] + (r.bias ? r.bias[e] : 0.0f);
+        }
+    }
+    float chosen_p[kRouteMaxUsed], sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kRouteMaxUsed; ++k) {
+        if (k >= r.n_used) break;
+        int id;
+        if (r.tid2eid) {
+            id = r.tid2eid[(int64_t)r.tokens[t] * r.n_used + k];
+        } else {
+            float v = -INFINITY;
+            int i = 0x7fffffff;
+#pragma unroll
+            for (int j = 0; j < kRoutePer; ++j)
+                if (key[j] != -INFINITY && ahead(key[j], lane + 32 * j, v, i)) v = key[j], i = lane + 32 * j;
+            warp_best(v, i);
+            id = i;
+#pragma unroll
+            for (int j = 0; j < kRoutePer; ++j)
+                if (lane + 32 * j == id) key[j] = -INFINITY;
+        }
+        float mine = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kRoutePer; ++j)
+            if (lane + 32 * j == id) mine = p[j];
+        chosen_p[k] = __shfl_sync(0xffffffffu, mine, id & 31);
+        sum += chosen_p[k];
+        if (lane == 0) ids[k] = id;
+    }
+    if (lane == 0) {
+        const float div = r.normalize ? fmaxf(sum, 6.103515625e-5f) : 1.0f;  // ds4's floor, 2^-14
+#pragma unroll
+        for (int k = 0; k < kRouteMaxUsed; ++k) {
+            if (k >= r.n_used) break;
+            weights[k] = chosen_p[k] / div * r.scale;
+        }
+    }
+}
+
+}  // namespace ds4::cuda
