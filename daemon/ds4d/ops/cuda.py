@@ -22,7 +22,8 @@ the FP8 / Hadamard+FP4 emulation (faithful) or as f32 (exact); only the order of
 Forwards of up to 16 rows (decode batches) use the decode kernels, and decode steps are captured as CUDA graphs.
 The products of one input that `matmuls` receives (a sublayer's q_a, kv, compressor and indexer projections; the
 shared expert's gate and up) are stored back to back per weight type, so that a decode step runs each run of them
-as one product.
+as one product. Two small steps run inside the kernel that consumes them: q_a's norm inside the q_b product
+(`norm_matmul`), the router's choice inside the routed experts' gate+up (`moe_routed`).
 More rows (prefill chunks) go to the tensor-core paths: products through ds4_cuda_gemm (quantized and F16
 weights), the routed experts through ds4_cuda_moe_grouped (pairs sorted by expert), attention through
 ds4_cuda_attention_prefill (f16 rows), hc_pre over all rows at once, the compressors' blocks pooled in parallel;
