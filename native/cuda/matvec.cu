@@ -12,7 +12,9 @@
 // copies the int8 rows (4x fewer bytes than f32, and no repeated quantization). Float types keep f32 rows in
 // shared memory when they fit in 64 KB; for 4+ tokens of wider rows, f16 rows scaled by a power of two per row
 // (activations rounded to 11 bits: ~1e-4 relative on a product); else they read f32 rows from global memory.
-// Q8_0 and F16 weights with 3+ tokens and a workspace take the tensor-core kernel below instead.
+// Q8_0 and F16 weights with 3+ tokens and a workspace take the tensor-core kernel below instead. matvec_normed:
+// the act8 rows RMS-normed by whichever quantizes them (every block, or the workspace's small kernel), which also
+// writes the normed rows out: the norm between two products (q_a's, before q_b) needs no launch of its own.
 #include "qdot.cuh"
 
 namespace ds4::cuda {
@@ -35,8 +37,8 @@ struct MatvecArgs {
     const uint8_t* xq;     // pre-quantized activations, act_bytes(n_tok, cols) per group, or null
     bool x_smem;           // float types: stage the f32 rows in shared memory
     bool x16;              // float types: stage the rows as f16 (scaled) in shared memory instead
-    const float* norm_w;   // act8 types: the rows of x RMS-normed (x / sqrt(mean(x^2) + eps) * norm_w) first,
-    float norm_eps;        // and written to xn (dense rows) when xn is not null (one group)
+    const float* norm_w;   // act8 types: the rows of x RMS-normed first (x * (1 / sqrt(mean(x^2) + eps)) * norm_w,
+    float norm_eps;        // qdot.cuh's RowNorm) and written to xn (dense rows) when xn is not null (one group)
     float* xn;
 };
 
