@@ -62,7 +62,7 @@ __device__ __forceinline__ int block_best(float v, int i, float* sv, int* si) {
     }
     __syncthreads();
     const int best = si[32];
-    __syncthreads();  // si is reused by the next round
+    __syncthreads();  // before a next call overwrites si
     return best;
 }
 

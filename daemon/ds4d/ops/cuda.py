@@ -528,7 +528,7 @@ class CUDA:
         self.stream = _cuda.Stream()
         # A decode step's branches beside the main path run on `side`: the compressors' work (their products of h,
         # then the compressors) from the fork in `matmuls` to the join in `attend`, the shared expert from `ffn` to
-        # `moe`.
+        # the join before the routed down (`_moe_tokens`).
         self.side = _cuda.Stream()
         self._fork_ev, self._join_ev = _cuda.Event(), _cuda.Event()
         self._forked = False
@@ -1002,8 +1002,8 @@ class CUDA:
         """The shared expert, down · swiglu(gate · h, up · h): gate and up as one product of two parts, a SwiGLU
         and down. (At one token this beat the fused MoE kernels as an expert of one by ~2 us per layer, 1.3% of a
         decode step, on an H200; at several they read the weights once per token, the products once per block of
-        rows.) In a decode step on the side stream, beside the router and the routed experts' gate and up; `moe`
-        joins before it adds onto the result."""
+        rows.) In a decode step on the side stream, beside the router and the routed experts' gate and up;
+        `_moe_tokens` joins before the routed down adds onto the result."""
         with self._on_side(self._fork()):
             mid, u = self.matmuls([gate, up], h)
             self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
