@@ -11,7 +11,9 @@ over the experts), opens it with backend="cuda" and times, after a warm-up that 
   `Model.sample`, the engine's step (sampling on the device with the default knobs at `--temperature`; the ids'
   download ends each step; rows the kernel leaves to the host are counted), median of `--steps`, with the step replayed as a CUDA graph, and at the
   first length also run eagerly (every kernel launched from Python) for comparison; per layer from CUDA events
-  recorded between the layers (graph nodes when captured), by layer kind (ratio 0 / 4 / 128);
+  recorded between the layers (graph nodes when captured), by layer kind (ratio 0 / 4 / 128); then the same
+  steps pipelined as the engine runs them (`Model.launch`: each step launched before the last one's tokens are
+  read, taking them on the device), the period between two steps' tokens;
 * the floor per layer: the layer's bytes (non-routed weights, 6 routed experts per token that random routing
   rarely shares, the K=V rows read) over the measured device-to-device copy bandwidth;
 * with `--socket`, one end-to-end figure: `ds4d serve --backend cuda` on the file, a client streaming a greedy
@@ -311,6 +313,30 @@ def main() -> int:
               + ", ".join(f"{u:.0f}" for u in per_layer[:args.layers]) + f" us; {host_rows} tokens sampled on the "
               "host", flush=True)
 
+    def decode_pipelined(states, ctx, label):
+        """Steps as the engine pipelines them: each launched before the last one's tokens are read, its sessions
+        taking them on the device; the period between two steps' tokens reaching the host."""
+        m.ops.graphs = True
+        samplers = [Sampler(SamplingParams(temperature=args.temperature, seed=i)) for i in range(len(states))]
+        prev, walls = None, []
+        t0 = time.perf_counter()
+        for k in range(args.steps):
+            draws = [s.draw() for s in samplers]
+            segs = [Segment(st, np.zeros(1, np.int64), follow=i) if prev is not None else
+                    Segment(st, np.array([int(rng.integers(0, m.shape.n_vocab))])) for i, st in enumerate(states)]
+            launched = m.launch(segs, draws, after=prev)
+            if prev is not None:
+                assert all(0 <= t < m.shape.n_vocab for t in prev.result().tokens)
+                t1 = time.perf_counter()
+                walls.append(t1 - t0)
+                t0 = t1
+            prev = launched
+        prev.result()
+        B, wall = len(states), statistics.median(walls[4:])
+        res["runs_pipelined"].append({"label": label, "B": B, "ctx": ctx, "step_ms": wall * 1e3, "tok_s": B / wall})
+        print(f"decode {label}, pipelined: {wall * 1e3:.2f} ms per step, {B / wall:.1f} tok/s", flush=True)
+
+    res["runs_pipelined"] = []
     for i, ctx in enumerate(ctxs):
         st = m.new_state()
         ids = rng.integers(0, m.shape.n_vocab, ctx)
@@ -323,6 +349,7 @@ def main() -> int:
         if i == 0:
             decode([st], ctx, False, f"B=1 at {ctx}, eager")
         decode([st], ctx, True, f"B=1 at {ctx}, graph")
+        decode_pipelined([st], ctx, f"B=1 at {ctx}")
         del st
     if not args.no_decode:
         states = [m.new_state() for _ in range(8)]
@@ -330,6 +357,7 @@ def main() -> int:
             m.prefill(s8, rng.integers(0, m.shape.n_vocab, args.ctx8), chunk=512)
         decode(states, args.ctx8, False, f"B=8 at {args.ctx8}, eager")
         decode(states, args.ctx8, True, f"B=8 at {args.ctx8}, graph")
+        decode_pipelined(states, args.ctx8, f"B=8 at {args.ctx8}")
         del states
     if args.prefill_ops:
         ops_clock = OpClock(m)
@@ -373,6 +401,8 @@ def main() -> int:
     for r in res["runs"]:
         print(f"decode {r['label']}: {r['step_ms']:.2f} ms/step, {r['tok_s']:.1f} tok/s ({args.layers} layers; "
               f"embedding, head and host work {r['head_us']:.0f} us)")
+    for r in res["runs_pipelined"]:
+        print(f"decode {r['label']}, pipelined: {r['step_ms']:.2f} ms/step, {r['tok_s']:.1f} tok/s")
     print("prefill: " + ", ".join(f"{res[f'prefill_{c}']:.0f} tok/s at {c}" for c in ctxs) +
           f"; upload {upload_s:.1f} s")
     if "socket" in res:

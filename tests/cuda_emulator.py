@@ -84,6 +84,26 @@ class Buffer:
         _at(self.ptr + offset, np.uint8, self.nbytes - offset if nbytes is None else nbytes)[:] = value
 
 
+class HostCopy:
+    """Pinned host memory: the copy runs at once, wait() hands the bytes back."""
+
+    def __init__(self, nbytes):
+        self.nbytes = int(nbytes)
+        self.data = b""
+
+    def copy_from(self, src, nbytes, stream):
+        _not_capturing("copy_from")
+        if nbytes > self.nbytes:
+            raise ValueError(f"copy_from: {nbytes} bytes into {self.nbytes}")
+        self.data = _at(src, np.uint8, nbytes).tobytes()
+
+    def wait(self, dtype, shape):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if n > len(self.data):
+            raise ValueError("wait: more bytes than were copied")
+        return np.frombuffer(self.data[:n], dtype).reshape(shape).copy()
+
+
 class Stream:
     ptr = 1         # one stream: every operation runs at once, in the order it is enqueued
 
@@ -263,8 +283,12 @@ def moe_grouped(stream, out, out_stride, h, h_stride, gate, up, down, gate_type,
         row[:] = row + acc if accumulate else acc
 
 
-def embed(stream, X, table, type, tokens, n_tok, n_embd, n_hc):
+def embed(stream, X, table, type, tokens, n_tok, n_embd, n_hc, follow=0, prev=0):
     toks = _at(tokens, np.int32, n_tok)
+    if follow:
+        rows = _at(follow, np.int32, n_tok)
+        for t in np.flatnonzero(rows >= 0):
+            toks[t] = max(0, int(_at(int(_ptrs(prev, 1)[0]) + 4 * int(rows[t]), np.int32, 1)[0]))
     for t, tok in enumerate(toks):
         row = _weights(table + int(tok) * row_bytes(type, n_embd), type, 1, n_embd)
         _at(X + 4 * t * n_hc * n_embd, np.float32, n_hc * n_embd)[:] = np.tile(

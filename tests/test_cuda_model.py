@@ -248,6 +248,57 @@ def test_sampling_step(models):
     assert any(key[2] for key in m.ops._graphs)
 
 
+def test_steps_that_follow_equal_steps_fed_by_the_host(models):
+    """The engine's pipelined decode: each step launched before the previous one's tokens reach the host, its
+    segments taking them on the device (`Segment.follow`, rows in another order every other step, a third session
+    fed by the host beside them), across the first eager step, the capture and the replays, gives the tokens and
+    the states of steps fed each token by the host."""
+    from ds4d.sampling import Draw, SamplingParams as P
+    m = models("q2", "cuda", "faithful")
+    ids = prompt(300, seed=9)
+    starts = [m.new_state() for _ in range(3)]
+    for st, n in zip(starts, (40, 250, 120)):
+        m.prefill(st, ids[:n])
+    snaps = [st.snapshot() for st in starts]
+    host_fed = [int(t) for t in ids[200:216]]               # the third session's tokens, from the host
+    kinds = [P(temperature=0.8, top_k=40), P(), P(temperature=0)]
+    rng = np.random.default_rng(9)
+    draws = [[Draw(kinds[i], kinds[i].temperature == 0, float(rng.random())) for i in range(3)] for _ in range(16)]
+    order = lambda k: (0, 1, 2) if k % 2 == 0 else (1, 0, 2)   # noqa: E731
+
+    def chain(pipelined):
+        states = [m.live_state(s) for s in snaps]
+        fed, out, prev = [7, 8], [], None
+        for k in range(16):
+            segs = []
+            for i in order(k):
+                if i == 2:
+                    segs.append(Segment(states[i], np.array([host_fed[k]])))
+                elif pipelined and prev is not None:
+                    segs.append(Segment(states[i], np.array([0]), follow=order(k - 1).index(i)))
+                else:
+                    segs.append(Segment(states[i], np.array([fed[i]])))
+            launched = m.launch(segs, [draws[k][i] for i in order(k)], after=prev)
+            if pipelined and prev is not None:
+                got = prev.result().tokens
+                out.append([got[order(k - 1).index(i)] for i in range(3)])
+            if pipelined:
+                prev = launched
+            else:
+                got = launched.result().tokens
+                out.append([got[order(k).index(i)] for i in range(3)])
+                fed = out[-1][:2]
+        if pipelined:
+            got = prev.result().tokens
+            out.append([got[order(15).index(i)] for i in range(3)])
+        return out, m.decode(states, [1, 2, 3])
+
+    host, host_logits = chain(False)
+    piped, piped_logits = chain(True)
+    assert piped == host
+    np.testing.assert_array_equal(piped_logits, host_logits)   # the states too: the same bits after a step
+
+
 def test_snapshot_restore_continue(models):
     m = models("q2", "cuda", "faithful")
     ids = prompt(160, seed=3)

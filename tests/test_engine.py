@@ -272,3 +272,49 @@ def test_a_keystroke_after_a_completion_recomputes_only_the_typed_text_and_the_s
     assert recomputed <= tail + 8 + 1
     e.stop()
 
+
+
+def test_pipelined_steps_decode_the_same_tokens_and_keep_the_sessions_whole(model, tmp_path):
+    """Pipelined decode (each step launched before the last one's tokens are read, its sessions taking them on the
+    device; forced here on the CPU, where the model resolves them on the host) gives every job the tokens of
+    steps fed by the host, whatever its knobs, beside a job whose logprobs stop the pipeline while it runs. A
+    session a stop string finishes mid-pipeline has been fed its last token: its tokens and its state agree, and
+    the next request reuses all of them."""
+    prompts = [f"pipeline {i}" for i in range(4)]
+    knobs = [dict(temperature=0), dict(temperature=0.9, seed=3), dict(temperature=0.7, top_k=20, seed=4),
+             dict(temperature=0, logprobs=2, max_tokens=3)]
+
+    def run(pipeline, stop=None):
+        e = Engine(model, cache_dir=tmp_path / f"cache{pipeline}{stop is not None}", ctx=4096, pipeline=pipeline)
+        tracked = [_track(e, "generate", prompt=p, session=f"s{i}", **{"max_tokens": 12, **k})
+                   for i, (p, k) in enumerate(zip(prompts, knobs))]
+        if stop is not None:
+            tracked.append(_track(e, "generate", prompt="stop here", session="stop", max_tokens=12, temperature=0,
+                                  stop=[stop]))
+        e.start()                                   # every job was queued first: the same schedule both ways
+        for _, _, done, _ in tracked:
+            assert done.wait(60)
+        results = [box["r"] for _, _, _, box in tracked]
+        for s in e.sessions.values():
+            assert len(s.tokens) == s.state.n_tokens
+        return e, results
+
+    plain, want = run(False)
+    piped, got = run(True)
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    assert piped.counters["pipelined_steps"] > 0 and plain.counters["pipelined_steps"] == 0
+    plain.stop()
+    piped.stop()
+    # A stop string that ends the answer at its 4th token (greedy: the same tokens as without it).
+    probe = Engine(model, cache_dir=tmp_path / "probe", ctx=4096).start()
+    full = probe.call("generate", prompt="stop here", max_tokens=12, temperature=0)["tokens"]
+    probe.stop()
+    stop = model.tokenizer.decode(full[3:4])
+    assert stop.strip() and stop not in model.tokenizer.decode(full[:3])
+    e, got = run(True, stop)
+    assert got[-1]["finish_reason"] == "stop"
+    s = e.sessions["stop"]
+    assert s.tokens[-4:] == full[:4] and s.state.n_tokens == len(s.tokens)   # the 4th token was fed
+    again = e.call("generate", tokens=s.tokens + [5, 6], session="stop", max_tokens=1, temperature=0)
+    assert again["usage"]["cached_tokens"] == len(s.tokens) - 2
+    e.stop()

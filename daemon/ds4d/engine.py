@@ -32,7 +32,7 @@ import numpy as np
 
 from .chat import effective_thinking, render_chat_parts, render_fim_parts
 from .kvstore import PageStore, SnapshotError, remove_stale_temps
-from .model import Model, Sampled, Segment
+from .model import Launched, Model, Sampled, Segment
 from .output import OutputStream
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
@@ -74,6 +74,7 @@ class Job:
     cached: int = 0                                      # prompt tokens served from a cache
     out: OutputStream | None = None
     pending: int | None = None                           # sampled token not yet fed to the model
+    awaiting: bool = False                               # its next token is in the step in flight
     new_messages: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     snap_points: set[int] = field(default_factory=set)   # prompt positions whose state the cache keeps
@@ -87,11 +88,26 @@ class Job:
         return 0 if self.op == "complete" else 1
 
 
+@dataclass
+class InFlight:
+    """A launched step whose tokens the host has not read: the job whose prompt chunk it ran (up to `end`), then
+    the jobs it decodes, in its rows' order. `followed`: ids of the jobs whose token the next step already feeds."""
+    launched: Launched
+    fill: Job | None
+    end: int
+    decoding: list[Job]
+    followed: set[int] = field(default_factory=set)
+
+
 class Engine:
     def __init__(self, model: Model, *, cache_dir: str | Path | None = None, ctx: int = 32768,
                  ram_cache_mb: int = 1024, disk_cache_mb: int = 4096, session_mem_mb: int = 8192,
-                 prefill_chunk: int = 512, max_batch: int = 16):
+                 prefill_chunk: int = 512, max_batch: int = 16, pipeline: bool | None = None):
         self.model = model
+        # Pipelined decode: the next step is launched before this one's tokens are read (a GPU never waits for the
+        # host). Where the backend runs a step at once (the CPU) it would only delay each token by a step.
+        self.pipeline = model.ops.follows_on_device if pipeline is None else pipeline
+        self._inflight: InFlight | None = None
         self.tokenizer = model.tokenizer
         self.ctx = ctx
         self.chunk = max(SNAP_ALIGN, prefill_chunk // SNAP_ALIGN * SNAP_ALIGN)
@@ -117,7 +133,7 @@ class Engine:
         self._fresh_bytes = model.new_state().nbytes
         self._fim_hole = self.tokenizer.token_id("<｜fim▁hole｜>")
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "cache_hit_tokens": 0, "requests": 0,
-                         "decode_steps": 0, "weight_calls_last_step": 0}
+                         "decode_steps": 0, "pipelined_steps": 0, "weight_calls_last_step": 0}
         self.started = time.time()
         self._inbox: queue.Queue[Job] = queue.Queue()
         self._waiting: deque[Job] = deque()       # admitted later: their session is busy
@@ -171,7 +187,7 @@ class Engine:
     # --- the worker -----------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            busy = bool(self._active)
+            busy = bool(self._active) or self._inflight is not None
             try:
                 job = self._inbox.get(timeout=None if not busy else 0)
                 self._accept(job)
@@ -185,8 +201,15 @@ class Engine:
                 self._step()
             except Exception as e:               # a bug: fail the jobs in flight, keep serving
                 log.exception("engine step failed")
+                self._inflight = None
                 for job in list(self._active):
                     self._fail(job, EngineError("internal", f"internal error: {type(e).__name__}"))
+        if self._inflight is not None:           # its tokens are the sessions' (fed or about to be)
+            try:
+                self._collect(self._inflight)
+            except Exception:
+                log.exception("engine step failed")
+            self._inflight = None
         for job in list(self._active):          # finishing saves their named sessions
             job.cancel()
             self._finish(job, "cancelled")
@@ -294,14 +317,28 @@ class Engine:
         self.counters["cache_hit_tokens"] += start
 
     # --- stepping -------------------------------------------------------------------------------------------
+    #
+    # Every step is launched (Model.launch) and collected (its tokens read, streamed, jobs finished). Without
+    # pipelining a step is collected right after its launch. With it, a decode step stays in flight, and the next
+    # step is launched before it is collected, its decoding sessions taking the tokens in flight on the device
+    # (`_follow_up`); the host's work of a step (reading the tokens, streaming them, building the next table)
+    # then overlaps the GPU's next step. A session finished by the step in flight has been fed its last token by
+    # the one behind it: its tokens then include it (an end-of-sentence token is the next turn's anyway).
     def _step(self) -> None:
+        fl, self._inflight = self._inflight, None
+        busy = {id(j) for j in fl.decoding} if fl is not None else set()
         for job in list(self._active):
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() and id(job) not in busy:
                 self._finish(job, "cancelled")
+        if fl is not None:
+            self._inflight = self._follow_up(fl) if self.pipeline else None
+            self._collect(fl)
+            if self._inflight is not None:
+                return
         decoding = [j for j in self._active if j.pending is not None][:self.max_batch]
-        prefilling = sorted((j for j in self._active if j.pending is None and not j.finished),
+        prefilling = sorted((j for j in self._active if j.pending is None and not j.finished and not j.awaiting),
                             key=lambda j: (j.priority, j.submitted))
-        segments, fill = [], None
+        segments, fill, end = [], None, 0
         if prefilling:
             fill = prefilling[0]
             end = self._chunk_end(fill, self.chunk * (ALONE_CHUNKS if len(self._active) == 1 else 1))
@@ -313,22 +350,84 @@ class Engine:
         # Each next token is drawn before the step (the RNG's uniform, greedy or not), so that the backend samples
         # it in the step: from a GPU only the token ids come back.
         draws = [fill.out.draw() if end == len(fill.target) else None] if fill is not None else []
-        draws += [j.out.draw() for j in decoding]
+        step = self._launch(segments, draws, fill, end, decoding, None)
+        if self.pipeline and fill is None:
+            self._inflight = step
+        else:
+            self._collect(step)
+
+    def _follow_up(self, fl: InFlight) -> InFlight | None:
+        """The next decode step, launched while `fl` (a decode step) is in flight: the sessions it decodes whose
+        next token it may feed without reading it, plus those with a token waiting; None when the next step must
+        wait for fl's tokens: a prompt to prefill, rows the host must read first (logprobs, or sampling the
+        device may leave to the host), draws that depend on the tokens (a tool call's structure is greedy)."""
+        if fl.fill is not None or any(j.pending is None and not j.awaiting and not j.finished for j in self._active):
+            return None
+        if not all(self._draws_ahead(j) for j in fl.decoding):
+            return None
+        row = {id(j): r for r, j in enumerate(fl.decoding)
+               if not j.finished and not j.cancelled.is_set() and len(j.session.tokens) + 1 < self.ctx
+               and (j.out.params.max_tokens is None or len(j.out.tokens) + 1 < j.out.params.max_tokens)}
+        if not row:
+            return None
+        decoding = ([j for j in fl.decoding if id(j) in row] + [j for j in self._active if j.pending is not None])
+        decoding = decoding[:self.max_batch]
+        segments = [Segment(j.session.state, np.asarray([j.pending], np.int64)) if j.pending is not None else
+                    Segment(j.session.state, np.zeros(1, np.int64), follow=row[id(j)]) for j in decoding]
+        step = self._launch(segments, [], None, 0, decoding, fl.launched)
+        fl.followed = {id(j) for j in decoding if id(j) in row}
+        self.counters["pipelined_steps"] += 1
+        return step
+
+    @staticmethod
+    def _draws_ahead(job: Job) -> bool:
+        """Whether the job's next draws can be made before its tokens are read and its device samples them all:
+        no logprobs, no tool-call parser (its structure's tokens are greedy), and knobs the device never leaves to
+        the host (top-p without top-k may keep more candidates than it holds)."""
+        p = job.out.params
+        return not p.logprobs and job.out.parser is None and (p.temperature == 0 or p.top_k > 0 or p.top_p >= 1)
+
+    def _launch(self, segments: list[Segment], draws: list, fill: Job | None, end: int, decoding: list[Job],
+                after: Launched | None) -> InFlight:
+        draws = draws + [j.out.draw() for j in decoding]
         calls = getattr(self.model.ops, "weight_calls", 0)
-        res = self.model.sample(segments, draws)
+        launched = self.model.launch(segments, draws, after)
         if fill is None:
             self.counters["decode_steps"] += 1
             used = getattr(self.model.ops, "weight_calls", 0) - calls
             self.counters["weight_calls_last_step"] = used
             self.weight_calls_by_batch[len(decoding)] = used
-        rows = iter(range(len(segments)))
-        if fill is not None:
-            self._prefilled(fill, end, res, next(rows))
         for j in decoding:
-            j.session.tokens.append(j.pending)
-            self.counters["decode_tokens"] += 1
-            j.pending = None
-            self._sampled(j, res, next(rows))
+            if j.pending is not None:               # fed from the host (a followed token counts when read)
+                j.session.tokens.append(j.pending)
+                self.counters["decode_tokens"] += 1
+                j.pending = None
+            j.awaiting = True
+        return InFlight(launched, fill, end, decoding)
+
+    def _collect(self, fl: InFlight) -> None:
+        """Read a step's tokens and act on them: stream, finish, or queue each job's next token."""
+        res = fl.launched.result()
+        rows = iter(range(len(fl.decoding) + (fl.fill is not None)))
+        if fl.fill is not None:
+            self._prefilled(fl.fill, fl.end, res, next(rows))
+        for j in fl.decoding:
+            row = next(rows)
+            if j.finished:
+                continue
+            j.awaiting = False
+            fed = id(j) in fl.followed
+            if fed and res.tokens[row] < 0:
+                # The device left the row to the host (its logits were not finite) after the next step had fed
+                # its stand-in: the session's state holds a token nobody chose.
+                j.session.state, j.session.tokens = None, []
+                self._fail(j, EngineError("internal", "internal error: the model's logits were not finite"))
+                continue
+            if fed:
+                j.session.tokens.append(res.tokens[row])
+                self.counters["decode_tokens"] += 1
+                j.awaiting = True
+            self._sampled(j, res, row, fed)
 
     def _chunk_end(self, job: Job, chunk: int) -> int:
         """Where the next prefill chunk stops: at the job's first snapshot point ahead (near the end of the prompt,
@@ -352,8 +451,9 @@ class Engine:
         if end == total:
             self._sampled(job, res, row)
 
-    def _sampled(self, job: Job, res: Sampled, row: int) -> None:
-        """Stream the token sampled from the last fed token's logits (row `row` of the step), finish or queue it."""
+    def _sampled(self, job: Job, res: Sampled, row: int, fed: bool = False) -> None:
+        """Stream the token sampled from the last fed token's logits (row `row` of the step), finish or queue it
+        (fed: the step behind this one already feeds it)."""
         if job.cancelled.is_set():
             self._finish(job, "cancelled")
             return
@@ -362,6 +462,8 @@ class Engine:
             job.on_event(_event_dict(ev))
         if job.out.done:
             self._finish(job, job.out.finish_reason)
+        elif fed:
+            pass
         elif len(job.session.tokens) + 1 >= self.ctx:
             self._finish(job, "context_full")
         else:

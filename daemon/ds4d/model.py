@@ -13,7 +13,9 @@ weights are read once per step.
 
 Entry point: `open_model(path, backend="cpu", numerics="faithful")`, then `m.logits(ids)` or
 `m.new_state()` + `m.forward(...)`, or `m.sample(...)` (the forward plus each segment's next token, sampled by the
-backend: the engine's step).
+backend: the engine's step). `m.launch(...)` is `sample` in two halves: the step is given to the backend and its
+tokens come back on `result()`, so the engine can launch the next step first, its segments taking the tokens this
+one samples (`Segment.follow`) without the host seeing them: a GPU then never waits for the host between steps.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ NUMERICS = ("faithful", "exact")
 
 @dataclass
 class Segment:
-    """New tokens of one session, at positions state.n_tokens, state.n_tokens + 1, ..."""
+    """New tokens of one session, at positions state.n_tokens, state.n_tokens + 1, ... With `follow` = r, the
+    segment's one token is the one the step it follows (`Model.launch(after=)`) samples in row r, and `tokens`
+    holds a placeholder."""
     state: SessionState
     tokens: np.ndarray
+    follow: int | None = None
 
 
 class Sampled:
@@ -52,6 +57,27 @@ class Sampled:
 
     def logits(self, i: int) -> np.ndarray:
         return self._ops.host(self._logits[i:i + 1])[0]
+
+
+class Launched:
+    """A step given to the backend (`Model.launch`): `result()` waits for its token ids (once) and returns the
+    `Sampled`. `ids` is the backend's (a numpy array, or a GPU backend's ids on their way to the host, which a
+    step following this one reads on the device)."""
+
+    def __init__(self, model: "Model", ids, logits, draws: list):
+        self.ids, self.followed = ids, False
+        self._model, self._logits, self._draws, self._res = model, logits, draws, None
+
+    def result(self) -> Sampled:
+        if self._res is None:
+            ids = self.ids.wait() if hasattr(self.ids, "wait") else self.ids
+            res = Sampled(self._model.ops, [int(t) for t in ids], self._logits)
+            for i, d in enumerate(self._draws):
+                if d is not None and res.tokens[i] < 0 and not self.followed:
+                    res.tokens[i] = pick(res.logits(i), d)   # rows the device leaves to the host (sampling.pick)
+                    res.host_rows += 1
+            self._res = res
+        return self._res
 
 
 class Model:
@@ -131,15 +157,29 @@ class Model:
     def sample(self, segments: list[Segment], draws: list[Draw | None]) -> Sampled:
         """`forward`, then each segment's next token from its last logits by its draw (None: no token), on the
         backend's device where it can (the engine's step: only the token ids come back from a GPU)."""
+        return self.launch(segments, draws).result()
+
+    def launch(self, segments: list[Segment], draws: list[Draw | None], after: "Launched | None" = None) -> "Launched":
+        """`sample`, its tokens collected later by `result()`. Segments with `follow` take their token from the
+        step `after` (launched before this one, not necessarily collected): on the device where the backend can,
+        else from `after.result()`. Once followed, `after` leaves rows its device could not sample to the caller
+        (-1): the next step may already have replaced the logits the host would pick them from."""
         if len(draws) != len(segments):
             raise ValueError("one draw (or None) per segment")
-        (ids, logits), _ = self._pass(segments, False, draws)
-        res = Sampled(self.ops, [int(t) for t in ids], logits)
-        for i, d in enumerate(draws):
-            if d is not None and res.tokens[i] < 0:    # rows the device leaves to the host (sampling.pick)
-                res.tokens[i] = pick(res.logits(i), d)
-                res.host_rows += 1
-        return res
+        follow = None
+        if any(seg.follow is not None for seg in segments):
+            if after is None or any(seg.follow is not None and len(seg.tokens) != 1 for seg in segments):
+                raise ValueError("a segment that follows a step needs that step and one token")
+            if self.ops.follows_on_device:
+                follow = np.concatenate([np.full(len(seg.tokens), -1 if seg.follow is None else seg.follow)
+                                         for seg in segments])
+            else:
+                got = after.result().tokens
+                segments = [seg if seg.follow is None else Segment(seg.state, np.array([got[seg.follow]]))
+                            for seg in segments]
+            after.followed = True
+        (ids, logits), _ = self._pass(segments, False, draws, follow, after)
+        return Launched(self, ids, logits, draws)
 
     # --- the pass -------------------------------------------------------------------------------------------
     def forward(self, segments: list[Segment], all_logits: bool = False) -> list[np.ndarray]:
@@ -150,8 +190,9 @@ class Model:
             return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         return [logits[i:i + 1] for i in range(len(segments))]
 
-    def _pass(self, segments: list[Segment], all_logits: bool, draws: list | None):
-        """The forward of `forward` and `sample`: (the backend step's result, the segments' row bounds)."""
+    def _pass(self, segments: list[Segment], all_logits: bool, draws: list | None, follow=None, after=None):
+        """The forward of `forward` and `launch`: (the backend step's result, the segments' row bounds). follow:
+        per token the row of `after` whose sampled id it is, or -1 (backends that follow on the device)."""
         s, ops = self.shape, self.ops
         if not segments or any(len(seg.tokens) == 0 for seg in segments):
             raise ValueError("every segment needs at least one token")
@@ -176,7 +217,11 @@ class Model:
             return logits if draws is None else (ops.sample(logits, draws), logits)
         # The backend runs the pass: at once on the CPU; on a GPU maybe as the replay of a captured graph. It
         # returns the logits on the host, or with draws the token ids on the host and the logits where they are.
-        out = ops.step([seg.state for seg in segments], tokens, bounds, positions, run, draws)
+        if follow is None:
+            out = ops.step([seg.state for seg in segments], tokens, bounds, positions, run, draws)
+        else:
+            out = ops.step([seg.state for seg in segments], tokens, bounds, positions, run, draws, follow=follow,
+                           prev=after.ids)
         for seg in segments:
             seg.state.n_tokens += len(seg.tokens)
         return out, bounds

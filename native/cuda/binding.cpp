@@ -95,6 +95,41 @@ struct Buffer {
     }
 };
 
+// Pinned host memory that a device range is copied into in stream order (copy_from), so the host can go on and
+// collect the bytes later (wait): a step's sampled ids, read while the next step already runs.
+struct HostCopy {
+    void* host = nullptr;
+    size_t cap = 0, n = 0;
+    cudaEvent_t done = nullptr;
+    explicit HostCopy(size_t bytes) : cap(bytes) {
+        check(cudaMallocHost(&host, cap), "cudaMallocHost");
+        check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+    }
+    ~HostCopy() {
+        if (host) cudaFreeHost(host);
+        if (done) cudaEventDestroy(done);
+    }
+    HostCopy(const HostCopy&) = delete;
+    HostCopy& operator=(const HostCopy&) = delete;
+    void copy_from(uintptr_t src, size_t bytes, uintptr_t stream) {
+        if (bytes > cap) throw py::value_error("copy_from: " + std::to_string(bytes) + " bytes into " +
+                                               std::to_string(cap));
+        n = bytes;
+        check(cudaMemcpyAsync(host, dev<void>(src), n, cudaMemcpyDeviceToHost, st(stream)), "copy_from");
+        check(cudaEventRecord(done, st(stream)), "copy_from");
+    }
+    py::array wait(const py::object& dtype, const std::vector<py::ssize_t>& shape) {
+        py::array out(py::dtype::from_args(dtype), shape);
+        if ((size_t)out.nbytes() > n) throw py::value_error("wait: more bytes than were copied");
+        {
+            py::gil_scoped_release nogil;
+            check(cudaEventSynchronize(done), "wait");
+        }
+        std::memcpy(out.mutable_data(), host, out.nbytes());
+        return out;
+    }
+};
+
 struct Stream {
     cudaStream_t s = nullptr;
     Stream() { check(cudaStreamCreate(&s), "cudaStreamCreate"); }
@@ -208,6 +243,13 @@ PYBIND11_MODULE(_cuda, m) {
         }, py::arg("type"), py::arg("seed"), py::arg("offset") = 0, py::arg("nbytes") = py::none(),
            py::arg("stream") = 0, "Valid random blocks of a GGUF type (finite scales): benchmark weights.");
 
+    py::class_<HostCopy>(m, "HostCopy", "Pinned host memory a device range is copied into in stream order.")
+        .def(py::init<size_t>(), py::arg("nbytes"))
+        .def_readonly("nbytes", &HostCopy::cap)
+        .def("copy_from", &HostCopy::copy_from, py::arg("src"), py::arg("nbytes"), py::arg("stream"),
+             "Enqueue the copy of nbytes from device address src on the stream; the host goes on.")
+        .def("wait", &HostCopy::wait, py::arg("dtype"), py::arg("shape"),
+             "Wait for the copy, then return its bytes as a new numpy array.");
     py::class_<Stream>(m, "Stream", "A CUDA stream (blocking: ordered with the legacy default stream).")
         .def(py::init<>())
         .def_property_readonly("ptr", [](const Stream& s) { return (uintptr_t)s.s; })
@@ -489,11 +531,11 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("tokens"), py::arg("n_tok"), py::arg("n_expert"), py::arg("n_used"), py::arg("scale"),
        py::arg("normalize") = true);
     m.def("embed", [](uintptr_t s, uintptr_t X, uintptr_t table, int type, uintptr_t tokens, int n_tok,
-                      int64_t n_embd, int n_hc) {
-        check(ds4_cuda_embed(st(s), dev<float>(X), dev<void>(table), type, dev<const int32_t>(tokens), n_tok, n_embd,
-                             n_hc), "embed");
+                      int64_t n_embd, int n_hc, uintptr_t follow, uintptr_t prev) {
+        check(ds4_cuda_embed(st(s), dev<float>(X), dev<void>(table), type, dev<int32_t>(tokens), n_tok, n_embd,
+                             n_hc, dev<const int32_t>(follow), dev<const int64_t>(prev)), "embed");
     }, py::arg("stream"), py::arg("X"), py::arg("table"), py::arg("type"), py::arg("tokens"), py::arg("n_tok"),
-       py::arg("n_embd"), py::arg("n_hc"));
+       py::arg("n_embd"), py::arg("n_hc"), py::arg("follow") = 0, py::arg("prev") = 0);
     m.def("sample", [](uintptr_t s, uintptr_t ids, uintptr_t draws, uintptr_t x, int64_t x_stride, int n_rows,
                        int n) {
         check(ds4_cuda_sample(st(s), dev<int32_t>(ids), dev<const ds4_cuda_draw>(draws), dev<const float>(x),

@@ -261,9 +261,13 @@ cudaError_t ds4_cuda_route(cudaStream_t s, int32_t* ids, float* weights, const f
                            const int32_t* tid2eid, const int32_t* tokens, int n_tok, int n_expert, int n_used,
                            float scale, bool normalize);
 
-// X[t, i, :] = table[tokens[t]] for each of n_hc streams; table rows of n_embd F16/F32/BF16 values.
-cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type, const int32_t* tokens, int n_tok,
-                           int64_t n_embd, int n_hc);
+// X[t, i, :] = table[tokens[t]] for each of n_hc streams; table rows of n_embd F16/F32/BF16 values. With follow
+// (or null): a token t with follow[t] >= 0 is the one the previous step sampled in row follow[t], read from the
+// ids array whose address *prev holds (device memory: a replayed graph follows each step's own previous step),
+// and written back to tokens[t] for the kernels after this one (a row the sampler left to the host, -1, reads
+// token 0: the engine drops such a session's state).
+cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type, int32_t* tokens, int n_tok,
+                           int64_t n_embd, int n_hc, const int32_t* follow, const int64_t* prev);
 
 // Sampling the next token of each row (MODEL.md 7, the rule of daemon/ds4d/sampling.py): draws[r] holds row r's
 // knobs and its uniform, drawn on the host before the step (device memory, so a captured step samples with each

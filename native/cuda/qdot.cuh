@@ -27,7 +27,9 @@ namespace ds4::cuda {
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 // IQ2_XXS tables: selectors per grid point, then per 7-bit sign index, then the kIq2Lo word (read from shared
-// memory so that it stays in a register; padded to 16 bytes).
+// memory so that it stays in a register; padded to 16 bytes). In shared memory they take one of two layouts:
+// compact (word w at w), or one copy per lane (word w of lane l at 32 w + l, LANES below): a warp's lookups at
+// random grid and sign indices then never share a bank, where the compact tables cost ~2.8 wavefronts a lookup.
 constexpr int kIq2TableWords = 256 + 128 + 4, kIq2LoWord = 256 + 128;
 
 // Device copy of the IQ2_XXS tables for the current device (allocated by ds4_cuda_init, null before).
@@ -346,7 +348,8 @@ __device__ __forceinline__ void iq2_group(const uint8_t* b, int grp, uint32_t& g
 // its scales: Q8_0 dw; Q4_K dw, dm and the sub-block's 6-bit scale and min (isc, imn); Q2_K dw, dm and the two
 // 16-weight sub-blocks' scale bytes (isc, imn: low 4 bits scale, high 4 min; q holds the 2-bit values); IQ2_XXS
 // dw (d / 8) and the group scale 2 ls + 1 (isc).
-template <int T>
+// tab: the tables in shared memory; with LANES, already offset by the lane.
+template <int T, bool LANES = false>
 __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uint32_t* tab, int (&q)[8], float& dw,
                                             float& dm, int& isc, int& imn) {
     if constexpr (T == TYPE_Q8_0) {
@@ -400,10 +403,11 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uin
         uint32_t grid, aux;
         iq2_group(b, grp, grid, aux);
         isc = 2 * (int)(aux >> 28) + 1;
-        const uint32_t lo = tab[kIq2LoWord];
+        constexpr int ts = LANES ? 32 : 1;  // the tables' stride
+        const uint32_t lo = tab[ts * kIq2LoWord];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const uint32_t sel = tab[(grid >> (8 * i)) & 255] + tab[256 + ((aux >> (7 * i)) & 127)];
+            const uint32_t sel = tab[ts * ((grid >> (8 * i)) & 255)] + tab[ts * (256 + ((aux >> (7 * i)) & 127))];
             q[2 * i] = (int)iq2_pick(lo, sel);
             q[2 * i + 1] = (int)iq2_pick(lo, sel >> 16);
         }
@@ -414,7 +418,7 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uin
 // against the activations of NB tokens (n_tok real), adding into acc. Weights past `cols` are skipped. xv[0] serves
 // every row when SHARED_X (a product: one activation load feeds RPW rows), else row r reads xv[r] (the routed
 // experts of one output, each against its own mid row).
-template <int T, int SPS, int NB, int RPW, bool SHARED_X>
+template <int T, int SPS, int NB, int RPW, bool SHARED_X, bool LANES>
 __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int live, int lane, int64_t k0,
                                           int64_t cols, const XView* xv, int n_tok, float (&acc)[RPW][NB],
                                           const uint32_t* tab) {
@@ -493,7 +497,7 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
 #pragma unroll
             for (int r = 0; r < RPW; ++r) {
                 if (r >= live) break;
-                decode_unit<T>(rp[r], u, tab, q[r], dw[r], dm[r], isc[r], imn[r]);
+                decode_unit<T, LANES>(rp[r], u, LANES ? tab + lane : tab, q[r], dw[r], dm[r], isc[r], imn[r]);
             }
 #pragma unroll
             for (int t = 0; t < NB; ++t) {
@@ -596,7 +600,8 @@ struct Streamer {
         for (int i = 0; i < kDepth - 1; ++i) issue();
     }
 
-    template <class XV, class Flush>
+    // tab: the IQ2_XXS tables in shared memory, one copy per lane with LANES (load_tables).
+    template <bool LANES = false, class XV, class Flush>
     __device__ __forceinline__ void run(int64_t cols, int n_tok, const uint32_t* tab, XV xview, Flush flush) {
         int slot = 0;
         for (int set = 0; set < n_sets; ++set) {
@@ -614,7 +619,8 @@ struct Streamer {
                 uint8_t* base = ring + slot * stage_bytes;
 #pragma unroll
                 for (int r = 0; r < RPW; ++r) rp[r] = base + r * G::slot + ((uintptr_t)s.p[r] & 15);
-                stage_dot<T, SPS, NB, RPW, SHARED_X>(rp, s.live, lane, s.k0, cols, xview(s.seg), n_tok, acc, tab);
+                stage_dot<T, SPS, NB, RPW, SHARED_X, LANES>(rp, s.live, lane, s.k0, cols, xview(s.seg), n_tok, acc,
+                                                            tab);
                 __syncwarp();  // every lane is done with this stage before it is refilled
                 slot = slot == kDepth - 1 ? 0 : slot + 1;
             }
@@ -632,15 +638,17 @@ __device__ __forceinline__ Streamer<T, SPS, NB, RPW, SHARED_X, Plan> make_stream
                                                      steps, plan, steps == 0 ? n_sets : 0, 0, 0};
 }
 
-// Copies the IQ2_XXS tables into shared memory (all threads of the block; a barrier must follow).
-template <int T>
+// Copies the IQ2_XXS tables into shared memory, compact or one copy per lane (all threads of the block; a barrier
+// must follow).
+template <int T, bool LANES = false>
 __device__ __forceinline__ void load_tables(uint32_t* dst, const uint32_t* src) {
     if constexpr (T == TYPE_IQ2_XXS)
-        for (int i = threadIdx.x; i < kIq2TableWords; i += blockDim.x) dst[i] = src[i];
+        for (int i = threadIdx.x; i < (LANES ? 32 : 1) * kIq2TableWords; i += blockDim.x)
+            dst[i] = src[LANES ? i >> 5 : i];
 }
-template <int T>
+template <int T, bool LANES = false>
 constexpr size_t table_bytes() {
-    return T == TYPE_IQ2_XXS ? kIq2TableWords * sizeof(uint32_t) : 0;
+    return T == TYPE_IQ2_XXS ? (LANES ? 32 : 1) * kIq2TableWords * sizeof(uint32_t) : 0;
 }
 
 // e = Op<T>::run(args...) for a runtime type code T; false (e untouched) for an unsupported code.

@@ -16,13 +16,21 @@ __global__ void route_kernel(int32_t* ids, float* weights, RouteIn r, int n_tok)
     if (t < n_tok) route_token(r, t, ids + (int64_t)t * r.n_used, weights + (int64_t)t * r.n_used);
 }
 
-__global__ void embed_kernel(float* X, const void* table, int type, const int32_t* tokens, int64_t n_embd, int n_hc) {
+__global__ void embed_kernel(float* X, const void* table, int type, int32_t* tokens, int64_t n_embd, int n_hc,
+                             const int32_t* follow, const int64_t* prev) {
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.y;
     const int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int token;
+    if (follow && follow[t] >= 0) {
+        token = max(0, ((const int32_t*)*prev)[follow[t]]);
+        if (blockIdx.x == 0 && threadIdx.x == 0) tokens[t] = token;  // the other blocks read prev, not this
+    } else {
+        token = tokens[t];
+    }
     if (e >= n_embd) return;
-    const int64_t at = (int64_t)tokens[t] * n_embd + e;
+    const int64_t at = (int64_t)token * n_embd + e;
     float v;
     if (type == ds4::TYPE_F32) v = ((const float*)table)[at];
     else if (type == ds4::TYPE_F16) v = __half2float(((const __half*)table)[at]);
@@ -315,14 +323,15 @@ cudaError_t ds4_cuda_route(cudaStream_t s, int32_t* ids, float* weights, const f
                   weights, r, n_tok);
 }
 
-cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type, const int32_t* tokens, int n_tok,
-                           int64_t n_embd, int n_hc) {
+cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type, int32_t* tokens, int n_tok,
+                           int64_t n_embd, int n_hc, const int32_t* follow, const int64_t* prev) {
     clear_error();
     if (type != ds4::TYPE_F32 && type != ds4::TYPE_F16 && type != ds4::TYPE_BF16)
         return invalid("embed: the table must be F32, F16 or BF16");
     if (n_tok < 1 || n_tok > 65535 || n_embd < 1 || n_hc < 1) return invalid("embed: empty");
+    if (follow && !prev) return invalid("embed: follow needs prev");
     return launch(embed_kernel, dim3((unsigned)ceil_div(n_embd, 256), n_tok), dim3(256), 0, s, X, table, type, tokens,
-                  n_embd, n_hc);
+                  n_embd, n_hc, follow, prev);
 }
 
 cudaError_t ds4_cuda_sample(cudaStream_t s, int32_t* ids, const ds4_cuda_draw* draws, const float* x,

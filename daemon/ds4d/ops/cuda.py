@@ -379,7 +379,7 @@ class _Step:
     largest position."""
 
     def __init__(self, be: "CUDA", sessions: list, bounds: np.ndarray, positions: np.ndarray, tokens: np.ndarray,
-                 draws: list | None = None):
+                 draws: list | None = None, follow: np.ndarray | None = None, prev: int = 0):
         L = be.layout
         N, S, n_swa = len(positions), len(sessions), L.n_swa
         self.n_tok, self.n_seg, self.decode = N, S, N == S
@@ -414,7 +414,11 @@ class _Step:
         self.staging = be.empty((max(at, 256),), np.dtype(np.uint8)) if at else None
         base = self.staging.ptr if at else 0
 
-        ints = np.concatenate([pos, raw_n, (pos + 1) // 4, (pos + 1) // 128, bounds[:-1], np.diff(bounds), tokens])
+        # follow: per token, the row of the previous step whose sampled id it is (-1: its id is in `tokens`), read
+        # with the previous step's ids address (prev) by the embedding (ds4_cuda_embed).
+        follow = np.full(N, -1) if follow is None else follow
+        ints = np.concatenate([pos, raw_n, (pos + 1) // 4, (pos + 1) // 128, bounds[:-1], np.diff(bounds), tokens,
+                               follow])
         ints = ints.astype(np.int32)
         if len(ints) % 2:
             ints = np.append(ints, np.int32(0))
@@ -436,7 +440,8 @@ class _Step:
             "idx_fr_kv": fixed_s[None, :] + fr["idx", 0],
             "idx_fr_sc": fixed_s[None, :] + fr["idx", 1],
         }
-        table, cursor, start = [ints.view(np.int64)], len(ints) // 2, {}
+        self.prev_at = len(ints) * 4
+        table, cursor, start = [ints.view(np.int64), np.array([prev], np.int64)], len(ints) // 2 + 1, {}
         self.draws_at = None
         if draws is not None:                                  # ds4_cuda_draw records, one per segment
             self.draws_at = cursor * 8
@@ -459,6 +464,7 @@ class _Step:
         self.comp_n = {4: t + 8 * N, 128: t + 12 * N}
         self.seg_first, self.seg_len = t + 16 * N, t + 16 * N + 4 * S
         self.tokens = t + 16 * N + 8 * S
+        self.follow, self.prev = self.tokens + 4 * N, t + self.prev_at
         self.draws = None if self.draws_at is None else t + self.draws_at
         self.__dict__.pop("layers", None)         # `layers` follows this placement's addresses
         return self
@@ -495,9 +501,22 @@ def draw_records(draws: list) -> np.ndarray:
     return rec
 
 
-def _downloaded(out):
-    """A pass's result on the host: the logits, or of (ids, logits) the ids (the logits stay on the device)."""
-    return (out[0].numpy(), out[1]) if isinstance(out, tuple) else out.numpy()
+class _Ids:
+    """A step's sampled ids: on the device (`dev`, which a step following this one reads) and on their way to the
+    host, copied into pinned memory behind the step in stream order, so that the host can launch the next step
+    before it waits for them (`wait`)."""
+
+    def __init__(self, be: "CUDA", dev: DArray):
+        self.dev, self._be, self._host = dev, be, None
+        self._copy = be.copies.pop() if be.copies else be.cu.HostCopy(4096)
+        self._copy.copy_from(dev.ptr, dev.size * 4, be.stream.ptr)
+
+    def wait(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self._copy.wait(np.int32, list(self.dev.shape))
+            self._be.copies.append(self._copy)
+            self._copy = None
+        return self._host
 
 
 class _Graph:
@@ -515,6 +534,7 @@ class CUDA:
 
     name = "cuda"
     dtype = _F32
+    follows_on_device = True   # step(follow=, prev=): a token can be the previous step's sampled id, never on the host
 
     def __init__(self, numerics: str = "faithful", device: int = 0):
         from .. import _cuda
@@ -546,6 +566,7 @@ class CUDA:
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()   # (batch, bucket) -> captured decode step
         self._seen: set[tuple] = set()                  # decode keys run once eagerly (uploads done)
         self._capturing = False
+        self.copies: list = []                          # free HostCopy buffers of 4 KB (the ids of a step: _Ids)
 
     # --- device memory ----------------------------------------------------------------------------------------
     def empty(self, shape, dtype=_F32) -> DArray:
@@ -622,15 +643,18 @@ class CUDA:
     MAX_GRAPHS = 32          # captured decode steps kept; the least recently used goes first
 
     def step(self, states: list, tokens: np.ndarray, bounds: np.ndarray, positions: np.ndarray, run,
-             draws: list | None = None):
+             draws: list | None = None, follow: np.ndarray | None = None, prev: _Ids | None = None):
         """One forward; returns the logits as a numpy array (the forward's one download), or with draws the
-        sampled ids as a numpy array (the one download) and the logits left on the device.
+        sampled ids (`_Ids`: the host waits for them when it asks) and the logits left on the device. Tokens
+        whose `follow` is a row r >= 0 are the ids the step `prev` sampled in row r, read on the device.
 
         A decode step (one token per session) replays the graph captured for its (batch, bucket): the first step
         of a key runs eagerly (uploading whatever weights and constants the pass uses), the second is captured,
         and each later one only uploads its table (tokens, positions, row addresses) and launches the graph.
         Prefill chunks and mixed batches run eagerly. DS4_CUDA_GRAPHS=0 turns graphs off."""
-        step = _Step(self, states, bounds, positions, tokens, draws)
+        if follow is not None and prev is None:
+            raise ValueError("a step that follows another needs its ids")
+        step = _Step(self, states, bounds, positions, tokens, draws, follow, 0 if prev is None else prev.dev.ptr)
         key = (len(states), step.bucket, draws is not None)
         graphed = step.decode and self.graphs
         g = self._graphs.get(key) if graphed else None
@@ -642,14 +666,19 @@ class CUDA:
                 self._seen.add(key)
             self._step = step.place(self)
             try:
-                return _downloaded(self._joined_after(run))
+                return self._result(self._joined_after(run))
             finally:
                 self._step = None
         else:
             g = self._capture(key, step, run)
         g.graph.launch(self.stream.ptr)
         self.weight_calls += g.weight_calls
-        return _downloaded(g.out)
+        return self._result(g.out)
+
+    def _result(self, out):
+        """A pass's result: the logits on the host, or of (ids, logits) the ids on their way there (the logits
+        stay on the device)."""
+        return (_Ids(self, out[0]), out[1]) if isinstance(out, tuple) else out.numpy()
 
     def _joined_after(self, run):
         """run(), with no side-stream work left unjoined after it (attend joins; this is the safety net)."""
@@ -803,7 +832,8 @@ class CUDA:
     def embed(self, w: Weight, tokens: np.ndarray, n_hc: int) -> DArray:
         N = len(tokens)
         X = self.empty((N, n_hc, w.cols))
-        self.cu.embed(self.stream.ptr, X.ptr, self.weight(w), int(w.type), self._step.tokens, N, w.cols, n_hc)
+        self.cu.embed(self.stream.ptr, X.ptr, self.weight(w), int(w.type), self._step.tokens, N, w.cols, n_hc,
+                      self._step.follow, self._step.prev)
         return X
 
     # --- norms and hyper-connections --------------------------------------------------------------------------

@@ -112,6 +112,7 @@ class Reference:
     """float64 (or float32) numpy implementation of every op. See the module docstring."""
 
     name = "reference"
+    follows_on_device = False  # a step's tokens are on the host (a backend that can, reads them on its device)
 
     def __init__(self, dtype=np.float64):
         self.dtype = np.dtype(dtype)
