@@ -209,15 +209,15 @@ def layer_bytes(m: Model, ctx: int, batch: int) -> list[int]:
     return out
 
 
-def through_socket(path: Path, prompt_len: int, gen: int, backend: str = "cuda") -> dict:
+def through_socket(path: Path, prompt_len: int, gen: int, backend: str = "cuda", env: dict | None = None) -> dict:
     """`ds4d serve --backend cuda` on the file (tests/daemon_harness.py) and one client streaming a greedy
     generation of `gen` tokens after a `prompt_len`-token prompt: tokens/s from the first streamed token to the
     result, as the client sees them, and the prompt's tokens/s up to the first streamed token (after a short
-    warm-up request)."""
+    warm-up request). env: the daemon's extra environment (DS4_PIPELINE=0: steps not pipelined)."""
     from daemon_harness import Daemon, short_home
 
     from ds4c.client import Event, connect
-    d = Daemon(short_home(), str(path), "--backend", backend, "--log-level", "info", wait=False)
+    d = Daemon(short_home(), str(path), "--backend", backend, "--log-level", "info", wait=False, env=env)
     try:
         d.wait_ready(timeout=300)                        # reading and uploading gigabytes of weights
         c = connect(d.socket, timeout=600)
@@ -387,8 +387,10 @@ def main() -> int:
             print(f"  {k:24s} {v:8.1f} us  {100 * v / total:5.1f}%")
     if args.socket:
         res["socket"] = through_socket(path, ctxs[0], 256)
-        print(f"through the socket: {res['socket']['tok_s']:.1f} tok/s, prompt {res['socket']['prefill_tok_s']:.0f} "
-              "tok/s", flush=True)
+        res["socket_unpipelined"] = through_socket(path, ctxs[0], 256, env={"DS4_PIPELINE": "0"})
+        for k in ("socket", "socket_unpipelined"):
+            print(f"through the socket ({k}): {res[k]['tok_s']:.1f} tok/s, prompt {res[k]['prefill_tok_s']:.0f} "
+                  "tok/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 
@@ -407,7 +409,8 @@ def main() -> int:
           f"; upload {upload_s:.1f} s")
     if "socket" in res:
         print(f"through the socket: {res['socket']['tok_s']:.1f} tok/s (greedy, after a {ctxs[0]}-token prompt "
-              f"at {res['socket']['prefill_tok_s']:.0f} tok/s)")
+              f"at {res['socket']['prefill_tok_s']:.0f} tok/s); steps not pipelined (DS4_PIPELINE=0): "
+              f"{res['socket_unpipelined']['tok_s']:.1f} tok/s")
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -106,7 +107,10 @@ class Engine:
         self.model = model
         # Pipelined decode: the next step is launched before this one's tokens are read (a GPU never waits for the
         # host). Where the backend runs a step at once (the CPU) it would only delay each token by a step.
-        self.pipeline = model.ops.follows_on_device if pipeline is None else pipeline
+        # DS4_PIPELINE=0 turns it off (for comparisons).
+        if pipeline is None:
+            pipeline = model.ops.follows_on_device and os.environ.get("DS4_PIPELINE", "1") != "0"
+        self.pipeline = pipeline
         self._inflight: InFlight | None = None
         self.tokenizer = model.tokenizer
         self.ctx = ctx

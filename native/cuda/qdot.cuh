@@ -407,7 +407,8 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uin
         const uint32_t lo = tab[ts * kIq2LoWord];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const uint32_t sel = tab[ts * ((grid >> (8 * i)) & 255)] + tab[ts * (256 + ((aux >> (7 * i)) & 127))];
+            const uint32_t gi = __byte_perm(grid, 0, 0x4440 | i);  // byte i: one prmt, then one lea / imad
+            const uint32_t sel = tab[ts * gi] + tab[ts * (256 + ((aux >> (7 * i)) & 127))];
             q[2 * i] = (int)iq2_pick(lo, sel);
             q[2 * i + 1] = (int)iq2_pick(lo, sel >> 16);
         }
