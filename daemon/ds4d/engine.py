@@ -1,9 +1,11 @@
 """The engine: THE single worker that owns the model, the sessions and the caches, and runs every job.
 
 Owns scheduling and state: a job queue fed from any thread (`submit`), one worker thread that alone touches the
-model, the sessions and the prompt cache, and the step loop. Each step runs one `model.sample` over a batch of
+model, the sessions and the prompt cache, and the step loop. Each step runs one `model.launch` over a batch of
 segments: every decoding job advances by one token (weights read once per step, whatever the batch), plus at
-most one chunk of one job's prompt, so a 100K-token prefill never freezes the other sessions. A chunk is
+most one chunk of one job's prompt, so a 100K-token prefill never freezes the other sessions. On a GPU a decode
+step's tokens are read after the next step is launched (pipelined: the host's work per token overlaps the GPU's
+next step; `_step` says when it waits instead). A chunk is
 `prefill_chunk` tokens (512) while other jobs are active and ALONE_CHUNKS times that when the prompt's job is the
 only one (bigger chunks run faster per token: each expert's weights are read once per chunk; a job that arrives
 meanwhile waits at most that one chunk). Prompt snapshots land at chunk ends. Latency-bound `complete` jobs go
