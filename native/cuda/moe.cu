@@ -169,7 +169,6 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int sid[kMaxUsed];
     __shared__ float swt[kMaxUsed];
-    __shared__ XView views[kMaxUsed];  // slot j's mid row as "token 0"
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
     uint32_t* tab = (uint32_t*)smem;
@@ -209,22 +208,29 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     stream.prologue();
     if (copy_x) cp_async_wait<kDepth - 1>();  // the activations' group, not the stages after it
     else if constexpr (WT<T>::xb != 0) quantize_block<T>(xs, mid, a.cols, a.n_used, a.cols);
-    if (threadIdx.x < a.n_used) {
-        const int j = threadIdx.x;
-        XView v{};
-        if constexpr (WT<T>::xb != 0) {
-            v = act_view<T>(xs, a.n_used, a.cols);
-            v.qs += j * v.qs_tok;
-            v.d += j * v.d_tok;
-            v.bs += j * v.bs_tok;
-        } else {
-            v.xf = mid + (int64_t)j * a.cols;
-        }
-        views[j] = v;
-    }
     __syncthreads();
 
-    auto xview = [&](int seg) { return &views[seg]; };
+    // The stage's rows r meet slots seg + r, each slot's mid row as "token 0": views built in registers from
+    // pointers into xs (so the compiler reads them with shared-memory loads; views kept in shared memory were
+    // pointers it could only dereference as generic ones).
+    const XView all = WT<T>::xb != 0 ? act_view<T>(xs, a.n_used, a.cols) : XView{};
+    XView rows_at[RPW];
+    auto xview = [&](int seg) {
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+            const int j = min(seg + r, a.n_used - 1);  // rows past n_used are never live
+            XView v = all;
+            if constexpr (WT<T>::xb != 0) {
+                v.qs += j * v.qs_tok;
+                v.d += j * v.d_tok;
+                v.bs += j * v.bs_tok;
+            } else {
+                v.xf = mid + (int64_t)j * a.cols;
+            }
+            rows_at[r] = v;
+        }
+        return (const XView*)rows_at;
+    };
     auto flush = [&](int set, float (&acc)[RPW][1]) {
         float v = 0.0f;
 #pragma unroll
