@@ -291,13 +291,20 @@ __device__ __forceinline__ int dot8(const int (&w)[8], const int8_t* x) {
     s0 = __dp4a(w[6], b.z, s0), s1 = __dp4a(w[7], b.w, s1);
     return s0 + s1;
 }
-// The two halves (weights 0-15, 16-31) separately, for Q2_K's two sub-blocks per unit.
+// 4 unsigned weight bytes times 4 signed activation bytes, plus c.
+__device__ __forceinline__ int dp4a_us(int w, int x, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(x), "r"(c));
+    return d;
+}
+// The two halves (weights 0-15, 16-31) separately, for Q2_K's two sub-blocks per unit; its weights are unsigned
+// bytes (the 2-bit values in place, up to 3 << 6: decode_unit's IN_PLACE).
 __device__ __forceinline__ int2 dot8_halves(const int (&w)[8], const int8_t* x) {
     const int4 a = *(const int4*)x, b = *(const int4*)(x + 16);
-    int s0 = __dp4a(w[0], a.x, 0), s1 = __dp4a(w[1], a.y, 0);
-    int s2 = __dp4a(w[4], b.x, 0), s3 = __dp4a(w[5], b.y, 0);
-    s0 = __dp4a(w[2], a.z, s0), s1 = __dp4a(w[3], a.w, s1);
-    s2 = __dp4a(w[6], b.z, s2), s3 = __dp4a(w[7], b.w, s3);
+    int s0 = dp4a_us(w[0], a.x, 0), s1 = dp4a_us(w[1], a.y, 0);
+    int s2 = dp4a_us(w[4], b.x, 0), s3 = dp4a_us(w[5], b.y, 0);
+    s0 = dp4a_us(w[2], a.z, s0), s1 = dp4a_us(w[3], a.w, s1);
+    s2 = dp4a_us(w[6], b.z, s2), s3 = dp4a_us(w[7], b.w, s3);
     return make_int2(s0 + s1, s2 + s3);
 }
 
@@ -348,8 +355,10 @@ __device__ __forceinline__ void iq2_group(const uint8_t* b, int grp, uint32_t& g
 // its scales: Q8_0 dw; Q4_K dw, dm and the sub-block's 6-bit scale and min (isc, imn); Q2_K dw, dm and the two
 // 16-weight sub-blocks' scale bytes (isc, imn: low 4 bits scale, high 4 min; q holds the 2-bit values); IQ2_XXS
 // dw (d / 8) and the group scale 2 ls + 1 (isc).
-// tab: the tables in shared memory; with LANES, already offset by the lane.
-template <int T, bool LANES = false>
+// tab: the tables in shared memory; with LANES, already offset by the lane. IN_PLACE (Q2_K): q holds the 2-bit
+// values where they lie in their bytes (masked, not shifted down: bits 2 (u & 3) and up), one shift fewer per word;
+// a dot product of them is 4^(u & 3) times the values' (exact).
+template <int T, bool LANES = false, bool IN_PLACE = false>
 __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uint32_t* tab, int (&q)[8], float& dw,
                                             float& dm, int& isc, int& imn) {
     if constexpr (T == TYPE_Q8_0) {
@@ -395,7 +404,8 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uin
         const uint32_t* qp = (const uint32_t*)(b + 16 + 32 * (pr >> 2));
         const int shift = 2 * (pr & 3);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) q[i] = (int)((qp[i] >> shift) & 0x03030303u);
+        for (int i = 0; i < 8; ++i)
+            q[i] = IN_PLACE ? (int)(qp[i] & (0x03030303u << shift)) : (int)((qp[i] >> shift) & 0x03030303u);
     } else {  // IQ2_XXS
         const int blk = u >> 3, grp = u & 7;
         const uint8_t* b = row + 66 * blk;
@@ -498,7 +508,7 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
 #pragma unroll
             for (int r = 0; r < RPW; ++r) {
                 if (r >= live) break;
-                decode_unit<T, LANES>(rp[r], u, LANES ? tab + lane : tab, q[r], dw[r], dm[r], isc[r], imn[r]);
+                decode_unit<T, LANES, true>(rp[r], u, LANES ? tab + lane : tab, q[r], dw[r], dm[r], isc[r], imn[r]);
             }
 #pragma unroll
             for (int t = 0; t < NB; ++t) {
@@ -520,8 +530,8 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
                     } else if constexpr (T == TYPE_Q2_K) {
                         const float dx = x.d[t * x.d_tok + kw / 256];
                         const int16_t* bsp = x.bs + t * x.bs_tok + kw / 16;
-                        const int2 h = dot8_halves(q[r], xq);
-                        const int isum = (isc[r] & 15) * h.x + (imn[r] & 15) * h.y;
+                        const int2 h = dot8_halves(q[r], xq);  // the values in place: 4^(u & 3) times
+                        const int isum = ((isc[r] & 15) * h.x + (imn[r] & 15) * h.y) >> (2 * (u & 3));
                         const int msum = (isc[r] >> 4) * bsp[0] + (imn[r] >> 4) * bsp[1];
                         acc[r][t] += fmaf(dw[r] * dx, (float)isum, -(dm[r] * dx) * (float)msum);
                     } else {
