@@ -508,8 +508,9 @@ class _Ids:
 
     def __init__(self, be: "CUDA", dev: DArray):
         self.dev, self._be, self._host = dev, be, None
-        self._copy = be.copies.pop() if be.copies else be.cu.HostCopy(4096)
-        self._copy.copy_from(dev.ptr, dev.size * 4, be.stream.ptr)
+        n = dev.size * 4
+        self._copy = be.copies.pop() if be.copies and n <= 4096 else be.cu.HostCopy(max(n, 4096))
+        self._copy.copy_from(dev.ptr, n, be.stream.ptr)
 
     def wait(self) -> np.ndarray:
         if self._host is None:
@@ -566,7 +567,7 @@ class CUDA:
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()   # (batch, bucket) -> captured decode step
         self._seen: set[tuple] = set()                  # decode keys run once eagerly (uploads done)
         self._capturing = False
-        self.copies: list = []                          # free HostCopy buffers of 4 KB (the ids of a step: _Ids)
+        self.copies: list = []                          # free HostCopy buffers of 4 KB or more (a step's ids: _Ids)
 
     # --- device memory ----------------------------------------------------------------------------------------
     def empty(self, shape, dtype=_F32) -> DArray:
