@@ -329,7 +329,8 @@ class Engine:
     # step is launched before it is collected, its decoding sessions taking the tokens in flight on the device
     # (`_follow_up`); the host's work of a step (reading the tokens, streaming them, building the next table)
     # then overlaps the GPU's next step. A session finished by the step in flight has been fed its last token by
-    # the one behind it: its tokens then include it (an end-of-sentence token is the next turn's anyway).
+    # the one behind it: its tokens then include it (an end-of-sentence token is the next turn's anyway); that
+    # step is otherwise spent for nothing, and a request arriving then starts after it.
     def _step(self) -> None:
         fl, self._inflight = self._inflight, None
         busy = {id(j) for j in fl.decoding} if fl is not None else set()
