@@ -315,6 +315,25 @@ cudaError_t check_moe(const char* op, int type, int64_t cols, int n_expert, int 
     return cudaSuccess;
 }
 
+// Both gate+up entry points: the checks, the arguments, the launch. route (or null): the choice made in the kernel
+// from the router's logits and written to ids_out / weights_out; else ids and weights are read.
+cudaError_t gate_up(const char* op, cudaStream_t s, float* mid, const float* h, int64_t h_stride, const void* gate,
+                    const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert, int n_used, int n_tok,
+                    float clamp, const int32_t* ids, const float* weights, const RouteIn* route, int32_t* ids_out,
+                    float* weights_out) {
+    cudaError_t e = check_moe(op, type, n_embd, n_expert, n_used, n_tok, gate, h, h_stride);
+    if (e != cudaSuccess) return e;
+    if ((uintptr_t)up % 16 || n_ff < 1) return invalid(std::string(op) + ": up must be 16-byte aligned, n_ff >= 1");
+    if (route && (!route->logits || !ids_out || !weights_out || n_expert > kRouteMaxExperts ||
+                  (route->tid2eid && !route->tokens)))
+        return invalid(std::string(op) + ": needs logits, ids and weights, n_expert <= 256, tokens with tid2eid");
+    MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
+              (int64_t)row_bytes(type, n_embd), FastDiv((uint32_t)n_ff), n_expert, n_used, ids, weights, clamp,
+              false, iq2_tables(), nullptr, route ? *route : RouteIn{}, ids_out, weights_out};
+    by_type<GateUpOp>(type, e, s, a, n_tok);
+    return e;
+}
+
 __global__ void swiglu_kernel(float* mid, const float* g, const float* u, int64_t n, float clamp) {
     pdl_trigger();
     pdl_wait();
@@ -334,14 +353,8 @@ cudaError_t ds4_cuda_moe_gate_up(cudaStream_t s, float* mid, const float* h, int
                                  const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
                                  const int32_t* ids, const float* weights, int n_used, int n_tok, float clamp) {
     clear_error();
-    cudaError_t e = check_moe("moe_gate_up", type, n_embd, n_expert, n_used, n_tok, gate, h, h_stride);
-    if (e != cudaSuccess) return e;
-    if ((uintptr_t)up % 16 || n_ff < 1) return invalid("moe_gate_up: up must be 16-byte aligned, n_ff >= 1");
-    MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
-              (int64_t)row_bytes(type, n_embd), FastDiv((uint32_t)n_ff), n_expert, n_used, ids, weights, clamp,
-              false, iq2_tables(), nullptr};
-    by_type<GateUpOp>(type, e, s, a, n_tok);
-    return e;
+    return gate_up("moe_gate_up", s, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, n_used, n_tok, clamp,
+                   ids, weights, nullptr, nullptr, nullptr);
 }
 
 cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids, float* weights, const float* logits,
@@ -350,17 +363,9 @@ cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids,
                                        const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
                                        int n_used, int n_tok, float clamp) {
     clear_error();
-    cudaError_t e = check_moe("moe_route_gate_up", type, n_embd, n_expert, n_used, n_tok, gate, h, h_stride);
-    if (e != cudaSuccess) return e;
-    if ((uintptr_t)up % 16 || n_ff < 1) return invalid("moe_route_gate_up: up must be 16-byte aligned, n_ff >= 1");
-    if (!logits || !ids || !weights || n_expert > kRouteMaxExperts || (tid2eid && !tokens))
-        return invalid("moe_route_gate_up: needs logits, ids and weights, n_expert <= 256, tokens with tid2eid");
-    MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
-              (int64_t)row_bytes(type, n_embd), FastDiv((uint32_t)n_ff), n_expert, n_used, nullptr, nullptr, clamp,
-              false, iq2_tables(), nullptr, RouteIn{logits, bias, tid2eid, tokens, n_expert, n_used, scale, normalize},
-              ids, weights};
-    by_type<GateUpOp>(type, e, s, a, n_tok);
-    return e;
+    const RouteIn route{logits, bias, tid2eid, tokens, n_expert, n_used, scale, normalize};
+    return gate_up("moe_route_gate_up", s, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, n_used, n_tok,
+                   clamp, nullptr, nullptr, &route, ids, weights);
 }
 
 size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_ff) {
