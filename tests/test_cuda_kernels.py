@@ -423,9 +423,12 @@ def swiglu_ref(g, u, clamp):
 
 @pytest.mark.parametrize("gate_type,down_type", MOE_TYPES)
 @pytest.mark.parametrize("n_tok,n_used", [(1, 6), (3, 6), (8, 6), (2, 3), (2, 8)])
-def test_moe(stream, rng, gate_type, down_type, n_tok, n_used):
+@pytest.mark.parametrize("n_embd,n_ff", [(512, 256), (2048, 1024)])
+def test_moe(stream, rng, gate_type, down_type, n_tok, n_used, n_embd, n_ff):
+    """Rows of 512 / 256 weights end inside a stage of the kernels' rings; rows of 2048 / 1024 fill whole stages
+    (their aligned paths for the K types and IQ2_XXS, with every row of a down stage live where n_used is 6 or 8)."""
     d = Dev(stream)
-    n_expert, n_embd, n_ff, clamp = 16, 512, 256, 10.0
+    n_expert, clamp = 16, 10.0
     gate = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
     up = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
     down = rand_weights(rng, down_type, n_embd, n_ff, lead=(n_expert,))

@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 int q[8];
                 float dw, dm;
                 int isc, imn;
-                decode_unit<T>(rp, u, tab, q, dw, dm, isc, imn);
+                decode_unit<T>(rp, u, unit_at<T>(rp, u), tab, q, dw, dm, isc, imn);
                 if constexpr (T == TYPE_Q2_K) {
                     const int s0 = isc & 15, s1 = imn & 15;  // bytes <= 3 * 15: the products stay in their bytes
 #pragma unroll

@@ -80,8 +80,15 @@ size_t gate_up_smem(int64_t cols) {
            (size_t)kWarps * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
 }
 
-// LANES: the IQ2_XXS tables in shared memory one copy per lane (qdot.cuh).
-template <int T, bool LANES>
+// Whether every stage of an expert row is whole (row_bytes a multiple of the stage's bytes; the weights are
+// 16-byte aligned): the Streamer's FULL case, instantiated for the block types of the real models' experts.
+template <int T, int SPS>
+bool full_stages(const MoeArgs& a) {
+    return WT<T>::xb == 256 && a.row_bytes % Stage<T, SPS>::bytes == 0;
+}
+
+// LANES: the IQ2_XXS tables in shared memory one copy per lane (qdot.cuh). FULL: full_stages.
+template <int T, bool LANES, bool FULL>
 __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(MoeArgs a) {
     constexpr int RPW = 2, SPS = gate_up_sps<T>();
     using G = Stage<T, SPS>;
@@ -111,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(MoeArgs a) {
         s.seg = 0;
         return s;
     };
-    auto stream = make_streamer<T, SPS, 1, RPW, true>(ring, lane, n_sets, steps, plan);
+    auto stream = make_streamer<T, SPS, 1, RPW, true, FULL>(ring, lane, n_sets, steps, plan);
     load_tables<T, LANES>(tab, a.tab);
     pdl_wait();
     if (a.route.logits) {
@@ -161,7 +168,8 @@ size_t down_smem(int n_used, int64_t cols) {
            (size_t)kWarps * kDepth * RPW * Stage<T, down_sps<T>()>::slot;
 }
 
-template <int T, int RPW>
+// FULL: full_stages, and a stage's RPW rows are all live (n_used == RPW).
+template <int T, int RPW, bool FULL>
 __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     constexpr int SPS = down_sps<T>();
     constexpr bool kTogether = RPW > 1;
@@ -186,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
         const int o = slot + set * n_slots;
         const int j = kTogether ? 0 : st / nchunks, c = kTogether ? st : st - j * nchunks;
         s.len = min(G::bytes, row_bytes - c * G::bytes);
-        s.live = kTogether ? a.n_used : 1;
+        s.live = FULL ? RPW : kTogether ? a.n_used : 1;
         s.k0 = c * G::weights;
         s.seg = j;
 #pragma unroll
@@ -194,8 +202,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
             s.p[r] = a.w0 + ((size_t)sid[min(j + r, a.n_used - 1)] * rows + o) * row_bytes + c * G::bytes;
         return s;
     };
-    auto stream = make_streamer<T, SPS, 1, RPW, !kTogether>(ring, lane, n_sets,
-                                                            kTogether ? nchunks : a.n_used * nchunks, plan);
+    auto stream = make_streamer<T, SPS, 1, RPW, !kTogether, FULL>(ring, lane, n_sets,
+                                                                  kTogether ? nchunks : a.n_used * nchunks, plan);
     load_tables<T>(tab, a.tab);
     pdl_wait();
     load_routing(sid, swt, a, t);
@@ -246,7 +254,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
 
 template <int T, bool LANES>
 cudaError_t gate_up_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
-    auto kernel = moe_gate_up_kernel<T, LANES>;
+    auto kernel = full_stages<T, gate_up_sps<T>()>(a) ? moe_gate_up_kernel<T, LANES, WT<T>::xb == 256>
+                                                      : moe_gate_up_kernel<T, LANES, false>;
     const size_t smem = gate_up_smem<T, LANES>(a.cols);
     cudaError_t e = allow_smem(kernel, smem);
     if (e != cudaSuccess) return e;
@@ -269,7 +278,8 @@ struct GateUpOp {
 
 template <int T, int RPW>
 cudaError_t down_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
-    auto kernel = moe_down_kernel<T, RPW>;
+    const bool full = full_stages<T, down_sps<T>()>(a) && (!down_together<T>() || a.n_used == RPW);
+    auto kernel = full ? moe_down_kernel<T, RPW, WT<T>::xb == 256> : moe_down_kernel<T, RPW, false>;
     const size_t smem = down_smem<T, RPW>(a.n_used, a.cols);
     cudaError_t e = allow_smem(kernel, smem);
     if (e != cudaSuccess) return e;

@@ -340,38 +340,58 @@ __device__ __forceinline__ uint32_t iq2_pick(uint32_t lo, uint32_t sel) {
     return d;
 }
 
-// Group grp of a staged IQ2_XXS block b: its 4 grid indices (grid) and its signs and scale (aux), by aligned 32-bit
-// shared-memory loads whatever b's alignment (pointer arithmetic, not an integer round trip, keeps them LDS).
-__device__ __forceinline__ void iq2_group(const uint8_t* b, int grp, uint32_t& grid, uint32_t& aux) {
-    const uint8_t* p = b + 2 + 8 * grp;
-    const int mis = (int)((uintptr_t)p & 3);
-    const uint32_t* w = (const uint32_t*)(p - mis);
-    const uint32_t sh = 8 * mis, w0 = w[0], w1 = w[1], w2 = w[2];
-    grid = __funnelshift_r(w0, w1, sh);
-    aux = __funnelshift_r(w1, w2, sh);
+// A 32-bit load from a shared-memory address. Not ordered against other memory operations: only for the tables
+// (written before the kernel's barrier) at an address that depends on data read after it.
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+    uint32_t v;
+    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+
+// Where a staged row's unit u lies, for the types whose 32-weight groups are not 4-byte aligned (Q8_0's 34-byte
+// blocks, IQ2_XXS's 66-byte ones): its block (b: the scale) and its group's words, read from the aligned address at
+// or below them (w) and funnel-shifted right by sh bits. Unit u + 32 j lies kUnitStride * j bytes further, a
+// multiple of 4: a lane finds its first unit once per stage and row and steps by immediates (unit_step).
+struct UnitAt {
+    const uint8_t* b;
+    const uint32_t* w;
+    uint32_t sh;
+};
+template <int T>
+constexpr int kUnitStride = T == TYPE_Q8_0 ? 32 * 34 : T == TYPE_IQ2_XXS ? 4 * 66 : 0;
+
+// ALIGNED: row is 16-byte aligned (the misalignment then follows from u alone).
+template <int T, bool ALIGNED = false>
+__device__ __forceinline__ UnitAt unit_at(const uint8_t* row, int u) {
+    if constexpr (kUnitStride<T> == 0) return {};
+    const int off = T == TYPE_Q8_0 ? 34 * u : 66 * (u >> 3), goff = off + 2 + (T == TYPE_IQ2_XXS ? 8 * (u & 7) : 0);
+    const uint8_t *b = row + off, *p = row + goff;
+    const int mis = (int)((ALIGNED ? (uintptr_t)goff : (uintptr_t)p) & 3);
+    return {b, (const uint32_t*)(p - mis), 8u * mis};  // pointer arithmetic keeps the loads LDS
+}
+template <int T>
+__device__ __forceinline__ UnitAt unit_step(const UnitAt& a, int j) {
+    return {a.b + kUnitStride<T> * j, a.w + kUnitStride<T> / 4 * j, a.sh};
 }
 
 // Decodes unit u (weights 32 u .. 32 u + 31) of a row's staged bytes of type T into 8 words of signed bytes and
 // its scales: Q8_0 dw; Q4_K dw, dm and the sub-block's 6-bit scale and min (isc, imn); Q2_K dw, dm and the two
 // 16-weight sub-blocks' scale bytes (isc, imn: low 4 bits scale, high 4 min; q holds the 2-bit values); IQ2_XXS
 // dw (d / 8) and the group scale 2 ls + 1 (isc).
-// tab: the tables in shared memory; with LANES, already offset by the lane. IN_PLACE (Q2_K): q holds the 2-bit
-// values where they lie in their bytes (masked, not shifted down: bits 2 (u & 3) and up), one shift fewer per word;
-// a dot product of them is 4^(u & 3) times the values' (exact).
+// at: unit_at(row, u) for Q8_0 and IQ2_XXS (unused otherwise). tab: the tables in shared memory; with LANES,
+// already offset by the lane. IN_PLACE (Q2_K): q holds the 2-bit values where they lie in their bytes (masked, not
+// shifted down: bits 2 (u & 3) and up), one shift fewer per word; a dot product of them is 4^(u & 3) times the
+// values' (exact).
 template <int T, bool LANES = false, bool IN_PLACE = false>
-__device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uint32_t* tab, int (&q)[8], float& dw,
-                                            float& dm, int& isc, int& imn) {
+__device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const UnitAt& at, const uint32_t* tab,
+                                            int (&q)[8], float& dw, float& dm, int& isc, int& imn) {
     if constexpr (T == TYPE_Q8_0) {
-        const uint8_t* b = row + 34 * u;
-        dw = f16_at(b);
-        const int mis = (int)((uintptr_t)(b + 2) & 3);
-        const uint32_t* w = (const uint32_t*)(b + 2 - mis);  // as in iq2_group: shared-memory loads
-        const uint32_t sh = 8 * mis;
-        uint32_t prev = w[0];
+        dw = f16_at(at.b);
+        uint32_t prev = at.w[0];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const uint32_t next = w[i + 1];
-            q[i] = (int)__funnelshift_r(prev, next, sh);
+            const uint32_t next = at.w[i + 1];
+            q[i] = (int)__funnelshift_r(prev, next, at.sh);
             prev = next;
         }
     } else if constexpr (T == TYPE_Q4_K) {
@@ -407,18 +427,21 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uin
         for (int i = 0; i < 8; ++i)
             q[i] = IN_PLACE ? (int)(qp[i] & (0x03030303u << shift)) : (int)((qp[i] >> shift) & 0x03030303u);
     } else {  // IQ2_XXS
-        const int blk = u >> 3, grp = u & 7;
-        const uint8_t* b = row + 66 * blk;
-        dw = f16_at(b) * 0.125f;  // the format's 1/8, exact
-        uint32_t grid, aux;
-        iq2_group(b, grp, grid, aux);
+        dw = f16_at(at.b) * 0.125f;  // the format's 1/8, exact
+        const uint32_t w1 = at.w[1];
+        const uint32_t grid = __funnelshift_r(at.w[0], w1, at.sh), aux = __funnelshift_r(w1, at.w[2], at.sh);
         isc = 2 * (int)(aux >> 28) + 1;
-        constexpr int ts = LANES ? 32 : 1;  // the tables' stride
-        const uint32_t lo = tab[ts * kIq2LoWord];
+        // Table word w at byte w << ts (one copy per lane: 32 words apart), read by 32-bit shared-memory address
+        // so that an index becomes an address in one lea (the compiler's generic pointer arithmetic took two
+        // multiply-adds): the grid index is byte i of grid (one prmt), the sign index 7 bits of aux (shift, mask).
+        constexpr int ts = LANES ? 7 : 2;
+        const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab);
+        const uint32_t lo = tab[(LANES ? 32 : 1) * kIq2LoWord];  // an ordinary load: its address is a constant
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const uint32_t gi = __byte_perm(grid, 0, 0x4440 | i);  // byte i: one prmt, then one lea / imad
-            const uint32_t sel = tab[ts * gi] + tab[ts * (256 + ((aux >> (7 * i)) & 127))];
+            const uint32_t gi = __byte_perm(grid, 0, 0x4440 | i);
+            const uint32_t si = (7 * i >= ts ? aux >> (7 * i - ts) : aux << (ts - 7 * i)) & (127u << ts);
+            const uint32_t sel = lds32(tb + (gi << ts)) + lds32(tb + (256 << ts) + si);
             q[2 * i] = (int)iq2_pick(lo, sel);
             q[2 * i + 1] = (int)iq2_pick(lo, sel >> 16);
         }
@@ -428,8 +451,8 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const uin
 // Computes one stage: rows rp[r] (staged bytes of weights k0 .. k0 + Stage::weights of each row, r < live)
 // against the activations of NB tokens (n_tok real), adding into acc. Weights past `cols` are skipped. xv[0] serves
 // every row when SHARED_X (a product: one activation load feeds RPW rows), else row r reads xv[r] (the routed
-// experts of one output, each against its own mid row).
-template <int T, int SPS, int NB, int RPW, bool SHARED_X, bool LANES>
+// experts of one output, each against its own mid row). FULL: the stage lies inside the row (no weight past cols).
+template <int T, int SPS, int NB, int RPW, bool SHARED_X, bool LANES, bool FULL = false>
 __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int live, int lane, int64_t k0,
                                           int64_t cols, const XView* xv, int n_tok, float (&acc)[RPW][NB],
                                           const uint32_t* tab) {
@@ -495,11 +518,14 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
             }
         }
     } else {
+        UnitAt at0[RPW];  // lane's first unit of each row (IQ2_XXS)
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) at0[r] = unit_at<T == TYPE_IQ2_XXS ? T : TYPE_Q2_K, FULL>(rp[r], lane);
 #pragma unroll
         for (int j = 0; j < SPS; ++j) {
             const int u = lane + 32 * j;
             const int64_t kw = k0 + 32 * u;
-            if (kw >= cols) continue;
+            if (!FULL && kw >= cols) continue;
             // Quantized weights: decode the unit of each row into 8 words of bytes with its scales, then 8 dp4a
             // per token.
             int q[RPW][8];
@@ -508,7 +534,11 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
 #pragma unroll
             for (int r = 0; r < RPW; ++r) {
                 if (r >= live) break;
-                decode_unit<T, LANES, true>(rp[r], u, LANES ? tab + lane : tab, q[r], dw[r], dm[r], isc[r], imn[r]);
+                // IQ2_XXS steps from the lane's first unit of the stage; Q8_0 places each unit (stepping took its
+                // one-token product from 207 to 225 instructions per stage)
+                const UnitAt at = T == TYPE_IQ2_XXS ? unit_step<T>(at0[r], j) : unit_at<T>(rp[r], u);
+                decode_unit<T, LANES, true>(rp[r], u, at, LANES ? tab + lane : tab, q[r], dw[r], dm[r], isc[r],
+                                            imn[r]);
             }
 #pragma unroll
             for (int t = 0; t < NB; ++t) {
@@ -560,12 +590,13 @@ __device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
 }
 
 // Copies bytes [src, src + len) to shared address dst + (src & 15), with 16-byte cp.async from the boundary below;
-// the range spans at most 32 * PER_LANE pieces (straight-line predicated copies, no loop bookkeeping).
-template <int PER_LANE>
+// the range spans at most 32 * PER_LANE pieces (straight-line predicated copies, no loop bookkeeping). FULL: src is
+// 16-byte aligned and len is FULL (a constant).
+template <int PER_LANE, int FULL = 0>
 __device__ __forceinline__ void copy_range(uint32_t dst, const uint8_t* src, int len, int lane) {
-    const uint32_t off = (uint32_t)(uintptr_t)src & 15;
+    const uint32_t off = FULL ? 0 : (uint32_t)(uintptr_t)src & 15;
     const uint8_t* a0 = src - off + 16 * lane;
-    const int n16 = (int)(off + len + 15) >> 4;
+    const int n16 = FULL ? FULL / 16 : (int)(off + len + 15) >> 4;
     dst += 16 * lane;
 #pragma unroll
     for (int k = 0; k < PER_LANE; ++k)
@@ -581,8 +612,10 @@ __device__ __forceinline__ void copy_block(uint8_t* dst, const uint8_t* src, int
 
 // One warp's pipeline over n_sets row sets of `steps` stages each. plan(set, st) -> Src<RPW>; xview(seg) -> the
 // XView(s) the stage meets (one, or RPW unless SHARED_X); flush(set, acc) after the last step of each set (called
-// by all lanes, also when steps == 0).
-template <int T, int SPS, int NB, int RPW, bool SHARED_X, class Plan>
+// by all lanes, also when steps == 0). FULL: every stage is a whole G::bytes from a 16-byte aligned address (the
+// kernel checked row_bytes and the weights' alignment): the copies and the decode need no offsets or bounds, and
+// the compute side uses only the plan's k0, live and seg (the compiler drops the rest).
+template <int T, int SPS, int NB, int RPW, bool SHARED_X, class Plan, bool FULL = false>
 struct Streamer {
     using G = Stage<T, SPS>;
     static constexpr int stage_bytes = RPW * G::slot;
@@ -598,7 +631,8 @@ struct Streamer {
             const uint32_t d = ring_s + is_slot * stage_bytes;
 #pragma unroll
             for (int r = 0; r < RPW; ++r)
-                if (r < s.live) copy_range<(G::slot / 16 + 31) / 32>(d + r * G::slot, s.p[r], s.len, lane);
+                if (r < s.live)
+                    copy_range<(G::slot / 16 + 31) / 32, FULL ? G::bytes : 0>(d + r * G::slot, s.p[r], s.len, lane);
             if (++is_st == steps) is_st = 0, ++is_set;
         }
         is_slot = is_slot == kDepth - 1 ? 0 : is_slot + 1;
@@ -629,9 +663,9 @@ struct Streamer {
                 const uint8_t* rp[RPW];
                 uint8_t* base = ring + slot * stage_bytes;
 #pragma unroll
-                for (int r = 0; r < RPW; ++r) rp[r] = base + r * G::slot + ((uintptr_t)s.p[r] & 15);
-                stage_dot<T, SPS, NB, RPW, SHARED_X, LANES>(rp, s.live, lane, s.k0, cols, xview(s.seg), n_tok, acc,
-                                                            tab);
+                for (int r = 0; r < RPW; ++r) rp[r] = base + r * G::slot + (FULL ? 0 : (uintptr_t)s.p[r] & 15);
+                stage_dot<T, SPS, NB, RPW, SHARED_X, LANES, FULL>(rp, s.live, lane, s.k0, cols, xview(s.seg), n_tok,
+                                                                  acc, tab);
                 __syncwarp();  // every lane is done with this stage before it is refilled
                 slot = slot == kDepth - 1 ? 0 : slot + 1;
             }
@@ -642,11 +676,12 @@ struct Streamer {
 };
 
 // A warp's stream; with steps == 0 nothing is issued (flush still runs once per set).
-template <int T, int SPS, int NB, int RPW, bool SHARED_X, class Plan>
-__device__ __forceinline__ Streamer<T, SPS, NB, RPW, SHARED_X, Plan> make_streamer(uint8_t* ring, int lane,
-                                                                                   int n_sets, int steps, Plan plan) {
-    return Streamer<T, SPS, NB, RPW, SHARED_X, Plan>{ring, (uint32_t)__cvta_generic_to_shared(ring), lane, n_sets,
-                                                     steps, plan, steps == 0 ? n_sets : 0, 0, 0};
+template <int T, int SPS, int NB, int RPW, bool SHARED_X, bool FULL = false, class Plan>
+__device__ __forceinline__ Streamer<T, SPS, NB, RPW, SHARED_X, Plan, FULL> make_streamer(uint8_t* ring, int lane,
+                                                                                         int n_sets, int steps,
+                                                                                         Plan plan) {
+    return Streamer<T, SPS, NB, RPW, SHARED_X, Plan, FULL>{ring, (uint32_t)__cvta_generic_to_shared(ring), lane,
+                                                           n_sets, steps, plan, steps == 0 ? n_sets : 0, 0, 0};
 }
 
 // Copies the IQ2_XXS tables into shared memory, compact or one copy per lane (all threads of the block; a barrier
