@@ -55,14 +55,17 @@ def run():
     gate, up = buf(row_bytes(IQ2_XXS, E) * 2048 * 256, IQ2_XXS), buf(row_bytes(IQ2_XXS, E) * 2048 * 256, IQ2_XXS)
     down = buf(row_bytes(Q2_K, 2048) * E * 256, Q2_K)
     rng = np.random.default_rng(0)
-    ids = buf(24)
-    ids.upload(rng.choice(256, 6, replace=False).astype(np.int32))
-    wts = buf(24, F32)
-    h, mid, out = buf(4 * E, F32), buf(4 * 6 * 2048), buf(4 * E)
-    for _ in range(2):
-        _cuda.moe_gate_up(s.ptr, mid.ptr, h.ptr, E, gate.ptr, up.ptr, IQ2_XXS, 2048, E, 256, ids.ptr, wts.ptr, 6, 1,
-                          10.0)
-        _cuda.moe_down(s.ptr, out.ptr, E, mid.ptr, down.ptr, Q2_K, E, 2048, 256, ids.ptr, 6, 1)
+    for n_tok in (1, 8):  # the routed experts of one token and of a batch of 8
+        ids = buf(24 * n_tok)
+        ids.upload(np.concatenate([rng.choice(256, 6, replace=False) for _ in range(n_tok)]).astype(np.int32))
+        wts = buf(24 * n_tok, F32)
+        h, mid, out = buf(4 * E * n_tok, F32), buf(4 * 6 * 2048 * n_tok), buf(4 * E * n_tok)
+        work = buf(max(16, _cuda.moe_down_work_bytes(Q2_K, n_tok, 6, 2048)))
+        for _ in range(2):
+            _cuda.moe_gate_up(s.ptr, mid.ptr, h.ptr, E, gate.ptr, up.ptr, IQ2_XXS, 2048, E, 256, ids.ptr, wts.ptr, 6,
+                              n_tok, 10.0)
+            _cuda.moe_down(s.ptr, out.ptr, E, mid.ptr, down.ptr, Q2_K, E, 2048, 256, ids.ptr, 6, n_tok, False,
+                           work.ptr)
     raw, comp = buf(2 * 128 * D, F16), buf(2 * 512 * D, F16)
     q, o = buf(4 * H * D, F32), buf(4 * H * D)
     rn, cn, sinks = buf(4), buf(4), buf(4 * H, F32)
