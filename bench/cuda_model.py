@@ -75,6 +75,23 @@ def write_full_width(path: Path, n_layer: int, expert_holes: bool, seed: int = 0
                 name=f"ds4 random full-width q2 model, {n_layer} layers (benchmark)")
 
 
+def fill_expert_holes(m: Model) -> None:
+    """Random blocks on the device for the routed experts that a file written with expert_holes leaves out."""
+    for i, L in enumerate(m.weights.layers):
+        for k, w in enumerate((L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps)):
+            m.ops.fill_random(w, 1000 * i + k)
+
+
+def open_four_layers(path: Path) -> Model:
+    """The 4-layer full-width file with expert holes (written first if missing) on the CUDA backend, experts
+    filled: the model of the per-layer A/Bs (cuda_layers.py, cuda_op_cost.py)."""
+    if not path.exists():
+        write_full_width(path, 4, True)
+    m = open_model(path, backend="cuda")
+    fill_expert_holes(m)
+    return m
+
+
 def copy_bandwidth(stream, nbytes=2 << 30, reps=10) -> float:
     """Device-to-device copy, read + written bytes per second, median of reps."""
     a, b = _cuda.Buffer(nbytes), _cuda.Buffer(nbytes)
@@ -275,9 +292,7 @@ def main() -> int:
     m = open_model(path, backend="cuda", numerics="faithful")
     m.ops.join = not args.no_join
     if args.expert_holes:
-        for i, L in enumerate(m.weights.layers):
-            for k, w in enumerate((L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps)):
-                m.ops.fill_random(w, 1000 * i + k)
+        fill_expert_holes(m)
     info = _cuda.device_info()
     bw = copy_bandwidth(m.ops.stream)
     print(f"{info['name']}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_model import LayerClock, write_full_width  # noqa: E402
+from cuda_model import LayerClock, open_four_layers  # noqa: E402
 
-from ds4d.model import Segment, open_model  # noqa: E402
+from ds4d.model import Segment  # noqa: E402
 from ds4d.ops.reference import Reference  # noqa: E402
 from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
 
@@ -72,13 +72,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=36)
     args = ap.parse_args()
-    path = Path(args.file)
-    if not path.exists():
-        write_full_width(path, 4, True)
-    m = open_model(path, backend="cuda")
-    for i, L in enumerate(m.weights.layers):
-        for k, w in enumerate((L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps)):
-            m.ops.fill_random(w, 1000 * i + k)
+    m = open_four_layers(Path(args.file))
     rng = np.random.default_rng(0)
     m.logits(rng.integers(0, m.shape.n_vocab, 4))
     B, ops = args.batch, m.ops
