@@ -314,6 +314,24 @@ def test_snapshot_restore_continue(models):
     assert all(a is b for a, b in zip(snap2.layers[2].comp.pages[:-1], snap.layers[2].comp.pages[:-1]))
 
 
+def test_weight_upload_reports_its_progress(tiny_model):
+    """What the daemon logs while the weights go to the GPU: `on_upload` sees the resident bytes grow with each
+    weight up to `uploaded`, which covers at least the model's big matrices (experts, embedding, output head) and
+    at most the file's tensors; a second forward uploads nothing."""
+    m = open_model(tiny_model("q2", **NO_TIES), backend="cuda")
+    seen = []
+    m.ops.on_upload = seen.append
+    m.logits([0, 1])
+    assert len(seen) > 10 and all(a < b for a, b in zip(seen, seen[1:])) and seen[-1] == m.ops.uploaded
+    w = m.weights
+    big = w.token_embd.nbytes + w.output.nbytes + sum(
+        L.ffn_gate_exps.nbytes + L.ffn_up_exps.nbytes + L.ffn_down_exps.nbytes for L in w.layers)
+    assert big < m.ops.uploaded <= m.gguf.tensor_bytes
+    n = len(seen)
+    m.logits([2])
+    assert len(seen) == n
+
+
 def test_snapshot_is_the_host_format(models):
     """A CUDA snapshot continues on the CPU backend and a CPU snapshot on CUDA (exact numerics, f32 model)."""
     gpu, cpu = models("f32", "cuda", "exact"), models("f32", "cpu", "exact")

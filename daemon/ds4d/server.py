@@ -716,24 +716,37 @@ def load_model(path: Path | None, backend: str):
     model = Model(g, backend=backend)
     if backend == "cuda":
         t0 = time.monotonic()
+        model.ops.on_upload = _Progress("uploading weights to the GPU", need)
         model.logits([0])                 # one token through every layer: every weight uploaded before serving
-        log.info("weights uploaded to the GPU in %.1f s", time.monotonic() - t0)
+        model.ops.on_upload = None
+        log.info("weights uploaded to the GPU in %.1f s (%s)", time.monotonic() - t0, _gib(model.ops.uploaded))
     return model, path, demo
+
+
+class _Progress:
+    """A long step's progress in the log: `what: P% (done of total)`, at most every 2 seconds."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.last = what, max(total, 1), time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        if time.monotonic() - self.last > 2:
+            self.last = time.monotonic()
+            log.info("%s: %d%% (%s of %s)", self.what, 100 * done // self.total, _gib(done), _gib(self.total))
 
 
 def _read_through(path, size: int) -> None:
     """Read the file once so its pages are in memory before the first request, reporting progress."""
-    t0 = last = time.monotonic()
+    t0 = time.monotonic()
     done = 0
+    report = _Progress("reading weights", size)
     buf = bytearray(64 << 20)
     with open(path, "rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while n := f.readinto(buf):
             done += n
-            if time.monotonic() - last > 2:
-                last = time.monotonic()
-                log.info("reading weights: %d%% (%s of %s)", 100 * done // size, _gib(done), _gib(size))
+            report(done)
     log.info("weights read in %.1f s", time.monotonic() - t0)
 
 

@@ -556,6 +556,8 @@ class CUDA:
         self.concurrent = True
         self.pool = _Pool(_cuda)
         self._weights: dict[tuple, int] = {}           # weight key -> device address
+        self.uploaded = 0                               # bytes of weights made resident so far
+        self.on_upload = None                           # called with `uploaded` after each weight (progress)
         self._buffers: list = []                        # the device buffers behind those addresses
         self._joins: dict[tuple, int] = {}              # keys of weights stored back to back -> their address
         self._consts: dict[int, tuple] = {}
@@ -599,7 +601,13 @@ class CUDA:
             buf.upload(np.ascontiguousarray(w.raw).reshape(-1).view(np.uint8), off)
             off += w.raw.nbytes
         self._buffers.append(buf)
+        self._made_resident(off)
         return buf.ptr
+
+    def _made_resident(self, nbytes: int) -> None:
+        self.uploaded += nbytes
+        if self.on_upload is not None:
+            self.on_upload(self.uploaded)
 
     def _joined(self, ws: list[Weight]) -> int | None:
         """Address of weights stored back to back (one product over all their rows), uploading them so on first
@@ -627,6 +635,7 @@ class CUDA:
         buf.fill_random(int(w.type), seed, stream=self.stream.ptr)
         self._buffers.append(buf)
         self._weights[self._key(w)] = buf.ptr
+        self._made_resident(w.raw.nbytes)
 
     def const(self, a: np.ndarray, dtype) -> int:
         """Device address of a small host array (norm weights, biases, RoPE tables), uploaded once per array."""
