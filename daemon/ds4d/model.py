@@ -217,11 +217,8 @@ class Model:
             return logits if draws is None else (ops.sample(logits, draws), logits)
         # The backend runs the pass: at once on the CPU; on a GPU maybe as the replay of a captured graph. It
         # returns the logits on the host, or with draws the token ids on the host and the logits where they are.
-        if follow is None:
-            out = ops.step([seg.state for seg in segments], tokens, bounds, positions, run, draws)
-        else:
-            out = ops.step([seg.state for seg in segments], tokens, bounds, positions, run, draws, follow=follow,
-                           prev=after.ids)
+        followed = {} if follow is None else {"follow": follow, "prev": after.ids}   # host backends take neither
+        out = ops.step([seg.state for seg in segments], tokens, bounds, positions, run, draws, **followed)
         for seg in segments:
             seg.state.n_tokens += len(seg.tokens)
         return out, bounds

@@ -509,7 +509,8 @@ class _Ids:
     def __init__(self, be: "CUDA", dev: DArray):
         self.dev, self._be, self._host = dev, be, None
         n = dev.size * 4
-        self._copy = be.copies.pop() if be.copies and n <= 4096 else be.cu.HostCopy(max(n, 4096))
+        fit = next((i for i, c in enumerate(be.copies) if c.nbytes >= n), None)
+        self._copy = be.copies.pop(fit) if fit is not None else be.cu.HostCopy(max(n, 4096))
         self._copy.copy_from(dev.ptr, n, be.stream.ptr)
 
     def wait(self) -> np.ndarray:
