@@ -3,10 +3,10 @@
 The figure an A/B of two builds compares: `bench/cuda_run.sh ab BASE.tar` builds the tree in the tarball (`git
 archive REV -o BASE.tar`, carried) beside this one and alternates this script between the two trees' daemons and
 kernels (this tree's bench helpers), one process each, on one machine (machines differ by 3-4% in these times;
-processes on one machine by ~0.2%). Each batch's
-sessions are prefilled (2,048 tokens at batch 1, 512 otherwise), then `--steps` steps sampled at temperature 1;
-per layer the median over the steps after the first 4 (LayerClock: CUDA events between layers, graph nodes in a
-captured step). Prints one line per batch: the layers' times and their sum.
+processes on one machine by ~0.2%). Each batch's sessions are prefilled (`--ctx` tokens at batch 1, default
+2,048; 512 otherwise), then `--steps` steps sampled at temperature 1; per layer the median over the steps after the
+first 4 (LayerClock: CUDA events between layers, graph nodes in a captured step). Prints one line per batch: the
+layers' times and their sum.
 
     python3 bench/cuda_layers.py --label new --batches 1,2,8 [--file /tmp/ds4-4h.gguf] [--json out.json]
 """
@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--label", default="tree", help="the name printed before each line (e.g. new, base)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=36)
+    ap.add_argument("--ctx", type=int, default=2048, help="prompt length of a batch-1 session (512 per session above)")
     ap.add_argument("--file", default="/tmp/ds4-4h.gguf", help="4-layer full-width file (written if missing)")
     ap.add_argument("--json", help="append the per-layer times here (one JSON object per line)")
     args = ap.parse_args()
@@ -42,7 +43,7 @@ def main() -> int:
     for B in (int(b) for b in args.batches.split(",")):
         states = [m.new_state() for _ in range(B)]
         for st in states:
-            m.prefill(st, rng.integers(0, m.shape.n_vocab, 2048 if B == 1 else 512), chunk=2048)
+            m.prefill(st, rng.integers(0, m.shape.n_vocab, args.ctx if B == 1 else 512), chunk=2048)
         samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(B)]
         clock.times.clear()
         for _ in range(args.steps):

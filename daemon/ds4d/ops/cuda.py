@@ -28,9 +28,9 @@ More rows (prefill chunks) go to the tensor-core paths: products through ds4_cud
 weights), the routed experts through ds4_cuda_moe_grouped (pairs sorted by expert), attention through
 ds4_cuda_attention_prefill (f16 rows), hc_pre over all rows at once, the compressors' blocks pooled in parallel;
 the same numerics to f32 rounding (docs/PERFORMANCE.md, "Prefill on tensor cores"), except that on Hopper the
-Q8_0 and F16 products of 64+ rows run on wgmma with bf16 / f16 operands ("Prefill, third round"). A prefill segment's tokens attend over a staging copy of the
-window (the old rows, then the segment's own), since a ring of n_swa rows cannot hold what each of them sees;
-decode tokens attend over their session's ring directly.
+Q8_0 and F16 products of 64+ rows run on wgmma with bf16 / f16 operands ("Prefill, third round"). A prefill
+segment's tokens attend over a staging copy of the window (the old rows, then the segment's own), since a ring of
+n_swa rows cannot hold what each of them sees; decode tokens attend over their session's ring directly.
 """
 
 from __future__ import annotations
