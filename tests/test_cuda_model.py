@@ -498,7 +498,7 @@ def test_topk(cu):
     k, cap = 512, 40000
     n_vis = np.array([300, 513, 5000, 16384, 16385, 40000], np.int32)
     scores = rng.standard_normal((len(n_vis), cap)).astype(np.float32)
-    scores[2, ::3] = 1.5                                  # 1,667 ties; ~220 scores above: the 512th is a tie
+    scores[2, ::3] = 1.5                                  # 1,667 ties; 249 scores above: the 512th is a tie
     scores[3, :9000] = np.where(rng.random(9000) < 0.5, 0.0, -0.0)   # the largest: 9,000 ties
     scores[3, 9000:] = -rng.random(cap - 9000).astype(np.float32) - 0.01
     scores[4] = np.round(scores[4], 1)                    # few distinct values
