@@ -238,6 +238,35 @@ def bench_attention(gpu, out, batches):
             best, per, gpu)
 
 
+# ---- the indexer at long contexts -------------------------------------------------------------------------------
+
+def bench_indexer(gpu, out, batches):
+    header("Indexer scores over n compressed rows (64 heads x 128, f16 rows in L2; queries of FP4 values as the "
+           "faithful path's) and their top 512")
+    H, Di, k = 64, 128, 512
+    rng = np.random.default_rng(41)
+    grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+    for b in [*batches, 2048]:
+        for n in (514, 4096, 16384, 40000):
+            if b * n > 2048 * 16384:
+                continue
+            keys = gpu.put(rng.standard_normal((n, Di)).astype(np.float16))
+            table = gpu.put(np.full(b, keys.ptr, np.uint64))
+            n_vis = gpu.put(np.full(b, n, np.int32))
+            q = gpu.put(rng.choice(grid, (b, H, Di)) * np.float32(0.25))
+            w = gpu.buf(4 * b * H, F32, 43)
+            scores, sel = gpu.buf(4 * b * n, F32, 44), gpu.buf(4 * b * k)
+            reps = 20 if b * n <= 16 * 40000 else 2
+            med, best = gpu.time_graph(
+                lambda i: _cuda.indexer_scores(gpu.s.ptr, scores.ptr, n, q.ptr, w.ptr, 0.01, table.ptr, n_vis.ptr, b,
+                                               H, Di, n, k, False), reps)
+            nb = n * Di * 2 + 4 * b * (H * Di + H + n)
+            row(out, "indexer_scores", "f16 rows", f"{b} x {n} rows", b, nb, 2 * b * n * H * Di, med, best, nb, gpu)
+            med, best = gpu.time_graph(
+                lambda i: _cuda.topk(gpu.s.ptr, sel.ptr, scores.ptr, n, n_vis.ptr, b, k), reps)
+            row(out, "topk 512", "f32", f"{b} x {n}", b, 4 * b * n, 0, med, best, 4 * b * n, gpu)
+
+
 # ---- small ops -------------------------------------------------------------------------------------------------
 
 def bench_small(gpu, out, batches):
@@ -480,7 +509,7 @@ def bench_layer(gpu, out, batches, peers):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="copy,matvec,moe,attention,small,layer")
+    ap.add_argument("--only", default="copy,matvec,moe,attention,small,indexer,layer")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -504,6 +533,8 @@ def main():
             bench_attention(gpu, results["rows"], batches)
         if "small" in parts:
             bench_small(gpu, results["rows"], batches)
+        if "indexer" in parts:
+            bench_indexer(gpu, results["rows"], batches)
         if "layer" in parts:
             bench_layer(gpu, results["rows"], batches, (323.0, 680.0))
     finally:

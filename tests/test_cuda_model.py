@@ -453,17 +453,29 @@ def test_compress_parallel_blocks_equal_the_walk(cu, ratio):
 
 
 @gpu_only
-@pytest.mark.parametrize("n_head,f32_rows", [(64, False), (64, True), (5, False)])
-def test_indexer_scores(cu, n_head, f32_rows):
+@pytest.mark.parametrize("n_head,f32_rows,n_tok,fp4,cap", [
+    (64, False, 3, False, 1024), (64, True, 3, False, 1024),       # the FMA kernel (few tokens, at most 1,024 keys)
+    (64, False, 3, False, 1200), (5, False, 3, False, 1200), (64, False, 3, True, 1200),    # tensor cores
+    (64, False, 70, False, 1200), (13, False, 70, False, 1200), (64, False, 70, True, 1200)])
+def test_indexer_scores(cu, n_head, f32_rows, n_tok, fp4, cap):
     """Each key's score, sum_h w_h * scale * relu(q_h . key), against float64 for tokens that see more keys than
-    top_k (one sees fewer: its scores are not written, nor any past a token's own keys)."""
+    top_k (the others' scores are not written, nor any past a token's own keys). Three tokens of their own sessions;
+    or 70 (the blocks of many tokens), runs of 5 from two sessions in turn, each seeing 11 rows more than the last.
+    Queries of any float, or of FP4 values times powers of two per 32 (the faithful path's, exact in f16)."""
     rng = np.random.default_rng(9)
-    dim, top_k, cap, scale = 128, 512, 1024, 0.3
-    n_vis = np.array([700, 300, 1000], np.int32)
+    dim, top_k, scale = 128, 512, 0.3
+    if n_tok == 3:
+        n_vis, session = np.array([700, 300, 1000], np.int32), np.arange(3)
+    else:
+        n_vis, session = (400 + 11 * np.arange(n_tok)).astype(np.int32), np.arange(n_tok) // 5 % 2
     rt = np.float32 if f32_rows else np.float16
-    q = rng.standard_normal((3, n_head, dim)).astype(np.float32)
-    w = rng.standard_normal((3, n_head)).astype(np.float32)
-    keys = [rng.standard_normal((int(n), dim)).astype(rt) for n in n_vis]
+    q = rng.standard_normal((n_tok, n_head, dim)).astype(np.float32)
+    if fp4:
+        grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+        block_scale = 2.0 ** rng.integers(-6, 4, (n_tok, n_head, dim // 32)).repeat(32, -1)
+        q = (rng.choice(grid, q.shape) * np.sign(q) * block_scale).astype(np.float32)
+    w = rng.standard_normal((n_tok, n_head)).astype(np.float32)
+    keys = [rng.standard_normal((int(n_vis[session == s].max()), dim)).astype(rt) for s in range(session.max() + 1)]
     stream = cu.Stream()
     bufs = []
 
@@ -473,19 +485,20 @@ def test_indexer_scores(cu, n_head, f32_rows):
         bufs.append(b)
         return b.ptr
 
-    table = np.array([put(k) for k in keys], np.uint64)
-    scores = cu.Buffer(3 * cap * 4)
-    scores.upload(np.full((3, cap), np.nan, np.float32))
-    cu.indexer_scores(stream.ptr, scores.ptr, cap, put(q), put(w), scale, put(table), put(n_vis), 3, n_head, dim,
+    rows = [put(k) for k in keys]
+    table = np.array([rows[s] for s in session], np.uint64)
+    scores = cu.Buffer(n_tok * cap * 4)
+    scores.upload(np.full((n_tok, cap), np.nan, np.float32))
+    cu.indexer_scores(stream.ptr, scores.ptr, cap, put(q), put(w), scale, put(table), put(n_vis), n_tok, n_head, dim,
                       cap, top_k, f32_rows)
-    got = scores.download(np.float32, [3, cap])
+    got = scores.download(np.float32, [n_tok, cap])
     for t, n in enumerate(n_vis):
         if n <= top_k:
             assert np.isnan(got[t]).all()
             continue
-        dots = q[t].astype(np.float64) @ keys[t].astype(np.float64).T
+        dots = q[t].astype(np.float64) @ keys[session[t]][:n].astype(np.float64).T
         want = (w[t].astype(np.float64) * scale) @ np.maximum(dots, 0)
-        np.testing.assert_allclose(got[t, :n], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(got[t, :n], want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"token {t}")
         assert np.isnan(got[t, n:]).all()
 
 

@@ -335,8 +335,8 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
             for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(qh[d]));
         amax = warp_max(amax);
         const int e = f16_scale_exp(amax);
-        const float inv = ldexpf(1.0f, -e);
-        if (lane == 0) qscale[hh] = ldexpf(1.0f, e);
+        const float inv = pow2f(-e);
+        if (lane == 0) qscale[hh] = pow2f(e);
         for (int d = lane; d < D; d += 32) {
             split_f16(live ? qh[d] * inv : 0.0f, qs[hh * ST + d], qs[(kPfHeads + hh) * ST + d]);
         }

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "ds4_cuda.h"
@@ -206,12 +207,13 @@ __device__ __forceinline__ float key_float(uint32_t k) {
 
 // The k-th largest (1 <= k <= n) of n keys spread over the block's threads, by radix select: 4 passes of an 8-bit
 // histogram over the keys that share the prefix found so far, whole warps adding once per distinct bin of their
-// keys (the top bytes mostly agree: lane-wise adds serialize); then warp 0 finds the bin holding it, each lane
-// summing 8 bins from the top, two barriers per pass. each_key(f) calls f(key, i) for each key of the calling
-// thread (i: its index, or -1 for a slot holding none), the same number of times in every lane of a warp (f meets
-// its lanes in warp-wide operations). Returns the key; *take_eq is how many of the keys equal to it are among the k
-// largest (the lowest indices, for an order by value then index). Every thread of the block calls it; hist: 512
-// words, sel: 4 ints of shared memory, which the block must pass a barrier before it writes again.
+// keys (the top bytes mostly agree: lane-wise adds serialize) and skipping keys of which none is in; then warp 0
+// finds the bin holding it, each lane summing 8 bins from the top, two barriers per pass. each_key(f) calls f(key,
+// i) for each key of the calling thread (i: its index, or -1 for a slot holding none), the same number of times in
+// every lane of a warp (f meets its lanes in warp-wide operations). Returns the key; *take_eq is how many of the
+// keys equal to it are among the k largest (the lowest indices, for an order by value then index). Every thread of
+// the block calls it; hist: 512 words, sel: 4 ints of shared memory, which the block must pass a barrier before it
+// writes again.
 template <typename EachKey>
 __device__ __forceinline__ uint32_t radix_select_each(EachKey each_key, int k, uint32_t* hist, int* sel, int* take_eq) {
     const int lane = threadIdx.x & 31;
@@ -225,6 +227,7 @@ __device__ __forceinline__ uint32_t radix_select_each(EachKey each_key, int k, u
         int* sp = sel + 2 * (pass & 1);
         each_key([&](uint32_t key, int i) {
             const bool in = i >= 0 && (key & mask) == prefix;
+            if (!__any_sync(0xffffffffu, in)) return;
             const uint32_t bin = (key >> shift) & 255u;
             const uint32_t peers = __match_any_sync(0xffffffffu, in ? bin : 256u);
             if (in && lane == __ffs(peers) - 1) atomicAdd(&h[bin], (uint32_t)__popc(peers));
@@ -262,25 +265,107 @@ __device__ __forceinline__ uint32_t radix_select_each(EachKey each_key, int k, u
     return prefix;
 }
 
-// radix_select_each over the keys key_at(0 .. n - 1), kSelectBatch of them per thread read together.
+// Warp 0 of the block: the bin of h[0 .. NB) holding the need-th largest key counting from the top bin, into sp[0],
+// and how many of the keys in it are among them, into sp[1]. Each lane sums NB / 32 bins, a scan over the lanes finds
+// the lane holding it, then the warp takes that lane's bins NB / 1024 each and the same again.
+template <int NB>
+__device__ __forceinline__ void find_bin(const uint32_t* h, int need, int* sp) {
+    constexpr int kPer = NB / 32, kPer2 = kPer / 32;
+    static_assert(kPer2 >= 1 && kPer2 <= 4, "find_bin: 1,024 to 4,096 bins");
+    const int lane = threadIdx.x & 31;
+    auto scan = [&](uint32_t v) {
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const uint32_t u = __shfl_up_sync(0xffffffffu, v, o);
+            if (lane >= o) v += u;
+        }
+        return v;
+    };
+    uint32_t sum = 0;
+    const uint32_t* mine = h + NB - kPer * (lane + 1);
+#pragma unroll 8
+    for (int i = 0; i < kPer; i += 4) {  // lane l from word 4 l on: the 8 lanes of a load phase on distinct banks
+        const uint4 v = *(const uint4*)(mine + (i + 4 * lane) % kPer);
+        sum += v.x + v.y + v.z + v.w;
+    }
+    uint32_t incl = scan(sum);
+    const int owner = __ffs(__ballot_sync(0xffffffffu, incl >= (uint32_t)need)) - 1;
+    uint32_t above = __shfl_sync(0xffffffffu, incl - sum, owner);
+    const uint32_t* sub = h + NB - kPer * (owner + 1) + kPer - kPer2 * (lane + 1);  // lane l's bins, from the top
+    uint32_t c[kPer2];
+    sum = 0;
+#pragma unroll
+    for (int b = 0; b < kPer2; ++b) sum += c[b] = sub[kPer2 - 1 - b];
+    incl = above + scan(sum);
+    if (lane == __ffs(__ballot_sync(0xffffffffu, incl >= (uint32_t)need)) - 1) {
+        above = incl - sum;
+        int b = 0;
+#pragma unroll
+        for (int j = 0; j + 1 < kPer2; ++j)
+            if (b == j && above + c[j] < (uint32_t)need) above += c[j], b = j + 1;
+        sp[0] = (int)(sub - h) + kPer2 - 1 - b;
+        sp[1] = need - (int)above;
+    }
+}
+
+// radix_select_each's result in 3 passes of 12, 10 and 10 bits with a lane-wise add per key: the first digit, the
+// sign, exponent and three mantissa bits of a float's key, spreads the keys of a warp over many bins (the 8-bit one
+// puts most of them in two or three, which only a match over the warp's lanes per key kept from serializing:
+// the match dominated a pass over 16K keys). hist: kWideHistWords words of shared memory, 16-byte aligned.
+constexpr int kWideHistWords = 4096 + 2 * 1024;
+template <typename EachKey>
+__device__ __forceinline__ uint32_t radix_select_wide(EachKey each_key, int k, uint32_t* hist, int* sel,
+                                                      int* take_eq) {
+    for (int b = threadIdx.x; b < kWideHistWords; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    uint32_t prefix = 0, mask = 0;
+    int need = k;
+    auto pass = [&](auto nb, int shift, uint32_t* h, int* sp) {
+        constexpr int NB = decltype(nb)::value;
+        each_key([&](uint32_t key, int i) {
+            if (i >= 0 && (key & mask) == prefix) atomicAdd(&h[(key >> shift) & (NB - 1)], 1u);
+        });
+        __syncthreads();
+        if (threadIdx.x < 32) find_bin<NB>(h, need, sp);
+        __syncthreads();
+        prefix |= (uint32_t)sp[0] << shift;
+        mask |= (uint32_t)(NB - 1) << shift;
+        need = sp[1];
+    };
+    pass(std::integral_constant<int, 4096>{}, 20, hist, sel);
+    pass(std::integral_constant<int, 1024>{}, 10, hist + 4096, sel + 2);
+    pass(std::integral_constant<int, 1024>{}, 0, hist + 5120, sel);
+    *take_eq = need;
+    return prefix;
+}
+
+// Calls f(key_at(i), i) for i = at(j), j < m, of the calling thread (i >= n or j >= m: f(0, -1)), kSelectBatch keys
+// read together (their loads in flight at once); m must be the same in every lane of a warp.
 constexpr int kSelectBatch = 8;
+template <typename KeyAt, typename At, typename F>
+__device__ __forceinline__ void each_key_batched(KeyAt key_at, At at, int m, int n, F f) {
+    for (int j0 = 0; j0 < m; j0 += kSelectBatch) {
+        uint32_t b[kSelectBatch];
+#pragma unroll
+        for (int j = 0; j < kSelectBatch; ++j) {
+            const int i = at(j0 + j);
+            b[j] = j0 + j < m && i < n ? key_at(i) : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < kSelectBatch; ++j) {
+            const int i = at(j0 + j);
+            f(b[j], j0 + j < m && i < n ? i : -1);
+        }
+    }
+}
+
+// radix_select_each over the keys key_at(0 .. n - 1), thread x taking x, x + blockDim.x, ...
 template <typename KeyAt>
 __device__ uint32_t radix_select(KeyAt key_at, int n, int k, uint32_t* hist, int* sel, int* take_eq) {
-    const int lane = threadIdx.x & 31;
+    const int first = threadIdx.x & ~31;  // the warp's: its lanes loop alike
+    const int m = first < n ? (int)ceil_div(n - first, blockDim.x) : 0;
     auto each_key = [&](auto f) {
-        for (int i0 = threadIdx.x - lane; i0 < n; i0 += kSelectBatch * blockDim.x) {
-            uint32_t key[kSelectBatch];
-#pragma unroll
-            for (int j = 0; j < kSelectBatch; ++j) {
-                const int i = i0 + lane + j * blockDim.x;
-                key[j] = i < n ? key_at(i) : 0u;
-            }
-#pragma unroll
-            for (int j = 0; j < kSelectBatch; ++j) {
-                const int i = i0 + lane + j * (int)blockDim.x;
-                f(key[j], i < n ? i : -1);
-            }
-        }
+        each_key_batched(key_at, [&](int j) { return (int)threadIdx.x + j * (int)blockDim.x; }, m, n, f);
     };
     return radix_select_each(each_key, k, hist, sel, take_eq);
 }
@@ -292,7 +377,12 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 // f32 values taken to f16 for a tensor-core or half-precision product: scaling by 2^-e, e = f16_scale_exp(amax),
 // brings the largest magnitude amax into [2^14, 2^15) (no overflow, small rows keep their 11 bits; exact to undo),
 // and split_f16 keeps a value as an f16 high part and the f16 rounding of the rest (about 22 bits together).
-__device__ __forceinline__ int f16_scale_exp(float amax) { return amax > 0.0f ? ilogbf(amax) - 14 : 0; }
+// e is at least -126 (amax below 2^-112 keeps fewer bits), so that pow2f(e) and pow2f(-e) are normal floats.
+__device__ __forceinline__ int f16_scale_exp(float amax) {
+    return amax > 0.0f ? max(((__float_as_int(amax) >> 23) & 255) - 127 - 14, -126) : 0;
+}
+// 2^e for -126 <= e <= 127, exactly (ldexpf's range checks cost ~100 instructions).
+__device__ __forceinline__ float pow2f(int e) { return __int_as_float((127 + e) << 23); }
 __device__ __forceinline__ void split_f16(float v, __half& hi, __half& lo) {
     hi = __float2half_rn(v);
     lo = __float2half_rn(v - __half2float(hi));

@@ -11,11 +11,12 @@
 // leaves the frontier as the walk would. The pooled rows go to `pooled` at their token's row; the finish kernel
 // normalizes, rotates and stores them at row (pos + 1) / ratio - 1 of the session's compressed-row array.
 //
-// Indexer: scores in 32-row tiles (the query's heads and a tile of keys, as f32, in shared memory; a lane per key
-// and 8 head groups), top-k by a 4-pass radix select on order-preserving integer keys in one block per token (one
-// warp finds each pass's bin), then an index-ordered compaction that takes the tied rows at the threshold lowest
-// index first (the reference's stable sort). Tokens that see at most top_k rows take all of them and need no
-// scores.
+// Indexer: scores of f16 rows on tensor cores (a warp's 16 keys as mma A fragments in registers, the query's heads
+// staged in shared memory as f16 pairs); of f32 rows, and of few tokens over at most 1,024 rows, in 32-row tiles
+// of f32 FMAs (the query's heads and a tile of keys in shared memory; a lane per key and 8 head groups). Top-k by a
+// 3-pass radix select (12, 10, 10 bits) on order-preserving integer keys in one block per token (one warp finds
+// each pass's bin), then an index-ordered compaction that takes the tied rows at the threshold lowest index first
+// (the reference's stable sort). Tokens that see at most top_k rows take all of them and need no scores.
 #include "common.cuh"
 #include "numerics.cuh"
 
@@ -365,6 +366,137 @@ size_t indexer_score_smem(int n_head) {
     return ((size_t)n_head * (kIdxDim + 1) + kScoreRows * kKeyPitch + kScoreGroups * kScoreRows) * sizeof(float);
 }
 
+// The same scores for f16 keys (faithful numerics) on tensor cores. A block takes 16 keys per warp, each warp
+// keeping its keys' A fragments in registers across the block's tokens (loaded again only for another session's
+// keys or a token that sees rows past the loaded ones); per token the query heads are staged in shared memory as
+// f16 high and low parts scaled per head by a power of two (split_f16: ~22 bits; the FP4 path's values are exact in
+// the high part) and mma m16n8k16 forms the key x head dots in f32. The dims of each 32-dim chunk are taken in an
+// order of our own, the same for keys and query, such that every lane's fragments of two k-steps are 16 contiguous
+// bytes: one load for them. Heads past n_head are zero queries with weight 0. Each warp holds its heads of the next
+// token's query in registers, loaded before this token's products.
+constexpr int kTcPitch = 160;  // halves per staged head: 320 bytes, 16-byte loads of 8 heads free of bank conflicts
+constexpr int kTcHeads = 64;   // at most
+
+// The two k-steps of one 32-dim chunk: the lane's 8 halves of rows g and g + 8 (a), of head g (b), in that order.
+__device__ __forceinline__ void mma_chunk(float (&acc)[4], const uint32_t (&a)[2][4], uint4 b) {
+    const uint32_t a0[4] = {a[0][0], a[1][0], a[0][1], a[1][1]}, a1[4] = {a[0][2], a[1][2], a[0][3], a[1][3]};
+    const uint32_t b0[2] = {b.x, b.y}, b1[2] = {b.z, b.w};
+    mma_f16(acc, a0, b0);
+    mma_f16(acc, a1, b1);
+}
+
+template <int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
+    indexer_score_tc_kernel(float* scores, int64_t score_stride, const float* q, const float* w, float w_scale,
+                            const void* const* keys, const int32_t* n_vis, int n_tok, int n_head, int top_k,
+                            int tok_per_block) {
+    constexpr int kHpw = kTcHeads / WARPS;  // heads per warp
+    extern __shared__ __align__(16) __half qsm[];
+    __half* qhi = qsm;                                    // kTcHeads x kTcPitch
+    __half* qlo = qhi + kTcHeads * kTcPitch;              // the same
+    float* hscale = (float*)(qlo + kTcHeads * kTcPitch);  // 2^e per head
+    float* hw = hscale + kTcHeads;                        // w_h * w_scale, 0 past n_head
+    pdl_trigger();
+    pdl_wait();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
+    const int n_tile = (n_head + 7) >> 3, c0 = blockIdx.x * 16 * WARPS, row = c0 + 16 * warp + g;  // rows row, row + 8
+    const int t0 = blockIdx.y * tok_per_block, t_end = min(n_tok, t0 + tok_per_block);
+    auto live = [&](int t) { return t < t_end && n_vis[t] > top_k && c0 < n_vis[t]; };  // the block's threads alike
+    float4 qv[kHpw];
+    float wl;  // lane i < kHpw: the weight of the warp's i-th head
+    auto fetch = [&](int t) {  // all loads in flight together (one at a time, each head's weight cost ~0.6 us)
+        const bool on = live(t);
+#pragma unroll
+        for (int i = 0; i < kHpw; ++i) {
+            const int h = warp + WARPS * i;
+            qv[i] = on && h < n_head ? ((const float4*)(q + ((int64_t)t * n_head + h) * kIdxDim))[lane]
+                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        const int h = warp + WARPS * lane;
+        wl = on && lane < kHpw && h < n_head ? w[(int64_t)t * n_head + h] * w_scale : 0.0f;
+    };
+    uint32_t a[4][2][4];  // 32-dim chunk, row (row, row + 8), its 8 halves from 32 c + 8 j
+    const void* loaded = nullptr;
+    int n_loaded = 0;
+    fetch(t0);
+    for (int t = t0; t < t_end; ++t) {
+        if (!live(t)) {
+            fetch(t + 1);
+            continue;
+        }
+        const int n = n_vis[t];
+        const void* kp = keys[t];
+        if (kp != loaded || (n > n_loaded && c0 + 16 * WARPS > n_loaded)) {
+            const __half* kb = (const __half*)kp;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const __half* src = kb + (int64_t)min(row + 8 * r, n - 1) * kIdxDim + 8 * j;  // past n: a copy
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const uint4 v = *(const uint4*)(src + 32 * c);
+                    a[c][r][0] = v.x, a[c][r][1] = v.y, a[c][r][2] = v.z, a[c][r][3] = v.w;
+                }
+            }
+            loaded = kp, n_loaded = n;
+        }
+        __syncthreads();  // the last token's query is read
+        bool lo_used = false;
+#pragma unroll
+        for (int i = 0; i < kHpw; ++i) {
+            const int h = warp + WARPS * i;
+            if (h >= 8 * n_tile) break;
+            const float4 v = qv[i];
+            const float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+            const int e = f16_scale_exp(warp_max(amax));
+            const float inv = pow2f(-e), f[4] = {v.x, v.y, v.z, v.w};
+            __half hi[4], lo[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                split_f16(f[k] * inv, hi[k], lo[k]);
+                lo_used |= __half2float(lo[k]) != 0.0f;
+            }
+            *(uint2*)(qhi + h * kTcPitch + 4 * lane) = *(const uint2*)hi;
+            *(uint2*)(qlo + h * kTcPitch + 4 * lane) = *(const uint2*)lo;
+            const float wh = __shfl_sync(0xffffffffu, wl, i);
+            if (lane == 0) hscale[h] = pow2f(e), hw[h] = wh;
+        }
+        lo_used = __syncthreads_or(lo_used);  // not in the FP4 path's queries: half the products and loads
+        fetch(t + 1);
+        float acc[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                if (nt >= n_tile) break;
+                const int off = (8 * nt + g) * kTcPitch + 32 * c + 8 * j;
+                mma_chunk(acc[nt], a[c], *(const uint4*)(qhi + off));
+                if (lo_used) mma_chunk(acc[nt], a[c], *(const uint4*)(qlo + off));
+            }
+        }
+        float s0 = 0.0f, s1 = 0.0f;  // rows row and row + 8, over the lane's heads 8 nt + 2 j + {0, 1}
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            if (nt >= n_tile) break;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int h = 8 * nt + 2 * j + e;
+                s0 = fmaf(hw[h], fmaxf(acc[nt][e] * hscale[h], 0.0f), s0);
+                s1 = fmaf(hw[h], fmaxf(acc[nt][2 + e] * hscale[h], 0.0f), s1);
+            }
+        }
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+        }
+        float* out = scores + (int64_t)t * score_stride;
+        if (j == 0 && row < n) out[row] = s0 + 0.0f;  // -0 -> +0: one key per value
+        if (j == 0 && row + 8 < n) out[row + 8] = s1 + 0.0f;
+    }
+}
+
 constexpr int kTopkThreads = 1024, kTopkRegs = 16;  // keys per thread kept in registers: up to 16,384 scores
 
 // One token's top k of its n > k scores, by the whole block. Warp w holds the keys of indices [32 m w, 32 m (w + 1)),
@@ -394,24 +526,12 @@ __device__ __forceinline__ void topk_block(int32_t* out, const float* sc, int n,
                 f(key[j], i < n ? i : -1);
             }
         } else {
-            for (int j0 = 0; j0 < m; j0 += kSelectBatch) {  // kSelectBatch loads in flight together
-                uint32_t b[kSelectBatch];
-#pragma unroll
-                for (int j = 0; j < kSelectBatch; ++j) {
-                    const int i = base + 32 * (j0 + j);
-                    b[j] = j0 + j < m && i < n ? order_key(sc[i]) : 0u;
-                }
-#pragma unroll
-                for (int j = 0; j < kSelectBatch; ++j) {
-                    const int i = base + 32 * (j0 + j);
-                    f(b[j], j0 + j < m && i < n ? i : -1);
-                }
-            }
+            each_key_batched([&](int i) { return order_key(sc[i]); }, [&](int j) { return base + 32 * j; }, m, n, f);
         }
     };
     // The k-th largest key; every larger key and the first take_eq equal ones are taken, in index order.
     int take_eq;
-    const uint32_t thr = radix_select_each(each_key, k, hist, pick, &take_eq);
+    const uint32_t thr = radix_select_wide(each_key, k, hist, pick, &take_eq);
     int n_gt = 0, n_eq = 0;
     each_key([&](uint32_t v, int i) {
         n_gt += __popc(__ballot_sync(0xffffffffu, i >= 0 && v > thr));
@@ -453,7 +573,7 @@ __device__ __forceinline__ void topk_block(int32_t* out, const float* sc, int n,
 // where n_vis <= k, 0 .. n - 1 and then -1. One block per token.
 __global__ void __launch_bounds__(kTopkThreads) topk_kernel(int32_t* sel, const float* scores, int64_t score_stride,
                                                             const int32_t* n_vis, int k) {
-    __shared__ uint32_t hist[512];
+    __shared__ __align__(16) uint32_t hist[kWideHistWords];
     __shared__ int pick[4], warp_out[kTopkThreads / 32], warp_eq[kTopkThreads / 32];
     pdl_trigger();
     pdl_wait();
@@ -523,6 +643,20 @@ cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score
         !n_vis || (uintptr_t)q % 16)
         return invalid("indexer_scores: needs dim 128, 1 <= n_tok <= 65535, n_head >= 1, cap <= score_stride, q "
                        "16-byte aligned");
+    const bool many = n_tok >= 64;
+    if (!f32_rows && n_head <= kTcHeads && (many || cap > 1024)) {
+        // Decode: 128 keys per block (16K keys on 128 SMs); many tokens (prefill): 256 keys and 8 tokens per block,
+        // the keys' fragments loaded once for them. Few tokens over at most 1,024 keys take the FMA kernel: its
+        // chain is shorter (H200, one token: 4.9 against 6.4 us at 514 keys, 9.7 against 6.5 at 4,096).
+        const int tpb = many ? 8 : 1, keys_per_block = many ? 256 : 128;
+        auto kernel = many ? indexer_score_tc_kernel<16> : indexer_score_tc_kernel<8>;
+        const size_t smem = 2 * kTcHeads * kTcPitch * sizeof(__half) + 2 * kTcHeads * sizeof(float);
+        cudaError_t e = allow_smem(kernel, smem);
+        if (e != cudaSuccess) return e;
+        return launch(kernel, dim3((unsigned)ceil_div(cap, keys_per_block), (unsigned)ceil_div(n_tok, tpb)),
+                      dim3(2 * keys_per_block), smem, s, scores, score_stride, q, w, w_scale, keys, n_vis, n_tok,
+                      n_head, top_k, tpb);
+    }
     const size_t smem = indexer_score_smem(n_head);
     auto kernel = f32_rows ? indexer_score_kernel<float> : indexer_score_kernel<__half>;
     cudaError_t e = allow_smem(kernel, smem);

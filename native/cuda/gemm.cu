@@ -577,8 +577,8 @@ __global__ void split_f16_kernel(__half* hi, __half* lo, float* scale, const flo
         for (int i = 1; i < (int)(blockDim.x >> 5); ++i) amax = fmaxf(amax, wmax[i]);
         __syncthreads();  // wmax is read before the next row overwrites it
         const int e = f16_scale_exp(amax);
-        const float inv = ldexpf(1.0f, -e);
-        if (threadIdx.x == 0) scale[r] = ldexpf(1.0f, e);
+        const float inv = pow2f(-e);
+        if (threadIdx.x == 0) scale[r] = pow2f(e);
         for (int64_t k = 4 * threadIdx.x; k < cols; k += 4 * blockDim.x) {
             const float4 v = *(const float4*)(xr + k);
             const float f[4] = {v.x, v.y, v.z, v.w};

@@ -161,8 +161,8 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
             }
             amax = warp_max(amax);
             const int e = f16_scale_exp(amax);
-            const float inv = ldexpf(1.0f, -e);
-            if (lane == 0) xscale[t] = ldexpf(1.0f, e);
+            const float inv = pow2f(-e);
+            if (lane == 0) xscale[t] = pow2f(e);
             __half2* dst = (__half2*)(xs + 2 * t * a.cols);
             for (int64_t k = 4 * lane; k < a.cols; k += 128) {
                 const float4 v = *(const float4*)(xr + k);
