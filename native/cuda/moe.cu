@@ -74,10 +74,10 @@ __device__ __forceinline__ void load_routing(int* sid, float* swt, const MoeArgs
     }
 }
 
-template <int T, bool LANES>
+template <int T, bool LANES, int WARPS>
 size_t gate_up_smem(int64_t cols) {
     return table_bytes<T, LANES>() + act_bytes<T>(1, cols) +
-           (size_t)kWarps * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
+           (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
 }
 
 // Whether every stage of an expert row is whole (row_bytes a multiple of the stage's bytes; the weights are
@@ -88,8 +88,8 @@ bool full_stages(const MoeArgs& a) {
 }
 
 // LANES: the IQ2_XXS tables in shared memory one copy per lane (qdot.cuh). FULL: full_stages.
-template <int T, bool LANES, bool FULL>
-__global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(MoeArgs a) {
+template <int T, bool LANES, bool FULL, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     constexpr int RPW = 2, SPS = gate_up_sps<T>();
     using G = Stage<T, SPS>;
     extern __shared__ __align__(16) uint8_t smem[];
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(MoeArgs a) {
     uint8_t* xs = smem + table_bytes<T, LANES>();
     uint8_t* ring = xs + act_bytes<T>(1, a.cols) + (size_t)warp * kDepth * RPW * G::slot;
 
-    const int slot = blockIdx.x * kWarps + warp, n_slots = gridDim.x * kWarps;
+    const int slot = blockIdx.x * WARPS + warp, n_slots = gridDim.x * WARPS;
     const int rows = (int)a.rows, n_pairs = a.n_used * rows, row_bytes = (int)a.row_bytes;
     const int n_sets = slot < n_pairs ? (n_pairs - 1 - slot) / n_slots + 1 : 0;
     const int steps = (int)ceil_div(a.cols, G::weights);
@@ -252,26 +252,27 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     stream.run(a.cols, 1, tab, xview, flush);
 }
 
-template <int T, bool LANES>
+template <int T, bool LANES, int WARPS = kWarps>
 cudaError_t gate_up_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
-    auto kernel = full_stages<T, gate_up_sps<T>()>(a) ? moe_gate_up_kernel<T, LANES, WT<T>::xb == 256>
-                                                      : moe_gate_up_kernel<T, LANES, false>;
-    const size_t smem = gate_up_smem<T, LANES>(a.cols);
+    auto kernel = full_stages<T, gate_up_sps<T>()>(a) ? moe_gate_up_kernel<T, LANES, WT<T>::xb == 256, WARPS>
+                                                      : moe_gate_up_kernel<T, LANES, false, WARPS>;
+    const size_t smem = gate_up_smem<T, LANES, WARPS>(a.cols);
     cudaError_t e = allow_smem(kernel, smem);
     if (e != cudaSuccess) return e;
-    const int64_t want = ceil_div((int64_t)a.n_used * a.rows, kWarps);
-    const int per_tok = std::max(1, resident_blocks(kernel, kThreads, smem) / n_tok);
-    return launch(kernel, dim3((unsigned)std::min<int64_t>(want, per_tok), n_tok), dim3(kThreads), smem, s, a);
+    const int64_t want = ceil_div((int64_t)a.n_used * a.rows, WARPS);
+    const int per_tok = std::max(1, resident_blocks(kernel, 32 * WARPS, smem) / n_tok);
+    return launch(kernel, dim3((unsigned)std::min<int64_t>(want, per_tok), n_tok), dim3(32 * WARPS), smem, s, a);
 }
 
+// IQ2_XXS with a copy of the tables per lane (no bank conflicts on the lookups) in blocks of 12 warps, two per SM
+// (registers and shared memory allow no more): 24 warps per SM as the compact tables' three blocks of 8 have, without
+// their conflicts. H200, us at 1 / 2 / 8 tokens: 23.5 / 34.7 / 108.6 -> 19.4 / 31.4 / 101.5 (per-lane tables in
+// blocks of 8 were slower at one token, 25.5: 16 warps per SM; docs/CUDA_KERNELS.md).
+constexpr int kGateUpLaneWarps = 12;
 template <int T>
 struct GateUpOp {
     static cudaError_t run(cudaStream_t s, const MoeArgs& a, int n_tok) {
-        // IQ2_XXS from 2 tokens on with a copy of the tables per lane (no bank conflicts on the lookups, two blocks
-        // per SM instead of three): 146 -> 139 us at 8 tokens, 42.3 -> 41.7 at 2; at one token 24.4 -> 25.5, so
-        // not there (H200, docs/CUDA_KERNELS.md).
-        if constexpr (T == TYPE_IQ2_XXS)
-            if (n_tok >= 2) return gate_up_launch<T, true>(s, a, n_tok);
+        if constexpr (T == TYPE_IQ2_XXS) return gate_up_launch<T, true, kGateUpLaneWarps>(s, a, n_tok);
         return gate_up_launch<T, false>(s, a, n_tok);
     }
 };
