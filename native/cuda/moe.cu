@@ -266,14 +266,14 @@ cudaError_t gate_up_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
 
 // IQ2_XXS with a copy of the tables per lane (no bank conflicts on the lookups) in blocks of 12 warps, two per SM
 // (registers and shared memory allow no more): 24 warps per SM as the compact tables' three blocks of 8 have, without
-// their conflicts. H200, us at 1 / 2 / 8 tokens: 23.5 / 34.7 / 108.6 -> 19.4 / 31.4 / 101.5 (per-lane tables in
+// their conflicts. H200, us at 1 / 2 / 8 tokens: 23.5 / 34.7 / 108.6 -> 19.4 / 31.4 / 101.3 (per-lane tables in
 // blocks of 8 were slower at one token, 25.5: 16 warps per SM; docs/CUDA_KERNELS.md).
 constexpr int kGateUpLaneWarps = 12;
 template <int T>
 struct GateUpOp {
     static cudaError_t run(cudaStream_t s, const MoeArgs& a, int n_tok) {
         if constexpr (T == TYPE_IQ2_XXS) return gate_up_launch<T, true, kGateUpLaneWarps>(s, a, n_tok);
-        return gate_up_launch<T, false>(s, a, n_tok);
+        else return gate_up_launch<T, false>(s, a, n_tok);
     }
 };
 
