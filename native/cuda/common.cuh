@@ -166,26 +166,28 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], c
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Inclusive prefix over the warp's lanes of v (lane l: the sum of lanes 0 .. l); every lane calls it.
+template <typename T>
+__device__ __forceinline__ T warp_inclusive(T v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const T u = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += u;
+    }
+    return v;
+}
+
 // Exclusive prefix over the block's threads of v; every thread gets the block's total in *total. Every thread of
 // the block calls it; sh: one T per warp of shared memory.
 template <typename T>
 __device__ __forceinline__ T block_exclusive(T v, T* sh, T* total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warp = blockDim.x >> 5;
-    T inc = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const T n = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += n;
-    }
+    const T inc = warp_inclusive(v);
     if (lane == 31) sh[warp] = inc;
     __syncthreads();
     if (warp == 0) {
-        T w = lane < n_warp ? sh[lane] : T(0);
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const T n = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += n;
-        }
+        const T w = warp_inclusive(lane < n_warp ? sh[lane] : T(0));
         if (lane < n_warp) sh[lane] = w;  // inclusive over warps
     }
     __syncthreads();
@@ -240,12 +242,7 @@ __device__ __forceinline__ uint32_t radix_select_each(EachKey each_key, int k, u
                 sum += c[b] = h[255 - 8 * lane - b];
                 h[255 - 8 * lane - b] = 0;
             }
-            uint32_t incl = sum;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += v;
-            }
+            const uint32_t incl = warp_inclusive(sum);
             if (lane == __ffs(__ballot_sync(0xffffffffu, incl >= (uint32_t)need)) - 1) {
                 uint32_t above = incl - sum;
                 int b = 0;
@@ -273,14 +270,6 @@ __device__ __forceinline__ void find_bin(const uint32_t* h, int need, int* sp) {
     constexpr int kPer = NB / 32, kPer2 = kPer / 32;
     static_assert(kPer2 >= 1 && kPer2 <= 4, "find_bin: 1,024 to 4,096 bins");
     const int lane = threadIdx.x & 31;
-    auto scan = [&](uint32_t v) {
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const uint32_t u = __shfl_up_sync(0xffffffffu, v, o);
-            if (lane >= o) v += u;
-        }
-        return v;
-    };
     uint32_t sum = 0;
     const uint32_t* mine = h + NB - kPer * (lane + 1);
 #pragma unroll 8
@@ -288,7 +277,7 @@ __device__ __forceinline__ void find_bin(const uint32_t* h, int need, int* sp) {
         const uint4 v = *(const uint4*)(mine + (i + 4 * lane) % kPer);
         sum += v.x + v.y + v.z + v.w;
     }
-    uint32_t incl = scan(sum);
+    uint32_t incl = warp_inclusive(sum);
     const int owner = __ffs(__ballot_sync(0xffffffffu, incl >= (uint32_t)need)) - 1;
     uint32_t above = __shfl_sync(0xffffffffu, incl - sum, owner);
     const uint32_t* sub = h + NB - kPer * (owner + 1) + kPer - kPer2 * (lane + 1);  // lane l's bins, from the top
@@ -296,7 +285,7 @@ __device__ __forceinline__ void find_bin(const uint32_t* h, int need, int* sp) {
     sum = 0;
 #pragma unroll
     for (int b = 0; b < kPer2; ++b) sum += c[b] = sub[kPer2 - 1 - b];
-    incl = above + scan(sum);
+    incl = above + warp_inclusive(sum);
     if (lane == __ffs(__ballot_sync(0xffffffffu, incl >= (uint32_t)need)) - 1) {
         above = incl - sum;
         int b = 0;

@@ -541,19 +541,9 @@ __device__ __forceinline__ void topk_block(int32_t* out, const float* sc, int n,
     __syncthreads();
     if (warp == 0) {  // per warp: the equal keys before it, then the taken ones before it
         const int g = lane < n_warp ? warp_out[lane] : 0, e = lane < n_warp ? warp_eq[lane] : 0;
-        int e_inc = e;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, e_inc, o);
-            if (lane >= o) e_inc += v;
-        }
+        const int e_inc = warp_inclusive(e);
         const int took = g + min(max(take_eq - (e_inc - e), 0), e);
-        int t_inc = took;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, t_inc, o);
-            if (lane >= o) t_inc += v;
-        }
+        const int t_inc = warp_inclusive(took);
         if (lane < n_warp) warp_out[lane] = t_inc - took, warp_eq[lane] = e_inc - e;
     }
     __syncthreads();

@@ -126,12 +126,7 @@ __device__ __forceinline__ int draw_in_index_order(const float* xr, int lo, int 
             const bool in = e < hi && l[j] >= floor;
             const uint32_t any = __ballot_sync(0xffffffffu, in);
             if (!any) continue;
-            double v = in ? exp(((double)l[j] - top) / temp) : 0.0;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const double t = __shfl_up_sync(0xffffffffu, v, o);
-                if (lane >= o) v += t;
-            }
+            const double v = warp_inclusive(in ? exp(((double)l[j] - top) / temp) : 0.0);
             const uint32_t hit = __ballot_sync(0xffffffffu, in && run + v >= target);
             if (hit) return __shfl_sync(0xffffffffu, e, __ffs(hit) - 1);
             last = __shfl_sync(0xffffffffu, e, 31 - __clz(any));
