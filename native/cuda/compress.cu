@@ -638,14 +638,14 @@ cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score
         // Decode: 128 keys per block (16K keys on 128 SMs); many tokens (prefill): 256 keys and 8 tokens per block,
         // the keys' fragments loaded once for them. Few tokens over at most 1,024 keys take the FMA kernel: its
         // chain is shorter (H200, one token: 4.9 against 6.4 us at 514 keys, 9.7 against 6.5 at 4,096).
-        const int tpb = many ? 8 : 1, keys_per_block = many ? 256 : 128;
+        const int tpb = many ? 8 : 1, warps = many ? 16 : 8;  // 16 keys per warp
         auto kernel = many ? indexer_score_tc_kernel<16> : indexer_score_tc_kernel<8>;
         const size_t smem = 2 * kTcHeads * kTcPitch * sizeof(__half) + 2 * kTcHeads * sizeof(float);
         cudaError_t e = allow_smem(kernel, smem);
         if (e != cudaSuccess) return e;
-        return launch(kernel, dim3((unsigned)ceil_div(cap, keys_per_block), (unsigned)ceil_div(n_tok, tpb)),
-                      dim3(2 * keys_per_block), smem, s, scores, score_stride, q, w, w_scale, keys, n_vis, n_tok,
-                      n_head, top_k, tpb);
+        return launch(kernel, dim3((unsigned)ceil_div(cap, 16 * warps), (unsigned)ceil_div(n_tok, tpb)),
+                      dim3(32 * warps), smem, s, scores, score_stride, q, w, w_scale, keys, n_vis, n_tok, n_head,
+                      top_k, tpb);
     }
     const size_t smem = indexer_score_smem(n_head);
     auto kernel = f32_rows ? indexer_score_kernel<float> : indexer_score_kernel<__half>;
