@@ -237,7 +237,8 @@ def matvec_normed(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, 
         _at(y + 4 * t * y_stride, np.float32, rows)[:] = out[t]
 
 
-_GEMM_TYPES = (8, 10, 12, 16, F16)  # Q8_0, Q2_K, Q4_K, IQ2_XXS, F16
+_Q8_0 = 8
+_GEMM_TYPES = (_Q8_0, 10, 12, 16, F16)  # Q8_0, Q2_K, Q4_K, IQ2_XXS, F16
 has_cutlass = False                  # no bf16 wgmma path: gemm is the act8 product for every type
 
 
@@ -479,10 +480,21 @@ def moe_gate_up(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert
 
 
 def moe_route_gate_up(stream, mid, ids, weights, logits, bias, tid2eid, tokens, scale, normalize, h, h_stride, gate,
-                      up, type, n_ff, n_embd, n_expert, n_used, n_tok, clamp):
+                      up, type, n_ff, n_embd, n_expert, n_used, n_tok, clamp, sh_gate=0, sh_up=0, sh_n_ff=0,
+                      sh_clamp=0.0, sh_mid=0):
     route.__wrapped__(stream, ids, weights, logits, bias, tid2eid, tokens, n_tok, n_expert, n_used, scale, normalize)
     moe_gate_up.__wrapped__(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, ids, weights, n_used,
                             n_tok, clamp)
+    if sh_gate:
+        assert moe_shared_ok(type, n_embd, n_tok)
+        H = _rows(h, h_stride, n_tok, n_embd)
+        g = _product(_weights(sh_gate, _Q8_0, sh_n_ff, n_embd), _Q8_0, n_embd, H)
+        u = _product(_weights(sh_up, _Q8_0, sh_n_ff, n_embd), _Q8_0, n_embd, H)
+        _at(sh_mid, np.float32, sh_n_ff)[:] = REF.swiglu(g, u, sh_clamp)[0]
+
+
+def moe_shared_ok(type, n_embd, n_tok):
+    return n_tok == 1 and n_embd % 32 == 0 and type in (_Q8_0, 10, 12, 16)  # routed experts with 8-bit activations
 
 
 def swiglu(stream, mid, g, u, n, clamp):

@@ -502,6 +502,47 @@ def test_moe_route_gate_up(stream, rng, hash_layer, n_tok, n_expert):
     np.testing.assert_array_equal(d.get(mid).view(np.uint32), d.get(rmid).view(np.uint32))
 
 
+@pytest.mark.parametrize("gate_type", [IQ2_XXS, Q4_K, Q8_0])
+@pytest.mark.parametrize("n_embd,n_ff,sh_n_ff,n_expert", [(512, 64, 1000, 40), (4096, 2048, 2048, 8)])
+def test_moe_route_gate_up_shared(stream, rng, gate_type, n_embd, n_ff, sh_n_ff, n_expert):
+    """gate+up of one token with the shared expert inside: the routed part (ids, weights, mid) bit for bit that of
+    the launch without it; the shared expert's SwiGLU against the reference (Q8_0 products, weight 1), and bit for
+    bit the products path's (matvec of gate and of up, then swiglu), as the CUDA backend ran it before. The
+    shapes: more pairs than the grid has shared-expert warps (each takes several), and the real model's widths
+    (about one pair per warp)."""
+    d = Dev(stream)
+    assert _cuda.moe_shared_ok(gate_type, n_embd, 1) and not _cuda.moe_shared_ok(gate_type, n_embd, 2)
+    assert not _cuda.moe_shared_ok(F16, n_embd, 1)
+    k, clamp, sh_clamp = 6, 10.0, 7.0
+    gate = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
+    up = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
+    sh_gate, sh_up = rand_weights(rng, Q8_0, sh_n_ff, n_embd), rand_weights(rng, Q8_0, sh_n_ff, n_embd)
+    h = (rng.standard_normal((1, n_embd)) * 0.05).astype(np.float32)
+    logits = (rng.standard_normal((1, n_expert)) * 3).astype(np.float32)
+    bias = (rng.standard_normal(n_expert) * 0.1).astype(np.float32)
+    lp, bp, kp = d.put(logits), d.put(bias), d.put(np.zeros(1, np.int32))
+    gp, up_, hp, sgp, sup = d.put(gate), d.put(up), d.put(h), d.put(sh_gate), d.put(sh_up)
+    outs = []
+    for shared in (False, True):
+        ids, w, mid, sh_mid = d.out((1, k), np.int32), d.out((1, k)), d.out((1, k, n_ff)), d.out((1, sh_n_ff))
+        sh = dict(sh_gate=sgp, sh_up=sup, sh_n_ff=sh_n_ff, sh_clamp=sh_clamp, sh_mid=sh_mid.ptr) if shared else {}
+        _cuda.moe_route_gate_up(stream.ptr, mid.ptr, ids.ptr, w.ptr, lp, bp, 0, kp, 1.5, True, hp, n_embd, gp, up_,
+                                gate_type, n_ff, n_embd, n_expert, k, 1, clamp, **sh)
+        outs.append((ids, w, mid, sh_mid))
+    for a, b in zip(outs[0][:3], outs[1][:3]):
+        np.testing.assert_array_equal(d.get(a).view(np.uint32), d.get(b).view(np.uint32))
+    got = d.get(outs[1][3])
+    g, u = product_ref(sh_gate, Q8_0, n_embd, h), product_ref(sh_up, Q8_0, n_embd, h)
+    ref = swiglu_ref(g, u, sh_clamp)
+    assert np.abs(ref).max() > 0.5 and (np.abs(u) > sh_clamp).any()  # the clamp matters
+    assert rel(got, ref) < 1e-4
+    pg, pu, pm = d.out((1, sh_n_ff)), d.out((1, sh_n_ff)), d.out((1, sh_n_ff))
+    _cuda.matvec(stream.ptr, pg.ptr, sh_n_ff, sgp, Q8_0, sh_n_ff, n_embd, hp, n_embd, 1)
+    _cuda.matvec(stream.ptr, pu.ptr, sh_n_ff, sup, Q8_0, sh_n_ff, n_embd, hp, n_embd, 1)
+    _cuda.swiglu(stream.ptr, pm.ptr, pg.ptr, pu.ptr, sh_n_ff, sh_clamp)
+    np.testing.assert_array_equal(got.view(np.uint32), d.get(pm).view(np.uint32))
+
+
 @pytest.mark.parametrize("gate_type,down_type", MOE_TYPES)
 @pytest.mark.parametrize("n_tok,n_used,tile", [(2, 6, 0), (40, 6, 0), (150, 4, 0), (150, 4, 16), (150, 4, 64),
                                                (300, 6, 32)])

@@ -262,10 +262,10 @@ class Model:
     def _ffn(self, L: Layer, X: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         s, ops = self.shape, self.ops
         h, post, comb = ops.hc_pre(X, L.hc_ffn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, L.ffn_norm)
-        # The shared expert (no routing), then the routed experts added onto its output.
-        shared = ops.ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, s.swiglu_clamp_shexp[L.index])
-        f = ops.moe_routed(h, ops.matmul(L.ffn_gate_inp, h), self.route_specs[L.index], tokens,
-                           (L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps), s.swiglu_clamp_exp[L.index], shared)
+        # The shared expert (no routing) and the routed experts added onto its output.
+        f = ops.moe_routed(h, L.ffn_gate_inp, self.route_specs[L.index], tokens,
+                           (L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps), s.swiglu_clamp_exp[L.index],
+                           (L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp), s.swiglu_clamp_shexp[L.index])
         return ops.hc_post(f, X, post, comb)
 
 

@@ -117,6 +117,11 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Barrier `id` (1-15; 0 is __syncthreads) over `count` threads, whole warps.
+__device__ __forceinline__ void named_barrier(int id, int count) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+
 // 16-byte asynchronous global -> shared copy (sm_80+), cached in L2 only: weights are read once per step.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);

@@ -72,10 +72,6 @@ __device__ __forceinline__ float* out_at(const MatvecArgs& a, int g, int t, int6
     return a.part_y[k] + t * (a.part_end[k] - first) + (row - first);
 }
 
-__device__ __forceinline__ void named_barrier(int id, int count) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-
 template <int T, int NB>
 __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     constexpr int RPW = rows_per_warp<NB>(), SPS = WT<T>::sps;

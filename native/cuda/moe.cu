@@ -44,7 +44,18 @@ struct MoeArgs {
     RouteIn route;      // gate_up: with route.logits, the choice is made here and written to ids_out / weights_out
     int32_t* ids_out;
     float* weights_out;
+    // gate_up of one token with sh_w0: the shared expert's gate and up too (Q8_0, sh_rows rows of cols), by warps
+    // 1 .. sh_warps of every block while warp 0 routes, into sh_out (its SwiGLU clamped at sh_clamp, weight 1).
+    const uint8_t* sh_w0;
+    const uint8_t* sh_w1;
+    int sh_rows, sh_row_bytes, sh_warps;
+    float sh_clamp;
+    float* sh_out;
 };
+
+// The shared expert's stages inside gate_up: 2048 weights of its gate row and of its up row, one stage per warp
+// at a time in the space of the routed rows' ring (free until the routing is known).
+using ShStage = Stage<TYPE_Q8_0, 2>;
 
 // Stage sizes: gate/up rows (n_embd = 4096 wide) in two stages of 2048 weights for the 2-bit and 4-bit types
 // (half the registers of whole-row stages: 3 blocks per SM; Q4_K at 8 tokens 178 -> 129 us, IQ2_XXS at one token
@@ -119,8 +130,52 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
         return s;
     };
     auto stream = make_streamer<T, SPS, 1, RPW, true, FULL>(ring, lane, n_sets, steps, plan);
+
+    // The shared expert's pairs (gate row o, up row o): warp w >= 1 of block b takes o = b sh_warps + w - 1, then
+    // on by the grid's count of such warps; its first stage's weights are issued before the wait.
+    const bool sh = a.sh_w0 && warp >= 1 && warp <= a.sh_warps;
+    const int sh_first = blockIdx.x * a.sh_warps + warp - 1, sh_step = gridDim.x * a.sh_warps;
+    uint8_t* const sh_slot = xs + act_bytes<T>(1, a.cols) + (size_t)(warp - 1) * 2 * ShStage::slot;
+    auto sh_src = [&](int o, int st, int r) {
+        return (r ? a.sh_w1 : a.sh_w0) + (size_t)o * a.sh_row_bytes + st * ShStage::bytes;
+    };
+    auto sh_issue = [&](int o, int st) {
+        const int len = min(ShStage::bytes, a.sh_row_bytes - st * ShStage::bytes);
+        const uint32_t d = (uint32_t)__cvta_generic_to_shared(sh_slot);
+        copy_range<(ShStage::slot / 16 + 31) / 32>(d, sh_src(o, st, 0), len, lane);
+        copy_range<(ShStage::slot / 16 + 31) / 32>(d + ShStage::slot, sh_src(o, st, 1), len, lane);
+        cp_async_commit();
+    };
+    if (sh && sh_first < a.sh_rows) sh_issue(sh_first, 0);
     load_tables<T, LANES>(tab, a.tab);
     pdl_wait();
+    if (a.sh_w0 && warp > 0) {
+        // h as Q8_0 for the shared expert (in the space of its Q8_K form, written after the barrier below), then
+        // its pairs, exactly as the products path computes them (ds4_cuda_matvec and ds4_cuda_swiglu).
+        const XView xv = act_view<TYPE_Q8_0>(xs, 1, a.cols);
+        quantize_rows<32>((int8_t*)xv.qs, (float*)xv.d, nullptr, a.x + (int64_t)t * a.x_stride, a.x_stride, 1, a.cols,
+                          warp - 1, WARPS - 1);
+        named_barrier(1, 32 * (WARPS - 1));
+        const int sh_steps = sh ? (int)ceil_div(a.cols, ShStage::weights) : 0;
+        for (int o = sh_first; sh && o < a.sh_rows; o += sh_step) {
+            float acc[2][1] = {{0.0f}, {0.0f}};
+            for (int st = 0; st < sh_steps; ++st) {
+                if (o != sh_first || st > 0) sh_issue(o, st);
+                cp_async_wait<0>();
+                __syncwarp();
+                const uint8_t* rp[2] = {sh_slot + ((uintptr_t)sh_src(o, st, 0) & 15),
+                                        sh_slot + ShStage::slot + ((uintptr_t)sh_src(o, st, 1) & 15)};
+                stage_dot<TYPE_Q8_0, 2, 1, 2, true, false>(rp, 2, lane, (int64_t)st * ShStage::weights, a.cols, &xv, 1,
+                                                            acc, nullptr);
+                __syncwarp();  // every lane is done with the slot before the next stage refills it
+            }
+            const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
+            if (lane == 0) {
+                const float gc = fminf(g, a.sh_clamp), uc = fminf(fmaxf(u, -a.sh_clamp), a.sh_clamp);
+                a.sh_out[o] = silu(gc) * uc;
+            }
+        }
+    }
     if (a.route.logits) {
         if (warp == 0) {
             route_token(a.route, t, sid, swt);
@@ -252,8 +307,21 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     stream.run(a.cols, 1, tab, xview, flush);
 }
 
+// Warps of a gate_up block that can take the shared expert's pairs: their stages fit the routed rows' ring, and h
+// as Q8_0 fits the space of its form for T. 0: the shared expert cannot be done inside.
+template <int T, int WARPS>
+constexpr int shared_warps(int64_t cols) {
+    constexpr size_t ring = (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
+    if (WT<T>::xb == 0 || act_bytes<TYPE_Q8_0>(1, cols) > act_bytes<T>(1, cols)) return 0;
+    return (int)std::min<size_t>(WARPS - 1, ring / (2 * ShStage::slot));
+}
+
 template <int T, bool LANES, int WARPS = kWarps>
-cudaError_t gate_up_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
+cudaError_t gate_up_launch(cudaStream_t s, MoeArgs a, int n_tok) {
+    if (a.sh_w0) {
+        a.sh_warps = shared_warps<T, WARPS>(a.cols);
+        if (a.sh_warps < 1 || n_tok != 1) return cudaErrorNotSupported;
+    }
     auto kernel = full_stages<T, gate_up_sps<T>()>(a) ? moe_gate_up_kernel<T, LANES, WT<T>::xb == 256, WARPS>
                                                       : moe_gate_up_kernel<T, LANES, false, WARPS>;
     const size_t smem = gate_up_smem<T, LANES, WARPS>(a.cols);
@@ -331,7 +399,7 @@ cudaError_t check_moe(const char* op, int type, int64_t cols, int n_expert, int 
 cudaError_t gate_up(const char* op, cudaStream_t s, float* mid, const float* h, int64_t h_stride, const void* gate,
                     const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert, int n_used, int n_tok,
                     float clamp, const int32_t* ids, const float* weights, const RouteIn* route, int32_t* ids_out,
-                    float* weights_out) {
+                    float* weights_out, const ds4_cuda_shared_expert* sh = nullptr) {
     cudaError_t e = check_moe(op, type, n_embd, n_expert, n_used, n_tok, gate, h, h_stride);
     if (e != cudaSuccess) return e;
     if ((uintptr_t)up % 16 || n_ff < 1) return invalid(std::string(op) + ": up must be 16-byte aligned, n_ff >= 1");
@@ -341,9 +409,25 @@ cudaError_t gate_up(const char* op, cudaStream_t s, float* mid, const float* h, 
     MoeArgs a{mid, 0, h, h_stride, (const uint8_t*)gate, (const uint8_t*)up, n_ff, n_embd,
               (int64_t)row_bytes(type, n_embd), FastDiv((uint32_t)n_ff), n_expert, n_used, ids, weights, clamp,
               false, iq2_tables(), nullptr, route ? *route : RouteIn{}, ids_out, weights_out};
+    if (sh) {
+        if (!ds4_cuda_moe_shared_ok(type, n_embd, n_tok))
+            return invalid(std::string(op) + ": no shared expert here (ds4_cuda_moe_shared_ok)");
+        if (!sh->gate || !sh->up || !sh->mid || (uintptr_t)sh->gate % 16 || (uintptr_t)sh->up % 16 || sh->n_ff < 1)
+            return invalid(std::string(op) + ": the shared expert needs 16-byte aligned gate and up, mid, n_ff >= 1");
+        a.sh_w0 = (const uint8_t*)sh->gate, a.sh_w1 = (const uint8_t*)sh->up, a.sh_rows = (int)sh->n_ff;
+        a.sh_row_bytes = (int)row_bytes(TYPE_Q8_0, n_embd), a.sh_clamp = sh->clamp, a.sh_out = sh->mid;
+    }
     by_type<GateUpOp>(type, e, s, a, n_tok);
     return e;
 }
+
+template <int T>
+struct SharedOk {
+    static cudaError_t run(bool* ok, int64_t cols) {
+        *ok = shared_warps<T, T == TYPE_IQ2_XXS ? kGateUpLaneWarps : kWarps>(cols) > 0;
+        return cudaSuccess;
+    }
+};
 
 __global__ void swiglu_kernel(float* mid, const float* g, const float* u, int64_t n, float clamp) {
     pdl_trigger();
@@ -372,11 +456,17 @@ cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids,
                                        const float* bias, const int32_t* tid2eid, const int32_t* tokens, float scale,
                                        bool normalize, const float* h, int64_t h_stride, const void* gate,
                                        const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
-                                       int n_used, int n_tok, float clamp) {
+                                       int n_used, int n_tok, float clamp, const ds4_cuda_shared_expert* shared) {
     clear_error();
     const RouteIn route{logits, bias, tid2eid, tokens, n_expert, n_used, scale, normalize};
     return gate_up("moe_route_gate_up", s, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, n_used, n_tok,
-                   clamp, nullptr, nullptr, &route, ids, weights);
+                   clamp, nullptr, nullptr, &route, ids, weights, shared);
+}
+
+bool ds4_cuda_moe_shared_ok(int type, int64_t n_embd, int n_tok) {
+    bool ok = false;
+    cudaError_t e;
+    return n_tok == 1 && cols_ok(TYPE_Q8_0, n_embd) && by_type<SharedOk>(type, e, &ok, n_embd) && ok;
 }
 
 size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_ff) {

@@ -10,8 +10,8 @@ counts, each token's row addresses), built on the host and uploaded once per for
 Kernels are enqueued on one main stream, so device memory freed by Python can be handed to the next op at once
 (`_Pool`, stream-ordered reuse). In a decode step two branches run on a side stream beside it (forked and joined
 with events, which a captured graph keeps as edges): the compressors' products and the compressors, beside the
-query path, joined before the indexer and attention; the shared expert, beside the router and the routed gate
-and up, joined before the routed down adds onto it. While a branch is open, memory Python frees waits for the
+query path, joined before the indexer and attention; at 2-16 tokens the shared expert, beside the routed gate and
+up, joined before the routed down adds onto it. While a branch is open, memory Python frees waits for the
 join before it is reused. The per-forward table (token ids, positions, row addresses, sampling draws) goes
 up in stream order from pinned memory, so a forward waits for the GPU only at its one download: the sampled token
 ids (`sample`, the engine's step) or the logits; besides, first uses upload weights and constants synchronously
@@ -22,8 +22,9 @@ the FP8 / Hadamard+FP4 emulation (faithful) or as f32 (exact); only the order of
 Forwards of up to 16 rows (decode batches) use the decode kernels, and decode steps are captured as CUDA graphs.
 The products of one input that `matmuls` receives (a sublayer's q_a, kv, compressor and indexer projections; the
 shared expert's gate and up) are stored back to back per weight type, so that a decode step runs each run of them
-as one product. Two small steps run inside the kernel that consumes them: q_a's norm inside the q_b product
-(`norm_matmul`), the router's choice inside the routed experts' gate+up (`moe_routed`).
+as one product. Small steps run inside the kernel that consumes them: q_a's norm inside the q_b product
+(`norm_matmul`), the router's choice inside the routed experts' gate+up (`moe_routed`), and at one token the
+shared expert's gate and up there too.
 More rows (prefill chunks) go to the tensor-core paths: products through ds4_cuda_gemm (quantized and F16
 weights), the routed experts through ds4_cuda_moe_grouped (pairs sorted by expert), attention through
 ds4_cuda_attention_prefill (f16 rows), hc_pre over all rows at once, the compressors' blocks pooled in parallel;
@@ -1043,28 +1044,45 @@ class CUDA:
         """The shared expert, down · swiglu(gate · h, up · h): gate and up as one product of two parts, a SwiGLU
         and down. (At one token this beat the fused MoE kernels as an expert of one by ~2 us per layer, 1.3% of a
         decode step, on an H200; at several they read the weights once per token, the products once per block of
-        rows.) In a decode step on the side stream, beside the router and the routed experts' gate and up;
-        `_moe_tokens` joins before the routed down adds onto the result."""
+        rows.) In a decode step on the side stream, beside the routed experts' gate and up; `_moe_tokens` joins
+        before the routed down adds onto the result."""
         with self._on_side(self._fork()):
             mid, u = self.matmuls([gate, up], h)
             self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
             return self._matvec(down, mid, 1)
 
-    def moe_routed(self, h: DArray, logits: DArray, route, tokens: np.ndarray, experts: tuple[Weight, Weight, Weight],
-                   clamp: float, shared: DArray) -> DArray:
-        """`route` then `moe`; up to MATVEC_ROWS tokens (a decode step), the routed gate+up kernel chooses each
-        token's experts itself from the logits (ds4_cuda_moe_route_gate_up: one launch fewer per layer)."""
-        N, n_expert = logits.shape
+    def moe_routed(self, h: DArray, router: Weight, route, tokens: np.ndarray,
+                   experts: tuple[Weight, Weight, Weight], clamp: float, shared: tuple[Weight, Weight, Weight],
+                   shared_clamp: float) -> DArray:
+        """The shared expert (`ffn`, forked first), the router's logits, then `route` and `moe` onto the shared
+        expert's output; up to MATVEC_ROWS tokens (a decode step), the routed gate+up kernel chooses each token's
+        experts itself from the logits (ds4_cuda_moe_route_gate_up: one launch fewer per layer), and at one token
+        it computes the shared expert's gate and up too: their weights stream while the kernel's first warp
+        chooses the experts (on the side stream, the shared expert waited for the routed gate+up's blocks to leave
+        the SMs: ~13 us per layer on an H200), and its down runs before the routed down adds onto it."""
+        N, n_expert = h.shape[0], router.rows
+        sh_gate, sh_up, sh_down = shared
+        inside = (N == 1 and n_expert <= ROUTE_EXPERTS_MAX and route.k <= MOE_USED_MAX and
+                  sh_gate.type == Q.Q8_0 and sh_up.type == Q.Q8_0 and
+                  self.cu.moe_shared_ok(int(experts[0].type), h.shape[1], N))
+        out = None if inside else self.ffn(h, *shared, shared_clamp)
+        logits = self.matmul(router, h)
         if N > MATVEC_ROWS or n_expert > ROUTE_EXPERTS_MAX or route.k > MOE_USED_MAX:
             ids, w = self.route(logits, route.bias, route.tid2eid, tokens, route.k, route.scale, route.normalize)
-            return self.moe(h, ids, w, experts, clamp, shared)
+            return self.moe(h, ids, w, experts, clamp, out)
         ids, w = self.empty((N, route.k), _I32), self.empty((N, route.k))
         bias = self.const(route.bias, _F32) if route.bias is not None else 0
         tid2eid = self.const(route.tid2eid, _I32) if route.tid2eid is not None else 0
         gate_up = functools.partial(self.cu.moe_route_gate_up, logits=logits.ptr, bias=bias, tid2eid=tid2eid,
                                     tokens=self._step.tokens, scale=float(route.scale),
                                     normalize=bool(route.normalize))
-        return self._moe_tokens(h, ids, w, experts, clamp, shared, gate_up)
+        if not inside:
+            return self._moe_tokens(h, ids, w, experts, clamp, out, gate_up)
+        self._joined([sh_gate, sh_up])           # stored back to back for the products of a prefill, if not yet
+        sh_mid = self.empty((N, sh_gate.rows))
+        gate_up = functools.partial(gate_up, sh_gate=self.weight(sh_gate), sh_up=self.weight(sh_up),
+                                    sh_n_ff=sh_gate.rows, sh_clamp=float(shared_clamp), sh_mid=sh_mid.ptr)
+        return self._moe_tokens(h, ids, w, experts, clamp, lambda: self._matvec(sh_down, sh_mid, 1), gate_up)
 
     def moe(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight], clamp: float,
             shared: DArray) -> DArray:
@@ -1090,10 +1108,10 @@ class CUDA:
         return shared
 
     def _moe_tokens(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight],
-                    clamp: float, shared: DArray, route_gate_up) -> DArray:
+                    clamp: float, shared, route_gate_up) -> DArray:
         """The fused MoE kernels per chunk of MOE_ROWS tokens: gate+up (with route_gate_up, the bound
         ds4_cuda_moe_route_gate_up, which chooses the experts and writes ids and weights; else reading them),
-        then down onto `shared`."""
+        then down onto `shared` (or onto what shared() makes after gate+up)."""
         cu, s = self.cu, self.stream.ptr
         N, E = h.shape
         k = ids.shape[1]
@@ -1112,6 +1130,8 @@ class CUDA:
                               type=int(gate.type), n_ff=gate.rows, n_embd=E, n_expert=gate.n_expert, n_used=k,
                               n_tok=n, clamp=float(clamp))
             self._join()                         # `shared`, made on the side stream by ffn
+            if callable(shared):
+                shared = shared()
             cu.moe_down(s, shared.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
                         at_ids, k, n, True, work.ptr if work is not None else 0)
         self.weight_calls += 1

@@ -435,12 +435,16 @@ class Reference:
             w = w / np.maximum(w.sum(axis=1, keepdims=True), MOE_WEIGHT_FLOOR)
         return ids, w * self.dtype.type(scale)
 
-    def moe_routed(self, h: np.ndarray, logits: np.ndarray, route, tokens: np.ndarray,
-                   experts: tuple[Weight, Weight, Weight], clamp: float, shared: np.ndarray) -> np.ndarray:
-        """`route` on the router's logits by the layer's RouteSpec, then `moe` (a backend may choose the experts
-        inside its expert kernels)."""
+    def moe_routed(self, h: np.ndarray, router: Weight, route, tokens: np.ndarray,
+                   experts: tuple[Weight, Weight, Weight], clamp: float, shared: tuple[Weight, Weight, Weight],
+                   shared_clamp: float) -> np.ndarray:
+        """The FFN of the normed h: the shared expert (`ffn` of the `shared` gate, up and down), then `route` on
+        the router's logits (router · h) by the layer's RouteSpec and `moe` onto it (a backend may choose the
+        experts inside its expert kernels, and run the shared expert inside them too)."""
+        out = self.ffn(h, *shared, shared_clamp)
+        logits = self.matmul(router, h)
         ids, w = self.route(logits, route.bias, route.tid2eid, tokens, route.k, route.scale, route.normalize)
-        return self.moe(h, ids, w, experts, clamp, shared)
+        return self.moe(h, ids, w, experts, clamp, out)
 
     def moe(self, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: tuple[Weight, Weight, Weight],
             clamp: float, shared: np.ndarray) -> np.ndarray:

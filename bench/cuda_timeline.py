@@ -1,0 +1,125 @@
+"""Kernel timeline of graph-replayed decode steps on the full-width 4-layer file, through CUPTI.
+
+PyTorch's profiler (on the GPU machine only; ds4d does not use PyTorch) records every kernel the process runs,
+replayed graph nodes included, with its start and end on the device. For the last profiled step this prints each
+kernel in order of start with its stream, duration and what it adds to the step's end (its end minus the latest
+end before it: the chain's cost of that kernel, overlap with the kernels before it excluded), then per kernel name
+the median over the profiled steps of both, summed per step. The times come from CUPTI's records with no event
+nodes in the graph, unlike LayerClock / OpClock.
+
+    python3 bench/cuda_timeline.py [--batch 1] [--ctx 2048] [--steps 8] [--file /tmp/ds4-4h.gguf] [--json out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_model import open_four_layers  # noqa: E402
+
+from ds4d.model import Segment  # noqa: E402
+from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
+
+
+def short(name: str) -> str:
+    """A kernel's name without namespaces, return type and parameters (template arguments kept)."""
+    name = name.replace("(anonymous namespace)::", "").replace("ds4::cuda::", "").replace("ds4::", "")
+    return name.removeprefix("void ").split("(")[0][:70]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ctx", type=int, default=2048, help="prompt length of each session")
+    ap.add_argument("--steps", type=int, default=8, help="profiled steps (after 6 unprofiled ones)")
+    ap.add_argument("--file", default="/tmp/ds4-4h.gguf", help="4-layer full-width file (written if missing)")
+    ap.add_argument("--json", help="write the last step's kernels here")
+    ap.add_argument("--trace", default="/tmp/ds4-timeline.json", help="the profiler's Chrome trace (written)")
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    m = open_four_layers(Path(args.file))
+    rng = np.random.default_rng(0)
+    states = [m.new_state() for _ in range(args.batch)]
+    for st in states:
+        m.prefill(st, rng.integers(0, m.shape.n_vocab, args.ctx), chunk=2048)
+    samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(args.batch)]
+
+    def step():
+        toks = rng.integers(0, m.shape.n_vocab, args.batch)
+        m.sample([Segment(st, np.array([t])) for st, t in zip(states, toks)], [s.draw() for s in samplers])
+
+    for _ in range(6):
+        step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+    trace = Path(args.trace)
+    prof.export_chrome_trace(str(trace))
+    kinds = ("kernel", "gpu_memcpy", "gpu_memset")
+    kernels = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") in kinds]
+    kernels.sort(key=lambda e: e["ts"])
+    # Steps: a gap of more than 50 us between one kernel's end and the next start (the host's part of the step).
+    steps, cur, last_end = [], [], None
+    for e in kernels:
+        if last_end is not None and e["ts"] - last_end > 50:
+            steps.append(cur)
+            cur = []
+        cur.append(e)
+        last_end = max(last_end or 0, e["ts"] + e["dur"])
+    steps.append(cur)
+    print(f"{len(kernels)} kernels in {len(steps)} steps ({[len(s) for s in steps]})")
+
+    def rows(step_kernels):
+        out, end = [], step_kernels[0]["ts"]
+        t0 = end
+        for e in step_kernels:
+            add = max(0.0, e["ts"] + e["dur"] - end)
+            end = max(end, e["ts"] + e["dur"])
+            a = e.get("args", {})
+            out.append({"name": short(e["name"]), "stream": a.get("stream", e.get("tid")), "grid": a.get("grid"),
+                        "start": e["ts"] - t0, "dur": e["dur"], "add": add})
+        return out
+
+    full = [s for s in steps if len(s) == max(len(x) for x in steps)]
+    last = rows(full[-1])
+    print(f"\nlast step: {len(last)} kernels, {last[-1]['start'] + last[-1]['dur']:.1f} us from first start to last "
+          f"end")
+    print(f"{'start':>8} {'dur':>7} {'adds':>7}  stream  kernel")
+    for r in last:
+        print(f"{r['start']:8.1f} {r['dur']:7.1f} {r['add']:7.1f}  {r['stream']:>6}  {r['name']} {r['grid']}")
+    agg = defaultdict(lambda: ([], [], []))
+    for s in full:
+        per = defaultdict(lambda: [0, 0.0, 0.0])
+        for r in rows(s):
+            p = per[r["name"]]
+            p[0] += 1
+            p[1] += r["dur"]
+            p[2] += r["add"]
+        for k, (n, d, a) in per.items():
+            agg[k][0].append(n)
+            agg[k][1].append(d)
+            agg[k][2].append(a)
+    print(f"\nper kernel, medians over {len(full)} steps (us per step)")
+    print(f"{'calls':>5} {'dur':>8} {'adds':>8}  kernel")
+    total_d = total_a = 0.0
+    for k, (n, d, a) in sorted(agg.items(), key=lambda kv: -statistics.median(kv[1][2])):
+        md, ma = statistics.median(d), statistics.median(a)
+        total_d += md
+        total_a += ma
+        print(f"{statistics.median(n):5.0f} {md:8.1f} {ma:8.1f}  {k}")
+    print(f"{'':5} {total_d:8.1f} {total_a:8.1f}  total")
+    if args.json:
+        Path(args.json).write_text(json.dumps(last))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
