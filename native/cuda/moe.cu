@@ -17,6 +17,10 @@
 // kernel's 18 us at one token; quantizing each block of mid in gate_up, by the warp whose store completes it,
 // cost more than that launch: a fence per pair drains the warp's weight stages in flight). Tokens do not share
 // expert reads: at decode sizes most of a token's experts are its own (8 tokens x 6 of 256).
+//
+// At one token gate_up also computes the shared expert's gate and up (Q8_0) in the warps other than the routing
+// warp, its weights fetched before the dependency wait: a kernel whose blocks fill every SM leaves no room for
+// another stream's kernel beside it, so the shared expert could not run beside gate_up on a side stream.
 #include "qdot.cuh"
 #include "routing.cuh"
 
