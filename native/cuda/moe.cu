@@ -322,10 +322,7 @@ constexpr int shared_warps(int64_t cols) {
 
 template <int T, bool LANES, int WARPS = kWarps>
 cudaError_t gate_up_launch(cudaStream_t s, MoeArgs a, int n_tok) {
-    if (a.sh_w0) {
-        a.sh_warps = shared_warps<T, WARPS>(a.cols);
-        if (a.sh_warps < 1 || n_tok != 1) return cudaErrorNotSupported;
-    }
+    if (a.sh_w0) a.sh_warps = shared_warps<T, WARPS>(a.cols);  // >= 1: gate_up() checked ds4_cuda_moe_shared_ok
     auto kernel = full_stages<T, gate_up_sps<T>()>(a) ? moe_gate_up_kernel<T, LANES, WT<T>::xb == 256, WARPS>
                                                       : moe_gate_up_kernel<T, LANES, false, WARPS>;
     const size_t smem = gate_up_smem<T, LANES, WARPS>(a.cols);

@@ -1060,14 +1060,14 @@ class CUDA:
         it computes the shared expert's gate and up too: their weights stream while the kernel's first warp
         chooses the experts (on the side stream, the shared expert waited for the routed gate+up's blocks to leave
         the SMs: ~13 us per layer on an H200), and its down runs before the routed down adds onto it."""
-        N, n_expert = h.shape[0], router.rows
+        N = h.shape[0]
         sh_gate, sh_up, sh_down = shared
-        inside = (N == 1 and n_expert <= ROUTE_EXPERTS_MAX and route.k <= MOE_USED_MAX and
-                  sh_gate.type == Q.Q8_0 and sh_up.type == Q.Q8_0 and
+        in_kernel = N <= MATVEC_ROWS and router.rows <= ROUTE_EXPERTS_MAX and route.k <= MOE_USED_MAX
+        inside = (in_kernel and N == 1 and sh_gate.type == Q.Q8_0 and sh_up.type == Q.Q8_0 and
                   self.cu.moe_shared_ok(int(experts[0].type), h.shape[1], N))
         out = None if inside else self.ffn(h, *shared, shared_clamp)
         logits = self.matmul(router, h)
-        if N > MATVEC_ROWS or n_expert > ROUTE_EXPERTS_MAX or route.k > MOE_USED_MAX:
+        if not in_kernel:
             ids, w = self.route(logits, route.bias, route.tid2eid, tokens, route.k, route.scale, route.normalize)
             return self.moe(h, ids, w, experts, clamp, out)
         ids, w = self.empty((N, route.k), _I32), self.empty((N, route.k))
