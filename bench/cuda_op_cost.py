@@ -32,7 +32,7 @@ from ds4d.model import Segment  # noqa: E402
 from ds4d.ops.reference import Reference  # noqa: E402
 from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
 
-OPS = ("norm_matmul", "norm_ropes", "rope", "hc_post", "ffn", "moe_routed", "attend", "matmul", "matmul_grouped",
+OPS = ("norm_matmul", "rope", "hc_post", "ffn", "moe_routed", "attend", "matmul", "matmul_grouped",
        "matmuls")
 
 
@@ -41,8 +41,6 @@ def skipped(ops, name, zero):
     ops whose output has the input's shape)."""
     if name == "norm_matmul":
         return lambda w, x, weight, eps: (zero((x.shape[0], w.rows)), x)
-    if name == "norm_ropes":
-        return lambda items, eps, pos, freq: [x for x, _ in items]
     if name == "rope":
         return lambda x, pos, freq, inverse=False: x
     if name == "hc_post":

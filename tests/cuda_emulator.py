@@ -393,7 +393,17 @@ def attention_scratch_bytes(n_tok, n_head, dim, raw_cap, comp_cap, sel_cap, has_
 
 def attention_decode(stream, out, scratch, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n, comp_cap,
                      sel, sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0, f32_rows=False,
-                     rope_pos=0, rope_freq=0, n_rot=0):
+                     rope_pos=0, rope_freq=0, n_rot=0, kv_x=0, kv_w=0, eps=0.0, n_nope=0):
+    if kv_x:   # the decode front: the query heads' and the K=V row's norm and RoPE, the row into its ring slot
+        assert not f32_rows and rope_pos
+        qn, kvn = Buffer(4 * n_tok * n_head * dim), Buffer(4 * n_tok * dim)
+        rms_norm_rope.__wrapped__(stream, qn.ptr, dim, q, dim, 0, n_tok * n_head, dim, eps, rope_pos, n_head,
+                                  rope_freq, n_rot)
+        rms_norm_rope.__wrapped__(stream, kvn.ptr, dim, kv_x, dim, kv_w, n_tok, dim, eps, rope_pos, 1, rope_freq,
+                                  n_rot)
+        kv_store.__wrapped__(stream, raw, raw_stride, kvn.ptr, dim, rope_pos, 0, 1, raw_cap, n_tok, dim, n_nope,
+                             n_nope > 0, raw_rows)
+        q = qn.ptr
     rt = np.float32 if f32_rows else np.float16
     es = np.dtype(rt).itemsize
     rn, cn = _at(raw_n, np.int32, n_tok), _at(comp_n, np.int32, n_tok)

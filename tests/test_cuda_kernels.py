@@ -704,6 +704,59 @@ def test_attention_decode_inverse_rope(stream, rng, rows):
     assert rel(got[..., -64:], ref[..., -64:]) < 1e-5 and rel(att[..., -64:], ref[..., -64:]) > 1e-2
 
 
+@pytest.mark.parametrize("dim,n_head,n_nope", [(512, 64, 448), (128, 8, 0), (256, 20, 64)])
+@pytest.mark.parametrize("with_sel", [False, True])
+def test_attention_decode_front(stream, rng, dim, n_head, n_nope, with_sel):
+    """The decode front (the query heads' norm and RoPE, the K=V row's norm, RoPE, FP8 round trip and store into
+    its ring slot, inside the split launch) gives the bits of rms_norm_rope, kv_store and the attention after them:
+    the output and every session's ring (rows reached through per-token tables, as the engine's step passes them),
+    the new rows in different tiles, before and after the ring wraps, with and without compressed rows."""
+    d = Dev(stream)
+    pos = np.array([0, 40, 127, 128, 1000, 999_999], np.int32)
+    raw_n = np.minimum(pos + 1, RAW_CAP).astype(np.int32)
+    comp_n = np.array([0, 5, 300, 40, 129, 7], np.int32)
+    T = len(pos)
+    raw, comp, q, sinks, sel = attention_case(rng, raw_n, comp_n, dim, n_head, 3.0, with_sel)
+    kv = kv_test_rows(rng, T, dim)
+    kv_w = rng.uniform(0.5, 1.5, dim).astype(np.float32)
+    inv = rope_inv_freq(64, 10000.0, (16.0, 65536, 32.0, 1.0))
+    scale, eps = 1.0 / math.sqrt(dim), 1e-6
+    pp, ip, rn, cp, cn = d.put(pos), d.put(inv), d.put(raw_n), d.put(comp), d.put(comp_n)
+    sp = d.put(sel) if with_sel else 0
+    nbytes = _cuda.attention_scratch_bytes(T, n_head, dim, RAW_CAP, COMP_CAP, SEL_CAP, with_sel)
+
+    def rings():
+        ring = d.buf(raw)
+        return ring, d.put(np.array([ring.ptr + t * RAW_CAP * dim * 2 for t in range(T)], np.int64))
+
+    # Apart: the norms and RoPE, the store, then the attention over the stored rows.
+    ring_a, rows_a = rings()
+    qn, kvn, out_a = d.out((T, n_head, dim)), d.out((T, dim)), d.out((T, n_head, dim))
+    _cuda.rms_norm_rope(stream.ptr, qn.ptr, dim, d.put(q), dim, 0, T * n_head, dim, eps, pp, n_head, ip, 64,
+                        also=(kvn.ptr, dim, d.put(kv), dim, d.put(kv_w), T, 1))
+    _cuda.kv_store(stream.ptr, 0, 0, kvn.ptr, dim, pp, 0, 1, RAW_CAP, T, dim, n_nope, n_nope > 0, rows_a)
+    scratch_a = _cuda.Buffer(nbytes)
+    _cuda.attention_decode(stream.ptr, out_a.ptr, scratch_a.ptr, qn.ptr, 0, 0, rn, RAW_CAP, cp, COMP_CAP * dim, cn,
+                           COMP_CAP, sp, SEL_CAP, d.put(sinks), T, n_head, dim, scale, rows_a, 0, False, pp, ip, 64)
+    # The front, in one launch (and its combine).
+    ring_b, rows_b = rings()
+    out_b = d.out((T, n_head, dim))
+    scratch_b = _cuda.Buffer(nbytes)
+    _cuda.attention_decode(stream.ptr, out_b.ptr, scratch_b.ptr, d.put(q), 0, 0, rn, RAW_CAP, cp, COMP_CAP * dim, cn,
+                           COMP_CAP, sp, SEL_CAP, d.put(sinks), T, n_head, dim, scale, rows_b, 0, False, pp, ip, 64,
+                           kv_x=d.put(kv), kv_w=d.put(kv_w), eps=eps, n_nope=n_nope)
+    got_ring = d.get(ring_b)
+    np.testing.assert_array_equal(got_ring.view(np.uint16), d.get(ring_a).view(np.uint16))
+    np.testing.assert_array_equal(d.get(out_b), d.get(out_a))
+    # The new rows against the reference (norm, RoPE, FP8) and nothing else of the rings touched.
+    new = REF.norm_rope(kv.astype(np.float64), kv_w, eps, pos, inv)
+    new = (REF32.fp8_kv(new.astype(np.float32), n_nope) if n_nope else new).astype(np.float16)
+    for t in range(T):
+        slot = pos[t] % RAW_CAP
+        assert rel(got_ring[t, slot].astype(np.float64), new[t].astype(np.float64)) < 1e-2
+        np.testing.assert_array_equal(np.delete(got_ring[t], slot, 0), np.delete(raw[t], slot, 0))
+
+
 @pytest.mark.parametrize("dim,n_head", [(512, 64), (128, 8), (256, 20)])
 @pytest.mark.parametrize("with_sel", [False, True])
 def test_attention_prefill(stream, rng, dim, n_head, with_sel):

@@ -107,7 +107,7 @@ class Model:
         return AttnSpec(
             ratio=L.ratio, n_swa=s.n_swa, n_nope=s.n_nope, scale=1.0 / math.sqrt(s.head_dim), sinks=L.attn_sinks,
             rope=self.rope_main if L.ratio == 0 else self.rope_comp, rope_comp=self.rope_comp,
-            faithful=self.faithful, store_dtype=self.store_dtype, rms_eps=s.rms_eps,
+            faithful=self.faithful, store_dtype=self.store_dtype, rms_eps=s.rms_eps, kv_norm=L.attn_kv_a_norm,
             comp_ape=None if c is None else c.ape, comp_norm=None if c is None else c.norm,
             idx_ape=None if i is None else i.compressor.ape, idx_norm=None if i is None else i.compressor.norm,
             top_k=s.indexer_top_k, idx_w_scale=1.0 / math.sqrt(s.indexer_head_dim * s.n_indexer_head))
@@ -225,12 +225,12 @@ class Model:
 
     # --- attention sublayer ---------------------------------------------------------------------------------
     #
-    # Per token: the query path (low rank, weighted norm, per-head unweighted norm, RoPE), one K=V row (norm,
-    # RoPE), the compressors' projections of the normed input and the indexer's query; then the backend's
-    # `attend` stores the K=V row (FP8 of the unrotated dims, f16 storage), runs the compressors and the indexer
-    # on each session's state, attends over the raw window plus the compressed rows visible at each position and
-    # turns the output's rotated tail back (inverse RoPE). The grouped low-rank output projection closes the
-    # sublayer.
+    # Per token: the query path (low rank, weighted norm), one K=V row, the compressors' projections of the
+    # normed input and the indexer's query; then the backend's `attend` norms and rotates the query heads (per-head
+    # unweighted norm, RoPE) and the K=V row (norm, RoPE), stores the row (FP8 of the unrotated dims, f16 storage),
+    # runs the compressors and the indexer on each session's state, attends over the raw window plus the
+    # compressed rows visible at each position and turns the output's rotated tail back (inverse RoPE). The grouped
+    # low-rank output projection closes the sublayer.
 
     def _attention(self, L: Layer, X: np.ndarray, states: list[LayerState], bounds: np.ndarray,
                    positions: np.ndarray) -> np.ndarray:
@@ -246,14 +246,12 @@ class Model:
         qa, kv, *of_h = ops.matmuls(ws, h)
         q, qn = ops.norm_matmul(L.attn_q_b, qa, L.attn_q_a_norm, s.rms_eps)          # qn: (N, q_rank)
         spec = self.attn_specs[L.index]
-        q, kv = ops.norm_ropes([(q.reshape(N, s.n_head, s.head_dim), None),                        # (N, H, D)
-                                (kv, L.attn_kv_a_norm)], s.rms_eps, positions, spec.rope)            # (N, D)
         comp = tuple(of_h[:2]) if L.compressor is not None else None
         idx = None
         if L.indexer is not None:
             iq = ops.matmul(L.indexer.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
             idx = (of_h[2], of_h[3], ops.rope(iq, positions, self.rope_comp), of_h[4])
-        o = ops.attend(spec, states, bounds, positions, q, kv, comp, idx)            # (N, H, D), V's tail unrotated
+        o = ops.attend(spec, states, bounds, positions, q.reshape(N, s.n_head, s.head_dim), kv, comp, idx)
         low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)
         y = ops.matmul(L.attn_output_b, low)                                          # (N, E)
         return ops.hc_post(y, X, post, comb)

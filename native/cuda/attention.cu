@@ -45,6 +45,12 @@ struct AttnArgs {
     const int32_t* rope_pos;  // decode's combine: the inverse RoPE of each head's last n_rot dims (null: none)
     const double* rope_freq;
     int n_rot;
+    // The decode front (null kv_x: none): q before its norm and RoPE, each token's K=V row before its norm, RoPE and
+    // FP8 round trip of the first n_nope dims; the split launch forms both and stores the row (its ring slot).
+    const float* kv_x;
+    const float* kv_w;
+    float eps;
+    int n_nope;
 };
 
 // Rows of token t: raw rows, then compressed candidates (the selection list's entries, or every row).
@@ -265,6 +271,14 @@ int splits(int raw_cap, int comp_cap, int sel_cap, bool has_sel) {
 // CUDA-core kernel's. The sink joins at the end: out = O e^(m - M) / (e^(sink - M) + l e^(m - M)). SPLIT (decode):
 // block z takes row tile z only and leaves (m, l, O) for attention_combine_kernel, as the CUDA-core split kernel
 // does; many more blocks for a few queries, each row tile staged once per 16 heads instead of once per 4.
+//
+// FRONT (decode, split): the launch also does what rms_norm_rope and kv_store did before it, with their bits. The
+// query heads are normed (no weight) and rotated as they are loaded; the token's new K=V row (raw row pos % raw_cap,
+// its ring slot) is formed in each block whose tile holds it, warp w taking its 64-value block w (norm with kv_w,
+// RoPE, the FP8 round trip below n_nope, f16; one warp for the whole row was 4x slower), into the staged tile, and
+// written to the ring by the first head group's block. The tile's other raw rows, which earlier steps wrote, are copied before the dependent-launch wait
+// (the row counts, positions and row tables are the step's table, written before the step's first kernel); the
+// compressed rows after it (the indexer's choice, a row emitted this step).
 constexpr int kPfHeads = 16, kPfWarps = 8, kPfRows = 32, kPfPadP = 40;  // P rows padded: conflict-free A loads
 static_assert(kPfRows == kRows, "a split is one row tile: the combine counts splits of kRows rows");
 
@@ -295,13 +309,17 @@ struct PfSmem {
     static constexpr size_t sp = k + 2 * kPfRows * kStride * 2;    // float [2][16][32]: partial scores
     static constexpr size_t p = sp + 2 * kPfHeads * kPfRows * 4;   // half [2][16][kPfPadP]: P high, low
     static constexpr size_t misc = p + 2 * kPfHeads * kPfPadP * 2; // float corr[16], m[16], l[16], qscale[16]
-    static constexpr size_t bytes = misc + 4 * kPfHeads * 4;
+    static constexpr size_t cs = misc + 4 * kPfHeads * 4;          // float [D]: FRONT's RoPE cos, sin
+    static constexpr size_t bytes = cs + D * 4;
 };
 
-template <int D, bool SPLIT>
+template <int D, bool SPLIT, bool FRONT>
 __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a) {
+    static_assert(SPLIT || !FRONT, "the decode front is a split launch's");
     using S = PfSmem<D>;
     constexpr int ST = S::kStride, NT = D / 64;  // n8 tiles of dims per warp in O += P V
+    constexpr int kVec = D / 128;                // float4 of a row per lane: elements 4 lane + 128 k
+    constexpr int64_t kRow = 2 * D;
     extern __shared__ __align__(16) uint8_t smem[];
     __half* qs = (__half*)(smem + S::q);
     __half* ks = (__half*)(smem + S::k);
@@ -311,71 +329,157 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
     float* m_fin = corr + kPfHeads;
     float* l_fin = m_fin + kPfHeads;
     float* qscale = l_fin + kPfHeads;
+    float* cs = (float*)(smem + S::cs);
     __shared__ const uint8_t* src_row[2][kPfRows];
     pdl_trigger();
-    pdl_wait();
 
     const int t = blockIdx.y, h0 = blockIdx.x * kPfHeads;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    int n_raw;
-    const int total = row_count(a, t, n_raw);
-    int first = 0, n_tiles = (total + kPfRows - 1) / kPfRows;
-    if constexpr (SPLIT) {
-        first = blockIdx.z;
-        if (first >= n_tiles) return;  // past this token's rows (the grid covers the capacity)
-        n_tiles = first + 1;
-    }
+    int n_raw = 0, total = 0, first = 0, n_tiles = 0, v_new = -1;
 
-    // Q of the block's heads (zeros past n_head), split into f16 high and low parts per head scale.
-    for (int hh = 2 * warp; hh < 2 * warp + 2; ++hh) {
-        const bool live = h0 + hh < a.n_head;
-        const float* qh = a.q + ((int64_t)t * a.n_head + h0 + hh) * D;
-        float amax = 0.0f;
-        if (live)
-            for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(qh[d]));
-        amax = warp_max(amax);
-        const int e = f16_scale_exp(amax);
-        const float inv = pow2f(-e);
-        if (lane == 0) qscale[hh] = pow2f(e);
-        for (int d = lane; d < D; d += 32) {
-            split_f16(live ? qh[d] * inv : 0.0f, qs[hh * ST + d], qs[(kPfHeads + hh) * ST + d]);
-        }
-    }
-
-    // Row tile i into buffer b: sources (null: no row; zeros staged), then 16-byte copies.
-    auto stage = [&](int i, int b) {
+    // Row tile i into buffer b: sources (null: no row; zeros staged), then 16-byte copies. FRONT stages its tile in
+    // two parts: kOld the raw rows but the new one, kNew the compressed rows (and the zeros).
+    enum { kAll, kOld, kNew };
+    auto stage = [&](int i, int b, int part) {
         if (threadIdx.x < kPfRows) {
             const int v = i * kPfRows + threadIdx.x;
-            const uint8_t* src = nullptr;
-            constexpr int64_t kRow = 2 * D;
-            if (v < n_raw) {
-                src = (a.raw_rows ? a.raw_rows[t] : a.raw + (int64_t)t * a.raw_stride * 2) + v * kRow;
-            } else if (v < total) {
-                const int c = a.sel ? a.sel[(int64_t)t * a.sel_cap + (v - n_raw)] : v - n_raw;
-                if (c >= 0 && c < min(a.comp_n[t], a.comp_cap))
-                    src = (a.comp_rows ? a.comp_rows[t] : a.comp + (int64_t)t * a.comp_stride * 2) + c * kRow;
+            if (part != kNew || v >= n_raw) {
+                const uint8_t* src = nullptr;
+                if (v < n_raw) {
+                    src = (a.raw_rows ? a.raw_rows[t] : a.raw + (int64_t)t * a.raw_stride * 2) + v * kRow;
+                } else if (v < total && part != kOld) {
+                    const int c = a.sel ? a.sel[(int64_t)t * a.sel_cap + (v - n_raw)] : v - n_raw;
+                    if (c >= 0 && c < min(a.comp_n[t], a.comp_cap))
+                        src = (a.comp_rows ? a.comp_rows[t] : a.comp + (int64_t)t * a.comp_stride * 2) + c * kRow;
+                }
+                src_row[b][threadIdx.x] = src;
             }
-            src_row[b][threadIdx.x] = src;
         }
         __syncthreads();
         constexpr int kPieces = 2 * D / 16;
         __half* dst = ks + b * kPfRows * ST;
         for (int j = threadIdx.x; j < kPfRows * kPieces; j += blockDim.x) {
-            const int r = j / kPieces, pc = j - r * kPieces;
+            const int r = j / kPieces, pc = j - r * kPieces, v = i * kPfRows + r;
+            if (part == kOld ? v >= n_raw || v == v_new : part == kNew && v < n_raw) continue;
             if (src_row[b][r]) cp_async16(dst + r * ST + 8 * pc, src_row[b][r] + 16 * pc);
             else *(uint4*)(dst + r * ST + 8 * pc) = make_uint4(0, 0, 0, 0);
         }
         cp_async_commit();
     };
 
+    // FRONT: whether this tile holds the token's new K=V row (row r of it), and this warp's float4 of the row's
+    // norm weight: warp w forms the row's 64-value block w (lanes 16 (w % 2) .. + 15, their float4 at k = w / 2).
+    bool has_new = false;
+    int r_new = 0;
+    float4 kw{};
+    if constexpr (FRONT) {
+        total = row_count(a, t, n_raw);
+        first = blockIdx.z;
+        if (first * kPfRows >= total) return;  // past this token's rows (the grid covers the capacity)
+        n_tiles = first + 1;
+        const int pos = a.rope_pos[t], half = a.n_rot / 2;
+        v_new = pos % a.raw_cap;
+        r_new = v_new - first * kPfRows;
+        has_new = r_new >= 0 && r_new < kPfRows;
+        for (int j = threadIdx.x; j < half; j += blockDim.x) rope_angle(pos, a.rope_freq[j], cs[j], cs[half + j]);
+        if (has_new && warp / 2 < kVec) kw = *(const float4*)(a.kv_w + 4 * lane + 128 * (warp / 2));
+        stage(first, first & 1, kOld);
+    }
+    pdl_wait();
+    // The loads of the warp's two query heads and (FRONT) the new K=V row go out first, ahead of the row copies.
+    float4 qv[2][kVec], kx[kVec];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const bool live = h0 + 2 * warp + j < a.n_head;
+        const float* qh = a.q + ((int64_t)t * a.n_head + h0 + 2 * warp + j) * D;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) qv[j][k] = live ? *(const float4*)(qh + 4 * lane + 128 * k) : float4{};
+    }
+    if constexpr (FRONT) {
+        if (has_new)
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) kx[k] = *(const float4*)(a.kv_x + (int64_t)t * D + 4 * lane + 128 * k);
+        stage(first, first & 1, kNew);
+    } else {
+        total = row_count(a, t, n_raw);
+        n_tiles = (total + kPfRows - 1) / kPfRows;
+        if constexpr (SPLIT) {
+            first = blockIdx.z;
+            if (first >= n_tiles) return;  // past this token's rows (the grid covers the capacity)
+            n_tiles = first + 1;
+        }
+    }
+
+    // Q of the block's heads (zeros past n_head; FRONT: normed and rotated as rms_norm_rope does), split into f16
+    // high and low parts per head scale.
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int hh = 2 * warp + j;
+        float4* v = qv[j];
+        if constexpr (FRONT) {
+            float ss = 0.0f;
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) ss = sumsq4(v[k], ss);
+            const float rn = 1.0f / sqrtf(warp_sum(ss) / (float)D + a.eps);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) v[k] = norm_rope4(v[k], rn, nullptr, 4 * lane + 128 * k, D, a.n_rot, cs);
+        }
+        float amax = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k)
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w))));
+        amax = warp_max(amax);
+        const int e = f16_scale_exp(amax);
+        const float inv = pow2f(-e);
+        if (lane == 0) qscale[hh] = pow2f(e);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {  // four values' parts at a time: two 8-byte stores
+            const int d = 4 * lane + 128 * k;
+            __align__(8) __half hi[4], lo[4];
+            split_f16(v[k].x * inv, hi[0], lo[0]), split_f16(v[k].y * inv, hi[1], lo[1]);
+            split_f16(v[k].z * inv, hi[2], lo[2]), split_f16(v[k].w * inv, hi[3], lo[3]);
+            *(uint2*)(qs + hh * ST + d) = *(const uint2*)hi;
+            *(uint2*)(qs + (kPfHeads + hh) * ST + d) = *(const uint2*)lo;
+        }
+    }
+
+    if (FRONT && has_new && warp < D / 64) {  // the token's new K=V row, as rms_norm_rope and kv_store form it
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) ss = sumsq4(kx[k], ss);
+        const float inv_den = 1.0f / sqrtf(warp_sum(ss) / (float)D + a.eps);
+        float4 v{};
+#pragma unroll
+        for (int k = 0; k < kVec; ++k)
+            if (k == warp / 2) v = kx[k];
+        const int i = 4 * lane + 128 * (warp / 2);
+        float4 o = norm_rope4(v, inv_den, &kw, i, D, a.n_rot, cs);
+        float m = fmaxf(fmaxf(fabsf(o.x), fabsf(o.y)), fmaxf(fabsf(o.z), fabsf(o.w)));
+#pragma unroll
+        for (int sh = 8; sh > 0; sh >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, sh));  // the 64 values
+        if ((lane >= 16) == (warp & 1)) {
+            if (64 * warp < a.n_nope) {
+                const float scale = fp8_scale(m), inv = 1.0f / scale;  // exact: a power of two
+                o.x = e4m3_roundtrip(o.x, scale, inv), o.y = e4m3_roundtrip(o.y, scale, inv);
+                o.z = e4m3_roundtrip(o.z, scale, inv), o.w = e4m3_roundtrip(o.w, scale, inv);
+            }
+            const int b = first & 1;
+            const __half2 h01 = __floats2half2_rn(o.x, o.y), h23 = __floats2half2_rn(o.z, o.w);
+            const uint2 u = make_uint2(*(const uint32_t*)&h01, *(const uint32_t*)&h23);
+            *(uint2*)(ks + (b * kPfRows + r_new) * ST + i) = u;
+            // The first head group's block owns the ring slot this launch writes (src_row: its address).
+            if (blockIdx.x == 0) *(uint2*)(const_cast<uint8_t*>(src_row[b][r_new]) + 2 * i) = u;
+        }
+    }
+
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // heads 2 warp, 2 warp + 1
     float o[NT][4] = {};
-    if (n_tiles > first) stage(first, first & 1);
+    if (!FRONT && n_tiles > first) stage(first, first & 1, kAll);
     for (int i = first; i < n_tiles; ++i) {
         const int b = i & 1;
         cp_async_wait<0>();
         __syncthreads();
-        if (i + 1 < n_tiles) stage(i + 1, b ^ 1);  // its barrier also orders this tile's zero-filled rows
+        if (i + 1 < n_tiles) stage(i + 1, b ^ 1, kAll);  // its barrier also orders this tile's zero-filled rows
         const __half* kt = ks + b * kPfRows * ST;
 
         {   // partial scores: rows 8 (warp % 4) .., dims half warp / 4
@@ -461,12 +565,12 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
     }
 }
 
-template <int D, bool SPLIT>
+template <int D, bool SPLIT, bool FRONT = false>
 cudaError_t attention_tc_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
     const size_t smem = PfSmem<D>::bytes;
-    cudaError_t e = allow_smem(attention_tc_kernel<D, SPLIT>, smem);
+    cudaError_t e = allow_smem(attention_tc_kernel<D, SPLIT, FRONT>, smem);
     if (e != cudaSuccess) return e;
-    return launch(attention_tc_kernel<D, SPLIT>,
+    return launch(attention_tc_kernel<D, SPLIT, FRONT>,
                   dim3((unsigned)ceil_div(a.n_head, kPfHeads), n_tok, SPLIT ? a.n_split : 1), dim3(32 * kPfWarps),
                   smem, s, a);
 }
@@ -475,7 +579,8 @@ cudaError_t attention_tc_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
 template <int DL, typename R>
 cudaError_t attention_splits(cudaStream_t s, const AttnArgs& a, int n_tok) {
     constexpr int D = 32 * DL;
-    if (sizeof(R) == 2 && PfSmem<D>::bytes <= props().smem_optin) return attention_tc_launch<D, true>(s, a, n_tok);
+    if (sizeof(R) == 2 && PfSmem<D>::bytes <= props().smem_optin)
+        return a.kv_x ? attention_tc_launch<D, true, true>(s, a, n_tok) : attention_tc_launch<D, true>(s, a, n_tok);
     const size_t smem = kRows * (sizeof(R) * D + 16) + kHeads * D * 4 + kHeads * kRows * 4 + kRows * 4;
     const cudaError_t e = allow_smem(attention_split_kernel<DL, R>, smem);
     if (e != cudaSuccess) return e;
@@ -518,17 +623,23 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
                                       int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
                                       int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
                                       const void* const* raw_rows, const void* const* comp_rows, bool f32_rows,
-                                      const int32_t* rope_pos, const double* rope_freq, int n_rot) {
+                                      const int32_t* rope_pos, const double* rope_freq, int n_rot,
+                                      const float* kv_x, const float* kv_w, float eps, int n_nope) {
     clear_error();
     const int n_split = std::max(1, splits(raw_cap, comp_cap, sel_cap, sel != nullptr));
     AttnArgs a{out,       (float*)scratch, q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
                raw_n,     raw_cap,         (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
                comp_n,    comp_cap,        sel,  sel_cap,             sinks,      n_head,
-               dim,       n_split,         scale, rope_pos,           rope_freq,  n_rot};
+               dim,       n_split,         scale, rope_pos,           rope_freq,  n_rot,
+               kv_x,      kv_w,            eps,  n_nope};
     cudaError_t e = check_args(a, n_tok, kHeads);
     if (e != cudaSuccess) return e;
     if (rope_pos && (!rope_freq || n_rot < 4 || n_rot % 4 || n_rot > dim))
         return invalid("attention: the inverse RoPE needs its frequencies and n_rot a multiple of 4 up to dim");
+    if (kv_x && (f32_rows || !ds4_cuda_attention_prefill_ok(dim) || !rope_pos || !kv_w || raw_cap < 1 ||
+                 n_nope < 0 || n_nope % 64 || n_nope > dim || (uintptr_t)kv_x % 16 || (uintptr_t)kv_w % 16))
+        return invalid("attention: the decode front needs f16 rows on the tensor-core kernel, positions, the K=V "
+                       "norm weight, a ring (raw_cap >= 1), n_nope a multiple of 64 up to dim, 16-byte aligned rows");
     if (a.n_split > 65535) return invalid("attention: too many rows");
     switch (dim * (f32_rows ? -1 : 1)) {
         case 128: return attention_launch<4, __half>(s, a, n_tok);

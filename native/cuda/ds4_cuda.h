@@ -154,13 +154,21 @@ cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const fl
 // raw_n, comp_n (n_tok) are read from device memory. scratch: ds4_cuda_attention_scratch_bytes(...) bytes.
 // With rope_pos (n_tok positions, device), each head's last n_rot dims of out are rotated back (the inverse of
 // ds4_cuda_rope with those positions and the n_rot / 2 frequencies rope_freq, float64, device): V's rotated tail.
+// With kv_x, the decode front (f16 rows where ds4_cuda_attention_prefill_ok(dim); positions required): q holds the
+// query heads before their RMSNorm (no weight) and RoPE, kv_x (n_tok rows of dim, device) each token's K=V row
+// before its RMSNorm (weight kv_w, dim floats), RoPE and the FP8 round trip of its first n_nope dims (0: none), all
+// with eps and the positions' rope_freq; the launch forms both as ds4_cuda_rms_norm_rope and ds4_cuda_kv_store do
+// (the same bits), writes the row to raw row rope_pos[t] % raw_cap of token t (its ring slot, one of its raw_n
+// rows) and attends over it. raw_n, comp_n, the positions and the row tables are then read before the previous
+// kernel's results are (they must come from earlier work, as a step's table does).
 cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch, const float* q, const void* raw,
                                       int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                       int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
                                       int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
                                       const void* const* raw_rows = nullptr, const void* const* comp_rows = nullptr,
                                       bool f32_rows = false, const int32_t* rope_pos = nullptr,
-                                      const double* rope_freq = nullptr, int n_rot = 0);
+                                      const double* rope_freq = nullptr, int n_rot = 0, const float* kv_x = nullptr,
+                                      const float* kv_w = nullptr, float eps = 0.0f, int n_nope = 0);
 size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_cap, int comp_cap, int sel_cap,
                                         bool has_sel);
 // The same attention for many query tokens (prefill) with f16 rows, on tensor cores: no split, no scratch (each

@@ -66,28 +66,14 @@ __global__ void rms_norm_kernel(NormRows set0, NormRows set1, int64_t n_first, i
         }
     }
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-        const int64_t i = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
-        if (i < n) {
-            ss = fmaf(v[k].x, v[k].x, ss), ss = fmaf(v[k].y, v[k].y, ss);
-            ss = fmaf(v[k].z, v[k].z, ss), ss = fmaf(v[k].w, v[k].w, ss);
-        }
-    }
-    const float den = sqrtf(block_sum(ss, red) / (float)n + eps);
+    for (int k = 0; k < kVec; ++k)
+        if (4 * (threadIdx.x + (int64_t)blockDim.x * k) < n) ss = sumsq4(v[k], ss);
+    const float inv = 1.0f / sqrtf(block_sum(ss, red) / (float)n + eps);
     float* yr = set.y + row * set.y_stride;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
         const int64_t i = 4 * (threadIdx.x + (int64_t)blockDim.x * k);
-        if (i < n) {
-            float4 o = make_float4(v[k].x / den, v[k].y / den, v[k].z / den, v[k].w / den);
-            if (w) o.x *= g[k].x, o.y *= g[k].y, o.z *= g[k].z, o.w *= g[k].w;
-            if (pos && i >= n - n_rot) {  // two interleaved pairs (n - n_rot is a multiple of 4)
-                const int j = (int)(i - (n - n_rot)) / 2;
-                const float c0 = cs[j], s0 = cs[half + j], c1 = cs[j + 1], s1 = cs[half + j + 1];
-                o = make_float4(o.x * c0 - o.y * s0, o.x * s0 + o.y * c0, o.z * c1 - o.w * s1, o.z * s1 + o.w * c1);
-            }
-            *(float4*)(yr + i) = o;
-        }
+        if (i < n) *(float4*)(yr + i) = norm_rope4(v[k], inv, w ? &g[k] : nullptr, i, n, n_rot, cs);
     }
 }
 

@@ -16,6 +16,31 @@ __device__ __forceinline__ void rope_angle(int pos, double inv_freq, float& c, f
     sincosf(red, &s, &c);
 }
 
+// RMSNorm and RoPE of a row, one float4 of it at a time (the query heads' and the K=V row's, MODEL.md 3.4): the
+// float4 v at element i of an n-value row times inv, the reciprocal of its norm divisor (1 / sqrtf(sum of squares /
+// n + eps): one division per row, not one per value), times the
+// weight's float4 g where there is one, then with n_rot > 0 the rotation of the row's last n_rot values (two
+// interleaved pairs; i - (n - n_rot) is a multiple of 4) by cs (cos[n_rot / 2], then sin[n_rot / 2]). Both the
+// norm kernel and the attention kernel's decode front use it, so that the two give the same bits.
+__device__ __forceinline__ float4 norm_rope4(float4 v, float inv, const float4* g, int64_t i, int64_t n, int n_rot,
+                                            const float* cs) {
+    float4 o = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    if (g) o.x *= g->x, o.y *= g->y, o.z *= g->z, o.w *= g->w;
+    if (n_rot && i >= n - n_rot) {
+        const int half = n_rot / 2, j = (int)(i - (n - n_rot)) / 2;
+        const float c0 = cs[j], s0 = cs[half + j], c1 = cs[j + 1], s1 = cs[half + j + 1];
+        o = make_float4(o.x * c0 - o.y * s0, o.x * s0 + o.y * c0, o.z * c1 - o.w * s1, o.z * s1 + o.w * c1);
+    }
+    return o;
+}
+
+// ss + the squares of v's four values, in order (the norm's sum of squares, one chain per thread).
+__device__ __forceinline__ float sumsq4(float4 v, float ss) {
+    ss = fmaf(v.x, v.x, ss), ss = fmaf(v.y, v.y, ss);
+    ss = fmaf(v.z, v.z, ss), ss = fmaf(v.w, v.w, ss);
+    return ss;
+}
+
 // 2^ceil(log2(y)) for y > 0, from the binary exponent (no log rounding).
 __device__ __forceinline__ float pow2_ceil(float y) {
     int e;

@@ -29,7 +29,8 @@ class AttnSpec:
     rope_comp: np.ndarray         # the compressed layers' frequencies (compressed rows, indexer)
     faithful: bool                # FP8 / Hadamard+FP4 emulation on
     store_dtype: np.dtype         # K=V rows in the state: float16 (faithful) or the backend's dtype
-    rms_eps: float
+    rms_eps: float                # the query heads' and the K=V row's norms (and the compressors')
+    kv_norm: np.ndarray           # (D,) the K=V row's norm weight
     comp_ape: np.ndarray | None   # attention compressor: position bias (ratio, coff·D), row norm (D,)
     comp_norm: np.ndarray | None
     idx_ape: np.ndarray | None    # indexer compressor (ratio-4 layers)

@@ -932,7 +932,10 @@ class CUDA:
                comp: tuple | None, idx: tuple | None) -> DArray:
         """reference.attend on the device: K=V rows into the rings (or the prefill staging), the compressors and
         their emitted rows, the indexer's choice past top_k rows, then attention, for every session at once (for
-        decode tokens the inverse RoPE of its output inside the attention's last kernel)."""
+        decode tokens the inverse RoPE of its output inside the attention's last kernel). A decode step with f16 rows
+        (one token per session) norms and rotates the query heads and the K=V row and stores the row inside the
+        attention's first kernel (the decode front: two launches fewer on the chain); otherwise `norm_ropes` and
+        `kv_store` run first."""
         cu, s = self.cu, self.stream.ptr
         step = self._step
         li = states[0].index
@@ -942,7 +945,10 @@ class CUDA:
         n_swa, row, f32 = L.n_swa, L.D * L.es, L.es == 4
         for st, pos0, T, n_old, at in step.linear:    # the old window rows into the staging copy
             self._ring_copy(st, li, pos0 - n_old, n_old, step.staging.ptr + at, to_ring=False)
-        cu.kv_store(s, 0, 0, kv.ptr, D, step.pos, 0, 1, 1, N, D, spec.n_nope, spec.faithful, tab["kv_dst"], f32)
+        front = step.decode and not f32 and cu.attention_prefill_ok(D)
+        if not front:
+            q, kv = self.norm_ropes([(q, None), (kv, spec.kv_norm)], spec.rms_eps, positions, spec.rope)
+            cu.kv_store(s, 0, 0, kv.ptr, D, step.pos, 0, 1, 1, N, D, spec.n_nope, spec.faithful, tab["kv_dst"], f32)
         sel = None
         comp_cap = 0
         with self._on_side():                      # where matmuls left the compressors' products
@@ -975,7 +981,9 @@ class CUDA:
                                 comp_cap, sel.ptr + 4 * t0 * spec.top_k if sel is not None else 0, spec.top_k,
                                 sinks, n, H, D, float(spec.scale), tab["raw_rows"] + 8 * t0,
                                 tab["comp_rows"] + 8 * t0 if comp is not None else 0, f32, step.pos + 4 * t0, freq,
-                                2 * len(spec.rope))
+                                2 * len(spec.rope), kv.ptr + 4 * t0 * D if front else 0,
+                                self.const(spec.kv_norm, _F32) if front else 0, float(spec.rms_eps),
+                                spec.n_nope if spec.faithful else 0)
         for st, pos0, T, n_old, at in step.linear:    # the segment's last n_swa rows into the ring
             keep = min(T, n_swa)
             self._ring_copy(st, li, pos0 + T - keep, keep, step.staging.ptr + at + (n_old + T - keep) * row,

@@ -352,12 +352,14 @@ class Reference:
                kv: np.ndarray, comp: tuple | None, idx: tuple | None) -> np.ndarray:
         """Store each token's K=V row, feed the compressors, choose compressed rows and attend, per session.
 
-        states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) after RoPE;
+        states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) before their
+        norms and RoPE (`norm_ropes` here: the heads unweighted, the row by spec.kv_norm; a backend may fuse them);
         comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, q (N, Hi, 128) after RoPE,
         head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the token that emits them.
         Returns the attention output (N, H, D) with V's rotated tail turned back (the inverse RoPE at each
         token's position).
         """
+        q, kv = self.norm_ropes([(q, None), (kv, spec.kv_norm)], spec.rms_eps, positions, spec.rope)
         if spec.faithful:
             kv = self.fp8_kv(kv, spec.n_nope)
             if idx is not None:
