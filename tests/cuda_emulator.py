@@ -579,7 +579,10 @@ def comp_finish(stream, dst, pooled, norm, pos, inv_freq, n_tok, d, ratio, n_rot
         _at(int(bases[t]) + np.dtype(rt).itemsize * ((p + 1) // ratio - 1) * d, rt, d)[:] = v[0].astype(rt)
 
 
-def hadamard_fp4(stream, x, n_vec):
+def hadamard_fp4(stream, x, n_vec, pos=0, inv_freq=0, n_rot=0, vec_per_tok=1):
+    if pos:
+        rope.__wrapped__(stream, x, 128 * vec_per_tok, pos, 0, inv_freq, n_vec // vec_per_tok, vec_per_tok, 128,
+                         n_rot)
     v = _at(x, np.float32, n_vec * 128).reshape(n_vec, 128)
     v[:] = REF.hadamard_fp4(v.copy())
 

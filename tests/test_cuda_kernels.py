@@ -910,6 +910,26 @@ def test_rms_norm_rope_two_sets_in_one_launch(stream, rng):
     assert rel(d.get(kv1)[:, :D], REF.norm_rope(kv, w, 1e-6, pos, inv)) < 1e-6
 
 
+def test_hadamard_fp4_with_rope(stream, rng):
+    """The indexer query's RoPE inside the Hadamard + FP4 launch gives the bits of rope then hadamard_fp4 (64
+    heads of 128 per token, positions to 10^6, the compressed layers' YaRN frequencies)."""
+    d = Dev(stream)
+    inv = rope_inv_freq(64, 160000.0, (16.0, 65536, 32.0, 1.0))
+    pos = np.array([0, 5, 4095, 1_000_003], np.int32)
+    T, H = len(pos), 64
+    x = (rng.standard_normal((T, H, 128)) * rng.uniform(1e-2, 1e2, (T, H, 1))).astype(np.float32)
+    pp, ip = d.put(pos), d.put(inv)
+    fused, apart = d.buf(x), d.buf(x)
+    _cuda.hadamard_fp4(stream.ptr, fused.ptr, T * H, pp, ip, 64, H)
+    _cuda.rope(stream.ptr, apart.ptr, H * 128, pp, 0, ip, T, H, 128, 64, False)
+    _cuda.hadamard_fp4(stream.ptr, apart.ptr, T * H)
+    got = d.get(fused)
+    np.testing.assert_array_equal(got.view(np.uint32), d.get(apart).view(np.uint32))
+    # Against the float64 reference: FP4 grid points, all but values on a rounding boundary equal.
+    want = REF.hadamard_fp4(REF.rope(x.astype(np.float64), pos, inv))
+    assert np.isclose(got, want, rtol=1e-6, atol=0).mean() > 0.999
+
+
 def kv_test_rows(rng, n, dim):
     """Rows whose 64-blocks span magnitudes from below the 1e-4 floor to 1e3, with zeros and exact ties."""
     x = rng.standard_normal((n, dim)) * 10.0 ** rng.uniform(-7, 3, (n, dim // 64, 1)).repeat(64, axis=2).reshape(n, dim)

@@ -250,7 +250,7 @@ class Model:
         idx = None
         if L.indexer is not None:
             iq = ops.matmul(L.indexer.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
-            idx = (of_h[2], of_h[3], ops.rope(iq, positions, self.rope_comp), of_h[4])
+            idx = (of_h[2], of_h[3], iq, of_h[4])                                   # iq: before its RoPE
         o = ops.attend(spec, states, bounds, positions, q.reshape(N, s.n_head, s.head_dim), kv, comp, idx)
         low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)
         y = ops.matmul(L.attn_output_b, low)                                          # (N, E)

@@ -507,9 +507,13 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("dst"), py::arg("pooled"), py::arg("norm"), py::arg("pos"), py::arg("inv_freq"),
        py::arg("n_tok"), py::arg("d"), py::arg("ratio"), py::arg("n_rot"), py::arg("mode"), py::arg("n_nope"),
        py::arg("eps"), py::arg("f32_rows") = false);
-    m.def("hadamard_fp4", [](uintptr_t s, uintptr_t x, int64_t n_vec) {
-        check(ds4_cuda_hadamard_fp4(st(s), dev<float>(x), n_vec), "hadamard_fp4");
-    }, py::arg("stream"), py::arg("x"), py::arg("n_vec"));
+    m.def("hadamard_fp4", [](uintptr_t s, uintptr_t x, int64_t n_vec, uintptr_t pos, uintptr_t inv_freq, int n_rot,
+                             int vec_per_tok) {
+        check(ds4_cuda_hadamard_fp4(st(s), dev<float>(x), n_vec, dev<const int32_t>(pos),
+                                    dev<const double>(inv_freq), n_rot, vec_per_tok),
+              "hadamard_fp4");
+    }, py::arg("stream"), py::arg("x"), py::arg("n_vec"), py::arg("pos") = 0, py::arg("inv_freq") = 0,
+       py::arg("n_rot") = 0, py::arg("vec_per_tok") = 1);
     m.def("indexer_scores", [](uintptr_t s, uintptr_t scores, int64_t score_stride, uintptr_t q, uintptr_t w,
                                float w_scale, uintptr_t keys, uintptr_t n_vis, int n_tok, int n_head, int dim, int cap,
                                int top_k, bool f32_rows) {

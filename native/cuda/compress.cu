@@ -267,16 +267,30 @@ __global__ void comp_finish_kernel(FinishArgs a) {
     }
 }
 
-__global__ void hadamard_fp4_kernel(float* x, int64_t n_vec) {
+// One warp per vector (lane i: elements 4i .. 4i + 3). With pos, RoPE on its last n_rot values first (vector r is
+// token r / vec_per_tok), as rope_kernel rotates them; the angles come before the dependent-launch wait (the
+// positions are the step's table).
+__global__ void hadamard_fp4_kernel(float* x, int64_t n_vec, const int32_t* pos, const double* inv_freq, int n_rot,
+                                    int vec_per_tok) {
     pdl_trigger();
-    pdl_wait();
     const int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31, j = 2 * lane - (128 - n_rot) / 2;  // the lane's first rotated pair
+    const bool rot = pos && r < n_vec && j >= 0;
+    float c0 = 1.0f, s0 = 0.0f, c1 = 1.0f, s1 = 0.0f;
+    if (rot) {
+        const int p = pos[r / vec_per_tok];
+        rope_angle(p, inv_freq[j], c0, s0);
+        rope_angle(p, inv_freq[j + 1], c1, s1);
+    }
+    pdl_wait();
     if (r >= n_vec) return;
-    float4* p = (float4*)(x + r * 128) + (threadIdx.x & 31);
-    const float4 x4 = *p;
+    float4* ptr = (float4*)(x + r * 128) + lane;
+    float4 x4 = *ptr;
+    if (rot)
+        x4 = make_float4(x4.x * c0 - x4.y * s0, x4.x * s0 + x4.y * c0, x4.z * c1 - x4.w * s1, x4.z * s1 + x4.w * c1);
     float v[4] = {x4.x, x4.y, x4.z, x4.w};
     hadamard128_fp4(v);
-    *p = make_float4(v[0], v[1], v[2], v[3]);
+    *ptr = make_float4(v[0], v[1], v[2], v[3]);
 }
 
 constexpr int kScoreRows = 32, kScoreGroups = 8, kIdxDim = 128;
@@ -619,10 +633,14 @@ cudaError_t ds4_cuda_comp_finish(cudaStream_t s, void* const* dst, const float* 
                   dim3(32 * (d / 128)), 0, s, a);
 }
 
-cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec) {
+cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec, const int32_t* pos,
+                                  const double* inv_freq, int n_rot, int vec_per_tok) {
     clear_error();
     if (n_vec < 1 || (uintptr_t)x % 16) return invalid("hadamard_fp4: needs n_vec >= 1 and 16-byte aligned x");
-    return launch(hadamard_fp4_kernel, dim3((unsigned)ceil_div(n_vec, 4)), dim3(128), 0, s, x, n_vec);
+    if (pos && (!inv_freq || n_rot < 4 || n_rot % 4 || n_rot > 128 || vec_per_tok < 1))
+        return invalid("hadamard_fp4: RoPE needs its frequencies, n_rot a multiple of 4 up to 128, vec_per_tok >= 1");
+    return launch(hadamard_fp4_kernel, dim3((unsigned)ceil_div(n_vec, 4)), dim3(128), 0, s, x, n_vec, pos, inv_freq,
+                  pos ? n_rot : 0, vec_per_tok);
 }
 
 cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score_stride, const float* q,

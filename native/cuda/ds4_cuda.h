@@ -206,8 +206,11 @@ cudaError_t ds4_cuda_comp_finish(cudaStream_t s, void* const* dst, const float* 
                                  const int32_t* pos, const double* inv_freq, int n_tok, int d, int ratio, int n_rot,
                                  int mode, int n_nope, float eps, bool f32_rows);
 // In place on n_vec vectors of 128: Walsh-Hadamard (natural order) / sqrt(128), then the FP4 E2M1 round trip per
-// 32 values (MODEL.md 3.9): the indexer queries' faithful path.
-cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec);
+// 32 values (MODEL.md 3.9): the indexer queries' faithful path. With pos, first the RoPE of each vector's last
+// n_rot values as ds4_cuda_rope computes it (the same bits; vector r is token r / vec_per_tok, the n_rot / 2
+// frequencies inv_freq, float64, device); the positions are read before the previous kernel's results are.
+cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec, const int32_t* pos = nullptr,
+                                  const double* inv_freq = nullptr, int n_rot = 0, int vec_per_tok = 1);
 // Indexer scores: scores[t*score_stride + c] = sum_h (w[t, h] * w_scale) * relu(q[t, h] . keys[t][c]) for
 // c < n_vis[t] (<= cap), computed only for tokens with n_vis[t] > top_k (the others take every row). q (n_tok,
 // n_head, 128) f32; keys[t]: the token's session's indexer rows (f16, or f32 with f32_rows; 128 each).

@@ -960,7 +960,7 @@ class CUDA:
                 self._compress(spec, step, tab, idx, "idx", 4, L.di, spec.idx_ape, spec.idx_norm,
                                2 if spec.faithful else 0)
         if idx is not None and step.comp_cap[4] > spec.top_k:      # some token may see more rows than top_k
-            sel = self._indexer(spec, step, tab, idx[2], idx[3])
+            sel = self._indexer(spec, step, tab, idx[2], idx[3], positions)
         self._join()
         out = self.empty((N, H, D))
         sinks = self.const(spec.sinks, _F32)
@@ -1014,11 +1014,15 @@ class CUDA:
                             self.const(spec.rope_comp, np.float64), step.n_tok, d, ratio, 2 * len(spec.rope_comp),
                             mode, spec.n_nope if mode == 1 else 0, float(spec.rms_eps), self.layout.es == 4)
 
-    def _indexer(self, spec, step: _Step, tab: dict, iq: DArray, w: DArray) -> DArray:
-        """The top_k compressed rows per token by indexer score (every row where a token sees at most top_k)."""
+    def _indexer(self, spec, step: _Step, tab: dict, iq: DArray, w: DArray, positions: np.ndarray) -> DArray:
+        """The top_k compressed rows per token by indexer score (every row where a token sees at most top_k); iq
+        before its RoPE."""
         N, Hi, di = iq.shape
-        if spec.faithful:
-            self.cu.hadamard_fp4(self.stream.ptr, iq.ptr, N * Hi)
+        if spec.faithful:                          # its RoPE inside the Hadamard launch
+            self.cu.hadamard_fp4(self.stream.ptr, iq.ptr, N * Hi, step.pos, self.const(spec.rope_comp, np.float64),
+                                 2 * len(spec.rope_comp), Hi)
+        else:
+            self.rope(iq, positions, spec.rope_comp)
         self._join()                               # the indexer's rows, compressed on the side stream
         cap = step.comp_cap[4]
         scores = self.empty((N, cap))

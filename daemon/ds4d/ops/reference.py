@@ -354,16 +354,17 @@ class Reference:
 
         states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) before their
         norms and RoPE (`norm_ropes` here: the heads unweighted, the row by spec.kv_norm; a backend may fuse them);
-        comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, q (N, Hi, 128) after RoPE,
-        head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the token that emits them.
+        comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, q (N, Hi, 128) before its RoPE
+        (spec.rope_comp, here), head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the token that emits them.
         Returns the attention output (N, H, D) with V's rotated tail turned back (the inverse RoPE at each
         token's position).
         """
         q, kv = self.norm_ropes([(q, None), (kv, spec.kv_norm)], spec.rms_eps, positions, spec.rope)
+        if idx is not None:
+            iq = self.rope(idx[2], positions, spec.rope_comp)
+            idx = (idx[0], idx[1], self.hadamard_fp4(iq) if spec.faithful else iq, idx[3])
         if spec.faithful:
             kv = self.fp8_kv(kv, spec.n_nope)
-            if idx is not None:
-                idx = (idx[0], idx[1], self.hadamard_fp4(idx[2]), idx[3])
         kv = kv.astype(spec.store_dtype)
         out = np.empty(q.shape, self.dtype)
         empty = RowStore(q.shape[-1], spec.store_dtype)
