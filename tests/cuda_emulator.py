@@ -579,6 +579,17 @@ def comp_finish(stream, dst, pooled, norm, pos, inv_freq, n_tok, d, ratio, n_rot
         _at(int(bases[t]) + np.dtype(rt).itemsize * ((p + 1) // ratio - 1) * d, rt, d)[:] = v[0].astype(rt)
 
 
+_pdl = [True]
+
+
+def pdl():
+    return _pdl[0]
+
+
+def set_pdl(on):
+    _pdl[0] = bool(on)
+
+
 def hadamard_fp4(stream, x, n_vec, pos=0, inv_freq=0, n_rot=0, vec_per_tok=1):
     if pos:
         rope.__wrapped__(stream, x, 128 * vec_per_tok, pos, 0, inv_freq, n_vec // vec_per_tok, vec_per_tok, 128,
