@@ -275,10 +275,11 @@ int splits(int raw_cap, int comp_cap, int sel_cap, bool has_sel) {
 // FRONT (decode, split): the launch also does what rms_norm_rope and kv_store did before it, with their bits. The
 // query heads are normed (no weight) and rotated as they are loaded; the token's new K=V row (raw row pos % raw_cap,
 // its ring slot) is formed in each block whose tile holds it, warp w taking its 64-value block w (norm with kv_w,
-// RoPE, the FP8 round trip below n_nope, f16; one warp for the whole row was 4x slower), into the staged tile, and
-// written to the ring by the first head group's block. The tile's other raw rows, which earlier steps wrote, are copied before the dependent-launch wait
-// (the row counts, positions and row tables are the step's table, written before the step's first kernel); the
-// compressed rows after it (the indexer's choice, a row emitted this step).
+// RoPE, the FP8 round trip below n_nope, f16; one warp forming the whole row made the launch as slow as the kernels
+// it replaced), into the staged tile, and written to the ring by the first head group's block. The tile's other raw
+// rows, which earlier steps wrote, are copied before the dependent-launch wait (the row counts, positions and row
+// tables are the step's table, written before the step's first kernel); the compressed rows after it (the indexer's
+// choice, a row emitted this step).
 constexpr int kPfHeads = 16, kPfWarps = 8, kPfRows = 32, kPfPadP = 40;  // P rows padded: conflict-free A loads
 static_assert(kPfRows == kRows, "a split is one row tile: the combine counts splits of kRows rows");
 

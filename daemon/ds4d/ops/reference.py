@@ -355,7 +355,8 @@ class Reference:
         states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) before their
         norms and RoPE (`norm_ropes` here: the heads unweighted, the row by spec.kv_norm; a backend may fuse them);
         comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, q (N, Hi, 128) before its RoPE
-        (spec.rope_comp, here), head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the token that emits them.
+        (spec.rope_comp, here), head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the
+        token that emits them.
         Returns the attention output (N, H, D) with V's rotated tail turned back (the inverse RoPE at each
         token's position).
         """
