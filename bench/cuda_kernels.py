@@ -290,6 +290,7 @@ def bench_small(gpu, out, batches):
         bias = gpu.buf(4 * 256, F32, 37)
         # LM-like logits (~0.1% within 3 of the top) and the sampler's default knobs, or greedy
         vocab = gpu.put((np.random.default_rng(38).standard_normal((b, 129280)) * 2).astype(np.float32))
+        flat = gpu.put((np.random.default_rng(39).standard_normal((b, 129280)) * 0.1).astype(np.float32))
         sampled = gpu.buf(4 * b)
         greedy, default = (gpu.put(draw_records([Draw(SamplingParams(), g, 0.5)] * b).view(np.uint8))
                            for g in (True, False))
@@ -315,6 +316,8 @@ def bench_small(gpu, out, batches):
              lambda: _cuda.sample(gpu.s.ptr, sampled.ptr, greedy.ptr, vocab.ptr, 129280, b, 129280)),
             ("sample T=1 min_p=0.05", "129280", 4 * b * 129280,
              lambda: _cuda.sample(gpu.s.ptr, sampled.ptr, default.ptr, vocab.ptr, 129280, b, 129280)),
+            ("sample T=1 min_p=0.05, flat logits (every one a candidate)", "129280", 4 * b * 129280,
+             lambda: _cuda.sample(gpu.s.ptr, sampled.ptr, default.ptr, flat.ptr, 129280, b, 129280)),
         ]
         for name, shape, nb, fn_ in ops:
             med, best = gpu.time_graph(lambda i, f=fn_: f(), 50)

@@ -2,6 +2,8 @@
 // 2-4), the embedding lookup into the hyper-connection streams, and sampling the next token (MODEL.md 7).
 //
 // route: one warp per token (routing.cuh, which the decode MoE's gate+up kernel also runs for itself).
+#include <cooperative_groups.h>
+
 #include "routing.cuh"
 
 namespace ds4::cuda {
@@ -52,7 +54,14 @@ __global__ void embed_kernel(float* X, const void* table, int type, int32_t* tok
 // then, with top-k or top-p, a bitonic sort by (logit descending, index ascending); weights exp((l - top) / T) in
 // float64, their prefix sums, the top-p cut (the first prefix reaching top_p of the pool's weight) and the draw
 // (the first prefix reaching u times the kept weight). Only the order of the float64 sums differs from the host.
+//
+// On sm_90 a row is a thread block cluster of kSampleCluster blocks: each takes a slice of the row for pass 1 (the
+// blocks' best logits meet through distributed shared memory) and, without top-k and top-p, a slice of the warps'
+// ranges for the draw in index order (each block reads the cluster's per-warp sums and runs the same prefix); with
+// top-k or top-p block 0 goes on alone over the whole row. With the random model's flat logits the draw weighs
+// every one of 129,280 logits in float64 (92 us on one block).
 constexpr int kSampleThreads = 1024, kSampleWarps = kSampleThreads / 32, kSampleCap = 4096;
+constexpr int kSampleCluster = 8;
 constexpr int kSamplePer = kSampleCap / kSampleThreads;  // entries per thread in the prefix sums
 constexpr int kSampleBatch = 8;                          // loads in flight per thread in the passes over a row
 
@@ -81,12 +90,9 @@ __device__ __forceinline__ void load_batch(float (&l)[kSampleBatch], const float
     for (int j = 0; j < kSampleBatch; ++j) l[j] = e0 + j * step < end ? x[e0 + j * step] : -INFINITY;
 }
 
-// Without top-k or top-p the candidates stay in index order, so nothing is compacted and any number of them is
-// fine: each warp sums the weights of its range's candidates, thread 0 runs the prefix over the warps in order,
-// and the first warp whose prefix reaches the target walks its range again, 32 logits at a time.
-__device__ __forceinline__ int draw_in_index_order(const float* xr, int lo, int hi, float top, double temp, float floor,
-                                                double u, double* sd, int* pick) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// The weight of a warp's candidates in [lo, hi), in every lane.
+__device__ __forceinline__ double warp_weight(const float* xr, int lo, int hi, float top, double temp, float floor) {
+    const int lane = threadIdx.x & 31;
     double w = 0.0;
     for (int e0 = lo + lane; e0 < hi; e0 += kSampleBatch * 32) {
         float l[kSampleBatch];
@@ -97,24 +103,30 @@ __device__ __forceinline__ int draw_in_index_order(const float* xr, int lo, int 
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
-    if (lane == 0) sd[warp] = w;
-    __syncthreads();
-    if (threadIdx.x == 0) {  // in order, so the prefixes never decrease; the crossing warp has weight of its own
-        double run = 0.0;
-        for (int i = 0; i < kSampleWarps; ++i) sd[i] = run += sd[i];
-        const double target = u * run;
-        int at = -1;
-        for (int i = 0; i < kSampleWarps; ++i)
-            if (sd[i] > (i ? sd[i - 1] : 0.0)) {
-                at = i;
-                if (sd[i] >= target) break;
-            }
-        pick[0] = at;
-    }
-    __syncthreads();
-    const int at = pick[0];
-    if (warp != at) return -1;
-    const double target = u * sd[kSampleWarps - 1];
+    return w;
+}
+
+// Thread 0: the prefixes of the n_w warps' weights in sd (in place, in order, so they never decrease) and the
+// warp whose prefix first reaches u times the total (one with weight of its own), into pick[0].
+__device__ __forceinline__ void crossing_warp(double* sd, int n_w, double u, int* pick) {
+    double run = 0.0;
+    for (int i = 0; i < n_w; ++i) sd[i] = run += sd[i];
+    const double target = u * run;
+    int at = -1;
+    for (int i = 0; i < n_w; ++i)
+        if (sd[i] > (i ? sd[i - 1] : 0.0)) {
+            at = i;
+            if (sd[i] >= target) break;
+        }
+    pick[0] = at;
+}
+
+// The crossing warp (at, of n_w) walks its range [lo, hi) again, 32 logits at a time, from the prefix before it
+// (sd as crossing_warp left it): the token whose prefix first reaches u times the total.
+__device__ __forceinline__ int walk_warp(const float* xr, int lo, int hi, float top, double temp, float floor,
+                                         double u, const double* sd, int n_w, int at) {
+    const int lane = threadIdx.x & 31;
+    const double target = u * sd[n_w - 1];
     double run = at ? sd[at - 1] : 0.0;
     int last = -1;
     for (int e0 = lo + lane; e0 - lane < hi; e0 += kSampleBatch * 32) {
@@ -136,6 +148,38 @@ __device__ __forceinline__ int draw_in_index_order(const float* xr, int lo, int 
     return last;  // the prefixes' rounding left the target past this warp's own sums: its last candidate
 }
 
+// Without top-k or top-p the candidates stay in index order, so nothing is compacted and any number of them is
+// fine: each warp sums the weights of its range's candidates, thread 0 runs the prefix over the warps in order,
+// and the first warp whose prefix reaches the target walks its range again, 32 logits at a time.
+__device__ __forceinline__ int draw_in_index_order(const float* xr, int lo, int hi, float top, double temp, float floor,
+                                                double u, double* sd, int* pick) {
+    const double w = warp_weight(xr, lo, hi, top, temp, floor);
+    if ((threadIdx.x & 31) == 0) sd[threadIdx.x >> 5] = w;
+    __syncthreads();
+    if (threadIdx.x == 0) crossing_warp(sd, kSampleWarps, u, pick);
+    __syncthreads();
+    const int at = pick[0];
+    if ((int)(threadIdx.x >> 5) != at) return -1;
+    return walk_warp(xr, lo, hi, top, temp, floor, u, sd, kSampleWarps, at);
+}
+
+// The cluster's barrier and a pointer into block `rank`'s shared memory (sm_90; elsewhere C = 1 never calls them).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cooperative_groups::this_cluster().sync();
+#endif
+}
+template <typename T>
+__device__ __forceinline__ T* cluster_at(T* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+    return p;
+#endif
+}
+
+// C blocks per row (a cluster of C consecutive blocks when C > 1).
+template <int C>
 __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, const ds4_cuda_draw* draws,
                                                                 const float* x, int64_t x_stride, int n) {
     __shared__ float cl[kSampleCap];
@@ -146,32 +190,50 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     __shared__ int sn[kSampleWarps];
     __shared__ double sd[kSampleWarps];
     __shared__ int pick[4];  // radix_select's digits and counts; then the top-p cut and the draw (or its warp)
+    __shared__ double sall[C > 1 ? C * kSampleWarps : 1];  // C > 1: the cluster's per-warp weights, in order
+    __shared__ float cv;                                    // C > 1: this block's best logit, its index, bad
+    __shared__ int ci_best, c_bad;
     pdl_trigger();
     pdl_wait();
-    const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row = blockIdx.x / C, rank = blockIdx.x % C, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const ds4_cuda_draw d = draws[row];
     const float* xr = x + row * x_stride;
     if (d.mode == DS4_DRAW_SKIP) {
-        if (tid == 0) ids[row] = -1;
+        if (tid == 0 && rank == 0) ids[row] = -1;
         return;
     }
-    // 1. the top logit
+    // 1. the top logit (C > 1: of this block's slice, then of the cluster's)
+    const int chunk = (int)ceil_div(n, C), lo1 = min(n, rank * chunk), hi1 = min(n, lo1 + chunk);
     float v = -INFINITY;
     int i = 0x7fffffff, bad = 0;
-    for (int e0 = tid; e0 < n; e0 += kSampleBatch * kSampleThreads) {
+    for (int e0 = lo1 + tid; e0 < hi1; e0 += kSampleBatch * kSampleThreads) {
         float l[kSampleBatch];
-        load_batch(l, xr, e0, kSampleThreads, n);
+        load_batch(l, xr, e0, kSampleThreads, hi1);
 #pragma unroll
         for (int j = 0; j < kSampleBatch; ++j) {
             const int e = e0 + j * kSampleThreads;
-            if (e < n && !isfinite(l[j])) bad = 1;
-            else if (e < n && ahead(l[j], e, v, i)) v = l[j], i = e;
+            if (e < hi1 && !isfinite(l[j])) bad = 1;
+            else if (e < hi1 && ahead(l[j], e, v, i)) v = l[j], i = e;
         }
     }
     bad = __syncthreads_or(bad);
-    const int best = block_best(v, i, sv, si);
+    int best = block_best(v, i, sv, si);
+    if constexpr (C > 1) {
+        if (tid == 0) cv = best < n ? xr[best] : -INFINITY, ci_best = best, c_bad = bad;
+        cluster_sync();
+        if (warp == 0) {
+            float bv = -INFINITY;
+            int bi = 0x7fffffff, bb = 0;
+            if (lane < C) bv = *cluster_at(&cv, lane), bi = *cluster_at(&ci_best, lane), bb = *cluster_at(&c_bad, lane);
+            warp_best(bv, bi);
+            bb = __any_sync(0xffffffffu, bb);
+            if (lane == 0) si[32] = bi, pick[3] = bb;
+        }
+        cluster_sync();  // the reads of the other blocks' shared memory are done (and si, pick are visible)
+        best = si[32], bad = pick[3];
+    }
     if (bad || d.mode == DS4_DRAW_GREEDY) {
-        if (tid == 0) ids[row] = bad ? -1 : best;
+        if (tid == 0 && rank == 0) ids[row] = bad ? -1 : best;
         return;
     }
     const float top = xr[best];
@@ -180,10 +242,29 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     const int per = (int)ceil_div(ceil_div(n, kSampleWarps), 32) * 32;     // each warp's range of indices
     const int lo = min(n, warp * per), hi = min(n, lo + per);
     if (d.top_k == 0 && d.top_p >= 1.0) {
-        const int token = draw_in_index_order(xr, lo, hi, top, temp, floor, d.u, sd, pick);
-        if (token >= 0 && lane == 0) ids[row] = token;
+        if constexpr (C == 1) {
+            const int token = draw_in_index_order(xr, lo, hi, top, temp, floor, d.u, sd, pick);
+            if (token >= 0 && lane == 0) ids[row] = token;
+        } else {  // the cluster's C x 32 warps over the row, their weights meeting in every block's sall
+            constexpr int n_w = C * kSampleWarps;
+            const int per_c = (int)ceil_div(ceil_div(n, n_w), 32) * 32;
+            const int lo_c = min(n, (rank * kSampleWarps + warp) * per_c), hi_c = min(n, lo_c + per_c);
+            const double w = warp_weight(xr, lo_c, hi_c, top, temp, floor);
+            if (lane == 0) sd[warp] = w;
+            cluster_sync();
+            for (int t = tid; t < n_w; t += kSampleThreads)
+                sall[t] = *cluster_at(&sd[t % kSampleWarps], t / kSampleWarps);
+            cluster_sync();  // every block has read the others' sums (each may return from here)
+            if (tid == 0) crossing_warp(sall, n_w, d.u, pick);
+            __syncthreads();
+            const int at = pick[0];
+            if (at != rank * kSampleWarps + warp) return;
+            const int token = walk_warp(xr, lo_c, hi_c, top, temp, floor, d.u, sall, n_w, at);
+            if (token >= 0 && lane == 0) ids[row] = token;
+        }
         return;
     }
+    if (rank != 0) return;  // top-k or top-p: block 0 alone over the whole row
     // 2. top-k: the k-th largest key, and `need`, how many of the keys equal to it are in the pool
     const int k = min(d.top_k, n);
     uint32_t kth = 0;
@@ -333,5 +414,18 @@ cudaError_t ds4_cuda_sample(cudaStream_t s, int32_t* ids, const ds4_cuda_draw* d
                             int64_t x_stride, int n_rows, int n) {
     clear_error();
     if (n_rows < 1 || n_rows > 65535 || n < 1 || x_stride < n) return invalid("sample: empty rows");
-    return launch(sample_kernel, dim3(n_rows), dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
+    if (props().cc < 90)
+        return launch(sample_kernel<1>, dim3(n_rows), dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(n_rows * kSampleCluster);
+    cfg.blockDim = dim3(kSampleThreads);
+    cfg.stream = s;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kSampleCluster, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_enabled() ? 2 : 1;
+    return cudaLaunchKernelEx(&cfg, sample_kernel<kSampleCluster>, ids, draws, x, x_stride, n);
 }
