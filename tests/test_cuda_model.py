@@ -158,6 +158,24 @@ def test_batch_equals_each_session_alone(models, numerics):
     check(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]), numerics, "3 sessions batched vs alone")
 
 
+def test_decode_step_wider_than_an_attention_launch(models):
+    """A decode step of more sessions than one split-attention launch takes (ATTN_ROWS: all its queries then go
+    through the prefill kernel, so not through the decode front) gives each session's logits alone."""
+    from ds4d.ops.cuda import ATTN_ROWS
+    m = models("f32", "cuda", "faithful")
+    prompts = [prompt(8 + i, seed=40 + i) for i in range(ATTN_ROWS + 1)]
+    alone = []
+    for p in prompts:
+        st = m.new_state()
+        m.prefill(st, p[:-1])
+        alone.append(m.decode([st], [p[-1]])[0])
+    states = [m.new_state() for _ in prompts]
+    for st, p in zip(states, prompts):
+        m.prefill(st, p[:-1])
+    batched = m.decode(states, [p[-1] for p in prompts])
+    check(np.asarray(batched), np.asarray(alone), "faithful", f"{len(prompts)} sessions in one decode step vs alone")
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_joins_the_products_of_one_input(models, batch):
     """A decode step runs the products of one input as one product per weight type (attn_q_a with attn_kv; the

@@ -968,7 +968,8 @@ class CUDA:
         n_swa, row, f32 = L.n_swa, L.D * L.es, L.es == 4
         for st, pos0, T, n_old, at in step.linear:    # the old window rows into the staging copy
             self._ring_copy(st, li, pos0 - n_old, n_old, step.staging.ptr + at, to_ring=False)
-        front = step.decode and not f32 and cu.attention_prefill_ok(D)
+        prefill = N > ATTN_ROWS and not f32 and cu.attention_prefill_ok(D)   # tensor cores, all queries at once
+        front = step.decode and not prefill and not f32 and cu.attention_prefill_ok(D)
         if not front:
             q, kv = self.norm_ropes([(q, None), (kv, spec.kv_norm)], spec.rms_eps, positions, spec.rope)
             cu.kv_store(s, 0, 0, kv.ptr, D, step.pos, 0, 1, 1, N, D, spec.n_nope, spec.faithful, tab["kv_dst"], f32)
@@ -988,7 +989,6 @@ class CUDA:
         out = self.empty((N, H, D))
         sinks = self.const(spec.sinks, _F32)
         comp_n = step.comp_n.get(spec.ratio, step.raw_n)
-        prefill = N > ATTN_ROWS and not f32 and cu.attention_prefill_ok(D)   # tensor cores, all queries at once
         if prefill:
             cu.attention_prefill(s, out.ptr, q.ptr, 0, 0, step.raw_n, n_swa, 0, 0, comp_n, comp_cap,
                                  sel.ptr if sel is not None else 0, spec.top_k, sinks, N, H, D, float(spec.scale),
