@@ -189,7 +189,8 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     __shared__ int si[33];
     __shared__ int sn[kSampleWarps];
     __shared__ double sd[kSampleWarps];
-    __shared__ int pick[4];  // radix_select's digits and counts; then the top-p cut and the draw (or its warp)
+    __shared__ int pick[4];  // radix_select's digits and counts; then the top-p cut and the draw (or its warp);
+                             // C > 1: pick[3] first carries the cluster's non-finite flag
     __shared__ double sall[C > 1 ? C * kSampleWarps : 1];  // C > 1: the cluster's per-warp weights, in order
     __shared__ float cv;                                    // C > 1: this block's best logit, its index, bad
     __shared__ int ci_best, c_bad;

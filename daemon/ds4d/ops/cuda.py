@@ -968,8 +968,9 @@ class CUDA:
         n_swa, row, f32 = L.n_swa, L.D * L.es, L.es == 4
         for st, pos0, T, n_old, at in step.linear:    # the old window rows into the staging copy
             self._ring_copy(st, li, pos0 - n_old, n_old, step.staging.ptr + at, to_ring=False)
-        prefill = N > ATTN_ROWS and not f32 and cu.attention_prefill_ok(D)   # tensor cores, all queries at once
-        front = step.decode and not prefill and not f32 and cu.attention_prefill_ok(D)
+        tc = not f32 and cu.attention_prefill_ok(D)            # f16 rows on the tensor-core kernels
+        prefill = tc and N > ATTN_ROWS                         # all queries at once
+        front = tc and not prefill and step.decode             # the split launches' decode front
         if not front:
             q, kv = self.norm_ropes([(q, None), (kv, spec.kv_norm)], spec.rms_eps, positions, spec.rope)
             cu.kv_store(s, 0, 0, kv.ptr, D, step.pos, 0, 1, 1, N, D, spec.n_nope, spec.faithful, tab["kv_dst"], f32)
