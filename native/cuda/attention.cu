@@ -302,6 +302,16 @@ __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const __half* base, int
     a[3] = *(const uint32_t*)(p + 8 * stride + 8);
 }
 
+// 1 / sqrt(mean(x^2) + eps) of an n-value row that a warp holds as N float4 per lane (the decode front's query heads
+// and K=V row: the sum of squares in rms_norm_kernel's order for such a row, so the same reciprocal).
+template <int N>
+__device__ __forceinline__ float warp_rnorm(const float4* v, int n, float eps) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < N; ++k) ss = sumsq4(v[k], ss);
+    return 1.0f / sqrtf(warp_sum(ss) / (float)n + eps);
+}
+
 template <int D>
 struct PfSmem {
     static constexpr int kStride = D + 8;                          // halves per staged row (16 bytes of pad)
@@ -418,10 +428,7 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
         const int hh = 2 * warp + j;
         float4* v = qv[j];
         if constexpr (FRONT) {
-            float ss = 0.0f;
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) ss = sumsq4(v[k], ss);
-            const float rn = 1.0f / sqrtf(warp_sum(ss) / (float)D + a.eps);
+            const float rn = warp_rnorm<kVec>(v, D, a.eps);
 #pragma unroll
             for (int k = 0; k < kVec; ++k) v[k] = norm_rope4(v[k], rn, nullptr, 4 * lane + 128 * k, D, a.n_rot, cs);
         }
@@ -445,10 +452,7 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
     }
 
     if (FRONT && has_new && warp < D / 64) {  // the token's new K=V row, as rms_norm_rope and kv_store form it
-        float ss = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) ss = sumsq4(kx[k], ss);
-        const float inv_den = 1.0f / sqrtf(warp_sum(ss) / (float)D + a.eps);
+        const float inv_den = warp_rnorm<kVec>(kx, D, a.eps);
         float4 v{};
 #pragma unroll
         for (int k = 0; k < kVec; ++k)

@@ -286,8 +286,7 @@ __global__ void hadamard_fp4_kernel(float* x, int64_t n_vec, const int32_t* pos,
     if (r >= n_vec) return;
     float4* ptr = (float4*)(x + r * 128) + lane;
     float4 x4 = *ptr;
-    if (rot)
-        x4 = make_float4(x4.x * c0 - x4.y * s0, x4.x * s0 + x4.y * c0, x4.z * c1 - x4.w * s1, x4.z * s1 + x4.w * c1);
+    if (rot) x4 = rope4(x4, c0, s0, c1, s1);
     float v[4] = {x4.x, x4.y, x4.z, x4.w};
     hadamard128_fp4(v);
     *ptr = make_float4(v[0], v[1], v[2], v[3]);

@@ -16,6 +16,11 @@ __device__ __forceinline__ void rope_angle(int pos, double inv_freq, float& c, f
     sincosf(red, &s, &c);
 }
 
+// Two interleaved pairs (x, y) and (z, w) rotated by the angles whose cosines and sines are c0, s0 and c1, s1.
+__device__ __forceinline__ float4 rope4(float4 o, float c0, float s0, float c1, float s1) {
+    return make_float4(o.x * c0 - o.y * s0, o.x * s0 + o.y * c0, o.z * c1 - o.w * s1, o.z * s1 + o.w * c1);
+}
+
 // RMSNorm and RoPE of a row, one float4 of it at a time (the query heads' and the K=V row's, MODEL.md 3.4): the
 // float4 v at element i of an n-value row times inv, the reciprocal of its norm divisor (1 / sqrtf(sum of squares /
 // n + eps): one division per row, not one per value), times the
@@ -28,11 +33,11 @@ __device__ __forceinline__ float4 norm_rope4(float4 v, float inv, const float4* 
     if (g) o.x *= g->x, o.y *= g->y, o.z *= g->z, o.w *= g->w;
     if (n_rot && i >= n - n_rot) {
         const int half = n_rot / 2, j = (int)(i - (n - n_rot)) / 2;
-        const float c0 = cs[j], s0 = cs[half + j], c1 = cs[j + 1], s1 = cs[half + j + 1];
-        o = make_float4(o.x * c0 - o.y * s0, o.x * s0 + o.y * c0, o.z * c1 - o.w * s1, o.z * s1 + o.w * c1);
+        o = rope4(o, cs[j], cs[half + j], cs[j + 1], cs[half + j + 1]);
     }
     return o;
 }
+
 
 // ss + the squares of v's four values, in order (the norm's sum of squares, one chain per thread).
 __device__ __forceinline__ float sumsq4(float4 v, float ss) {

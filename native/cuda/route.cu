@@ -148,21 +148,6 @@ __device__ __forceinline__ int walk_warp(const float* xr, int lo, int hi, float 
     return last;  // the prefixes' rounding left the target past this warp's own sums: its last candidate
 }
 
-// Without top-k or top-p the candidates stay in index order, so nothing is compacted and any number of them is
-// fine: each warp sums the weights of its range's candidates, thread 0 runs the prefix over the warps in order,
-// and the first warp whose prefix reaches the target walks its range again, 32 logits at a time.
-__device__ __forceinline__ int draw_in_index_order(const float* xr, int lo, int hi, float top, double temp, float floor,
-                                                double u, double* sd, int* pick) {
-    const double w = warp_weight(xr, lo, hi, top, temp, floor);
-    if ((threadIdx.x & 31) == 0) sd[threadIdx.x >> 5] = w;
-    __syncthreads();
-    if (threadIdx.x == 0) crossing_warp(sd, kSampleWarps, u, pick);
-    __syncthreads();
-    const int at = pick[0];
-    if ((int)(threadIdx.x >> 5) != at) return -1;
-    return walk_warp(xr, lo, hi, top, temp, floor, u, sd, kSampleWarps, at);
-}
-
 // The cluster's barrier and a pointer into block `rank`'s shared memory (sm_90; elsewhere C = 1 never calls them).
 __device__ __forceinline__ void cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -176,6 +161,37 @@ __device__ __forceinline__ T* cluster_at(T* p, int rank) {
 #else
     return p;
 #endif
+}
+
+// Without top-k or top-p the candidates stay in index order, so nothing is compacted and any number of them is
+// fine: the C x 32 warps of the row's blocks (a cluster when C > 1; this one is `rank`) each sum the weights of
+// their range's candidates, every block gathers the sums in order (sall, from the cluster's shared memory), its
+// thread 0 runs the prefix over the warps, and the first warp whose prefix reaches the target walks its range
+// again, 32 logits at a time. Returns the token in that warp (in every lane), -1 elsewhere.
+template <int C>
+__device__ __forceinline__ int draw_in_index_order(const float* xr, int n, int rank, float top, double temp,
+                                                   float floor, double u, double* sd, double* sall, int* pick) {
+    constexpr int n_w = C * kSampleWarps;
+    const int warp = threadIdx.x >> 5, me = rank * kSampleWarps + warp;
+    const int per = (int)ceil_div(ceil_div(n, n_w), 32) * 32;
+    const int lo = min(n, me * per), hi = min(n, lo + per);
+    const double w = warp_weight(xr, lo, hi, top, temp, floor);
+    if ((threadIdx.x & 31) == 0) sd[warp] = w;
+    double* sums = sd;
+    if constexpr (C > 1) {
+        cluster_sync();
+        for (int t = threadIdx.x; t < n_w; t += blockDim.x)
+            sall[t] = *cluster_at(&sd[t % kSampleWarps], t / kSampleWarps);
+        cluster_sync();  // every block has read the others' sums (each may return from here)
+        sums = sall;
+    } else {
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) crossing_warp(sums, n_w, u, pick);
+    __syncthreads();
+    const int at = pick[0];
+    if (at != me) return -1;
+    return walk_warp(xr, lo, hi, top, temp, floor, u, sums, n_w, at);
 }
 
 // C blocks per row (a cluster of C consecutive blocks when C > 1).
@@ -240,32 +256,14 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     const float top = xr[best];
     const double temp = d.temperature;
     const float floor = __double2float_rn((double)top + d.t_log_min_p);  // the host compares in float32 as well
-    const int per = (int)ceil_div(ceil_div(n, kSampleWarps), 32) * 32;     // each warp's range of indices
-    const int lo = min(n, warp * per), hi = min(n, lo + per);
     if (d.top_k == 0 && d.top_p >= 1.0) {
-        if constexpr (C == 1) {
-            const int token = draw_in_index_order(xr, lo, hi, top, temp, floor, d.u, sd, pick);
-            if (token >= 0 && lane == 0) ids[row] = token;
-        } else {  // the cluster's C x 32 warps over the row, their weights meeting in every block's sall
-            constexpr int n_w = C * kSampleWarps;
-            const int per_c = (int)ceil_div(ceil_div(n, n_w), 32) * 32;
-            const int lo_c = min(n, (rank * kSampleWarps + warp) * per_c), hi_c = min(n, lo_c + per_c);
-            const double w = warp_weight(xr, lo_c, hi_c, top, temp, floor);
-            if (lane == 0) sd[warp] = w;
-            cluster_sync();
-            for (int t = tid; t < n_w; t += kSampleThreads)
-                sall[t] = *cluster_at(&sd[t % kSampleWarps], t / kSampleWarps);
-            cluster_sync();  // every block has read the others' sums (each may return from here)
-            if (tid == 0) crossing_warp(sall, n_w, d.u, pick);
-            __syncthreads();
-            const int at = pick[0];
-            if (at != rank * kSampleWarps + warp) return;
-            const int token = walk_warp(xr, lo_c, hi_c, top, temp, floor, d.u, sall, n_w, at);
-            if (token >= 0 && lane == 0) ids[row] = token;
-        }
+        const int token = draw_in_index_order<C>(xr, n, rank, top, temp, floor, d.u, sd, sall, pick);
+        if (token >= 0 && lane == 0) ids[row] = token;
         return;
     }
     if (rank != 0) return;  // top-k or top-p: block 0 alone over the whole row
+    const int per = (int)ceil_div(ceil_div(n, kSampleWarps), 32) * 32;     // each warp's range of indices
+    const int lo = min(n, warp * per), hi = min(n, lo + per);
     // 2. top-k: the k-th largest key, and `need`, how many of the keys equal to it are in the pool
     const int k = min(d.top_k, n);
     uint32_t kth = 0;
