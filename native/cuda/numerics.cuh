@@ -38,7 +38,6 @@ __device__ __forceinline__ float4 norm_rope4(float4 v, float inv, const float4* 
     return o;
 }
 
-
 // ss + the squares of v's four values, in order (the norm's sum of squares, one chain per thread).
 __device__ __forceinline__ float sumsq4(float4 v, float ss) {
     ss = fmaf(v.x, v.x, ss), ss = fmaf(v.y, v.y, ss);
