@@ -63,8 +63,8 @@ __device__ __forceinline__ void cp16(uint32_t dst, const void* src) {
 }
 
 // Per-warp rings of D stages. Stage s of a warp reads SB bytes at src(s); ROWS: rows of RB bytes in RB / SB
-// stages, warp w taking rows w, w + warps, ...; else contiguous ranges of whole stages (RB unused). DECODE: a Q8_0-like unit
-// decode (funnel shifts, 8 dp4a) of every 34 staged bytes instead of folding them.
+// stages, warp w taking rows w, w + warps, ...; else contiguous ranges of whole stages (RB unused). DECODE: a
+// Q8_0-like unit decode (funnel shifts, 8 dp4a) of every 34 staged bytes instead of folding them.
 template <int SB, int RB, bool ROWS, bool DECODE>
 __global__ void __launch_bounds__(256) ring_kernel(const uint8_t* p, size_t n, uint32_t* out) {
     constexpr int D = 3, NS = ROWS ? RB / SB : 1, SLOT = (SB + 32 + 15) / 16 * 16;
@@ -226,8 +226,8 @@ int main() {
         auto ring = [&](auto kernel, int sb, const char* name) {
             const int smem = 8 * 3 * ((sb + 32 + 15) / 16 * 16);
             CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            report(name, per_launch_us([&](cudaStream_t s, int i) { kernel<<<sms * 2, 256, smem, s>>>(buf(i), n, out); },
-                                       n_buf, reps));
+            auto run = [&](cudaStream_t s, int i) { kernel<<<sms * 2, 256, smem, s>>>(buf(i), n, out); };
+            report(name, per_launch_us(run, n_buf, reps));
         };
         ring(ring_kernel<2048, 2048, false, false>, 2048, "cp.async 2 KB stages");
         ring(ring_kernel<2048, 4096, true, false>, 2048, "rows 4096 B in 2 stages");
