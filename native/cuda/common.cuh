@@ -133,6 +133,13 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// ss + the squares of v's four values, in order (the norm's sum of squares, one chain per thread).
+__device__ __forceinline__ float sumsq4(float4 v, float ss) {
+    ss = fmaf(v.x, v.x, ss), ss = fmaf(v.y, v.y, ss);
+    ss = fmaf(v.z, v.z, ss), ss = fmaf(v.w, v.w, ss);
+    return ss;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

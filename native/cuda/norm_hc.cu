@@ -357,8 +357,7 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
                 acc[k].x = fmaf(pre[i], v[k][i].x, acc[k].x), acc[k].y = fmaf(pre[i], v[k][i].y, acc[k].y);
                 acc[k].z = fmaf(pre[i], v[k][i].z, acc[k].z), acc[k].w = fmaf(pre[i], v[k][i].w, acc[k].w);
             }
-            xs = fmaf(acc[k].x, acc[k].x, xs), xs = fmaf(acc[k].y, acc[k].y, xs);
-            xs = fmaf(acc[k].z, acc[k].z, xs), xs = fmaf(acc[k].w, acc[k].w, xs);
+            xs = sumsq4(acc[k], xs);
         }
     }
     const float xden = norm_w ? sqrtf(stream_sum(xs, red) / (float)n_embd + rms_eps) : 1.0f;

@@ -1,7 +1,9 @@
-// The faithful numerics' device arithmetic (MODEL.md 3.6, 3.9), shared by the K=V store (rope_kv.cu) and the
-// compressors' row finish (compress.cu): the RoPE angle, the FP8 E4M3 and FP4 E2M1 round trips with their
-// power-of-two block scales, and the 128-point Walsh-Hadamard transform of the indexer. Every step of the round
-// trips is exact binary arithmetic (frexp/ldexp, rint), so they reproduce numpy's float32 reference bit for bit.
+// The faithful numerics' device arithmetic (MODEL.md 3.6, 3.9), shared by the K=V store (rope_kv.cu), the
+// compressors' row finish and the indexer's query (compress.cu), the norms (norm_hc.cu) and the attention's decode
+// front (attention.cu): the RoPE angle and rotation, the rows' norm + RoPE, the FP8 E4M3 and FP4 E2M1 round trips
+// with their power-of-two block scales, and the 128-point Walsh-Hadamard transform of the indexer. Every step of
+// the round trips is exact binary arithmetic (frexp/ldexp, rint), so they reproduce numpy's float32 reference bit
+// for bit.
 #pragma once
 #include "common.cuh"
 
@@ -22,11 +24,11 @@ __device__ __forceinline__ float4 rope4(float4 o, float c0, float s0, float c1, 
 }
 
 // RMSNorm and RoPE of a row, one float4 of it at a time (the query heads' and the K=V row's, MODEL.md 3.4): the
-// float4 v at element i of an n-value row times inv, the reciprocal of its norm divisor (1 / sqrtf(sum of squares /
-// n + eps): one division per row, not one per value), times the
-// weight's float4 g where there is one, then with n_rot > 0 the rotation of the row's last n_rot values (two
-// interleaved pairs; i - (n - n_rot) is a multiple of 4) by cs (cos[n_rot / 2], then sin[n_rot / 2]). Both the
-// norm kernel and the attention kernel's decode front use it, so that the two give the same bits.
+// float4 v at element i of an n-value row times inv, the reciprocal of its norm divisor (1 / sqrtf(sum of squares
+// / n + eps): one division per row, not one per value), times the weight's float4 g where there is one, then with
+// n_rot > 0 the rotation of the row's last n_rot values (two interleaved pairs; i - (n - n_rot) is a multiple of
+// 4) by cs (cos[n_rot / 2], then sin[n_rot / 2]). Both the norm kernel and the attention kernel's decode front use
+// it, so that the two give the same bits.
 __device__ __forceinline__ float4 norm_rope4(float4 v, float inv, const float4* g, int64_t i, int64_t n, int n_rot,
                                             const float* cs) {
     float4 o = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
@@ -36,13 +38,6 @@ __device__ __forceinline__ float4 norm_rope4(float4 v, float inv, const float4* 
         o = rope4(o, cs[j], cs[half + j], cs[j + 1], cs[half + j + 1]);
     }
     return o;
-}
-
-// ss + the squares of v's four values, in order (the norm's sum of squares, one chain per thread).
-__device__ __forceinline__ float sumsq4(float4 v, float ss) {
-    ss = fmaf(v.x, v.x, ss), ss = fmaf(v.y, v.y, ss);
-    ss = fmaf(v.z, v.z, ss), ss = fmaf(v.w, v.w, ss);
-    return ss;
 }
 
 // 2^ceil(log2(y)) for y > 0, from the binary exponent (no log rounding).

@@ -132,10 +132,7 @@ __device__ __forceinline__ void row_norms(float* inv, const float* x, int64_t x_
     for (int r = first; r < n; r += step) {
         const float* xr = x + r * x_stride;
         float ss = 0.0f;
-        for (int64_t k = 4 * lane; k < cols; k += 128) {
-            const float4 v = *(const float4*)(xr + k);
-            ss = fmaf(v.x, v.x, ss), ss = fmaf(v.y, v.y, ss), ss = fmaf(v.z, v.z, ss), ss = fmaf(v.w, v.w, ss);
-        }
+        for (int64_t k = 4 * lane; k < cols; k += 128) ss = sumsq4(*(const float4*)(xr + k), ss);
         ss = warp_sum(ss);
         if (lane == 0) inv[r] = 1.0f / sqrtf(ss / (float)cols + eps);
     }
