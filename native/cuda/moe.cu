@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     auto flush = [&](int set, float (&acc)[RPW][1]) {
         const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
         if (lane == 0) {
-            const int pair = slot + set * n_slots, j = pair / rows, o = pair - j * rows;
+            const int pair = slot + set * n_slots, j = a.rows_div.div(pair), o = pair - j * rows;
             const float gc = fminf(g, a.clamp), uc = fminf(fmaxf(u, -a.clamp), a.clamp);
             a.out[((int64_t)t * a.n_used + j) * rows + o] = silu(gc) * uc * swt[j];
         }
