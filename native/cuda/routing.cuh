@@ -4,7 +4,8 @@
 //
 // Scores p = sqrt(softplus(logit)) for up to kRouteMaxExperts experts (lane i holds experts i, i + 32, ...); then
 // n_used rounds of a warp argmax of p + bias over the experts not yet taken, ordered by (value, lower index) so
-// that ties go to the lower index as in ds4, or the hash table's experts (tid2eid[tokens[t]]); the weights are
+// that ties go to the lower index as in ds4 (two warp reductions a round: the largest order-preserving key, then
+// the lowest index holding it), or the hash table's experts (tid2eid[tokens[t]]); the weights are
 // the chosen experts' unbiased scores, summed in the order chosen, divided by max(sum, 2^-14) when normalizing,
 // times the scale.
 #pragma once
@@ -57,12 +58,14 @@ __device__ __forceinline__ void route_token(const RouteIn& r, int t, int32_t* id
         z[j] = on ? r.logits[(int64_t)t * r.n_expert + e] : 0.0f;
         b[j] = on && r.bias ? r.bias[e] : 0.0f;
     }
-    float p[kRoutePer], key[kRoutePer];
+    float p[kRoutePer];
+    uint32_t key[kRoutePer];
 #pragma unroll
     for (int j = 0; j < kRoutePer; ++j) {
         const bool on = lane + 32 * j < r.n_expert;
         p[j] = on ? sqrtf(softplus(z[j])) : 0.0f;
-        key[j] = on ? p[j] + b[j] : -INFINITY;
+        const float v = p[j] + b[j];
+        key[j] = on && v > -INFINITY ? order_key(v) : 0u;  // 0: never chosen (-inf, NaN; no finite key is 0)
     }
     float chosen_p[kRouteMaxUsed], sum = 0.0f;
 #pragma unroll
@@ -72,16 +75,18 @@ __device__ __forceinline__ void route_token(const RouteIn& r, int t, int32_t* id
         if (r.tid2eid) {
             id = r.tid2eid[(int64_t)r.tokens[t] * r.n_used + k];
         } else {
-            float v = -INFINITY;
-            int i = 0x7fffffff;
+            uint32_t best = 0;
+#pragma unroll
+            for (int j = 0; j < kRoutePer; ++j) best = max(best, key[j]);
+            best = __reduce_max_sync(0xffffffffu, best);
+            uint32_t at = 0x7fffffffu;  // none left: no expert (as an argmax over nothing)
+#pragma unroll
+            for (int j = kRoutePer - 1; j >= 0; --j)
+                if (best != 0 && key[j] == best) at = lane + 32 * j;
+            id = (int)__reduce_min_sync(0xffffffffu, at);
 #pragma unroll
             for (int j = 0; j < kRoutePer; ++j)
-                if (key[j] != -INFINITY && ahead(key[j], lane + 32 * j, v, i)) v = key[j], i = lane + 32 * j;
-            warp_best(v, i);
-            id = i;
-#pragma unroll
-            for (int j = 0; j < kRoutePer; ++j)
-                if (lane + 32 * j == id) key[j] = -INFINITY;
+                if (lane + 32 * j == id) key[j] = 0;
         }
         float mine = 0.0f;
 #pragma unroll
