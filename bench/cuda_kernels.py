@@ -202,6 +202,21 @@ def bench_moe(gpu, out, batches):
             nb = b * k * 2 * gb + 4 * b * (E + k * F)
             row(out, "moe_gate_up", NAMES[gt], f"{b}x6 x (2 x {F} x {E})", b, nb, 4 * b * k * F * E, med, best,
                 b * k * 2 * gb, gpu)
+            # The same with each token's experts chosen inside the launch from router logits (the decode step's
+            # moe_route_gate_up): what the choice adds before the first weight stage.
+            logits = gpu.put(rng.normal(0, 2, (n_sets, b, n_expert)).astype(np.float32))
+            bias = gpu.put(rng.normal(0, 0.1, n_expert).astype(np.float32))
+
+            def route_gate_up(i, b=b, logits=logits, bias=bias, ids=ids, wts=wts, h=h, mid=mid, gate=gate, up=up,
+                              gt=gt):
+                c = i % n_sets
+                _cuda.moe_route_gate_up(gpu.s.ptr, mid.ptr, ids.ptr + 4 * c * b * k, wts.ptr + 4 * c * b * k,
+                                        logits.ptr + 4 * c * b * n_expert, bias.ptr, 0, 0, 1.5, True, h.ptr, E,
+                                        gate.ptr, up.ptr, gt, F, E, n_expert, k, b, 10.0)
+
+            med, best = gpu.time_graph(route_gate_up, n_sets)
+            row(out, "moe_route_gate_up (routing inside)", NAMES[gt], f"{b}x6 x (2 x {F} x {E})", b,
+                nb + 4 * b * n_expert, 4 * b * k * F * E, med, best, b * k * 2 * gb, gpu)
             med, best = gpu.time_graph(down_, n_sets)
             nb = b * k * db + 4 * b * (E + k * F)
             row(out, "moe_down", NAMES[dt], f"{b}x6 x ({E} x {F})", b, nb, 2 * b * k * F * E, med, best, b * k * db,
