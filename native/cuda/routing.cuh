@@ -49,7 +49,7 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 __device__ __forceinline__ void route_token(const RouteIn& r, int t, int32_t* ids, float* weights) {
     const int lane = threadIdx.x & 31;
     // Every load first, then the scores: with the loads inside the branchy softplus each waited for the previous
-    // expert's score, 16 trips to memory in a row (5.7 us a launch on an H200, against ~1 us now).
+    // expert's score, 16 trips to memory in a row (the route launch 5.7 -> 3.5 us on an H200).
     float z[kRoutePer], b[kRoutePer];
 #pragma unroll
     for (int j = 0; j < kRoutePer; ++j) {
