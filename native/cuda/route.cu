@@ -65,6 +65,19 @@ constexpr int kSampleCluster = 8;
 constexpr int kSamplePer = kSampleCap / kSampleThreads;  // entries per thread in the prefix sums
 constexpr int kSampleBatch = 8;                          // loads in flight per thread in the passes over a row
 
+// Is (v, i) ahead of (w, j): larger value, or equal value and lower index.
+__device__ __forceinline__ bool ahead(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
+
+// The warp's best (value, index) of its lanes' candidates, in every lane.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ahead(ov, oi, v, i)) v = ov, i = oi;
+    }
+}
+
 // Block-wide best (value, index) over the threads' candidates; every thread gets the result.
 __device__ __forceinline__ int block_best(float v, int i, float* sv, int* si) {
     warp_best(v, i);

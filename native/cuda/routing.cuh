@@ -31,19 +31,6 @@ __device__ __forceinline__ float softplus(float z) {
     return z > 20.0f ? z : (z < -20.0f ? expf(z) : log1pf(expf(z)));
 }
 
-// Is (v, i) ahead of (w, j): larger value, or equal value and lower index.
-__device__ __forceinline__ bool ahead(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
-
-// The warp's best (value, index) of its lanes' candidates, in every lane.
-__device__ __forceinline__ void warp_best(float& v, int& i) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (ahead(ov, oi, v, i)) v = ov, i = oi;
-    }
-}
-
 // Token t's choice, called by all 32 lanes of a warp; lane 0 writes ids[k] and weights[k] for k < n_used (global
 // or shared memory). Needs n_expert <= kRouteMaxExperts and n_used <= kRouteMaxUsed.
 __device__ __forceinline__ void route_token(const RouteIn& r, int t, int32_t* ids, float* weights) {
