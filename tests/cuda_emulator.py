@@ -327,8 +327,16 @@ def _hyperconn(fn, fn_type, scale, base, n_mix, cols):
 
 
 def hc_pre(stream, x, hc, scratch, X, x_stride, fn, fn_type, scale, base, n_tok, n_embd, n_mix, n_iter, hc_eps,
-           rms_eps, norm_w=0):
+           rms_eps, norm_w=0, post_f=0, post_X=0, post_hc=0):
     assert n_tok >= 1
+    if post_f or post_X or post_hc:
+        assert post_f and post_X and post_hc
+        h = _at(post_hc, np.float32, n_tok * 20).reshape(n_tok, 20)
+        new = REF.hc_post(_at(post_f, np.float32, n_tok * n_embd).reshape(n_tok, n_embd),
+                          _rows(post_X, x_stride, n_tok, 4 * n_embd).reshape(n_tok, 4, n_embd), h[:, :4],
+                          h[:, 4:].reshape(n_tok, 4, 4))
+        for t in range(n_tok):
+            _at(X + 4 * t * x_stride, np.float32, 4 * n_embd)[:] = new[t].reshape(-1)
     Xs = _rows(X, x_stride, n_tok, 4 * n_embd).reshape(n_tok, 4, n_embd)
     h = _hyperconn(fn, fn_type, scale, base, n_mix, 4 * n_embd)
     if n_mix == 4:

@@ -831,12 +831,29 @@ def test_hc_pre_and_post(stream, rng, n_tok, n_embd):
     np.testing.assert_array_equal(d.get(hcs), got_hc)
 
     f = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    fp = d.put(f)
     Xo = d.out((n_tok, 4, n_embd))
-    _cuda.hc_post(stream.ptr, Xo.ptr, d.put(f), Xp, hcs.ptr, n_tok, n_embd)
+    _cuda.hc_post(stream.ptr, Xo.ptr, fp, Xp, hcs.ptr, n_tok, n_embd)
     assert rel(d.get(Xo), REF.hc_post(f, X, got_hc[:, :4], got_hc[:, 4:].reshape(n_tok, 4, 4))) < 1e-6
-    # in place
-    _cuda.hc_post(stream.ptr, Xp, d.put(f), Xp, hcs.ptr, n_tok, n_embd)
-    np.testing.assert_array_equal(d.get(Xb), d.get(Xo))
+
+    # hc_post fused into the next sublayer's hc_pre: the same new streams and the same outputs as the two apart,
+    # bit for bit (out of place, then in place)
+    hc2 = random_hc(rng, 24, n_embd)
+    w2 = (d.put(hc2.fn.raw), F16, d.put(hc2.scale), d.put(hc2.base))
+    x2, hcs2 = d.out((n_tok, n_embd)), d.out((n_tok, 20))
+    _cuda.hc_pre(stream.ptr, x2.ptr, hcs2.ptr, scratch.ptr, Xo.ptr, 4 * n_embd, *w2, n_tok, n_embd, 24, 20, 1e-6,
+                 1e-6, d.put(norm))
+    want = d.get(Xo), d.get(x2), d.get(hcs2)
+    for inplace in (False, True):
+        Xn = Xb if inplace else d.out((n_tok, 4, n_embd))
+        _cuda.hc_pre(stream.ptr, x2.ptr, hcs2.ptr, scratch.ptr, Xn.ptr, 4 * n_embd, *w2, n_tok, n_embd, 24, 20, 1e-6,
+                     1e-6, d.put(norm), post_f=fp, post_X=Xp, post_hc=hcs.ptr)
+        for got, ref in zip((d.get(Xn), d.get(x2), d.get(hcs2)), want):
+            np.testing.assert_array_equal(got, ref)
+    # hc_post in place
+    Xb.upload(X)
+    _cuda.hc_post(stream.ptr, Xp, fp, Xp, hcs.ptr, n_tok, n_embd)
+    np.testing.assert_array_equal(d.get(Xb), want[0])
 
 
 def test_hc_head(stream, rng):

@@ -208,10 +208,13 @@ class Model:
 
         def run():
             X = ops.embed(self.weights.token_embd, tokens, s.n_hc)                  # (N, n_hc, E)
+            upd = None    # the last sublayer's hc_post, left to the next sublayer's hc_pre (a backend fuses them)
             for layer in self.weights.layers:
                 states = [seg.state.layers[layer.index] for seg in segments]
-                X = self._attention(layer, X, states, bounds, positions)
-                X = self._ffn(layer, X, tokens)
+                X, upd = self._attention(layer, X, upd, states, bounds, positions)
+                X, upd = self._ffn(layer, X, upd, tokens)
+            f, post, comb = upd
+            X = ops.hc_post(f, X, post, comb)
             x = ops.hc_head(X[rows], self.weights.output_hc, s.hc_eps, s.rms_eps)
             logits = ops.matmul(self.weights.output, ops.rms_norm(x, self.weights.output_norm, s.rms_eps))
             return logits if draws is None else (ops.sample(logits, draws), logits)
@@ -223,6 +226,22 @@ class Model:
             seg.state.n_tokens += len(seg.tokens)
         return out, bounds
 
+    # --- the residual streams -------------------------------------------------------------------------------
+    #
+    # Each sublayer returns the streams it started from and its update (its output, post gates and combine matrix
+    # for hc_post); the next sublayer's entry applies it, so that a backend can fuse hc_post with hc_pre.
+
+    def _hc_pre(self, X: np.ndarray, upd, hc, norm: np.ndarray):
+        """A sublayer's entry: the residual streams X after the previous sublayer's update `upd` (its output, post
+        gates and combine matrix for hc_post, or None), then hc_pre on them. Returns the streams, the sublayer's
+        input (N, E), its post gates and combine matrix."""
+        s, ops = self.shape, self.ops
+        args = (hc, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, norm)
+        if upd is None:
+            return (X, *ops.hc_pre(X, *args))
+        f, post, comb = upd
+        return ops.hc_post_pre(f, X, post, comb, *args)
+
     # --- attention sublayer ---------------------------------------------------------------------------------
     #
     # Per token: the query path (low rank, weighted norm), one K=V row, the compressors' projections of the
@@ -232,11 +251,11 @@ class Model:
     # compressed rows visible at each position and turns the output's rotated tail back (inverse RoPE). The grouped
     # low-rank output projection closes the sublayer.
 
-    def _attention(self, L: Layer, X: np.ndarray, states: list[LayerState], bounds: np.ndarray,
-                   positions: np.ndarray) -> np.ndarray:
+    def _attention(self, L: Layer, X: np.ndarray, upd, states: list[LayerState], bounds: np.ndarray,
+                   positions: np.ndarray):
         s, ops = self.shape, self.ops
         N = len(positions)
-        h, post, comb = ops.hc_pre(X, L.hc_attn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, L.attn_norm)  # (N, E)
+        X, h, post, comb = self._hc_pre(X, upd, L.hc_attn, L.attn_norm)          # h: (N, E)
         # Every product of h in one call (a backend may join those of one weight type into one product).
         ws = [L.attn_q_a, L.attn_kv]
         if L.compressor is not None:
@@ -254,17 +273,17 @@ class Model:
         o = ops.attend(spec, states, bounds, positions, q.reshape(N, s.n_head, s.head_dim), kv, comp, idx)
         low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)
         y = ops.matmul(L.attn_output_b, low)                                          # (N, E)
-        return ops.hc_post(y, X, post, comb)
+        return X, (y, post, comb)
 
     # --- FFN sublayer ---------------------------------------------------------------------------------------
-    def _ffn(self, L: Layer, X: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def _ffn(self, L: Layer, X: np.ndarray, upd, tokens: np.ndarray):
         s, ops = self.shape, self.ops
-        h, post, comb = ops.hc_pre(X, L.hc_ffn, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, L.ffn_norm)
+        X, h, post, comb = self._hc_pre(X, upd, L.hc_ffn, L.ffn_norm)
         # The shared expert (no routing) and the routed experts added onto its output.
         f = ops.moe_routed(h, L.ffn_gate_inp, self.route_specs[L.index], tokens,
                            (L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps), s.swiglu_clamp_exp[L.index],
                            (L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp), s.swiglu_clamp_shexp[L.index])
-        return ops.hc_post(f, X, post, comb)
+        return X, (f, post, comb)
 
 
 def open_model(path: str | os.PathLike[str], backend: str = "cpu", numerics: str = "faithful",

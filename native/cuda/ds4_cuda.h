@@ -252,10 +252,18 @@ cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, c
 // matrix (16, row-major C[i][j]); n_mix = 4 is the output head (x only, hc unused). n_embd a multiple of 128;
 // scratch: ds4_cuda_hc_pre_scratch_bytes(n_tok, n_embd, n_mix) bytes, 16-byte aligned. norm_w (n_embd, or null):
 // x is then RMSNorm(x) * norm_w with rms_eps (the sublayer's own norm, fused), as ds4_cuda_rms_norm computes it.
-cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, const float* X, int64_t x_stride,
+// post (or null): the previous sublayer's hc_post done first, inside the mixer kernel: the streams X are computed
+// from post's old streams (rows x_stride apart; may be X itself), its output f (n_tok, n_embd) and its hc (n_tok,
+// 20), bit for bit as ds4_cuda_hc_post computes them, and written to X.
+struct ds4_cuda_hc_post_in {
+    const float* f;
+    const float* X;
+    const float* hc;
+};
+cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
-                            const float* norm_w = nullptr);
+                            const float* norm_w = nullptr, const ds4_cuda_hc_post_in* post = nullptr);
 size_t ds4_cuda_hc_pre_scratch_bytes(int n_tok, int64_t n_embd, int n_mix);
 // X_out[t, j] = post[t, j] * f[t] + sum_i comb[t, i, j] * X[t, i] (MODEL.md 3.3); X_out may be X; both dense
 // (n_tok, 4, n_embd).

@@ -6,7 +6,10 @@
 // the partial sums, which give the norm of the streams too (RMSNorm without weight is one scalar per token, so
 // fn . (X / r) = (fn . X) / r), take the sigmoid gates and run the 20-iteration Sinkhorn normalization (the 4x4
 // matrix in one thread's registers: no shuffles), while its other warps form the weighted sum of the streams.
-// hc_post: one thread per position e computes all 4 new streams from the 4 old ones, so it may work in place.
+// hc_post: one thread per position e computes all 4 new streams from the 4 old ones, so it may work in place. The
+// same update also runs inside the next sublayer's mixer (hc_pre with `post`): each mixer block computes the new
+// streams at the positions whose columns it multiplies, writes them and goes on with them, so that the update
+// costs no launch and no memory trip of its own.
 #include "common.cuh"
 #include "numerics.cuh"
 
@@ -14,6 +17,7 @@ namespace ds4::cuda {
 namespace {
 
 constexpr int kHc = 4;  // streams (n_hc); MODEL.md: 4 in every DS4 file
+constexpr int kHcVals = kHc + kHc * kHc;  // per token: the post gates, then the combine matrix
 
 // One block per row; each thread holds up to kVec float4 of the row (and of the weight) in registers, all loaded
 // before the reduction, so a row costs one memory latency and in-place use is safe.
@@ -77,17 +81,21 @@ __global__ void rms_norm_kernel(NormRows set0, NormRows set1, int64_t n_first, i
     }
 }
 
-// The HC mixer product, split over the columns: block (b, y) takes columns [512 b, 512 b + 512) of the 4 * n_embd,
-// all n_mix rows and tokens 16 y .. 16 y + 15, and leaves partial sums that hc_finish adds: per token n_mix + 1
-// rows of n_blocks values (padded to part_stride), the n_mix row products and then the sum of squares of the
-// block's columns (for the norm of the streams). (24 rows of 16384 give a row-walking product too few rows to
-// spread over the GPU: 12-24 blocks.) Warp w takes rows w, w + 8, w + 16 and holds their weights in registers,
-// loaded before the dependent-launch wait (they do not come from the previous kernel, so they load while it
-// finishes); the block's activation columns then sit in shared memory. Lane i takes columns 4 i + 128 j .. + 3 for
-// j < 4 (consecutive lanes read consecutive 16-byte pieces: no bank conflicts; 16 consecutive columns per lane were
-// a 4-way conflict on every load, which made the prefill's hc_pre slow). Per token a warp reduces 4 values at once:
-// its 3 row products and, in warp t % 8, token t's sum of squares.
-constexpr int kMixCols = 512, kMixTok = 16, kMixThreads = 256, kMixWarps = kMixThreads / 32;
+// The HC mixer product, split over the columns: block (b, y) takes positions [128 b, 128 b + 128) of all 4 streams
+// (columns j n_embd + 128 b .. + 127 of the 4 * n_embd for j < 4: the 512 columns of every position it holds), all
+// n_mix rows and tokens 16 y .. 16 y + 15, and leaves partial sums that hc_finish adds: per token n_mix + 1 rows
+// of n_blocks values (padded to part_stride), the n_mix row products and then the sum of squares of the block's
+// columns (for the norm of the streams). (24 rows of 16384 give a row-walking product too few rows to spread over
+// the GPU: 12-24 blocks.) Warp w takes rows w, w + 8, w + 16 and holds their weights in registers, loaded before
+// the dependent-launch wait (they do not come from the previous kernel, so they load while it finishes); the
+// block's activation columns then sit in shared memory, stream j's at 128 j. Lane i takes columns 4 i + 128 j ..
+// + 3 for j < 4 (consecutive lanes read consecutive 16-byte pieces: no bank conflicts; 16 consecutive columns per
+// lane were a 4-way conflict on every load, which made the prefill's hc_pre slow). Per token a warp reduces 4
+// values at once: its 3 row products and, in warp t % 8, token t's sum of squares. With the previous sublayer's
+// update (`post`), the block first computes its positions' new streams from the old ones (hc_update, as hc_post
+// does), writes them to X and stages them.
+constexpr int kMixCols = 512, kMixPos = kMixCols / kHc;  // columns and positions per block
+constexpr int kMixTok = 16, kMixThreads = 256, kMixWarps = kMixThreads / 32;
 constexpr int kMixRows = 3;  // rows per warp
 static_assert(kMixRows * kMixWarps >= 2 * kHc + kHc * kHc, "hc_mix: 24 rows need 3 per warp");
 static_assert(kMixRows + 1 == 4, "hc_mix: a warp reduces its rows and a sum of squares with warp_sum4");
@@ -131,15 +139,25 @@ __device__ __forceinline__ float warp_sum4(const float (&a)[4]) {
     return v;
 }
 
+// The previous sublayer's update of stream j at one position (MODEL.md 3.3): post_j f + sum_i comb[i][j] X_i, with
+// h the token's 20 values (post gates, then comb row-major). hc_post and the mixer both compute it here.
+__device__ __forceinline__ float hc_update(const float* h, int j, float f, float x0, float x1, float x2, float x3) {
+    static_assert(kHc == 4, "hc_update: 4 streams");
+    float v = h[j] * f;
+    v = fmaf(h[4 + j], x0, v), v = fmaf(h[8 + j], x1, v), v = fmaf(h[12 + j], x2, v);
+    return fmaf(h[16 + j], x3, v);
+}
+
 // (Bounded to 3 blocks per SM, 80 registers, which the 48 weights fit without spills; unbounded, ptxas takes 84 and
 // leaves 2.)
-__global__ void __launch_bounds__(kMixThreads, 3) hc_mix_kernel(float* part, const float* X, int64_t x_stride,
-                                                                const void* fn, int fn_type, int n_mix,
-                                                                int64_t cols, int n_tok) {
+__global__ void __launch_bounds__(kMixThreads, 3) hc_mix_kernel(float* part, float* X, int64_t x_stride,
+                                                                ds4_cuda_hc_post_in up, const void* fn, int fn_type,
+                                                                int n_mix, int64_t n_embd, int n_tok) {
     __shared__ __align__(16) float xs[kMixTok * kMixCols];
+    __shared__ __align__(16) float fs[kMixTok * kMixPos], hs[kMixTok * kHcVals];  // the update's f and values
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t c0 = (int64_t)blockIdx.x * kMixCols;
+    const int64_t e0 = (int64_t)blockIdx.x * kMixPos, cols = kHc * n_embd;
     // All weight loads are issued before the wait (rows past n_mix, which the output head's n_mix = 4 leaves, are
     // 0); F16 / BF16 ones are widened once the activations are on their way.
     float w[kMixRows][16];
@@ -148,14 +166,14 @@ __global__ void __launch_bounds__(kMixThreads, 3) hc_mix_kernel(float* part, con
 #pragma unroll
     for (int q = 0; q < kMixRows; ++q) {
         const int r = warp + kMixWarps * q;
-        const int64_t at = r * cols + c0 + 4 * lane;
+        const int64_t at = r * cols + e0 + 4 * lane;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             if (f32) {
-                const float4 v = r < n_mix ? *(const float4*)((const float*)fn + at + 128 * j) : float4{};
+                const float4 v = r < n_mix ? *(const float4*)((const float*)fn + at + j * n_embd) : float4{};
                 w[q][4 * j] = v.x, w[q][4 * j + 1] = v.y, w[q][4 * j + 2] = v.z, w[q][4 * j + 3] = v.w;
             } else {
-                h[q][j] = r < n_mix ? *(const uint2*)((const uint16_t*)fn + at + 128 * j) : uint2{};
+                h[q][j] = r < n_mix ? *(const uint2*)((const uint16_t*)fn + at + j * n_embd) : uint2{};
             }
         }
     }
@@ -163,9 +181,20 @@ __global__ void __launch_bounds__(kMixThreads, 3) hc_mix_kernel(float* part, con
     const int t0 = blockIdx.y * kMixTok;
     X += t0 * x_stride;
     n_tok = min(kMixTok, n_tok - t0);
+    // The streams' columns (with the update: the old streams, its output f and its values per token) to shared
+    // memory; stream j's positions at 128 j.
+    const float* src = up.f ? up.X + t0 * x_stride : X;
     for (int i = threadIdx.x; i < n_tok * kMixCols / 4; i += kMixThreads) {
-        const int t = i / (kMixCols / 4), c = i - t * (kMixCols / 4);
-        cp_async16(xs + t * kMixCols + 4 * c, X + t * x_stride + c0 + 4 * c);
+        const int t = i / (kMixCols / 4), c = i - t * (kMixCols / 4), j = c / (kMixPos / 4);
+        cp_async16(xs + t * kMixCols + 4 * c, src + t * x_stride + j * n_embd + e0 + 4 * c - kMixPos * j);
+    }
+    if (up.f) {
+        for (int i = threadIdx.x; i < n_tok * kMixPos / 4; i += kMixThreads) {
+            const int t = i / (kMixPos / 4), c = i - t * (kMixPos / 4);
+            cp_async16(fs + t * kMixPos + 4 * c, up.f + (t0 + t) * n_embd + e0 + 4 * c);
+        }
+        for (int i = threadIdx.x; i < n_tok * kHcVals / 4; i += kMixThreads)
+            cp_async16(hs + 4 * i, up.hc + t0 * kHcVals + 4 * i);
     }
     cp_async_commit();
     if (!f32) {
@@ -188,6 +217,22 @@ __global__ void __launch_bounds__(kMixThreads, 3) hc_mix_kernel(float* part, con
     }
     cp_async_wait<0>();
     __syncthreads();
+    if (up.f) {
+        // The update at each (token, position): the 4 old values in, the 4 new ones to shared memory and X (all
+        // four read before any is written: X may be the old streams).
+        for (int i = threadIdx.x; i < n_tok * kMixPos; i += kMixThreads) {
+            const int t = i / kMixPos, c = i - t * kMixPos;
+            float* xt = xs + t * kMixCols + c;
+            const float f = fs[i], x0 = xt[0], x1 = xt[kMixPos], x2 = xt[2 * kMixPos], x3 = xt[3 * kMixPos];
+#pragma unroll
+            for (int j = 0; j < kHc; ++j) {
+                const float v = hc_update(hs + t * kHcVals, j, f, x0, x1, x2, x3);
+                xt[j * kMixPos] = v;
+                X[t * x_stride + j * n_embd + e0 + c] = v;
+            }
+        }
+        __syncthreads();
+    }
     // Lane 8 k stores value k: row warp + 8 k for k < 3, the sum of squares (warp t % 8) for k = 3.
     const int k = lane / 8, r = warp + kMixWarps * k;
     const bool row_out = lane % 8 == 0 && k < kMixRows && r < n_mix;
@@ -315,7 +360,7 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
         bar_arrive(1, kHcThreads + 32);
         if (n_mix > kHc) {
             // post gates, then the combine matrix C[r][c] (logits at lane 8 + 4 r + c) in every lane.
-            float* hct = hc + (int64_t)t * (kHc + kHc * kHc);
+            float* hct = hc + (int64_t)t * kHcVals;
             if (lane >= kHc && lane < 2 * kHc) hct[lane - kHc] = 2.0f * gate;
             float c[kHc][kHc];
 #pragma unroll
@@ -379,19 +424,14 @@ __global__ void hc_post_kernel(float* Xo, const float* f, const float* X, const 
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n_tok * n_embd) return;
     const int64_t t = i / n_embd, e = i - t * n_embd;
-    const float* h = hc + t * (kHc + kHc * kHc);
+    const float* h = hc + t * kHcVals;
     const float* Xt = X + t * kHc * n_embd + e;
     float xin[kHc];
 #pragma unroll
     for (int k = 0; k < kHc; ++k) xin[k] = Xt[k * n_embd];
     const float fe = f[t * n_embd + e];
 #pragma unroll
-    for (int j = 0; j < kHc; ++j) {
-        float v = h[j] * fe;
-#pragma unroll
-        for (int k = 0; k < kHc; ++k) v = fmaf(h[kHc + kHc * k + j], xin[k], v);
-        Xo[t * kHc * n_embd + j * n_embd + e] = v;
-    }
+    for (int j = 0; j < kHc; ++j) Xo[t * kHc * n_embd + j * n_embd + e] = hc_update(h, j, fe, xin[0], xin[1], xin[2], xin[3]);
 }
 
 }  // namespace
@@ -425,22 +465,25 @@ cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const 
     return ds4_cuda_rms_norm_rope(s, y, y_stride, x, x_stride, w, n_rows, n, eps, nullptr, 1, nullptr, 0);
 }
 
-cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, const float* X, int64_t x_stride,
+cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
-                            const float* norm_w) {
+                            const float* norm_w, const ds4_cuda_hc_post_in* post) {
     clear_error();
     if (n_mix != kHc && n_mix != 2 * kHc + kHc * kHc) return invalid("hc_pre: n_mix must be 4 or 24");
     if (fn_type != ds4::TYPE_F16 && fn_type != ds4::TYPE_F32 && fn_type != ds4::TYPE_BF16)
         return invalid("hc_pre: fn must be F16, F32 or BF16");
     if (n_tok < 1 || n_tok > 65535 * kMixTok || (kHc * n_embd) % kMixCols || n_embd > 4 * kHcChunks * kHcThreads ||
         x_stride % 4 || (uintptr_t)fn % 16 || (uintptr_t)X % 16 || (uintptr_t)x % 16 || (uintptr_t)norm_w % 16 ||
-        (uintptr_t)scratch % 16 || n_iter < 1 || (n_mix > kHc && !hc))
+        (uintptr_t)scratch % 16 || n_iter < 1 || (n_mix > kHc && !hc) ||
+        (post && (!post->f || !post->X || !post->hc ||
+                  ((uintptr_t)post->f | (uintptr_t)post->X | (uintptr_t)post->hc) % 16)))
         return invalid("hc_pre: needs 1 <= n_tok <= 1048560, n_embd a multiple of 128 up to 8192, aligned rows, "
-                       "n_iter >= 1");
+                       "n_iter >= 1, and with post its f, old streams and hc");
     const int n_parts = (int)(kHc * n_embd / kMixCols);
+    const ds4_cuda_hc_post_in up = post ? *post : ds4_cuda_hc_post_in{};
     cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(kMixThreads), 0, s,
-                           scratch, X, x_stride, fn, fn_type, n_mix, kHc * n_embd, n_tok);
+                           scratch, X, x_stride, up, fn, fn_type, n_mix, n_embd, n_tok);
     if (e != cudaSuccess) return e;
     return launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads + 32), 0, s, x, hc, (const float*)scratch, X, x_stride,
                   scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps, norm_w);

@@ -879,7 +879,8 @@ class CUDA:
                          x.size // n, n, float(eps))
         return y
 
-    def _hc(self, X: DArray, hc, n_mix: int, n_iter: int, hc_eps: float, rms_eps: float, norm=None):
+    def _hc(self, X: DArray, hc, n_mix: int, n_iter: int, hc_eps: float, rms_eps: float, norm=None, upd=None):
+        """hc_pre's kernels; with upd = (f, old streams, post) they first compute X (written) from the update."""
         N, S, E = X.shape
         x = self.empty((N, E))
         h = self.empty((N, 20)) if n_mix > S else None
@@ -887,9 +888,13 @@ class CUDA:
         fn, sc, base = self.weight(hc.fn), self.const(hc.scale, _F32), self.const(hc.base, _F32)
         for t0 in range(0, N, HC_ROWS):
             n = min(HC_ROWS, N - t0)
+            post = {}
+            if upd is not None:
+                f, X0, p = upd
+                post = dict(post_f=f.ptr + 4 * t0 * E, post_X=X0.ptr + 4 * t0 * S * E, post_hc=p.ptr + 80 * t0)
             self.cu.hc_pre(self.stream.ptr, x.ptr + 4 * t0 * E, h.ptr + 80 * t0 if h is not None else 0, scratch.ptr,
                            X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
-                           float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0)
+                           float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0, **post)
         return x, h
 
     def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float, norm=None):
@@ -903,6 +908,14 @@ class CUDA:
         out = self.empty(X.shape)
         self.cu.hc_post(self.stream.ptr, out.ptr, f.ptr, X.ptr, post.ptr, N, E)
         return out
+
+    def hc_post_pre(self, f: DArray, X: DArray, post: DArray, comb, hc, n_iter: int, hc_eps: float, rms_eps: float,
+                    norm=None):
+        """hc_post inside the next hc_pre's mixer kernel: each of its blocks computes the new streams at the
+        positions it multiplies (one launch and one memory trip fewer per sublayer)."""
+        Xn = self.empty(X.shape)
+        x, h = self._hc(Xn, hc, 24, n_iter, hc_eps, rms_eps, norm, upd=(f, X, post))
+        return Xn, x, h, None
 
     def hc_head(self, X: DArray, hc, hc_eps: float, rms_eps: float) -> DArray:
         return self._hc(X, hc, X.shape[1], 1, hc_eps, rms_eps)[0]

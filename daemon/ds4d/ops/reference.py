@@ -198,6 +198,13 @@ class Reference:
         """X'[j] = post_j · f + Σ_i comb[i][j] · X[i]."""
         return post[:, :, None] * f[:, None, :] + np.einsum("tij,tie->tje", comb, X)
 
+    def hc_post_pre(self, f: np.ndarray, X: np.ndarray, post: np.ndarray, comb: np.ndarray, hc: HyperConn,
+                    n_iter: int, hc_eps: float, rms_eps: float, norm: np.ndarray | None = None):
+        """hc_post of one sublayer, then hc_pre of the next on the new streams: (new streams, x, post gates,
+        combine matrix). A backend may do both in one pass over the streams."""
+        X = self.hc_post(f, X, post, comb)
+        return (X, *self.hc_pre(X, hc, n_iter, hc_eps, rms_eps, norm))
+
     def hc_head(self, X: np.ndarray, hc: HyperConn, hc_eps: float, rms_eps: float) -> np.ndarray:
         m = self._hc_mix(X, hc, rms_eps)                        # (T, S)
         pre = sigmoid(m * hc.scale.astype(self.dtype)[0] + hc.base.astype(self.dtype)) + hc_eps
