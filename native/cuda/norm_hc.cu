@@ -431,7 +431,8 @@ __global__ void hc_post_kernel(float* Xo, const float* f, const float* X, const 
     for (int k = 0; k < kHc; ++k) xin[k] = Xt[k * n_embd];
     const float fe = f[t * n_embd + e];
 #pragma unroll
-    for (int j = 0; j < kHc; ++j) Xo[t * kHc * n_embd + j * n_embd + e] = hc_update(h, j, fe, xin[0], xin[1], xin[2], xin[3]);
+    for (int j = 0; j < kHc; ++j)
+        Xo[t * kHc * n_embd + j * n_embd + e] = hc_update(h, j, fe, xin[0], xin[1], xin[2], xin[3]);
 }
 
 }  // namespace
