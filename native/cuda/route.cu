@@ -428,16 +428,6 @@ cudaError_t ds4_cuda_sample(cudaStream_t s, int32_t* ids, const ds4_cuda_draw* d
     if (n_rows < 1 || n_rows > 65535 || n < 1 || x_stride < n) return invalid("sample: empty rows");
     if (props().cc < 90)
         return launch(sample_kernel<1>, dim3(n_rows), dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(n_rows * kSampleCluster);
-    cfg.blockDim = dim3(kSampleThreads);
-    cfg.stream = s;
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = kSampleCluster, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl_enabled() ? 2 : 1;
-    return cudaLaunchKernelEx(&cfg, sample_kernel<kSampleCluster>, ids, draws, x, x_stride, n);
+    return launch_cluster(kSampleCluster, sample_kernel<kSampleCluster>, dim3(n_rows * kSampleCluster),
+                          dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
 }
