@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -50,9 +51,9 @@ int resident_blocks(Kernel kernel, int threads, size_t smem) {
 }
 
 // Launches with the programmatic-stream-serialization attribute when dependent launch is on, in thread block
-// clusters of `cluster` blocks along x when it is more than 1 (sm_90); returns the launch's error.
+// clusters of `cluster` blocks when that is more than one (sm_90); returns the launch's error.
 template <typename... KArgs, typename... Args>
-cudaError_t launch_cluster(unsigned cluster, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+cudaError_t launch_cluster(dim3 cluster, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                            cudaStream_t s, Args&&... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
@@ -65,9 +66,9 @@ cudaError_t launch_cluster(unsigned cluster, void (*kernel)(KArgs...), dim3 grid
         attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[n++].val.programmaticStreamSerializationAllowed = 1;
     }
-    if (cluster > 1) {
+    if (cluster.x * cluster.y * cluster.z > 1) {
         attr[n].id = cudaLaunchAttributeClusterDimension;
-        attr[n++].val.clusterDim = {cluster, 1, 1};
+        attr[n++].val.clusterDim = {cluster.x, cluster.y, cluster.z};
     }
     cfg.attrs = attr;
     cfg.numAttrs = n;
@@ -75,7 +76,32 @@ cudaError_t launch_cluster(unsigned cluster, void (*kernel)(KArgs...), dim3 grid
 }
 template <typename... KArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
-    return launch_cluster(1, kernel, grid, block, smem, s, std::forward<Args>(args)...);
+    return launch_cluster(dim3(1), kernel, grid, block, smem, s, std::forward<Args>(args)...);
+}
+
+// How many clusters of `cluster` blocks of `kernel` (block threads, smem bytes of dynamic shared memory) the
+// device runs at once: 0 where it has no clusters (before sm_90) or refuses. Clusters of more than 8 blocks opt in
+// to the non-portable limit (16 on Hopper). Asks the driver: callers keep the answer.
+template <typename... KArgs>
+int cluster_fit(void (*kernel)(KArgs...), dim3 cluster, dim3 block, size_t smem) {
+    const unsigned n = cluster.x * cluster.y * cluster.z;
+    int fit = 0;
+    if (props().cc >= 90 && allow_smem(kernel, smem) == cudaSuccess &&
+        (n <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr;
+        attr.id = cudaLaunchAttributeClusterDimension;
+        attr.val.clusterDim = {cluster.x, cluster.y, cluster.z};
+        cfg.gridDim = cluster;
+        cfg.blockDim = block;
+        cfg.dynamicSmemBytes = smem;
+        cfg.attrs = &attr;
+        cfg.numAttrs = 1;
+        if (cudaOccupancyMaxActiveClusters(&fit, kernel, &cfg) != cudaSuccess) fit = 0;
+    }
+    cudaGetLastError();  // a refusal leaves nothing behind: the caller takes its path without clusters
+    clear_error();
+    return fit;
 }
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -132,6 +158,39 @@ __device__ __forceinline__ void pdl_trigger() {
 // Barrier `id` (1-15; 0 is __syncthreads) over `count` threads, whole warps.
 __device__ __forceinline__ void named_barrier(int id, int count) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+
+// Thread block clusters (sm_90; elsewhere a kernel's cluster is its one block and these do nothing). The
+// cluster's barrier, a pointer into block `rank`'s shared memory, and the barrier in two halves: arrive (relaxed: it
+// orders nothing, only says the block has started; or with release: this thread's writes, to any block's shared
+// memory, are seen after the matching wait) and wait (acquire). A thread alternates arrive and wait.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cooperative_groups::this_cluster().sync();
+#endif
+}
+template <typename T>
+__device__ __forceinline__ T* cluster_at(T* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+    return p;
+#endif
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
 }
 
 // 16-byte asynchronous global -> shared copy (sm_80+), cached in L2 only: weights are read once per step.

@@ -9,7 +9,8 @@
 // hc_post: one thread per position e computes all 4 new streams from the 4 old ones, so it may work in place. The
 // same update also runs inside the next sublayer's mixer (hc_pre with `post`): each mixer block computes the new
 // streams at the positions whose columns it multiplies, writes them and goes on with them, so that the update
-// costs no launch and no memory trip of its own.
+// costs no launch and no memory trip of its own. On sm_90 a decode step's few tokens take one launch instead of
+// the mixer and the finish (hc_pre_cluster_kernel: a thread block cluster per token).
 #include "common.cuh"
 #include "numerics.cuh"
 
@@ -418,6 +419,152 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
     }
 }
 
+// hc_pre of a few tokens in one launch (sm_90, decode): a thread block cluster per token (blockIdx.y) of C = n_embd
+// / 256 blocks, 16 at n_embd 4096. Block `rank` takes positions [256 rank, 256 rank + 256) of the 4 streams (1024
+// columns, stream j's at 256 j in shared memory): with the previous sublayer's update it computes their new streams
+// first (hc_update, as hc_post does), then the 24 row products and the sum of squares of its columns, which it
+// stores into every block of the cluster (distributed shared memory). After the cluster's barrier every block adds
+// the C partials in one order, so all find the same gates, and forms x at its positions; a second exchange gives
+// the norm of x. Block 0 runs the Sinkhorn iterations while the second exchange is under way. The global stores
+// (x, the new streams, the post gates) come last: a barrier's release would wait for them. Against the mixer and
+// hc_finish launches: one launch, no partials through global memory, and the Sinkhorn off the end of the chain.
+// Warp w takes rows w % 8, w % 8 + 8, w % 8 + 16 over the block's column half w / 8; lane i columns 4 i + 128 j ..
+// + 3 of that half (j < 4: conflict-free 16-byte loads, as in hc_mix_kernel); its 48 f16 weights stay packed in
+// registers, loaded before the dependent-launch wait, and are widened at use.
+constexpr int kClPos = 256, kClCols = kHc * kClPos, kClThreads = 512, kClMax = 16, kClMaxTok = 8;
+constexpr int kClVals = 2 * kHc + kHc * kHc + 1;  // per block: the 24 row products, then the sum of squares
+
+__global__ void __launch_bounds__(kClThreads, 2)
+    hc_pre_cluster_kernel(float* x, float* hc, float* X, int64_t x_stride, ds4_cuda_hc_post_in up, const __half* fn,
+                          const float* scale, const float* base, int64_t n_embd, int n_iter, float hc_eps,
+                          float rms_eps, const float* __restrict__ norm_w) {
+    __shared__ __align__(16) float xs[kClCols];
+    __shared__ __align__(16) float fs[kClPos], hs[kHcVals];  // the update's f and values
+    __shared__ float halves[2][kClVals];                      // this block's sums per column half
+    __shared__ float parts[kClMax][kClVals], xsq[kClMax];     // every block's sums, stored by that block
+    __shared__ float red[kClPos / 32], pre[kHc], zs[kHc * kHc];
+    pdl_trigger();
+    cluster_arrive_relaxed();  // the first exchange waits until every block of the cluster has started
+    const int C = gridDim.x, rank = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int rg = warp % 8, ch = warp / 8;
+    const int64_t cols = kHc * n_embd, e0 = (int64_t)rank * kClPos;
+    // Weights before the wait: the mixer's rows, the norm's weight, the gates' scale and base.
+    uint2 wr[kMixRows][4];
+#pragma unroll
+    for (int q = 0; q < kMixRows; ++q)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int c = 512 * ch + 4 * lane + 128 * j;
+            wr[q][j] = *(const uint2*)(fn + (rg + 8 * q) * cols + (c / kClPos) * n_embd + e0 + c % kClPos);
+        }
+    const float g = norm_w && tid < kClPos ? norm_w[e0 + tid] : 1.0f;
+    float sc = 0.0f, b = 0.0f;
+    if (warp == 0 && lane < kClVals - 1) sc = scale[lane < kHc ? 0 : lane < 2 * kHc ? 1 : 2], b = base[lane];
+    pdl_wait();
+    float* Xt = X + t * x_stride;
+    const float* src = up.f ? up.X + t * x_stride : Xt;
+    const int i4 = 4 * tid;  // a thread's 16 bytes: of the streams' columns, then f's positions, then hc's values
+    if (i4 < kClCols)
+        cp_async16(xs + i4, src + (i4 / kClPos) * n_embd + e0 + i4 % kClPos);
+    else if (up.f && i4 < kClCols + kClPos)
+        cp_async16(fs + (i4 - kClCols), up.f + t * n_embd + e0 + (i4 - kClCols));
+    else if (up.f && i4 < kClCols + kClPos + kHcVals)
+        cp_async16(hs + (i4 - kClCols - kClPos), up.hc + t * kHcVals + (i4 - kClCols - kClPos));
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (up.f) {
+        if (tid < kClPos) {
+            const float f = fs[tid], x0 = xs[tid], x1 = xs[kClPos + tid], x2 = xs[2 * kClPos + tid],
+                        x3 = xs[3 * kClPos + tid];
+#pragma unroll
+            for (int j = 0; j < kHc; ++j) xs[j * kClPos + tid] = hc_update(hs, j, f, x0, x1, x2, x3);
+        }
+        __syncthreads();
+    }
+    {
+        float4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = *(const float4*)(xs + 512 * ch + 4 * lane + 128 * j);
+        float s[kMixRows + 1];
+#pragma unroll
+        for (int q = 0; q < kMixRows; ++q) {
+            float w[16];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 a = __half22float2(*(const __half2*)&wr[q][j].x);
+                const float2 c = __half22float2(*(const __half2*)&wr[q][j].y);
+                w[4 * j] = a.x, w[4 * j + 1] = a.y, w[4 * j + 2] = c.x, w[4 * j + 3] = c.y;
+            }
+            s[q] = dot16(w, v);
+        }
+        s[kMixRows] = rg == 0 ? sumsq16(v) : 0.0f;
+        const float sum = warp_sum4(s);  // lane 8 k: row rg + 8 k (k < 3), the sum of squares (k = 3, warp 0 / 8)
+        const int k = lane / 8;
+        if (lane % 8 == 0 && (k < kMixRows || rg == 0)) halves[ch][k < kMixRows ? rg + 8 * k : kClVals - 1] = sum;
+    }
+    __syncthreads();
+    cluster_wait();
+    for (int i = tid; i < C * kClVals; i += kClThreads) {
+        const int d = i / kClVals, r = i - d * kClVals;
+        *cluster_at(&parts[rank][r], d) = halves[0][r] + halves[1][r];
+    }
+    cluster_arrive();
+    cluster_wait();
+    float gate = 0.0f;
+    if (warp == 0) {
+        // The gates, as hc_finish's control warp takes them: lane r adds row r's partials in 4 chains.
+        float s[4] = {};
+#pragma unroll
+        for (int i = 0; i < kClMax; ++i)
+            if (i < C && lane < kClVals) s[i % 4] += parts[i][lane];
+        const float m = sum4(s[0], s[1], s[2], s[3]);
+        const float den = sqrtf(__shfl_sync(0xffffffffu, m, kClVals - 1) / (float)cols + rms_eps);
+        const float z = m / den * sc + b;
+        gate = sigmoid(z);  // pre at lanes 0-3, post at 4-7, comb logits at 8-23
+        if (lane < kHc) pre[lane] = gate + hc_eps;
+        if (lane >= 2 * kHc && lane < kClVals - 1) zs[lane - 2 * kHc] = z;
+    }
+    __syncthreads();
+    float acc = 0.0f;
+    if (tid < kClPos) {
+#pragma unroll
+        for (int i = 0; i < kHc; ++i) acc = fmaf(pre[i], xs[i * kClPos + tid], acc);
+        const float ss = warp_sum(acc * acc);
+        if (lane == 0) red[warp] = ss;
+    }
+    __syncthreads();
+    if (tid < C) {
+        float ss = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kClPos / 32; ++w) ss += red[w];
+        *cluster_at(&xsq[rank], tid) = ss;
+    }
+    cluster_arrive();
+    if (rank == 0 && warp == kClThreads / 32 - 1) {  // a warp the stream work leaves idle
+        float c[kHc][kHc];
+#pragma unroll
+        for (int i = 0; i < kHc * kHc; ++i) c[i / kHc][i % kHc] = zs[i];
+        sinkhorn(c, n_iter, hc_eps);
+        if (lane == 0)
+#pragma unroll
+            for (int i = 0; i < kHc * kHc; ++i) hc[t * kHcVals + kHc + i] = c[i / kHc][i % kHc];
+    }
+    cluster_wait();
+    if (tid < kClPos) {
+        float s[4] = {};
+#pragma unroll
+        for (int i = 0; i < kClMax; ++i)
+            if (i < C) s[i % 4] += xsq[i];
+        const float xden = norm_w ? sqrtf(sum4(s[0], s[1], s[2], s[3]) / (float)n_embd + rms_eps) : 1.0f;
+        x[t * n_embd + e0 + tid] = norm_w ? acc / xden * g : acc;
+        if (up.f)
+#pragma unroll
+            for (int j = 0; j < kHc; ++j) Xt[j * n_embd + e0 + tid] = xs[j * kClPos + tid];
+    }
+    if (rank == 0 && warp == 0 && lane >= kHc && lane < 2 * kHc) hc[t * kHcVals + lane - kHc] = 2.0f * gate;
+}
+
 __global__ void hc_post_kernel(float* Xo, const float* f, const float* X, const float* hc, int n_tok, int64_t n_embd) {
     pdl_trigger();
     pdl_wait();
@@ -433,6 +580,19 @@ __global__ void hc_post_kernel(float* Xo, const float* f, const float* X, const 
 #pragma unroll
     for (int j = 0; j < kHc; ++j)
         Xo[t * kHc * n_embd + j * n_embd + e] = hc_update(h, j, fe, xin[0], xin[1], xin[2], xin[3]);
+}
+
+// The blocks per cluster with which hc_pre takes hc_pre_cluster_kernel, or 0: an sm_90 device, 24 rows of f16
+// weights, n_embd a multiple of 256 up to 4096, and at most kClMaxTok tokens, whose clusters all fit on the device
+// at once (asked once per cluster size).
+int cluster_blocks(int n_tok, int64_t n_embd, int n_mix, int fn_type) {
+    if (props().cc < 90 || n_mix != 2 * kHc + kHc * kHc || fn_type != ds4::TYPE_F16 || n_embd % kClPos ||
+        n_embd / kClPos > kClMax || n_tok > kClMaxTok)
+        return 0;
+    const int c = (int)(n_embd / kClPos);
+    static int fit[kClMax + 1] = {};  // clusters of c blocks that fit at once, + 1 (0: not asked yet)
+    if (!fit[c]) fit[c] = cluster_fit(hc_pre_cluster_kernel, dim3(c), dim3(kClThreads), 0) + 1;
+    return n_tok < fit[c] ? c : 0;
 }
 
 }  // namespace
@@ -481,8 +641,11 @@ cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch,
                   ((uintptr_t)post->f | (uintptr_t)post->X | (uintptr_t)post->hc) % 16)))
         return invalid("hc_pre: needs 1 <= n_tok <= 1048560, n_embd a multiple of 128 up to 8192, aligned rows, "
                        "n_iter >= 1, and with post its f, old streams and hc");
-    const int n_parts = (int)(kHc * n_embd / kMixCols);
     const ds4_cuda_hc_post_in up = post ? *post : ds4_cuda_hc_post_in{};
+    if (const int c = cluster_blocks(n_tok, n_embd, n_mix, fn_type))
+        return launch_cluster(dim3(c), hc_pre_cluster_kernel, dim3(c, n_tok), dim3(kClThreads), 0, s, x, hc, X,
+                              x_stride, up, (const __half*)fn, scale, base, n_embd, n_iter, hc_eps, rms_eps, norm_w);
+    const int n_parts = (int)(kHc * n_embd / kMixCols);
     cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(kMixThreads), 0, s,
                            scratch, X, x_stride, up, fn, fn_type, n_mix, n_embd, n_tok);
     if (e != cudaSuccess) return e;

@@ -2,7 +2,6 @@
 // 2-4), the embedding lookup into the hyper-connection streams, and sampling the next token (MODEL.md 7).
 //
 // route: one warp per token (routing.cuh, which the decode MoE's gate+up kernel also runs for itself).
-#include <cooperative_groups.h>
 
 #include "routing.cuh"
 
@@ -159,21 +158,6 @@ __device__ __forceinline__ int walk_warp(const float* xr, int lo, int hi, float 
         }
     }
     return last;  // the prefixes' rounding left the target past this warp's own sums: its last candidate
-}
-
-// The cluster's barrier and a pointer into block `rank`'s shared memory (sm_90; elsewhere C = 1 never calls them).
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    cooperative_groups::this_cluster().sync();
-#endif
-}
-template <typename T>
-__device__ __forceinline__ T* cluster_at(T* p, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-    return p;
-#endif
 }
 
 // Without top-k or top-p the candidates stay in index order, so nothing is compacted and any number of them is
@@ -428,6 +412,6 @@ cudaError_t ds4_cuda_sample(cudaStream_t s, int32_t* ids, const ds4_cuda_draw* d
     if (n_rows < 1 || n_rows > 65535 || n < 1 || x_stride < n) return invalid("sample: empty rows");
     if (props().cc < 90)
         return launch(sample_kernel<1>, dim3(n_rows), dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
-    return launch_cluster(kSampleCluster, sample_kernel<kSampleCluster>, dim3(n_rows * kSampleCluster),
+    return launch_cluster(dim3(kSampleCluster), sample_kernel<kSampleCluster>, dim3(n_rows * kSampleCluster),
                           dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
 }
