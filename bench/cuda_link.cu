@@ -4,7 +4,7 @@
 //
 //     nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/link bench/cuda_link.cu && /tmp/link
 //
-// Each figure is the time per launch (best of 5 replays of a graph of 40). The shapes:
+// Each figure is the time per launch (best of 5 replays of a graph of 40, cuda_probe.cuh). The shapes:
 //   empty     16 blocks of 512 threads that only wait
 //   load      the same, each thread then reading 16 bytes its predecessor wrote (one trip to L2 after the wait)
 //   store     empty, each thread then writing 20 bytes (hc_pre's outputs: x and the new streams)
@@ -16,18 +16,9 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 
-#define CK(x)                                                                 \
-    do {                                                                      \
-        cudaError_t e_ = (x);                                                 \
-        if (e_ != cudaSuccess) {                                              \
-            std::printf("%s: %s\n", #x, cudaGetErrorString(e_));              \
-            std::exit(1);                                                     \
-        }                                                                     \
-    } while (0)
+#include "cuda_probe.cuh"
 
 enum Shape { kEmpty, kLoad, kStore, kLoadStore, kCluster, kWide };
 
@@ -83,36 +74,7 @@ static void enqueue(const Launch& l, cudaStream_t s, bool pdl, const float4* in,
     CK(cudaLaunchKernelEx(&cfg, l.kernel, in, out));
 }
 
-// Microseconds per launch: a graph of n launches cycling through `seq`, best of 5 replays.
-static double per_launch(const Launch* seq, int len, bool pdl, float4* a, float4* b, cudaStream_t s) {
-    constexpr int n = 40;
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    for (int k = 0; k < n; ++k) enqueue(seq[k % len], s, pdl, k % 2 ? b : a, k % 2 ? a : b);
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    float best = 1e30f;
-    for (int r = 0; r < 7; ++r) {
-        CK(cudaEventRecord(e0, s));
-        CK(cudaGraphLaunch(ge, s));
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (r >= 2) best = std::min(best, ms);
-    }
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    return best * 1000.0 / n;
-}
-
 int main() {
-    cudaStream_t s;
-    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     const size_t n4 = 2 * 264 * 512;  // float4 per buffer: the widest grid, and the store shape's second output
     float4 *a, *b;
     CK(cudaMalloc(&a, n4 * sizeof(float4)));
@@ -134,9 +96,14 @@ int main() {
                 {"cluster", &cluster, 1}, {"wide", &wide, 1}, {"wide/16", alt, 2}};
     cudaDeviceProp p;
     CK(cudaGetDeviceProperties(&p, 0));
-    std::printf("%s: us per launch in a graph of 40 (best of 5)\n\n| shape | PDL | no PDL |\n|---|---:|---:|\n", p.name);
-    for (const Row& r : rows)
-        std::printf("| %s | %.2f | %.2f |\n", r.name, per_launch(r.seq, r.len, true, a, b, s),
-                    per_launch(r.seq, r.len, false, a, b, s));
+    std::printf("%s: us per launch in a graph of 40\n\n| shape | PDL | no PDL |\n|---|---:|---:|\n", p.name);
+    for (const Row& r : rows) {
+        float us[2];
+        for (int off = 0; off < 2; ++off) {  // PDL on, then off; each launch reads what the one before wrote
+            auto run = [&](cudaStream_t s, int i) { enqueue(r.seq[i % r.len], s, off == 0, i ? b : a, i ? a : b); };
+            us[off] = per_launch_us(run, 2, 40);
+        }
+        std::printf("| %s | %.2f | %.2f |\n", r.name, us[0], us[1]);
+    }
     return 0;
 }

@@ -20,14 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#define CK(x)                                                                 \
-    do {                                                                      \
-        cudaError_t e_ = (x);                                                 \
-        if (e_ != cudaSuccess) {                                              \
-            std::printf("%s: %s\n", #x, cudaGetErrorString(e_));              \
-            std::exit(1);                                                     \
-        }                                                                     \
-    } while (0)
+#include "cuda_probe.cuh"
 
 constexpr uint32_t kNever = 0x9e3779b9u;  // what the folded value never equals (keeps the reads)
 
@@ -168,37 +161,6 @@ __global__ void __launch_bounds__(256) tma_kernel(const uint8_t* p, size_t n, ui
         if (threadIdx.x == 0 && s + D < s1) bulk_stage(ring + k * SB, p + (s + D) * SB, SB, bar + 8 * k);
     }
     if (acc == kNever) out[0] = acc;
-}
-
-// One launch's time: `reps` launches captured in a graph (launch(stream, buffer index)), best of 5 replays.
-template <class F>
-float per_launch_us(F launch, int n_buf, int reps) {
-    cudaStream_t s;
-    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    for (int r = 0; r < reps; ++r) launch(s, r % n_buf);
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    CK(cudaGraphLaunch(ge, s));
-    CK(cudaStreamSynchronize(s));
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    float best = 1e30f;
-    for (int t = 0; t < 5; ++t) {
-        CK(cudaEventRecord(a, s));
-        CK(cudaGraphLaunch(ge, s));
-        CK(cudaEventRecord(b, s));
-        CK(cudaStreamSynchronize(s));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        best = std::min(best, ms * 1000.0f / reps);
-    }
-    cudaEventDestroy(a), cudaEventDestroy(b);
-    cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
-    return best;
 }
 
 int main() {
