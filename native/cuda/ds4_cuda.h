@@ -255,8 +255,9 @@ cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, c
 // post (or null): the previous sublayer's hc_post done first, inside the mixer kernel: the streams X are computed
 // from post's old streams (rows x_stride apart; may be X itself), its output f (n_tok, n_embd) and its hc (n_tok,
 // 20), bit for bit as ds4_cuda_hc_post computes them, and written to X. On sm_90, up to 8 tokens with n_mix = 24,
-// F16 fn and n_embd a multiple of 256 up to 4096 take one launch (a thread block cluster per token; the scratch
-// unused); otherwise the mixer and the finish are two. The two paths add in different orders (not bit for bit).
+// F16 fn and n_embd a multiple of 256 up to 4096 take one launch where all their clusters fit at once (a thread
+// block cluster per token; the scratch unused); otherwise the mixer and the finish are two. The two paths add in
+// different orders (not bit for bit).
 struct ds4_cuda_hc_post_in {
     const float* f;
     const float* X;
