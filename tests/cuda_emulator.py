@@ -208,14 +208,9 @@ def matvec_work_bytes(type, n_tok, cols, groups=1):
     return 0
 
 
-def matvec_parts(stream, ys, part_rows, w, type, cols, x, x_stride, n_tok, work=0, xq=0):
+def matvec_parts(stream, ys, part_rows, w, type, cols, x, x_stride, n_tok, work=0):
     assert 1 <= n_tok <= 16 and 1 <= len(ys) == len(part_rows) <= 8
-    X = _rows(x, x_stride, n_tok, cols)
-    if xq and type == _Q8_0:  # the rows' Q8_0 form, as hc_pre wrote it: it must be x's (the product reads it)
-        d, qs = _cpu.quantize_act(X, "q8_0")
-        np.testing.assert_array_equal(_at(xq, np.int8, n_tok * cols).reshape(n_tok, cols), qs)
-        np.testing.assert_array_equal(_at(xq + n_tok * cols, np.float32, n_tok * cols // 32).reshape(d.shape), d)
-    out = _product(_weights(w, type, sum(part_rows), cols), type, cols, X)
+    out = _product(_weights(w, type, sum(part_rows), cols), type, cols, _rows(x, x_stride, n_tok, cols))
     at = 0
     for y, r in zip(ys, part_rows):
         _at(y, np.float32, n_tok * r)[:] = out[:, at:at + r].reshape(-1)
@@ -331,14 +326,9 @@ def _hyperconn(fn, fn_type, scale, base, n_mix, cols):
                      _at(scale, np.float32, n_scale).copy(), _at(base, np.float32, n_mix).copy())
 
 
-def hc_pre_xq_ok(n_tok, n_embd, n_mix, fn_type):
-    """As on an sm_90 device: the one-launch path (up to 8 tokens, 24 rows of F16, n_embd 256 k up to 4096)."""
-    return 1 <= n_tok <= 8 and n_mix == 24 and fn_type == F16 and n_embd % 256 == 0 and n_embd <= 4096
-
-
 def hc_pre(stream, x, hc, scratch, X, x_stride, fn, fn_type, scale, base, n_tok, n_embd, n_mix, n_iter, hc_eps,
-           rms_eps, norm_w=0, post_f=0, post_X=0, post_hc=0, xq=0):
-    assert n_tok >= 1 and (not xq or hc_pre_xq_ok(n_tok, n_embd, n_mix, fn_type))
+           rms_eps, norm_w=0, post_f=0, post_X=0, post_hc=0):
+    assert n_tok >= 1
     if post_f or post_X or post_hc:
         assert post_f and post_X and post_hc
         h = _at(post_hc, np.float32, n_tok * 20).reshape(n_tok, 20)
@@ -356,10 +346,6 @@ def hc_pre(stream, x, hc, scratch, X, x_stride, fn, fn_type, scale, base, n_tok,
     xo, post, comb = REF.hc_pre(Xs, h, n_iter, hc_eps, rms_eps, norm)
     _at(x, np.float32, n_tok * n_embd)[:] = xo.reshape(-1)
     _at(hc, np.float32, n_tok * 20)[:] = np.concatenate([post, comb.reshape(n_tok, 16)], axis=1).reshape(-1)
-    if xq:
-        d, qs = _cpu.quantize_act(np.ascontiguousarray(xo, np.float32), "q8_0")
-        _at(xq, np.int8, n_tok * n_embd)[:] = qs.reshape(-1)
-        _at(xq + n_tok * n_embd, np.float32, n_tok * n_embd // 32)[:] = d.reshape(-1)
 
 
 def hc_post(stream, X_out, f, X, hc, n_tok, n_embd):

@@ -248,16 +248,6 @@ def test_matvec_parts(stream, rng, type_, n_tok):
         assert np.all(np.isnan(got[n_tok * r:]))
         at += r
     assert rel(want, product_ref(w, type_, cols, x)) < 2e-5
-    # With x's rows given as Q8_0 activations (as hc_pre writes them): Q8_0 weights read those (the same bits
-    # as quantizing x; a zeroed x shows that they are read), other types ignore them.
-    d8, q8 = _cpu.quantize_act(x, "q8_0")
-    xq = d.put(np.concatenate([q8.reshape(-1).view(np.uint8), d8.reshape(-1).view(np.uint8)]))
-    x0 = d.put(np.zeros_like(x)) if type_ == Q8_0 else xp
-    _cuda.matvec_parts(stream.ptr, [y.ptr for y in ys], part_rows, wp, type_, cols, x0, cols, n_tok, work, xq)
-    at = 0
-    for y, r in zip(ys, part_rows):
-        np.testing.assert_array_equal(d.get(y)[:n_tok * r].reshape(n_tok, r), want[:, at:at + r])
-        at += r
     with pytest.raises(ValueError, match="parts"):
         _cuda.matvec_parts(stream.ptr, [y.ptr for y in ys] * 3, part_rows * 3, wp, type_, cols, xp, cols, n_tok)
 
@@ -840,18 +830,6 @@ def test_hc_pre_and_post(stream, rng, n_tok, n_embd):
                  d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6, d.put(norm))
     assert rel(d.get(x), REF.hc_pre(X, hc, 20, 1e-6, 1e-6, norm)[0]) < 1e-5
     np.testing.assert_array_equal(d.get(hcs), got_hc)
-    if _cuda.hc_pre_xq_ok(n_tok, n_embd, 24, F16):  # x also as Q8_0 activations: quantize_act's bits
-        xq = d.out((n_tok * n_embd + 4 * n_tok * n_embd // 32,), np.uint8)
-        _cuda.hc_pre(stream.ptr, x.ptr, hcs.ptr, scratch.ptr, Xp, 4 * n_embd, d.put(hc.fn.raw), F16,
-                     d.put(hc.scale), d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6, d.put(norm), xq=xq.ptr)
-        d8, q8 = _cpu.quantize_act(d.get(x), "q8_0")
-        got = d.get(xq)
-        np.testing.assert_array_equal(got[:n_tok * n_embd].view(np.int8).reshape(q8.shape), q8)
-        np.testing.assert_array_equal(got[n_tok * n_embd:].view(np.float32).reshape(d8.shape), d8)
-    elif n_tok > 8:
-        with pytest.raises(ValueError, match="xq"):
-            _cuda.hc_pre(stream.ptr, x.ptr, hcs.ptr, scratch.ptr, Xp, 4 * n_embd, d.put(hc.fn.raw), F16,
-                         d.put(hc.scale), d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6, xq=scratch.ptr)
 
     f = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
     fp = d.put(f)

@@ -309,15 +309,15 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("xn") = 0, py::arg("work") = 0);
     m.def("matvec_parts", [](uintptr_t s, const std::vector<uintptr_t>& ys, const std::vector<int64_t>& part_rows,
                              uintptr_t w, int type, int64_t cols, uintptr_t x, int64_t x_stride, int n_tok,
-                             uintptr_t work, uintptr_t xq) {
+                             uintptr_t work) {
         if (ys.size() != part_rows.size()) throw py::value_error("matvec_parts: one y per part");
         std::vector<float*> outs;
         for (uintptr_t y : ys) outs.push_back(dev<float>(y));
         check(ds4_cuda_matvec_parts(st(s), outs.data(), part_rows.data(), (int)outs.size(), dev<void>(w), type, cols,
-                                    dev<const float>(x), x_stride, n_tok, dev<void>(work), dev<const int8_t>(xq)),
+                                    dev<const float>(x), x_stride, n_tok, dev<void>(work)),
               "matvec_parts");
     }, py::arg("stream"), py::arg("ys"), py::arg("part_rows"), py::arg("w"), py::arg("type"), py::arg("cols"),
-       py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("work") = 0, py::arg("xq") = 0);
+       py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("work") = 0);
     m.def("matvec_work_bytes", &ds4_cuda_matvec_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("cols"),
           py::arg("groups") = 1);
     m.def("quantize_act", [](uintptr_t s, uintptr_t qs, uintptr_t d, uintptr_t bsums, uintptr_t x, int64_t x_stride,
@@ -457,18 +457,16 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("hc_pre", [](uintptr_t s, uintptr_t x, uintptr_t hc, uintptr_t scratch, uintptr_t X, int64_t x_stride,
                        uintptr_t fn, int fn_type, uintptr_t scale, uintptr_t base, int n_tok, int64_t n_embd, int n_mix,
                        int n_iter, float hc_eps, float rms_eps, uintptr_t norm_w, uintptr_t post_f, uintptr_t post_X,
-                       uintptr_t post_hc, uintptr_t xq) {
+                       uintptr_t post_hc) {
         const ds4_cuda_hc_post_in post{dev<const float>(post_f), dev<const float>(post_X), dev<const float>(post_hc)};
         check(ds4_cuda_hc_pre(st(s), dev<float>(x), dev<float>(hc), dev<float>(scratch), dev<float>(X), x_stride,
                               dev<void>(fn), fn_type, dev<const float>(scale), dev<const float>(base), n_tok, n_embd,
                               n_mix, n_iter, hc_eps, rms_eps, dev<const float>(norm_w),
-                              post_f || post_X || post_hc ? &post : nullptr, dev<int8_t>(xq)), "hc_pre");
+                              post_f || post_X || post_hc ? &post : nullptr), "hc_pre");
     }, py::arg("stream"), py::arg("x"), py::arg("hc"), py::arg("scratch"), py::arg("X"), py::arg("x_stride"),
        py::arg("fn"), py::arg("fn_type"), py::arg("scale"), py::arg("base"), py::arg("n_tok"), py::arg("n_embd"),
        py::arg("n_mix"), py::arg("n_iter"), py::arg("hc_eps"), py::arg("rms_eps"), py::arg("norm_w") = 0,
-       py::arg("post_f") = 0, py::arg("post_X") = 0, py::arg("post_hc") = 0, py::arg("xq") = 0);
-    m.def("hc_pre_xq_ok", &ds4_cuda_hc_pre_xq_ok, py::arg("n_tok"), py::arg("n_embd"), py::arg("n_mix"),
-          py::arg("fn_type"));
+       py::arg("post_f") = 0, py::arg("post_X") = 0, py::arg("post_hc") = 0);
     m.def("hc_pre_scratch_bytes", &ds4_cuda_hc_pre_scratch_bytes, py::arg("n_tok"), py::arg("n_embd"),
           py::arg("n_mix"));
     m.def("hc_post", [](uintptr_t s, uintptr_t X_out, uintptr_t f, uintptr_t X, uintptr_t hc, int n_tok,

@@ -52,12 +52,10 @@ cudaError_t ds4_cuda_matvec_normed(cudaStream_t s, float* y, int64_t y_stride, c
                                    float eps, float* xn, void* work);
 // ds4_cuda_matvec over the rows of several matrices of one type and width stored back to back (the products of
 // one input), each part's rows written to its own dense (n_tok, part_rows[k]) array ys[k]: one launch. At most 8
-// parts; work as for ds4_cuda_matvec with the same type, n_tok and cols. xq (or null): x's rows already quantized
-// as Q8_0 activations (n_tok x cols int8, then n_tok x cols / 32 float scales: quantize_act's values), which Q8_0
-// weights read instead of quantizing x (other types ignore it).
+// parts; work as for ds4_cuda_matvec with the same type, n_tok and cols.
 cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,
                                   const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
-                                  void* work, const int8_t* xq = nullptr);
+                                  void* work);
 // Bytes of `work` that lets ds4_cuda_matvec quantize the activations once (quantized types, n_tok > 2) instead of
 // in every block, or split them into two f16 parts (F16, one group); 0 when it would not use it. work may always be
 // null (slower for several tokens). With it, Q8_0 rows of a multiple of 256 weights run on int8 tensor cores (the
@@ -259,8 +257,7 @@ cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, c
 // 20), bit for bit as ds4_cuda_hc_post computes them, and written to X. On sm_90, up to 8 tokens with n_mix = 24,
 // F16 fn and n_embd a multiple of 256 up to 4096 take one launch where all their clusters fit at once (a thread
 // block cluster per token; the scratch unused); otherwise the mixer and the finish are two. The two paths add in
-// different orders (not bit for bit). xq (or null; only where ds4_cuda_hc_pre_xq_ok, the one-launch path): x also
-// written as Q8_0 activations, laid out as ds4_cuda_matvec_parts' xq takes them (16-byte aligned).
+// different orders (not bit for bit).
 struct ds4_cuda_hc_post_in {
     const float* f;
     const float* X;
@@ -269,9 +266,7 @@ struct ds4_cuda_hc_post_in {
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
-                            const float* norm_w = nullptr, const ds4_cuda_hc_post_in* post = nullptr,
-                            int8_t* xq = nullptr);
-bool ds4_cuda_hc_pre_xq_ok(int n_tok, int64_t n_embd, int n_mix, int fn_type);
+                            const float* norm_w = nullptr, const ds4_cuda_hc_post_in* post = nullptr);
 size_t ds4_cuda_hc_pre_scratch_bytes(int n_tok, int64_t n_embd, int n_mix);
 // X_out[t, j] = post[t, j] * f[t] + sum_i comb[t, i, j] * X[t, i] (MODEL.md 3.3); X_out may be X; both dense
 // (n_tok, 4, n_embd).

@@ -440,9 +440,8 @@ bool mma_ok(const MatvecArgs& a, int groups, const void* work) {
 template <int T>
 struct MatvecOp {
     static cudaError_t run(cudaStream_t s, MatvecArgs a, int groups, void* work) {
-        if constexpr (T != TYPE_Q8_0) a.xq = nullptr;  // a caller's xq is Q8_0 activations
         if constexpr (WT<T>::xb != 0) {
-            if (!a.xq && work && a.n_tok > kQuantizeAbove && fits(a.n_tok, a.cols) <= props().smem_optin) {
+            if (work && a.n_tok > kQuantizeAbove && fits(a.n_tok, a.cols) <= props().smem_optin) {
                 cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.cols, a.x_stride, a.n_tok, a.cols, groups,
                                                    a.norm_w, a.norm_eps, a.xn);
                 if (e != cudaSuccess) return e;
@@ -565,12 +564,11 @@ cudaError_t ds4_cuda_matvec_normed(cudaStream_t s, float* y, int64_t y_stride, c
 
 cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,
                                   const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
-                                  void* work, const int8_t* xq) {
+                                  void* work) {
     clear_error();
     if (n_parts < 1 || n_parts > kMaxParts) return invalid("matvec_parts: 1 to 8 parts");
-    if ((uintptr_t)xq % 16) return invalid("matvec_parts: xq must be 16-byte aligned");
     MatvecArgs a{nullptr, 0, n_parts, {}, {}, (const uint8_t*)w, 0, cols, (int64_t)row_bytes(type, cols), x,
-                 x_stride, n_tok, 1, iq2_tables(), (const uint8_t*)xq, false, false};
+                 x_stride, n_tok, 1, iq2_tables(), nullptr, false, false};
     for (int k = 0; k < n_parts; ++k) {
         if (part_rows[k] < 1 || (uintptr_t)ys[k] % 4) return invalid("matvec_parts: every part needs rows and a y");
         a.rows += part_rows[k];

@@ -426,10 +426,8 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
 // stores into every block of the cluster (distributed shared memory). After the cluster's barrier every block adds
 // the C partials in one order, so all find the same gates, and forms x at its positions; a second exchange gives
 // the norm of x. Block 0 runs the Sinkhorn iterations while the second exchange is under way. The global stores
-// (x, the new streams, the post gates) come last: a barrier's release would wait for them. With xq, x also goes out
-// as the Q8_0 activations that the products of x read (every block of a one-token product quantized it itself).
-// Against the mixer and hc_finish launches: one launch, no partials through global memory, and the Sinkhorn off the
-// end of the chain.
+// (x, the new streams, the post gates) come last: a barrier's release would wait for them. Against the mixer and
+// hc_finish launches: one launch, no partials through global memory, and the Sinkhorn off the end of the chain.
 // Warp w takes rows w % 8, w % 8 + 8, w % 8 + 16 over the block's column half w / 8; lane i columns 4 i + 128 j ..
 // + 3 of that half (j < 4: conflict-free 16-byte loads, as in hc_mix_kernel); its 48 f16 weights stay packed in
 // registers, loaded before the dependent-launch wait, and are widened at use.
@@ -439,7 +437,7 @@ constexpr int kClVals = 2 * kHc + kHc * kHc + 1;  // per block: the 24 row produ
 __global__ void __launch_bounds__(kClThreads, 2)
     hc_pre_cluster_kernel(float* x, float* hc, float* X, int64_t x_stride, ds4_cuda_hc_post_in up, const __half* fn,
                           const float* scale, const float* base, int64_t n_embd, int n_iter, float hc_eps,
-                          float rms_eps, const float* __restrict__ norm_w, int8_t* xq) {
+                          float rms_eps, const float* __restrict__ norm_w) {
     __shared__ __align__(16) float xs[kClCols];
     __shared__ __align__(16) float fs[kClPos], hs[kHcVals];  // the update's f and values
     __shared__ float halves[2][kClVals];                      // this block's sums per column half
@@ -559,13 +557,7 @@ __global__ void __launch_bounds__(kClThreads, 2)
         for (int i = 0; i < kClMax; ++i)
             if (i < C) s[i % 4] += xsq[i];
         const float xden = norm_w ? sqrtf(sum4(s[0], s[1], s[2], s[3]) / (float)n_embd + rms_eps) : 1.0f;
-        const float o = norm_w ? acc / xden * g : acc;
-        x[t * n_embd + e0 + tid] = o;
-        if (xq) {  // x as Q8_0 activations (quantize_rows<32>'s bits): warp w's 32 positions are one block
-            const float d = warp_max(fabsf(o)) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-            xq[t * n_embd + e0 + tid] = (int8_t)fminf(fmaxf(rintf(__fmul_rn(o, id)), -127.0f), 127.0f);
-            if (lane == 0) ((float*)(xq + gridDim.y * n_embd))[(t * n_embd + e0 + tid) / 32] = d;
-        }
+        x[t * n_embd + e0 + tid] = norm_w ? acc / xden * g : acc;
         if (up.f)
 #pragma unroll
             for (int j = 0; j < kHc; ++j) Xt[j * n_embd + e0 + tid] = xs[j * kClPos + tid];
@@ -637,7 +629,7 @@ cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const 
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
-                            const float* norm_w, const ds4_cuda_hc_post_in* post, int8_t* xq) {
+                            const float* norm_w, const ds4_cuda_hc_post_in* post) {
     clear_error();
     if (n_mix != kHc && n_mix != 2 * kHc + kHc * kHc) return invalid("hc_pre: n_mix must be 4 or 24");
     if (fn_type != ds4::TYPE_F16 && fn_type != ds4::TYPE_F32 && fn_type != ds4::TYPE_BF16)
@@ -652,9 +644,7 @@ cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch,
     const ds4_cuda_hc_post_in up = post ? *post : ds4_cuda_hc_post_in{};
     if (const int c = cluster_blocks(n_tok, n_embd, n_mix, fn_type))
         return launch_cluster(dim3(c), hc_pre_cluster_kernel, dim3(c, n_tok), dim3(kClThreads), 0, s, x, hc, X,
-                              x_stride, up, (const __half*)fn, scale, base, n_embd, n_iter, hc_eps, rms_eps, norm_w,
-                              xq);
-    if (xq) return invalid("hc_pre: xq only where ds4_cuda_hc_pre_xq_ok");
+                              x_stride, up, (const __half*)fn, scale, base, n_embd, n_iter, hc_eps, rms_eps, norm_w);
     const int n_parts = (int)(kHc * n_embd / kMixCols);
     cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(kMixThreads), 0, s,
                            scratch, X, x_stride, up, fn, fn_type, n_mix, n_embd, n_tok);
@@ -669,10 +659,6 @@ cudaError_t ds4_cuda_hc_post(cudaStream_t s, float* X_out, const float* f, const
     if (n_tok < 1 || n_embd < 1) return invalid("hc_post: empty");
     const int64_t n = n_tok * n_embd;
     return launch(hc_post_kernel, dim3((unsigned)ceil_div(n, 256)), dim3(256), 0, s, X_out, f, X, hc, n_tok, n_embd);
-}
-
-bool ds4_cuda_hc_pre_xq_ok(int n_tok, int64_t n_embd, int n_mix, int fn_type) {
-    return n_tok >= 1 && cluster_blocks(n_tok, n_embd, n_mix, fn_type) > 0;
 }
 
 size_t ds4_cuda_hc_pre_scratch_bytes(int n_tok, int64_t n_embd, int n_mix) {

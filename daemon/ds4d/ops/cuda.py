@@ -157,13 +157,11 @@ class _Mem:
 
 class DArray:
     """A dense row-major float32 or int32 array in device memory. model.py uses `.reshape` and row selection
-    (`X[rows]`) on activations; everything else happens in the ops. q8: the same rows as Q8_0 activations, where
-    the op that made them wrote those too (hc_pre of a decode step, for the Q8_0 products of its output), or None."""
-    __slots__ = ("shape", "dtype", "ptr", "mem", "be", "q8")
+    (`X[rows]`) on activations; everything else happens in the ops."""
+    __slots__ = ("shape", "dtype", "ptr", "mem", "be")
 
     def __init__(self, be: "CUDA", shape: tuple[int, ...], dtype: np.dtype, ptr: int, mem: _Mem):
         self.be, self.shape, self.dtype, self.ptr, self.mem = be, tuple(int(s) for s in shape), dtype, ptr, mem
-        self.q8 = None
 
     @property
     def size(self) -> int:
@@ -843,9 +841,8 @@ class CUDA:
         ys = [self.empty((T, w.rows)) for w in run]
         wtype, cols = int(run[0].type), run[0].cols
         work = self._work(self.cu.matvec_work_bytes(wtype, T, cols, 1))
-        xq = x.q8.ptr if x.q8 is not None and wtype == Q.Q8_0 else 0   # hc_pre's Q8_0 form of x, if it wrote one
         self.cu.matvec_parts(self.stream.ptr, [y.ptr for y in ys], [w.rows for w in run], base, wtype, cols,
-                             x.ptr, x.row, T, work.ptr if work is not None else 0, xq)
+                             x.ptr, x.row, T, work.ptr if work is not None else 0)
         self.weight_calls += 1
         return ys
 
@@ -889,8 +886,6 @@ class CUDA:
         h = self.empty((N, 20)) if n_mix > S else None
         scratch = self.empty((self.cu.hc_pre_scratch_bytes(min(N, HC_ROWS), E, n_mix),), np.uint8)
         fn, sc, base = self.weight(hc.fn), self.const(hc.scale, _F32), self.const(hc.base, _F32)
-        if n_mix > S and self.cu.hc_pre_xq_ok(N, E, n_mix, int(hc.fn.type)):   # one launch, x as Q8_0 too
-            x.q8 = self.empty((_align(N * E + 4 * N * (E // 32), 16),), np.uint8)
         for t0 in range(0, N, HC_ROWS):
             n = min(HC_ROWS, N - t0)
             post = {}
@@ -899,8 +894,7 @@ class CUDA:
                 post = dict(post_f=f.ptr + 4 * t0 * E, post_X=X0.ptr + 4 * t0 * S * E, post_hc=p.ptr + 80 * t0)
             self.cu.hc_pre(self.stream.ptr, x.ptr + 4 * t0 * E, h.ptr + 80 * t0 if h is not None else 0, scratch.ptr,
                            X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
-                           float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0, **post,
-                           xq=x.q8.ptr if x.q8 is not None else 0)
+                           float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0, **post)
         return x, h
 
     def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float, norm=None):
