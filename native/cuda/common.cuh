@@ -50,6 +50,14 @@ int resident_blocks(Kernel kernel, int threads, size_t smem) {
     return per_sm * props().sms;
 }
 
+// The launch attribute of thread block clusters of `cluster` blocks (sm_90).
+inline cudaLaunchAttribute cluster_dim(dim3 cluster) {
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim = {cluster.x, cluster.y, cluster.z};
+    return attr;
+}
+
 // Launches with the programmatic-stream-serialization attribute when dependent launch is on, in thread block
 // clusters of `cluster` blocks when that is more than one (sm_90); returns the launch's error.
 template <typename... KArgs, typename... Args>
@@ -66,10 +74,7 @@ cudaError_t launch_cluster(dim3 cluster, void (*kernel)(KArgs...), dim3 grid, di
         attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[n++].val.programmaticStreamSerializationAllowed = 1;
     }
-    if (cluster.x * cluster.y * cluster.z > 1) {
-        attr[n].id = cudaLaunchAttributeClusterDimension;
-        attr[n++].val.clusterDim = {cluster.x, cluster.y, cluster.z};
-    }
+    if (cluster.x * cluster.y * cluster.z > 1) attr[n++] = cluster_dim(cluster);
     cfg.attrs = attr;
     cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
@@ -89,9 +94,7 @@ int cluster_fit(void (*kernel)(KArgs...), dim3 cluster, dim3 block, size_t smem)
     if (props().cc >= 90 && allow_smem(kernel, smem) == cudaSuccess &&
         (n <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
         cudaLaunchConfig_t cfg = {};
-        cudaLaunchAttribute attr;
-        attr.id = cudaLaunchAttributeClusterDimension;
-        attr.val.clusterDim = {cluster.x, cluster.y, cluster.z};
+        cudaLaunchAttribute attr = cluster_dim(cluster);
         cfg.gridDim = cluster;
         cfg.blockDim = block;
         cfg.dynamicSmemBytes = smem;

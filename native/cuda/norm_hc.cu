@@ -255,6 +255,17 @@ __global__ void __launch_bounds__(kMixThreads, 3) hc_mix_kernel(float* part, flo
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
+// What hc_finish and hc_pre_cluster_kernel both do with a token's mixer sums, so that the two paths agree: lane r
+// takes row r's scale and base (rows 0-3 the pre gates, 4-7 the post gates, 8-23 the combine logits), then its
+// logit z = m / rms(streams) * scale + base from its row sum m and the streams' sum of squares in lane n_mix.
+__device__ __forceinline__ void hc_row_weights(int r, const float* scale, const float* base, float& sc, float& b) {
+    sc = scale[r < kHc ? 0 : r < 2 * kHc ? 1 : 2], b = base[r];
+}
+__device__ __forceinline__ float hc_logit(float m, int n_mix, int64_t cols, float rms_eps, float sc, float b) {
+    const float den = sqrtf(__shfl_sync(0xffffffffu, m, n_mix) / (float)cols + rms_eps);
+    return m / den * sc + b;
+}
+
 // Named barriers of hc_finish: the control warp publishes the pre gates with bar.arrive (it does not wait for the
 // stream warps) and takes no part in the stream warps' reduction.
 __device__ __forceinline__ void bar_sync(int id, int n) {
@@ -310,6 +321,14 @@ __device__ __forceinline__ void sinkhorn(float (&c)[kHc][kHc], int n_iter, float
     for (int it = 1; it < n_iter; ++it) normalize_rows(c, eps), normalize_cols(c, eps);
 }
 
+// sinkhorn, then the normalized matrix (row-major) to out by lane 0 of the calling warp.
+__device__ __forceinline__ void sinkhorn_store(float (&c)[kHc][kHc], int n_iter, float eps, float* out) {
+    sinkhorn(c, n_iter, eps);
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int i = 0; i < kHc * kHc; ++i) out[i] = c[i / kHc][i % kHc];
+}
+
 // One block per token: kHcThreads stream threads and a control warp. The control warp adds the mixer's partials
 // (lane i: row i; lane n_mix: the sum of squares, so the norm of the streams r needs no block reduction), takes
 // mix = sum / r and the gates, publishes the pre gates (barrier 1), then writes the post gates and runs the Sinkhorn
@@ -342,7 +361,7 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
     if (threadIdx.x >= kHcThreads) {
         // The control warp. Lane i's scale and base are weights: read before the wait.
         float sc = 0.0f, b = 0.0f;
-        if (lane < n_mix) sc = scale[lane < kHc ? 0 : lane < 2 * kHc ? 1 : 2], b = base[lane];
+        if (lane < n_mix) hc_row_weights(lane, scale, base, sc, b);
         pdl_wait();
         const int n_parts = (int)(kHc * n_embd / kMixCols), stride = part_stride(n_parts);
         const float4* p = (const float4*)(mix_part + ((int64_t)t * (n_mix + 1) + lane) * stride);
@@ -355,8 +374,7 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
         for (int i = 0; i < kHcParts; ++i)
             if (i < n_parts) s[i % 4] += ((const float*)part)[i];
         const float m = sum4(s[0], s[1], s[2], s[3]);
-        const float den = sqrtf(__shfl_sync(0xffffffffu, m, n_mix) / (float)(kHc * n_embd) + rms_eps);
-        const float z = m / den * sc + b, gate = sigmoid(z);  // gate: pre at lanes 0-3, post at lanes 4-7
+        const float z = hc_logit(m, n_mix, kHc * n_embd, rms_eps, sc, b), gate = sigmoid(z);  // pre 0-3, post 4-7
         if (lane < kHc) pre[lane] = gate + hc_eps;
         bar_arrive(1, kHcThreads + 32);
         if (n_mix > kHc) {
@@ -366,10 +384,7 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
             float c[kHc][kHc];
 #pragma unroll
             for (int i = 0; i < kHc * kHc; ++i) c[i / kHc][i % kHc] = __shfl_sync(0xffffffffu, z, 2 * kHc + i);
-            sinkhorn(c, n_iter, hc_eps);
-            if (lane == 0)
-#pragma unroll
-                for (int i = 0; i < kHc * kHc; ++i) hct[kHc + i] = c[i / kHc][i % kHc];
+            sinkhorn_store(c, n_iter, hc_eps, hct + kHc);
         }
         return;
     }
@@ -459,7 +474,7 @@ __global__ void __launch_bounds__(kClThreads, 2)
         }
     const float g = norm_w && tid < kClPos ? norm_w[e0 + tid] : 1.0f;
     float sc = 0.0f, b = 0.0f;
-    if (warp == 0 && lane < kClVals - 1) sc = scale[lane < kHc ? 0 : lane < 2 * kHc ? 1 : 2], b = base[lane];
+    if (warp == 0 && lane < kClVals - 1) hc_row_weights(lane, scale, base, sc, b);
     pdl_wait();
     float* Xt = X + t * x_stride;
     const float* src = up.f ? up.X + t * x_stride : Xt;
@@ -519,8 +534,7 @@ __global__ void __launch_bounds__(kClThreads, 2)
         for (int i = 0; i < kClMax; ++i)
             if (i < C && lane < kClVals) s[i % 4] += parts[i][lane];
         const float m = sum4(s[0], s[1], s[2], s[3]);
-        const float den = sqrtf(__shfl_sync(0xffffffffu, m, kClVals - 1) / (float)cols + rms_eps);
-        const float z = m / den * sc + b;
+        const float z = hc_logit(m, kClVals - 1, cols, rms_eps, sc, b);
         gate = sigmoid(z);  // pre at lanes 0-3, post at 4-7, comb logits at 8-23
         if (lane < kHc) pre[lane] = gate + hc_eps;
         if (lane >= 2 * kHc && lane < kClVals - 1) zs[lane - 2 * kHc] = z;
@@ -545,10 +559,7 @@ __global__ void __launch_bounds__(kClThreads, 2)
         float c[kHc][kHc];
 #pragma unroll
         for (int i = 0; i < kHc * kHc; ++i) c[i / kHc][i % kHc] = zs[i];
-        sinkhorn(c, n_iter, hc_eps);
-        if (lane == 0)
-#pragma unroll
-            for (int i = 0; i < kHc * kHc; ++i) hc[t * kHcVals + kHc + i] = c[i / kHc][i % kHc];
+        sinkhorn_store(c, n_iter, hc_eps, hc + t * kHcVals + kHc);
     }
     cluster_wait();
     if (tid < kClPos) {
