@@ -257,13 +257,13 @@ def bench_attention(gpu, out, batches):
 
 def bench_indexer(gpu, out, batches):
     header("Indexer scores over n compressed rows (64 heads x 128, f16 rows in L2; queries of FP4 values as the "
-           "faithful path's) and their top 512")
+           "faithful path's) and their top 512: one block per token, and the blocks per token the capacity picks")
     H, Di, k = 64, 128, 512
     rng = np.random.default_rng(41)
     grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
     for b in [*batches, 2048]:
-        for n in (514, 4096, 16384, 40000):
-            if b * n > 2048 * 16384:
+        for n in (514, 4096, 16384, 40000, 65536, 262144):
+            if b * n > 2048 * 16384 or (n > 40000 and b > 8):
                 continue
             keys = gpu.put(rng.standard_normal((n, Di)).astype(np.float16))
             table = gpu.put(np.full(b, keys.ptr, np.uint64))
@@ -277,9 +277,10 @@ def bench_indexer(gpu, out, batches):
                                                H, Di, n, k, False), reps)
             nb = n * Di * 2 + 4 * b * (H * Di + H + n)
             row(out, "indexer_scores", "f16 rows", f"{b} x {n} rows", b, nb, 2 * b * n * H * Di, med, best, nb, gpu)
-            med, best = gpu.time_graph(
-                lambda i: _cuda.topk(gpu.s.ptr, sel.ptr, scores.ptr, n, n_vis.ptr, b, k), reps)
-            row(out, "topk 512", "f32", f"{b} x {n}", b, 4 * b * n, 0, med, best, 4 * b * n, gpu)
+            for cluster, name in ((1, "topk 512, a block per token"), (0, "topk 512")):
+                med, best = gpu.time_graph(
+                    lambda i: _cuda.topk(gpu.s.ptr, sel.ptr, scores.ptr, n, n_vis.ptr, b, k, cluster), reps)
+                row(out, name, "f32", f"{b} x {n}", b, 4 * b * n, 0, med, best, 4 * b * n, gpu)
 
 
 # ---- small ops -------------------------------------------------------------------------------------------------

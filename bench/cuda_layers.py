@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_model import LayerClock, open_four_layers  # noqa: E402
+from cuda_model import LayerClock, long_state, open_four_layers  # noqa: E402
 
 from ds4d.model import Segment  # noqa: E402
 from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=36)
     ap.add_argument("--ctx", type=int, default=2048, help="prompt length of a batch-1 session (512 per session above)")
+    ap.add_argument("--long", action="store_true",
+                    help="the batch-1 session made by long_state at --ctx (its rows random) instead of a prefill")
     ap.add_argument("--file", default="/tmp/ds4-4h.gguf", help="4-layer full-width file (written if missing)")
     ap.add_argument("--json", help="append the per-layer times here (one JSON object per line)")
     args = ap.parse_args()
@@ -41,9 +43,12 @@ def main() -> int:
     clock = LayerClock(m)
     out = {}
     for B in (int(b) for b in args.batches.split(",")):
-        states = [m.new_state() for _ in range(B)]
-        for st in states:
-            m.prefill(st, rng.integers(0, m.shape.n_vocab, args.ctx if B == 1 else 512), chunk=2048)
+        if B == 1 and args.long:
+            states = [long_state(m, args.ctx, rng)]
+        else:
+            states = [m.new_state() for _ in range(B)]
+            for st in states:
+                m.prefill(st, rng.integers(0, m.shape.n_vocab, args.ctx if B == 1 else 512), chunk=2048)
         samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(B)]
         clock.times.clear()
         for _ in range(args.steps):

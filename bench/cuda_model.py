@@ -13,7 +13,8 @@ over the experts), opens it with backend="cuda" and times, after a warm-up that 
   first length also run eagerly (every kernel launched from Python) for comparison; per layer from CUDA events
   recorded between the layers (graph nodes when captured), by layer kind (ratio 0 / 4 / 128); then the same
   steps pipelined as the engine runs them (`Model.launch`: each step launched before the last one's tokens are
-  read, taking them on the device), the period between two steps' tokens;
+  read, taking them on the device), the period between two steps' tokens; with `--long`, the same at batch 1 for
+  contexts whose prefill would take too long, made by `long_state` (the compressed and indexer rows random);
 * the floor per layer: the layer's bytes (non-routed weights, 6 routed experts per token that random routing
   rarely shares, the K=V rows read) over the measured device-to-device copy bandwidth;
 * with `--socket`, one end-to-end figure: `ds4d serve --backend cuda` on the file, a client streaming a greedy
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # daemon_harness
 from ds4d import _cuda  # noqa: E402
@@ -80,6 +82,20 @@ def fill_expert_holes(m: Model) -> None:
     for i, L in enumerate(m.weights.layers):
         for k, w in enumerate((L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps)):
             m.ops.fill_random(w, 1000 * i + k)
+
+
+def long_state(m: Model, ctx: int, rng, seed: int = 7):
+    """A session at position ctx without a prefill of that length (a 1M-token prompt would take minutes): a real
+    prompt of 2,048 tokens (the window ring and the compressors' frontiers), then room for ctx + 256 positions, every
+    compressed and indexer row filled with uniform random f16 values, and the position set to ctx. A decode step
+    reads what it would after a real prompt of that length; only the rows' values differ."""
+    st = m.new_state()
+    m.prefill(st, rng.integers(0, m.shape.n_vocab, 2048), chunk=2048)
+    st.ensure(ctx + 256)
+    st.rows.fill_random(int(GGMLQuantizationType.F16), seed, stream=m.ops.stream.ptr)
+    m.ops.stream.synchronize()
+    st.n_tokens = ctx
+    return st
 
 
 def open_four_layers(path: Path) -> Model:
@@ -260,6 +276,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--file", default="/tmp/ds4-full-width.gguf")
     ap.add_argument("--ctx", default="2048,8192,16384,65536", help="prompt lengths before the batch-1 decodes")
+    ap.add_argument("--long", default="",
+                    help="contexts decoded at batch 1 without their prefill (long_state: the rows random values), "
+                         "e.g. 262144,1048000")
     ap.add_argument("--ctx8", type=int, default=2048, help="prompt length of each batch-8 session")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=512,
@@ -365,6 +384,11 @@ def main() -> int:
             decode([st], ctx, False, f"B=1 at {ctx}, eager")
         decode([st], ctx, True, f"B=1 at {ctx}, graph")
         decode_pipelined([st], ctx, f"B=1 at {ctx}")
+        del st
+    for ctx in ([int(c) for c in args.long.split(",")] if args.long and not args.no_decode else []):
+        st = long_state(m, ctx, rng)
+        decode([st], ctx, True, f"B=1 at {ctx} (rows random), graph")
+        decode_pipelined([st], ctx, f"B=1 at {ctx} (rows random)")
         del st
     if not args.no_decode:
         states = [m.new_state() for _ in range(8)]

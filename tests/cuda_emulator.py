@@ -621,7 +621,7 @@ def indexer_scores(stream, scores, score_stride, q, w, w_scale, keys, n_vis, n_t
         _at(scores + 4 * t * score_stride, np.float32, n)[:] = W @ np.maximum(Q @ K.T, 0)
 
 
-def topk(stream, sel, scores, score_stride, n_vis, n_tok, k):
+def topk(stream, sel, scores, score_stride, n_vis, n_tok, k, cluster=0):
     nv = _at(n_vis, np.int32, n_tok)
     for t in range(n_tok):
         n = int(nv[t])

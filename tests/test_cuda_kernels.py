@@ -631,12 +631,12 @@ def attention_ref(q, raw, raw_n, comp, comp_n, sel, sinks, scale):
 RAW_CAP, COMP_CAP, SEL_CAP = 128, 300, 64
 
 
-def attention_case(rng, raw_n, comp_n, dim, n_head, q_scale, with_sel):
+def attention_case(rng, raw_n, comp_n, dim, n_head, q_scale, with_sel, comp_cap=COMP_CAP):
     """Random f16 rows (raw window and compressed), queries scaled per token by q_scale, sinks, and with_sel an
     indexer selection per token: ascending rows, a few entries short of its capacity (-1)."""
     T = len(raw_n)
     raw = rng.standard_normal((T, RAW_CAP, dim)).astype(np.float16)
-    comp = rng.standard_normal((T, COMP_CAP, dim)).astype(np.float16)
+    comp = rng.standard_normal((T, comp_cap, dim)).astype(np.float16)
     q = (rng.standard_normal((T, n_head, dim)) * np.asarray(q_scale).reshape(-1, 1, 1)).astype(np.float32)
     sinks = rng.standard_normal(n_head).astype(np.float32)
     sel = None
@@ -676,6 +676,58 @@ def test_attention_decode(stream, rng, dim, n_head, with_sel, rows):
     out.memset(0xFF)
     _cuda.attention_decode(stream.ptr, out.ptr, *args)
     np.testing.assert_array_equal(d.get(out), got)
+
+
+@pytest.mark.parametrize("front", [False, True])
+def test_attention_decode_long(stream, rng, front):
+    """Long lists of compressed rows (a ratio-128 layer past 256K positions): the tensor-core kernel's splits past
+    the raw window take several row tiles each (4,100 rows: 3 tiles per split), against the reference; with the
+    decode front, its output and ring bit for bit those of the norms, the store and the attention apart."""
+    d = Dev(stream)
+    dim, n_head, comp_cap = 512, 16, 4100
+    pos = np.array([5000, 130, 999_999, 127, 262_143, 40], np.int32)
+    raw_n = np.minimum(pos + 1, RAW_CAP).astype(np.int32)
+    comp_n = np.array([4100, 2500, 2048, 3001, 77, 0], np.int32)
+    T = len(pos)
+    raw, comp, q, sinks, _ = attention_case(rng, raw_n, comp_n, dim, n_head, 0.15, False, comp_cap)
+    scale = 1.0 / math.sqrt(dim)
+    nbytes = _cuda.attention_scratch_bytes(T, n_head, dim, RAW_CAP, comp_cap, SEL_CAP, False)
+    cp, cn, rn = d.put(comp), d.put(comp_n), d.put(raw_n)
+    scratch = _cuda.Buffer(nbytes)
+    if not front:
+        out = d.out((T, n_head, dim))
+        _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, d.put(q), d.put(raw), RAW_CAP * dim,
+                               rn, RAW_CAP, cp, comp_cap * dim, cn, comp_cap, 0, SEL_CAP, d.put(sinks), T, n_head,
+                               dim, scale, 0, 0, False)
+        ref = attention_ref(q, raw, raw_n, comp, comp_n, None, sinks.astype(np.float64), scale)
+        assert rel(d.get(out), ref) < 1e-5
+        return
+    kv = kv_test_rows(rng, T, dim)
+    kv_w = rng.uniform(0.5, 1.5, dim).astype(np.float32)
+    inv = rope_inv_freq(64, 10000.0, (16.0, 65536, 32.0, 1.0))
+    pp, ip, eps, n_nope = d.put(pos), d.put(inv), 1e-6, 448
+    outs, ring_bits = [], []
+    for fused in (False, True):
+        ring = d.buf(raw)
+        rows = d.put(np.array([ring.ptr + t * RAW_CAP * dim * 2 for t in range(T)], np.int64))
+        out = d.out((T, n_head, dim))
+        if fused:
+            _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, d.put(q), 0, 0, rn, RAW_CAP, cp,
+                                   comp_cap * dim, cn, comp_cap, 0, SEL_CAP, d.put(sinks), T, n_head, dim, scale,
+                                   rows, 0, False, pp, ip, 64, kv_x=d.put(kv), kv_w=d.put(kv_w), eps=eps,
+                                   n_nope=n_nope)
+        else:
+            qn, kvn = d.out((T, n_head, dim)), d.out((T, dim))
+            _cuda.rms_norm_rope(stream.ptr, qn.ptr, dim, d.put(q), dim, 0, T * n_head, dim, eps, pp, n_head, ip, 64,
+                                also=(kvn.ptr, dim, d.put(kv), dim, d.put(kv_w), T, 1))
+            _cuda.kv_store(stream.ptr, 0, 0, kvn.ptr, dim, pp, 0, 1, RAW_CAP, T, dim, n_nope, True, rows)
+            _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, qn.ptr, 0, 0, rn, RAW_CAP, cp,
+                                   comp_cap * dim, cn, comp_cap, 0, SEL_CAP, d.put(sinks), T, n_head, dim, scale,
+                                   rows, 0, False, pp, ip, 64)
+        outs.append(d.get(out))
+        ring_bits.append(d.get(ring).view(np.uint16))
+    np.testing.assert_array_equal(ring_bits[1], ring_bits[0])
+    np.testing.assert_array_equal(outs[1], outs[0])
 
 
 @pytest.mark.parametrize("rows", [np.float16, np.float32])

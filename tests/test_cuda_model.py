@@ -521,13 +521,15 @@ def test_indexer_scores(cu, n_head, f32_rows, n_tok, fp4, cap):
 
 
 @gpu_only
-def test_topk(cu):
+@pytest.mark.parametrize("cluster", [0, 1, 4, 8, 16])
+def test_topk(cu, cluster):
     """Each token's top_k of its n scores (ties to the lower index, -0 equal to +0) in index order, against numpy:
-    n at most k (0 .. n - 1, then -1), scores held in registers (up to 16,384) and read from memory past that,
-    with many ties at the k-th value."""
+    n at most k (0 .. n - 1, then -1), scores held in registers (up to 16,384 per block) and read from memory past
+    that, with many ties at the k-th value; by one block per token or a thread block cluster of 4, 8 or 16 (the
+    ties then spread over its blocks; 0: the size the capacity picks)."""
     rng = np.random.default_rng(10)
-    k, cap = 512, 40000
-    n_vis = np.array([300, 513, 5000, 16384, 16385, 40000], np.int32)
+    k, cap = 512, 262144
+    n_vis = np.array([300, 513, 5000, 16384, 16385, 40000, 262144], np.int32)
     scores = rng.standard_normal((len(n_vis), cap)).astype(np.float32)
     scores[2, ::3] = 1.5                                  # 1,667 ties; 249 scores above: the 512th is a tie
     scores[3, :9000] = np.where(rng.random(9000) < 0.5, 0.0, -0.0)   # the largest: 9,000 ties
@@ -538,7 +540,7 @@ def test_topk(cu):
     sbuf.upload(scores)
     nbuf.upload(n_vis)
     sel = cu.Buffer(len(n_vis) * k * 4)
-    cu.topk(stream.ptr, sel.ptr, sbuf.ptr, cap, nbuf.ptr, len(n_vis), k)
+    cu.topk(stream.ptr, sel.ptr, sbuf.ptr, cap, nbuf.ptr, len(n_vis), k, cluster)
     got = sel.download(np.int32, [len(n_vis), k])
     for t, n in enumerate(n_vis):
         if n <= k:

@@ -41,6 +41,7 @@ struct AttnArgs {
     int sel_cap;
     const float* sinks;
     int n_head, dim, n_split;
+    int tiles;  // row tiles per split past the raw window's (split_first)
     float scale;
     const int32_t* rope_pos;  // decode's combine: the inverse RoPE of each head's last n_rot dims (null: none)
     const double* rope_freq;
@@ -52,6 +53,18 @@ struct AttnArgs {
     float eps;
     int n_nope;
 };
+
+// Decode's splits of a token's rows: the first ceil(raw_cap / kRows) take a row tile each (the raw window's: the
+// decode front forms the new row in its tile), each later one `tiles` tiles (for long lists of compressed rows:
+// fewer, fuller blocks and partial results). Split z covers tiles split_first(z) .. split_first(z + 1) - 1.
+__host__ __device__ inline int split_first(int z, int raw_cap, int tiles) {
+    const int r = (raw_cap + kRows - 1) / kRows;  // 32-bit: a 64-bit division is a call with a stack frame
+    return z <= r ? z : r + (z - r) * tiles;
+}
+__host__ __device__ inline int split_count(int rows, int raw_cap, int tiles) {
+    const int n = (rows + kRows - 1) / kRows, r = (raw_cap + kRows - 1) / kRows;
+    return n <= r ? n : r + (n - r + tiles - 1) / tiles;
+}
 
 // Rows of token t: raw rows, then compressed candidates (the selection list's entries, or every row).
 __device__ __forceinline__ int row_count(const AttnArgs& a, int t, int& n_raw) {
@@ -207,7 +220,7 @@ __global__ void attention_combine_kernel(AttnArgs a) {
     pdl_wait();
     const int h = blockIdx.x, t = blockIdx.y, stride = a.dim + 4;
     int n_raw;
-    const int n_split = (int)ceil_div(row_count(a, t, n_raw), kRows);
+    const int n_split = split_count(row_count(a, t, n_raw), a.raw_cap, a.tiles);
     const float* part = a.part + ((int64_t)t * a.n_head + h) * a.n_split * stride;
     for (int s = threadIdx.x; s < n_split; s += blockDim.x) {
         sw[s] = part[s * stride];
@@ -385,9 +398,9 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
     float4 kw{};
     if constexpr (FRONT) {
         total = row_count(a, t, n_raw);
-        first = blockIdx.z;
+        first = split_first(blockIdx.z, a.raw_cap, a.tiles);
         if (first * kPfRows >= total) return;  // past this token's rows (the grid covers the capacity)
-        n_tiles = first + 1;
+        n_tiles = min((total + kPfRows - 1) / kPfRows, split_first(blockIdx.z + 1, a.raw_cap, a.tiles));
         const int pos = a.rope_pos[t], half = a.n_rot / 2;
         v_new = pos % a.raw_cap;
         r_new = v_new - first * kPfRows;
@@ -415,9 +428,9 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
         total = row_count(a, t, n_raw);
         n_tiles = (total + kPfRows - 1) / kPfRows;
         if constexpr (SPLIT) {
-            first = blockIdx.z;
+            first = split_first(blockIdx.z, a.raw_cap, a.tiles);
             if (first >= n_tiles) return;  // past this token's rows (the grid covers the capacity)
-            n_tiles = first + 1;
+            n_tiles = min(n_tiles, split_first(blockIdx.z + 1, a.raw_cap, a.tiles));
         }
     }
 
@@ -631,12 +644,19 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
                                       const int32_t* rope_pos, const double* rope_freq, int n_rot,
                                       const float* kv_x, const float* kv_w, float eps, int n_nope) {
     clear_error();
-    const int n_split = std::max(1, splits(raw_cap, comp_cap, sel_cap, sel != nullptr));
+    // The tensor-core kernel takes up to kCompSplits splits of compressed rows (a ratio-128 layer at 1M positions:
+    // 8,192 rows in 256 one-tile splits wrote and combined 34 MB of partial results); the CUDA-core one a tile each.
+    constexpr int kCompSplits = 64;
+    const int cap_rows = raw_cap + (sel ? sel_cap : comp_cap), raw_tiles = (int)ceil_div(raw_cap, kRows);
+    const int tiles = !f32_rows && ds4_cuda_attention_prefill_ok(dim)
+                          ? std::max(1, (int)ceil_div(ceil_div(cap_rows, kRows) - raw_tiles, kCompSplits))
+                          : 1;
+    const int n_split = std::max(1, split_count(cap_rows, raw_cap, tiles));
     AttnArgs a{out,       (float*)scratch, q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
                raw_n,     raw_cap,         (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
                comp_n,    comp_cap,        sel,  sel_cap,             sinks,      n_head,
-               dim,       n_split,         scale, rope_pos,           rope_freq,  n_rot,
-               kv_x,      kv_w,            eps,  n_nope};
+               dim,       n_split,         tiles, scale,              rope_pos,   rope_freq,
+               n_rot,     kv_x,            kv_w, eps,                 n_nope};
     cudaError_t e = check_args(a, n_tok, kHeads);
     if (e != cudaSuccess) return e;
     if (rope_pos && (!rope_freq || n_rot < 4 || n_rot % 4 || n_rot > dim))
@@ -670,7 +690,7 @@ cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* 
     AttnArgs a{out,       nullptr,  q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
                raw_n,     raw_cap,  (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
                comp_n,    comp_cap, sel,  sel_cap,             sinks,      n_head,
-               dim,       0,        scale};
+               dim,       0,        1,    scale};
     const cudaError_t e = check_args(a, n_tok, kPfHeads);
     if (e != cudaSuccess) return e;
     switch (dim) {

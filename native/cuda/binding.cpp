@@ -530,11 +530,11 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("keys"), py::arg("n_vis"), py::arg("n_tok"), py::arg("n_head"), py::arg("dim"), py::arg("cap"),
        py::arg("top_k"), py::arg("f32_rows") = false);
     m.def("topk", [](uintptr_t s, uintptr_t sel, uintptr_t scores, int64_t score_stride, uintptr_t n_vis, int n_tok,
-                     int k) {
+                     int k, int cluster) {
         check(ds4_cuda_topk(st(s), dev<int32_t>(sel), dev<const float>(scores), score_stride,
-                            dev<const int32_t>(n_vis), n_tok, k), "topk");
+                            dev<const int32_t>(n_vis), n_tok, k, cluster), "topk");
     }, py::arg("stream"), py::arg("sel"), py::arg("scores"), py::arg("score_stride"), py::arg("n_vis"),
-       py::arg("n_tok"), py::arg("k"));
+       py::arg("n_tok"), py::arg("k"), py::arg("cluster") = 0);
     m.def("fp8_kv", [](uintptr_t s, uintptr_t y, uintptr_t x, int64_t n_rows, int dim, int n_nope) {
         check(ds4_cuda_fp8_kv(st(s), dev<float>(y), dev<const float>(x), n_rows, dim, n_nope), "fp8_kv");
     }, py::arg("stream"), py::arg("y"), py::arg("x"), py::arg("n_rows"), py::arg("dim"), py::arg("n_nope"));

@@ -180,6 +180,28 @@ __device__ __forceinline__ T* cluster_at(T* p, int rank) {
     return p;
 #endif
 }
+// A 32-bit load from block `rank`'s shared memory at the place of p in this block's (mapa and ld in one asm: the
+// address is formed at the load, not kept in a register for every rank). Volatile: it stays between the cluster
+// barriers around it.
+__device__ __forceinline__ uint32_t cluster_ld(const uint32_t* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t v;
+    asm volatile("{\n\t.reg .u32 a;\n\tmapa.shared::cluster.u32 a, %1, %2;\n\tld.shared::cluster.u32 %0, [a];\n\t}"
+                 : "=r"(v) : "r"((uint32_t)__cvta_generic_to_shared(p)), "r"(rank));
+    return v;
+#else
+    return *p;
+#endif
+}
+// Adds v to the word at the place of p in block `rank`'s shared memory.
+__device__ __forceinline__ void cluster_red_add(uint32_t* p, int rank, uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .u32 a;\n\tmapa.shared::cluster.u32 a, %0, %1;\n\tred.shared::cluster.add.u32 [a], %2;\n\t}"
+                 ::"r"((uint32_t)__cvta_generic_to_shared(p)), "r"(rank), "r"(v) : "memory");
+#else
+    atomicAdd(p, v);
+#endif
+}
 __device__ __forceinline__ void cluster_arrive_relaxed() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
@@ -383,15 +405,71 @@ __device__ __forceinline__ void find_bin(const uint32_t* h, int need, int* sp) {
     }
 }
 
+constexpr int kWideHistWords = 4096 + 2 * 1024;  // radix_select_wide's three passes' bins
+
+// A pass of radix_select_wide after the block's keys are counted in h (NB bins): the bin holding the need-th largest
+// key of the block, and the count, in sp for every thread of the block. start: before the first pass, after hist is
+// cleared.
+struct BlockBins {
+    __device__ __forceinline__ void start() const {}
+    template <int NB>
+    __device__ __forceinline__ void operator()(std::integral_constant<int, NB>, uint32_t* h, int need, int* sp) const {
+        __syncthreads();
+        if (threadIdx.x < 32) find_bin<NB>(h, need, sp);
+        __syncthreads();
+    }
+};
+
+// The same over the keys of a thread block cluster of C blocks of T threads (this one is `rank`): each block counts
+// its own keys, then adds its counts of slice r of the bins (NB / C of them) into block r's `tot` (this pass's region
+// of kWideHistWords / C words), and after the cluster's barrier every block gathers the C slices' sums into h and
+// finds the bin in it. One cluster barrier per pass; every pass has its own bins and sums, so no block writes what
+// another may still read. start clears tot; the first pass's adds wait for every block's clearing.
+template <int C, int T>
+struct ClusterBins {
+    const uint32_t* hist;  // the block's kWideHistWords (the passes' h lie in it)
+    uint32_t* tot;
+    __device__ __forceinline__ void start() const {
+        for (int b = threadIdx.x; b < kWideHistWords / C; b += T) tot[b] = 0;
+        cluster_arrive();  // waited for by the first pass, after the block has counted its keys
+    }
+    template <int NB>
+    __device__ __forceinline__ void operator()(std::integral_constant<int, NB>, uint32_t* h, int need, int* sp) const {
+        constexpr int S = NB / C, kPer = (NB + T - 1) / T;
+        uint32_t* mine = tot + (h - hist) / C;
+        __syncthreads();  // the block's counts are in h
+        if constexpr (NB == 4096) cluster_wait();  // the first pass: every block's tot is clear
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+            const int b = threadIdx.x + j * T;
+            if (b < NB && h[b]) cluster_red_add(mine + b % S, b / S, h[b]);
+        }
+        cluster_sync();  // every block's counts are in their slices' blocks
+        uint32_t v[kPer];
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+            const int b = threadIdx.x + j * T;
+            v[j] = b < NB ? cluster_ld(mine + b % S, b / S) : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < kPer; ++j)
+            if (threadIdx.x + j * T < NB) h[threadIdx.x + j * T] = v[j];
+        __syncthreads();
+        if (threadIdx.x < 32) find_bin<NB>(h, need, sp);
+        __syncthreads();
+    }
+};
+
 // radix_select_each's result in 3 passes of 12, 10 and 10 bits with a lane-wise add per key: the first digit, the
 // sign, exponent and three mantissa bits of a float's key, spreads the keys of a warp over many bins (the 8-bit one
 // puts most of them in two or three, which only a match over the warp's lanes per key kept from serializing:
-// the match dominated a pass over 16K keys). hist: kWideHistWords words of shared memory, 16-byte aligned.
-constexpr int kWideHistWords = 4096 + 2 * 1024;
-template <typename EachKey>
+// the match dominated a pass over 16K keys). hist: kWideHistWords words of shared memory, 16-byte aligned. bins:
+// BlockBins (the block's keys), or ClusterBins (the keys of the block's cluster; every block gets the same result).
+template <typename EachKey, typename Bins = BlockBins>
 __device__ __forceinline__ uint32_t radix_select_wide(EachKey each_key, int k, uint32_t* hist, int* sel,
-                                                      int* take_eq) {
+                                                      int* take_eq, Bins bins = {}) {
     for (int b = threadIdx.x; b < kWideHistWords; b += blockDim.x) hist[b] = 0;
+    bins.start();
     __syncthreads();
     uint32_t prefix = 0, mask = 0;
     int need = k;
@@ -400,9 +478,7 @@ __device__ __forceinline__ uint32_t radix_select_wide(EachKey each_key, int k, u
         each_key([&](uint32_t key, int i) {
             if (i >= 0 && (key & mask) == prefix) atomicAdd(&h[(key >> shift) & (NB - 1)], 1u);
         });
-        __syncthreads();
-        if (threadIdx.x < 32) find_bin<NB>(h, need, sp);
-        __syncthreads();
+        bins(nb, h, need, sp);
         prefix |= (uint32_t)sp[0] << shift;
         mask |= (uint32_t)(NB - 1) << shift;
         need = sp[1];

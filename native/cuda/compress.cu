@@ -398,12 +398,16 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4], const uint32_t (&a)[2
     mma_f16(acc, a1, b1);
 }
 
-template <int WARPS>
+// WALK (decode): a block takes row tiles blockIdx.x, + gridDim.x, ... of its one token, the query staged once and
+// the next tile's fragments loaded while this one's products run (at 256K keys a block per tile staged the query
+// 2,048 times: 60 us for 16 us of key bytes; tok_per_block must be 1). Otherwise (prefill) the block's one tile for
+// its tok_per_block tokens.
+template <int WARPS, bool WALK>
 __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
     indexer_score_tc_kernel(float* scores, int64_t score_stride, const float* q, const float* w, float w_scale,
                             const void* const* keys, const int32_t* n_vis, int n_tok, int n_head, int top_k,
                             int tok_per_block) {
-    constexpr int kHpw = kTcHeads / WARPS;  // heads per warp
+    constexpr int kHpw = kTcHeads / WARPS, kTile = 16 * WARPS;  // heads per warp, keys per tile
     extern __shared__ __align__(16) __half qsm[];
     __half* qhi = qsm;                                    // kTcHeads x kTcPitch
     __half* qlo = qhi + kTcHeads * kTcPitch;              // the same
@@ -412,9 +416,9 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
     pdl_trigger();
     pdl_wait();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
-    const int n_tile = (n_head + 7) >> 3, c0 = blockIdx.x * 16 * WARPS, row = c0 + 16 * warp + g;  // rows row, row + 8
-    const int t0 = blockIdx.y * tok_per_block, t_end = min(n_tok, t0 + tok_per_block);
-    auto live = [&](int t) { return t < t_end && n_vis[t] > top_k && c0 < n_vis[t]; };  // the block's threads alike
+    const int n_tile = (n_head + 7) >> 3, c_first = blockIdx.x * kTile;
+    const int t0 = blockIdx.y * tok_per_block, t_end = min(n_tok, t0 + (WALK ? 1 : tok_per_block));
+    auto live = [&](int t) { return t < t_end && n_vis[t] > top_k && c_first < n_vis[t]; };  // the block's alike
     float4 qv[kHpw];
     float wl;  // lane i < kHpw: the weight of the warp's i-th head
     auto fetch = [&](int t) {  // all loads in flight together (one at a time, each head's weight cost ~0.6 us)
@@ -428,7 +432,17 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
         const int h = warp + WARPS * lane;
         wl = on && lane < kHpw && h < n_head ? w[(int64_t)t * n_head + h] * w_scale : 0.0f;
     };
+    // Chunk c of the A fragments of the tile at c0: rows c0 + 16 warp + g and + 8 (past n: copies of the last,
+    // never stored), their halves 32 c + 8 j ...
     uint32_t a[4][2][4];  // 32-dim chunk, row (row, row + 8), its 8 halves from 32 c + 8 j
+    auto load_chunk = [&](int c, const __half* kb, int c0, int n) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const uint4 v = *(const uint4*)(kb + (int64_t)min(c0 + 16 * warp + g + 8 * r, n - 1) * kIdxDim + 8 * j +
+                                            32 * c);
+            a[c][r][0] = v.x, a[c][r][1] = v.y, a[c][r][2] = v.z, a[c][r][3] = v.w;
+        }
+    };
     const void* loaded = nullptr;
     int n_loaded = 0;
     fetch(t0);
@@ -439,17 +453,9 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
         }
         const int n = n_vis[t];
         const void* kp = keys[t];
-        if (kp != loaded || (n > n_loaded && c0 + 16 * WARPS > n_loaded)) {
-            const __half* kb = (const __half*)kp;
+        if (kp != loaded || (n > n_loaded && c_first + kTile > n_loaded)) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const __half* src = kb + (int64_t)min(row + 8 * r, n - 1) * kIdxDim + 8 * j;  // past n: a copy
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const uint4 v = *(const uint4*)(src + 32 * c);
-                    a[c][r][0] = v.x, a[c][r][1] = v.y, a[c][r][2] = v.z, a[c][r][3] = v.w;
-                }
-            }
+            for (int c = 0; c < 4; ++c) load_chunk(c, (const __half*)kp, c_first, n);
             loaded = kp, n_loaded = n;
         }
         __syncthreads();  // the last token's query is read
@@ -474,60 +480,77 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
             if (lane == 0) hscale[h] = pow2f(e), hw[h] = wh;
         }
         lo_used = __syncthreads_or(lo_used);  // not in the FP4 path's queries: half the products and loads
-        fetch(t + 1);
-        float acc[8][4];
+        if constexpr (!WALK) fetch(t + 1);
+        for (int c0 = c_first;;) {  // WALK: each chunk's fragments of the next tile loaded once this one's are used
+            const int c_next = WALK ? c0 + gridDim.x * kTile : n;
+            float acc[8][4];
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+            for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
+            for (int c = 0; c < 4; ++c) {
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt) {
+                    if (nt >= n_tile) break;
+                    const int off = (8 * nt + g) * kTcPitch + 32 * c + 8 * j;
+                    mma_chunk(acc[nt], a[c], *(const uint4*)(qhi + off));
+                    if (lo_used) mma_chunk(acc[nt], a[c], *(const uint4*)(qlo + off));
+                }
+                if (WALK && c_next < n) load_chunk(c, (const __half*)kp, c_next, n);
+            }
+            float s0 = 0.0f, s1 = 0.0f;  // rows row and row + 8, over the lane's heads 8 nt + 2 j + {0, 1}
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt) {
                 if (nt >= n_tile) break;
-                const int off = (8 * nt + g) * kTcPitch + 32 * c + 8 * j;
-                mma_chunk(acc[nt], a[c], *(const uint4*)(qhi + off));
-                if (lo_used) mma_chunk(acc[nt], a[c], *(const uint4*)(qlo + off));
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int h = 8 * nt + 2 * j + e;
+                    s0 = fmaf(hw[h], fmaxf(acc[nt][e] * hscale[h], 0.0f), s0);
+                    s1 = fmaf(hw[h], fmaxf(acc[nt][2 + e] * hscale[h], 0.0f), s1);
+                }
             }
-        }
-        float s0 = 0.0f, s1 = 0.0f;  // rows row and row + 8, over the lane's heads 8 nt + 2 j + {0, 1}
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            if (nt >= n_tile) break;
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int h = 8 * nt + 2 * j + e;
-                s0 = fmaf(hw[h], fmaxf(acc[nt][e] * hscale[h], 0.0f), s0);
-                s1 = fmaf(hw[h], fmaxf(acc[nt][2 + e] * hscale[h], 0.0f), s1);
+            for (int o = 1; o < 4; o <<= 1) {
+                s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+                s1 += __shfl_xor_sync(0xffffffffu, s1, o);
             }
+            float* out = scores + (int64_t)t * score_stride;
+            const int row = c0 + 16 * warp + g;
+            if (j == 0 && row < n) out[row] = s0 + 0.0f;  // -0 -> +0: one key per value
+            if (j == 0 && row + 8 < n) out[row + 8] = s1 + 0.0f;
+            if (c_next >= n) break;
+            c0 = c_next;
         }
-#pragma unroll
-        for (int o = 1; o < 4; o <<= 1) {
-            s0 += __shfl_xor_sync(0xffffffffu, s0, o);
-            s1 += __shfl_xor_sync(0xffffffffu, s1, o);
-        }
-        float* out = scores + (int64_t)t * score_stride;
-        if (j == 0 && row < n) out[row] = s0 + 0.0f;  // -0 -> +0: one key per value
-        if (j == 0 && row + 8 < n) out[row + 8] = s1 + 0.0f;
     }
 }
 
-constexpr int kTopkThreads = 1024, kTopkRegs = 16;  // keys per thread kept in registers: up to 16,384 scores
+constexpr int kTopkThreads = 1024, kTopkRegs = 16;  // keys per thread kept in registers: 16,384 per block
 
-// One token's top k of its n > k scores, by the whole block. Warp w holds the keys of indices [32 m w, 32 m (w + 1)),
-// m = ceil(n / threads), lane l those at 32 m w + 32 j + l: with REGS in registers (m <= kTopkRegs), else read from
-// global memory in each pass. The radix select finds the k-th key; then each warp counts what it takes, one scan
-// over the warps gives each its first output place, and the warps write their indices in order by ballots (a
-// block-wide scan per 1,024 scores took ~15 us for 16K of them).
-template <bool REGS>
-__device__ __forceinline__ void topk_block(int32_t* out, const float* sc, int n, int k, uint32_t* hist, int* pick,
-                                           int* warp_out, int* warp_eq) {
+// The top k of one token's n > k scores, by the whole block, or with C > 1 by a thread block cluster of C blocks
+// (rank r: the token's scores r P .. r P + P - 1, P = ceil(n / C); ClusterBins adds the clusters' counts). The
+// block's n_b keys: warp w holds those at [32 m w, 32 m (w + 1)), m = ceil(n_b / threads), lane l those at 32 m w +
+// 32 j + l: with REGS in registers (m <= kTopkRegs), else read from global memory in each pass. The radix select
+// finds the k-th key; then each warp counts what it takes, one scan over the warps (and, in a cluster, over the
+// blocks before this one) gives each its first output place, and the warps write their indices in order by
+// ballots (a block-wide scan per 1,024 scores took ~15 us for 16K of them).
+struct TopkSmem {
+    uint32_t hist[kWideHistWords];
+    uint32_t tot[kWideHistWords / 4];  // a cluster's slice sums (C >= 4)
+    int pick[4], warp_out[kTopkThreads / 32], warp_eq[kTopkThreads / 32], cnt[2], eq_blk;
+};
+
+template <bool REGS, int C>
+__device__ __forceinline__ void topk_block(int32_t* out, const float* sc, int n, int k, TopkSmem& sm) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warp = blockDim.x >> 5;
-    const int m = (int)ceil_div(n, blockDim.x), base = 32 * m * warp + lane;
+    const int rank = C > 1 ? (int)blockIdx.y : 0, per = (int)ceil_div(n, C), first = rank * per;
+    const int n_b = max(min(n - first, per), 0);
+    sc += first;
+    const int m = (int)ceil_div(n_b, blockDim.x), base = 32 * m * warp + lane;
     uint32_t key[REGS ? kTopkRegs : 1];
     if constexpr (REGS) {
 #pragma unroll
         for (int j = 0; j < kTopkRegs; ++j) {
             const int i = base + 32 * j;
-            key[j] = j < m && i < n ? order_key(sc[i]) : 0u;
+            key[j] = j < m && i < n_b ? order_key(sc[i]) : 0u;
         }
     }
     auto each_key = [&](auto f) {
@@ -536,61 +559,90 @@ __device__ __forceinline__ void topk_block(int32_t* out, const float* sc, int n,
             for (int j = 0; j < kTopkRegs; ++j) {
                 if (j == m) break;  // m is the block's: every lane of a warp stops together
                 const int i = base + 32 * j;
-                f(key[j], i < n ? i : -1);
+                f(key[j], i < n_b ? i : -1);
             }
         } else {
-            each_key_batched([&](int i) { return order_key(sc[i]); }, [&](int j) { return base + 32 * j; }, m, n, f);
+            each_key_batched([&](int i) { return order_key(sc[i]); }, [&](int j) { return base + 32 * j; }, m, n_b,
+                             f);
         }
     };
     // The k-th largest key; every larger key and the first take_eq equal ones are taken, in index order.
     int take_eq;
-    const uint32_t thr = radix_select_wide(each_key, k, hist, pick, &take_eq);
+    uint32_t thr;
+    if constexpr (C > 1)
+        thr = radix_select_wide(each_key, k, sm.hist, sm.pick, &take_eq,
+                                ClusterBins<C, kTopkThreads>{sm.hist, sm.tot});
+    else
+        thr = radix_select_wide(each_key, k, sm.hist, sm.pick, &take_eq);
     int n_gt = 0, n_eq = 0;
     each_key([&](uint32_t v, int i) {
         n_gt += __popc(__ballot_sync(0xffffffffu, i >= 0 && v > thr));
         n_eq += __popc(__ballot_sync(0xffffffffu, i >= 0 && v == thr));
     });
-    if (lane == 0) warp_out[warp] = n_gt, warp_eq[warp] = n_eq;
+    if (lane == 0) sm.warp_out[warp] = n_gt, sm.warp_eq[warp] = n_eq;
     __syncthreads();
+    const bool mine = warp == 0 && lane < n_warp;
+    const int g = mine ? sm.warp_out[lane] : 0, e = mine ? sm.warp_eq[lane] : 0;
+    int at_blk = 0;  // the keys taken in the cluster's blocks before this one; take_eq becomes this block's
+    if constexpr (C > 1) {
+        if (warp == 0) {
+            const int gs = warp_sum(g), es = warp_sum(e);
+            if (lane == 0) sm.cnt[0] = gs, sm.cnt[1] = es;
+        }
+        cluster_sync();
+        if (warp == 0) {
+            const int* c = cluster_at(sm.cnt, min(lane, C - 1));
+            const int gj = lane < C ? c[0] : 0, ej = lane < C ? c[1] : 0;
+            const int e_inc = warp_inclusive(ej);
+            const int took = gj + min(max(take_eq - (e_inc - ej), 0), ej);
+            const int t_inc = warp_inclusive(took);
+            at_blk = __shfl_sync(0xffffffffu, t_inc - took, rank);
+            const int eq_blk = __shfl_sync(0xffffffffu, e_inc - ej, rank);
+            if (lane == 0) sm.eq_blk = eq_blk;
+        }
+        cluster_arrive();  // the last reads of other blocks' shared memory are done (cluster_wait before the exit)
+        __syncthreads();
+        take_eq -= sm.eq_blk;
+    }
     if (warp == 0) {  // per warp: the equal keys before it, then the taken ones before it
-        const int g = lane < n_warp ? warp_out[lane] : 0, e = lane < n_warp ? warp_eq[lane] : 0;
         const int e_inc = warp_inclusive(e);
         const int took = g + min(max(take_eq - (e_inc - e), 0), e);
         const int t_inc = warp_inclusive(took);
-        if (lane < n_warp) warp_out[lane] = t_inc - took, warp_eq[lane] = e_inc - e;
+        if (lane < n_warp) sm.warp_out[lane] = at_blk + t_inc - took, sm.warp_eq[lane] = e_inc - e;
     }
     __syncthreads();
-    int at = warp_out[warp], eq_before = warp_eq[warp];
+    int at = sm.warp_out[warp], eq_before = sm.warp_eq[warp];
     const uint32_t below = (1u << lane) - 1u;
     each_key([&](uint32_t v, int i) {
         const uint32_t eq = __ballot_sync(0xffffffffu, i >= 0 && v == thr);
         const bool take = (i >= 0 && v > thr) || ((eq >> lane & 1u) && eq_before + __popc(eq & below) < take_eq);
         const uint32_t taken = __ballot_sync(0xffffffffu, take);
-        if (take) out[at + __popc(taken & below)] = i;
+        if (take) out[at + __popc(taken & below)] = first + i;
         at += __popc(taken);
         eq_before += __popc(eq);
     });
+    if constexpr (C > 1) cluster_wait();
 }
 
 // sel[t, :] = the indices of the k largest of scores[t, c < n_vis[t]] (ties to the lower index) in index order;
-// where n_vis <= k, 0 .. n - 1 and then -1. One block per token.
+// where n_vis <= k, 0 .. n - 1 and then -1. One block per token (block x), or a cluster of C (blocks y).
+template <int C>
 __global__ void __launch_bounds__(kTopkThreads) topk_kernel(int32_t* sel, const float* scores, int64_t score_stride,
                                                             const int32_t* n_vis, int k) {
-    __shared__ __align__(16) uint32_t hist[kWideHistWords];
-    __shared__ int pick[4], warp_out[kTopkThreads / 32], warp_eq[kTopkThreads / 32];
+    __shared__ __align__(16) TopkSmem sm;
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.x, n = n_vis[t];
     int32_t* out = sel + (int64_t)t * k;
-    if (n <= k) {
-        for (int i = threadIdx.x; i < k; i += blockDim.x) out[i] = i < n ? i : -1;
+    if (n <= k) {  // every block of the token's cluster alike: no barrier waits for another
+        for (int i = threadIdx.x + blockIdx.y * blockDim.x; i < k; i += blockDim.x * C) out[i] = i < n ? i : -1;
         return;
     }
     const float* sc = scores + (int64_t)t * score_stride;
-    if (n <= kTopkThreads * kTopkRegs)
-        topk_block<true>(out, sc, n, k, hist, pick, warp_out, warp_eq);
+    if (ceil_div(n, C) <= kTopkThreads * kTopkRegs)
+        topk_block<true, C>(out, sc, n, k, sm);
     else
-        topk_block<false>(out, sc, n, k, hist, pick, warp_out, warp_eq);
+        topk_block<false, C>(out, sc, n, k, sm);
 }
 
 }  // namespace
@@ -652,15 +704,18 @@ cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score
                        "16-byte aligned");
     const bool many = n_tok >= 64;
     if (!f32_rows && n_head <= kTcHeads && (many || cap > 1024)) {
-        // Decode: 128 keys per block (16K keys on 128 SMs); many tokens (prefill): 256 keys and 8 tokens per block,
-        // the keys' fragments loaded once for them. Few tokens over at most 1,024 keys take the FMA kernel: its
-        // chain is shorter (H200, one token: 4.9 against 6.4 us at 514 keys, 9.7 against 6.5 at 4,096).
+        // Decode: tiles of 128 keys, at most as many blocks per token as run at once over the tokens (16K keys: 128
+        // blocks of one tile); many tokens (prefill): 256 keys and 8 tokens per block, the keys' fragments loaded
+        // once for them. Few tokens over at most 1,024 keys take the FMA kernel: its chain is shorter (H200, one
+        // token: 4.9 against 6.4 us at 514 keys, 9.7 against 6.5 at 4,096).
         const int tpb = many ? 8 : 1, warps = many ? 16 : 8;  // 16 keys per warp
-        auto kernel = many ? indexer_score_tc_kernel<16> : indexer_score_tc_kernel<8>;
+        auto kernel = many ? indexer_score_tc_kernel<16, false> : indexer_score_tc_kernel<8, true>;
         const size_t smem = 2 * kTcHeads * kTcPitch * sizeof(__half) + 2 * kTcHeads * sizeof(float);
         cudaError_t e = allow_smem(kernel, smem);
         if (e != cudaSuccess) return e;
-        return launch(kernel, dim3((unsigned)ceil_div(cap, 16 * warps), (unsigned)ceil_div(n_tok, tpb)),
+        int64_t gx = ceil_div(cap, 16 * warps);
+        if (!many) gx = std::min<int64_t>(gx, std::max(1, resident_blocks(kernel, 32 * warps, smem) / n_tok));
+        return launch(kernel, dim3((unsigned)gx, (unsigned)ceil_div(n_tok, tpb)),
                       dim3(32 * warps), smem, s, scores, score_stride, q, w, w_scale, keys, n_vis, n_tok, n_head,
                       top_k, tpb);
     }
@@ -673,8 +728,34 @@ cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score
 }
 
 cudaError_t ds4_cuda_topk(cudaStream_t s, int32_t* sel, const float* scores, int64_t score_stride,
-                          const int32_t* n_vis, int n_tok, int k) {
+                          const int32_t* n_vis, int n_tok, int k, int cluster) {
     clear_error();
-    if (n_tok < 1 || n_tok > 0x7fffffff || k < 1 || !n_vis) return invalid("topk: needs n_tok >= 1, k >= 1");
-    return launch(topk_kernel, dim3((unsigned)n_tok), dim3(kTopkThreads), 0, s, sel, scores, score_stride, n_vis, k);
+    if (n_tok < 1 || n_tok > 0x7fffffff || k < 1 || !n_vis || (cluster != 0 && cluster != 1 && cluster != 4 &&
+                                                                cluster != 8 && cluster != 16))
+        return invalid("topk: needs n_tok >= 1, k >= 1, cluster 0 (by the capacity), 1, 4, 8 or 16");
+    // A token's keys spread over a thread block cluster where one block would hold more than 8,192 of them in decode
+    // (H200, one token: 8K keys 8.2 us by one block, 9.4 by 16; 16K 11.6 / 9.5; 64K 57 / 10.7; 256K 216 / 15.4),
+    // more than 16,384 in prefill (whose many tokens fill the device with a block each: only to keep the keys in
+    // registers). A decode step's clusters should all run at once: smaller ones where they would not (8 tokens in
+    // clusters of 16 took two rounds), unless their blocks would then read their keys from memory; where none fit
+    // (before sm_90, or no GPC with room), one block. A size asked for is kept where it runs at all.
+    static int fit[17] = {};  // clusters of c blocks that run at once, + 1 (0: not asked yet)
+    auto kernel_of = [](int c) { return c == 16 ? topk_kernel<16> : c == 8 ? topk_kernel<8> : topk_kernel<4>; };
+    auto fits = [&](int c) {
+        if (!fit[c]) fit[c] = cluster_fit(kernel_of(c), dim3(1, c), dim3(kTopkThreads), 0) + 1;
+        return fit[c] - 1;
+    };
+    const bool decode = n_tok <= 16;
+    const int64_t regs = kTopkThreads * kTopkRegs;
+    int c = cluster;
+    if (c == 0) {
+        c = decode ? (score_stride > 8192 ? 16 : 1) : 1;
+        while (!decode && c < 16 && score_stride > regs * c) c = c == 1 ? 4 : 2 * c;
+    }
+    for (; c > 1; c = c == 4 ? 1 : c / 2) {
+        const int f = fits(c);
+        if (f > 0 && (cluster || !decode || n_tok <= f || score_stride > regs * (c / 2))) break;
+    }
+    return launch_cluster(dim3(1, c), c > 1 ? kernel_of(c) : topk_kernel<1>, dim3((unsigned)n_tok, c),
+                          dim3(kTopkThreads), 0, s, sel, scores, score_stride, n_vis, k);
 }

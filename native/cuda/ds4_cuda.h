@@ -218,9 +218,10 @@ cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score
                                     const float* w, float w_scale, const void* const* keys, const int32_t* n_vis,
                                     int n_tok, int n_head, int dim, int cap, int top_k, bool f32_rows);
 // The indexer's choice: sel[t] (k entries) = the k rows of largest score (ties to the lower index) in ascending
-// order, or 0 .. n_vis[t] - 1 padded with -1 when n_vis[t] <= k.
+// order, or 0 .. n_vis[t] - 1 padded with -1 when n_vis[t] <= k. cluster: the blocks per token (1, or on sm_90 a
+// thread block cluster of 4, 8 or 16; 0 chooses by the scores' capacity, score_stride).
 cudaError_t ds4_cuda_topk(cudaStream_t s, int32_t* sel, const float* scores, int64_t score_stride,
-                          const int32_t* n_vis, int n_tok, int k);
+                          const int32_t* n_vis, int n_tok, int k, int cluster = 0);
 
 // ---- small ops -------------------------------------------------------------------------------------------------
 
