@@ -481,8 +481,18 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
         }
         lo_used = __syncthreads_or(lo_used);  // not in the FP4 path's queries: half the products and loads
         if constexpr (!WALK) fetch(t + 1);
-        for (int c0 = c_first;;) {  // WALK: each chunk's fragments of the next tile loaded once this one's are used
+        // WALK: each chunk's fragments of the next tile are loaded once this one's are used, and the tile after it
+        // is brought into L2 (lane l: half l / 16 of row l % 16 of the warp's 16)
+        auto to_l2 = [&](int c) {
+            const int r = c + 16 * warp + (lane & 15);
+            if (r < n)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"((const __half*)kp + (int64_t)r * kIdxDim +
+                                                               (lane >> 4) * (kIdxDim / 2)));
+        };
+        if (WALK) to_l2(c_first + gridDim.x * kTile);
+        for (int c0 = c_first;;) {
             const int c_next = WALK ? c0 + gridDim.x * kTile : n;
+            if (WALK) to_l2(c_next + gridDim.x * kTile);
             float acc[8][4];
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
