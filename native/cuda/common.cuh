@@ -420,8 +420,8 @@ struct BlockBins {
     }
 };
 
-// The same over the keys of a thread block cluster of C blocks of T threads (this one is `rank`): each block counts
-// its own keys, then adds its counts of slice r of the bins (NB / C of them) into block r's `tot` (this pass's region
+// The same over the keys of a thread block cluster of C blocks of T threads: each block counts its own keys, then
+// adds its counts of slice r of the bins (NB / C of them) into the `tot` of the cluster's block r (this pass's region
 // of kWideHistWords / C words), and after the cluster's barrier every block gathers the C slices' sums into h and
 // finds the bin in it. One cluster barrier per pass; every pass has its own bins and sums, so no block writes what
 // another may still read. start clears tot; the first pass's adds wait for every block's clearing.

@@ -432,8 +432,8 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
         const int h = warp + WARPS * lane;
         wl = on && lane < kHpw && h < n_head ? w[(int64_t)t * n_head + h] * w_scale : 0.0f;
     };
-    // Chunk c of the A fragments of the tile at c0: rows c0 + 16 warp + g and + 8 (past n: copies of the last,
-    // never stored), their halves 32 c + 8 j ...
+    // load_chunk: chunk c of the A fragments of the tile at c0, rows c0 + 16 warp + g and + 8 (past n: copies of the
+    // last row, never stored).
     uint32_t a[4][2][4];  // 32-dim chunk, row (row, row + 8), its 8 halves from 32 c + 8 j
     auto load_chunk = [&](int c, const __half* kb, int c0, int n) {
 #pragma unroll
