@@ -385,8 +385,9 @@ size_t indexer_score_smem(int n_head) {
 // f16 high and low parts scaled per head by a power of two (split_f16: ~22 bits; the FP4 path's values are exact in
 // the high part) and mma m16n8k16 forms the key x head dots in f32. The dims of each 32-dim chunk are taken in an
 // order of our own, the same for keys and query, such that every lane's fragments of two k-steps are 16 contiguous
-// bytes: one load for them. Heads past n_head are zero queries with weight 0. Each warp holds its heads of the next
-// token's query in registers, loaded before this token's products.
+// bytes: one load for them. Heads past n_head are zero queries with weight 0, multiplied like the others (all 64:
+// with a loop bound of n_head's 8-head tiles every product waited on its own shared-memory load). Each warp holds its
+// heads of the next token's query in registers, loaded before this token's products.
 constexpr int kTcPitch = 160;  // halves per staged head: 320 bytes, 16-byte loads of 8 heads free of bank conflicts
 constexpr int kTcHeads = 64;   // at most
 
@@ -416,7 +417,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
     pdl_trigger();
     pdl_wait();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
-    const int n_tile = (n_head + 7) >> 3, c_first = blockIdx.x * kTile;
+    const int c_first = blockIdx.x * kTile;
     const int t0 = blockIdx.y * tok_per_block, t_end = min(n_tok, t0 + (WALK ? 1 : tok_per_block));
     auto live = [&](int t) { return t < t_end && n_vis[t] > top_k && c_first < n_vis[t]; };  // the block's alike
     float4 qv[kHpw];
@@ -463,7 +464,6 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
 #pragma unroll
         for (int i = 0; i < kHpw; ++i) {
             const int h = warp + WARPS * i;
-            if (h >= 8 * n_tile) break;
             const float4 v = qv[i];
             const float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
             const int e = f16_scale_exp(warp_max(amax));
@@ -500,7 +500,6 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
             for (int c = 0; c < 4; ++c) {
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
-                    if (nt >= n_tile) break;
                     const int off = (8 * nt + g) * kTcPitch + 32 * c + 8 * j;
                     mma_chunk(acc[nt], a[c], *(const uint4*)(qhi + off));
                     if (lo_used) mma_chunk(acc[nt], a[c], *(const uint4*)(qlo + off));
@@ -510,7 +509,6 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
             float s0 = 0.0f, s1 = 0.0f;  // rows row and row + 8, over the lane's heads 8 nt + 2 j + {0, 1}
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt) {
-                if (nt >= n_tile) break;
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int h = 8 * nt + 2 * j + e;
