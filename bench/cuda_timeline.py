@@ -7,7 +7,8 @@ end before it: the chain's cost of that kernel, overlap with the kernels before 
 the median over the profiled steps of both, summed per step. The times come from CUPTI's records with no event
 nodes in the graph, unlike LayerClock / OpClock.
 
-    python3 bench/cuda_timeline.py [--batch 1] [--ctx 2048] [--steps 8] [--file /tmp/ds4-4h.gguf] [--json out]
+    python3 bench/cuda_timeline.py [--batch 1] [--ctx 2048 [--long]] [--steps 8] [--file /tmp/ds4-4h.gguf]
+                                   [--json out]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_model import open_four_layers  # noqa: E402
+from cuda_model import long_state, open_four_layers  # noqa: E402
 
 from ds4d.model import Segment  # noqa: E402
 from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
@@ -38,6 +39,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ctx", type=int, default=2048, help="prompt length of each session")
+    ap.add_argument("--long", action="store_true",
+                    help="sessions made by long_state at --ctx (their rows random) instead of a prefill")
     ap.add_argument("--steps", type=int, default=8, help="profiled steps (after 6 unprofiled ones)")
     ap.add_argument("--file", default="/tmp/ds4-4h.gguf", help="4-layer full-width file (written if missing)")
     ap.add_argument("--json", help="write the last step's kernels here")
@@ -47,9 +50,12 @@ def main() -> int:
 
     m = open_four_layers(Path(args.file))
     rng = np.random.default_rng(0)
-    states = [m.new_state() for _ in range(args.batch)]
-    for st in states:
-        m.prefill(st, rng.integers(0, m.shape.n_vocab, args.ctx), chunk=2048)
+    if args.long:
+        states = [long_state(m, args.ctx, rng) for _ in range(args.batch)]
+    else:
+        states = [m.new_state() for _ in range(args.batch)]
+        for st in states:
+            m.prefill(st, rng.integers(0, m.shape.n_vocab, args.ctx), chunk=2048)
     samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(args.batch)]
 
     def step():
