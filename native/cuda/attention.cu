@@ -267,11 +267,6 @@ __global__ void attention_combine_kernel(AttnArgs a) {
     }
 }
 
-int splits(int raw_cap, int comp_cap, int sel_cap, bool has_sel) {
-    return (int)ceil_div((int64_t)raw_cap + (has_sel ? sel_cap : comp_cap), kRows);
-}
-
-
 // ---- tensor cores: prefill, and decode's splits ----------------------------------------------------------------
 //
 // One block per (token, 16 heads), 8 warps, f16 rows. The block walks its token's rows 32 at a time (the next
@@ -632,8 +627,9 @@ using namespace ds4::cuda;
 
 size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_cap, int comp_cap, int sel_cap,
                                         bool has_sel) {
-    return (size_t)n_tok * n_head * std::max(1, splits(raw_cap, comp_cap, sel_cap, has_sel)) * (dim + 4) *
-           sizeof(float);
+    // one tile per split: the most splits any decode launch of these capacities takes
+    const int n_split = split_count(raw_cap + (has_sel ? sel_cap : comp_cap), raw_cap, 1);
+    return (size_t)n_tok * n_head * std::max(1, n_split) * (dim + 4) * sizeof(float);
 }
 
 cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch, const float* q, const void* raw,
