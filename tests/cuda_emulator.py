@@ -227,6 +227,14 @@ def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=
             _at(y + 4 * (t * y_stride + g * rows), np.float32, rows)[:] = out[t]
 
 
+_filled: dict[int, tuple] = {}  # moe_down workspaces that matvec_quantizing filled: what with
+
+
+def matvec_quantizing(stream, y, w, type, rows, cols, x, q_x, q_rows, q_cols, q_type, q_work):
+    matvec.__wrapped__(stream, y, rows, w, type, rows, cols, x, cols, 1)
+    _filled[q_work] = (q_x, q_rows, q_cols, q_type)  # moe_down(work_filled=True) checks it reads these
+
+
 def matvec_normed(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, norm_w, eps, xn=0, work=0):
     assert 1 <= n_tok <= 16 and type not in (F32, F16, BF16)
     X = REF.rms_norm(_rows(x, x_stride, n_tok, cols), _at(norm_w, np.float32, cols).copy(), eps)
@@ -524,7 +532,9 @@ def moe_down_work_bytes(type, n_tok, n_used, n_ff):
 
 
 def moe_down(stream, out, out_stride, mid, down, type, n_embd, n_ff, n_expert, ids, n_used, n_tok, accumulate=False,
-             work=0):
+             work=0, work_filled=False):
+    if work_filled:
+        assert _filled.pop(work) == (mid, n_tok * n_used, n_ff, type), "moe_down: work not filled with this mid"
     M = _at(mid, np.float32, n_tok * n_used * n_ff).reshape(n_tok, n_used, n_ff)
     Dw = _weights(down, type, n_expert * n_embd, n_ff)
     I = _at(ids, np.int32, n_tok * n_used).reshape(n_tok, n_used) if ids else np.tile(np.arange(n_used), (n_tok, 1))
@@ -644,8 +654,8 @@ def _enqueued(fn):
     return call
 
 
-for _name in ("memcpy", "matvec", "matvec_normed", "matvec_parts", "embed", "rms_norm", "rms_norm_rope", "hc_pre",
-              "hc_post", "rope", "kv_store", "attention_decode", "route", "moe_gate_up", "moe_route_gate_up",
-              "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4", "indexer_scores", "topk", "gemm",
-              "moe_grouped", "attention_prefill", "sample"):
+for _name in ("memcpy", "matvec", "matvec_normed", "matvec_parts", "matvec_quantizing", "embed", "rms_norm",
+              "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store", "attention_decode", "route", "moe_gate_up",
+              "moe_route_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4", "indexer_scores",
+              "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
     globals()[_name] = _enqueued(globals()[_name])

@@ -470,6 +470,44 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used, n_embd, n_ff):
     assert np.array_equal(got[:, :n_embd], d.get(out_self)[:, :n_embd])
 
 
+@pytest.mark.parametrize("type_,cols", [(Q8_0, 2048), (Q8_0, 512), (Q4_K, 2048)])
+@pytest.mark.parametrize("down_type", [Q2_K, IQ2_XXS])
+def test_matvec_quantizing(stream, rng, type_, cols, down_type):
+    """The shared expert's down with the routed experts' mid quantized in the same launch (Q8_0 rows past half a
+    stage: extra blocks; else a second launch): the product is matvec's bits, the workspace moe_down's own
+    quantization of mid byte for byte, and moe_down reading it (work_filled) gives the bits it gives quantizing
+    itself."""
+    d = Dev(stream)
+    rows, n_used, n_ff, n_embd, n_expert = 4096, 6, 2048, 512, 8
+    w = rand_weights(rng, type_, rows, cols)
+    x = (rng.standard_normal((1, cols)) * 0.1).astype(np.float32)
+    mid = d.buf((rng.standard_normal((1, n_used, n_ff)) * 10.0 ** rng.uniform(-2, 1, (1, n_used, 1)))
+                .astype(np.float32))
+    down = rand_weights(rng, down_type, n_embd, n_ff, lead=(n_expert,))
+    ids = rng.choice(n_expert, n_used, replace=False).astype(np.int32)[None]
+    nwork = _cuda.moe_down_work_bytes(down_type, 1, n_used, n_ff)
+    work, work_own = d.out((nwork,), np.uint8), d.out((nwork,), np.uint8)
+    y, y_ref = d.out((1, rows + 2)), d.out((1, rows))
+    wp, xp, dp, ip = d.put(w), d.put(x), d.put(down), d.put(ids)
+    _cuda.matvec_quantizing(stream.ptr, y.ptr, wp, type_, rows, cols, xp, mid.ptr, n_used, n_ff, down_type, work.ptr)
+    _cuda.matvec(stream.ptr, y_ref.ptr, rows, wp, type_, rows, cols, xp, cols, 1)
+    got = d.get(y)
+    np.testing.assert_array_equal(got[:, :rows].view(np.uint32), d.get(y_ref).view(np.uint32))
+    assert np.all(np.isnan(got[:, rows:]))
+    out, out_own = d.out((1, n_embd)), d.out((1, n_embd))
+    _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, 1,
+                   False, work.ptr, True)
+    _cuda.moe_down(stream.ptr, out_own.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, 1,
+                   False, work_own.ptr)
+    np.testing.assert_array_equal(d.get(work), d.get(work_own))
+    np.testing.assert_array_equal(d.get(out).view(np.uint32), d.get(out_own).view(np.uint32))
+    with pytest.raises(ValueError, match="Q8_K"):
+        _cuda.matvec_quantizing(stream.ptr, y.ptr, wp, type_, rows, cols, xp, mid.ptr, n_used, n_ff, Q8_0, work.ptr)
+    with pytest.raises(ValueError, match="work_filled"):
+        _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, 1,
+                       False, 0, True)
+
+
 @pytest.mark.parametrize("hash_layer", [False, True])
 @pytest.mark.parametrize("n_tok,n_expert", [(1, 256), (8, 256), (3, 40)])
 def test_moe_route_gate_up(stream, rng, hash_layer, n_tok, n_expert):

@@ -318,6 +318,14 @@ PYBIND11_MODULE(_cuda, m) {
               "matvec_parts");
     }, py::arg("stream"), py::arg("ys"), py::arg("part_rows"), py::arg("w"), py::arg("type"), py::arg("cols"),
        py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("work") = 0);
+    m.def("matvec_quantizing", [](uintptr_t s, uintptr_t y, uintptr_t w, int type, int64_t rows, int64_t cols,
+                                  uintptr_t x, uintptr_t q_x, int q_rows, int64_t q_cols, int q_type,
+                                  uintptr_t q_work) {
+        check(ds4_cuda_matvec_quantizing(st(s), dev<float>(y), dev<void>(w), type, rows, cols, dev<const float>(x),
+                                         dev<const float>(q_x), q_rows, q_cols, q_type, dev<void>(q_work)),
+              "matvec_quantizing");
+    }, py::arg("stream"), py::arg("y"), py::arg("w"), py::arg("type"), py::arg("rows"), py::arg("cols"), py::arg("x"),
+       py::arg("q_x"), py::arg("q_rows"), py::arg("q_cols"), py::arg("q_type"), py::arg("q_work"));
     m.def("matvec_work_bytes", &ds4_cuda_matvec_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("cols"),
           py::arg("groups") = 1);
     m.def("quantize_act", [](uintptr_t s, uintptr_t qs, uintptr_t d, uintptr_t bsums, uintptr_t x, int64_t x_stride,
@@ -382,14 +390,14 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("mid"), py::arg("g"), py::arg("u"), py::arg("n"), py::arg("clamp"));
     m.def("moe_down", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t mid, uintptr_t down, int type,
                          int64_t n_embd, int64_t n_ff, int n_expert, uintptr_t ids, int n_used, int n_tok,
-                         bool accumulate, uintptr_t work) {
+                         bool accumulate, uintptr_t work, bool work_filled) {
         check(ds4_cuda_moe_down(st(s), dev<float>(out), out_stride, dev<const float>(mid), dev<void>(down), type,
                                 n_embd, n_ff, n_expert, dev<const int32_t>(ids), n_used, n_tok, accumulate,
-                                dev<void>(work)),
+                                dev<void>(work), work_filled),
               "moe_down");
     }, py::arg("stream"), py::arg("out"), py::arg("out_stride"), py::arg("mid"), py::arg("down"), py::arg("type"),
        py::arg("n_embd"), py::arg("n_ff"), py::arg("n_expert"), py::arg("ids"), py::arg("n_used"), py::arg("n_tok"),
-       py::arg("accumulate") = false, py::arg("work") = 0);
+       py::arg("accumulate") = false, py::arg("work") = 0, py::arg("work_filled") = false);
     m.def("moe_down_work_bytes", &ds4_cuda_moe_down_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("n_used"),
           py::arg("n_ff"));
     m.def("attention_prefill_ok", &ds4_cuda_attention_prefill_ok, py::arg("dim"));

@@ -56,6 +56,14 @@ cudaError_t ds4_cuda_matvec_normed(cudaStream_t s, float* y, int64_t y_stride, c
 cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,
                                   const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
                                   void* work);
+// ds4_cuda_matvec of one token (one group, y dense) that also quantizes q_rows rows of q_cols values at q_x (dense)
+// into q_work as ds4_cuda_moe_down's workspace holds them for experts of q_type (a K or IQ2 type: Q8_K
+// activations; ds4_cuda_moe_down_work_bytes(q_type, 1, q_rows, q_cols) bytes, then passed with work_filled). For
+// Q8_0 rows past half a stage (the shared expert's down) the quantizer runs in extra blocks of the same launch,
+// beside the product: the routed experts' down then waits on one launch instead of two. Else a second launch.
+cudaError_t ds4_cuda_matvec_quantizing(cudaStream_t s, float* y, const void* w, int type, int64_t rows, int64_t cols,
+                                       const float* x, const float* q_x, int q_rows, int64_t q_cols, int q_type,
+                                       void* q_work);
 // Bytes of `work` that lets ds4_cuda_matvec quantize the activations once (quantized types, n_tok > 2) instead of
 // in every block, or split them into two f16 parts (F16, one group); 0 when it would not use it. work may always be
 // null (slower for several tokens). With it, Q8_0 rows of a multiple of 256 weights run on int8 tensor cores (the
@@ -133,10 +141,11 @@ cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids,
 bool ds4_cuda_moe_shared_ok(int type, int64_t n_embd, int n_tok);
 // out[t, :] (+)= sum_j down_e . mid[t, j, :], e = ids[t, j]; down: n_expert matrices of (n_embd, n_ff) weights.
 // accumulate adds to out (the shared expert after the routed ones) instead of overwriting it. work (optional: null,
-// or ds4_cuda_moe_down_work_bytes(...) bytes): mid is quantized once there instead of in every block (faster).
+// or ds4_cuda_moe_down_work_bytes(...) bytes): mid is quantized once there instead of in every block (faster);
+// work_filled: it already holds them (ds4_cuda_matvec_quantizing), mid is not read.
 cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, const float* mid, const void* down,
                               int type, int64_t n_embd, int64_t n_ff, int n_expert, const int32_t* ids, int n_used,
-                              int n_tok, bool accumulate, void* work = nullptr);
+                              int n_tok, bool accumulate, void* work = nullptr, bool work_filled = false);
 size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_ff);
 // mid[i] = silu(min(g[i], clamp)) * clip(u[i], +-clamp) for i < n, as moe_gate_up finishes a pair: the shared
 // expert of several tokens as products (its weights read once per matvec block, not once per token).

@@ -22,6 +22,15 @@ namespace {
 
 constexpr int kMaxParts = 8;
 
+// Rows quantized to Q8_K (the K types' activations) by extra blocks of a product's launch, laid out as
+// quantize_groups writes one group of them: int8 values, a float per 256, the int16 sums per 16.
+struct QuantJob {
+    const float* x;  // rows of cols values, dense
+    uint8_t* work;
+    int rows, blocks;
+    int64_t cols;
+};
+
 struct MatvecArgs {
     float* y;
     int64_t y_stride;
@@ -40,6 +49,7 @@ struct MatvecArgs {
     const float* norm_w;   // act8 types: the rows of x RMS-normed first (x * (1 / sqrt(mean(x^2) + eps)) * norm_w,
     float norm_eps;        // qdot.cuh's RowNorm) and written to xn (dense rows) when xn is not null (one group)
     float* xn;
+    QuantJob job;          // matvec_kernel<T, NB, true>: job.blocks more blocks run it
 };
 
 constexpr int64_t kXSmemMax = 64 * 1024;  // f32 activation rows kept in shared memory up to this size
@@ -72,7 +82,7 @@ __device__ __forceinline__ float* out_at(const MatvecArgs& a, int g, int t, int6
     return a.part_y[k] + t * (a.part_end[k] - first) + (row - first);
 }
 
-template <int T, int NB>
+template <int T, int NB, bool JOB = false>
 __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     constexpr int RPW = rows_per_warp<NB>(), SPS = WT<T>::sps;
     using G = Stage<T, SPS>;
@@ -82,6 +92,18 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = blockIdx.y;
+    const int n_blocks = (int)gridDim.x - (JOB ? a.job.blocks : 0);  // the product's
+    if constexpr (JOB) {
+        const int jb = (int)blockIdx.x - n_blocks;
+        if (jb >= 0) {  // a block of the job, beside the product's
+            const QuantJob& q = a.job;
+            const int64_t n = q.rows * q.cols;
+            pdl_wait();
+            quantize_rows<256>((int8_t*)q.work, (float*)(q.work + n), (int16_t*)(q.work + n + 4 * (n / 256)), q.x,
+                               q.cols, q.rows, q.cols, jb * kWarps + warp, q.blocks * kWarps);
+            return;
+        }
+    }
 
     uint8_t* p = smem;
     uint32_t* tab = (uint32_t*)p;
@@ -93,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     uint8_t* ring = p + (size_t)warp * kDepth * RPW * G::slot;
 
     const int ks = a.ks, slice = warp % ks;
-    const int slot = (blockIdx.x * kWarps + warp) / ks, n_slots = gridDim.x * kWarps / ks;
+    const int slot = (blockIdx.x * kWarps + warp) / ks, n_slots = n_blocks * kWarps / ks;
     const int n_rowsets = (int)ceil_div(a.rows, RPW);
     const int n_sets = slot < n_rowsets ? (n_rowsets - 1 - slot) / n_slots + 1 : 0;
     const int nchunks = (int)ceil_div(a.cols, G::weights);
@@ -210,11 +232,12 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
 
 // Warps per row set (ks) and blocks: the smallest makespan over ks in {1, 2, 4, 8}, in stages per warp plus half
 // a stage per set for its flush, so that rows divide evenly over the resident warps (4096 rows on 3168 warps
-// would otherwise leave most warps idle for half of the time).
-template <int T, int NB>
+// would otherwise leave most warps idle for half of the time). JOB: a.job.blocks more blocks, resident with the
+// product's.
+template <int T, int NB, bool JOB = false>
 cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
     constexpr int RPW = rows_per_warp<NB>();
-    auto kernel = matvec_kernel<T, NB>;
+    auto kernel = matvec_kernel<T, NB, JOB>;
     a.x_smem = WT<T>::xb == 0 && (int64_t)NB * a.cols * 4 <= kXSmemMax &&
                matvec_smem<T, NB>(a.cols, true, false) <= props().smem_optin;
     // Four or more tokens whose f32 rows do not fit: f16 rows in shared memory beat re-reading f32 rows from
@@ -227,14 +250,15 @@ cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
     if (e != cudaSuccess) return e;
     const int64_t sets = ceil_div(a.rows, RPW);
     const int nchunks = (int)ceil_div(a.cols, Stage<T, WT<T>::sps>::weights);
-    const int64_t warps = (int64_t)std::max(1, resident_blocks(kernel, kThreads, smem) / groups) * kWarps;
+    const int jobs = JOB ? a.job.blocks : 0;
+    const int64_t warps = (int64_t)std::max(1, resident_blocks(kernel, kThreads, smem) / groups - jobs) * kWarps;
     double best = 1e300;
     for (int ks = 1; ks <= kWarps && ks <= nchunks; ks *= 2) {
         const int64_t units = sets * ks, used = std::min(units, warps);
         const double cost = (double)ceil_div(units, used) * ((double)ceil_div(nchunks, ks) + 0.5);
         if (cost < best - 1e-9) best = cost, a.ks = ks;
     }
-    const int64_t blocks = ceil_div(std::min(sets * a.ks, warps), kWarps);
+    const int64_t blocks = ceil_div(std::min(sets * a.ks, warps), kWarps) + jobs;
     return launch(kernel, dim3((unsigned)blocks, groups), dim3(kThreads), smem, s, a);
 }
 
@@ -579,6 +603,38 @@ cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_
     const cudaError_t e = check_matvec(w, type, a.rows, cols, x, x_stride, n_tok, 1, a.y_stride, work);
     if (e != cudaSuccess) return e;
     return matvec_run(s, a, type, 1, work);
+}
+
+template <int T>
+struct ActBlock {
+    static cudaError_t run(int* xb) {
+        *xb = WT<T>::xb;
+        return cudaSuccess;
+    }
+};
+
+cudaError_t ds4_cuda_matvec_quantizing(cudaStream_t s, float* y, const void* w, int type, int64_t rows, int64_t cols,
+                                       const float* x, const float* q_x, int q_rows, int64_t q_cols, int q_type,
+                                       void* q_work) {
+    clear_error();
+    cudaError_t e = check_matvec(w, type, rows, cols, x, cols, 1, 1, rows, nullptr);
+    if (e != cudaSuccess) return e;
+    int xb = 0;
+    by_type<ActBlock>(q_type, e, &xb);
+    if (xb != 256 || q_rows < 1 || q_cols < 256 || q_cols % 256 || !q_x || !q_work || (uintptr_t)q_x % 16 ||
+        (uintptr_t)q_work % 16)
+        return invalid("matvec_quantizing: rows of whole Q8_K blocks (a K or IQ2 type), 16-byte aligned x and work");
+    MatvecArgs a{y, rows, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x, cols, 1, 1,
+                 iq2_tables(), nullptr, false, false};
+    const int64_t n = q_rows * q_cols;
+    a.job = {q_x, (uint8_t*)q_work, q_rows, (int)ceil_div(n / 256, kWarps * 4), q_cols};
+    if (type == TYPE_Q8_0 && 2 * cols > Stage<TYPE_Q8_0, WT<TYPE_Q8_0>::sps>::weights)
+        return matvec_launch<TYPE_Q8_0, 1, true>(s, a, 1);
+    e = matvec_run(s, a, type, 1, nullptr);  // elsewhere: the product, then the quantizer
+    if (e != cudaSuccess) return e;
+    uint8_t* b = (uint8_t*)q_work;
+    return ds4_cuda_quantize_act(s, (int8_t*)b, (float*)(b + n), (int16_t*)(b + n + 4 * (n / 256)), q_x, q_cols,
+                                 q_rows, q_cols, 256);
 }
 
 cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t* bsums, const float* x,

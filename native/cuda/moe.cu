@@ -95,11 +95,14 @@ size_t gate_up_smem(int64_t cols) {
            (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
 }
 
-// Whether every stage of an expert row is whole (row_bytes a multiple of the stage's bytes; the weights are
-// 16-byte aligned): the Streamer's FULL case, instantiated for the block types of the real models' experts.
+// Whether every stage of an expert row is whole and starts 16-byte aligned (row_bytes a multiple of the stage's
+// bytes, those a multiple of 16; the weights are 16-byte aligned) and all experts' matrices span under 4 GiB
+// (32-bit offsets): the Streamer's FULL case, instantiated for the block types of the real models' experts. (An
+// IQ2_XXS down stage of 1024 weights is 264 bytes: not FULL.)
 template <int T, int SPS>
 bool full_stages(const MoeArgs& a) {
-    return WT<T>::xb == 256 && a.row_bytes % Stage<T, SPS>::bytes == 0;
+    return WT<T>::xb == 256 && Stage<T, SPS>::bytes % 16 == 0 && a.row_bytes % Stage<T, SPS>::bytes == 0 &&
+           (uint64_t)a.n_expert * a.rows * a.row_bytes < (1ull << 32);
 }
 
 // LANES: the IQ2_XXS tables in shared memory one copy per lane (qdot.cuh). FULL: full_stages.
@@ -121,10 +124,15 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     const int n_sets = slot < n_pairs ? (n_pairs - 1 - slot) / n_slots + 1 : 0;
     const int steps = (int)ceil_div(a.cols, G::weights);
 
+    auto row_of = [&](int set) {  // row set `set` of this warp: row o of expert slot j, matrix row sid[j] rows + o
+        const int pair = slot + set * n_slots, j = a.rows_div.div(pair), o = pair - j * rows;
+        return sid[j] * rows + o;
+    };
     auto plan = [&](int set, int st) {
         Src<RPW> s;
-        const int pair = slot + set * n_slots, j = a.rows_div.div(pair), o = pair - j * rows;
-        const size_t at = ((size_t)sid[j] * rows + o) * row_bytes + st * G::bytes;
+        const int row = row_of(set);
+        const size_t at = FULL ? (uint32_t)row * (uint32_t)row_bytes + (uint32_t)(st * G::bytes)  // under 4 GiB
+                               : (size_t)row * row_bytes + st * G::bytes;
         s.p[0] = a.w0 + at;
         s.p[1] = a.w1 + at;
         s.len = min(G::bytes, row_bytes - st * G::bytes);
@@ -248,6 +256,10 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     const int nchunks = (int)ceil_div(a.cols, G::weights);
     const float* mid = a.x + (int64_t)t * a.n_used * a.cols;
 
+    // With the experts' rows together, each row r of a stage reads expert slot r's matrix: its start is found once
+    // the routing is known (ebase), so that a stage's plan adds offsets instead of reloading the ids and forming
+    // 64-bit products for every row (a fifth of the loop's instructions).
+    const uint8_t* ebase[RPW];
     auto plan = [&](int set, int st) {
         Src<RPW> s;
         const int o = slot + set * n_slots;
@@ -256,9 +268,10 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
         s.live = FULL ? RPW : kTogether ? a.n_used : 1;
         s.k0 = c * G::weights;
         s.seg = j;
+        const size_t at = (uint32_t)o * (uint32_t)row_bytes + (uint32_t)(c * G::bytes);  // one matrix: under 4 GiB
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
-            s.p[r] = a.w0 + ((size_t)sid[min(j + r, a.n_used - 1)] * rows + o) * row_bytes + c * G::bytes;
+            s.p[r] = kTogether ? ebase[r] + at : a.w0 + (size_t)sid[j] * rows * row_bytes + at;
         return s;
     };
     auto stream = make_streamer<T, SPS, 1, RPW, !kTogether, FULL>(ring, lane, n_sets,
@@ -272,6 +285,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
         copy_block(xs, a.xq + t * n, n);
     }
     __syncthreads();
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) ebase[r] = a.w0 + (size_t)sid[min(r, a.n_used - 1)] * rows * row_bytes;
     stream.prologue();
     if (copy_x) cp_async_wait<kDepth - 1>();  // the activations' group, not the stages after it
     else if constexpr (WT<T>::xb != 0) quantize_block<T>(xs, mid, a.cols, a.n_used, a.cols);
@@ -360,9 +375,11 @@ cudaError_t down_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
 
 template <int T>
 struct DownOp {
-    static cudaError_t run(cudaStream_t s, MoeArgs a, int n_tok, void* work) {
+    static cudaError_t run(cudaStream_t s, MoeArgs a, int n_tok, void* work, bool filled) {
         if constexpr (WT<T>::xb != 0) {
-            if (work) {
+            if (work && filled) {
+                a.xq = (const uint8_t*)work;
+            } else if (work) {
                 const cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.n_used * a.cols, a.cols, a.n_used,
                                                          a.cols, n_tok);
                 if (e != cudaSuccess) return e;
@@ -403,7 +420,8 @@ cudaError_t gate_up(const char* op, cudaStream_t s, float* mid, const float* h, 
                     float* weights_out, const ds4_cuda_shared_expert* sh = nullptr) {
     cudaError_t e = check_moe(op, type, n_embd, n_expert, n_used, n_tok, gate, h, h_stride);
     if (e != cudaSuccess) return e;
-    if ((uintptr_t)up % 16 || n_ff < 1) return invalid(std::string(op) + ": up must be 16-byte aligned, n_ff >= 1");
+    if ((uintptr_t)up % 16 || n_ff < 1 || (int64_t)n_expert * n_ff > INT32_MAX)
+        return invalid(std::string(op) + ": up must be 16-byte aligned, 1 <= n_ff, n_expert * n_ff < 2^31");
     if (route && (!route->logits || !ids_out || !weights_out || n_expert > kRouteMaxExperts ||
                   (route->tid2eid && !route->tokens)))
         return invalid(std::string(op) + ": needs logits, ids and weights, n_expert <= 256, tokens with tid2eid");
@@ -476,16 +494,19 @@ size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_f
 
 cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, const float* mid, const void* down,
                               int type, int64_t n_embd, int64_t n_ff, int n_expert, const int32_t* ids, int n_used,
-                              int n_tok, bool accumulate, void* work) {
+                              int n_tok, bool accumulate, void* work, bool work_filled) {
     clear_error();
     cudaError_t e = check_moe("moe_down", type, n_ff, n_expert, n_used, n_tok, down, mid, n_ff);
     if (e != cudaSuccess) return e;
     if (n_embd < 1 || (n_tok > 1 && out_stride < n_embd)) return invalid("moe_down: out_stride shorter than a row");
+    if ((uint64_t)n_embd * row_bytes(type, n_ff) >= (1ull << 32)) return invalid("moe_down: an expert spans 4 GiB");
     if ((uintptr_t)work % 16) return invalid("moe_down: work must be 16-byte aligned");
     MoeArgs a{out, out_stride, mid, n_ff, (const uint8_t*)down, nullptr, n_embd, n_ff,
               (int64_t)row_bytes(type, n_ff), FastDiv(), n_expert, n_used, ids, nullptr, 0.0f, accumulate,
               iq2_tables(), nullptr};
-    by_type<DownOp>(type, e, s, a, n_tok, work);
+    if (work_filled && (!work || act_bytes_of(type, 1, n_ff) == 0))
+        return invalid("moe_down: work_filled needs the workspace of a quantized type");
+    by_type<DownOp>(type, e, s, a, n_tok, work, work_filled);
     return e;
 }
 

@@ -1131,7 +1131,20 @@ class CUDA:
         sh_mid = self.empty((N, sh_gate.rows))
         gate_up = functools.partial(gate_up, sh_gate=self.weight(sh_gate), sh_up=self.weight(sh_up),
                                     sh_n_ff=sh_gate.rows, sh_clamp=float(shared_clamp), sh_mid=sh_mid.ptr)
-        return self._moe_tokens(h, ids, w, experts, clamp, lambda: self._matvec(sh_down, sh_mid, 1), gate_up)
+        return self._moe_tokens(h, ids, w, experts, clamp, functools.partial(self._shared_down, sh_down, sh_mid),
+                                gate_up)
+
+    def _shared_down(self, w: Weight, x: DArray, mid: DArray, down_type: int, work: DArray | None):
+        """The shared expert's down product of one token, w · x, and whether it also quantized the routed experts'
+        mid rows into `work` (the routed down's workspace, for experts of down_type) in the same launch: the
+        routed down then waits on one launch instead of two (ds4_cuda_matvec_quantizing)."""
+        if work is None:
+            return self._matvec(w, x, 1), False
+        y = self.empty((1, w.rows))
+        self.cu.matvec_quantizing(self.stream.ptr, y.ptr, self.weight(w), int(w.type), w.rows, w.cols, x.ptr,
+                                  mid.ptr, mid.shape[0] * mid.shape[1], mid.shape[2], down_type, work.ptr)
+        self.weight_calls += 1
+        return y, True
 
     def moe(self, h: DArray, ids: DArray, weights: DArray, experts: tuple[Weight, Weight, Weight], clamp: float,
             shared: DArray) -> DArray:
@@ -1160,7 +1173,8 @@ class CUDA:
                     clamp: float, shared, route_gate_up) -> DArray:
         """The fused MoE kernels per chunk of MOE_ROWS tokens: gate+up (with route_gate_up, the bound
         ds4_cuda_moe_route_gate_up, which chooses the experts and writes ids and weights; else reading them),
-        then down onto `shared` (or onto what shared() makes after gate+up)."""
+        then down onto `shared` (or onto what shared(mid, down type, work) makes after gate+up, with whether it
+        filled the down's workspace)."""
         cu, s = self.cu, self.stream.ptr
         N, E = h.shape
         k = ids.shape[1]
@@ -1179,10 +1193,11 @@ class CUDA:
                               type=int(gate.type), n_ff=gate.rows, n_embd=E, n_expert=gate.n_expert, n_used=k,
                               n_tok=n, clamp=float(clamp))
             self._join()                         # `shared`, made on the side stream by ffn
+            filled = False
             if callable(shared):
-                shared = shared()
+                shared, filled = shared(mid, int(down.type), work)
             cu.moe_down(s, shared.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
-                        at_ids, k, n, True, work.ptr if work is not None else 0)
+                        at_ids, k, n, True, work.ptr if work is not None else 0, filled)
         self.weight_calls += 1
         return shared
 
