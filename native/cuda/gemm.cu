@@ -117,6 +117,14 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
 }
 
+// Four 8 x 16-byte matrices of shared memory, one register each; lanes 8 m .. 8 m + 7 give matrix m's row addresses.
+// For the int8 mma's B fragments (8 columns x 32 bytes of K per c): the rows of column block ni at bytes 16 m + 32 c
+// give c's two registers (m = 0, 1) and c + 1's (m = 2, 3).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
 __device__ __forceinline__ uint32_t half2_bits(int lo, int hi) {
     const __half2 h = __halves2half2(__int2half_rn(lo), __int2half_rn(hi));
     return *(const uint32_t*)&h;
@@ -353,11 +361,14 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
                 if (!live(ni)) break;
-                const int8_t* bp = bq + (8 * ni + g) * kPad + 4 * t4;
+                const uint32_t bp =
+                    (uint32_t)__cvta_generic_to_shared(bq + (8 * ni + (lane & 7)) * kPad + 16 * (lane >> 3));
                 int isum[4] = {0, 0, 0, 0};
+                uint32_t bm[4];
 #pragma unroll
                 for (int c = 0; c < 8; ++c) {
-                    const uint32_t bf[2] = {*(const uint32_t*)(bp + 32 * c), *(const uint32_t*)(bp + 32 * c + 16)};
+                    if (c % 2 == 0) ldmatrix_x4(bm, bp + 32 * c);  // c's fragment and c + 1's
+                    const uint32_t bf[2] = {bm[2 * (c % 2)], bm[2 * (c % 2) + 1]};
                     if constexpr (T == TYPE_Q2_K) {
                         mma_s8(isum, af[c], bf);
                     } else {
