@@ -15,6 +15,8 @@
 // Q8_0 and F16 weights with 3+ tokens and a workspace take the tensor-core kernel below instead. matvec_normed:
 // the act8 rows RMS-normed by whichever quantizes them (every block, or the workspace's small kernel), which also
 // writes the normed rows out: the norm between two products (q_a's, before q_b) needs no launch of its own.
+// matvec_quantizing: a one-token Q8_0 product whose grid has a few more blocks that quantize other rows (the routed
+// experts' mid, for their down) beside it, a small launch's work off the chain.
 #include "qdot.cuh"
 
 namespace ds4::cuda {

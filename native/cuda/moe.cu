@@ -12,8 +12,9 @@
 // routing; each block copies its token's into shared memory first. Or gate_up makes the choice itself from the
 // router's logits (routing.cuh: warp 0 of every block, for its token), and the token's first block writes it out
 // for down: one launch fewer per decode layer than a separate route kernel. gate_up's blocks quantize h_t into
-// shared memory themselves; down's n_used mid rows of t are quantized once by a small kernel into the caller's
-// workspace, which every block copies (each of ~260 blocks quantizing 6 x 2048 values itself took 8 of the
+// shared memory themselves; down's n_used mid rows of t are quantized once into the caller's workspace, by a small
+// kernel or (one token) by extra blocks of the shared expert's down launch (ds4_cuda_matvec_quantizing, then
+// work_filled), and every block copies them (each of ~260 blocks quantizing 6 x 2048 values itself took 8 of the
 // kernel's 18 us at one token; quantizing each block of mid in gate_up, by the warp whose store completes it,
 // cost more than that launch: a fence per pair drains the warp's weight stages in flight). Tokens do not share
 // expert reads: at decode sizes most of a token's experts are its own (8 tokens x 6 of 256).
