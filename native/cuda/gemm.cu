@@ -205,13 +205,34 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
         return (uint32_t)min(row0 + r, last_row) * (uint32_t)a.row_bytes + (uint32_t)(kb * SB);
     };
 
+    // reg_a: the weight pieces this thread copies at every stage (kBM rows x NC pieces over the block's threads),
+    // each one's row (16 r + piece c; -1 past the tile) and the row's offset in the matrix, found once (the copy
+    // loop's divisions and 64-bit row clamps had been ~10% of the stage's instructions). The other types keep the
+    // loop: their kernels have no registers to spare.
+    constexpr int kWPieces = kRegA ? (kBM * NC + kGThreads - 1) / kGThreads : 1;
+    int w_rc[kWPieces];
+    uint32_t w_at[kWPieces];
+#pragma unroll
+    for (int j = 0; j < kWPieces; ++j) {
+        const int i = tid + j * kGThreads, r = i / NC;
+        w_rc[j] = i < kBM * NC ? 16 * r + (i - r * NC) : -1;
+        w_at[j] = woff(r, 0);
+    }
     auto load = [&](int buf, int kb) {
         // weights: kBM rows x SB bytes from weight kb * 256, 16-byte pieces from the boundary below
-        for (int i = tid; i < kBM * NC; i += kGThreads) {
-            const int r = i / NC, c = i - r * NC;
-            const uint8_t* src = wm + woff(r, kb);
+        auto piece = [&](int r, int c, const uint8_t* src) {
             const uint32_t off = (uint32_t)(uintptr_t)src & 15;
             if (c < (int)((off + SB + 15) >> 4)) cp_async16(raw + (buf * kBM + r) * RS + 16 * c, src - off + 16 * c);
+        };
+        if constexpr (kRegA) {
+#pragma unroll
+            for (int j = 0; j < kWPieces; ++j)
+                if (w_rc[j] >= 0) piece(w_rc[j] >> 4, w_rc[j] & 15, wm + w_at[j] + kb * SB);
+        } else {
+            for (int i = tid; i < kBM * NC; i += kGThreads) {
+                const int r = i / NC;
+                piece(r, i - r * NC, wm + woff(r, kb));
+            }
         }
         // activations: BN rows of 256 bytes (int8, or the f16 high and low parts), their scales and (K types)
         // sums per 16
