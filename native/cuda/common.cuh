@@ -454,9 +454,7 @@ struct ClusterBins {
 #pragma unroll
         for (int j = 0; j < kPer; ++j)
             if (threadIdx.x + j * T < NB) h[threadIdx.x + j * T] = v[j];
-        __syncthreads();
-        if (threadIdx.x < 32) find_bin<NB>(h, need, sp);
-        __syncthreads();
+        BlockBins{}(std::integral_constant<int, NB>{}, h, need, sp);  // the cluster's counts are the block's now
     }
 };
 
