@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_model import LayerClock, long_state, open_four_layers  # noqa: E402
+from cuda_model import LayerClock, open_four_layers, prompt_states  # noqa: E402
 
 from ds4d.model import Segment  # noqa: E402
 from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
@@ -43,12 +43,7 @@ def main() -> int:
     clock = LayerClock(m)
     out = {}
     for B in (int(b) for b in args.batches.split(",")):
-        if B == 1 and args.long:
-            states = [long_state(m, args.ctx, rng)]
-        else:
-            states = [m.new_state() for _ in range(B)]
-            for st in states:
-                m.prefill(st, rng.integers(0, m.shape.n_vocab, args.ctx if B == 1 else 512), chunk=2048)
+        states = prompt_states(m, B, args.ctx if B == 1 else 512, rng, args.long and B == 1)
         samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(B)]
         clock.times.clear()
         for _ in range(args.steps):

@@ -98,6 +98,17 @@ def long_state(m: Model, ctx: int, rng, seed: int = 7):
     return st
 
 
+def prompt_states(m: Model, n: int, ctx: int, rng, long: bool = False) -> list:
+    """n sessions at position ctx: each after a prefill of ctx random tokens (chunks of 2048), or with `long` made by
+    long_state (its rows random)."""
+    if long:
+        return [long_state(m, ctx, rng) for _ in range(n)]
+    states = [m.new_state() for _ in range(n)]
+    for st in states:
+        m.prefill(st, rng.integers(0, m.shape.n_vocab, ctx), chunk=2048)
+    return states
+
+
 def open_four_layers(path: Path) -> Model:
     """The 4-layer full-width file with expert holes (written first if missing) on the CUDA backend, experts
     filled: the model of the per-layer A/Bs (cuda_layers.py, cuda_op_cost.py)."""

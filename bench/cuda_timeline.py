@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_model import long_state, open_four_layers  # noqa: E402
+from cuda_model import open_four_layers, prompt_states  # noqa: E402
 
 from ds4d.model import Segment  # noqa: E402
 from ds4d.sampling import Sampler, SamplingParams  # noqa: E402
@@ -50,12 +50,7 @@ def main() -> int:
 
     m = open_four_layers(Path(args.file))
     rng = np.random.default_rng(0)
-    if args.long:
-        states = [long_state(m, args.ctx, rng) for _ in range(args.batch)]
-    else:
-        states = [m.new_state() for _ in range(args.batch)]
-        for st in states:
-            m.prefill(st, rng.integers(0, m.shape.n_vocab, args.ctx), chunk=2048)
+    states = prompt_states(m, args.batch, args.ctx, rng, args.long)
     samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(args.batch)]
 
     def step():
