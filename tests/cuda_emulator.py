@@ -245,6 +245,17 @@ def matvec_normed(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, 
         _at(y + 4 * t * y_stride, np.float32, rows)[:] = out[t]
 
 
+def matvec_pair(stream, ys0, rows0, w0, type0, ys1, rows1, w1, type1, cols, x, x_stride, n_tok):
+    assert matvec_pair_ok(type0, type1, cols, n_tok)
+    matvec_parts.__wrapped__(stream, ys0, rows0, w0, type0, cols, x, x_stride, n_tok)
+    matvec_parts.__wrapped__(stream, ys1, rows1, w1, type1, cols, x, x_stride, n_tok)
+
+
+def matvec_pair_ok(type0, type1, cols, n_tok):
+    return (type0, type1) == (_Q8_0, F16) and 1 <= n_tok <= 2 and cols % 32 == 0 and cols <= 8192 and (
+        n_tok == 2 or (cols <= 512) == (cols <= 1024))
+
+
 _Q8_0 = 8
 _GEMM_TYPES = (_Q8_0, 10, 12, 16, F16)  # Q8_0, Q2_K, Q4_K, IQ2_XXS, F16
 has_cutlass = False                  # no bf16 wgmma path: gemm is the act8 product for every type
@@ -654,8 +665,8 @@ def _enqueued(fn):
     return call
 
 
-for _name in ("memcpy", "matvec", "matvec_normed", "matvec_parts", "matvec_quantizing", "embed", "rms_norm",
-              "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store", "attention_decode", "route", "moe_gate_up",
-              "moe_route_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4", "indexer_scores",
-              "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
+for _name in ("memcpy", "matvec", "matvec_normed", "matvec_pair", "matvec_parts", "matvec_quantizing", "embed",
+              "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store", "attention_decode", "route",
+              "moe_gate_up", "moe_route_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4",
+              "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
     globals()[_name] = _enqueued(globals()[_name])

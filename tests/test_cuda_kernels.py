@@ -279,6 +279,44 @@ def test_matvec_normed(stream, rng, type_, n_tok, with_work):
     assert rel(got[:, :rows], product_ref(w, type_, cols, REF.rms_norm(x, g, eps).astype(np.float32))) < 2e-5
 
 
+@pytest.mark.parametrize("n_tok,cols", [(1, 4096), (2, 4096), (1, 256), (2, 1024)])
+def test_matvec_pair(stream, rng, n_tok, cols):
+    """A Q8_0 and an F16 product of the same rows over parts (q_a and kv; the compressors' and the indexer's
+    products) in one launch: what matvec_parts computes for each, bit for bit where each row is one stage (the
+    same sums in the same order whatever share of the launch each product gets), else to the rounding of another
+    order; nothing written past any part's output. It takes only the pairs matvec_pair_ok names."""
+    d = Dev(stream)
+    rows = ([700, 300], [500, 500, 120, 120, 40])
+    ws = [rand_weights(rng, t, sum(r), cols) for t, r in zip((Q8_0, F16), rows)]
+    x = (rng.standard_normal((n_tok, cols)) * np.logspace(-2, 2, n_tok)[:, None]).astype(np.float32)
+    wp, xp = [d.put(w) for w in ws], d.put(x)
+    assert _cuda.matvec_pair_ok(Q8_0, F16, cols, n_tok)
+    ys = [[d.out((n_tok * r + 4,)) for r in rs] for rs in rows]
+    _cuda.matvec_pair(stream.ptr, [y.ptr for y in ys[0]], rows[0], wp[0], Q8_0, [y.ptr for y in ys[1]], rows[1],
+                      wp[1], F16, cols, xp, cols, n_tok)
+    one_stage = cols <= 1024
+    for k, t in enumerate((Q8_0, F16)):
+        wants = [d.out((n_tok, r)) for r in rows[k]]
+        _cuda.matvec_parts(stream.ptr, [y.ptr for y in wants], rows[k], wp[k], t, cols, xp, cols, n_tok)
+        at, ref = 0, product_ref(ws[k], t, cols, x)
+        for y, want, r in zip(ys[k], wants, rows[k]):
+            got, want = d.get(y), d.get(want)
+            assert np.all(np.isnan(got[n_tok * r:]))
+            got = got[:n_tok * r].reshape(n_tok, r)
+            if one_stage:
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+            else:
+                assert rel(got, want) < 1e-6
+            assert rel(got, ref[:, at:at + r]) < 2e-5
+            at += r
+    for t0, t1, c, n in ((F16, Q8_0, cols, n_tok), (Q8_0, Q8_0, cols, n_tok), (Q8_0, F16, cols, 3),
+                         (Q8_0, F16, 768, 1)):
+        assert not _cuda.matvec_pair_ok(t0, t1, c, n)
+    with pytest.raises(ValueError, match="matvec_pair_ok"):
+        _cuda.matvec_pair(stream.ptr, [y.ptr for y in ys[0]], rows[0], wp[0], Q8_0, [y.ptr for y in ys[1]],
+                          rows[1], wp[1], F16, cols, xp, cols, 3)
+
+
 def test_matvec_rejects_bad_arguments(stream):
     d = Dev(stream)
     b = d.out((64,))

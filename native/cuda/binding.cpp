@@ -307,6 +307,23 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
        py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("norm_w"), py::arg("eps"),
        py::arg("xn") = 0, py::arg("work") = 0);
+    m.def("matvec_pair", [](uintptr_t s, const std::vector<uintptr_t>& ys0, const std::vector<int64_t>& rows0,
+                            uintptr_t w0, int type0, const std::vector<uintptr_t>& ys1,
+                            const std::vector<int64_t>& rows1, uintptr_t w1, int type1, int64_t cols, uintptr_t x,
+                            int64_t x_stride, int n_tok) {
+        if (ys0.size() != rows0.size() || ys1.size() != rows1.size())
+            throw py::value_error("matvec_pair: one y per part");
+        std::vector<float*> o0, o1;
+        for (uintptr_t y : ys0) o0.push_back(dev<float>(y));
+        for (uintptr_t y : ys1) o1.push_back(dev<float>(y));
+        const ds4_cuda_products p0{o0.data(), rows0.data(), (int)o0.size(), dev<void>(w0), type0};
+        const ds4_cuda_products p1{o1.data(), rows1.data(), (int)o1.size(), dev<void>(w1), type1};
+        check(ds4_cuda_matvec_pair(st(s), &p0, &p1, cols, dev<const float>(x), x_stride, n_tok), "matvec_pair");
+    }, py::arg("stream"), py::arg("ys0"), py::arg("rows0"), py::arg("w0"), py::arg("type0"), py::arg("ys1"),
+       py::arg("rows1"), py::arg("w1"), py::arg("type1"), py::arg("cols"), py::arg("x"), py::arg("x_stride"),
+       py::arg("n_tok"));
+    m.def("matvec_pair_ok", &ds4_cuda_matvec_pair_ok, py::arg("type0"), py::arg("type1"), py::arg("cols"),
+          py::arg("n_tok"));
     m.def("matvec_parts", [](uintptr_t s, const std::vector<uintptr_t>& ys, const std::vector<int64_t>& part_rows,
                              uintptr_t w, int type, int64_t cols, uintptr_t x, int64_t x_stride, int n_tok,
                              uintptr_t work) {

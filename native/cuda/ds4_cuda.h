@@ -50,6 +50,23 @@ cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const vo
 cudaError_t ds4_cuda_matvec_normed(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
                                    int64_t cols, const float* x, int64_t x_stride, int n_tok, const float* norm_w,
                                    float eps, float* xn, void* work);
+// One product of ds4_cuda_matvec_pair: n_parts matrices of one type stored back to back from w, part k's rows[k]
+// rows written to the dense (n_tok, rows[k]) array ys[k].
+struct ds4_cuda_products {
+    float* const* ys;
+    const int64_t* rows;
+    int n_parts;
+    const void* w;
+    int type;
+};
+// Two products of the same activation rows in one launch, each as ds4_cuda_matvec_parts computes it (bit for bit
+// where each row is one stage; else to the rounding of another order of sums), its blocks shared in proportion
+// to the bytes: DS4's q_a and kv (Q8_0) with the compressors' and the indexer's products (F16) of the same input,
+// which apart would be two launches on the chain. Only where ds4_cuda_matvec_pair_ok: a Q8_0 and an F16 product
+// at 1-2 tokens (the kernels that quantize the rows in every block).
+cudaError_t ds4_cuda_matvec_pair(cudaStream_t s, const ds4_cuda_products* p0, const ds4_cuda_products* p1,
+                                 int64_t cols, const float* x, int64_t x_stride, int n_tok);
+bool ds4_cuda_matvec_pair_ok(int type0, int type1, int64_t cols, int n_tok);
 // ds4_cuda_matvec over the rows of several matrices of one type and width stored back to back (the products of
 // one input), each part's rows written to its own dense (n_tok, part_rows[k]) array ys[k]: one launch. At most 8
 // parts; work as for ds4_cuda_matvec with the same type, n_tok and cols.

@@ -52,6 +52,7 @@ struct MatvecArgs {
     float norm_eps;        // qdot.cuh's RowNorm) and written to xn (dense rows) when xn is not null (one group)
     float* xn;
     QuantJob job;          // matvec_kernel<T, NB, true>: job.blocks more blocks run it
+    int blocks;            // matvec_pair_kernel: the blocks of the first product
 };
 
 constexpr int64_t kXSmemMax = 64 * 1024;  // f32 activation rows kept in shared memory up to this size
@@ -61,6 +62,14 @@ constexpr int64_t kX16MinRows = 128;       // float weights: f16 activation rows
 template <int NB>
 constexpr int rows_per_warp() {
     return NB == 1 ? 1 : 2;
+}
+
+// The token slots (NB) of the kernel for 1-2 tokens: one token over rows of at most half a stage (q_b: 1024 Q8_0
+// weights) takes two rows per warp and stage, as the two-token kernel does, so that each warp keeps twice the
+// bytes in flight (H200: -1.5 us per layer).
+template <int T>
+int nb_of(int n_tok, int64_t cols) {
+    return n_tok <= 1 && 2 * cols > Stage<T, WT<T>::sps>::weights ? 1 : 2;
 }
 
 template <int T>
@@ -84,28 +93,17 @@ __device__ __forceinline__ float* out_at(const MatvecArgs& a, int g, int t, int6
     return a.part_y[k] + t * (a.part_end[k] - first) + (row - first);
 }
 
-template <int T, int NB, bool JOB = false>
-__global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
+// The product's work in block `block` of the n_blocks that compute it (of group blockIdx.y): matvec_kernel's body,
+// and either half of matvec_pair_kernel's grid.
+template <int T, int NB>
+__device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, int n_blocks) {
     constexpr int RPW = rows_per_warp<NB>(), SPS = WT<T>::sps;
     using G = Stage<T, SPS>;
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float xscale[16];
     __shared__ float xinv[kNormRowsMax];
-    pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = blockIdx.y;
-    const int n_blocks = (int)gridDim.x - (JOB ? a.job.blocks : 0);  // the product's
-    if constexpr (JOB) {
-        const int jb = (int)blockIdx.x - n_blocks;
-        if (jb >= 0) {  // a block of the job, beside the product's
-            const QuantJob& q = a.job;
-            const int64_t n = q.rows * q.cols;
-            pdl_wait();
-            quantize_rows<256>((int8_t*)q.work, (float*)(q.work + n), (int16_t*)(q.work + n + 4 * (n / 256)), q.x,
-                               q.cols, q.rows, q.cols, jb * kWarps + warp, q.blocks * kWarps);
-            return;
-        }
-    }
 
     uint8_t* p = smem;
     uint32_t* tab = (uint32_t*)p;
@@ -117,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     uint8_t* ring = p + (size_t)warp * kDepth * RPW * G::slot;
 
     const int ks = a.ks, slice = warp % ks;
-    const int slot = (blockIdx.x * kWarps + warp) / ks, n_slots = n_blocks * kWarps / ks;
+    const int slot = (block * kWarps + warp) / ks, n_slots = n_blocks * kWarps / ks;
     const int n_rowsets = (int)ceil_div(a.rows, RPW);
     const int n_sets = slot < n_rowsets ? (n_rowsets - 1 - slot) / n_slots + 1 : 0;
     const int nchunks = (int)ceil_div(a.cols, G::weights);
@@ -153,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
         } else if (a.norm_w) {  // every block norms the rows itself; block 0 writes them out
             row_norms(xinv, xg, a.x_stride, a.n_tok, a.cols, a.norm_eps, warp, kWarps);
             __syncthreads();
-            const RowNorm nrm{xinv, a.norm_w, blockIdx.x == 0 ? a.xn : nullptr};
+            const RowNorm nrm{xinv, a.norm_w, block == 0 ? a.xn : nullptr};
             quantize_block<T>(xs, xg, a.x_stride, a.n_tok, a.cols, &nrm);
         } else {
             quantize_block<T>(xs, xg, a.x_stride, a.n_tok, a.cols);
@@ -232,36 +230,91 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     stream.run(a.cols, a.n_tok, tab, xview, flush);
 }
 
-// Warps per row set (ks) and blocks: the smallest makespan over ks in {1, 2, 4, 8}, in stages per warp plus half
-// a stage per set for its flush, so that rows divide evenly over the resident warps (4096 rows on 3168 warps
-// would otherwise leave most warps idle for half of the time). JOB: a.job.blocks more blocks, resident with the
-// product's.
 template <int T, int NB, bool JOB = false>
-cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
-    constexpr int RPW = rows_per_warp<NB>();
-    auto kernel = matvec_kernel<T, NB, JOB>;
+__global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
+    pdl_trigger();
+    const int n_blocks = (int)gridDim.x - (JOB ? a.job.blocks : 0);  // the product's
+    if constexpr (JOB) {
+        const int jb = (int)blockIdx.x - n_blocks;
+        if (jb >= 0) {  // a block of the job, beside the product's
+            const QuantJob& q = a.job;
+            const int64_t n = q.rows * q.cols;
+            pdl_wait();
+            quantize_rows<256>((int8_t*)q.work, (float*)(q.work + n), (int16_t*)(q.work + n + 4 * (n / 256)), q.x,
+                               q.cols, q.rows, q.cols, jb * kWarps + (threadIdx.x >> 5), q.blocks * kWarps);
+            return;
+        }
+    }
+    matvec_blocks<T, NB>(a, blockIdx.x, n_blocks);
+}
+
+// Two products of the same activation rows in one launch (one group): the first a.blocks blocks compute a, the
+// rest b, each half streaming its own rows as its own launch would (its NB, staging and ks, for its share of the
+// resident blocks). DS4's q_a and kv (Q8_0) and the compressors' and indexer's products of the same input (F16):
+// apart, the F16 launch on a side stream, its blocks filled the SMs beside q_a's, and q_b, next on the chain,
+// could start only as they drained.
+template <int T0, int NB0, int T1, int NB1>
+__global__ void __launch_bounds__(kThreads, 2) matvec_pair_kernel(MatvecArgs a, MatvecArgs b) {
+    pdl_trigger();
+    if ((int)blockIdx.x < a.blocks) matvec_blocks<T0, NB0>(a, blockIdx.x, a.blocks);
+    else matvec_blocks<T1, NB1>(b, blockIdx.x - a.blocks, gridDim.x - a.blocks);
+}
+
+// How a product of NB tokens stages float activations (act8 types quantize them): f32 rows in shared memory when
+// they fit, else for four or more tokens f16 rows there (beat re-reading f32 rows from L1/L2 for every pair of
+// weight rows: 5-10% of the bandwidth at 8 tokens of 4096, measured; few rows, the HC mixers' 24, re-read little
+// and keep f32), else f32 rows read from global memory. Returns the product's shared memory.
+template <int T, int NB>
+size_t stage_x(MatvecArgs& a) {
     a.x_smem = WT<T>::xb == 0 && (int64_t)NB * a.cols * 4 <= kXSmemMax &&
                matvec_smem<T, NB>(a.cols, true, false) <= props().smem_optin;
-    // Four or more tokens whose f32 rows do not fit: f16 rows in shared memory beat re-reading f32 rows from
-    // L1/L2 for every pair of weight rows (5-10% of the bandwidth at 8 tokens of 4096, measured). Few rows (the
-    // HC mixers' 24) re-read little and keep f32.
     a.x16 = WT<T>::xb == 0 && !a.x_smem && NB >= 4 && a.rows >= kX16MinRows && (int64_t)NB * a.cols * 2 <= kXSmemMax &&
             matvec_smem<T, NB>(a.cols, false, true) <= props().smem_optin;
-    const size_t smem = matvec_smem<T, NB>(a.cols, a.x_smem, a.x16);
-    cudaError_t e = allow_smem(kernel, smem);
-    if (e != cudaSuccess) return e;
-    const int64_t sets = ceil_div(a.rows, RPW);
+    return matvec_smem<T, NB>(a.cols, a.x_smem, a.x16);
+}
+
+// Warps per row set (ks) for `warps` resident warps: the smallest makespan over ks in {1, 2, 4, 8}, in stages per
+// warp plus half a stage per set for its flush, so that rows divide evenly over the resident warps (4096 rows on
+// 3168 warps would otherwise leave most warps idle for half of the time). Returns the blocks the product uses.
+template <int T, int NB>
+int64_t plan_ks(MatvecArgs& a, int64_t warps) {
+    const int64_t sets = ceil_div(a.rows, rows_per_warp<NB>());
     const int nchunks = (int)ceil_div(a.cols, Stage<T, WT<T>::sps>::weights);
-    const int jobs = JOB ? a.job.blocks : 0;
-    const int64_t warps = (int64_t)std::max(1, resident_blocks(kernel, kThreads, smem) / groups - jobs) * kWarps;
     double best = 1e300;
     for (int ks = 1; ks <= kWarps && ks <= nchunks; ks *= 2) {
         const int64_t units = sets * ks, used = std::min(units, warps);
         const double cost = (double)ceil_div(units, used) * ((double)ceil_div(nchunks, ks) + 0.5);
         if (cost < best - 1e-9) best = cost, a.ks = ks;
     }
-    const int64_t blocks = ceil_div(std::min(sets * a.ks, warps), kWarps) + jobs;
+    return ceil_div(std::min(sets * a.ks, warps), kWarps);
+}
+
+// JOB: a.job.blocks more blocks, resident with the product's.
+template <int T, int NB, bool JOB = false>
+cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
+    auto kernel = matvec_kernel<T, NB, JOB>;
+    const size_t smem = stage_x<T, NB>(a);
+    cudaError_t e = allow_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    const int jobs = JOB ? a.job.blocks : 0;
+    const int64_t warps = (int64_t)std::max(1, resident_blocks(kernel, kThreads, smem) / groups - jobs) * kWarps;
+    const int64_t blocks = plan_ks<T, NB>(a, warps) + jobs;
     return launch(kernel, dim3((unsigned)blocks, groups), dim3(kThreads), smem, s, a);
+}
+
+// matvec_pair_kernel: the resident blocks shared by the two products in proportion to their bytes.
+template <int T0, int NB0, int T1, int NB1>
+cudaError_t matvec_pair(cudaStream_t s, MatvecArgs a, MatvecArgs b) {
+    auto kernel = matvec_pair_kernel<T0, NB0, T1, NB1>;
+    const size_t smem = std::max(stage_x<T0, NB0>(a), stage_x<T1, NB1>(b));
+    cudaError_t e = allow_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    const int resident = std::max(2, resident_blocks(kernel, kThreads, smem));
+    const double bytes0 = (double)a.rows * a.row_bytes, bytes1 = (double)b.rows * b.row_bytes;
+    const int64_t n0 = std::clamp<int64_t>((int64_t)(resident * bytes0 / (bytes0 + bytes1) + 0.5), 1, resident - 1);
+    a.blocks = (int)plan_ks<T0, NB0>(a, n0 * kWarps);
+    const int64_t blocks = a.blocks + plan_ks<T1, NB1>(b, (resident - n0) * kWarps);
+    return launch(kernel, dim3((unsigned)blocks), dim3(kThreads), smem, s, a, b);
 }
 
 // ---- Q8_0 and F16 for 3 to 16 tokens on tensor cores -------------------------------------------------------------
@@ -507,11 +560,10 @@ struct MatvecOp {
                       : matvec_smem<T, 16>(cols, false, false);
     }
     static cudaError_t tokens(cudaStream_t s, const MatvecArgs& a, int groups) {
-        // One token over rows of at most half a stage (q_b: 1024 Q8_0 weights): two rows per warp and stage, as the
-        // two-token kernel takes them, so that each warp keeps twice the bytes in flight (H200: -1.5 us per layer).
-        if (a.n_tok <= 1 && 2 * a.cols <= Stage<T, WT<T>::sps>::weights) return matvec_launch<T, 2>(s, a, groups);
-        if (a.n_tok <= 1) return matvec_launch<T, 1>(s, a, groups);
-        if (a.n_tok <= 2) return matvec_launch<T, 2>(s, a, groups);
+        if (a.n_tok <= 2) {
+            if (nb_of<T>(a.n_tok, a.cols) == 1) return matvec_launch<T, 1>(s, a, groups);
+            return matvec_launch<T, 2>(s, a, groups);
+        }
         if (a.n_tok <= 4) return matvec_launch<T, 4>(s, a, groups);
         if (a.n_tok <= 8) return matvec_launch<T, 8>(s, a, groups);
         return matvec_launch<T, 16>(s, a, groups);
@@ -563,6 +615,24 @@ cudaError_t matvec_run(cudaStream_t s, MatvecArgs& a, int type, int groups, void
         return invalid("matvec: unsupported weight type " + std::to_string(type));
     return e;
 }
+
+// The arguments of a product over parts (ds4_cuda_matvec_parts, either of ds4_cuda_matvec_pair's): their rows and
+// outputs, checked.
+cudaError_t parts_args(MatvecArgs& a, const ds4_cuda_products& p, int64_t cols, const float* x, int64_t x_stride,
+                       int n_tok, const void* work = nullptr) {
+    if (p.n_parts < 1 || p.n_parts > kMaxParts) return invalid("matvec: 1 to 8 parts per product");
+    a = MatvecArgs{nullptr, 0, p.n_parts, {}, {}, (const uint8_t*)p.w, 0, cols, (int64_t)row_bytes(p.type, cols), x,
+                   x_stride, n_tok, 1, iq2_tables(), nullptr, false, false};
+    for (int k = 0; k < p.n_parts; ++k) {
+        if (p.rows[k] < 1 || (uintptr_t)p.ys[k] % 4) return invalid("matvec: every part needs rows and a y");
+        a.rows += p.rows[k];
+        a.part_end[k] = a.rows;
+        a.part_y[k] = p.ys[k];
+    }
+    a.y_stride = a.rows;
+    return check_matvec(p.w, p.type, a.rows, cols, x, x_stride, n_tok, 1, a.y_stride, work);
+}
+
 }  // namespace
 
 cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
@@ -592,19 +662,33 @@ cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_
                                   const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
                                   void* work) {
     clear_error();
-    if (n_parts < 1 || n_parts > kMaxParts) return invalid("matvec_parts: 1 to 8 parts");
-    MatvecArgs a{nullptr, 0, n_parts, {}, {}, (const uint8_t*)w, 0, cols, (int64_t)row_bytes(type, cols), x,
-                 x_stride, n_tok, 1, iq2_tables(), nullptr, false, false};
-    for (int k = 0; k < n_parts; ++k) {
-        if (part_rows[k] < 1 || (uintptr_t)ys[k] % 4) return invalid("matvec_parts: every part needs rows and a y");
-        a.rows += part_rows[k];
-        a.part_end[k] = a.rows;
-        a.part_y[k] = ys[k];
-    }
-    a.y_stride = a.rows;
-    const cudaError_t e = check_matvec(w, type, a.rows, cols, x, x_stride, n_tok, 1, a.y_stride, work);
+    MatvecArgs a;
+    const cudaError_t e = parts_args(a, {ys, part_rows, n_parts, w, type}, cols, x, x_stride, n_tok, work);
     if (e != cudaSuccess) return e;
     return matvec_run(s, a, type, 1, work);
+}
+
+bool ds4_cuda_matvec_pair_ok(int type0, int type1, int64_t cols, int n_tok) {
+    if (type0 != TYPE_Q8_0 || type1 != TYPE_F16 || n_tok < 1 || n_tok > kQuantizeAbove || !cols_ok(type0, cols) ||
+        nb_of<TYPE_Q8_0>(n_tok, cols) != nb_of<TYPE_F16>(n_tok, cols))
+        return false;
+    MatvecArgs f16{};  // its f32 rows staged in shared memory (the F16 kernels' other ways need NB >= 4)
+    f16.cols = cols;
+    stage_x<TYPE_F16, 2>(f16);
+    return f16.x_smem;
+}
+
+cudaError_t ds4_cuda_matvec_pair(cudaStream_t s, const ds4_cuda_products* p0, const ds4_cuda_products* p1,
+                                 int64_t cols, const float* x, int64_t x_stride, int n_tok) {
+    clear_error();
+    MatvecArgs a, b;
+    cudaError_t e = parts_args(a, *p0, cols, x, x_stride, n_tok);
+    if (e == cudaSuccess) e = parts_args(b, *p1, cols, x, x_stride, n_tok);
+    if (e != cudaSuccess) return e;
+    if (!ds4_cuda_matvec_pair_ok(p0->type, p1->type, cols, n_tok))
+        return invalid("matvec_pair: not a pair it computes in one launch (ds4_cuda_matvec_pair_ok)");
+    if (nb_of<TYPE_Q8_0>(n_tok, cols) == 1) return matvec_pair<TYPE_Q8_0, 1, TYPE_F16, 1>(s, a, b);
+    return matvec_pair<TYPE_Q8_0, 2, TYPE_F16, 2>(s, a, b);
 }
 
 template <int T>

@@ -790,8 +790,9 @@ class CUDA:
     def matmuls(self, ws, x: DArray) -> list[DArray]:
         """x times each of several weights. Each run of weights of one type and width is stored back to back, so
         that for up to MATVEC_ROWS tokens it is one product writing each weight's rows to its own array
-        (ds4_cuda_matvec_parts: a decode step's small products of one input in fewer, fuller launches); for more
-        tokens, one product per weight."""
+        (ds4_cuda_matvec_parts: a decode step's small products of one input in fewer, fuller launches), and two
+        runs that ds4_cuda_matvec_pair takes (at 1-2 tokens a Q8_0 run, q_a and kv, and an F16 run, the
+        compressors' and the indexer's products) one launch; for more tokens, one product per weight."""
         out, runs, i = [], [], 0
         while i < len(ws):
             j = i + 1
@@ -799,6 +800,17 @@ class CUDA:
                 j += 1
             runs.append(list(ws[i:j]))
             i = j
+        if len(runs) == 2 and self.join and self.cu.matvec_pair_ok(int(runs[0][0].type), int(runs[1][0].type),
+                                                                   x.row, x.shape[0]):
+            pair = self._pair(runs, x)
+            if pair is not None:
+                # One launch for both: the F16 run's launch apart (on the side stream) held the SMs beside q_a's,
+                # so that q_b, next on the chain, started only as it drained (H200, 4-layer file: ratio-4 layers -8
+                # us, ratio-128 -6 at one token). The compressors, which read the F16 products, go on the side
+                # stream from here, beside the query path.
+                self._fork()
+                self._query_in_order = False
+                return pair
         # A decode step's runs after the first (the compressors' and the indexer's F16 products, which only
         # `attend` reads) go on the side stream, beside the first (q_a and kv) and the query path after it.
         side = len(runs) > 1 and self._fork()
@@ -830,6 +842,20 @@ class CUDA:
         self._query_in_order = False
         self.weight_calls += 1
         return y, xn
+
+    def _pair(self, runs: list[list[Weight]], x: DArray) -> list[DArray] | None:
+        """x times two runs of weights in one launch (ds4_cuda_matvec_pair), or None where a run's weights are not
+        stored back to back."""
+        T = x.shape[0]
+        bases = [self._joined(run) if len(run) > 1 else self.weight(run[0]) for run in runs]
+        if None in bases:
+            return None
+        ys = [[self.empty((T, w.rows)) for w in run] for run in runs]
+        self.cu.matvec_pair(self.stream.ptr, [y.ptr for y in ys[0]], [w.rows for w in runs[0]], bases[0],
+                            int(runs[0][0].type), [y.ptr for y in ys[1]], [w.rows for w in runs[1]], bases[1],
+                            int(runs[1][0].type), x.row, x.ptr, x.row, T)
+        self.weight_calls += 1
+        return ys[0] + ys[1]
 
     def _products(self, run: list[Weight], x: DArray) -> list[DArray]:
         """x times weights of one type and width: one product over all their rows (stored back to back) for up to
