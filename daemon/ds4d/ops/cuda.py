@@ -805,14 +805,15 @@ class CUDA:
             pair = self._pair(runs, x)
             if pair is not None:
                 # One launch for both: the F16 run's launch apart (on the side stream) held the SMs beside q_a's,
-                # so that q_b, next on the chain, started only as it drained (H200, 4-layer file: ratio-4 layers -8
-                # us, ratio-128 -6 at one token). The compressors, which read the F16 products, go on the side
-                # stream from here, beside the query path.
+                # so that q_b, next on the chain, started only as it drained (H200, 4-layer file at one token:
+                # ratio-4 layers -6 us, ratio-128 -7.5). The compressors, which read the F16 products, go on the
+                # side stream from here, beside the query path.
                 self._fork()
                 self._query_in_order = False
                 return pair
-        # A decode step's runs after the first (the compressors' and the indexer's F16 products, which only
-        # `attend` reads) go on the side stream, beside the first (q_a and kv) and the query path after it.
+        # Else (3-16 tokens; runs the pair does not take) a decode step's runs after the first (the compressors'
+        # and the indexer's F16 products, which only `attend` reads) go on the side stream, beside the first (q_a
+        # and kv) and the query path after it.
         side = len(runs) > 1 and self._fork()
         for k, run in enumerate(runs):
             with self._on_side(side and k > 0):
