@@ -1116,13 +1116,13 @@ class CUDA:
                       k, float(scale), bool(normalize))
         return ids, w
 
-    def ffn(self, h: DArray, gate: Weight, up: Weight, down: Weight, clamp: float) -> DArray:
+    def ffn(self, h: DArray, gate: Weight, up: Weight, down: Weight, clamp: float, side: bool = False) -> DArray:
         """The shared expert, down · swiglu(gate · h, up · h): gate and up as one product of two parts, a SwiGLU
         and down. (At one token this beat the fused MoE kernels as an expert of one by ~2 us per layer, 1.3% of a
         decode step, on an H200; at several they read the weights once per token, the products once per block of
-        rows.) In a decode step on the side stream, beside the routed experts' gate and up; `_moe_tokens` joins
-        before the routed down adds onto the result."""
-        with self._on_side(self._fork()):
+        rows.) With `side`, in a decode step on the side stream, beside what the main stream does next (the routed
+        experts' gate and up); `_moe_tokens` joins before the routed down adds onto the result."""
+        with self._on_side(side and self._fork()):
             mid, u = self.matmuls([gate, up], h)
             self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
             return self._matvec(down, mid, 1)
@@ -1130,7 +1130,7 @@ class CUDA:
     def moe_routed(self, h: DArray, router: Weight, route, tokens: np.ndarray,
                    experts: tuple[Weight, Weight, Weight], clamp: float, shared: tuple[Weight, Weight, Weight],
                    shared_clamp: float) -> DArray:
-        """The shared expert (`ffn`, forked first), the router's logits, then `route` and `moe` onto the shared
+        """The shared expert (`ffn`, first; on the side stream from 3 tokens on), the router's logits, then `route` and `moe` onto the shared
         expert's output; up to MATVEC_ROWS tokens (a decode step), the routed gate+up kernel chooses each token's
         experts itself from the logits (ds4_cuda_moe_route_gate_up: one launch fewer per layer), and at one token
         it computes the shared expert's gate and up too: their weights stream while the kernel's first warp
@@ -1141,7 +1141,12 @@ class CUDA:
         in_kernel = N <= MATVEC_ROWS and router.rows <= ROUTE_EXPERTS_MAX and route.k <= MOE_USED_MAX
         inside = (in_kernel and N == 1 and sh_gate.type == Q.Q8_0 and sh_up.type == Q.Q8_0 and
                   self.cu.moe_shared_ok(int(experts[0].type), h.shape[1], N))
-        out = None if inside else self.ffn(h, *shared, shared_clamp)
+        # The shared expert on the side stream from 3 tokens on. At 2 tokens its products are the one-token
+        # kernels, whose blocks fill every SM: beside them the router's product and the routed gate+up only wait,
+        # so the shared expert runs first on the main stream (H200, 4-layer file, two runs: -0.5 to -3.5 us per
+        # layer at 2 tokens). (Also measured: at 8 tokens the router's product first, then the fork; the router then added 13
+        # us instead of 29, and the layers -1 us in one run, +1 in another: not kept.)
+        out = None if inside else self.ffn(h, *shared, shared_clamp, side=N > 2)
         logits = self.matmul(router, h)
         if not in_kernel:
             ids, w = self.route(logits, route.bias, route.tid2eid, tokens, route.k, route.scale, route.normalize)
