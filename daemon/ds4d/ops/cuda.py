@@ -1130,8 +1130,8 @@ class CUDA:
     def moe_routed(self, h: DArray, router: Weight, route, tokens: np.ndarray,
                    experts: tuple[Weight, Weight, Weight], clamp: float, shared: tuple[Weight, Weight, Weight],
                    shared_clamp: float) -> DArray:
-        """The shared expert (`ffn`, first; on the side stream from 3 tokens on), the router's logits, then `route` and `moe` onto the shared
-        expert's output; up to MATVEC_ROWS tokens (a decode step), the routed gate+up kernel chooses each token's
+        """The shared expert (`ffn`, first; on the side stream from 3 tokens on), the router's logits, then `route`
+        and `moe` onto the shared expert's output; up to MATVEC_ROWS tokens (a decode step), the routed gate+up kernel chooses each token's
         experts itself from the logits (ds4_cuda_moe_route_gate_up: one launch fewer per layer), and at one token
         it computes the shared expert's gate and up too: their weights stream while the kernel's first warp
         chooses the experts (on the side stream, the shared expert waited for the routed gate+up's blocks to leave
@@ -1144,8 +1144,8 @@ class CUDA:
         # The shared expert on the side stream from 3 tokens on. At 2 tokens its products are the one-token
         # kernels, whose blocks fill every SM: beside them the router's product and the routed gate+up only wait,
         # so the shared expert runs first on the main stream (H200, 4-layer file, two runs: -0.5 to -3.5 us per
-        # layer at 2 tokens). (Also measured: at 8 tokens the router's product first, then the fork; the router then added 13
-        # us instead of 29, and the layers -1 us in one run, +1 in another: not kept.)
+        # layer at 2 tokens). (Also measured: at 8 tokens the router's product first, then the fork; the router
+        # then added 13 us instead of 29, and the layers -1 us in one run, +1 in another: not kept.)
         out = None if inside else self.ffn(h, *shared, shared_clamp, side=N > 2)
         logits = self.matmul(router, h)
         if not in_kernel:
