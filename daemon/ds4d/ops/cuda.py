@@ -1131,11 +1131,12 @@ class CUDA:
                    experts: tuple[Weight, Weight, Weight], clamp: float, shared: tuple[Weight, Weight, Weight],
                    shared_clamp: float) -> DArray:
         """The shared expert (`ffn`, first; on the side stream from 3 tokens on), the router's logits, then `route`
-        and `moe` onto the shared expert's output; up to MATVEC_ROWS tokens (a decode step), the routed gate+up kernel chooses each token's
-        experts itself from the logits (ds4_cuda_moe_route_gate_up: one launch fewer per layer), and at one token
-        it computes the shared expert's gate and up too: their weights stream while the kernel's first warp
-        chooses the experts (on the side stream, the shared expert waited for the routed gate+up's blocks to leave
-        the SMs: ~13 us per layer on an H200), and its down runs before the routed down adds onto it."""
+        and `moe` onto the shared expert's output; up to MATVEC_ROWS tokens (a decode step), the routed gate+up
+        kernel chooses each token's experts itself from the logits (ds4_cuda_moe_route_gate_up: one launch fewer
+        per layer), and at one token it computes the shared expert's gate and up too: their weights stream while
+        the kernel's first warp chooses the experts (on the side stream, the shared expert waited for the routed
+        gate+up's blocks to leave the SMs: ~13 us per layer on an H200), and its down runs before the routed down
+        adds onto it."""
         N = h.shape[0]
         sh_gate, sh_up, sh_down = shared
         in_kernel = N <= MATVEC_ROWS and router.rows <= ROUTE_EXPERTS_MAX and route.k <= MOE_USED_MAX
