@@ -792,7 +792,7 @@ class CUDA:
         that for up to MATVEC_ROWS tokens it is one product writing each weight's rows to its own array
         (ds4_cuda_matvec_parts: a decode step's small products of one input in fewer, fuller launches), and two
         runs that ds4_cuda_matvec_pair takes (at 1-2 tokens a Q8_0 run, q_a and kv, and an F16 run, the
-        compressors' and the indexer's products) one launch; for more tokens, one product per weight."""
+        compressors' and the indexer's products) are one launch; for more tokens, one product per weight."""
         out, runs, i = [], [], 0
         while i < len(ws):
             j = i + 1
