@@ -715,8 +715,7 @@ cudaError_t ds4_cuda_matvec_quantizing(cudaStream_t s, float* y, const void* w, 
                  iq2_tables(), nullptr, false, false};
     const int64_t n = q_rows * q_cols;
     a.job = {q_x, (uint8_t*)q_work, q_rows, (int)ceil_div(n / 256, kWarps * 4), q_cols};
-    if (type == TYPE_Q8_0 && 2 * cols > Stage<TYPE_Q8_0, WT<TYPE_Q8_0>::sps>::weights)
-        return matvec_launch<TYPE_Q8_0, 1, true>(s, a, 1);
+    if (type == TYPE_Q8_0 && nb_of<TYPE_Q8_0>(1, cols) == 1) return matvec_launch<TYPE_Q8_0, 1, true>(s, a, 1);
     e = matvec_run(s, a, type, 1, nullptr);  // elsewhere: the product, then the quantizer
     if (e != cudaSuccess) return e;
     uint8_t* b = (uint8_t*)q_work;
