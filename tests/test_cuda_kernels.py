@@ -192,6 +192,29 @@ def test_matvec_real_shapes(stream, rng, type_, rows, cols):
         assert rel(d.get(y), product_ref(w, type_, cols, x)) < tol
 
 
+@pytest.mark.parametrize("type_,rows,cols,n_tok", [
+    (Q8_0, 100, 4096, 8),     # activations staged whole, a short last set of rows
+    (Q8_0, 4096, 8192, 16),   # 16 tokens of 8192: two products of 8 tokens (each staged whole)
+    (Q8_0, 4096, 8192, 11),
+    (Q8_0, 256, 12288, 8),    # too wide to stage whole: activations through the ring slots
+    (F16, 2056, 4096, 8),     # the compressors' joined F16 products at 8 tokens: ring slots, a short last set
+    (F16, 2048, 4096, 16),
+    (F16, 8192, 1024, 16),    # the indexer's query at 16 tokens: staged whole
+])
+def test_matvec_tensor_core_layouts(stream, rng, type_, rows, cols, n_tok):
+    """The tensor-core products of 3-16 tokens (ds4_cuda_matvec with a workspace) in each of their layouts of
+    the activations, against the reference; nothing written past a row of y."""
+    d = Dev(stream)
+    w = rand_weights(rng, type_, rows, cols)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    y = d.out((n_tok, rows + 3))
+    work = d.out((_cuda.matvec_work_bytes(type_, n_tok, cols),), np.uint8)
+    _cuda.matvec(stream.ptr, y.ptr, rows + 3, d.put(w), type_, rows, cols, d.put(x), cols, n_tok, work=work.ptr)
+    got = d.get(y)
+    assert np.all(np.isnan(got[:, rows:]))
+    assert rel(got[:, :rows], product_ref(w, type_, cols, x)) < 2e-5
+
+
 @pytest.mark.parametrize("type_", FLOAT_TYPES)
 def test_matvec_f16_activations_keep_their_range(stream, rng, type_):
     """8 tokens of 4096 values for float weights go through f16 rows scaled per row: values far beyond f16's

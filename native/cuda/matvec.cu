@@ -322,40 +322,54 @@ cudaError_t matvec_pair(cudaStream_t s, MatvecArgs a, MatvecArgs b) {
 //
 // With several tokens the dp4a / FMA paths above are bound by issue, not bytes (~15 instructions per 32 Q8_0
 // weights, row and token; attn_q_b at 8 tokens: 26% of the copy bandwidth). Here each warp takes sets of 16 weight
-// rows, or a slice of their K shared by ks warps of the block (ks = 1, 2 or 4, by makespan as above), and streams
-// stages (16 rows x 272 bytes: 256 Q8_0 weights, or 128 F16 weights in 256 bytes) with the tokens' activations
-// from the workspace through its own cp.async ring, on from one set to the next. Q8_0: per 32 weights one int8
-// mma m16n8k32 per 8 tokens gives the exact integer sums, then acc += (dw dx) sum as the dp4a path does. F16: the
-// activations as two f16 parts (high, and the rounding of the rest; each token scaled by a power of two, as the
-// prefill products take them), two f16 mma m16n8k16 per 16 weights into f32. A set's slices meet in shared
-// memory, added in slice order. Needs the workspace and rows of whole stages (every DS4 product).
-constexpr int kMmaWarps = 4, kMmaPitch = 272;  // shared-memory pitch of a stage's row (conflict-free fragments)
+// rows, or a slice of their K shared by ks warps of the block (by makespan as above), and streams stages of
+// weights (16 rows x 272 bytes: 256 Q8_0 weights, or 128 F16 weights in 256 bytes) through its own cp.async ring,
+// on from one set to the next. The tokens' activations come from the workspace: where they fit (XW: every DS4
+// product but the compressors' joined F16 ones), the block stages them for the whole K once, before its warps
+// stream weights alone; else each ring slot carries its stage's activations beside the weights. Q8_0: per 32
+// weights one int8 mma m16n8k32 per 8 tokens gives the exact integer sums, then acc += (dw dx) sum as the dp4a path
+// does. F16: the activations as two f16 parts (high, and the rounding of the rest; each token scaled by a power of
+// two, as the prefill products take them), two f16 mma m16n8k16 per 16 weights into f32. A set's slices meet in
+// shared memory, added in slice order. Needs the workspace and rows of whole stages (every DS4 product).
+constexpr int kMmaPitch = 272;  // shared-memory pitch of a stage's row (conflict-free fragments)
 
-template <int T, int NT>
+// XW: the activations staged whole, 8 warps with rings of 4 stages at 8 tokens, 3 at 16 (H200, 4-layer file: 3
+// at 8 tokens +2.5 us per step, 4 at 16 tokens +10); else 4 warps whose ring slots (3 stages at 8 tokens, 2 at 16)
+// hold each stage's activations beside its weights.
+template <int T, int NT, bool XW>
 struct MmaMv {
     static constexpr bool F16 = T == TYPE_F16;
-    static constexpr int tok = 8 * NT;                                // token columns (n8 tiles of the mma)
-    static constexpr int kw = F16 ? 128 : 256;                        // weights per stage of a row
-    static constexpr int w_piece = F16 ? 16 : 17;                     // 16-byte pieces of a stage of a row
+    static constexpr int warps = XW ? 8 : 4, depth = (XW ? 4 : 3) - (NT - 1);
+    static constexpr int tok = 8 * NT;                 // token columns (n8 tiles of the mma)
+    static constexpr int kw = F16 ? 128 : 256;         // weights per stage of a row
+    static constexpr int w_piece = F16 ? 16 : 17;      // 16-byte pieces of a stage of a row
     static constexpr int w_bytes = 16 * kMmaPitch, x_bytes = tok * kMmaPitch;
-    static constexpr int slot = w_bytes + x_bytes + (F16 ? x_bytes : tok * 32);  // weights, activations, their
-    static constexpr int depth = NT == 1 ? 3 : 2;                     // scales (Q8_0) or low parts (F16)
-    static constexpr size_t smem = (size_t)kMmaWarps * depth * slot + kMmaWarps * 16 * tok * sizeof(float);
+    static constexpr int slot = XW ? w_bytes : w_bytes + x_bytes + (F16 ? x_bytes : tok * 32);  // weights, then
+                                                       // the stage's activations and Q8_0 scales or F16 low parts
+    // XW: per token its K values' bytes (F16: each part's) padded by 16, so that the fragments' lanes meet no bank
+    // twice; then the F16 low parts, or the Q8_0 scales (cols / 32 + 4 floats per token).
+    __host__ __device__ static int64_t x_pitch(int64_t cols) { return (F16 ? 2 * cols : cols) + 16; }
+    __host__ __device__ static int64_t d_pitch(int64_t cols) { return cols / 32 + 4; }
+    static size_t smem(int64_t cols) {
+        const size_t x = XW ? (size_t)tok * (x_pitch(cols) + (F16 ? x_pitch(cols) : 4 * d_pitch(cols))) : 0;
+        return (size_t)warps * depth * slot + (size_t)warps * 16 * tok * sizeof(float) + x;
+    }
 };
 
-template <int T, int NT>
-__global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a) {
-    using M = MmaMv<T, NT>;
-    constexpr int D = M::depth;
+template <int T, int NT, bool XW>
+__global__ void __launch_bounds__(32 * MmaMv<T, NT, XW>::warps) matvec_mma_kernel(MatvecArgs a) {
+    using M = MmaMv<T, NT, XW>;
+    constexpr int W = M::warps, D = M::depth;
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     uint8_t* ring = smem + (size_t)warp * D * M::slot;
-    float* red = (float*)(smem + (size_t)kMmaWarps * D * M::slot);
+    float* red = (float*)(smem + (size_t)W * D * M::slot);
+    uint8_t* xs = (uint8_t*)(red + W * 16 * M::tok);  // XW's activations
     pdl_trigger();
 
     // Block iteration it covers sets (blockIdx.x + it gridDim.x) per_it + warp / ks, this warp the K slice
     // warp % ks of its set: n_per stages from s0.
-    const int grp = blockIdx.y, ks = a.ks, per_it = kMmaWarps / ks, slice = warp % ks;
+    const int grp = blockIdx.y, ks = a.ks, per_it = W / ks, slice = warp % ks;
     const int n_sets = (int)ceil_div(a.rows, 16), n_it_all = (int)ceil_div(n_sets, per_it);
     const int n_it = blockIdx.x < n_it_all ? (n_it_all - 1 - blockIdx.x) / gridDim.x + 1 : 0;
     const int nst = (int)(a.cols / M::kw), s0 = slice * nst / ks, n_per = (slice + 1) * nst / ks - s0;
@@ -363,22 +377,40 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a
     const int n_tok = a.n_tok;
     const uint8_t* wg = a.w + (size_t)grp * a.rows * a.row_bytes;
     // Workspace: Q8_0 act_view planes per group (int8, then a float per 32); F16 the high and low f16 planes, then
-    // a float scale per token.
+    // a float scale per token. A stage's activations in shared memory: token t's at x + t xp (from the stage's
+    // first weight), the F16 low parts at x2 + t xp, the Q8_0 scales at x2 + t dp (floats).
     const uint8_t* xq = a.xq + (M::F16 ? 0 : grp * act_bytes<TYPE_Q8_0>(n_tok, a.cols));
     const uint8_t* xd = xq + (size_t)n_tok * a.cols * (M::F16 ? 2 : 1);
+    const int xp = XW ? (int)M::x_pitch(a.cols) : kMmaPitch, dp = XW ? (int)M::d_pitch(a.cols) : 8;
     auto set_of = [&](int it) { return (blockIdx.x + it * gridDim.x) * per_it + warp / ks; };
+    // Lane l copies pieces l, l + 32, ... of a stage (row by row: a warp's copy reads whole 128-byte lines); their
+    // offsets in a set's rows, found once.
+    constexpr int kPieces = 16 * M::w_piece, NP = (kPieces + 31) / 32;
+    int src_off[NP];
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+        const int p = min(lane + 32 * i, kPieces - 1), r = p / M::w_piece;
+        src_off[i] = r * (int)a.row_bytes + 16 * (p - r * M::w_piece);
+    }
     auto issue_w = [&](int j) {  // this warp's stage j: 16 rows
         uint8_t* dst = ring + (j % D) * M::slot;
         const int it = j / n_per;
-        const int64_t off = (int64_t)(s0 + j - it * n_per) * M::w_piece * 16, row0 = (int64_t)set_of(it) * 16;
-        for (int p = lane; p < 16 * M::w_piece; p += 32) {
-            const int r = p / M::w_piece, c = p - M::w_piece * r;
-            const int64_t row = min(row0 + r, a.rows - 1);
-            cp_async16(dst + r * kMmaPitch + 16 * c, wg + row * a.row_bytes + off + 16 * c);
+        const int64_t row0 = (int64_t)set_of(it) * 16, off = (int64_t)(s0 + j - it * n_per) * M::w_piece * 16;
+#pragma unroll
+        for (int i = 0; i < NP; ++i) {
+            const int p = lane + 32 * i;  // piece p: row p / w_piece, at 16 p in the slot (272 = 17 x 16) or F16's
+            if (p >= kPieces) break;      // row p / 16 and piece p % 16
+            uint8_t* d = dst + (M::F16 ? (p >> 4) * kMmaPitch + 16 * (p & 15) : 16 * p);
+            if (row0 + 16 <= a.rows) {
+                cp_async16(d, wg + row0 * a.row_bytes + off + src_off[i]);
+            } else {  // a short last set re-reads its last row
+                const int r = p / M::w_piece;
+                cp_async16(d, wg + min(row0 + r, a.rows - 1) * a.row_bytes + off + 16 * (p - r * M::w_piece));
+            }
         }
     };
-    auto issue_x = [&](int j) {  // the tokens' activations of stage j: 256 bytes each, and the Q8_0 scales or
-        uint8_t* dst = ring + (j % D) * M::slot + M::w_bytes;  // the F16 low parts
+    auto issue_x = [&](int j) {  // !XW: the tokens' activations of stage j, 256 bytes each, and the Q8_0 scales
+        uint8_t* dst = ring + (j % D) * M::slot + M::w_bytes;  // or the F16 low parts
         const int64_t k0 = (int64_t)(s0 + j % n_per) * M::kw, kb = k0 * (M::F16 ? 2 : 1);
         constexpr int per_tok = M::F16 ? 32 : 18;
         for (int p = lane; p < n_tok * per_tok; p += 32) {
@@ -393,12 +425,32 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a
             }
         }
     };
-    // The first stages' weights before the previous kernel is done (they never depend on it), then activations.
+    // The first stages' weights before the previous kernel is done (they never depend on it), then activations:
+    // XW all of them once (in the first commit group, with those weights), else each stage's.
     for (int j = 0; j < D - 1 && j < total; ++j) issue_w(j);
     pdl_wait();
+    if constexpr (XW) {
+        const int per = (int)(a.cols * (M::F16 ? 2 : 1) / 16);  // 16-byte pieces of a token's values
+        for (int i = threadIdx.x; i < n_tok * per; i += 32 * W) {
+            const int t = i / per, c = i - t * per;
+            cp_async16(xs + t * xp + 16 * c, xq + (int64_t)16 * i);
+            if constexpr (M::F16) cp_async16(xs + (M::tok + t) * xp + 16 * c, xd + (int64_t)16 * i);
+        }
+        if constexpr (!M::F16) {
+            const int pd = (int)(a.cols / 128);  // 16-byte pieces of a token's scales
+            for (int i = threadIdx.x; i < n_tok * pd; i += 32 * W) {
+                const int t = i / pd, c = i - t * pd;
+                cp_async16(xs + M::tok * xp + 4 * t * dp + 16 * c, xd + (int64_t)16 * i);
+            }
+        }
+    }
     for (int j = 0; j < D - 1; ++j) {
-        if (j < total) issue_x(j);
+        if (!XW && j < total) issue_x(j);
         cp_async_commit();
+    }
+    if constexpr (XW) {
+        cp_async_wait<D - 2>();
+        __syncthreads();  // every thread's copies of the activations are in before any warp reads them
     }
 
     for (int it = 0, j = 0; it < n_it; ++it) {
@@ -408,12 +460,13 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a
             __syncwarp();  // stage j is in, and every lane is done with the slot the next copies overwrite
             if (j + D - 1 < total) {
                 issue_w(j + D - 1);
-                issue_x(j + D - 1);
+                if constexpr (!XW) issue_x(j + D - 1);
             }
             cp_async_commit();
             const uint8_t* w = ring + (j % D) * M::slot;
-            const uint8_t* x = w + M::w_bytes;
-            const uint8_t* x2 = x + M::x_bytes;
+            const int64_t k0 = (int64_t)(s0 + k) * M::kw;  // the stage's first weight
+            const uint8_t* x = XW ? xs + k0 * (M::F16 ? 2 : 1) : w + M::w_bytes;
+            const uint8_t* x2 = !XW ? x + M::x_bytes : M::F16 ? x + M::tok * xp : xs + M::tok * xp + 4 * (k0 / 32);
 #pragma unroll
             for (int b = 0; b < 8; ++b) {
                 uint32_t af[4];
@@ -425,7 +478,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a
                             af[2 * q + h] = *(const uint32_t*)(w + (g + 8 * h) * kMmaPitch + 32 * b + 16 * q + 4 * t4);
 #pragma unroll
                     for (int ni = 0; ni < NT; ++ni) {
-                        const int at = (8 * ni + g) * kMmaPitch + 32 * b + 4 * t4;
+                        const int at = (8 * ni + g) * xp + 32 * b + 4 * t4;
                         const uint32_t hi[2] = {*(const uint32_t*)(x + at), *(const uint32_t*)(x + at + 16)};
                         const uint32_t lo[2] = {*(const uint32_t*)(x2 + at), *(const uint32_t*)(x2 + at + 16)};
                         mma_f16(acc[ni], af, hi);
@@ -453,11 +506,11 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a
                     const float* dx = (const float*)x2;
 #pragma unroll
                     for (int ni = 0; ni < NT; ++ni) {
-                        const uint8_t* xp = x + (8 * ni + g) * kMmaPitch + 32 * b + 4 * t4;
-                        const uint32_t bf[2] = {*(const uint32_t*)xp, *(const uint32_t*)(xp + 16)};
+                        const uint8_t* xr = x + (8 * ni + g) * xp + 32 * b + 4 * t4;
+                        const uint32_t bf[2] = {*(const uint32_t*)xr, *(const uint32_t*)(xr + 16)};
                         int ci[4];
                         mma_s8_new(ci, af, bf);
-                        const float d0 = dx[(8 * ni + 2 * t4) * 8 + b], d1 = dx[(8 * ni + 2 * t4 + 1) * 8 + b];
+                        const float d0 = dx[(8 * ni + 2 * t4) * dp + b], d1 = dx[(8 * ni + 2 * t4 + 1) * dp + b];
 #pragma unroll
                         for (int e = 0; e < 4; ++e)
                             acc[ni][e] = fmaf(dw[e >> 1] * ((e & 1) ? d1 : d0), (float)ci[e], acc[ni][e]);
@@ -472,7 +525,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a
             for (int e = 0; e < 4; ++e)
                 red[(warp * 16 + g + 8 * (e >> 1)) * M::tok + 8 * ni + 2 * t4 + (e & 1)] = acc[ni][e];
         __syncthreads();
-        for (int o = threadIdx.x; o < per_it * 16 * n_tok; o += 32 * kMmaWarps) {
+        for (int o = threadIdx.x; o < per_it * 16 * n_tok; o += 32 * W) {
             const int sw = o / (16 * n_tok), r = (o - sw * 16 * n_tok) / n_tok, t = o % n_tok;
             const int64_t row = (int64_t)((blockIdx.x + it * gridDim.x) * per_it + sw) * 16 + r;
             if (row >= a.rows) continue;
@@ -486,22 +539,37 @@ __global__ void __launch_bounds__(32 * kMmaWarps) matvec_mma_kernel(MatvecArgs a
 }
 
 // Warps per set (ks) and blocks by the smallest makespan, as matvec_launch does.
-template <int T, int NT>
+template <int T, int NT, bool XW>
 cudaError_t matvec_mma(cudaStream_t s, MatvecArgs a, int groups) {
-    using M = MmaMv<T, NT>;
-    auto kernel = matvec_mma_kernel<T, NT>;
-    cudaError_t e = allow_smem(kernel, M::smem);
+    using M = MmaMv<T, NT, XW>;
+    auto kernel = matvec_mma_kernel<T, NT, XW>;
+    const size_t smem = M::smem(a.cols);
+    cudaError_t e = allow_smem(kernel, smem);
     if (e != cudaSuccess) return e;
     const int64_t sets = ceil_div(a.rows, 16), nst = a.cols / M::kw;
-    const int64_t blocks = std::max(1, resident_blocks(kernel, 32 * kMmaWarps, M::smem) / groups);
+    const int64_t blocks = std::max(1, resident_blocks(kernel, 32 * M::warps, smem) / groups);
     double best = 1e300;
     int64_t grid = 1;
-    for (int ks = 1; ks <= kMmaWarps && ks <= nst; ks *= 2) {
-        const int64_t iters = ceil_div(sets, kMmaWarps / ks), used = std::min(iters, blocks);
+    for (int ks = 1; ks <= M::warps && ks <= nst; ks *= 2) {
+        const int64_t iters = ceil_div(sets, M::warps / ks), used = std::min(iters, blocks);
         const double cost = (double)ceil_div(iters, used) * ((double)ceil_div(nst, ks) + 0.5);
         if (cost < best - 1e-9) best = cost, a.ks = ks, grid = used;
     }
-    return launch(kernel, dim3((unsigned)grid, groups), dim3(32 * kMmaWarps), M::smem, s, a);
+    return launch(kernel, dim3((unsigned)grid, groups), dim3(32 * M::warps), smem, s, a);
+}
+
+// Whether n tokens' activations of `cols` fit in shared memory whole (XW) beside the rings.
+template <int T>
+bool mma_whole(int n, int64_t cols) {
+    return (n <= 8 ? MmaMv<T, 1, true>::smem(cols) : MmaMv<T, 2, true>::smem(cols)) <= props().smem_optin;
+}
+
+// XW where the activations fit, else the ring-slot kernel.
+template <int T>
+cudaError_t matvec_mma_any(cudaStream_t s, const MatvecArgs& a, int groups) {
+    if (mma_whole<T>(a.n_tok, a.cols))
+        return a.n_tok <= 8 ? matvec_mma<T, 1, true>(s, a, groups) : matvec_mma<T, 2, true>(s, a, groups);
+    return a.n_tok <= 8 ? matvec_mma<T, 1, false>(s, a, groups) : matvec_mma<T, 2, false>(s, a, groups);
 }
 
 // Whether a product takes the tensor-core path: 3+ tokens with a workspace (Q8_0: the activations quantized into
@@ -511,15 +579,27 @@ cudaError_t matvec_mma(cudaStream_t s, MatvecArgs a, int groups) {
 constexpr int64_t kMmaF16MinRows = 2048;
 template <int T>
 bool mma_ok(const MatvecArgs& a, int groups, const void* work) {
-    using M = MmaMv<T, 2>;
+    using M = MmaMv<T, 2, false>;
     return (T == TYPE_F16 ? groups == 1 && a.rows >= kMmaF16MinRows : a.xq != nullptr) && work &&
-           a.n_tok > kQuantizeAbove &&
-           a.cols % M::kw == 0 && (uintptr_t)a.w % 16 == 0 && props().cc >= 80 && M::smem <= props().smem_optin;
+           a.n_tok > kQuantizeAbove && a.cols % M::kw == 0 && (uintptr_t)a.w % 16 == 0 && props().cc >= 80 &&
+           M::smem(a.cols) <= props().smem_optin;
 }
 
 template <int T>
 struct MatvecOp {
     static cudaError_t run(cudaStream_t s, MatvecArgs a, int groups, void* work) {
+        if constexpr (T == TYPE_Q8_0) {
+            // More than 8 tokens whose activations leave no room for XW's rings where 8 tokens' do (DS4's attn_out_b:
+            // 16 tokens of 8192): two products of up to 8 tokens, each with its own quantized activations, read the
+            // weights twice and still take less than one on the ring-slot path (H200: 46 against 68 us).
+            if (work && a.n_tok > 8 && !mma_whole<T>(a.n_tok, a.cols) && mma_whole<T>(8, a.cols)) {
+                for (int t0 = 0; t0 < a.n_tok; t0 += 8) {
+                    cudaError_t e = run(s, token_chunk(a, t0, std::min(8, a.n_tok - t0)), groups, work);
+                    if (e != cudaSuccess) return e;
+                }
+                return cudaSuccess;
+            }
+        }
         if constexpr (WT<T>::xb != 0) {
             if (work && a.n_tok > kQuantizeAbove && fits(a.n_tok, a.cols) <= props().smem_optin) {
                 cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.cols, a.x_stride, a.n_tok, a.cols, groups,
@@ -535,7 +615,7 @@ struct MatvecOp {
                     if (e != cudaSuccess) return e;
                     a.xq = (const uint8_t*)work;
                 }
-                return a.n_tok <= 8 ? matvec_mma<T, 1>(s, a, groups) : matvec_mma<T, 2>(s, a, groups);
+                return matvec_mma_any<T>(s, a, groups);
             }
         }
         // Tokens in chunks whose activations fit in shared memory (each chunk reads the weights again: only
@@ -544,16 +624,20 @@ struct MatvecOp {
         int chunk = 16;
         while (chunk > 1 && fits(chunk, a.cols) > limit) chunk /= 2;
         for (int t0 = 0; t0 < a.n_tok; t0 += chunk) {
-            MatvecArgs c = a;
-            c.n_tok = std::min(chunk, a.n_tok - t0);
-            c.x += t0 * a.x_stride;
-            c.y += t0 * a.y_stride;
-            if (a.xn) c.xn += t0 * a.cols;
-            for (int k = 0; k < a.n_parts; ++k) c.part_y[k] += t0 * (a.part_end[k] - (k ? a.part_end[k - 1] : 0));
-            cudaError_t e = tokens(s, c, groups);
+            cudaError_t e = tokens(s, token_chunk(a, t0, std::min(chunk, a.n_tok - t0)), groups);
             if (e != cudaSuccess) return e;
         }
         return cudaSuccess;
+    }
+    // The product of tokens t0 .. t0 + n - 1 alone.
+    static MatvecArgs token_chunk(const MatvecArgs& a, int t0, int n) {
+        MatvecArgs c = a;
+        c.n_tok = n;
+        c.x += t0 * a.x_stride;
+        c.y += t0 * a.y_stride;
+        if (a.xn) c.xn += t0 * a.cols;
+        for (int k = 0; k < a.n_parts; ++k) c.part_y[k] += t0 * (a.part_end[k] - (k ? a.part_end[k - 1] : 0));
+        return c;
     }
     static size_t fits(int n, int64_t cols) {
         return n <= 1 ? matvec_smem<T, 1>(cols, false, false) : n <= 2 ? matvec_smem<T, 2>(cols, false, false)
