@@ -119,9 +119,14 @@ def dense(raw, type_, cols):
 
 def f16_activations(type_, n_tok, rows, cols):
     """Whether ds4_cuda_matvec stages this float-weight product's activations as f16 (matvec.cu: 4+ tokens and 128+
-    rows whose f32 rows exceed 64 KB of shared memory and whose f16 rows fit): a 1e-3 tolerance, not f32's."""
+    rows whose f32 rows exceed 64 KB of shared memory and whose f16 rows fit; more than 8 tokens whose f16 rows do
+    not fit, as products of 8): a 1e-3 tolerance, not f32's."""
+    def f16(nb):
+        return nb >= 4 and rows >= 128 and nb * cols * 4 > 65536 and nb * cols * 2 <= 65536
     nb = next(b for b in (1, 2, 4, 8, 16) if b >= n_tok)
-    return type_ in FLOAT_TYPES and nb >= 4 and rows >= 128 and nb * cols * 4 > 65536 and nb * cols * 2 <= 65536
+    if nb == 16 and cols * 16 * 4 > 65536 and not f16(16) and (f16(8) or 8 * cols * 4 <= 65536):
+        nb = 8
+    return type_ in FLOAT_TYPES and f16(nb)
 
 
 def product_ref(raw, type_, cols, x):

@@ -623,6 +623,11 @@ struct MatvecOp {
         const size_t limit = props().smem_optin;
         int chunk = 16;
         while (chunk > 1 && fits(chunk, a.cols) > limit) chunk /= 2;
+        // Float weights: more than 8 tokens whose rows shared memory holds neither as f32 nor as f16, where 8
+        // tokens' rows fit, as products of 8 (each reads the weights again, where every warp would read the f32
+        // rows from L2 for each pair of weight rows).
+        if constexpr (WT<T>::xb == 0)
+            if (a.n_tok > 8 && !stages<16>(a) && stages<8>(a)) chunk = 8;
         for (int t0 = 0; t0 < a.n_tok; t0 += chunk) {
             cudaError_t e = tokens(s, token_chunk(a, t0, std::min(chunk, a.n_tok - t0)), groups);
             if (e != cudaSuccess) return e;
@@ -638,6 +643,11 @@ struct MatvecOp {
         if (a.xn) c.xn += t0 * a.cols;
         for (int k = 0; k < a.n_parts; ++k) c.part_y[k] += t0 * (a.part_end[k] - (k ? a.part_end[k - 1] : 0));
         return c;
+    }
+    template <int NB>
+    static bool stages(MatvecArgs a) {  // float weights: whether NB tokens' rows are staged in shared memory
+        stage_x<T, NB>(a);
+        return a.x_smem || a.x16;
     }
     static size_t fits(int n, int64_t cols) {
         return n <= 1 ? matvec_smem<T, 1>(cols, false, false) : n <= 2 ? matvec_smem<T, 2>(cols, false, false)
