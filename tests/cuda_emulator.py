@@ -252,6 +252,8 @@ def matvec_pair(stream, ys0, rows0, w0, type0, ys1, rows1, w1, type1, cols, x, x
 
 
 def matvec_pair_ok(type0, type1, cols, n_tok):
+    # At one token both products take the same kernel (one token slot: over 1024 columns for Q8_0's 2048-weight
+    # stages, over 512 for F16's 1024), and the F16 rows fit in shared memory as f32.
     return (type0, type1) == (_Q8_0, F16) and 1 <= n_tok <= 2 and cols % 32 == 0 and cols <= 8192 and (
         n_tok == 2 or (cols <= 512) == (cols <= 1024))
 

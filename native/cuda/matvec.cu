@@ -572,16 +572,17 @@ cudaError_t matvec_mma_any(cudaStream_t s, const MatvecArgs& a, int groups) {
     return a.n_tok <= 8 ? matvec_mma<T, 1, false>(s, a, groups) : matvec_mma<T, 2, false>(s, a, groups);
 }
 
-// Whether a product takes the tensor-core path: 3+ tokens with a workspace (Q8_0: the activations quantized into
-// it; F16: one group, and rows enough to pay for the split of the activations, one more launch: at 8 tokens of
-// 4096, 256 rows took 13.1 us against 10.4 on the FMA path, 1024 rows 15.0 against 14.5, 4096 rows 20.8 against
-// 36.5), whole stages, rows and base on 16-byte boundaries (Q8_0 rows of 256 k weights: 272 k bytes).
+// Whether a product's shape takes the tensor-core path: 3+ tokens with a workspace (F16: one group, and rows enough
+// to pay for the split of the activations, one more launch: at 8 tokens of 4096, 256 rows took 13.1 us against
+// 10.4 on the FMA path, 1024 rows 15.0 against 14.5, 4096 rows 20.8 against 36.5), whole stages, rows and base on
+// 16-byte boundaries (Q8_0 rows of 256 k weights: 272 k bytes). Q8_0 takes it once its activations are quantized
+// into the workspace.
 constexpr int64_t kMmaF16MinRows = 2048;
 template <int T>
 bool mma_ok(const MatvecArgs& a, int groups, const void* work) {
     using M = MmaMv<T, 2, false>;
-    return (T == TYPE_F16 ? groups == 1 && a.rows >= kMmaF16MinRows : a.xq != nullptr) && work &&
-           a.n_tok > kQuantizeAbove && a.cols % M::kw == 0 && (uintptr_t)a.w % 16 == 0 && props().cc >= 80 &&
+    return (T != TYPE_F16 || (groups == 1 && a.rows >= kMmaF16MinRows)) && work && a.n_tok > kQuantizeAbove &&
+           a.cols % M::kw == 0 && (uintptr_t)a.w % 16 == 0 && props().cc >= 80 &&
            M::smem(a.cols) <= props().smem_optin;
 }
 
@@ -592,7 +593,8 @@ struct MatvecOp {
             // More than 8 tokens whose activations leave no room for XW's rings where 8 tokens' do (DS4's attn_out_b:
             // 16 tokens of 8192): two products of up to 8 tokens, each with its own quantized activations, read the
             // weights twice and still take less than one on the ring-slot path (H200: 35 against 68 us).
-            if (work && a.n_tok > 8 && !mma_whole<T>(a.n_tok, a.cols) && mma_whole<T>(8, a.cols)) {
+            if (a.n_tok > 8 && mma_ok<T>(a, groups, work) && !mma_whole<T>(a.n_tok, a.cols) &&
+                mma_whole<T>(8, a.cols)) {
                 for (int t0 = 0; t0 < a.n_tok; t0 += 8) {
                     cudaError_t e = run(s, token_chunk(a, t0, std::min(8, a.n_tok - t0)), groups, work);
                     if (e != cudaSuccess) return e;
@@ -609,7 +611,7 @@ struct MatvecOp {
             }
         }
         if constexpr (T == TYPE_Q8_0 || T == TYPE_F16) {
-            if (mma_ok<T>(a, groups, work)) {
+            if (mma_ok<T>(a, groups, work) && (T == TYPE_F16 || a.xq)) {
                 if constexpr (T == TYPE_F16) {  // the activations' two f16 parts and scales, once
                     cudaError_t e = quantize_into(s, (uint8_t*)work, a.x, a.x_stride, a.n_tok, a.cols, TYPE_F16);
                     if (e != cudaSuccess) return e;
