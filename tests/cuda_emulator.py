@@ -217,8 +217,8 @@ def matvec_parts(stream, ys, part_rows, w, type, cols, x, x_stride, n_tok, work=
         at += r
 
 
-def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=1, work=0):
-    assert 1 <= n_tok <= 16
+def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=1, work=0, work_filled=False):
+    assert 1 <= n_tok <= 16 and not work_filled  # no workspace here (matvec_work_bytes): never filled
     W = _weights(w, type, rows * groups, cols)
     X = _rows(x, x_stride, n_tok, cols * groups)
     for g in range(groups):
@@ -422,7 +422,8 @@ def attention_scratch_bytes(n_tok, n_head, dim, raw_cap, comp_cap, sel_cap, has_
 
 def attention_decode(stream, out, scratch, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n, comp_cap,
                      sel, sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0, f32_rows=False,
-                     rope_pos=0, rope_freq=0, n_rot=0, kv_x=0, kv_w=0, eps=0.0, n_nope=0):
+                     rope_pos=0, rope_freq=0, n_rot=0, kv_x=0, kv_w=0, eps=0.0, n_nope=0, xq=0, xq_groups=0):
+    assert not xq  # the Q8_0 output fills a matvec workspace, which this module's products never ask for
     if kv_x:   # the decode front: the query heads' and the K=V row's norm and RoPE, the row into its ring slot
         assert not f32_rows and rope_pos
         qn, kvn = Buffer(4 * n_tok * n_head * dim), Buffer(4 * n_tok * dim)

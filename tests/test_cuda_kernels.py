@@ -913,6 +913,67 @@ def test_attention_decode_front(stream, rng, dim, n_head, n_nope, with_sel):
         np.testing.assert_array_equal(np.delete(got_ring[t], slot, 0), np.delete(raw[t], slot, 0))
 
 
+@pytest.mark.parametrize("dim,n_head,groups,n_tok", [(512, 64, 8, 6), (512, 64, 8, 16), (128, 8, 2, 3),
+                                                    (256, 20, 4, 5)])
+def test_attention_decode_q8_out(stream, rng, dim, n_head, groups, n_tok):
+    """With xq the decode attention also writes its output as the Q8_0 activations of the grouped product after it
+    (attn_output_a: 8 groups of 8 heads): the same f32 output, the CPU quantizer's bits for each group's rows (a
+    token with no row gives all-zero blocks), and ds4_cuda_matvec taking them (work_filled) gives the bits of the
+    product that quantizes the output itself."""
+    d = Dev(stream)
+    pos = rng.integers(0, 5000, n_tok).astype(np.int32)
+    raw_n = np.minimum(pos + 1, RAW_CAP).astype(np.int32)
+    comp_n = rng.integers(0, COMP_CAP, n_tok).astype(np.int32)
+    raw_n[-1] = comp_n[-1] = 0
+    raw, comp, q, sinks, _ = attention_case(rng, raw_n, comp_n, dim, n_head, 3.0, False)
+    kv, kv_w = kv_test_rows(rng, n_tok, dim), rng.uniform(0.5, 1.5, dim).astype(np.float32)
+    inv = rope_inv_freq(64, 10000.0, (16.0, 65536, 32.0, 1.0))
+    cols = n_head * dim // groups
+    n_work = _cuda.matvec_work_bytes(Q8_0, n_tok, cols, groups)
+
+    def run(xq):
+        ring = d.buf(raw)
+        rows = d.put(np.array([ring.ptr + t * RAW_CAP * dim * 2 for t in range(n_tok)], np.int64))
+        out = d.out((n_tok, n_head, dim))
+        scratch = _cuda.Buffer(_cuda.attention_scratch_bytes(n_tok, n_head, dim, RAW_CAP, COMP_CAP, SEL_CAP, False))
+        _cuda.attention_decode(stream.ptr, out.ptr, scratch.ptr, d.put(q), 0, 0, d.put(raw_n), RAW_CAP, d.put(comp),
+                               COMP_CAP * dim, d.put(comp_n), COMP_CAP, 0, SEL_CAP, d.put(sinks), n_tok, n_head, dim,
+                               1.0 / math.sqrt(dim), rows, 0, False, d.put(pos), d.put(inv), 64, kv_x=d.put(kv),
+                               kv_w=d.put(kv_w), eps=1e-6, n_nope=dim - 64, xq=xq, xq_groups=groups)
+        return out
+
+    xq = d.out((n_work,), np.uint8)
+    out = run(xq.ptr)
+    got = d.get(out)
+    np.testing.assert_array_equal(got, d.get(run(0)))
+    assert np.all(got[-1] == 0)
+    planes = d.get(xq)
+    per = n_work // groups
+    for g in range(groups):
+        ref_d, ref_qs = _cpu.quantize_act(np.ascontiguousarray(got.reshape(n_tok, groups, cols)[:, g]), "q8_0")[:2]
+        base = planes[g * per:(g + 1) * per]
+        np.testing.assert_array_equal(base[:n_tok * cols].view(np.int8).reshape(n_tok, cols), ref_qs)
+        got_d = base[n_tok * cols:n_tok * cols + 4 * n_tok * cols // 32].view(np.float32).reshape(n_tok, -1)
+        np.testing.assert_array_equal(got_d.view(np.uint32), ref_d.view(np.uint32))
+    rows_g = 96
+    w = d.put(rand_weights(rng, Q8_0, groups * rows_g, cols))
+    y_own, y_pre = d.out((n_tok, groups * rows_g)), d.out((n_tok, groups * rows_g))
+    work = d.out((n_work,), np.uint8)
+    _cuda.matvec(stream.ptr, y_own.ptr, groups * rows_g, w, Q8_0, rows_g, cols, out.ptr, groups * cols, n_tok,
+                 groups=groups, work=work.ptr)
+    _cuda.matvec(stream.ptr, y_pre.ptr, groups * rows_g, w, Q8_0, rows_g, cols, out.ptr, groups * cols, n_tok,
+                 groups=groups, work=xq.ptr, work_filled=True)
+    np.testing.assert_array_equal(d.get(y_pre), d.get(y_own))
+    # What the two entry points refuse: the Q8_0 output of 2 tokens, a filled workspace for another type.
+    with pytest.raises(ValueError, match="Q8_0 output"):
+        _cuda.attention_decode(stream.ptr, out.ptr, xq.ptr, d.put(q), 0, 0, d.put(raw_n), RAW_CAP, d.put(comp),
+                               COMP_CAP * dim, d.put(comp_n), COMP_CAP, 0, SEL_CAP, d.put(sinks), 2, n_head, dim,
+                               1.0, xq=xq.ptr, xq_groups=groups)
+    with pytest.raises(ValueError, match="work_filled"):
+        _cuda.matvec(stream.ptr, y_pre.ptr, groups * rows_g, w, F16, rows_g, cols, out.ptr, groups * cols, n_tok,
+                     groups=groups, work=xq.ptr, work_filled=True)
+
+
 @pytest.mark.parametrize("dim,n_head", [(512, 64), (128, 8), (256, 20)])
 @pytest.mark.parametrize("with_sel", [False, True])
 def test_attention_prefill(stream, rng, dim, n_head, with_sel):

@@ -270,7 +270,8 @@ class Model:
         if L.indexer is not None:
             iq = ops.matmul(L.indexer.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
             idx = (of_h[2], of_h[3], iq, of_h[4])                                   # iq: before its RoPE
-        o = ops.attend(spec, states, bounds, positions, q.reshape(N, s.n_head, s.head_dim), kv, comp, idx)
+        o = ops.attend(spec, states, bounds, positions, q.reshape(N, s.n_head, s.head_dim), kv, comp, idx,
+                       (L.attn_output_a, s.n_out_group))
         low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)
         y = ops.matmul(L.attn_output_b, low)                                          # (N, E)
         return X, (y, post, comb)

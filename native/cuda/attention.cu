@@ -52,6 +52,11 @@ struct AttnArgs {
     const float* kv_w;
     float eps;
     int n_nope;
+    // The combine's output also as Q8_0 activations (null xq: none), laid out as ds4_cuda_matvec's workspace for a
+    // product of n_tok rows in column groups of xq_heads heads (group g's rows at xq + g * xq_group_bytes).
+    uint8_t* xq;
+    int64_t xq_group_bytes;
+    int xq_heads;
 };
 
 // Decode's splits of a token's rows: the first ceil(raw_cap / kRows) take a row tile each (the raw window's: the
@@ -210,7 +215,8 @@ __global__ void __launch_bounds__(32 * kHeads, 4) attention_split_kernel(AttnArg
 // One block per (head, token): M = max(sink, split maxima); out = sum_s e^(m_s - M) o_s / (e^(sink - M) +
 // sum_s e^(m_s - M) l_s). The splits' (m, l) are read once into shared memory (all in flight together), and each
 // thread's o pieces are loaded kCombineBatch splits at a time before they are summed. A token with no row at all
-// gets 0 (only the sink).
+// gets 0 (only the sink). With xq, each 32 values also leave as a Q8_0 block (the block's 8 threads find its
+// maximum in 3 shuffles): the output projection's activations without a quantize launch before it.
 constexpr int kCombineBatch = 8;
 
 __global__ void attention_combine_kernel(AttnArgs a) {
@@ -264,6 +270,19 @@ __global__ void attention_combine_kernel(AttnArgs a) {
             r = make_float4(r.x * c0 + r.y * s0, r.y * c0 - r.x * s0, r.z * c1 + r.w * s1, r.w * c1 - r.z * s1);
         }
         *(float4*)(a.out + ((int64_t)t * a.n_head + h) * a.dim + d) = r;
+        if (a.xq) {  // dim <= 512: every thread of a warp that enters holds 4 values
+            float amax = fmaxf(fmaxf(fabsf(r.x), fabsf(r.y)), fmaxf(fabsf(r.z), fabsf(r.w)));
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            float dq;
+            const float inv = q8_0_inv(amax, dq);
+            const int64_t cols = (int64_t)a.xq_heads * a.dim, at = (int64_t)(h % a.xq_heads) * a.dim + d;
+            uint8_t* base = a.xq + (h / a.xq_heads) * a.xq_group_bytes;
+            const uint32_t q = ((uint32_t)q8_0_value(r.x, inv) & 255u) | ((uint32_t)q8_0_value(r.y, inv) & 255u) << 8 |
+                               ((uint32_t)q8_0_value(r.z, inv) & 255u) << 16 | (uint32_t)q8_0_value(r.w, inv) << 24;
+            *(uint32_t*)(base + t * cols + at) = q;
+            if (d % 32 == 0) ((float*)(base + (int64_t)gridDim.y * cols))[t * (cols / 32) + at / 32] = dq;
+        }
     }
 }
 
@@ -638,7 +657,8 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
                                       int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
                                       const void* const* raw_rows, const void* const* comp_rows, bool f32_rows,
                                       const int32_t* rope_pos, const double* rope_freq, int n_rot,
-                                      const float* kv_x, const float* kv_w, float eps, int n_nope) {
+                                      const float* kv_x, const float* kv_w, float eps, int n_nope, void* xq,
+                                      int xq_groups) {
     clear_error();
     // The tensor-core kernel takes up to kCompSplits splits of compressed rows (a ratio-128 layer at 1M positions:
     // 8,192 rows in 256 one-tile splits wrote and combined 34 MB of partial results); the CUDA-core one a tile each.
@@ -648,11 +668,14 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
                           ? std::max(1, (int)ceil_div(ceil_div(cap_rows, kRows) - raw_tiles, kCompSplits))
                           : 1;
     const int n_split = std::max(1, split_count(cap_rows, raw_cap, tiles));
+    const int xq_heads = xq ? n_head / std::max(1, xq_groups) : 0;  // checked below
+    const size_t xq_bytes = xq ? ds4_cuda_matvec_work_bytes(ds4::TYPE_Q8_0, n_tok, (int64_t)dim * xq_heads, 1) : 0;
     AttnArgs a{out,       (float*)scratch, q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
                raw_n,     raw_cap,         (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
                comp_n,    comp_cap,        sel,  sel_cap,             sinks,      n_head,
                dim,       n_split,         tiles, scale,              rope_pos,   rope_freq,
-               n_rot,     kv_x,            kv_w, eps,                 n_nope};
+               n_rot,     kv_x,            kv_w, eps,                 n_nope,     (uint8_t*)xq,
+               (int64_t)xq_bytes, xq_heads};
     cudaError_t e = check_args(a, n_tok, kHeads);
     if (e != cudaSuccess) return e;
     if (rope_pos && (!rope_freq || n_rot < 4 || n_rot % 4 || n_rot > dim))
@@ -662,6 +685,9 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
         return invalid("attention: the decode front needs f16 rows on the tensor-core kernel, positions, the K=V "
                        "norm weight, a ring (raw_cap >= 1), n_nope a multiple of 64 up to dim, 16-byte aligned rows");
     if (a.n_split > 65535) return invalid("attention: too many rows");
+    if (xq && (n_tok <= 2 || xq_groups < 1 || n_head % xq_groups || (uintptr_t)xq % 16))
+        return invalid("attention: the Q8_0 output needs n_tok > 2, groups dividing n_head and a 16-byte aligned "
+                       "workspace");
     switch (dim * (f32_rows ? -1 : 1)) {
         case 128: return attention_launch<4, __half>(s, a, n_tok);
         case 256: return attention_launch<8, __half>(s, a, n_tok);

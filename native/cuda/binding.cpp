@@ -292,12 +292,12 @@ PYBIND11_MODULE(_cuda, m) {
 
     // ---- kernels (see ds4_cuda.h for the exact semantics of each) --------------------------------------------
     m.def("matvec", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t w, int type, int64_t rows, int64_t cols,
-                       uintptr_t x, int64_t x_stride, int n_tok, int groups, uintptr_t work) {
+                       uintptr_t x, int64_t x_stride, int n_tok, int groups, uintptr_t work, bool work_filled) {
         check(ds4_cuda_matvec(st(s), dev<float>(y), y_stride, dev<void>(w), type, rows, cols, dev<const float>(x),
-                              x_stride, n_tok, groups, dev<void>(work)), "matvec");
+                              x_stride, n_tok, groups, dev<void>(work), work_filled), "matvec");
     }, py::arg("stream"), py::arg("y"), py::arg("y_stride"), py::arg("w"), py::arg("type"), py::arg("rows"),
        py::arg("cols"), py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("groups") = 1,
-       py::arg("work") = 0);
+       py::arg("work") = 0, py::arg("work_filled") = false);
     m.def("matvec_normed", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t w, int type, int64_t rows,
                               int64_t cols, uintptr_t x, int64_t x_stride, int n_tok, uintptr_t norm_w, float eps,
                               uintptr_t xn, uintptr_t work) {
@@ -437,21 +437,23 @@ PYBIND11_MODULE(_cuda, m) {
                                  uintptr_t comp_n, int comp_cap, uintptr_t sel, int sel_cap, uintptr_t sinks, int n_tok,
                                  int n_head, int dim, float scale, uintptr_t raw_rows, uintptr_t comp_rows,
                                  bool f32_rows, uintptr_t rope_pos, uintptr_t rope_freq, int n_rot, uintptr_t kv_x,
-                                 uintptr_t kv_w, float eps, int n_nope) {
+                                 uintptr_t kv_w, float eps, int n_nope, uintptr_t xq, int xq_groups) {
         check(ds4_cuda_attention_decode(st(s), dev<float>(out), dev<void>(scratch), dev<const float>(q),
                                         dev<const void>(raw), raw_stride, dev<const int32_t>(raw_n), raw_cap,
                                         dev<const void>(comp), comp_stride, dev<const int32_t>(comp_n), comp_cap,
                                         dev<const int32_t>(sel), sel_cap, dev<const float>(sinks), n_tok, n_head, dim,
                                         scale, dev<const void* const>(raw_rows), dev<const void* const>(comp_rows),
                                         f32_rows, dev<const int32_t>(rope_pos), dev<const double>(rope_freq), n_rot,
-                                        dev<const float>(kv_x), dev<const float>(kv_w), eps, n_nope),
+                                        dev<const float>(kv_x), dev<const float>(kv_w), eps, n_nope, dev<void>(xq),
+                                        xq_groups),
               "attention_decode");
     }, py::arg("stream"), py::arg("out"), py::arg("scratch"), py::arg("q"), py::arg("raw"), py::arg("raw_stride"),
        py::arg("raw_n"), py::arg("raw_cap"), py::arg("comp"), py::arg("comp_stride"), py::arg("comp_n"),
        py::arg("comp_cap"), py::arg("sel"), py::arg("sel_cap"), py::arg("sinks"), py::arg("n_tok"), py::arg("n_head"),
        py::arg("dim"), py::arg("scale"), py::arg("raw_rows") = 0, py::arg("comp_rows") = 0,
        py::arg("f32_rows") = false, py::arg("rope_pos") = 0, py::arg("rope_freq") = 0, py::arg("n_rot") = 0,
-       py::arg("kv_x") = 0, py::arg("kv_w") = 0, py::arg("eps") = 0.0f, py::arg("n_nope") = 0);
+       py::arg("kv_x") = 0, py::arg("kv_w") = 0, py::arg("eps") = 0.0f, py::arg("n_nope") = 0, py::arg("xq") = 0,
+       py::arg("xq_groups") = 0);
     m.def("attention_scratch_bytes", &ds4_cuda_attention_scratch_bytes, py::arg("n_tok"), py::arg("n_head"),
           py::arg("dim"), py::arg("raw_cap"), py::arg("comp_cap"), py::arg("sel_cap"), py::arg("has_sel"));
     m.def("rms_norm", [](uintptr_t s, uintptr_t y, int64_t y_stride, uintptr_t x, int64_t x_stride, uintptr_t w,

@@ -158,6 +158,17 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// The Q8_0 activation block of ds4_quant.h (32 values), as the CPU rounds it: d = amax / 127, and each value
+// clamp(rint(x * inv), -127, 127) with inv = 1 / d (0 for an all-zero block). The quantizers of qdot.cuh and the
+// attention combine's Q8_0 output share these.
+__device__ __forceinline__ float q8_0_inv(float amax, float& d) {
+    d = amax / 127.0f;
+    return d != 0.0f ? 1.0f / d : 0.0f;
+}
+__device__ __forceinline__ int q8_0_value(float x, float inv) {
+    return (int)fminf(fmaxf(rintf(__fmul_rn(x, inv)), -127.0f), 127.0f);
+}
+
 // Barrier `id` (1-15; 0 is __syncthreads) over `count` threads, whole warps.
 __device__ __forceinline__ void named_barrier(int id, int count) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");

@@ -40,9 +40,12 @@ cudaError_t ds4_cuda_fill_random(cudaStream_t s, void* dst, size_t bytes, int ty
 // y[t, g*rows + r] = sum_k W[g*rows + r, k] * x[t, g*cols + k], for t < n_tok (1..16), g < groups, r < rows.
 // W: groups*rows rows of `cols` weights of `type`, row_bytes(type, cols) each, from a 16-byte aligned base
 // (cudaMalloc'd memory read up to the next 16-byte boundary). groups > 1 is a block-diagonal product (the grouped
-// attention output projection). x rows start 16-byte aligned (x_stride a multiple of 4).
+// attention output projection). x rows start 16-byte aligned (x_stride a multiple of 4). work_filled (Q8_0, n_tok
+// > 2): work already holds x's quantized activations as this product would fill it (ds4_cuda_attention_decode's
+// xq), so no quantize launch runs before the product.
 cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
-                            int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work);
+                            int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work,
+                            bool work_filled = false);
 // ds4_cuda_matvec (one group) of x's rows RMS-normed with weight norm_w (x * (1 / sqrt(mean(x^2) + eps)) * norm_w:
 // ds4_cuda_rms_norm's values to a rounding), which it also writes to xn (dense (n_tok, cols)) when xn is not null:
 // a norm between two products needs no launch of its own. Quantized weight types (they take the activations
@@ -187,6 +190,9 @@ cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const fl
 // (the same bits), writes the row to raw row rope_pos[t] % raw_cap of token t (its ring slot, one of its raw_n
 // rows) and attends over it. raw_n, comp_n, the positions and the row tables are then read before the previous
 // kernel's results are (they must come from earlier work, as a step's table does).
+// With xq (n_tok > 2, 16-byte aligned), out is also written as Q8_0 activations of xq_groups column groups (heads
+// h * xq_groups / n_head), laid out as the workspace that ds4_cuda_matvec fills for a Q8_0 product of out in that
+// many groups (ds4_cuda_matvec_work_bytes bytes), the same bits: that product takes it with work_filled.
 cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch, const float* q, const void* raw,
                                       int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                       int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
@@ -194,7 +200,8 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
                                       const void* const* raw_rows = nullptr, const void* const* comp_rows = nullptr,
                                       bool f32_rows = false, const int32_t* rope_pos = nullptr,
                                       const double* rope_freq = nullptr, int n_rot = 0, const float* kv_x = nullptr,
-                                      const float* kv_w = nullptr, float eps = 0.0f, int n_nope = 0);
+                                      const float* kv_w = nullptr, float eps = 0.0f, int n_nope = 0,
+                                      void* xq = nullptr, int xq_groups = 0);
 size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_cap, int comp_cap, int sel_cap,
                                         bool has_sel);
 // The same attention for many query tokens (prefill) with f16 rows, on tensor cores: no split, no scratch (each

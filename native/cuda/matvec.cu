@@ -589,11 +589,14 @@ bool mma_ok(const MatvecArgs& a, int groups, const void* work) {
 template <int T>
 struct MatvecOp {
     static cudaError_t run(cudaStream_t s, MatvecArgs a, int groups, void* work) {
+        if (a.xq && fits(a.n_tok, a.cols) > props().smem_optin)  // the filled workspace serves one chunk of all rows
+            return invalid("matvec: work_filled needs the activations of all rows in shared memory");
         if constexpr (T == TYPE_Q8_0) {
             // More than 8 tokens whose activations leave no room for XW's rings where 8 tokens' do (DS4's attn_out_b:
             // 16 tokens of 8192): two products of up to 8 tokens, each with its own quantized activations, read the
-            // weights twice and still take less than one on the ring-slot path (H200: 35 against 68 us).
-            if (a.n_tok > 8 && mma_ok<T>(a, groups, work) && !mma_whole<T>(a.n_tok, a.cols) &&
+            // weights twice and still take less than one on the ring-slot path (H200: 35 against 68 us). Not with the
+            // workspace filled by the caller (a.xq: its layout is the whole product's).
+            if (a.n_tok > 8 && !a.xq && mma_ok<T>(a, groups, work) && !mma_whole<T>(a.n_tok, a.cols) &&
                 mma_whole<T>(8, a.cols)) {
                 for (int t0 = 0; t0 < a.n_tok; t0 += 8) {
                     cudaError_t e = run(s, token_chunk(a, t0, std::min(8, a.n_tok - t0)), groups, work);
@@ -603,7 +606,7 @@ struct MatvecOp {
             }
         }
         if constexpr (WT<T>::xb != 0) {
-            if (work && a.n_tok > kQuantizeAbove && fits(a.n_tok, a.cols) <= props().smem_optin) {
+            if (work && !a.xq && a.n_tok > kQuantizeAbove && fits(a.n_tok, a.cols) <= props().smem_optin) {
                 cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.cols, a.x_stride, a.n_tok, a.cols, groups,
                                                    a.norm_w, a.norm_eps, a.xn);
                 if (e != cudaSuccess) return e;
@@ -733,12 +736,15 @@ cudaError_t parts_args(MatvecArgs& a, const ds4_cuda_products& p, int64_t cols, 
 }  // namespace
 
 cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const void* w, int type, int64_t rows,
-                            int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work) {
+                            int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work,
+                            bool work_filled) {
     clear_error();
     const cudaError_t e = check_matvec(w, type, rows, cols, x, x_stride, n_tok, groups, y_stride, work);
     if (e != cudaSuccess) return e;
+    if (work_filled && (type != TYPE_Q8_0 || n_tok <= kQuantizeAbove || !work))
+        return invalid("matvec: work_filled needs Q8_0 weights, n_tok > 2 and the workspace");
     MatvecArgs a{y, y_stride, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x,
-                 x_stride, n_tok, 1, iq2_tables(), nullptr, false, false};
+                 x_stride, n_tok, 1, iq2_tables(), work_filled ? (const uint8_t*)work : nullptr, false, false};
     return matvec_run(s, a, type, groups, work);
 }
 

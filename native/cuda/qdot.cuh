@@ -180,8 +180,7 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
             float amax = 0.0f;
 #pragma unroll
             for (int k = 0; k < 32; ++k) amax = fmaxf(amax, fabsf(v[k]));
-            dd = amax / 127.0f;
-            scale_inv = dd != 0.0f ? 1.0f / dd : 0.0f;
+            scale_inv = q8_0_inv(amax, dd);
         } else {
             // Q8_K: m = the value of largest |x| (the first on ties); iscale = -127 / m; d = 1 / iscale.
             float best = v[0];
@@ -206,8 +205,8 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
             w[k] = 0;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const float r = rintf(__fmul_rn(v[4 * k + j], scale_inv));
-                const int q = XB == 32 ? (int)fminf(fmaxf(r, -127.0f), 127.0f) : (int)fminf(r, 127.0f);
+                const int q = XB == 32 ? q8_0_value(v[4 * k + j], scale_inv)
+                                       : (int)fminf(rintf(__fmul_rn(v[4 * k + j], scale_inv)), 127.0f);
                 w[k] |= ((uint32_t)q & 255u) << (8 * j);
                 if (k < 4) sum0 += q;
                 else sum1 += q;

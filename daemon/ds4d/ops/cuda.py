@@ -556,6 +556,8 @@ class CUDA:
         self._fork_ev, self._join_ev = _cuda.Event(), _cuda.Event()
         self._forked = False
         self._query_in_order = False
+        self._x_q8 = None          # (address, groups, workspace): attend's output as the grouped Q8_0 product after
+        #                            it reads it (that product's quantize launch done by the attention's combine)
         self.concurrent = True
         self.pool = _Pool(_cuda)
         self._weights: dict[tuple, int] = {}           # weight key -> device address
@@ -878,6 +880,11 @@ class CUDA:
         y = self.empty((T, w.rows))
         wp, s = self.weight(w), self.stream.ptr
         per = w.rows // groups
+        pre, self._x_q8 = self._x_q8, None
+        if pre is not None and pre[:2] == (x.ptr, groups) and w.type == Q.Q8_0 and T <= MATVEC_ROWS:
+            self.cu.matvec(s, y.ptr, w.rows, wp, int(w.type), per, w.cols, x.ptr, cols, T, groups, pre[2].ptr, True)
+            self.weight_calls += 1
+            return y
         if T > MATVEC_ROWS and self.cu.gemm_ok(int(w.type), w.cols):  # prefill: tensor cores
             work = self.empty((self.cu.gemm_work_bytes(int(w.type), T, per, w.cols, groups),), np.uint8)
             self.cu.gemm(s, y.ptr, w.rows, wp, int(w.type), per, w.cols, x.ptr, cols, T, groups, work.ptr)
@@ -992,14 +999,16 @@ class CUDA:
 
     # --- the stateful core of an attention sublayer ----------------------------------------------------------
     def attend(self, spec, states: list, bounds: np.ndarray, positions: np.ndarray, q: DArray, kv: DArray,
-               comp: tuple | None, idx: tuple | None) -> DArray:
+               comp: tuple | None, idx: tuple | None, out_proj: tuple | None = None) -> DArray:
         """reference.attend on the device: K=V rows into the rings (or the prefill staging), the compressors and
         their emitted rows, the indexer's choice past top_k rows, then attention, for every session at once (for
         decode tokens the inverse RoPE of its output inside the attention's last kernel). A decode step with f16 rows
         (one token per session) norms and rotates the query heads and the K=V row and stores the row inside the
         attention's first kernel (the decode front: two launches fewer on the chain); otherwise `norm_ropes` and
-        `kv_store` run first."""
+        `kv_store` run first. For a Q8_0 out_proj at 3-16 decode tokens the combine also writes the output as that
+        product's quantized activations, which `_matvec` then takes (no quantize launch between them)."""
         cu, s = self.cu, self.stream.ptr
+        self._x_q8 = None
         step = self._step
         li = states[0].index
         tab = step.layers[li]
@@ -1036,6 +1045,12 @@ class CUDA:
                                  tab["raw_rows"], tab["comp_rows"] if comp is not None else 0)
             self.rope(out, positions, spec.rope, inverse=True)
         freq = self.const(spec.rope, np.float64)
+        xq, groups = None, 0
+        if front and out_proj is not None and out_proj[0].type == Q.Q8_0 and N <= min(ATTN_ROWS, MATVEC_ROWS):
+            n_work = cu.matvec_work_bytes(int(Q.Q8_0), N, H * D // out_proj[1], out_proj[1])  # 0 at 1-2 rows
+            if n_work:
+                groups, xq = out_proj[1], self.empty((n_work,), np.uint8)
+                self._x_q8 = (out.ptr, groups, xq)
         for t0 in range(0, 0 if prefill else N, ATTN_ROWS):
             n = min(ATTN_ROWS, N - t0)
             nbytes = cu.attention_scratch_bytes(n, H, D, n_swa, comp_cap, spec.top_k, sel is not None)
@@ -1047,7 +1062,7 @@ class CUDA:
                                 tab["comp_rows"] + 8 * t0 if comp is not None else 0, f32, step.pos + 4 * t0, freq,
                                 2 * len(spec.rope), kv.ptr + 4 * t0 * D if front else 0,
                                 self.const(spec.kv_norm, _F32) if front else 0, float(spec.rms_eps),
-                                spec.n_nope if spec.faithful else 0)
+                                spec.n_nope if spec.faithful else 0, xq.ptr if xq is not None else 0, groups)
         for st, pos0, T, n_old, at in step.linear:    # the segment's last n_swa rows into the ring
             keep = min(T, n_swa)
             self._ring_copy(st, li, pos0 + T - keep, keep, step.staging.ptr + at + (n_old + T - keep) * row,

@@ -356,14 +356,15 @@ class Reference:
 
     # --- the stateful core of an attention sublayer --------------------------------------------------------
     def attend(self, spec, states: list, bounds: np.ndarray, positions: np.ndarray, q: np.ndarray,
-               kv: np.ndarray, comp: tuple | None, idx: tuple | None) -> np.ndarray:
+               kv: np.ndarray, comp: tuple | None, idx: tuple | None, out_proj: tuple | None = None) -> np.ndarray:
         """Store each token's K=V row, feed the compressors, choose compressed rows and attend, per session.
 
         states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) before their
         norms and RoPE (`norm_ropes` here: the heads unweighted, the row by spec.kv_norm; a backend may fuse them);
         comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, q (N, Hi, 128) before its RoPE
         (spec.rope_comp, here), head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the
-        token that emits them.
+        token that emits them. out_proj = (weight, groups): the grouped product that reads the output next (a backend
+        may hand it the output in the form it reads; ignored here).
         Returns the attention output (N, H, D) with V's rotated tail turned back (the inverse RoPE at each
         token's position).
         """
