@@ -271,9 +271,7 @@ __global__ void attention_combine_kernel(AttnArgs a) {
         }
         *(float4*)(a.out + ((int64_t)t * a.n_head + h) * a.dim + d) = r;
         if (a.xq) {  // dim <= 512: every thread of a warp that enters holds 4 values
-            float amax = fmaxf(fmaxf(fabsf(r.x), fabsf(r.y)), fmaxf(fabsf(r.z), fabsf(r.w)));
-#pragma unroll
-            for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            const float amax = group8_max(fmaxf(fmaxf(fabsf(r.x), fabsf(r.y)), fmaxf(fabsf(r.z), fabsf(r.w))));
             float dq;
             const float inv = q8_0_inv(amax, dq);
             const int64_t cols = (int64_t)a.xq_heads * a.dim, at = (int64_t)(h % a.xq_heads) * a.dim + d;

@@ -257,6 +257,12 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+// The maximum over the calling lane's aligned group of 8 lanes (8k .. 8k + 7): a 32-value block held 4 per lane.
+__device__ __forceinline__ float group8_max(float v) {
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
 
 // Tensor-core int8 product m16n8k32 (sm_80+), row-major A (16 x 32) by column-major B (32 x 8): c += a b. Lane
 // (g, t) = (lane / 4, lane % 4) holds A's rows g and g + 8 at bytes 4t and 16 + 4t (a[0], a[1] for the first

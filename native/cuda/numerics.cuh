@@ -98,8 +98,7 @@ __device__ __forceinline__ void hadamard128_fp4(float (&v)[4]) {
         v[k] *= 0.08838834764831845f;
         amax = fmaxf(amax, fabsf(v[k]));
     }
-#pragma unroll
-    for (int m = 1; m < 8; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    amax = group8_max(amax);
     const float scale = fp4_scale(amax), inv = 1.0f / scale;  // exact: a power of two
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[k] = e2m1_roundtrip(v[k], scale, inv);
