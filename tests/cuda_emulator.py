@@ -348,7 +348,7 @@ def _hyperconn(fn, fn_type, scale, base, n_mix, cols):
 
 
 def hc_pre(stream, x, hc, scratch, X, x_stride, fn, fn_type, scale, base, n_tok, n_embd, n_mix, n_iter, hc_eps,
-           rms_eps, norm_w=0, post_f=0, post_X=0, post_hc=0):
+           rms_eps, norm_w=0, post_f=0, post_X=0, post_hc=0, defer=False):
     assert n_tok >= 1
     if post_f or post_X or post_hc:
         assert post_f and post_X and post_hc
@@ -365,8 +365,15 @@ def hc_pre(stream, x, hc, scratch, X, x_stride, fn, fn_type, scale, base, n_tok,
         return
     norm = _at(norm_w, np.float32, n_embd).copy() if norm_w else None
     xo, post, comb = REF.hc_pre(Xs, h, n_iter, hc_eps, rms_eps, norm)
+    if defer:
+        comb = REF.hc_gates(Xs, h, hc_eps, rms_eps)[2]
     _at(x, np.float32, n_tok * n_embd)[:] = xo.reshape(-1)
     _at(hc, np.float32, n_tok * 20)[:] = np.concatenate([post, comb.reshape(n_tok, 16)], axis=1).reshape(-1)
+
+
+def hc_sinkhorn(stream, hc, n_tok, n_iter, hc_eps):
+    c = _at(hc, np.float32, n_tok * 20).reshape(n_tok, 20)[:, 4:]
+    c[:] = REF.sinkhorn(c.reshape(n_tok, 4, 4).copy(), n_iter, hc_eps).reshape(n_tok, 16)
 
 
 def hc_post(stream, X_out, f, X, hc, n_tok, n_embd):
@@ -669,7 +676,7 @@ def _enqueued(fn):
 
 
 for _name in ("memcpy", "matvec", "matvec_normed", "matvec_pair", "matvec_parts", "matvec_quantizing", "embed",
-              "rms_norm", "rms_norm_rope", "hc_pre", "hc_post", "rope", "kv_store", "attention_decode", "route",
-              "moe_gate_up", "moe_route_gate_up", "moe_down", "swiglu", "compress", "comp_finish", "hadamard_fp4",
-              "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
+              "rms_norm", "rms_norm_rope", "hc_pre", "hc_sinkhorn", "hc_post", "rope", "kv_store", "attention_decode",
+              "route", "moe_gate_up", "moe_route_gate_up", "moe_down", "swiglu", "compress", "comp_finish",
+              "hadamard_fp4", "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
     globals()[_name] = _enqueued(globals()[_name])

@@ -1047,6 +1047,17 @@ def test_hc_pre_and_post(stream, rng, n_tok, n_embd):
                  d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6, d.put(norm))
     assert rel(d.get(x), REF.hc_pre(X, hc, 20, 1e-6, 1e-6, norm)[0]) < 1e-5
     np.testing.assert_array_equal(d.get(hcs), got_hc)
+    # defer: the same x and post gates, the combine matrix as its logits; hc_sinkhorn then gives hc_pre's bits
+    want_x = d.get(x)
+    hd = d.out((n_tok, 20))
+    _cuda.hc_pre(stream.ptr, x.ptr, hd.ptr, scratch.ptr, Xp, 4 * n_embd, d.put(hc.fn.raw), F16, d.put(hc.scale),
+                 d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6, d.put(norm), defer=True)
+    np.testing.assert_array_equal(d.get(x), want_x)
+    got_d = d.get(hd)
+    np.testing.assert_array_equal(got_d[:, :4], got_hc[:, :4])
+    assert rel(got_d[:, 4:].reshape(n_tok, 4, 4), REF.hc_gates(X, hc, 1e-6, 1e-6)[2]) < 1e-5
+    _cuda.hc_sinkhorn(stream.ptr, hd.ptr, n_tok, 20, 1e-6)
+    np.testing.assert_array_equal(d.get(hd), got_hc)
 
     f = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
     fp = d.put(f)

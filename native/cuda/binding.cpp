@@ -484,16 +484,19 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("hc_pre", [](uintptr_t s, uintptr_t x, uintptr_t hc, uintptr_t scratch, uintptr_t X, int64_t x_stride,
                        uintptr_t fn, int fn_type, uintptr_t scale, uintptr_t base, int n_tok, int64_t n_embd, int n_mix,
                        int n_iter, float hc_eps, float rms_eps, uintptr_t norm_w, uintptr_t post_f, uintptr_t post_X,
-                       uintptr_t post_hc) {
+                       uintptr_t post_hc, bool defer) {
         const ds4_cuda_hc_post_in post{dev<const float>(post_f), dev<const float>(post_X), dev<const float>(post_hc)};
         check(ds4_cuda_hc_pre(st(s), dev<float>(x), dev<float>(hc), dev<float>(scratch), dev<float>(X), x_stride,
                               dev<void>(fn), fn_type, dev<const float>(scale), dev<const float>(base), n_tok, n_embd,
                               n_mix, n_iter, hc_eps, rms_eps, dev<const float>(norm_w),
-                              post_f || post_X || post_hc ? &post : nullptr), "hc_pre");
+                              post_f || post_X || post_hc ? &post : nullptr, defer), "hc_pre");
     }, py::arg("stream"), py::arg("x"), py::arg("hc"), py::arg("scratch"), py::arg("X"), py::arg("x_stride"),
        py::arg("fn"), py::arg("fn_type"), py::arg("scale"), py::arg("base"), py::arg("n_tok"), py::arg("n_embd"),
        py::arg("n_mix"), py::arg("n_iter"), py::arg("hc_eps"), py::arg("rms_eps"), py::arg("norm_w") = 0,
-       py::arg("post_f") = 0, py::arg("post_X") = 0, py::arg("post_hc") = 0);
+       py::arg("post_f") = 0, py::arg("post_X") = 0, py::arg("post_hc") = 0, py::arg("defer") = false);
+    m.def("hc_sinkhorn", [](uintptr_t s, uintptr_t hc, int n_tok, int n_iter, float hc_eps) {
+        check(ds4_cuda_hc_sinkhorn(st(s), dev<float>(hc), n_tok, n_iter, hc_eps), "hc_sinkhorn");
+    }, py::arg("stream"), py::arg("hc"), py::arg("n_tok"), py::arg("n_iter"), py::arg("hc_eps"));
     m.def("hc_pre_scratch_bytes", &ds4_cuda_hc_pre_scratch_bytes, py::arg("n_tok"), py::arg("n_embd"),
           py::arg("n_mix"));
     m.def("hc_post", [](uintptr_t s, uintptr_t X_out, uintptr_t f, uintptr_t X, uintptr_t hc, int n_tok,

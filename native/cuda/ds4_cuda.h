@@ -291,7 +291,9 @@ cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, c
 // 20), bit for bit as ds4_cuda_hc_post computes them, and written to X. On sm_90, up to 8 tokens with n_mix = 24,
 // F16 fn and n_embd a multiple of 256 up to 4096 take one launch where all their clusters fit at once (a thread
 // block cluster per token; the scratch unused); otherwise the mixer and the finish are two. The two paths add in
-// different orders (not bit for bit).
+// different orders (not bit for bit), and the cluster takes x's norm from the streams' Gram matrix. defer: the
+// combine matrix is left as its 16 logits (row-major) for ds4_cuda_hc_sinkhorn to normalize in place, e.g. on
+// another stream beside the work that follows (its only reader is the next hc_post); the post gates are final.
 struct ds4_cuda_hc_post_in {
     const float* f;
     const float* X;
@@ -300,8 +302,12 @@ struct ds4_cuda_hc_post_in {
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
-                            const float* norm_w = nullptr, const ds4_cuda_hc_post_in* post = nullptr);
+                            const float* norm_w = nullptr, const ds4_cuda_hc_post_in* post = nullptr,
+                            bool defer = false);
 size_t ds4_cuda_hc_pre_scratch_bytes(int n_tok, int64_t n_embd, int n_mix);
+// The combine matrices of hc (n_tok, 20) that ds4_cuda_hc_pre left as logits (defer) normalized in place: the bits
+// hc_pre computes without defer.
+cudaError_t ds4_cuda_hc_sinkhorn(cudaStream_t s, float* hc, int n_tok, int n_iter, float hc_eps);
 // X_out[t, j] = post[t, j] * f[t] + sum_i comb[t, i, j] * X[t, i] (MODEL.md 3.3); X_out may be X; both dense
 // (n_tok, 4, n_embd).
 cudaError_t ds4_cuda_hc_post(cudaStream_t s, float* X_out, const float* f, const float* X, const float* hc,

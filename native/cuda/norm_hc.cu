@@ -10,7 +10,10 @@
 // same update also runs inside the next sublayer's mixer (hc_pre with `post`): each mixer block computes the new
 // streams at the positions whose columns it multiplies, writes them and goes on with them, so that the update
 // costs no launch and no memory trip of its own. On sm_90 a decode step's few tokens take one launch instead of
-// the mixer and the finish (hc_pre_cluster_kernel: a thread block cluster per token).
+// the mixer and the finish (hc_pre_cluster_kernel: a thread block cluster per token). With `defer` either path
+// leaves the combine matrix as its logits, and hc_sinkhorn_kernel (one thread per token) runs the iterations
+// later, on a stream beside the sublayer: their ~1.6 us of one thread's dependent arithmetic then delay nothing
+// on the decode chain.
 #include "common.cuh"
 #include "numerics.cuh"
 
@@ -353,7 +356,8 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
                                                                      const float* scale, const float* base,
                                                                      int64_t n_embd, int n_mix, int n_iter,
                                                                      float hc_eps, float rms_eps,
-                                                                     const float* __restrict__ norm_w) {
+                                                                     const float* __restrict__ norm_w,
+                                                                     bool defer) {
     __shared__ float red[kHcThreads / 32];
     __shared__ float pre[kHc];
     pdl_trigger();
@@ -381,6 +385,10 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
             // post gates, then the combine matrix C[r][c] (logits at lane 8 + 4 r + c) in every lane.
             float* hct = hc + (int64_t)t * kHcVals;
             if (lane >= kHc && lane < 2 * kHc) hct[lane - kHc] = 2.0f * gate;
+            if (defer) {  // the logits, for hc_sinkhorn_kernel
+                if (lane >= 2 * kHc && lane < n_mix) hct[lane - kHc] = z;
+                return;
+            }
             float c[kHc][kHc];
 #pragma unroll
             for (int i = 0; i < kHc * kHc; ++i) c[i / kHc][i % kHc] = __shfl_sync(0xffffffffu, z, 2 * kHc + i);
@@ -437,29 +445,39 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
 // hc_pre of a few tokens in one launch (sm_90, decode): a thread block cluster per token (blockIdx.y) of C = n_embd
 // / 256 blocks, 16 at n_embd 4096. Block `rank` takes positions [256 rank, 256 rank + 256) of the 4 streams (1024
 // columns, stream j's at 256 j in shared memory): with the previous sublayer's update it computes their new streams
-// first (hc_update, as hc_post does), then the 24 row products and the sum of squares of its columns, which it
-// stores into every block of the cluster (distributed shared memory). After the cluster's barrier every block adds
-// the C partials in one order, so all find the same gates, and forms x at its positions; a second exchange gives
-// the norm of x. Block 0 runs the Sinkhorn iterations while the second exchange is under way. The global stores
-// (x, the new streams, the post gates) come last: a barrier's release would wait for them. Against the mixer and
-// hc_finish launches: one launch, no partials through global memory, and the Sinkhorn off the end of the chain.
+// first (hc_update, as hc_post does), then the 24 row products, the sum of squares of its columns and the streams'
+// Gram matrix over its positions, which it stores into every block of the cluster (distributed shared memory).
+// After the cluster's barrier every block adds the C partials in one order, so all find the same gates, and forms x
+// at its positions. x's norm needs no second exchange: sum_e x_e^2 = sum_ab pre_a pre_b G_ab, with G the Gram
+// matrix summed over the cluster. Block 0 writes the post gates and the combine matrix: with `defer` its logits, for
+// hc_sinkhorn_kernel on another stream to normalize (20 Sinkhorn iterations in one thread: ~1.6 us that the chain
+// no longer waits for); else its last warp runs them. Against the mixer and hc_finish launches: one launch, no
+// partials through global memory.
 // Warp w takes rows w % 8, w % 8 + 8, w % 8 + 16 over the block's column half w / 8; lane i columns 4 i + 128 j ..
 // + 3 of that half (j < 4: conflict-free 16-byte loads, as in hc_mix_kernel); its 48 f16 weights stay packed in
-// registers, loaded before the dependent-launch wait, and are widened at use.
+// registers, loaded before the dependent-launch wait, and are widened at use. Half h holds streams 2 h and 2 h + 1
+// at all the block's positions; warps 1-5 of each half (whose fourth sum is free: warp 0's is the sum of squares)
+// each add one Gram entry, streams (a, b) = kClGram's nibbles, reading both from shared memory.
 constexpr int kClPos = 256, kClCols = kHc * kClPos, kClThreads = 512, kClMax = 16, kClMaxTok = 8;
-constexpr int kClVals = 2 * kHc + kHc * kHc + 1;  // per block: the 24 row products, then the sum of squares
+constexpr int kClMix = 2 * kHc + kHc * kHc + 1;  // per block: the 24 row products, then the sum of squares
+constexpr int kClGramN = kHc * (kHc + 1) / 2;    // then the Gram entries G_ab, a <= b
+constexpr int kClVals = kClMix + kClGramN;
+// Entry k = 5 h + w - 1 (half h, warp w of it): streams a = bits 4k + 2.., b = bits 4k..; every a <= b once.
+constexpr uint64_t kClGram = 0x76FBA32510ull;
+__device__ __forceinline__ int gram_a(int k) { return (int)(kClGram >> (4 * k + 2)) & 3; }
+__device__ __forceinline__ int gram_b(int k) { return (int)(kClGram >> (4 * k)) & 3; }
 
 __global__ void __launch_bounds__(kClThreads, 2)
     hc_pre_cluster_kernel(float* x, float* hc, float* X, int64_t x_stride, ds4_cuda_hc_post_in up, const __half* fn,
                           const float* scale, const float* base, int64_t n_embd, int n_iter, float hc_eps,
-                          float rms_eps, const float* __restrict__ norm_w) {
+                          float rms_eps, const float* __restrict__ norm_w, bool defer) {
     __shared__ __align__(16) float xs[kClCols];
     __shared__ __align__(16) float fs[kClPos], hs[kHcVals];  // the update's f and values
-    __shared__ float halves[2][kClVals];                      // this block's sums per column half
-    __shared__ float parts[kClMax][kClVals], xsq[kClMax];     // every block's sums, stored by that block
-    __shared__ float red[kClPos / 32], pre[kHc], zs[kHc * kHc];
+    __shared__ float halves[2][kClMix], gram[kClGramN];       // this block's sums per column half; its Gram matrix
+    __shared__ float parts[kClMax][kClVals];                  // every block's sums, stored by that block
+    __shared__ float pre[kHc], gsum[kClGramN], zs[kHc * kHc];
     pdl_trigger();
-    cluster_arrive_relaxed();  // the first exchange waits until every block of the cluster has started
+    cluster_arrive_relaxed();  // the exchange waits until every block of the cluster has started
     const int C = gridDim.x, rank = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int rg = warp % 8, ch = warp / 8;
     const int64_t cols = kHc * n_embd, e0 = (int64_t)rank * kClPos;
@@ -474,7 +492,7 @@ __global__ void __launch_bounds__(kClThreads, 2)
         }
     const float g = norm_w && tid < kClPos ? norm_w[e0 + tid] : 1.0f;
     float sc = 0.0f, b = 0.0f;
-    if (warp == 0 && lane < kClVals - 1) hc_row_weights(lane, scale, base, sc, b);
+    if (warp == 0 && lane < kClMix - 1) hc_row_weights(lane, scale, base, sc, b);
     pdl_wait();
     float* Xt = X + t * x_stride;
     const float* src = up.f ? up.X + t * x_stride : Xt;
@@ -498,9 +516,10 @@ __global__ void __launch_bounds__(kClThreads, 2)
         __syncthreads();
     }
     {
+        const int off = 4 * lane;
         float4 v[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] = *(const float4*)(xs + 512 * ch + 4 * lane + 128 * j);
+        for (int j = 0; j < 4; ++j) v[j] = *(const float4*)(xs + 512 * ch + off + 128 * j);
         float s[kMixRows + 1];
 #pragma unroll
         for (int q = 0; q < kMixRows; ++q) {
@@ -513,67 +532,99 @@ __global__ void __launch_bounds__(kClThreads, 2)
             }
             s[q] = dot16(w, v);
         }
-        s[kMixRows] = rg == 0 ? sumsq16(v) : 0.0f;
-        const float sum = warp_sum4(s);  // lane 8 k: row rg + 8 k (k < 3), the sum of squares (k = 3, warp 0 / 8)
+        const int gk = 5 * ch + rg - 1;  // this warp's Gram entry, for rg 1..5
+        if (rg == 0) {
+            s[kMixRows] = sumsq16(v);
+        } else if (rg <= 5) {
+            const float* pa = xs + kClPos * gram_a(gk) + off;
+            const float* pb = xs + kClPos * gram_b(gk) + off;
+            float s0 = 0.0f, s1 = 0.0f;  // over the lane's 8 positions, two chains
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const float4 va = *(const float4*)(pa + 128 * j), vb = *(const float4*)(pb + 128 * j);
+                s0 = fmaf(va.x, vb.x, s0), s1 = fmaf(va.y, vb.y, s1);
+                s0 = fmaf(va.z, vb.z, s0), s1 = fmaf(va.w, vb.w, s1);
+            }
+            s[kMixRows] = s0 + s1;
+        } else {
+            s[kMixRows] = 0.0f;
+        }
+        const float sum = warp_sum4(s);  // lane 8 k: row rg + 8 k (k < 3), the fourth sum (k = 3)
         const int k = lane / 8;
-        if (lane % 8 == 0 && (k < kMixRows || rg == 0)) halves[ch][k < kMixRows ? rg + 8 * k : kClVals - 1] = sum;
+        if (lane % 8 == 0 && k < kMixRows) halves[ch][rg + 8 * k] = sum;
+        if (lane == 8 * kMixRows && rg == 0) halves[ch][kClMix - 1] = sum;
+        if (lane == 8 * kMixRows && rg >= 1 && rg <= 5) gram[gk] = sum;
     }
     __syncthreads();
     cluster_wait();
     for (int i = tid; i < C * kClVals; i += kClThreads) {
         const int d = i / kClVals, r = i - d * kClVals;
-        *cluster_at(&parts[rank][r], d) = halves[0][r] + halves[1][r];
+        *cluster_at(&parts[rank][r], d) = r < kClMix ? halves[0][r] + halves[1][r] : gram[r - kClMix];
     }
     cluster_arrive();
-    cluster_wait();
-    float gate = 0.0f;
+    cluster_wait();  // no block reads another's shared memory after this: each may finish on its own
+    float gate = 0.0f, z = 0.0f;
     if (warp == 0) {
         // The gates, as hc_finish's control warp takes them: lane r adds row r's partials in 4 chains.
         float s[4] = {};
 #pragma unroll
         for (int i = 0; i < kClMax; ++i)
-            if (i < C && lane < kClVals) s[i % 4] += parts[i][lane];
+            if (i < C && lane < kClMix) s[i % 4] += parts[i][lane];
         const float m = sum4(s[0], s[1], s[2], s[3]);
-        const float z = hc_logit(m, kClVals - 1, cols, rms_eps, sc, b);
+        z = hc_logit(m, kClMix - 1, cols, rms_eps, sc, b);
         gate = sigmoid(z);  // pre at lanes 0-3, post at 4-7, comb logits at 8-23
         if (lane < kHc) pre[lane] = gate + hc_eps;
-        if (lane >= 2 * kHc && lane < kClVals - 1) zs[lane - 2 * kHc] = z;
+        if (lane >= 2 * kHc && lane < kClMix - 1) zs[lane - 2 * kHc] = z;
+    } else if (warp == 1 && lane < kClGramN) {  // the Gram matrix over the cluster, in the same 4 chains
+        float s[4] = {};
+#pragma unroll
+        for (int i = 0; i < kClMax; ++i)
+            if (i < C) s[i % 4] += parts[i][kClMix + lane];
+        gsum[lane] = sum4(s[0], s[1], s[2], s[3]);
     }
     __syncthreads();
-    float acc = 0.0f;
     if (tid < kClPos) {
+        float acc = 0.0f;
 #pragma unroll
         for (int i = 0; i < kHc; ++i) acc = fmaf(pre[i], xs[i * kClPos + tid], acc);
-        const float ss = warp_sum(acc * acc);
-        if (lane == 0) red[warp] = ss;
-    }
-    __syncthreads();
-    if (tid < C) {
-        float ss = 0.0f;
+        float xden = 1.0f;
+        if (norm_w) {
+            float ss = 0.0f;  // sum_ab pre_a pre_b G_ab
 #pragma unroll
-        for (int w = 0; w < kClPos / 32; ++w) ss += red[w];
-        *cluster_at(&xsq[rank], tid) = ss;
-    }
-    cluster_arrive();
-    if (rank == 0 && warp == kClThreads / 32 - 1) {  // a warp the stream work leaves idle
+            for (int k = 0; k < kClGramN; ++k) {
+                const int a = gram_a(k), c = gram_b(k);
+                ss = fmaf((a == c ? 1.0f : 2.0f) * pre[a] * pre[c], gsum[k], ss);
+            }
+            xden = sqrtf(fmaxf(ss, 0.0f) / (float)n_embd + rms_eps);
+        }
+        x[t * n_embd + e0 + tid] = norm_w ? acc / xden * g : acc;
+        if (up.f)
+#pragma unroll
+            for (int j = 0; j < kHc; ++j) Xt[j * n_embd + e0 + tid] = xs[j * kClPos + tid];
+    } else if (rank == 0 && warp == kClThreads / 32 - 1 && !defer) {  // a warp the stream work leaves idle
         float c[kHc][kHc];
 #pragma unroll
         for (int i = 0; i < kHc * kHc; ++i) c[i / kHc][i % kHc] = zs[i];
         sinkhorn_store(c, n_iter, hc_eps, hc + t * kHcVals + kHc);
     }
-    cluster_wait();
-    if (tid < kClPos) {
-        float s[4] = {};
-#pragma unroll
-        for (int i = 0; i < kClMax; ++i)
-            if (i < C) s[i % 4] += xsq[i];
-        const float xden = norm_w ? sqrtf(sum4(s[0], s[1], s[2], s[3]) / (float)n_embd + rms_eps) : 1.0f;
-        x[t * n_embd + e0 + tid] = norm_w ? acc / xden * g : acc;
-        if (up.f)
-#pragma unroll
-            for (int j = 0; j < kHc; ++j) Xt[j * n_embd + e0 + tid] = xs[j * kClPos + tid];
-    }
     if (rank == 0 && warp == 0 && lane >= kHc && lane < 2 * kHc) hc[t * kHcVals + lane - kHc] = 2.0f * gate;
+    if (rank == 0 && warp == 0 && defer && lane >= 2 * kHc && lane < kClMix - 1) hc[t * kHcVals + lane - kHc] = z;
+}
+
+// The combine matrices that hc_pre left as logits (`defer`) normalized in place, as hc_pre would have: a thread per
+// token.
+__global__ void hc_sinkhorn_kernel(float* hc, int n_tok, int n_iter, float hc_eps) {
+    pdl_trigger();
+    pdl_wait();
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n_tok) return;
+    float* h = hc + (int64_t)t * kHcVals + kHc;
+    float c[kHc][kHc];
+#pragma unroll
+    for (int i = 0; i < kHc * kHc; ++i) c[i / kHc][i % kHc] = h[i];
+    sinkhorn(c, n_iter, hc_eps);
+#pragma unroll
+    for (int i = 0; i < kHc * kHc; ++i) h[i] = c[i / kHc][i % kHc];
 }
 
 __global__ void hc_post_kernel(float* Xo, const float* f, const float* X, const float* hc, int n_tok, int64_t n_embd) {
@@ -640,7 +691,7 @@ cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const 
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
-                            const float* norm_w, const ds4_cuda_hc_post_in* post) {
+                            const float* norm_w, const ds4_cuda_hc_post_in* post, bool defer) {
     clear_error();
     if (n_mix != kHc && n_mix != 2 * kHc + kHc * kHc) return invalid("hc_pre: n_mix must be 4 or 24");
     if (fn_type != ds4::TYPE_F16 && fn_type != ds4::TYPE_F32 && fn_type != ds4::TYPE_BF16)
@@ -655,13 +706,20 @@ cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch,
     const ds4_cuda_hc_post_in up = post ? *post : ds4_cuda_hc_post_in{};
     if (const int c = cluster_blocks(n_tok, n_embd, n_mix, fn_type))
         return launch_cluster(dim3(c), hc_pre_cluster_kernel, dim3(c, n_tok), dim3(kClThreads), 0, s, x, hc, X,
-                              x_stride, up, (const __half*)fn, scale, base, n_embd, n_iter, hc_eps, rms_eps, norm_w);
+                              x_stride, up, (const __half*)fn, scale, base, n_embd, n_iter, hc_eps, rms_eps, norm_w,
+                              defer);
     const int n_parts = (int)(kHc * n_embd / kMixCols);
     cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(kMixThreads), 0, s,
                            scratch, X, x_stride, up, fn, fn_type, n_mix, n_embd, n_tok);
     if (e != cudaSuccess) return e;
     return launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads + 32), 0, s, x, hc, (const float*)scratch, X, x_stride,
-                  scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps, norm_w);
+                  scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps, norm_w, defer);
+}
+
+cudaError_t ds4_cuda_hc_sinkhorn(cudaStream_t s, float* hc, int n_tok, int n_iter, float hc_eps) {
+    clear_error();
+    if (n_tok < 1 || n_iter < 1 || !hc) return invalid("hc_sinkhorn: needs n_tok >= 1, n_iter >= 1 and hc");
+    return launch(hc_sinkhorn_kernel, dim3((unsigned)ceil_div(n_tok, 32)), dim3(32), 0, s, hc, n_tok, n_iter, hc_eps);
 }
 
 cudaError_t ds4_cuda_hc_post(cudaStream_t s, float* X_out, const float* f, const float* X, const float* hc,

@@ -555,6 +555,12 @@ class CUDA:
         self.side = _cuda.Stream()
         self._fork_ev, self._join_ev = _cuda.Event(), _cuda.Event()
         self._forked = False
+        # A decode step's hc_pre leaves the combine matrix's Sinkhorn iterations (~1.6 us of one thread at the end
+        # of its launch) to a kernel on `aux`, beside the sublayer; its reader, the next hc_post, joins it first
+        # (at one token the side stream's join takes it along where one comes earlier: `_join`).
+        self.aux = _cuda.Stream()
+        self._aux_fork_ev, self._aux_join_ev = _cuda.Event(), _cuda.Event()
+        self._aux_open = False
         self._query_in_order = False
         self._x_q8 = None          # (address, groups, workspace): attend's output as the grouped Q8_0 product after
         #                            it reads it (that product's quantize launch done by the attention's combine)
@@ -701,6 +707,7 @@ class CUDA:
             return run()
         finally:
             self._join()
+            self._join_aux()
 
     # --- the side stream --------------------------------------------------------------------------------------
     def _fork(self) -> bool:
@@ -722,6 +729,11 @@ class CUDA:
             self._join_ev.wait(self.stream.ptr)
             self._forked = False
             self.pool.settle()
+            if self._step.n_tok == 1:
+                # At one token the pending Sinkhorn joins here, where the next kernel waits for a join anyway,
+                # rather than at its reader, which then starts only once the kernel before it ends (H200, 4-layer
+                # file: ratio-4 layers -3 us; at 8 tokens this cost ratio-4 and ratio-128 layers 8-11 us).
+                self._join_aux()
 
     @contextlib.contextmanager
     def _in_order(self, on: bool):
@@ -920,6 +932,8 @@ class CUDA:
         h = self.empty((N, 20)) if n_mix > S else None
         scratch = self.empty((self.cu.hc_pre_scratch_bytes(min(N, HC_ROWS), E, n_mix),), np.uint8)
         fn, sc, base = self.weight(hc.fn), self.const(hc.scale, _F32), self.const(hc.base, _F32)
+        defer = h is not None and self.concurrent and self._step.decode and N <= MATVEC_ROWS
+        self._join_aux()                           # upd's combine matrix, normalized on `aux`
         for t0 in range(0, N, HC_ROWS):
             n = min(HC_ROWS, N - t0)
             post = {}
@@ -928,8 +942,21 @@ class CUDA:
                 post = dict(post_f=f.ptr + 4 * t0 * E, post_X=X0.ptr + 4 * t0 * S * E, post_hc=p.ptr + 80 * t0)
             self.cu.hc_pre(self.stream.ptr, x.ptr + 4 * t0 * E, h.ptr + 80 * t0 if h is not None else 0, scratch.ptr,
                            X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
-                           float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0, **post)
+                           float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0,
+                           defer=defer, **post)
+        if defer:
+            self._aux_fork_ev.record(self.stream.ptr)
+            self._aux_fork_ev.wait(self.aux.ptr)
+            self.cu.hc_sinkhorn(self.aux.ptr, h.ptr, N, n_iter, float(hc_eps))
+            self._aux_join_ev.record(self.aux.ptr)
+            self._aux_open = True
         return x, h
+
+    def _join_aux(self) -> None:
+        """The main stream's next work runs after the Sinkhorn kernel on `aux` (no-op without one pending)."""
+        if self._aux_open:
+            self._aux_join_ev.wait(self.stream.ptr)
+            self._aux_open = False
 
     def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float, norm=None):
         """Sublayer input x (normalized in the same kernel with `norm`) and the post gates + combine matrix in one
@@ -940,6 +967,7 @@ class CUDA:
     def hc_post(self, f: DArray, X: DArray, post: DArray, comb) -> DArray:
         N, _, E = X.shape
         out = self.empty(X.shape)
+        self._join_aux()
         self.cu.hc_post(self.stream.ptr, out.ptr, f.ptr, X.ptr, post.ptr, N, E)
         return out
 

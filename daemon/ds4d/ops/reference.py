@@ -179,20 +179,30 @@ class Reference:
                norm: np.ndarray | None = None):
         """(T, S, E) streams -> sublayer input x (T, E), post gates (T, S), combine matrix (T, S, S). With `norm`,
         x comes back as the sublayer's RMSNorm of it (weight `norm`), which a backend may fuse."""
+        pre, post, logits = self.hc_gates(X, hc, hc_eps, rms_eps)
+        x = np.einsum("ts,tse->te", pre, X)
+        return (x if norm is None else self.rms_norm(x, norm, rms_eps)), post, self.sinkhorn(logits, n_iter, hc_eps)
+
+    def hc_gates(self, X: np.ndarray, hc: HyperConn, hc_eps: float, rms_eps: float):
+        """hc_pre's pre gates (T, S), post gates (T, S) and the combine matrix's logits (T, S, S)."""
         S = X.shape[1]
         m = self._hc_mix(X, hc, rms_eps)                        # (T, (2+S)·S)
         scale, base = hc.scale.astype(self.dtype), hc.base.astype(self.dtype)
         pre = sigmoid(m[:, :S] * scale[0] + base[:S]) + hc_eps
         post = 2.0 * sigmoid(m[:, S:2 * S] * scale[1] + base[S:2 * S])
-        c = m[:, 2 * S:].reshape(-1, S, S) * scale[2] + base[2 * S:].reshape(S, S)
+        return pre, post, m[:, 2 * S:].reshape(-1, S, S) * scale[2] + base[2 * S:].reshape(S, S)
+
+    @staticmethod
+    def sinkhorn(c: np.ndarray, n_iter: int, hc_eps: float) -> np.ndarray:
+        """The combine matrices (T, S, S) from their logits: row softmax + eps, then alternate column and row
+        normalisations (n_iter column steps in all)."""
         c = np.exp(c - c.max(axis=-1, keepdims=True))
         c = c / c.sum(axis=-1, keepdims=True) + hc_eps          # row softmax, then eps
         c = c / (c.sum(axis=-2, keepdims=True) + hc_eps)        # column normalisation
         for _ in range(n_iter - 1):
             c = c / (c.sum(axis=-1, keepdims=True) + hc_eps)
             c = c / (c.sum(axis=-2, keepdims=True) + hc_eps)
-        x = np.einsum("ts,tse->te", pre, X)
-        return (x if norm is None else self.rms_norm(x, norm, rms_eps)), post, c
+        return c
 
     def hc_post(self, f: np.ndarray, X: np.ndarray, post: np.ndarray, comb: np.ndarray) -> np.ndarray:
         """X'[j] = post_j · f + Σ_i comb[i][j] · X[i]."""
