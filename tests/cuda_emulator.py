@@ -528,7 +528,9 @@ def moe_gate_up(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert
 
 def moe_route_gate_up(stream, mid, ids, weights, logits, bias, tid2eid, tokens, scale, normalize, h, h_stride, gate,
                       up, type, n_ff, n_embd, n_expert, n_used, n_tok, clamp, sh_gate=0, sh_up=0, sh_n_ff=0,
-                      sh_clamp=0.0, sh_mid=0):
+                      sh_clamp=0.0, sh_mid=0, hc=0, hc_n_tok=0, hc_n_iter=0, hc_eps=0.0):
+    if hc:
+        hc_sinkhorn.__wrapped__(stream, hc, hc_n_tok, hc_n_iter, hc_eps)
     route.__wrapped__(stream, ids, weights, logits, bias, tid2eid, tokens, n_tok, n_expert, n_used, scale, normalize)
     moe_gate_up.__wrapped__(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, ids, weights, n_used,
                             n_tok, clamp)

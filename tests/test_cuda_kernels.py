@@ -579,7 +579,8 @@ def test_matvec_quantizing(stream, rng, type_, cols, down_type):
 def test_moe_route_gate_up(stream, rng, hash_layer, n_tok, n_expert):
     """gate+up choosing the experts itself from the router's logits: ids and weights bit for bit those of the
     route kernel (which the reference checks), and mid that of gate+up reading them, for every block of a
-    token (the grid spreads each token's pairs over many blocks; one of them writes the choice)."""
+    token (the grid spreads each token's pairs over many blocks; one of them writes the choice). The launch also
+    normalizes hc_pre's deferred combine matrices: hc_sinkhorn's bits."""
     d = Dev(stream)
     n_embd, n_ff, k, clamp = 512, 256, 6, 10.0
     gate = rand_weights(rng, IQ2_XXS, n_ff, n_embd, lead=(n_expert,))
@@ -593,8 +594,16 @@ def test_moe_route_gate_up(stream, rng, hash_layer, n_tok, n_expert):
     tp, kp = d.put(tid2eid) if hash_layer else 0, d.put(tokens)
     gp, up_, hp = d.put(gate), d.put(up), d.put(h)
     ids, w, mid = d.out((n_tok, k), np.int32), d.out((n_tok, k)), d.out((n_tok, k, n_ff))
+    hcv = (rng.standard_normal((n_tok, 20)) * 2).astype(np.float32)
+    hcb, hcr = d.buf(hcv), d.buf(hcv)
     _cuda.moe_route_gate_up(stream.ptr, mid.ptr, ids.ptr, w.ptr, lp, bp, tp, kp, 1.5, True, hp, n_embd, gp, up_,
-                            IQ2_XXS, n_ff, n_embd, n_expert, k, n_tok, clamp)
+                            IQ2_XXS, n_ff, n_embd, n_expert, k, n_tok, clamp, hc=hcb.ptr, hc_n_tok=n_tok,
+                            hc_n_iter=20, hc_eps=1e-6)
+    _cuda.hc_sinkhorn(stream.ptr, hcr.ptr, n_tok, 20, 1e-6)
+    got_hc = d.get(hcb)
+    np.testing.assert_array_equal(got_hc, d.get(hcr))
+    np.testing.assert_array_equal(got_hc[:, :4], hcv[:, :4])
+    assert rel(got_hc[:, 4:].reshape(n_tok, 4, 4), REF.sinkhorn(hcv[:, 4:].reshape(n_tok, 4, 4), 20, 1e-6)) < 1e-5
     rids, rw, rmid = d.out((n_tok, k), np.int32), d.out((n_tok, k)), d.out((n_tok, k, n_ff))
     _cuda.route(stream.ptr, rids.ptr, rw.ptr, lp, bp, tp, kp, n_tok, n_expert, k, 1.5, True)
     _cuda.moe_gate_up(stream.ptr, rmid.ptr, hp, n_embd, gp, up_, IQ2_XXS, n_ff, n_embd, n_expert, rids.ptr, rw.ptr,
@@ -627,12 +636,17 @@ def test_moe_route_gate_up_shared(stream, rng, gate_type, n_embd, n_ff, sh_n_ff,
     lp, bp, kp = d.put(logits), d.put(bias), d.put(np.zeros(1, np.int32))
     gp, up_, hp, sgp, sup = d.put(gate), d.put(up), d.put(h), d.put(sh_gate), d.put(sh_up)
     outs = []
-    for shared in (False, True):
+    hcv = (rng.standard_normal((1, 20)) * 2).astype(np.float32)
+    hcb, hcr = d.buf(hcv), d.buf(hcv)
+    for shared in (False, True):  # the second also with a deferred combine matrix to normalize (as the model runs)
         ids, w, mid, sh_mid = d.out((1, k), np.int32), d.out((1, k)), d.out((1, k, n_ff)), d.out((1, sh_n_ff))
-        sh = dict(sh_gate=sgp, sh_up=sup, sh_n_ff=sh_n_ff, sh_clamp=sh_clamp, sh_mid=sh_mid.ptr) if shared else {}
+        sh = dict(sh_gate=sgp, sh_up=sup, sh_n_ff=sh_n_ff, sh_clamp=sh_clamp, sh_mid=sh_mid.ptr,
+                  hc=hcb.ptr, hc_n_tok=1, hc_n_iter=20, hc_eps=1e-6) if shared else {}
         _cuda.moe_route_gate_up(stream.ptr, mid.ptr, ids.ptr, w.ptr, lp, bp, 0, kp, 1.5, True, hp, n_embd, gp, up_,
                                 gate_type, n_ff, n_embd, n_expert, k, 1, clamp, **sh)
         outs.append((ids, w, mid, sh_mid))
+    _cuda.hc_sinkhorn(stream.ptr, hcr.ptr, 1, 20, 1e-6)
+    np.testing.assert_array_equal(d.get(hcb), d.get(hcr))
     for a, b in zip(outs[0][:3], outs[1][:3]):
         np.testing.assert_array_equal(d.get(a).view(np.uint32), d.get(b).view(np.uint32))
     got = d.get(outs[1][3])

@@ -231,12 +231,12 @@ class Model:
     # Each sublayer returns the streams it started from and its update (its output, post gates and combine matrix
     # for hc_post); the next sublayer's entry applies it, so that a backend can fuse hc_post with hc_pre.
 
-    def _hc_pre(self, X: np.ndarray, upd, hc, norm: np.ndarray):
+    def _hc_pre(self, X: np.ndarray, upd, hc, norm: np.ndarray, moe_next: bool = False):
         """A sublayer's entry: the residual streams X after the previous sublayer's update `upd` (its output, post
         gates and combine matrix for hc_post, or None), then hc_pre on them. Returns the streams, the sublayer's
-        input (N, E), its post gates and combine matrix."""
+        input (N, E), its post gates and combine matrix. moe_next: the FFN's entry (its input goes to moe_routed)."""
         s, ops = self.shape, self.ops
-        args = (hc, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, norm)
+        args = (hc, s.hc_sinkhorn_iters, s.hc_eps, s.rms_eps, norm, moe_next)
         if upd is None:
             return (X, *ops.hc_pre(X, *args))
         f, post, comb = upd
@@ -279,7 +279,7 @@ class Model:
     # --- FFN sublayer ---------------------------------------------------------------------------------------
     def _ffn(self, L: Layer, X: np.ndarray, upd, tokens: np.ndarray):
         s, ops = self.shape, self.ops
-        X, h, post, comb = self._hc_pre(X, upd, L.hc_ffn, L.ffn_norm)
+        X, h, post, comb = self._hc_pre(X, upd, L.hc_ffn, L.ffn_norm, moe_next=True)
         # The shared expert (no routing) and the routed experts added onto its output.
         f = ops.moe_routed(h, L.ffn_gate_inp, self.route_specs[L.index], tokens,
                            (L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps), s.swiglu_clamp_exp[L.index],

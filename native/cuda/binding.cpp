@@ -388,18 +388,22 @@ PYBIND11_MODULE(_cuda, m) {
                                   uintptr_t bias, uintptr_t tid2eid, uintptr_t tokens, float scale, bool normalize,
                                   uintptr_t h, int64_t h_stride, uintptr_t gate, uintptr_t up, int type, int64_t n_ff,
                                   int64_t n_embd, int n_expert, int n_used, int n_tok, float clamp, uintptr_t sh_gate,
-                                  uintptr_t sh_up, int64_t sh_n_ff, float sh_clamp, uintptr_t sh_mid) {
+                                  uintptr_t sh_up, int64_t sh_n_ff, float sh_clamp, uintptr_t sh_mid, uintptr_t hc,
+                                  int hc_n_tok, int hc_n_iter, float hc_eps) {
         const ds4_cuda_shared_expert sh{dev<void>(sh_gate), dev<void>(sh_up), sh_n_ff, sh_clamp, dev<float>(sh_mid)};
+        const ds4_cuda_sinkhorn sk{dev<float>(hc), hc_n_tok, hc_n_iter, hc_eps};
         check(ds4_cuda_moe_route_gate_up(st(s), dev<float>(mid), dev<int32_t>(ids), dev<float>(weights),
                                          dev<const float>(logits), dev<const float>(bias), dev<const int32_t>(tid2eid),
                                          dev<const int32_t>(tokens), scale, normalize, dev<const float>(h), h_stride,
                                          dev<void>(gate), dev<void>(up), type, n_ff, n_embd, n_expert, n_used, n_tok,
-                                         clamp, sh_gate ? &sh : nullptr), "moe_route_gate_up");
+                                         clamp, sh_gate ? &sh : nullptr, hc ? &sk : nullptr),
+              "moe_route_gate_up");
     }, py::arg("stream"), py::arg("mid"), py::arg("ids"), py::arg("weights"), py::arg("logits"), py::arg("bias"),
        py::arg("tid2eid"), py::arg("tokens"), py::arg("scale"), py::arg("normalize"), py::arg("h"),
        py::arg("h_stride"), py::arg("gate"), py::arg("up"), py::arg("type"), py::arg("n_ff"), py::arg("n_embd"),
        py::arg("n_expert"), py::arg("n_used"), py::arg("n_tok"), py::arg("clamp"), py::arg("sh_gate") = 0,
-       py::arg("sh_up") = 0, py::arg("sh_n_ff") = 0, py::arg("sh_clamp") = 0.0f, py::arg("sh_mid") = 0);
+       py::arg("sh_up") = 0, py::arg("sh_n_ff") = 0, py::arg("sh_clamp") = 0.0f, py::arg("sh_mid") = 0,
+       py::arg("hc") = 0, py::arg("hc_n_tok") = 0, py::arg("hc_n_iter") = 0, py::arg("hc_eps") = 0.0f);
     m.def("moe_shared_ok", &ds4_cuda_moe_shared_ok, py::arg("type"), py::arg("n_embd"), py::arg("n_tok"),
           "Whether moe_route_gate_up takes a shared expert (sh_*) for routed experts of `type`.");
     m.def("swiglu", [](uintptr_t s, uintptr_t mid, uintptr_t g, uintptr_t u, int64_t n, float clamp) {

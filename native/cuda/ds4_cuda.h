@@ -146,17 +146,26 @@ struct ds4_cuda_shared_expert {
     float clamp;
     float* mid;
 };
+// Combine matrices that ds4_cuda_hc_pre left as logits (defer), for a launch to normalize as ds4_cuda_hc_sinkhorn
+// does.
+struct ds4_cuda_sinkhorn {
+    float* hc;  // (n_tok, 20)
+    int n_tok, n_iter;
+    float hc_eps;
+};
 // The same, with each token's experts chosen in the kernel from the router's logits as ds4_cuda_route chooses
 // them (same arguments; n_expert <= 256): ids and weights are written (for ds4_cuda_moe_down), not read. A decode
 // layer then has no launch of its own for the choice. With `shared` (one token; ds4_cuda_moe_shared_ok) the launch
 // also computes the shared expert's mid = silu(min(g, clamp)) * clip(u, -clamp, clamp), g = gate . h, u = up . h,
-// exactly as ds4_cuda_matvec then ds4_cuda_swiglu do: its weights stream while the experts are being chosen.
+// exactly as ds4_cuda_matvec then ds4_cuda_swiglu do: its weights stream while the experts are being chosen. With
+// `hc` (up to 32 tokens) the launch also runs ds4_cuda_hc_sinkhorn's iterations, after its dependency wait.
 cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids, float* weights, const float* logits,
                                        const float* bias, const int32_t* tid2eid, const int32_t* tokens, float scale,
                                        bool normalize, const float* h, int64_t h_stride, const void* gate,
                                        const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
                                        int n_used, int n_tok, float clamp,
-                                       const ds4_cuda_shared_expert* shared = nullptr);
+                                       const ds4_cuda_shared_expert* shared = nullptr,
+                                       const ds4_cuda_sinkhorn* hc = nullptr);
 // Whether ds4_cuda_moe_route_gate_up takes a shared expert for routed experts of `type` and n_tok tokens.
 bool ds4_cuda_moe_shared_ok(int type, int64_t n_embd, int n_tok);
 // out[t, :] (+)= sum_j down_e . mid[t, j, :], e = ids[t, j]; down: n_expert matrices of (n_embd, n_ff) weights.

@@ -21,7 +21,9 @@
 //
 // At one token gate_up also computes the shared expert's gate and up (Q8_0) in the warps other than the routing
 // warp, its weights fetched before the dependency wait: a kernel whose blocks fill every SM leaves no room for
-// another stream's kernel beside it, so the shared expert could not run beside gate_up on a side stream.
+// another stream's kernel beside it, so the shared expert could not run beside gate_up on a side stream. Its last
+// warp may also normalize the FFN entry's combine matrix (ds4_cuda_hc_pre with defer): no launch, no join.
+#include "hc.cuh"
 #include "qdot.cuh"
 #include "routing.cuh"
 
@@ -56,6 +58,9 @@ struct MoeArgs {
     int sh_rows, sh_row_bytes, sh_warps;
     float sh_clamp;
     float* sh_out;
+    // route_gate_up with hc: the combine matrices ds4_cuda_hc_pre left as logits (one token's per lane of the last
+    // warp of the last block, after the wait and before the block's barrier: a warp the shared expert leaves idle).
+    ds4_cuda_sinkhorn hc;
 };
 
 // The shared expert's stages inside gate_up: 2048 weights of its gate row and of its up row, one stage per warp
@@ -189,6 +194,8 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
             }
         }
     }
+    if (a.hc.hc && warp == WARPS - 1 && blockIdx.x == gridDim.x - 1 && t == 0 && lane < a.hc.n_tok)
+        sinkhorn_logits(a.hc.hc + lane * kHcVals, a.hc.n_iter, a.hc.hc_eps);
     if (a.route.logits) {
         if (warp == 0) {
             route_token(a.route, t, sid, swt);
@@ -418,7 +425,8 @@ cudaError_t check_moe(const char* op, int type, int64_t cols, int n_expert, int 
 cudaError_t gate_up(const char* op, cudaStream_t s, float* mid, const float* h, int64_t h_stride, const void* gate,
                     const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert, int n_used, int n_tok,
                     float clamp, const int32_t* ids, const float* weights, const RouteIn* route, int32_t* ids_out,
-                    float* weights_out, const ds4_cuda_shared_expert* sh = nullptr) {
+                    float* weights_out, const ds4_cuda_shared_expert* sh = nullptr,
+                    const ds4_cuda_sinkhorn* hc = nullptr) {
     cudaError_t e = check_moe(op, type, n_embd, n_expert, n_used, n_tok, gate, h, h_stride);
     if (e != cudaSuccess) return e;
     if ((uintptr_t)up % 16 || n_ff < 1 || (int64_t)n_expert * n_ff > INT32_MAX)
@@ -436,6 +444,11 @@ cudaError_t gate_up(const char* op, cudaStream_t s, float* mid, const float* h, 
             return invalid(std::string(op) + ": the shared expert needs 16-byte aligned gate and up, mid, n_ff >= 1");
         a.sh_w0 = (const uint8_t*)sh->gate, a.sh_w1 = (const uint8_t*)sh->up, a.sh_rows = (int)sh->n_ff;
         a.sh_row_bytes = (int)row_bytes(TYPE_Q8_0, n_embd), a.sh_clamp = sh->clamp, a.sh_out = sh->mid;
+    }
+    if (hc) {
+        if (!hc->hc || hc->n_tok < 1 || hc->n_tok > 32 || hc->n_iter < 1)
+            return invalid(std::string(op) + ": the Sinkhorn's hc needs 1 to 32 tokens and n_iter >= 1");
+        a.hc = *hc;
     }
     by_type<GateUpOp>(type, e, s, a, n_tok);
     return e;
@@ -476,11 +489,12 @@ cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids,
                                        const float* bias, const int32_t* tid2eid, const int32_t* tokens, float scale,
                                        bool normalize, const float* h, int64_t h_stride, const void* gate,
                                        const void* up, int type, int64_t n_ff, int64_t n_embd, int n_expert,
-                                       int n_used, int n_tok, float clamp, const ds4_cuda_shared_expert* shared) {
+                                       int n_used, int n_tok, float clamp, const ds4_cuda_shared_expert* shared,
+                                       const ds4_cuda_sinkhorn* hc) {
     clear_error();
     const RouteIn route{logits, bias, tid2eid, tokens, n_expert, n_used, scale, normalize};
     return gate_up("moe_route_gate_up", s, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, n_used, n_tok,
-                   clamp, nullptr, nullptr, &route, ids, weights, shared);
+                   clamp, nullptr, nullptr, &route, ids, weights, shared, hc);
 }
 
 bool ds4_cuda_moe_shared_ok(int type, int64_t n_embd, int n_tok) {

@@ -12,16 +12,14 @@
 // costs no launch and no memory trip of its own. On sm_90 a decode step's few tokens take one launch instead of
 // the mixer and the finish (hc_pre_cluster_kernel: a thread block cluster per token). With `defer` either path
 // leaves the combine matrix as its logits, and hc_sinkhorn_kernel (one thread per token) runs the iterations
-// later, on a stream beside the sublayer: their ~1.6 us of one thread's dependent arithmetic then delay nothing
-// on the decode chain.
+// later, on a stream beside the sublayer, or an idle warp of the routed gate+up does (moe.cu; hc.cuh holds the
+// iterations): their ~1.6 us of one thread's dependent arithmetic then delay nothing on the decode chain.
 #include "common.cuh"
+#include "hc.cuh"
 #include "numerics.cuh"
 
 namespace ds4::cuda {
 namespace {
-
-constexpr int kHc = 4;  // streams (n_hc); MODEL.md: 4 in every DS4 file
-constexpr int kHcVals = kHc + kHc * kHc;  // per token: the post gates, then the combine matrix
 
 // One block per row; each thread holds up to kVec float4 of the row (and of the weight) in registers, all loaded
 // before the reduction, so a row costs one memory latency and in-place use is safe.
@@ -276,52 +274,6 @@ __device__ __forceinline__ void bar_sync(int id, int n) {
 }
 __device__ __forceinline__ void bar_arrive(int id, int n) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
-}
-
-__device__ __forceinline__ float sum4(float a, float b, float c, float d) { return (a + b) + (c + d); }
-
-// 1 / x for a sum + hc_eps (a normal float): the instructions of __frcp_rn's path for such x (the MUFU estimate and
-// one Newton step) without its range check, whose branches kept a normalization's 4 reciprocals from overlapping.
-__device__ __forceinline__ float rcp(float x) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return fmaf(r, fmaf(-x, r, 1.0f), r);
-}
-
-// Each row (column) of the 4x4 matrix c divided by its sum + eps, as a multiplication by the reciprocal.
-__device__ __forceinline__ void normalize_rows(float (&c)[kHc][kHc], float eps) {
-#pragma unroll
-    for (int r = 0; r < kHc; ++r) {
-        const float inv = rcp(sum4(c[r][0], c[r][1], c[r][2], c[r][3]) + eps);
-#pragma unroll
-        for (int j = 0; j < kHc; ++j) c[r][j] *= inv;
-    }
-}
-
-__device__ __forceinline__ void normalize_cols(float (&c)[kHc][kHc], float eps) {
-#pragma unroll
-    for (int j = 0; j < kHc; ++j) {
-        const float inv = rcp(sum4(c[0][j], c[1][j], c[2][j], c[3][j]) + eps);
-#pragma unroll
-        for (int r = 0; r < kHc; ++r) c[r][j] *= inv;
-    }
-}
-
-// Sinkhorn normalization of the 4x4 combine matrix c (logits) in one thread's registers: row softmax, + eps, column
-// normalization; then n_iter - 1 times row and column normalization. No step needs another lane (every lane of the
-// control warp runs it alike): this serial chain is hc_finish's longest.
-__device__ __forceinline__ void sinkhorn(float (&c)[kHc][kHc], int n_iter, float eps) {
-#pragma unroll
-    for (int r = 0; r < kHc; ++r) {
-        const float mx = fmaxf(fmaxf(c[r][0], c[r][1]), fmaxf(c[r][2], c[r][3]));
-#pragma unroll
-        for (int j = 0; j < kHc; ++j) c[r][j] = expf(c[r][j] - mx);
-        const float inv = rcp(sum4(c[r][0], c[r][1], c[r][2], c[r][3]));
-#pragma unroll
-        for (int j = 0; j < kHc; ++j) c[r][j] = c[r][j] * inv + eps;
-    }
-    normalize_cols(c, eps);
-    for (int it = 1; it < n_iter; ++it) normalize_rows(c, eps), normalize_cols(c, eps);
 }
 
 // sinkhorn, then the normalized matrix (row-major) to out by lane 0 of the calling warp.
@@ -617,14 +569,7 @@ __global__ void hc_sinkhorn_kernel(float* hc, int n_tok, int n_iter, float hc_ep
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n_tok) return;
-    float* h = hc + (int64_t)t * kHcVals + kHc;
-    float c[kHc][kHc];
-#pragma unroll
-    for (int i = 0; i < kHc * kHc; ++i) c[i / kHc][i % kHc] = h[i];
-    sinkhorn(c, n_iter, hc_eps);
-#pragma unroll
-    for (int i = 0; i < kHc * kHc; ++i) h[i] = c[i / kHc][i % kHc];
+    if (t < n_tok) sinkhorn_logits(hc + (int64_t)t * kHcVals, n_iter, hc_eps);
 }
 
 __global__ void hc_post_kernel(float* Xo, const float* f, const float* X, const float* hc, int n_tok, int64_t n_embd) {

@@ -558,9 +558,12 @@ class CUDA:
         # A decode step's hc_pre leaves the combine matrix's Sinkhorn iterations (~1.6 us of one thread at the end
         # of its launch) to a kernel on `aux`, beside the sublayer; its reader, the next hc_post, joins it first
         # (at one token the side stream's join takes it along where one comes earlier: `_join`).
+        # At one token the FFN entry's iterations go to a warp of the routed gate+up instead (`_sk_job` until
+        # moe_routed takes it): no launch and no join.
         self.aux = _cuda.Stream()
         self._aux_fork_ev, self._aux_join_ev = _cuda.Event(), _cuda.Event()
         self._aux_open = False
+        self._sk_job: tuple | None = None     # (hc array, tokens, iterations, eps) left for moe_routed
         self._query_in_order = False
         self._x_q8 = None          # (address, groups, workspace): attend's output as the grouped Q8_0 product after
         #                            it reads it (that product's quantize launch done by the attention's combine)
@@ -925,7 +928,8 @@ class CUDA:
                          x.size // n, n, float(eps))
         return y
 
-    def _hc(self, X: DArray, hc, n_mix: int, n_iter: int, hc_eps: float, rms_eps: float, norm=None, upd=None):
+    def _hc(self, X: DArray, hc, n_mix: int, n_iter: int, hc_eps: float, rms_eps: float, norm=None, upd=None,
+            moe_next: bool = False):
         """hc_pre's kernels; with upd = (f, old streams, post) they first compute X (written) from the update."""
         N, S, E = X.shape
         x = self.empty((N, E))
@@ -944,24 +948,35 @@ class CUDA:
                            X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
                            float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0,
                            defer=defer, **post)
-        if defer:
-            self._aux_fork_ev.record(self.stream.ptr)
-            self._aux_fork_ev.wait(self.aux.ptr)
-            self.cu.hc_sinkhorn(self.aux.ptr, h.ptr, N, n_iter, float(hc_eps))
-            self._aux_join_ev.record(self.aux.ptr)
-            self._aux_open = True
+        if defer and moe_next and N == 1:
+            self._sk_job = (h, N, n_iter, float(hc_eps))
+        elif defer:
+            self._sinkhorn_aside((h, N, n_iter, float(hc_eps)))
         return x, h
 
+    def _sinkhorn_aside(self, job: tuple) -> None:
+        h, n, n_iter, hc_eps = job
+        self._aux_fork_ev.record(self.stream.ptr)
+        self._aux_fork_ev.wait(self.aux.ptr)
+        self.cu.hc_sinkhorn(self.aux.ptr, h.ptr, n, n_iter, hc_eps)
+        self._aux_join_ev.record(self.aux.ptr)
+        self._aux_open = True
+
     def _join_aux(self) -> None:
-        """The main stream's next work runs after the Sinkhorn kernel on `aux` (no-op without one pending)."""
+        """The main stream's next work runs after the pending Sinkhorn iterations: the kernel on `aux`, or one
+        that nothing took (no-op without either)."""
         if self._aux_open:
             self._aux_join_ev.wait(self.stream.ptr)
             self._aux_open = False
+        if self._sk_job is not None:
+            h, n, n_iter, hc_eps = self._sk_job
+            self._sk_job = None
+            self.cu.hc_sinkhorn(self.stream.ptr, h.ptr, n, n_iter, hc_eps)
 
-    def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float, norm=None):
+    def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float, norm=None, moe_next: bool = False):
         """Sublayer input x (normalized in the same kernel with `norm`) and the post gates + combine matrix in one
         (N, 20) array, handed to hc_post as `post` (`comb` is None)."""
-        x, h = self._hc(X, hc, 24, n_iter, hc_eps, rms_eps, norm)
+        x, h = self._hc(X, hc, 24, n_iter, hc_eps, rms_eps, norm, moe_next=moe_next)
         return x, h, None
 
     def hc_post(self, f: DArray, X: DArray, post: DArray, comb) -> DArray:
@@ -972,11 +987,11 @@ class CUDA:
         return out
 
     def hc_post_pre(self, f: DArray, X: DArray, post: DArray, comb, hc, n_iter: int, hc_eps: float, rms_eps: float,
-                    norm=None):
+                    norm=None, moe_next: bool = False):
         """hc_post inside the next hc_pre's mixer kernel: each of its blocks computes the new streams at the
         positions it multiplies (one launch and one memory trip fewer per sublayer)."""
         Xn = self.empty(X.shape)
-        x, h = self._hc(Xn, hc, 24, n_iter, hc_eps, rms_eps, norm, upd=(f, X, post))
+        x, h = self._hc(Xn, hc, 24, n_iter, hc_eps, rms_eps, norm, upd=(f, X, post), moe_next=moe_next)
         return Xn, x, h, None
 
     def hc_head(self, X: DArray, hc, hc_eps: float, rms_eps: float) -> DArray:
@@ -1190,6 +1205,9 @@ class CUDA:
         # so the shared expert runs first on the main stream (H200, 4-layer file, two runs: -0.5 to -3.5 us per
         # layer at 2 tokens). (Also measured: at 8 tokens the router's product first, then the fork; the router
         # then added 13 us instead of 29, and the layers -1 us in one run, +1 in another: not kept.)
+        job, self._sk_job = self._sk_job, None   # the entry's Sinkhorn iterations (one token), for gate+up
+        if job is not None and not inside:
+            self._sinkhorn_aside(job)
         out = None if inside else self.ffn(h, *shared, shared_clamp, side=N > 2)
         logits = self.matmul(router, h)
         if not in_kernel:
@@ -1207,6 +1225,8 @@ class CUDA:
         sh_mid = self.empty((N, sh_gate.rows))
         gate_up = functools.partial(gate_up, sh_gate=self.weight(sh_gate), sh_up=self.weight(sh_up),
                                     sh_n_ff=sh_gate.rows, sh_clamp=float(shared_clamp), sh_mid=sh_mid.ptr)
+        if job is not None:
+            gate_up = functools.partial(gate_up, hc=job[0].ptr, hc_n_tok=job[1], hc_n_iter=job[2], hc_eps=job[3])
         return self._moe_tokens(h, ids, w, experts, clamp, functools.partial(self._shared_down, sh_down, sh_mid),
                                 gate_up)
 

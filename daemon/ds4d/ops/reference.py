@@ -176,9 +176,10 @@ class Reference:
         return self.matmul(hc.fn, flat)
 
     def hc_pre(self, X: np.ndarray, hc: HyperConn, n_iter: int, hc_eps: float, rms_eps: float,
-               norm: np.ndarray | None = None):
+               norm: np.ndarray | None = None, moe_next: bool = False):
         """(T, S, E) streams -> sublayer input x (T, E), post gates (T, S), combine matrix (T, S, S). With `norm`,
-        x comes back as the sublayer's RMSNorm of it (weight `norm`), which a backend may fuse."""
+        x comes back as the sublayer's RMSNorm of it (weight `norm`), which a backend may fuse. moe_next: x goes to
+        moe_routed next (the FFN's entry), which a backend may give work of this step's."""
         pre, post, logits = self.hc_gates(X, hc, hc_eps, rms_eps)
         x = np.einsum("ts,tse->te", pre, X)
         return (x if norm is None else self.rms_norm(x, norm, rms_eps)), post, self.sinkhorn(logits, n_iter, hc_eps)
@@ -209,11 +210,12 @@ class Reference:
         return post[:, :, None] * f[:, None, :] + np.einsum("tij,tie->tje", comb, X)
 
     def hc_post_pre(self, f: np.ndarray, X: np.ndarray, post: np.ndarray, comb: np.ndarray, hc: HyperConn,
-                    n_iter: int, hc_eps: float, rms_eps: float, norm: np.ndarray | None = None):
+                    n_iter: int, hc_eps: float, rms_eps: float, norm: np.ndarray | None = None,
+                    moe_next: bool = False):
         """hc_post of one sublayer, then hc_pre of the next on the new streams: (new streams, x, post gates,
         combine matrix). A backend may do both in one pass over the streams."""
         X = self.hc_post(f, X, post, comb)
-        return (X, *self.hc_pre(X, hc, n_iter, hc_eps, rms_eps, norm))
+        return (X, *self.hc_pre(X, hc, n_iter, hc_eps, rms_eps, norm, moe_next))
 
     def hc_head(self, X: np.ndarray, hc: HyperConn, hc_eps: float, rms_eps: float) -> np.ndarray:
         m = self._hc_mix(X, hc, rms_eps)                        # (T, S)
