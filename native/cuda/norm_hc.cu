@@ -402,8 +402,8 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
 // After the cluster's barrier every block adds the C partials in one order, so all find the same gates, and forms x
 // at its positions. x's norm needs no second exchange: sum_e x_e^2 = sum_ab pre_a pre_b G_ab, with G the Gram
 // matrix summed over the cluster. Block 0 writes the post gates and the combine matrix: with `defer` its logits, for
-// hc_sinkhorn_kernel on another stream to normalize (20 Sinkhorn iterations in one thread: ~1.6 us that the chain
-// no longer waits for); else its last warp runs them. Against the mixer and hc_finish launches: one launch, no
+// the 20 Sinkhorn iterations to run elsewhere (in one thread: ~1.6 us that the chain no longer waits for); else its
+// last warp runs them. Against the mixer and hc_finish launches: one launch, no
 // partials through global memory.
 // Warp w takes rows w % 8, w % 8 + 8, w % 8 + 16 over the block's column half w / 8; lane i columns 4 i + 128 j ..
 // + 3 of that half (j < 4: conflict-free 16-byte loads, as in hc_mix_kernel); its 48 f16 weights stay packed in
