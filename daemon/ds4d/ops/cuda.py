@@ -563,7 +563,7 @@ class CUDA:
         self.aux = _cuda.Stream()
         self._aux_fork_ev, self._aux_join_ev = _cuda.Event(), _cuda.Event()
         self._aux_open = False
-        self._sk_job: tuple | None = None     # (hc array, tokens, iterations, eps) left for moe_routed
+        self._sk_job: dict | None = None      # moe_route_gate_up's hc arguments, left for moe_routed
         self._query_in_order = False
         self._x_q8 = None          # (address, groups, workspace): attend's output as the grouped Q8_0 product after
         #                            it reads it (that product's quantize launch done by the attention's combine)
@@ -713,11 +713,16 @@ class CUDA:
             self._join_aux()
 
     # --- the side stream --------------------------------------------------------------------------------------
+    def _branches(self) -> bool:
+        """Whether work may run beside the main stream (on `side` or `aux`): in a decode step of up to
+        MATVEC_ROWS tokens."""
+        return self.concurrent and self._step.decode and self._step.n_tok <= MATVEC_ROWS
+
     def _fork(self) -> bool:
-        """Opens the side stream where a branch may run there: in a decode step of up to MATVEC_ROWS tokens, with
-        none open. Work enqueued on it from here runs after everything enqueued on the main stream so far, beside
-        what the main stream does next, until `_join`. Whether it opened."""
-        if not (self.concurrent and self._step.decode and self._step.n_tok <= MATVEC_ROWS) or self._forked:
+        """Opens the side stream where a branch may run there (`_branches`), with none open. Work enqueued on it
+        from here runs after everything enqueued on the main stream so far, beside what the main stream does next,
+        until `_join`. Whether it opened."""
+        if not self._branches() or self._forked:
             return False
         self._fork_ev.record(self.stream.ptr)
         self._fork_ev.wait(self.side.ptr)
@@ -936,7 +941,7 @@ class CUDA:
         h = self.empty((N, 20)) if n_mix > S else None
         scratch = self.empty((self.cu.hc_pre_scratch_bytes(min(N, HC_ROWS), E, n_mix),), np.uint8)
         fn, sc, base = self.weight(hc.fn), self.const(hc.scale, _F32), self.const(hc.base, _F32)
-        defer = h is not None and self.concurrent and self._step.decode and N <= MATVEC_ROWS
+        defer = h is not None and self._branches()
         self._join_aux()                           # upd's combine matrix, normalized on `aux`
         for t0 in range(0, N, HC_ROWS):
             n = min(HC_ROWS, N - t0)
@@ -948,17 +953,22 @@ class CUDA:
                            X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
                            float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0,
                            defer=defer, **post)
-        if defer and moe_next and N == 1:
-            self._sk_job = (h, N, n_iter, float(hc_eps))
-        elif defer:
-            self._sinkhorn_aside((h, N, n_iter, float(hc_eps)))
+        if defer:
+            job = dict(hc=h.ptr, hc_n_tok=N, hc_n_iter=n_iter, hc_eps=float(hc_eps))
+            if moe_next and N == 1:
+                self._sk_job = job
+            else:
+                self._sinkhorn_aside(job)
         return x, h
 
-    def _sinkhorn_aside(self, job: tuple) -> None:
-        h, n, n_iter, hc_eps = job
+    def _sinkhorn(self, stream: int, job: dict) -> None:
+        """The Sinkhorn iterations of a job (moe_route_gate_up's hc arguments) as a launch of their own."""
+        self.cu.hc_sinkhorn(stream, job["hc"], job["hc_n_tok"], job["hc_n_iter"], job["hc_eps"])
+
+    def _sinkhorn_aside(self, job: dict) -> None:
         self._aux_fork_ev.record(self.stream.ptr)
         self._aux_fork_ev.wait(self.aux.ptr)
-        self.cu.hc_sinkhorn(self.aux.ptr, h.ptr, n, n_iter, hc_eps)
+        self._sinkhorn(self.aux.ptr, job)
         self._aux_join_ev.record(self.aux.ptr)
         self._aux_open = True
 
@@ -969,9 +979,8 @@ class CUDA:
             self._aux_join_ev.wait(self.stream.ptr)
             self._aux_open = False
         if self._sk_job is not None:
-            h, n, n_iter, hc_eps = self._sk_job
+            self._sinkhorn(self.stream.ptr, self._sk_job)
             self._sk_job = None
-            self.cu.hc_sinkhorn(self.stream.ptr, h.ptr, n, n_iter, hc_eps)
 
     def hc_pre(self, X: DArray, hc, n_iter: int, hc_eps: float, rms_eps: float, norm=None, moe_next: bool = False):
         """Sublayer input x (normalized in the same kernel with `norm`) and the post gates + combine matrix in one
@@ -1226,7 +1235,7 @@ class CUDA:
         gate_up = functools.partial(gate_up, sh_gate=self.weight(sh_gate), sh_up=self.weight(sh_up),
                                     sh_n_ff=sh_gate.rows, sh_clamp=float(shared_clamp), sh_mid=sh_mid.ptr)
         if job is not None:
-            gate_up = functools.partial(gate_up, hc=job[0].ptr, hc_n_tok=job[1], hc_n_iter=job[2], hc_eps=job[3])
+            gate_up = functools.partial(gate_up, **job)
         return self._moe_tokens(h, ids, w, experts, clamp, functools.partial(self._shared_down, sh_down, sh_mid),
                                 gate_up)
 
