@@ -536,6 +536,13 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used, n_embd, n_ff):
     assert np.array_equal(got[:, :n_embd], d.get(out_self)[:, :n_embd])
 
 
+@pytest.mark.parametrize("gate_type,down_type", MOE_TYPES[:2])
+def test_moe_many_rows(stream, rng, gate_type, down_type):
+    """8 tokens over rows of 3,072: each warp of the gate+up takes more than 16 (expert, row) pairs, whose outputs
+    it finishes 16 at a time, the last batch partly."""
+    test_moe(stream, rng, gate_type, down_type, 8, 6, 2048, 3072)
+
+
 @pytest.mark.parametrize("type_,cols", [(Q8_0, 2048), (Q8_0, 512), (Q4_K, 2048)])
 @pytest.mark.parametrize("down_type", [Q2_K, IQ2_XXS])
 def test_matvec_quantizing(stream, rng, type_, cols, down_type):

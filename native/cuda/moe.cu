@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     __shared__ float swt[kMaxUsed];
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
-    uint32_t* tab = (uint32_t*)smem;
+    uint32_t* tab = LANES ? lanes_tables(smem) : (uint32_t*)smem;
     uint8_t* xs = smem + table_bytes<T, LANES>();
     uint8_t* ring = xs + act_bytes<T>(1, a.cols) + (size_t)warp * kDepth * RPW * G::slot;
 
@@ -226,12 +226,21 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     __syncthreads();
 
     auto xview = [&](int) { return &xv; };
+    // A set's gate sum is kept by lane set % 16, its up sum by lane 16 + set % 16; after every 16th set and the
+    // last, lanes 0-15 finish their pairs at once (one lane finishing each pair took the warp ~60 issue slots per
+    // set, a tenth of the stages' at 8 tokens, where a warp takes ~30 sets).
+    float kept = 0.0f;
     auto flush = [&](int set, float (&acc)[RPW][1]) {
-        const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
-        if (lane == 0) {
-            const int pair = slot + set * n_slots, j = a.rows_div.div(pair), o = pair - j * rows;
-            const float gc = fminf(g, a.clamp), uc = fminf(fmaxf(u, -a.clamp), a.clamp);
-            a.out[((int64_t)t * a.n_used + j) * rows + o] = silu(gc) * uc * swt[j];
+        const float v = warp_sum_halves(acc[0][0], acc[1][0]);
+        if ((lane & 15) == (set & 15)) kept = v;
+        if ((set & 15) == 15 || set == n_sets - 1) {
+            const float u = __shfl_down_sync(0xffffffffu, kept, 16);
+            const int s = (set & ~15) + lane;
+            if (lane < 16 && s <= set) {
+                const int pair = slot + s * n_slots, j = a.rows_div.div(pair), o = pair - j * rows;
+                const float gc = fminf(kept, a.clamp), uc = fminf(fmaxf(u, -a.clamp), a.clamp);
+                a.out[((int64_t)t * a.n_used + j) * rows + o] = silu(gc) * uc * swt[j];
+            }
         }
     };
     stream.template run<LANES>(a.cols, 1, tab, xview, flush);

@@ -30,7 +30,10 @@ constexpr int kThreads = 32 * kWarps;
 // memory so that it stays in a register; padded to 16 bytes). In shared memory they take one of two layouts:
 // compact (word w at w), or one copy per lane (word w of lane l at 32 w + l, LANES below): a warp's lookups at
 // random grid and sign indices then never share a bank, where the compact tables cost ~2.8 wavefronts a lookup.
+// The per-lane copy starts at a 16 KB boundary of the shared window (lanes_tables; table_bytes counts the room): a
+// lane's table address then has no bit where a sign index's offset goes, so the two join by one OR.
 constexpr int kIq2TableWords = 256 + 128 + 4, kIq2LoWord = 256 + 128;
+constexpr uint32_t kLanesAlign = 16384;
 
 // Device copy of the IQ2_XXS tables for the current device (allocated by ds4_cuda_init, null before).
 const uint32_t* iq2_tables();
@@ -429,7 +432,8 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const Uni
         isc = 2 * (int)(aux >> 28) + 1;
         // Table word w at byte w << ts (one copy per lane: 32 words apart), read by 32-bit shared-memory address
         // so that an index becomes an address in one lea (the compiler's generic pointer arithmetic took two
-        // multiply-adds): the grid index is byte i of grid (one prmt), the sign index 7 bits of aux (shift, mask).
+        // multiply-adds): the grid index is byte i of grid (one prmt), the sign index 7 bits of aux (shift, mask;
+        // with LANES the mask and the join to the 16 KB-aligned tables are one lop3).
         constexpr int ts = LANES ? 7 : 2;
         const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab);
         const uint32_t lo = tab[(LANES ? 32 : 1) * kIq2LoWord];  // an ordinary load: its address is a constant
@@ -437,7 +441,7 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const Uni
         for (int i = 0; i < 4; ++i) {
             const uint32_t gi = __byte_perm(grid, 0, 0x4440 | i);
             const uint32_t si = (7 * i >= ts ? aux >> (7 * i - ts) : aux << (ts - 7 * i)) & (127u << ts);
-            const uint32_t sel = lds32(tb + (gi << ts)) + lds32(tb + (256 << ts) + si);
+            const uint32_t sel = lds32(tb + (gi << ts)) + lds32((LANES ? si | tb : si + tb) + (256 << ts));
             q[2 * i] = (int)iq2_pick(lo, sel);
             q[2 * i + 1] = (int)iq2_pick(lo, sel >> 16);
         }
@@ -708,7 +712,12 @@ __device__ __forceinline__ void load_tables(uint32_t* dst, const uint32_t* src) 
 }
 template <int T, bool LANES = false>
 constexpr size_t table_bytes() {
-    return T == TYPE_IQ2_XXS ? (LANES ? 32 : 1) * kIq2TableWords * sizeof(uint32_t) : 0;
+    return T != TYPE_IQ2_XXS ? 0 : LANES ? 32 * kIq2TableWords * sizeof(uint32_t) + kLanesAlign
+                                  : kIq2TableWords * sizeof(uint32_t);
+}
+// Where the per-lane tables go in the table_bytes<T, true>() at p: the first 16 KB boundary of the shared window.
+__device__ __forceinline__ uint32_t* lanes_tables(uint8_t* p) {
+    return (uint32_t*)(p + ((0u - (uint32_t)__cvta_generic_to_shared(p)) & (kLanesAlign - 1)));
 }
 
 // e = Op<T>::run(args...) for a runtime type code T; false (e untouched) for an unsupported code.
