@@ -536,10 +536,11 @@ def test_moe(stream, rng, gate_type, down_type, n_tok, n_used, n_embd, n_ff):
     assert np.array_equal(got[:, :n_embd], d.get(out_self)[:, :n_embd])
 
 
-@pytest.mark.parametrize("gate_type,down_type", MOE_TYPES[:2])
+@pytest.mark.parametrize("gate_type,down_type", MOE_TYPES[:2] + [(Q2_K, Q2_K)])
 def test_moe_many_rows(stream, rng, gate_type, down_type):
     """8 tokens over rows of 3,072: each warp of the gate+up takes more than 16 (expert, row) pairs, whose outputs
-    it finishes 16 at a time, the last batch partly."""
+    it finishes 16 at a time, the last batch partly (Q2_K gate and up: the whole-stage path of a K type with
+    shared activations)."""
     test_moe(stream, rng, gate_type, down_type, 8, 6, 2048, 3072)
 
 
