@@ -252,13 +252,25 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-// Two warp sums at once: lanes 0-15 get warp_sum(a), lanes 16-31 warp_sum(b), bit for bit (the first step adds
-// the same pairs, each half then reduces within itself as warp_sum does), in 5 shuffles instead of 10.
+// Several warp sums in one butterfly: a step over lane distance o where the lane carries two values keeps the one
+// for its half (lane & o: b, else a) plus its partner's copy of it, so that each half goes on with one value
+// (the pairs added are warp_sum's: each result is bit for bit warp_sum's).
+__device__ __forceinline__ float fold_halves(float a, float b, int o) {
+    const bool hi = threadIdx.x & o;
+    return (hi ? b : a) + __shfl_xor_sync(0xffffffffu, hi ? a : b, o);
+}
+// Two warp sums in 5 shuffles instead of 10: lanes 0-15 get warp_sum(a), lanes 16-31 warp_sum(b).
 __device__ __forceinline__ float warp_sum_halves(float a, float b) {
-    const bool hi = threadIdx.x & 16;
-    float v = (hi ? b : a) + __shfl_xor_sync(0xffffffffu, hi ? a : b, 16);
+    float v = fold_halves(a, b, 16);
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// Four warp sums in 6 shuffles instead of 20: lane l gets the sum of a[l / 8].
+__device__ __forceinline__ float warp_sum4(const float (&a)[4]) {
+    float v = fold_halves(fold_halves(a[0], a[2], 16), fold_halves(a[1], a[3], 16), 8);
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 __device__ __forceinline__ float warp_max(float v) {

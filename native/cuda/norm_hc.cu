@@ -128,19 +128,6 @@ __device__ __forceinline__ float sumsq16(const float4 (&x)[4]) {
     return s0 + s1;
 }
 
-// The warp sums of 4 values in 6 shuffles instead of 4 * 5: the first two steps (xor 16, xor 8) halve the values a
-// lane carries, each lane keeping the half its partner sends away; the last three are a plain butterfly. Lane l
-// returns the sum of a[l / 8].
-__device__ __forceinline__ float warp_sum4(const float (&a)[4]) {
-    const bool hi = threadIdx.x & 16, mid = threadIdx.x & 8;
-    const float b0 = (hi ? a[2] : a[0]) + __shfl_xor_sync(0xffffffffu, hi ? a[0] : a[2], 16);
-    const float b1 = (hi ? a[3] : a[1]) + __shfl_xor_sync(0xffffffffu, hi ? a[1] : a[3], 16);
-    float v = (mid ? b1 : b0) + __shfl_xor_sync(0xffffffffu, mid ? b0 : b1, 8);
-#pragma unroll
-    for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // The previous sublayer's update of stream j at one position (MODEL.md 3.3): post_j f + sum_i comb[i][j] X_i, with
 // h the token's 20 values (post gates, then comb row-major). hc_post and the mixer both compute it here.
 __device__ __forceinline__ float hc_update(const float* h, int j, float f, float x0, float x1, float x2, float x3) {
@@ -403,8 +390,7 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
 // at its positions. x's norm needs no second exchange: sum_e x_e^2 = sum_ab pre_a pre_b G_ab, with G the Gram
 // matrix summed over the cluster. Block 0 writes the post gates and the combine matrix: with `defer` its logits, for
 // the 20 Sinkhorn iterations to run elsewhere (in one thread: ~1.6 us that the chain no longer waits for); else its
-// last warp runs them. Against the mixer and hc_finish launches: one launch, no
-// partials through global memory.
+// last warp runs them. Against the mixer and hc_finish launches: one launch, no partials through global memory.
 // Warp w takes rows w % 8, w % 8 + 8, w % 8 + 16 over the block's column half w / 8; lane i columns 4 i + 128 j ..
 // + 3 of that half (j < 4: conflict-free 16-byte loads, as in hc_mix_kernel); its 48 f16 weights stay packed in
 // registers, loaded before the dependent-launch wait, and are widened at use. Half h holds streams 2 h and 2 h + 1
