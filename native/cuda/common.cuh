@@ -259,18 +259,18 @@ __device__ __forceinline__ float fold_halves(float a, float b, int o) {
     const bool hi = threadIdx.x & o;
     return (hi ? b : a) + __shfl_xor_sync(0xffffffffu, hi ? a : b, o);
 }
-// Two warp sums in 5 shuffles instead of 10: lanes 0-15 get warp_sum(a), lanes 16-31 warp_sum(b).
-__device__ __forceinline__ float warp_sum_halves(float a, float b) {
-    float v = fold_halves(a, b, 16);
+// N warp sums (N a power of two up to 32) in N - 1 + log2(32 / N) shuffles instead of 5 N: lane l gets the sum of
+// a[l / (32 / N)] (a is consumed). N = 2: lanes 0-15 get a[0]'s sum, 16-31 a[1]'s.
+template <int N>
+__device__ __forceinline__ float warp_sums(float (&a)[N]) {
+    static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "warp_sums: N is a power of two up to 32");
 #pragma unroll
-    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-// Four warp sums in 6 shuffles instead of 20: lane l gets the sum of a[l / 8].
-__device__ __forceinline__ float warp_sum4(const float (&a)[4]) {
-    float v = fold_halves(fold_halves(a[0], a[2], 16), fold_halves(a[1], a[3], 16), 8);
+    for (int m = N, o = 16; m > 1; m >>= 1, o >>= 1)
 #pragma unroll
-    for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        for (int i = 0; i < m / 2; ++i) a[i] = fold_halves(a[i], a[i + m / 2], o);
+    float v = a[0];
+#pragma unroll
+    for (int o = 16 / N; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 __device__ __forceinline__ float warp_max(float v) {

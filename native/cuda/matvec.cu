@@ -7,9 +7,11 @@
 // share a row set and split its stages round-robin, and their partial sums meet in shared memory, added in
 // slice order. Each block first issues its first weight stages (weights never depend on the previous kernel),
 // then waits for the previous kernel, brings the activations it needs into shared memory, and streams
-// (qdot.cuh). Activations: for act8 types, one or two tokens are quantized by every block itself (16-32 KB of
-// f32 per block); for more tokens a small kernel quantizes them once into the caller's workspace and every block
-// copies the int8 rows (4x fewer bytes than f32, and no repeated quantization). Float types keep f32 rows in
+// (qdot.cuh); a warp reduces a set's RPW x NB sums in one shuffle tree (warp_sums). Float weights with 2+ tokens on
+// sm_90 may instead split K over a cluster's blocks (launch_kc), each staging only its slice of the activations.
+// Activations: for act8 types, one or two tokens are quantized by every block itself (16-32 KB of f32 per block);
+// for more tokens a small kernel quantizes them once into the caller's workspace and every block copies the int8
+// rows (4x fewer bytes than f32, and no repeated quantization). Float types keep f32 rows in
 // shared memory when they fit in 64 KB; for 4+ tokens of wider rows, f16 rows scaled by a power of two per row
 // (activations rounded to 11 bits: ~1e-4 relative on a product); else they read f32 rows from global memory.
 // Q8_0 and F16 weights with 3+ tokens and a workspace take the tensor-core kernel below instead. matvec_normed:
@@ -54,6 +56,7 @@ struct MatvecArgs {
     float* xn;
     QuantJob job;          // matvec_kernel<T, NB, true>: job.blocks more blocks run it
     int blocks;            // matvec_pair_kernel: the blocks of the first product
+    int kc = 1;            // > 1: K split over clusters of kc blocks (launch_kc)
 };
 
 constexpr int64_t kXSmemMax = 64 * 1024;  // f32 activation rows kept in shared memory up to this size
@@ -96,7 +99,7 @@ __device__ __forceinline__ float* out_at(const MatvecArgs& a, int g, int t, int6
 
 // The product's work in block `block` of the n_blocks that compute it (of group blockIdx.y): matvec_kernel's body,
 // and either half of matvec_pair_kernel's grid.
-template <int T, int NB>
+template <int T, int NB, bool SPLIT = false>
 __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, int n_blocks) {
     constexpr int RPW = rows_per_warp<NB>(), SPS = WT<T>::sps;
     using G = Stage<T, SPS>;
@@ -105,12 +108,18 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
     __shared__ float xinv[kNormRowsMax];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = blockIdx.y;
+    // SPLIT: a cluster's kc blocks (a power of two) take the same row sets, block `rank` of them the columns
+    // rank cols ... (rank + 1) cols - 1.
+    const int kc = SPLIT ? a.kc : 1, lg = SPLIT ? __ffs(kc) - 1 : 0, rank = block & (kc - 1);
+    block >>= lg;
+    n_blocks >>= lg;
+    const int64_t cols = a.cols >> lg;
 
     uint8_t* p = smem;
     uint32_t* tab = (uint32_t*)p;
     p += table_bytes<T>();
     uint8_t* xs = p;
-    p += x_bytes<T>(NB, a.cols, a.x_smem, a.x16);
+    p += x_bytes<T>(NB, cols, a.x_smem, a.x16);
     float* red = (float*)p;
     p += kWarps * RPW * NB * sizeof(float);
     uint8_t* ring = p + (size_t)warp * kDepth * RPW * G::slot;
@@ -119,17 +128,17 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
     const int slot = (block * kWarps + warp) / ks, n_slots = n_blocks * kWarps / ks;
     const int n_rowsets = (int)ceil_div(a.rows, RPW);
     const int n_sets = slot < n_rowsets ? (n_rowsets - 1 - slot) / n_slots + 1 : 0;
-    const int nchunks = (int)ceil_div(a.cols, G::weights);
+    const int nchunks = (int)ceil_div(cols, G::weights);
     const int steps = slice < nchunks ? (nchunks - 1 - slice) / ks + 1 : 0;
-    const int row_bytes = (int)a.row_bytes, last_row = (int)a.rows - 1;
-    const uint8_t* wg = a.w + (size_t)g * a.rows * a.row_bytes;
+    const int row_bytes = (int)a.row_bytes, slice_bytes = row_bytes >> lg, last_row = (int)a.rows - 1;
+    const uint8_t* wg = a.w + (size_t)g * a.rows * a.row_bytes + rank * slice_bytes;
 
     auto plan = [&](int set, int st) {
         Src<RPW> s;
         const int row0 = (slot + set * n_slots) * RPW;
         const int c = slice + st * ks;
         s.k0 = c * G::weights;
-        s.len = min(G::bytes, row_bytes - c * G::bytes);
+        s.len = min(G::bytes, slice_bytes - c * G::bytes);
         s.live = RPW;
         s.seg = 0;
         const uint8_t* base = wg + c * G::bytes;
@@ -140,26 +149,26 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
     auto stream = make_streamer<T, SPS, NB, RPW, true>(ring, lane, n_sets, steps, plan);
     stream.prologue();
     load_tables<T>(tab, a.tab);
-    if (a.norm_w && !a.xq) prefetch_l1(a.norm_w, a.cols);
+    if (a.norm_w && !a.xq) prefetch_l1(a.norm_w, cols);
     pdl_wait();
 
-    const float* xg = a.x + (int64_t)g * a.cols;  // this group's slice of every activation row
+    const float* xg = a.x + (int64_t)g * a.cols + rank * cols;  // this group's (block's) slice of every row
     XView xv{};
     if constexpr (WT<T>::xb != 0) {
         if (a.xq) {
-            copy_block(xs, a.xq + g * act_bytes<T>(a.n_tok, a.cols), act_bytes<T>(a.n_tok, a.cols));
+            copy_block(xs, a.xq + g * act_bytes<T>(a.n_tok, a.cols), act_bytes<T>(a.n_tok, cols));  // kc is 1
             cp_async_wait<0>();
         } else if (a.norm_w) {  // every block norms the rows itself; block 0 writes them out
-            row_norms(xinv, xg, a.x_stride, a.n_tok, a.cols, a.norm_eps, warp, kWarps);
+            row_norms(xinv, xg, a.x_stride, a.n_tok, cols, a.norm_eps, warp, kWarps);
             __syncthreads();
             const RowNorm nrm{xinv, a.norm_w, block == 0 ? a.xn : nullptr};
-            quantize_block<T>(xs, xg, a.x_stride, a.n_tok, a.cols, &nrm);
+            quantize_block<T>(xs, xg, a.x_stride, a.n_tok, cols, &nrm);
         } else {
-            quantize_block<T>(xs, xg, a.x_stride, a.n_tok, a.cols);
+            quantize_block<T>(xs, xg, a.x_stride, a.n_tok, cols);
         }
-        xv = act_view<T>(xs, a.n_tok, a.cols);
+        xv = act_view<T>(xs, a.n_tok, cols);
     } else if (a.x_smem) {
-        const int64_t per = a.cols / 4;  // 16-byte pieces per row
+        const int64_t per = cols / 4;  // 16-byte pieces per row
         for (int64_t i = threadIdx.x; i < a.n_tok * per; i += blockDim.x) {
             const int64_t t = i / per, c = i - t * per;
             cp_async16(xs + 16 * i, xg + t * a.x_stride + 4 * c);
@@ -167,14 +176,14 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
         cp_async_commit();
         cp_async_wait<0>();
         xv.xf = (const float*)xs;
-        xv.xf_tok = a.cols;
+        xv.xf_tok = cols;
     } else if (a.x16) {
         // f16 rows, each scaled by 2^-e so that its largest value lands in [2^14, 2^15) (no overflow, and small
         // rows keep their 11 bits); the flush multiplies by 2^e again (exact).
         for (int t = warp; t < a.n_tok; t += kWarps) {
             const float* xr = xg + t * a.x_stride;
             float amax = 0.0f;
-            for (int64_t k = 4 * lane; k < a.cols; k += 128) {
+            for (int64_t k = 4 * lane; k < cols; k += 128) {
                 const float4 v = *(const float4*)(xr + k);
                 amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
             }
@@ -182,15 +191,15 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
             const int e = f16_scale_exp(amax);
             const float inv = pow2f(-e);
             if (lane == 0) xscale[t] = pow2f(e);
-            __half2* dst = (__half2*)(xs + 2 * t * a.cols);
-            for (int64_t k = 4 * lane; k < a.cols; k += 128) {
+            __half2* dst = (__half2*)(xs + 2 * t * cols);
+            for (int64_t k = 4 * lane; k < cols; k += 128) {
                 const float4 v = *(const float4*)(xr + k);
                 dst[k / 2] = __floats2half2_rn(v.x * inv, v.y * inv);
                 dst[k / 2 + 1] = __floats2half2_rn(v.z * inv, v.w * inv);
             }
         }
         xv.xh = (const __half*)xs;
-        xv.xf_tok = a.cols;
+        xv.xf_tok = cols;
     } else {
         xv.xf = xg;
         xv.xf_tok = a.x_stride;
@@ -200,38 +209,52 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
     auto xview = [&](int) { return &xv; };
     auto flush = [&](int set, float (&acc)[RPW][NB]) {
         const int64_t rs = slot + (int64_t)set * n_slots;
+        // All RPW * NB sums in one shuffle tree: lane i * (32 / N) gets sum i = r NB + t.
+        constexpr int N = RPW * NB;
+        float sums[N];
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
 #pragma unroll
-            for (int t = 0; t < NB; ++t) {
-                if (t >= a.n_tok) break;
-                const float v = warp_sum(acc[r][t]) * (a.x16 ? xscale[t] : 1.0f);
-                const int64_t row = rs * RPW + r;
-                if (ks == 1) {
-                    if (lane == 0 && row < a.rows) *out_at(a, g, t, row) = v;
-                } else if (lane == 0) {
-                    red[(warp * RPW + r) * NB + t] = v;
-                }
-            }
+            for (int t = 0; t < NB; ++t) sums[r * NB + t] = acc[r][t];
+        float v = warp_sums(sums);
+        const int i = lane / (32 / N), r = i / NB, t = i % NB;
+        const int64_t row = rs * RPW + r;
+        if (lane % (32 / N) == 0 && t < a.n_tok) {
+            if (a.x16) v *= xscale[t];
+            if (ks > 1 || SPLIT) red[warp * N + i] = v;
+            else if (row < a.rows) *out_at(a, g, t, row) = v;
+        }
         if (ks > 1) {
             const int first = warp - slice;
             named_barrier(1 + warp / ks, 32 * ks);
-            if (slice == 0 && lane < RPW * NB) {
-                const int r = lane / NB, t = lane % NB;
-                const int64_t row = rs * RPW + r;
-                if (t < a.n_tok && row < a.rows) {
-                    float v = 0.0f;
-                    for (int s = 0; s < ks; ++s) v += red[((first + s) * RPW + r) * NB + t];
-                    *out_at(a, g, t, row) = v;
+            if (slice == 0 && lane < N) {
+                const int64_t lrow = rs * RPW + lane / NB;
+                if (lane % NB < a.n_tok && lrow < a.rows) {
+                    float sum = 0.0f;
+                    for (int s = 0; s < ks; ++s) sum += red[(first + s) * N + lane];
+                    *out_at(a, g, lane % NB, lrow) = sum;
                 }
             }
             named_barrier(1 + warp / ks, 32 * ks);  // partials read before the next set overwrites them
         }
     };
-    stream.run(a.cols, a.n_tok, tab, xview, flush);
+    stream.run(cols, a.n_tok, tab, xview, flush);
+    if constexpr (SPLIT) {  // one set per warp (ks 1): block q of the cluster adds up the slices of warps w % kc == q
+        cluster_sync();
+        constexpr int per = RPW * NB;
+        for (int i = threadIdx.x; i < kWarps * per; i += blockDim.x) {
+            const int w = i / per, r = i % per / NB, t = i % NB;
+            const int64_t row = ((int64_t)block * kWarps + w) * RPW + r;
+            if (w % kc != rank || t >= a.n_tok || row >= a.rows) continue;
+            float v = 0.0f;
+            for (int q = 0; q < kc; ++q) v += cluster_at(red, q)[i];
+            *out_at(a, g, t, row) = v;
+        }
+        cluster_sync();  // no block leaves while another reads its partial sums
+    }
 }
 
-template <int T, int NB, bool JOB = false>
+template <int T, int NB, bool JOB = false, bool SPLIT = false>
 __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
     pdl_trigger();
     const int n_blocks = (int)gridDim.x - (JOB ? a.job.blocks : 0);  // the product's
@@ -246,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
             return;
         }
     }
-    matvec_blocks<T, NB>(a, blockIdx.x, n_blocks);
+    matvec_blocks<T, NB, SPLIT>(a, blockIdx.x, n_blocks);
 }
 
 // Two products of the same activation rows in one launch (one group): the first a.blocks blocks compute a, the
@@ -290,6 +313,40 @@ int64_t plan_ks(MatvecArgs& a, int64_t warps) {
     return ceil_div(std::min(sets * a.ks, warps), kWarps);
 }
 
+// The K split (matvec_kernel's SPLIT: float weights, 2+ tokens, sm_90): clusters of kc blocks take the same row
+// sets, each a kc-th of the columns (whole stages), so that each block stages only its slice of the activations
+// (f32 where the whole rows would need f16, or did not fit at all); the slices' sums meet in distributed shared
+// memory, added in slice order. The router's product at 8 tokens: 9.1 -> 7.7 us (H200). Planned where every warp
+// has one row set (one wave of clusters) and the split uses no fewer blocks than the plan without it (min_blocks):
+// the largest kc of 8, 4, 2 that does. Launches it and returns true with the launch's error in e, or returns false.
+template <int T, int NB>
+bool launch_kc(cudaStream_t s, MatvecArgs a, int groups, int64_t min_blocks, cudaError_t& e) {
+    if constexpr (WT<T>::xb != 0 || NB < 2) {
+        return false;
+    } else {
+        if (props().cc < 90) return false;
+        auto kernel = matvec_kernel<T, NB, false, true>;
+        const int64_t row_blocks = ceil_div(ceil_div(a.rows, rows_per_warp<NB>()), kWarps);
+        for (int kc = 8; kc >= 2; kc /= 2) {
+            if (a.cols % (kc * Stage<T, WT<T>::sps>::weights) || row_blocks * kc < min_blocks) continue;
+            MatvecArgs k = a;
+            k.cols = a.cols / kc;
+            const size_t smem = stage_x<T, NB>(k);
+            if ((int64_t)cluster_fit(kernel, dim3(kc), dim3(kThreads), smem) < row_blocks * groups) continue;
+            a.kc = kc;
+            a.ks = 1;
+            a.x_smem = k.x_smem;
+            a.x16 = k.x16;
+            e = allow_smem(kernel, smem);
+            if (e == cudaSuccess)
+                e = launch_cluster(dim3(kc), kernel, dim3((unsigned)(row_blocks * kc), groups), dim3(kThreads), smem,
+                                   s, a);
+            return true;
+        }
+        return false;
+    }
+}
+
 // JOB: a.job.blocks more blocks, resident with the product's.
 template <int T, int NB, bool JOB = false>
 cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
@@ -300,6 +357,8 @@ cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
     const int jobs = JOB ? a.job.blocks : 0;
     const int64_t warps = (int64_t)std::max(1, resident_blocks(kernel, kThreads, smem) / groups - jobs) * kWarps;
     const int64_t blocks = plan_ks<T, NB>(a, warps) + jobs;
+    if constexpr (!JOB)
+        if (a.n_tok >= 2 && launch_kc<T, NB>(s, a, groups, blocks, e)) return e;
     return launch(kernel, dim3((unsigned)blocks, groups), dim3(kThreads), smem, s, a);
 }
 

@@ -231,7 +231,8 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     // set, a tenth of the stages' at 8 tokens, where a warp takes ~30 sets).
     float kept = 0.0f;
     auto flush = [&](int set, float (&acc)[RPW][1]) {
-        const float v = warp_sum_halves(acc[0][0], acc[1][0]);
+        float both[2] = {acc[0][0], acc[1][0]};
+        const float v = warp_sums(both);
         if ((lane & 15) == (set & 15)) kept = v;
         if ((set & 15) == 15 || set == n_sets - 1) {
             const float u = __shfl_down_sync(0xffffffffu, kept, 16);

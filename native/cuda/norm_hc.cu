@@ -100,7 +100,7 @@ constexpr int kMixCols = 512, kMixPos = kMixCols / kHc;  // columns and position
 constexpr int kMixTok = 16, kMixThreads = 256, kMixWarps = kMixThreads / 32;
 constexpr int kMixRows = 3;  // rows per warp
 static_assert(kMixRows * kMixWarps >= 2 * kHc + kHc * kHc, "hc_mix: 24 rows need 3 per warp");
-static_assert(kMixRows + 1 == 4, "hc_mix: a warp reduces its rows and a sum of squares with warp_sum4");
+static_assert(kMixRows + 1 == 4, "hc_mix: a warp reduces its rows and a sum of squares with warp_sums");
 
 // A token's partials of one row (or of the sum of squares) are contiguous, padded to whole float4s: hc_finish
 // reads them with 16-byte loads.
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(kMixThreads, 3) hc_mix_kernel(float* part, flo
 #pragma unroll
         for (int q = 0; q < kMixRows; ++q) s[q] = dot16(w[q], v);
         s[kMixRows] = ss ? sumsq16(v) : 0.0f;
-        const float sum = warp_sum4(s);
+        const float sum = warp_sums(s);
         if (row_out || (ss && lane == 8 * kMixRows)) out[t * out_step] = sum;
     }
 }
@@ -487,7 +487,7 @@ __global__ void __launch_bounds__(kClThreads, 2)
         } else {
             s[kMixRows] = 0.0f;
         }
-        const float sum = warp_sum4(s);  // lane 8 k: row rg + 8 k (k < 3), the fourth sum (k = 3)
+        const float sum = warp_sums(s);  // lane 8 k: row rg + 8 k (k < 3), the fourth sum (k = 3)
         const int k = lane / 8;
         if (lane % 8 == 0 && k < kMixRows) halves[ch][rg + 8 * k] = sum;
         if (lane == 8 * kMixRows && rg == 0) halves[ch][kClMix - 1] = sum;
