@@ -101,7 +101,7 @@ __device__ __forceinline__ float* out_at(const MatvecArgs& a, int g, int t, int6
 // and either half of matvec_pair_kernel's grid.
 template <int T, int NB, bool SPLIT = false>
 __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, int n_blocks) {
-    constexpr int RPW = rows_per_warp<NB>(), SPS = WT<T>::sps;
+    constexpr int RPW = rows_per_warp<NB>(), SPS = WT<T>::sps, N = RPW * NB;  // N: a set's sums
     using G = Stage<T, SPS>;
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float xscale[16];
@@ -121,7 +121,7 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
     uint8_t* xs = p;
     p += x_bytes<T>(NB, cols, a.x_smem, a.x16);
     float* red = (float*)p;
-    p += kWarps * RPW * NB * sizeof(float);
+    p += kWarps * N * sizeof(float);
     uint8_t* ring = p + (size_t)warp * kDepth * RPW * G::slot;
 
     const int ks = a.ks, slice = warp % ks;
@@ -209,8 +209,7 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
     auto xview = [&](int) { return &xv; };
     auto flush = [&](int set, float (&acc)[RPW][NB]) {
         const int64_t rs = slot + (int64_t)set * n_slots;
-        // All RPW * NB sums in one shuffle tree: lane i * (32 / N) gets sum i = r NB + t.
-        constexpr int N = RPW * NB;
+        // All N sums in one shuffle tree: lane i * (32 / N) gets sum i = r NB + t.
         float sums[N];
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
@@ -241,9 +240,8 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
     stream.run(cols, a.n_tok, tab, xview, flush);
     if constexpr (SPLIT) {  // one set per warp (ks 1): block q of the cluster adds up the slices of warps w % kc == q
         cluster_sync();
-        constexpr int per = RPW * NB;
-        for (int i = threadIdx.x; i < kWarps * per; i += blockDim.x) {
-            const int w = i / per, r = i % per / NB, t = i % NB;
+        for (int i = threadIdx.x; i < kWarps * N; i += blockDim.x) {
+            const int w = i / N, r = i % N / NB, t = i % NB;
             const int64_t row = ((int64_t)block * kWarps + w) * RPW + r;
             if (w % kc != rank || t >= a.n_tok || row >= a.rows) continue;
             float v = 0.0f;
@@ -324,7 +322,7 @@ bool launch_kc(cudaStream_t s, MatvecArgs a, int groups, int64_t min_blocks, cud
     if constexpr (WT<T>::xb != 0 || NB < 2) {
         return false;
     } else {
-        if (props().cc < 90) return false;
+        if (a.n_tok < 2 || props().cc < 90) return false;  // NB 2 also serves one token over short rows
         auto kernel = matvec_kernel<T, NB, false, true>;
         const int64_t row_blocks = ceil_div(ceil_div(a.rows, rows_per_warp<NB>()), kWarps);
         for (int kc = 8; kc >= 2; kc /= 2) {
@@ -358,7 +356,7 @@ cudaError_t matvec_launch(cudaStream_t s, MatvecArgs a, int groups) {
     const int64_t warps = (int64_t)std::max(1, resident_blocks(kernel, kThreads, smem) / groups - jobs) * kWarps;
     const int64_t blocks = plan_ks<T, NB>(a, warps) + jobs;
     if constexpr (!JOB)
-        if (a.n_tok >= 2 && launch_kc<T, NB>(s, a, groups, blocks, e)) return e;
+        if (launch_kc<T, NB>(s, a, groups, blocks, e)) return e;
     return launch(kernel, dim3((unsigned)blocks, groups), dim3(kThreads), smem, s, a);
 }
 
