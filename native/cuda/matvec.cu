@@ -873,7 +873,7 @@ cudaError_t ds4_cuda_matvec_quantizing(cudaStream_t s, float* y, const void* w, 
     MatvecArgs a{y, rows, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x, cols, 1, 1,
                  iq2_tables(), nullptr, false, false};
     const int64_t n = q_rows * q_cols;
-    a.job = {q_x, (uint8_t*)q_work, q_rows, (int)ceil_div(n / 256, kWarps * 4), q_cols};
+    a.job = {q_x, (uint8_t*)q_work, q_rows, (int)ceil_div(n / 256, kWarps * quantize_per_warp<256>), q_cols};
     if (type == TYPE_Q8_0 && nb_of<TYPE_Q8_0>(1, cols) == 1) return matvec_launch<TYPE_Q8_0, 1, true>(s, a, 1);
     e = matvec_run(s, a, type, 1, nullptr);  // elsewhere: the product, then the quantizer
     if (e != cudaSuccess) return e;
@@ -889,6 +889,7 @@ cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t*
         return invalid("quantize_act: kind must be 32 or 256, cols a positive multiple of it, n_tok >= 1");
     if ((uintptr_t)x % 16 || x_stride % 4) return invalid("quantize_act: x must be 16-byte aligned rows");
     const int64_t blocks = n_tok * (cols / kind);
-    const int grid = (int)std::min<int64_t>(ceil_div(blocks, kWarps * (kind == 32 ? 32 : 4)), 4 * props().sms);
+    const int per_warp = kind == 32 ? quantize_per_warp<32> : quantize_per_warp<256>;
+    const int grid = (int)std::min<int64_t>(ceil_div(blocks, kWarps * per_warp), 4 * props().sms);
     return launch(quantize_kernel, dim3(grid), dim3(kThreads), 0, s, qs, d, bsums, x, x_stride, n_tok, cols, kind);
 }

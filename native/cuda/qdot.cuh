@@ -144,28 +144,33 @@ __device__ __forceinline__ void row_norms(float* inv, const float* x, int64_t x_
 // The act8 quantizers of ds4_quant.h, every operation rounded as on the CPU (so the int8 values and scales are
 // bit for bit those of ds4d._cpu.quantize_act). Row i of x is at x + i * x_stride; the outputs are dense rows
 // (qs: cols, d: cols / XB, bs: cols / 16). A Q8_0 block (32 values) is one lane's: its 8 float4 loads are in
-// flight together and its maximum needs no shuffles; a Q8_K block (256) is 8 lanes', 32 values each, and meets in
-// 3 shuffles. Called by all warps of a block (or of a grid: `first`/`step` are the warp's index and the number of
-// warps); a warp takes 32 (Q8_0) or 4 (Q8_K) consecutive blocks at a time. With nrm, the rows are normed first.
+// flight together and its maximum needs no shuffles; a Q8_K block (256) is a warp's, 8 values a lane, and meets in
+// 5 shuffles (as 8 lanes of 32 values each, its search for the largest value was a chain of 31 steps per lane: a
+// pass over 6 x 2048 values took a block of 12 warps ~5 us). Called by all warps of a block (or of a grid:
+// `first`/`step` are the warp's index and the number of warps); a warp takes quantize_per_warp<XB> consecutive
+// blocks at a time. With nrm, the rows are normed first.
+template <int XB>
+constexpr int quantize_per_warp = XB == 32 ? 32 : 1;
 template <int XB>
 __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_rows,
                               int64_t cols, int first, int step, const RowNorm* nrm = nullptr) {
-    constexpr int kLanes = XB / 32;            // lanes per block
-    constexpr int kPerWarp = 32 / kLanes;      // blocks per warp and pass
+    constexpr int kPerWarp = quantize_per_warp<XB>;  // blocks per warp and pass
+    constexpr int kLanes = 32 / kPerWarp;             // lanes per block
+    constexpr int V = XB / kLanes;                    // values per lane
     const int lane = threadIdx.x & 31, sub = lane % kLanes;
     const int64_t per_row = cols / XB, total = n_rows * per_row;
     for (int64_t b0 = (int64_t)first * kPerWarp; b0 < total; b0 += (int64_t)step * kPerWarp) {
         const int64_t blk = b0 + lane / kLanes;
         const bool on = blk < total;
         const int64_t row = (on ? blk : 0) / per_row, b = (on ? blk : 0) - row * per_row;
-        const float* src = x + row * x_stride + b * XB + 32 * sub;
-        float v[32];
+        const float* src = x + row * x_stride + b * XB + V * sub;
+        float v[V];
         if (on) {
 #pragma unroll
-            for (int k = 0; k < 8; ++k) {
+            for (int k = 0; k < V / 4; ++k) {
                 float4 f = *(const float4*)(src + 4 * k);
                 if (nrm) {
-                    const int64_t col = b * XB + 32 * sub + 4 * k;
+                    const int64_t col = b * XB + V * sub + 4 * k;
                     const float4 g = *(const float4*)(nrm->w + col);
                     const float r = nrm->inv[row];
                     f = make_float4(f.x * r * g.x, f.y * r * g.y, f.z * r * g.z, f.w * r * g.w);
@@ -175,7 +180,7 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
             }
         } else {
 #pragma unroll
-            for (int k = 0; k < 32; ++k) v[k] = 0.0f;
+            for (int k = 0; k < V; ++k) v[k] = 0.0f;
         }
         float scale_inv, dd;  // what multiplies x, and the block's d
         if constexpr (XB == 32) {
@@ -187,10 +192,10 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
         } else {
             // Q8_K: m = the value of largest |x| (the first on ties); iscale = -127 / m; d = 1 / iscale.
             float best = v[0];
-            int at = 32 * sub;
+            int at = V * sub;
 #pragma unroll
-            for (int k = 1; k < 32; ++k)
-                if (fabsf(v[k]) > fabsf(best)) best = v[k], at = 32 * sub + k;
+            for (int k = 1; k < V; ++k)
+                if (fabsf(v[k]) > fabsf(best)) best = v[k], at = V * sub + k;
 #pragma unroll
             for (int o = 1; o < kLanes; o <<= 1) {
                 const float ob = __shfl_xor_sync(0xffffffffu, best, o);
@@ -200,29 +205,29 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
             scale_inv = best == 0.0f ? 0.0f : -127.0f / best;
             dd = best == 0.0f ? 0.0f : 1.0f / scale_inv;
         }
-        if (!on) continue;
-        uint32_t w[8];
-        int sum0 = 0, sum1 = 0;  // Q8_K: the two 16-value sums of this lane's 32
+        if (!on) continue;  // Q8_K: the whole warp's block (kPerWarp 1)
+        uint32_t w[V / 4];
+        int sum = 0;  // Q8_K: the lane's half of a 16-value sum
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
+        for (int k = 0; k < V / 4; ++k) {
             w[k] = 0;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int q = XB == 32 ? q8_0_value(v[4 * k + j], scale_inv)
                                        : (int)fminf(rintf(__fmul_rn(v[4 * k + j], scale_inv)), 127.0f);
                 w[k] |= ((uint32_t)q & 255u) << (8 * j);
-                if (k < 4) sum0 += q;
-                else sum1 += q;
+                sum += q;
             }
         }
-        uint4* dst = (uint4*)(qs + row * cols + b * XB + 32 * sub);
-        dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-        dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+        uint4* dst = (uint4*)(qs + row * cols + b * XB + V * sub);
+#pragma unroll
+        for (int k = 0; k < V / 16; ++k) dst[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+        if constexpr (V % 16) *(uint2*)(dst + V / 16) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
         if (sub == 0) d[row * per_row + b] = dd;
         if constexpr (XB == 256) {
-            int16_t* bp = bs + row * (cols / 16) + b * 16 + 2 * sub;
-            bp[0] = (int16_t)sum0;
-            bp[1] = (int16_t)sum1;
+            static_assert(V == 8, "Q8_K: a 16-value sum is two lanes'");
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            if ((sub & 1) == 0) bs[row * (cols / 16) + b * 16 + sub / 2] = (int16_t)sum;
         }
     }
 }
@@ -275,7 +280,7 @@ cudaError_t quantize_groups(cudaStream_t s, uint8_t* work, const float* x, int64
                             float* xn = nullptr) {
     constexpr int xb = WT<T>::xb;
     const int64_t blocks = n_rows * (cols / xb);  // per group
-    const int gx = (int)std::min<int64_t>(ceil_div(blocks, kWarps * (xb == 32 ? 32 : 4)), props().sms);
+    const int gx = (int)std::min<int64_t>(ceil_div(blocks, kWarps * quantize_per_warp<xb>), props().sms);
     return launch(quantize_groups_kernel<xb>, dim3(gx, groups), dim3(kThreads), 0, s, work, x, group_stride, x_stride,
                   n_rows, cols, act_bytes<T>(n_rows, cols), norm_w, eps, xn);
 }
