@@ -156,7 +156,7 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
     XView xv{};
     if constexpr (WT<T>::xb != 0) {
         if (a.xq) {
-            copy_block(xs, a.xq + g * act_bytes<T>(a.n_tok, a.cols), act_bytes<T>(a.n_tok, cols));  // kc is 1
+            copy_act<T>(xs, a.xq + g * act_bytes<T>(a.n_tok, a.cols), a.n_tok, cols);  // kc is 1
             cp_async_wait<0>();
         } else if (a.norm_w) {  // every block norms the rows itself; block 0 writes them out
             row_norms(xinv, xg, a.x_stride, a.n_tok, cols, a.norm_eps, warp, kWarps);

@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
         // h as Q8_0 for the shared expert (in the space of its Q8_K form, written after the barrier below), then
         // its pairs, exactly as the products path computes them (ds4_cuda_matvec and ds4_cuda_swiglu).
         const XView xv = act_view<TYPE_Q8_0>(xs, 1, a.cols);
-        quantize_rows<32>((int8_t*)xv.qs, (float*)xv.d, nullptr, a.x + (int64_t)t * a.x_stride, a.x_stride, 1, a.cols,
-                          warp - 1, WARPS - 1);
+        quantize_rows<32, true>((int8_t*)xv.qs, (float*)xv.d, nullptr, a.x + (int64_t)t * a.x_stride, a.x_stride, 1,
+                                a.cols, warp - 1, WARPS - 1);
         named_barrier(1, 32 * (WARPS - 1));
         const int sh_steps = sh ? (int)ceil_div(a.cols, ShStage::weights) : 0;
         for (int o = sh_first; sh && o < a.sh_rows; o += sh_step) {
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     const bool copy_x = WT<T>::xb != 0 && a.xq;
     if (copy_x) {  // before the weights' first stages, so that they queue behind it
         const size_t n = act_bytes<T>(a.n_used, a.cols);
-        copy_block(xs, a.xq + t * n, n);
+        copy_act<T>(xs, a.xq + t * n, a.n_used, a.cols);
     }
     __syncthreads();
 #pragma unroll

@@ -97,6 +97,19 @@ struct XView {
     int64_t xf_tok;
 };
 
+// Quantized activations that stage_dot reads from shared memory (quantize_block, copy_act) keep the two 16-byte
+// halves of every 32-value unit swapped where the unit's index in its row has bit 2 set: act_swz maps a byte's
+// offset in its row to where it lies. Lane i reads unit i + 32 j, so the first halves of a warp's units then fall
+// on every bank (lanes i and i + 4 were 128 bytes apart: each 16-byte load of the activations took 8 wavefronts
+// instead of 4); act_half(lane) is where a lane's first half lies in its unit. Planes in global memory (the
+// workspaces, ds4_cuda_quantize_act) keep the CPU's order.
+__host__ __device__ constexpr int64_t act_swz(int64_t k) {
+    return k ^ ((k >> 3) & 16);
+}
+__device__ __forceinline__ int act_half(int lane) {
+    return (lane & 4) << 2;
+}
+
 // Points a view at n rows of `cols` quantized activations laid out by act_bytes (row-major planes).
 template <int T>
 __device__ __forceinline__ XView act_view(uint8_t* base, int n, int64_t cols) {
@@ -151,7 +164,7 @@ __device__ __forceinline__ void row_norms(float* inv, const float* x, int64_t x_
 // blocks at a time. With nrm, the rows are normed first.
 template <int XB>
 constexpr int quantize_per_warp = XB == 32 ? 32 : 1;
-template <int XB>
+template <int XB, bool SWZ = false>
 __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_rows,
                               int64_t cols, int first, int step, const RowNorm* nrm = nullptr) {
     constexpr int kPerWarp = quantize_per_warp<XB>;  // blocks per warp and pass
@@ -219,10 +232,13 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
                 sum += q;
             }
         }
-        uint4* dst = (uint4*)(qs + row * cols + b * XB + V * sub);
+        int8_t* dst = qs + row * cols;
+        const int64_t at = b * XB + V * sub;  // in the row
 #pragma unroll
-        for (int k = 0; k < V / 16; ++k) dst[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
-        if constexpr (V % 16) *(uint2*)(dst + V / 16) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
+        for (int k = 0; k < V / 16; ++k)
+            *(uint4*)(dst + (SWZ ? act_swz(at + 16 * k) : at + 16 * k)) =
+                make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+        if constexpr (V % 16) *(uint2*)(dst + (SWZ ? act_swz(at) : at)) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
         if (sub == 0) d[row * per_row + b] = dd;
         if constexpr (XB == 256) {
             static_assert(V == 8, "Q8_K: a 16-value sum is two lanes'");
@@ -232,16 +248,16 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
     }
 }
 
-// Quantizes n rows into shared memory laid out for act_view, using every thread of the block (normed first with
-// nrm).
+// Quantizes n rows into shared memory laid out for act_view (the units' halves by act_swz), using every thread of
+// the block (normed first with nrm).
 template <int T>
 __device__ __forceinline__ void quantize_block(uint8_t* base, const float* x, int64_t x_stride, int n, int64_t cols,
                                                const RowNorm* nrm = nullptr) {
     constexpr int xb = WT<T>::xb;
     if constexpr (xb != 0) {
         const XView v = act_view<T>(base, n, cols);
-        quantize_rows<xb>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, x, x_stride, n, cols, threadIdx.x >> 5,
-                          blockDim.x >> 5, nrm);
+        quantize_rows<xb, true>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, x, x_stride, n, cols, threadIdx.x >> 5,
+                                blockDim.x >> 5, nrm);
     }
 }
 
@@ -287,8 +303,9 @@ cudaError_t quantize_groups(cudaStream_t s, uint8_t* work, const float* x, int64
 
 // ---- per-unit dot products -------------------------------------------------------------------------------------
 
-__device__ __forceinline__ int dot8(const int (&w)[8], const int8_t* x) {
-    const int4 a = *(const int4*)x, b = *(const int4*)(x + 16);
+// x: the unit's activations in shared memory, its first half at x + h (act_half) and its second at x + (h ^ 16).
+__device__ __forceinline__ int dot8(const int (&w)[8], const int8_t* x, int h) {
+    const int4 a = *(const int4*)(x + h), b = *(const int4*)(x + (h ^ 16));
     int s0 = __dp4a(w[0], a.x, 0), s1 = __dp4a(w[1], a.y, 0);
     s0 = __dp4a(w[2], a.z, s0), s1 = __dp4a(w[3], a.w, s1);
     s0 = __dp4a(w[4], b.x, s0), s1 = __dp4a(w[5], b.y, s1);
@@ -303,8 +320,8 @@ __device__ __forceinline__ int dp4a_us(int w, int x, int c) {
 }
 // The two halves (weights 0-15, 16-31) separately, for Q2_K's two sub-blocks per unit; its weights are unsigned
 // bytes (the 2-bit values in place, up to 3 << 6: decode_unit's IN_PLACE).
-__device__ __forceinline__ int2 dot8_halves(const int (&w)[8], const int8_t* x) {
-    const int4 a = *(const int4*)x, b = *(const int4*)(x + 16);
+__device__ __forceinline__ int2 dot8_halves(const int (&w)[8], const int8_t* x, int h) {
+    const int4 a = *(const int4*)(x + h), b = *(const int4*)(x + (h ^ 16));
     int s0 = dp4a_us(w[0], a.x, 0), s1 = dp4a_us(w[1], a.y, 0);
     int s2 = dp4a_us(w[4], b.x, 0), s3 = dp4a_us(w[5], b.y, 0);
     s0 = dp4a_us(w[2], a.z, s0), s1 = dp4a_us(w[3], a.w, s1);
@@ -523,6 +540,7 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
             }
         }
     } else {
+        const int xh = act_half(lane);
         UnitAt at0[RPW];  // lane's first unit of each row (IQ2_XXS)
 #pragma unroll
         for (int r = 0; r < RPW; ++r) at0[r] = unit_at<T == TYPE_IQ2_XXS ? T : TYPE_Q2_K, FULL>(rp[r], lane);
@@ -555,23 +573,23 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
                     const int8_t* xq = x.qs + t * x.qs_tok + kw;
                     if constexpr (T == TYPE_Q8_0) {
                         const float dx = x.d[t * x.d_tok + kw / 32];
-                        acc[r][t] = fmaf(dw[r] * dx, (float)dot8(q[r], xq), acc[r][t]);
+                        acc[r][t] = fmaf(dw[r] * dx, (float)dot8(q[r], xq, xh), acc[r][t]);
                     } else if constexpr (T == TYPE_Q4_K) {
                         const float dx = x.d[t * x.d_tok + kw / 256];
                         const int16_t* bsp = x.bs + t * x.bs_tok + kw / 16;
                         const int bsum = bsp[0] + bsp[1];
-                        acc[r][t] += fmaf(dw[r] * dx, (float)(isc[r] * dot8(q[r], xq)),
+                        acc[r][t] += fmaf(dw[r] * dx, (float)(isc[r] * dot8(q[r], xq, xh)),
                                           -(dm[r] * dx) * (float)(imn[r] * bsum));
                     } else if constexpr (T == TYPE_Q2_K) {
                         const float dx = x.d[t * x.d_tok + kw / 256];
                         const int16_t* bsp = x.bs + t * x.bs_tok + kw / 16;
-                        const int2 h = dot8_halves(q[r], xq);  // the values in place: 4^(u & 3) times
+                        const int2 h = dot8_halves(q[r], xq, xh);  // the values in place: 4^(u & 3) times
                         const int isum = ((isc[r] & 15) * h.x + (imn[r] & 15) * h.y) >> (2 * (u & 3));
                         const int msum = (isc[r] >> 4) * bsp[0] + (imn[r] >> 4) * bsp[1];
                         acc[r][t] += fmaf(dw[r] * dx, (float)isum, -(dm[r] * dx) * (float)msum);
                     } else {
                         const float dx = x.d[t * x.d_tok + kw / 256];
-                        acc[r][t] = fmaf(dw[r] * dx, (float)(isc[r] * dot8(q[r], xq)), acc[r][t]);
+                        acc[r][t] = fmaf(dw[r] * dx, (float)(isc[r] * dot8(q[r], xq, xh)), acc[r][t]);
                     }
                 }
             }
@@ -608,10 +626,19 @@ __device__ __forceinline__ void copy_range(uint32_t dst, const uint8_t* src, int
         if (lane + 32 * k < n16) cp_async16_s(dst + 512 * k, a0 + 512 * k);
 }
 
-// Copies `bytes` (a multiple of 16) from global to shared memory with every thread of the block, as one more
-// cp.async group.
-__device__ __forceinline__ void copy_block(uint8_t* dst, const uint8_t* src, int64_t bytes) {
-    for (int64_t i = 16 * threadIdx.x; i < bytes; i += 16 * blockDim.x) cp_async16(dst + i, src + i);
+// Copies n rows of quantized activations (act_bytes<T>(n, cols), the CPU's order) from global to shared memory for
+// stage_dot (the qs plane's units by act_swz) with every thread of the block, as one more cp.async group.
+template <int T>
+__device__ __forceinline__ void copy_act(uint8_t* dst, const uint8_t* src, int n, int64_t cols) {
+    const int64_t bytes = act_bytes<T>(n, cols), qs = n * cols;
+    for (int64_t i = 16 * threadIdx.x; i < bytes; i += 16 * blockDim.x) {
+        int64_t to = i;
+        if (i < qs) {  // rows of whole 256-value blocks start at a multiple of 256 (bit 7 of the offset is the row's)
+            const int64_t r = WT<T>::xb == 256 ? 0 : (int)i / (int)cols;
+            to = r * cols + act_swz(i - r * cols);
+        }
+        cp_async16(dst + to, src + i);
+    }
     cp_async_commit();
 }
 
