@@ -16,9 +16,10 @@
 //
 // How a stage is computed. The unit of work is 32 consecutive weights of a row (one Q8_0 block, one Q4_K /
 // IQ2_XXS sub-block, two Q2_K sub-blocks, or 32 floats/halves): lane i takes units i, i + 32, ... of the stage,
-// so the activations a warp reads at once are contiguous (no bank conflicts). Quantized types take 8 exact dp4a
-// products per unit and token against the int8 activations, then one f32 scale step per unit; float types take
-// f32 FMAs. Each lane accumulates its units in f32; the kernel's flush reduces the warp.
+// so the activations a warp reads at once are contiguous (their halves swizzled, act_swz: no bank conflicts).
+// Quantized types take 8 exact dp4a products per unit and token against the int8 activations, then one f32 scale
+// step per unit; float types take f32 FMAs. Each lane accumulates its units in f32; the kernel's flush reduces the
+// warp.
 #pragma once
 #include "common.cuh"
 
