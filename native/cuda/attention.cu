@@ -212,19 +212,20 @@ __global__ void __launch_bounds__(32 * kHeads, 4) attention_split_kernel(AttnArg
         *(float4*)(part + 4 + DL * lane + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);
 }
 
-// One block per (head, token): M = max(sink, split maxima); out = sum_s e^(m_s - M) o_s / (e^(sink - M) +
-// sum_s e^(m_s - M) l_s). The splits' (m, l) are read once into shared memory (all in flight together), and each
-// thread's o pieces are loaded kCombineBatch splits at a time before they are summed. A token with no row at all
-// gets 0 (only the sink). With xq, each 32 values also leave as a Q8_0 block (the block's 8 threads find its
-// maximum in 3 shuffles): the output projection's activations without a quantize launch before it.
-constexpr int kCombineBatch = 8;
+// One block per (head, token), a thread per 4 dims: M = max(sink, split maxima); out = sum_s e^(m_s - M) o_s /
+// (e^(sink - M) + sum_s e^(m_s - M) l_s). The loads of the splits' (m, l) and of the thread's o pieces of the first
+// kCombineAhead splits go out together (one trip to L2 where there are no more splits: 2K contexts have 4-20), then
+// one barrier; every thread forms M, the weights and the denominator itself (in the order a single thread would)
+// while it sums; later splits' o pieces are loaded kCombineBatch at a time. A token with no row at all gets 0 (only
+// the sink). With xq, each 32 values also leave as a Q8_0 block (the block's 8 threads find its maximum in 3
+// shuffles): the output projection's activations without a quantize launch before it.
+constexpr int kCombineAhead = 24, kCombineBatch = 8;
 
-__global__ void attention_combine_kernel(AttnArgs a) {
-    extern __shared__ float sw[];  // per split: weight e^(m_s - M) (0 for a split with no valid row), then l_s
-    __shared__ float inv_den;
+__global__ void __launch_bounds__(128) attention_combine_kernel(AttnArgs a) {
+    extern __shared__ float sw[];  // per split: m_s, then l_s
     pdl_trigger();
     pdl_wait();
-    const int h = blockIdx.x, t = blockIdx.y, stride = a.dim + 4;
+    const int h = blockIdx.x, t = blockIdx.y, stride = a.dim + 4, d = 4 * threadIdx.x;
     int n_raw;
     const int n_split = split_count(row_count(a, t, n_raw), a.raw_cap, a.tiles);
     const float* part = a.part + ((int64_t)t * a.n_head + h) * a.n_split * stride;
@@ -232,55 +233,63 @@ __global__ void attention_combine_kernel(AttnArgs a) {
         sw[s] = part[s * stride];
         sw[n_split + s] = part[s * stride + 1];
     }
+    const bool live = d < a.dim;
+    float4 o[kCombineAhead];
+#pragma unroll
+    for (int k = 0; k < kCombineAhead; ++k)
+        if (live && k < n_split) o[k] = *(const float4*)(part + k * stride + 4 + d);
     __syncthreads();
+    if (!live) return;
     const float sink = a.sinks[h];
     float M = sink;
     for (int s = 0; s < n_split; ++s) M = fmaxf(M, sw[s]);
-    __syncthreads();
-    for (int s = threadIdx.x; s < n_split; s += blockDim.x) sw[s] = sw[s] == -INFINITY ? 0.0f : expf(sw[s] - M);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float den = expf(sink - M);
-        for (int s = 0; s < n_split; ++s) den += sw[s] * sw[n_split + s];
-        inv_den = 1.0f / den;
+    float den = expf(sink - M);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    auto add = [&](float w, const float4& v) {
+        acc.x = fmaf(w, v.x, acc.x), acc.y = fmaf(w, v.y, acc.y);
+        acc.z = fmaf(w, v.z, acc.z), acc.w = fmaf(w, v.w, acc.w);
+    };
+    auto weight = [&](int s) { return sw[s] == -INFINITY ? 0.0f : expf(sw[s] - M); };
+#pragma unroll
+    for (int k = 0; k < kCombineAhead; ++k) {
+        if (k >= n_split) break;
+        const float w = weight(k);
+        den += w * sw[n_split + k];
+        if (w != 0.0f) add(w, o[k]);
     }
-    __syncthreads();
-    for (int d = 4 * threadIdx.x; d < a.dim; d += 4 * blockDim.x) {
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s0 = 0; s0 < n_split; s0 += kCombineBatch) {
-            float4 o[kCombineBatch];
+    for (int s0 = kCombineAhead; s0 < n_split; s0 += kCombineBatch) {
+        float4 ob[kCombineBatch];
 #pragma unroll
-            for (int k = 0; k < kCombineBatch; ++k)
-                if (s0 + k < n_split && sw[s0 + k] != 0.0f) o[k] = *(const float4*)(part + (s0 + k) * stride + 4 + d);
+        for (int k = 0; k < kCombineBatch; ++k)
+            if (s0 + k < n_split) ob[k] = *(const float4*)(part + (s0 + k) * stride + 4 + d);
 #pragma unroll
-            for (int k = 0; k < kCombineBatch; ++k) {
-                if (s0 + k >= n_split) break;
-                const float w = sw[s0 + k];
-                if (w == 0.0f) continue;
-                acc.x = fmaf(w, o[k].x, acc.x), acc.y = fmaf(w, o[k].y, acc.y);
-                acc.z = fmaf(w, o[k].z, acc.z), acc.w = fmaf(w, o[k].w, acc.w);
-            }
+        for (int k = 0; k < kCombineBatch; ++k) {
+            if (s0 + k >= n_split) break;
+            const float w = weight(s0 + k);
+            den += w * sw[n_split + s0 + k];
+            if (w != 0.0f) add(w, ob[k]);
         }
-        float4 r = make_float4(acc.x * inv_den, acc.y * inv_den, acc.z * inv_den, acc.w * inv_den);
-        if (a.rope_pos && d >= a.dim - a.n_rot) {  // V's rotated tail back (rope_kernel's inverse, two pairs)
-            const int j = (d - (a.dim - a.n_rot)) / 2;
-            float c0, s0, c1, s1;
-            rope_angle(a.rope_pos[t], a.rope_freq[j], c0, s0);
-            rope_angle(a.rope_pos[t], a.rope_freq[j + 1], c1, s1);
-            r = make_float4(r.x * c0 + r.y * s0, r.y * c0 - r.x * s0, r.z * c1 + r.w * s1, r.w * c1 - r.z * s1);
-        }
-        *(float4*)(a.out + ((int64_t)t * a.n_head + h) * a.dim + d) = r;
-        if (a.xq) {  // dim <= 512: every thread of a warp that enters holds 4 values
-            const float amax = group8_max(fmaxf(fmaxf(fabsf(r.x), fabsf(r.y)), fmaxf(fabsf(r.z), fabsf(r.w))));
-            float dq;
-            const float inv = q8_0_inv(amax, dq);
-            const int64_t cols = (int64_t)a.xq_heads * a.dim, at = (int64_t)(h % a.xq_heads) * a.dim + d;
-            uint8_t* base = a.xq + (h / a.xq_heads) * a.xq_group_bytes;
-            const uint32_t q = ((uint32_t)q8_0_value(r.x, inv) & 255u) | ((uint32_t)q8_0_value(r.y, inv) & 255u) << 8 |
-                               ((uint32_t)q8_0_value(r.z, inv) & 255u) << 16 | (uint32_t)q8_0_value(r.w, inv) << 24;
-            *(uint32_t*)(base + t * cols + at) = q;
-            if (d % 32 == 0) ((float*)(base + (int64_t)gridDim.y * cols))[t * (cols / 32) + at / 32] = dq;
-        }
+    }
+    const float inv_den = 1.0f / den;
+    float4 r = make_float4(acc.x * inv_den, acc.y * inv_den, acc.z * inv_den, acc.w * inv_den);
+    if (a.rope_pos && d >= a.dim - a.n_rot) {  // V's rotated tail back (rope_kernel's inverse, two pairs)
+        const int j = (d - (a.dim - a.n_rot)) / 2;
+        float c0, s0, c1, s1;
+        rope_angle(a.rope_pos[t], a.rope_freq[j], c0, s0);
+        rope_angle(a.rope_pos[t], a.rope_freq[j + 1], c1, s1);
+        r = make_float4(r.x * c0 + r.y * s0, r.y * c0 - r.x * s0, r.z * c1 + r.w * s1, r.w * c1 - r.z * s1);
+    }
+    *(float4*)(a.out + ((int64_t)t * a.n_head + h) * a.dim + d) = r;
+    if (a.xq) {  // dim <= 512: every thread of a warp that enters holds 4 values
+        const float amax = group8_max(fmaxf(fmaxf(fabsf(r.x), fabsf(r.y)), fmaxf(fabsf(r.z), fabsf(r.w))));
+        float dq;
+        const float inv = q8_0_inv(amax, dq);
+        const int64_t cols = (int64_t)a.xq_heads * a.dim, at = (int64_t)(h % a.xq_heads) * a.dim + d;
+        uint8_t* base = a.xq + (h / a.xq_heads) * a.xq_group_bytes;
+        const uint32_t q = ((uint32_t)q8_0_value(r.x, inv) & 255u) | ((uint32_t)q8_0_value(r.y, inv) & 255u) << 8 |
+                           ((uint32_t)q8_0_value(r.z, inv) & 255u) << 16 | (uint32_t)q8_0_value(r.w, inv) << 24;
+        *(uint32_t*)(base + t * cols + at) = q;
+        if (d % 32 == 0) ((float*)(base + (int64_t)gridDim.y * cols))[t * (cols / 32) + at / 32] = dq;
     }
 }
 
