@@ -267,9 +267,8 @@ class Model:
         spec = self.attn_specs[L.index]
         comp = tuple(of_h[:2]) if L.compressor is not None else None
         idx = None
-        if L.indexer is not None:
-            iq = ops.matmul(L.indexer.attn_q_b, qn).reshape(N, s.n_indexer_head, s.indexer_head_dim)
-            idx = (of_h[2], of_h[3], iq, of_h[4])                                   # iq: before its RoPE
+        if L.indexer is not None:       # its query's product: attend's to run, where some token needs the choice
+            idx = (of_h[2], of_h[3], (L.indexer.attn_q_b, qn), of_h[4])
         o = ops.attend(spec, states, bounds, positions, q.reshape(N, s.n_head, s.head_dim), kv, comp, idx,
                        (L.attn_output_a, s.n_out_group))
         low = ops.matmul_grouped(L.attn_output_a, o.reshape(N, -1), s.n_out_group)   # (N, G·o_rank)

@@ -1053,12 +1053,14 @@ class CUDA:
     def attend(self, spec, states: list, bounds: np.ndarray, positions: np.ndarray, q: DArray, kv: DArray,
                comp: tuple | None, idx: tuple | None, out_proj: tuple | None = None) -> DArray:
         """reference.attend on the device: K=V rows into the rings (or the prefill staging), the compressors and
-        their emitted rows, the indexer's choice past top_k rows, then attention, for every session at once (for
-        decode tokens the inverse RoPE of its output inside the attention's last kernel). A decode step with f16 rows
-        (one token per session) norms and rotates the query heads and the K=V row and stores the row inside the
-        attention's first kernel (the decode front: two launches fewer on the chain); otherwise `norm_ropes` and
-        `kv_store` run first. For a Q8_0 out_proj at 3-16 decode tokens the combine also writes the output as that
-        product's quantized activations, which `_matvec` then takes (no quantize launch between them)."""
+        their emitted rows, the indexer's choice past top_k rows (its query's product only then: a step whose
+        tokens see at most top_k compressed rows, every context up to 2K, skips it), then attention, for every
+        session at once (for decode tokens the inverse RoPE of its output inside the attention's last kernel). A
+        decode step with f16 rows (one token per session) norms and rotates the query heads and the K=V row and
+        stores the row inside the attention's first kernel (the decode front: two launches fewer on the chain);
+        otherwise `norm_ropes` and `kv_store` run first. For a Q8_0 out_proj at 3-16 decode tokens the combine also
+        writes the output as that product's quantized activations, which `_matvec` then takes (no quantize launch
+        between them)."""
         cu, s = self.cu, self.stream.ptr
         self._x_q8 = None
         step = self._step
@@ -1086,7 +1088,10 @@ class CUDA:
                 self._compress(spec, step, tab, idx, "idx", 4, L.di, spec.idx_ape, spec.idx_norm,
                                2 if spec.faithful else 0)
         if idx is not None and step.comp_cap[4] > spec.top_k:      # some token may see more rows than top_k
-            sel = self._indexer(spec, step, tab, idx[2], idx[3], positions)
+            iq = self.matmul(*idx[2]).reshape(N, -1, L.di)
+            sel = self._indexer(spec, step, tab, iq, idx[3], positions)
+        elif idx is not None:                      # every row chosen: no query; its weight resident all the same
+            self.weight(idx[2][0])
         self._join()
         out = self.empty((N, H, D))
         sinks = self.const(spec.sinks, _F32)

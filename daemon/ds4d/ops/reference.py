@@ -373,16 +373,17 @@ class Reference:
 
         states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) before their
         norms and RoPE (`norm_ropes` here: the heads unweighted, the row by spec.kv_norm; a backend may fuse them);
-        comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, q (N, Hi, 128) before its RoPE
-        (spec.rope_comp, here), head weights (N, Hi)) of the indexer. Rows a compressor emits are visible to the
-        token that emits them. out_proj = (weight, groups): the grouped product that reads the output next (a backend
-        may hand it the output in the form it reads; ignored here).
+        comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, (weight, x), head weights (N,
+        Hi)) of the indexer, its query (N, Hi, 128) before its RoPE (spec.rope_comp, here) the product weight @ x: a
+        backend may skip it where no token sees more than top_k compressed rows (all of them are chosen). Rows a
+        compressor emits are visible to the token that emits them. out_proj = (weight, groups): the grouped product
+        that reads the output next (a backend may hand it the output in the form it reads; ignored here).
         Returns the attention output (N, H, D) with V's rotated tail turned back (the inverse RoPE at each
         token's position).
         """
         q, kv = self.norm_ropes([(q, None), (kv, spec.kv_norm)], spec.rms_eps, positions, spec.rope)
         if idx is not None:
-            iq = self.rope(idx[2], positions, spec.rope_comp)
+            iq = self.rope(self.matmul(*idx[2]).reshape(len(q), -1, len(spec.idx_norm)), positions, spec.rope_comp)
             idx = (idx[0], idx[1], self.hadamard_fp4(iq) if spec.faithful else iq, idx[3])
         if spec.faithful:
             kv = self.fp8_kv(kv, spec.n_nope)
