@@ -374,8 +374,8 @@ class Reference:
         states: each segment's LayerState; bounds: segment row offsets; q (N, H, D) and kv (N, D) before their
         norms and RoPE (`norm_ropes` here: the heads unweighted, the row by spec.kv_norm; a backend may fuse them);
         comp = (kv, gate) projections of the attention compressor; idx = (kv, gate, (weight, x), head weights (N,
-        Hi)) of the indexer, its query (N, Hi, 128) before its RoPE (spec.rope_comp, here) the product weight @ x: a
-        backend may skip it where no token sees more than top_k compressed rows (all of them are chosen). Rows a
+        Hi)) of the indexer, where weight @ x is its query (N, Hi, 128) before its RoPE (spec.rope_comp, here): a
+        backend may skip that product where no token sees more than top_k compressed rows (all are chosen). Rows a
         compressor emits are visible to the token that emits them. out_proj = (weight, groups): the grouped product
         that reads the output next (a backend may hand it the output in the form it reads; ignored here).
         Returns the attention output (N, H, D) with V's rotated tail turned back (the inverse RoPE at each
