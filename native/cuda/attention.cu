@@ -245,17 +245,17 @@ __global__ void __launch_bounds__(128) attention_combine_kernel(AttnArgs a) {
     for (int s = 0; s < n_split; ++s) M = fmaxf(M, sw[s]);
     float den = expf(sink - M);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    auto add = [&](float w, const float4& v) {
+    auto fold = [&](int s, const float4& v) {  // split s into the denominator and the sum (weight 0: no row)
+        const float w = sw[s] == -INFINITY ? 0.0f : expf(sw[s] - M);
+        den += w * sw[n_split + s];
+        if (w == 0.0f) return;
         acc.x = fmaf(w, v.x, acc.x), acc.y = fmaf(w, v.y, acc.y);
         acc.z = fmaf(w, v.z, acc.z), acc.w = fmaf(w, v.w, acc.w);
     };
-    auto weight = [&](int s) { return sw[s] == -INFINITY ? 0.0f : expf(sw[s] - M); };
 #pragma unroll
     for (int k = 0; k < kCombineAhead; ++k) {
         if (k >= n_split) break;
-        const float w = weight(k);
-        den += w * sw[n_split + k];
-        if (w != 0.0f) add(w, o[k]);
+        fold(k, o[k]);
     }
     for (int s0 = kCombineAhead; s0 < n_split; s0 += kCombineBatch) {
         float4 ob[kCombineBatch];
@@ -263,12 +263,8 @@ __global__ void __launch_bounds__(128) attention_combine_kernel(AttnArgs a) {
         for (int k = 0; k < kCombineBatch; ++k)
             if (s0 + k < n_split) ob[k] = *(const float4*)(part + (s0 + k) * stride + 4 + d);
 #pragma unroll
-        for (int k = 0; k < kCombineBatch; ++k) {
-            if (s0 + k >= n_split) break;
-            const float w = weight(s0 + k);
-            den += w * sw[n_split + s0 + k];
-            if (w != 0.0f) add(w, ob[k]);
-        }
+        for (int k = 0; k < kCombineBatch; ++k)
+            if (s0 + k < n_split) fold(s0 + k, ob[k]);
     }
     const float inv_den = 1.0f / den;
     float4 r = make_float4(acc.x * inv_den, acc.y * inv_den, acc.z * inv_den, acc.w * inv_den);
