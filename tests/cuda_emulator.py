@@ -208,8 +208,8 @@ def matvec_work_bytes(type, n_tok, cols, groups=1):
     return 0
 
 
-def matvec_parts(stream, ys, part_rows, w, type, cols, x, x_stride, n_tok, work=0):
-    assert 1 <= n_tok <= 16 and 1 <= len(ys) == len(part_rows) <= 8
+def matvec_parts(stream, ys, part_rows, w, type, cols, x, x_stride, n_tok, work=0, work_filled=False):
+    assert 1 <= n_tok <= 16 and 1 <= len(ys) == len(part_rows) <= 8 and not work_filled  # never filled, as matvec
     out = _product(_weights(w, type, sum(part_rows), cols), type, cols, _rows(x, x_stride, n_tok, cols))
     at = 0
     for y, r in zip(ys, part_rows):

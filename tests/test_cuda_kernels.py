@@ -1099,6 +1099,33 @@ def test_hc_pre_and_post(stream, rng, n_tok, n_embd):
                  d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6, d.put(norm))
     assert rel(d.get(x), REF.hc_pre(X, hc, 20, 1e-6, 1e-6, norm)[0]) < 1e-5
     np.testing.assert_array_equal(d.get(hcs), got_hc)
+    # x also as Q8_0 activations (a product's workspace planes): the CPU quantizer's bits of the x it writes, and
+    # the product that takes them (work_filled) the bits of the one that quantizes x itself
+    want_x, n_work = d.get(x), _cuda.matvec_work_bytes(Q8_0, n_tok, n_embd)
+    xq = d.out((max(n_work, n_tok * n_embd * 2),), np.uint8)
+    _cuda.hc_pre(stream.ptr, x.ptr, hcs.ptr, scratch.ptr, Xp, 4 * n_embd, d.put(hc.fn.raw), F16, d.put(hc.scale),
+                 d.put(hc.base), n_tok, n_embd, 24, 20, 1e-6, 1e-6, d.put(norm), xq_qs=xq.ptr,
+                 xq_d=xq.ptr + n_tok * n_embd)
+    np.testing.assert_array_equal(d.get(x), want_x)
+    np.testing.assert_array_equal(d.get(hcs), got_hc)
+    planes, (ref_d, ref_qs) = d.get(xq), _cpu.quantize_act(want_x, "q8_0")[:2]
+    np.testing.assert_array_equal(planes[:n_tok * n_embd].view(np.int8).reshape(n_tok, n_embd), ref_qs)
+    got_d = planes[n_tok * n_embd:n_tok * n_embd * 9 // 8].view(np.float32).reshape(n_tok, -1)  # 4 bytes per 32
+    np.testing.assert_array_equal(got_d.view(np.uint32), ref_d.view(np.uint32))
+    if 2 < n_tok <= 16:
+        part_rows = [64, 40]
+        wp = d.put(rand_weights(rng, Q8_0, sum(part_rows), n_embd))
+        own, pre = [[d.out((n_tok, r)) for r in part_rows] for _ in range(2)]
+        _cuda.matvec_parts(stream.ptr, [y.ptr for y in own], part_rows, wp, Q8_0, n_embd, x.ptr, n_embd, n_tok,
+                           d.out((n_work,), np.uint8).ptr)
+        _cuda.matvec_parts(stream.ptr, [y.ptr for y in pre], part_rows, wp, Q8_0, n_embd, x.ptr, n_embd, n_tok,
+                           xq.ptr, True)
+        for a, b in zip(own, pre):
+            np.testing.assert_array_equal(d.get(a).view(np.uint32), d.get(b).view(np.uint32))
+    elif n_tok <= 2:  # the kernels that quantize in every block take no workspace
+        with pytest.raises(ValueError, match="work_filled"):
+            _cuda.matvec_parts(stream.ptr, [x.ptr], [8], d.put(rand_weights(rng, Q8_0, 8, n_embd)), Q8_0, n_embd,
+                               x.ptr, n_embd, n_tok, xq.ptr, True)
     # defer: the same x and post gates, the combine matrix as its logits; hc_sinkhorn then gives hc_pre's bits
     want_x = d.get(x)
     hd = d.out((n_tok, 20))

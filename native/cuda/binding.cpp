@@ -326,15 +326,15 @@ PYBIND11_MODULE(_cuda, m) {
           py::arg("n_tok"));
     m.def("matvec_parts", [](uintptr_t s, const std::vector<uintptr_t>& ys, const std::vector<int64_t>& part_rows,
                              uintptr_t w, int type, int64_t cols, uintptr_t x, int64_t x_stride, int n_tok,
-                             uintptr_t work) {
+                             uintptr_t work, bool work_filled) {
         if (ys.size() != part_rows.size()) throw py::value_error("matvec_parts: one y per part");
         std::vector<float*> outs;
         for (uintptr_t y : ys) outs.push_back(dev<float>(y));
         check(ds4_cuda_matvec_parts(st(s), outs.data(), part_rows.data(), (int)outs.size(), dev<void>(w), type, cols,
-                                    dev<const float>(x), x_stride, n_tok, dev<void>(work)),
+                                    dev<const float>(x), x_stride, n_tok, dev<void>(work), work_filled),
               "matvec_parts");
     }, py::arg("stream"), py::arg("ys"), py::arg("part_rows"), py::arg("w"), py::arg("type"), py::arg("cols"),
-       py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("work") = 0);
+       py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("work") = 0, py::arg("work_filled") = false);
     m.def("matvec_quantizing", [](uintptr_t s, uintptr_t y, uintptr_t w, int type, int64_t rows, int64_t cols,
                                   uintptr_t x, uintptr_t q_x, int q_rows, int64_t q_cols, int q_type,
                                   uintptr_t q_work) {
@@ -488,16 +488,19 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("hc_pre", [](uintptr_t s, uintptr_t x, uintptr_t hc, uintptr_t scratch, uintptr_t X, int64_t x_stride,
                        uintptr_t fn, int fn_type, uintptr_t scale, uintptr_t base, int n_tok, int64_t n_embd, int n_mix,
                        int n_iter, float hc_eps, float rms_eps, uintptr_t norm_w, uintptr_t post_f, uintptr_t post_X,
-                       uintptr_t post_hc, bool defer) {
+                       uintptr_t post_hc, bool defer, uintptr_t xq_qs, uintptr_t xq_d) {
         const ds4_cuda_hc_post_in post{dev<const float>(post_f), dev<const float>(post_X), dev<const float>(post_hc)};
+        const ds4_cuda_q8_out xq{dev<int8_t>(xq_qs), dev<float>(xq_d)};
         check(ds4_cuda_hc_pre(st(s), dev<float>(x), dev<float>(hc), dev<float>(scratch), dev<float>(X), x_stride,
                               dev<void>(fn), fn_type, dev<const float>(scale), dev<const float>(base), n_tok, n_embd,
                               n_mix, n_iter, hc_eps, rms_eps, dev<const float>(norm_w),
-                              post_f || post_X || post_hc ? &post : nullptr, defer), "hc_pre");
+                              post_f || post_X || post_hc ? &post : nullptr, defer, xq_qs || xq_d ? &xq : nullptr),
+              "hc_pre");
     }, py::arg("stream"), py::arg("x"), py::arg("hc"), py::arg("scratch"), py::arg("X"), py::arg("x_stride"),
        py::arg("fn"), py::arg("fn_type"), py::arg("scale"), py::arg("base"), py::arg("n_tok"), py::arg("n_embd"),
        py::arg("n_mix"), py::arg("n_iter"), py::arg("hc_eps"), py::arg("rms_eps"), py::arg("norm_w") = 0,
-       py::arg("post_f") = 0, py::arg("post_X") = 0, py::arg("post_hc") = 0, py::arg("defer") = false);
+       py::arg("post_f") = 0, py::arg("post_X") = 0, py::arg("post_hc") = 0, py::arg("defer") = false,
+       py::arg("xq_qs") = 0, py::arg("xq_d") = 0);
     m.def("hc_sinkhorn", [](uintptr_t s, uintptr_t hc, int n_tok, int n_iter, float hc_eps) {
         check(ds4_cuda_hc_sinkhorn(st(s), dev<float>(hc), n_tok, n_iter, hc_eps), "hc_sinkhorn");
     }, py::arg("stream"), py::arg("hc"), py::arg("n_tok"), py::arg("n_iter"), py::arg("hc_eps"));

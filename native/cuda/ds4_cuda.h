@@ -72,10 +72,10 @@ cudaError_t ds4_cuda_matvec_pair(cudaStream_t s, const ds4_cuda_products* p0, co
 bool ds4_cuda_matvec_pair_ok(int type0, int type1, int64_t cols, int n_tok);
 // ds4_cuda_matvec over the rows of several matrices of one type and width stored back to back (the products of
 // one input), each part's rows written to its own dense (n_tok, part_rows[k]) array ys[k]: one launch. At most 8
-// parts; work as for ds4_cuda_matvec with the same type, n_tok and cols.
+// parts; work and work_filled as for ds4_cuda_matvec with the same type, n_tok and cols.
 cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,
                                   const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
-                                  void* work);
+                                  void* work, bool work_filled = false);
 // ds4_cuda_matvec of one token (one group, y dense) that also quantizes q_rows rows of q_cols values at q_x (dense)
 // into q_work as ds4_cuda_moe_down's workspace holds them for experts of q_type (a K or IQ2 type: Q8_K
 // activations; ds4_cuda_moe_down_work_bytes(q_type, 1, q_rows, q_cols) bytes, then passed with work_filled). For
@@ -303,16 +303,24 @@ cudaError_t ds4_cuda_rms_norm_rope(cudaStream_t s, float* y, int64_t y_stride, c
 // different orders (not bit for bit), and the cluster takes x's norm from the streams' Gram matrix. defer: the
 // combine matrix is left as its 16 logits (row-major) for ds4_cuda_hc_sinkhorn to normalize in place, e.g. on
 // another stream beside the work that follows (its only reader is the next hc_post); the post gates are final.
+// xq (or null; n_embd a multiple of 32): x also as Q8_0 activations, qs (n_tok, n_embd) and d (n_tok, n_embd / 32)
+// dense, bit for bit as ds4_cuda_quantize_act makes them (the planes of a Q8_0 product's workspace: its first
+// products then take them with work_filled instead of a quantize launch). The cluster launch writes them with x;
+// the other path quantizes after it.
 struct ds4_cuda_hc_post_in {
     const float* f;
     const float* X;
     const float* hc;
 };
+struct ds4_cuda_q8_out {
+    int8_t* qs;
+    float* d;
+};
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
                             const float* norm_w = nullptr, const ds4_cuda_hc_post_in* post = nullptr,
-                            bool defer = false);
+                            bool defer = false, const ds4_cuda_q8_out* xq = nullptr);
 size_t ds4_cuda_hc_pre_scratch_bytes(int n_tok, int64_t n_embd, int n_mix);
 // The combine matrices of hc (n_tok, 20) that ds4_cuda_hc_pre left as logits (defer) normalized in place: the bits
 // hc_pre computes without defer.

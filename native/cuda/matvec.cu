@@ -820,11 +820,14 @@ cudaError_t ds4_cuda_matvec_normed(cudaStream_t s, float* y, int64_t y_stride, c
 
 cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,
                                   const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
-                                  void* work) {
+                                  void* work, bool work_filled) {
     clear_error();
     MatvecArgs a;
     const cudaError_t e = parts_args(a, {ys, part_rows, n_parts, w, type}, cols, x, x_stride, n_tok, work);
     if (e != cudaSuccess) return e;
+    if (work_filled && (type != TYPE_Q8_0 || n_tok <= kQuantizeAbove || !work))
+        return invalid("matvec: work_filled needs Q8_0 weights, n_tok > 2 and the workspace");
+    a.xq = work_filled ? (const uint8_t*)work : nullptr;
     return matvec_run(s, a, type, 1, work);
 }
 

@@ -391,6 +391,7 @@ __global__ void __launch_bounds__(kHcThreads + 32) hc_finish_kernel(float* x, fl
 // matrix summed over the cluster. Block 0 writes the post gates and the combine matrix: with `defer` its logits, for
 // the 20 Sinkhorn iterations to run elsewhere (in one thread: ~1.6 us that the chain no longer waits for); else its
 // last warp runs them. Against the mixer and hc_finish launches: one launch, no partials through global memory.
+// With xq, x also as Q8_0 activations (each warp's 32 positions are one block): the next product's quantize launch.
 // Warp w takes rows w % 8, w % 8 + 8, w % 8 + 16 over the block's column half w / 8; lane i columns 4 i + 128 j ..
 // + 3 of that half (j < 4: conflict-free 16-byte loads, as in hc_mix_kernel); its 48 f16 weights stay packed in
 // registers, loaded before the dependent-launch wait, and are widened at use. Half h holds streams 2 h and 2 h + 1
@@ -408,7 +409,7 @@ __device__ __forceinline__ int gram_b(int k) { return (int)(kClGram >> (4 * k)) 
 __global__ void __launch_bounds__(kClThreads, 2)
     hc_pre_cluster_kernel(float* x, float* hc, float* X, int64_t x_stride, ds4_cuda_hc_post_in up, const __half* fn,
                           const float* scale, const float* base, int64_t n_embd, int n_iter, float hc_eps,
-                          float rms_eps, const float* __restrict__ norm_w, bool defer) {
+                          float rms_eps, const float* __restrict__ norm_w, bool defer, ds4_cuda_q8_out xq) {
     __shared__ __align__(16) float xs[kClCols];
     __shared__ __align__(16) float fs[kClPos], hs[kHcVals];  // the update's f and values
     __shared__ float halves[2][kClMix], gram[kClGramN];       // this block's sums per column half; its Gram matrix
@@ -535,7 +536,17 @@ __global__ void __launch_bounds__(kClThreads, 2)
             }
             xden = sqrtf(fmaxf(ss, 0.0f) / (float)n_embd + rms_eps);
         }
-        x[t * n_embd + e0 + tid] = norm_w ? acc / xden * g : acc;
+        const float v = norm_w ? acc / xden * g : acc;
+        x[t * n_embd + e0 + tid] = v;
+        if (xq.qs) {  // warp w's 32 positions are one Q8_0 block: its amax over the warp, quantize_rows' rounding
+            float amax = fmaxf(0.0f, fabsf(v));
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            float d;
+            const float inv = q8_0_inv(amax, d);
+            xq.qs[t * n_embd + e0 + tid] = (int8_t)q8_0_value(v, inv);
+            if (lane == 0) xq.d[(t * n_embd + e0 + tid) / 32] = d;
+        }
         if (up.f)
 #pragma unroll
             for (int j = 0; j < kHc; ++j) Xt[j * n_embd + e0 + tid] = xs[j * kClPos + tid];
@@ -622,7 +633,8 @@ cudaError_t ds4_cuda_rms_norm(cudaStream_t s, float* y, int64_t y_stride, const 
 cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch, float* X, int64_t x_stride,
                             const void* fn, int fn_type, const float* scale, const float* base, int n_tok,
                             int64_t n_embd, int n_mix, int n_iter, float hc_eps, float rms_eps,
-                            const float* norm_w, const ds4_cuda_hc_post_in* post, bool defer) {
+                            const float* norm_w, const ds4_cuda_hc_post_in* post, bool defer,
+                            const ds4_cuda_q8_out* xq) {
     clear_error();
     if (n_mix != kHc && n_mix != 2 * kHc + kHc * kHc) return invalid("hc_pre: n_mix must be 4 or 24");
     if (fn_type != ds4::TYPE_F16 && fn_type != ds4::TYPE_F32 && fn_type != ds4::TYPE_BF16)
@@ -634,17 +646,22 @@ cudaError_t ds4_cuda_hc_pre(cudaStream_t s, float* x, float* hc, float* scratch,
                   ((uintptr_t)post->f | (uintptr_t)post->X | (uintptr_t)post->hc) % 16)))
         return invalid("hc_pre: needs 1 <= n_tok <= 1048560, n_embd a multiple of 128 up to 8192, aligned rows, "
                        "n_iter >= 1, and with post its f, old streams and hc");
+    if (xq && (!xq->qs || !xq->d || (uintptr_t)xq->d % 4 || n_embd % 32))
+        return invalid("hc_pre: the Q8_0 copy of x needs its qs and d planes and n_embd a multiple of 32");
     const ds4_cuda_hc_post_in up = post ? *post : ds4_cuda_hc_post_in{};
+    const ds4_cuda_q8_out q8 = xq ? *xq : ds4_cuda_q8_out{};
     if (const int c = cluster_blocks(n_tok, n_embd, n_mix, fn_type))
         return launch_cluster(dim3(c), hc_pre_cluster_kernel, dim3(c, n_tok), dim3(kClThreads), 0, s, x, hc, X,
                               x_stride, up, (const __half*)fn, scale, base, n_embd, n_iter, hc_eps, rms_eps, norm_w,
-                              defer);
+                              defer, q8);
     const int n_parts = (int)(kHc * n_embd / kMixCols);
     cudaError_t e = launch(hc_mix_kernel, dim3(n_parts, (unsigned)ceil_div(n_tok, kMixTok)), dim3(kMixThreads), 0, s,
                            scratch, X, x_stride, up, fn, fn_type, n_mix, n_embd, n_tok);
-    if (e != cudaSuccess) return e;
-    return launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads + 32), 0, s, x, hc, (const float*)scratch, X, x_stride,
-                  scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps, norm_w, defer);
+    if (e == cudaSuccess)
+        e = launch(hc_finish_kernel, dim3(n_tok), dim3(kHcThreads + 32), 0, s, x, hc, (const float*)scratch, X,
+                   x_stride, scale, base, n_embd, n_mix, n_iter, hc_eps, rms_eps, norm_w, defer);
+    if (e != cudaSuccess || !xq) return e;
+    return ds4_cuda_quantize_act(s, q8.qs, q8.d, nullptr, x, n_embd, n_tok, n_embd, 32);
 }
 
 cudaError_t ds4_cuda_hc_sinkhorn(cudaStream_t s, float* hc, int n_tok, int n_iter, float hc_eps) {

@@ -889,9 +889,11 @@ class CUDA:
             return [self._matvec(w, x, 1) for w in run]
         ys = [self.empty((T, w.rows)) for w in run]
         wtype, cols = int(run[0].type), run[0].cols
-        work = self._work(self.cu.matvec_work_bytes(wtype, T, cols, 1))
+        pre, self._x_q8 = self._x_q8, None
+        filled = pre is not None and pre[:2] == (x.ptr, 1) and wtype == Q.Q8_0   # x quantized by its hc_pre
+        work = pre[2] if filled else self._work(self.cu.matvec_work_bytes(wtype, T, cols, 1))
         self.cu.matvec_parts(self.stream.ptr, [y.ptr for y in ys], [w.rows for w in run], base, wtype, cols,
-                             x.ptr, x.row, T, work.ptr if work is not None else 0)
+                             x.ptr, x.row, T, work.ptr if work is not None else 0, filled)
         self.weight_calls += 1
         return ys
 
@@ -935,10 +937,20 @@ class CUDA:
 
     def _hc(self, X: DArray, hc, n_mix: int, n_iter: int, hc_eps: float, rms_eps: float, norm=None, upd=None,
             moe_next: bool = False):
-        """hc_pre's kernels; with upd = (f, old streams, post) they first compute X (written) from the update."""
+        """hc_pre's kernels; with upd = (f, old streams, post) they first compute X (written) from the update.
+        At the attention's entry for 3 to MATVEC_ROWS tokens they also write x as the Q8_0 activations of a
+        product's workspace, which its first products (q_a and kv) take instead of a quantize launch (`_x_q8`).
+        Not at the FFN's: its product of x (the shared expert's) runs on the side stream, off the chain, and from 9
+        tokens on, where hc_pre is not one cluster launch, the quantizing would be a launch on the chain."""
         N, S, E = X.shape
         x = self.empty((N, E))
         h = self.empty((N, 20)) if n_mix > S else None
+        q8 = {}
+        attention = h is not None and not moe_next and E % 32 == 0
+        nq = self.cu.matvec_work_bytes(int(Q.Q8_0), N, E, 1) if attention and 2 < N <= MATVEC_ROWS else 0
+        if nq:
+            xq = self.empty((nq,), np.uint8)
+            q8 = dict(xq_qs=xq.ptr, xq_d=xq.ptr + N * E)
         scratch = self.empty((self.cu.hc_pre_scratch_bytes(min(N, HC_ROWS), E, n_mix),), np.uint8)
         fn, sc, base = self.weight(hc.fn), self.const(hc.scale, _F32), self.const(hc.base, _F32)
         defer = h is not None and self._branches()
@@ -952,7 +964,9 @@ class CUDA:
             self.cu.hc_pre(self.stream.ptr, x.ptr + 4 * t0 * E, h.ptr + 80 * t0 if h is not None else 0, scratch.ptr,
                            X.ptr + 4 * t0 * S * E, S * E, fn, int(hc.fn.type), sc, base, n, E, n_mix, n_iter,
                            float(hc_eps), float(rms_eps), self.const(norm, _F32) if norm is not None else 0,
-                           defer=defer, **post)
+                           defer=defer, **post, **q8)   # q8: one call (N <= MATVEC_ROWS < HC_ROWS)
+        if q8:
+            self._x_q8 = (x.ptr, 1, xq)
         if defer:
             job = dict(hc=h.ptr, hc_n_tok=N, hc_n_iter=n_iter, hc_eps=float(hc_eps))
             if moe_next and N == 1:
