@@ -539,11 +539,8 @@ __global__ void __launch_bounds__(kClThreads, 2)
         const float v = norm_w ? acc / xden * g : acc;
         x[t * n_embd + e0 + tid] = v;
         if (xq.qs) {  // warp w's 32 positions are one Q8_0 block: its amax over the warp, quantize_rows' rounding
-            float amax = fmaxf(0.0f, fabsf(v));
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
             float d;
-            const float inv = q8_0_inv(amax, d);
+            const float inv = q8_0_inv(warp_max(fmaxf(0.0f, fabsf(v))), d);
             xq.qs[t * n_embd + e0 + tid] = (int8_t)q8_0_value(v, inv);
             if (lane == 0) xq.d[(t * n_embd + e0 + tid) / 32] = d;
         }

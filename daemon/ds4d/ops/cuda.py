@@ -565,8 +565,9 @@ class CUDA:
         self._aux_open = False
         self._sk_job: dict | None = None      # moe_route_gate_up's hc arguments, left for moe_routed
         self._query_in_order = False
-        self._x_q8 = None          # (address, groups, workspace): attend's output as the grouped Q8_0 product after
-        #                            it reads it (that product's quantize launch done by the attention's combine)
+        self._x_q8 = None          # (address, groups, workspace): an activation already quantized for the Q8_0
+        #                            product that reads it next (attend's output for out_a, written by the combine;
+        #                            the attention entry's x for q_a and kv, by hc_pre), taken by `_quantized`
         self.concurrent = True
         self.pool = _Pool(_cuda)
         self._weights: dict[tuple, int] = {}           # weight key -> device address
@@ -889,22 +890,28 @@ class CUDA:
             return [self._matvec(w, x, 1) for w in run]
         ys = [self.empty((T, w.rows)) for w in run]
         wtype, cols = int(run[0].type), run[0].cols
-        pre, self._x_q8 = self._x_q8, None
-        filled = pre is not None and pre[:2] == (x.ptr, 1) and wtype == Q.Q8_0   # x quantized by its hc_pre
-        work = pre[2] if filled else self._work(self.cu.matvec_work_bytes(wtype, T, cols, 1))
+        pre = self._quantized(x, 1, wtype)
+        work = pre if pre is not None else self._work(self.cu.matvec_work_bytes(wtype, T, cols, 1))
         self.cu.matvec_parts(self.stream.ptr, [y.ptr for y in ys], [w.rows for w in run], base, wtype, cols,
-                             x.ptr, x.row, T, work.ptr if work is not None else 0, filled)
+                             x.ptr, x.row, T, work.ptr if work is not None else 0, pre is not None)
         self.weight_calls += 1
         return ys
+
+    def _quantized(self, x: DArray, groups: int, wtype: int) -> DArray | None:
+        """The workspace holding x already quantized for a Q8_0 product of `groups` column groups (`_x_q8`, left by
+        x's producer: the attention's entry or its combine), or None. Taken either way: it serves the next product
+        only."""
+        pre, self._x_q8 = self._x_q8, None
+        return pre[2] if pre is not None and pre[:2] == (x.ptr, groups) and wtype == Q.Q8_0 else None
 
     def _matvec(self, w: Weight, x: DArray, groups: int) -> DArray:
         T, cols = x.shape[0], x.row
         y = self.empty((T, w.rows))
         wp, s = self.weight(w), self.stream.ptr
         per = w.rows // groups
-        pre, self._x_q8 = self._x_q8, None
-        if pre is not None and pre[:2] == (x.ptr, groups) and w.type == Q.Q8_0 and T <= MATVEC_ROWS:
-            self.cu.matvec(s, y.ptr, w.rows, wp, int(w.type), per, w.cols, x.ptr, cols, T, groups, pre[2].ptr, True)
+        pre = self._quantized(x, groups, w.type)
+        if pre is not None and T <= MATVEC_ROWS:
+            self.cu.matvec(s, y.ptr, w.rows, wp, int(w.type), per, w.cols, x.ptr, cols, T, groups, pre.ptr, True)
             self.weight_calls += 1
             return y
         if T > MATVEC_ROWS and self.cu.gemm_ok(int(w.type), w.cols):  # prefill: tensor cores
