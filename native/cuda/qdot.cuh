@@ -173,25 +173,38 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
     constexpr int V = XB / kLanes;                    // values per lane
     const int lane = threadIdx.x & 31, sub = lane % kLanes;
     const int64_t per_row = cols / XB, total = n_rows * per_row;
+    // The norm's fields read once, and a lane's loads all issued before its first store: with a store to xn
+    // between them (which may alias x, the weight or *nrm) each load waited for the one before, and the fields
+    // were read again after every store.
+    const float* const n_inv = nrm ? nrm->inv : nullptr;
+    const float* const n_w = nrm ? nrm->w : nullptr;
+    float* const n_xn = nrm ? nrm->xn : nullptr;
     for (int64_t b0 = (int64_t)first * kPerWarp; b0 < total; b0 += (int64_t)step * kPerWarp) {
         const int64_t blk = b0 + lane / kLanes;
         const bool on = blk < total;
-        const int64_t row = (on ? blk : 0) / per_row, b = (on ? blk : 0) - row * per_row;
-        const float* src = x + row * x_stride + b * XB + V * sub;
+        const int64_t row = (on ? blk : 0) / per_row, b = (on ? blk : 0) - row * per_row, col = b * XB + V * sub;
+        const float* src = x + row * x_stride + col;
         float v[V];
         if (on) {
+            float4 f[V / 4];
 #pragma unroll
-            for (int k = 0; k < V / 4; ++k) {
-                float4 f = *(const float4*)(src + 4 * k);
-                if (nrm) {
-                    const int64_t col = b * XB + V * sub + 4 * k;
-                    const float4 g = *(const float4*)(nrm->w + col);
-                    const float r = nrm->inv[row];
-                    f = make_float4(f.x * r * g.x, f.y * r * g.y, f.z * r * g.z, f.w * r * g.w);
-                    if (nrm->xn) *(float4*)(nrm->xn + row * cols + col) = f;
-                }
-                v[4 * k] = f.x, v[4 * k + 1] = f.y, v[4 * k + 2] = f.z, v[4 * k + 3] = f.w;
+            for (int k = 0; k < V / 4; ++k) f[k] = *(const float4*)(src + 4 * k);
+            if (n_w) {
+                float4 g[V / 4];
+#pragma unroll
+                for (int k = 0; k < V / 4; ++k) g[k] = *(const float4*)(n_w + col + 4 * k);
+                const float r = n_inv[row];
+#pragma unroll
+                for (int k = 0; k < V / 4; ++k)
+                    f[k] = make_float4(f[k].x * r * g[k].x, f[k].y * r * g[k].y, f[k].z * r * g[k].z,
+                                       f[k].w * r * g[k].w);
+                if (n_xn)
+#pragma unroll
+                    for (int k = 0; k < V / 4; ++k) *(float4*)(n_xn + row * cols + col + 4 * k) = f[k];
             }
+#pragma unroll
+            for (int k = 0; k < V / 4; ++k)
+                v[4 * k] = f[k].x, v[4 * k + 1] = f[k].y, v[4 * k + 2] = f[k].z, v[4 * k + 3] = f[k].w;
         } else {
 #pragma unroll
             for (int k = 0; k < V; ++k) v[k] = 0.0f;
@@ -234,12 +247,11 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
             }
         }
         int8_t* dst = qs + row * cols;
-        const int64_t at = b * XB + V * sub;  // in the row
 #pragma unroll
         for (int k = 0; k < V / 16; ++k)
-            *(uint4*)(dst + (SWZ ? act_swz(at + 16 * k) : at + 16 * k)) =
+            *(uint4*)(dst + (SWZ ? act_swz(col + 16 * k) : col + 16 * k)) =
                 make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
-        if constexpr (V % 16) *(uint2*)(dst + (SWZ ? act_swz(at) : at)) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
+        if constexpr (V % 16) *(uint2*)(dst + (SWZ ? act_swz(col) : col)) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
         if (sub == 0) d[row * per_row + b] = dd;
         if constexpr (XB == 256) {
             static_assert(V == 8, "Q8_K: a 16-value sum is two lanes'");
