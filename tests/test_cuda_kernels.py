@@ -335,6 +335,11 @@ def test_matvec_normed(stream, rng, type_, n_tok, with_work):
     np.testing.assert_array_equal(got.view(np.uint32), d.get(y2).view(np.uint32))
     assert np.all(np.isnan(got[:, rows:]))
     assert rel(got[:, :rows], product_ref(w, type_, cols, REF.rms_norm(x, g, eps).astype(np.float32))) < 2e-5
+    if n_tok > 2:  # the first two rows normed in the product's blocks (two tokens): the same bits
+        xn2 = d.out((2, cols))
+        _cuda.matvec_normed(stream.ptr, y2.ptr, rows + 2, wp, type_, rows, cols, d.put(x[:2]), cols, 2, d.put(g), eps,
+                            xn2.ptr, 0)
+        np.testing.assert_array_equal(d.get(xn2).view(np.uint32), got_xn[:2].view(np.uint32))
 
 
 @pytest.mark.parametrize("n_tok,cols", [(1, 4096), (2, 4096), (1, 256), (2, 1024)])
