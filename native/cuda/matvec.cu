@@ -749,9 +749,10 @@ size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups)
 }
 
 namespace {
-// The argument checks of ds4_cuda_matvec (y_stride: the output row stride it needs at n_tok > 1).
+// The argument checks of ds4_cuda_matvec (y_stride: the output row stride it needs at n_tok > 1; work_filled: work
+// already holds the quantized activations).
 cudaError_t check_matvec(const void* w, int type, int64_t rows, int64_t cols, const float* x, int64_t x_stride,
-                         int n_tok, int groups, int64_t y_stride, const void* work) {
+                         int n_tok, int groups, int64_t y_stride, const void* work, bool work_filled = false) {
     if (block_weights(type) == 0) return invalid("matvec: unsupported weight type " + std::to_string(type));
     if (!cols_ok(type, cols))
         return invalid("matvec: cols=" + std::to_string(cols) + " is not a whole number of blocks of type " +
@@ -763,6 +764,8 @@ cudaError_t check_matvec(const void* w, int type, int64_t rows, int64_t cols, co
     if (n_tok > 1 && y_stride < rows * groups) return invalid("matvec: y_stride is shorter than a row of y");
     if (type == TYPE_IQ2_XXS && !iq2_tables()) return invalid("matvec: call ds4_cuda_init first");
     if ((uintptr_t)work % 16) return invalid("matvec: work must be 16-byte aligned");
+    if (work_filled && (type != TYPE_Q8_0 || n_tok <= kQuantizeAbove || !work))
+        return invalid("matvec: work_filled needs Q8_0 weights, n_tok > 2 and the workspace");
     return cudaSuccess;
 }
 
@@ -776,10 +779,10 @@ cudaError_t matvec_run(cudaStream_t s, MatvecArgs& a, int type, int groups, void
 // The arguments of a product over parts (ds4_cuda_matvec_parts, either of ds4_cuda_matvec_pair's): their rows and
 // outputs, checked.
 cudaError_t parts_args(MatvecArgs& a, const ds4_cuda_products& p, int64_t cols, const float* x, int64_t x_stride,
-                       int n_tok, const void* work = nullptr) {
+                       int n_tok, const void* work = nullptr, bool work_filled = false) {
     if (p.n_parts < 1 || p.n_parts > kMaxParts) return invalid("matvec: 1 to 8 parts per product");
     a = MatvecArgs{nullptr, 0, p.n_parts, {}, {}, (const uint8_t*)p.w, 0, cols, (int64_t)row_bytes(p.type, cols), x,
-                   x_stride, n_tok, 1, iq2_tables(), nullptr, false, false};
+                   x_stride, n_tok, 1, iq2_tables(), work_filled ? (const uint8_t*)work : nullptr, false, false};
     for (int k = 0; k < p.n_parts; ++k) {
         if (p.rows[k] < 1 || (uintptr_t)p.ys[k] % 4) return invalid("matvec: every part needs rows and a y");
         a.rows += p.rows[k];
@@ -787,7 +790,7 @@ cudaError_t parts_args(MatvecArgs& a, const ds4_cuda_products& p, int64_t cols, 
         a.part_y[k] = p.ys[k];
     }
     a.y_stride = a.rows;
-    return check_matvec(p.w, p.type, a.rows, cols, x, x_stride, n_tok, 1, a.y_stride, work);
+    return check_matvec(p.w, p.type, a.rows, cols, x, x_stride, n_tok, 1, a.y_stride, work, work_filled);
 }
 
 }  // namespace
@@ -796,10 +799,8 @@ cudaError_t ds4_cuda_matvec(cudaStream_t s, float* y, int64_t y_stride, const vo
                             int64_t cols, const float* x, int64_t x_stride, int n_tok, int groups, void* work,
                             bool work_filled) {
     clear_error();
-    const cudaError_t e = check_matvec(w, type, rows, cols, x, x_stride, n_tok, groups, y_stride, work);
+    const cudaError_t e = check_matvec(w, type, rows, cols, x, x_stride, n_tok, groups, y_stride, work, work_filled);
     if (e != cudaSuccess) return e;
-    if (work_filled && (type != TYPE_Q8_0 || n_tok <= kQuantizeAbove || !work))
-        return invalid("matvec: work_filled needs Q8_0 weights, n_tok > 2 and the workspace");
     MatvecArgs a{y, y_stride, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x,
                  x_stride, n_tok, 1, iq2_tables(), work_filled ? (const uint8_t*)work : nullptr, false, false};
     return matvec_run(s, a, type, groups, work);
@@ -823,11 +824,9 @@ cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_
                                   void* work, bool work_filled) {
     clear_error();
     MatvecArgs a;
-    const cudaError_t e = parts_args(a, {ys, part_rows, n_parts, w, type}, cols, x, x_stride, n_tok, work);
+    const cudaError_t e = parts_args(a, {ys, part_rows, n_parts, w, type}, cols, x, x_stride, n_tok, work,
+                                     work_filled);
     if (e != cudaSuccess) return e;
-    if (work_filled && (type != TYPE_Q8_0 || n_tok <= kQuantizeAbove || !work))
-        return invalid("matvec: work_filled needs Q8_0 weights, n_tok > 2 and the workspace");
-    a.xq = work_filled ? (const uint8_t*)work : nullptr;
     return matvec_run(s, a, type, 1, work);
 }
 
