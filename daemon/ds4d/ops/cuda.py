@@ -1101,7 +1101,6 @@ class CUDA:
             cu.kv_store(s, 0, 0, kv.ptr, D, step.pos, 0, 1, 1, N, D, spec.n_nope, spec.faithful, tab["kv_dst"], f32)
         sel = None
         comp_cap = 0
-        marked = False
         with self._on_side():                      # where matmuls left the compressors' products
             if idx is not None:
                 # The indexer's rows first, then a mark for its scores to wait on: the attention compressor's launches
@@ -1111,14 +1110,13 @@ class CUDA:
                                2 if spec.faithful else 0)
                 if self._forked:
                     self._mark_ev.record(self.side.ptr)
-                    marked = True
             if comp is not None:
                 self._compress(spec, step, tab, comp, "comp", spec.ratio, L.D, spec.comp_ape, spec.comp_norm,
                                1 if spec.faithful else 0)
                 comp_cap = step.comp_cap[spec.ratio]
         if idx is not None and step.comp_cap[4] > spec.top_k:      # some token may see more rows than top_k
             iq = self.matmul(*idx[2]).reshape(N, -1, L.di)
-            sel = self._indexer(spec, step, tab, iq, idx[3], positions, marked)
+            sel = self._indexer(spec, step, tab, iq, idx[3], positions)
         elif idx is not None:                      # every row chosen: no query; its weight resident all the same
             self.weight(idx[2][0])
         self._join()
@@ -1179,20 +1177,17 @@ class CUDA:
                             self.const(spec.rope_comp, np.float64), step.n_tok, d, ratio, 2 * len(spec.rope_comp),
                             mode, spec.n_nope if mode == 1 else 0, float(spec.rms_eps), self.layout.es == 4)
 
-    def _indexer(self, spec, step: _Step, tab: dict, iq: DArray, w: DArray, positions: np.ndarray,
-                 marked: bool) -> DArray:
+    def _indexer(self, spec, step: _Step, tab: dict, iq: DArray, w: DArray, positions: np.ndarray) -> DArray:
         """The top_k compressed rows per token by indexer score (every row where a token sees at most top_k); iq
-        before its RoPE. marked: the side stream's indexer rows are done at `_mark_ev` (else at its join)."""
+        before its RoPE."""
         N, Hi, di = iq.shape
         if spec.faithful:                          # its RoPE inside the Hadamard launch
             self.cu.hadamard_fp4(self.stream.ptr, iq.ptr, N * Hi, step.pos, self.const(spec.rope_comp, np.float64),
                                  2 * len(spec.rope_comp), Hi)
         else:
             self.rope(iq, positions, spec.rope_comp)
-        if marked:                                 # the indexer's rows, compressed on the side stream
-            self._mark_ev.wait(self.stream.ptr)
-        else:
-            self._join()
+        if self._forked:                           # the indexer's rows, compressed first on the side stream
+            self._mark_ev.wait(self.stream.ptr)    # (attend's mark after them; the attention joins the rest)
         cap = step.comp_cap[4]
         scores = self.empty((N, cap))
         self.cu.indexer_scores(self.stream.ptr, scores.ptr, cap, iq.ptr, w.ptr, float(spec.idx_w_scale),
