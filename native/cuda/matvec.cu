@@ -146,7 +146,7 @@ __device__ __forceinline__ void matvec_blocks(const MatvecArgs& a, int block, in
         for (int r = 0; r < RPW; ++r) s.p[r] = base + (size_t)min(row0 + r, last_row) * row_bytes;  // a short last
         return s;                                                                                 // set re-reads
     };
-    auto stream = make_streamer<T, SPS, NB, RPW, true>(ring, lane, n_sets, steps, plan);
+    auto stream = make_streamer<T, SPS, NB, RPW, true>(ring, lane, n_sets, steps, plan, l2_evict_first());
     stream.prologue();
     load_tables<T>(tab, a.tab);
     if (a.norm_w && !a.xq) prefetch_l1(a.norm_w, cols);

@@ -147,7 +147,9 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
         s.seg = 0;
         return s;
     };
-    auto stream = make_streamer<T, SPS, 1, RPW, true, FULL>(ring, lane, n_sets, steps, plan);
+    // One token's experts are read once; a batch's tokens may share them (l2_evict_first).
+    const uint64_t policy = gridDim.y == 1 ? l2_evict_first() : l2_evict_normal();
+    auto stream = make_streamer<T, SPS, 1, RPW, true, FULL>(ring, lane, n_sets, steps, plan, policy);
 
     // The shared expert's pairs (gate row o, up row o): warp w >= 1 of block b takes o = b sh_warps + w - 1, then
     // on by the grid's count of such warps; its first stage's weights are issued before the wait.
@@ -160,8 +162,8 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     auto sh_issue = [&](int o, int st) {
         const int len = min(ShStage::bytes, a.sh_row_bytes - st * ShStage::bytes);
         const uint32_t d = (uint32_t)__cvta_generic_to_shared(sh_slot);
-        copy_range<(ShStage::slot / 16 + 31) / 32>(d, sh_src(o, st, 0), len, lane);
-        copy_range<(ShStage::slot / 16 + 31) / 32>(d + ShStage::slot, sh_src(o, st, 1), len, lane);
+        copy_range<(ShStage::slot / 16 + 31) / 32>(d, sh_src(o, st, 0), len, lane, l2_evict_first());
+        copy_range<(ShStage::slot / 16 + 31) / 32>(d + ShStage::slot, sh_src(o, st, 1), len, lane, l2_evict_first());
         cp_async_commit();
     };
     if (sh && sh_first < a.sh_rows) sh_issue(sh_first, 0);
@@ -292,8 +294,9 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
             s.p[r] = kTogether ? ebase[r] + at : a.w0 + (size_t)sid[j] * rows * row_bytes + at;
         return s;
     };
-    auto stream = make_streamer<T, SPS, 1, RPW, !kTogether, FULL>(ring, lane, n_sets,
-                                                                  kTogether ? nchunks : a.n_used * nchunks, plan);
+    auto stream = make_streamer<T, SPS, 1, RPW, !kTogether, FULL>(
+        ring, lane, n_sets, kTogether ? nchunks : a.n_used * nchunks, plan,
+        gridDim.y == 1 ? l2_evict_first() : l2_evict_normal());  // as gate_up's
     load_tables<T>(tab, a.tab);
     pdl_wait();
     load_routing(sid, swt, a, t);

@@ -621,22 +621,18 @@ struct Src {
     int64_t k0;
 };
 
-__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-
 // Copies bytes [src, src + len) to shared address dst + (src & 15), with 16-byte cp.async from the boundary below;
 // the range spans at most 32 * PER_LANE pieces (straight-line predicated copies, no loop bookkeeping). FULL: src is
 // 16-byte aligned and len is FULL (a constant).
 template <int PER_LANE, int FULL = 0>
-__device__ __forceinline__ void copy_range(uint32_t dst, const uint8_t* src, int len, int lane) {
+__device__ __forceinline__ void copy_range(uint32_t dst, const uint8_t* src, int len, int lane, uint64_t policy) {
     const uint32_t off = FULL ? 0 : (uint32_t)(uintptr_t)src & 15;
     const uint8_t* a0 = src - off + 16 * lane;
     const int n16 = FULL ? FULL / 16 : (int)(off + len + 15) >> 4;
     dst += 16 * lane;
 #pragma unroll
     for (int k = 0; k < PER_LANE; ++k)
-        if (lane + 32 * k < n16) cp_async16_s(dst + 512 * k, a0 + 512 * k);
+        if (lane + 32 * k < n16) cp_async16_stream(dst + 512 * k, a0 + 512 * k, policy);
 }
 
 // Copies n rows of quantized activations (act_bytes<T>(n, cols), the CPU's order) from global to shared memory for
@@ -669,6 +665,7 @@ struct Streamer {
     int lane, n_sets, steps;
     Plan plan;
     int is_set, is_st, is_slot;  // the next stage to issue, and its ring slot
+    uint64_t policy;             // the copies' L2 eviction priority (cp_async16_stream)
 
     __device__ __forceinline__ void issue() {
         if (is_set < n_sets) {
@@ -677,7 +674,8 @@ struct Streamer {
 #pragma unroll
             for (int r = 0; r < RPW; ++r)
                 if (r < s.live)
-                    copy_range<(G::slot / 16 + 31) / 32, FULL ? G::bytes : 0>(d + r * G::slot, s.p[r], s.len, lane);
+                    copy_range<(G::slot / 16 + 31) / 32, FULL ? G::bytes : 0>(d + r * G::slot, s.p[r], s.len, lane,
+                                                                             policy);
             if (++is_st == steps) is_st = 0, ++is_set;
         }
         is_slot = is_slot == kDepth - 1 ? 0 : is_slot + 1;
@@ -720,13 +718,15 @@ struct Streamer {
     }
 };
 
-// A warp's stream; with steps == 0 nothing is issued (flush still runs once per set).
+// A warp's stream; with steps == 0 nothing is issued (flush still runs once per set). policy: l2_evict_first where
+// each weight is read once, else l2_evict_normal.
 template <int T, int SPS, int NB, int RPW, bool SHARED_X, bool FULL = false, class Plan>
 __device__ __forceinline__ Streamer<T, SPS, NB, RPW, SHARED_X, Plan, FULL> make_streamer(uint8_t* ring, int lane,
                                                                                          int n_sets, int steps,
-                                                                                         Plan plan) {
-    return Streamer<T, SPS, NB, RPW, SHARED_X, Plan, FULL>{ring, (uint32_t)__cvta_generic_to_shared(ring), lane,
-                                                           n_sets, steps, plan, steps == 0 ? n_sets : 0, 0, 0};
+                                                                                         Plan plan, uint64_t policy) {
+    return Streamer<T, SPS, NB, RPW, SHARED_X, Plan, FULL>{ring,  (uint32_t)__cvta_generic_to_shared(ring), lane,
+                                                           n_sets, steps, plan, steps == 0 ? n_sets : 0, 0, 0,
+                                                           policy};
 }
 
 // Copies the IQ2_XXS tables into shared memory, compact or one copy per lane (all threads of the block; a barrier
