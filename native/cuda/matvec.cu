@@ -449,6 +449,8 @@ __global__ void __launch_bounds__(32 * MmaMv<T, NT, XW>::warps) matvec_mma_kerne
         const int p = min(lane + 32 * i, kPieces - 1), r = p / M::w_piece;
         src_off[i] = r * (int)a.row_bytes + 16 * (p - r * M::w_piece);
     }
+    // The weights' copies here stay at normal L2 priority: with cp_async16_stream's cache hint, ptxas 13.0 emitted
+    // this kernel's copies with an unset descriptor register (an illegal instruction at run time, batch 8).
     auto issue_w = [&](int j) {  // this warp's stage j: 16 rows
         uint8_t* dst = ring + (j % D) * M::slot;
         const int it = j / n_per;

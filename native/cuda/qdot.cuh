@@ -724,7 +724,7 @@ template <int T, int SPS, int NB, int RPW, bool SHARED_X, bool FULL = false, cla
 __device__ __forceinline__ Streamer<T, SPS, NB, RPW, SHARED_X, Plan, FULL> make_streamer(uint8_t* ring, int lane,
                                                                                          int n_sets, int steps,
                                                                                          Plan plan, uint64_t policy) {
-    return Streamer<T, SPS, NB, RPW, SHARED_X, Plan, FULL>{ring,  (uint32_t)__cvta_generic_to_shared(ring), lane,
+    return Streamer<T, SPS, NB, RPW, SHARED_X, Plan, FULL>{ring, (uint32_t)__cvta_generic_to_shared(ring), lane,
                                                            n_sets, steps, plan, steps == 0 ? n_sets : 0, 0, 0,
                                                            policy};
 }
