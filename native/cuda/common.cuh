@@ -234,11 +234,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
-// The same copy for a weight stream, with an L2 eviction priority. A decode step streams ~2 GB of weights through
+// The same copy for a weight stream, with an L2 eviction priority. A decode layer streams ~200 MB of weights through
 // the 50 MB L2; where each is read once (one token), marked evict-first they no longer push out what every layer
 // reads again: the kernels' code, whose cold instruction fetches after each dependency wait otherwise go to DRAM
 // (the attention's front: ~3 us of its ~10 at one token), and the activations. Where a batch's tokens share
-// experts, normal priority keeps the second reader's L2 hits (evict-first cost 8 tokens 1.5%).
+// experts, normal priority keeps the second reader's L2 hits (evict-first on them cost batch 8 1.5%).
 __device__ __forceinline__ uint64_t l2_evict_first() {
     uint64_t p;
     asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
