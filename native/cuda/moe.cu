@@ -32,6 +32,10 @@ namespace {
 
 constexpr int kMaxUsed = 8;
 
+// The experts' copies' L2 priority (both kernels' grid rows are tokens): evict-first in a one-token launch, whose
+// experts are each read once; normal in a batch's, whose tokens may share experts (the second reader's L2 hits).
+__device__ __forceinline__ uint64_t expert_policy() { return gridDim.y == 1 ? l2_evict_first() : l2_evict_normal(); }
+
 struct MoeArgs {
     float* out;
     int64_t out_stride;
@@ -147,9 +151,7 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
         s.seg = 0;
         return s;
     };
-    // One token's experts are read once; a batch's tokens may share them (l2_evict_first).
-    const uint64_t policy = gridDim.y == 1 ? l2_evict_first() : l2_evict_normal();
-    auto stream = make_streamer<T, SPS, 1, RPW, true, FULL>(ring, lane, n_sets, steps, plan, policy);
+    auto stream = make_streamer<T, SPS, 1, RPW, true, FULL>(ring, lane, n_sets, steps, plan, expert_policy());
 
     // The shared expert's pairs (gate row o, up row o): warp w >= 1 of block b takes o = b sh_warps + w - 1, then
     // on by the grid's count of such warps; its first stage's weights are issued before the wait.
@@ -295,8 +297,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
         return s;
     };
     auto stream = make_streamer<T, SPS, 1, RPW, !kTogether, FULL>(
-        ring, lane, n_sets, kTogether ? nchunks : a.n_used * nchunks, plan,
-        gridDim.y == 1 ? l2_evict_first() : l2_evict_normal());  // as gate_up's
+        ring, lane, n_sets, kTogether ? nchunks : a.n_used * nchunks, plan, expert_policy());
     load_tables<T>(tab, a.tab);
     pdl_wait();
     load_routing(sid, swt, a, t);
