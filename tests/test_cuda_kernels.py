@@ -961,6 +961,18 @@ def test_attention_decode_front(stream, rng, dim, n_head, n_nope, with_sel):
     got_ring = d.get(ring_b)
     np.testing.assert_array_equal(got_ring.view(np.uint16), d.get(ring_a).view(np.uint16))
     np.testing.assert_array_equal(d.get(out_b), d.get(out_a))
+    # Each token alone, as a one-token step launches it (with the indexer's choice the launch also runs its query
+    # phase once before the dependency wait): the same bits, its ring slot the one written.
+    for t in (1, 4):
+        ring_c = d.buf(raw[t:t + 1])
+        out_c, scratch_c = d.out((1, n_head, dim)), _cuda.Buffer(nbytes)
+        _cuda.attention_decode(stream.ptr, out_c.ptr, scratch_c.ptr, d.put(q[t:t + 1]), 0, 0, d.put(raw_n[t:t + 1]),
+                               RAW_CAP, d.put(comp[t:t + 1]), COMP_CAP * dim, d.put(comp_n[t:t + 1]), COMP_CAP,
+                               d.put(sel[t:t + 1]) if with_sel else 0, SEL_CAP, d.put(sinks), 1, n_head, dim, scale,
+                               d.put(np.array([ring_c.ptr], np.int64)), 0, False, d.put(pos[t:t + 1]), ip, 64,
+                               kv_x=d.put(kv[t:t + 1]), kv_w=d.put(kv_w), eps=eps, n_nope=n_nope)
+        np.testing.assert_array_equal(d.get(out_c)[0], d.get(out_a)[t])
+        np.testing.assert_array_equal(d.get(ring_c)[0].view(np.uint16), got_ring[t].view(np.uint16))
     # The new rows against the reference (norm, RoPE, FP8) and nothing else of the rings touched.
     new = REF.norm_rope(kv.astype(np.float64), kv_w, eps, pos, inv)
     new = (REF32.fp8_kv(new.astype(np.float32), n_nope) if n_nope else new).astype(np.float16)
