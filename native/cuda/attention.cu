@@ -429,8 +429,8 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
     // A warm pass (one token, FRONT, where the launch waits behind the indexer's top-k): the query phase below runs
     // once before the dependency wait, on whatever q holds then, with its stores to shared memory only (the ring
     // slot and the compressed rows' copies wait for the real pass). Its ~1,250 instructions of straight-line code
-    // are then in the SM's instruction caches when the wait ends; cold, they cost the chain ~2 us after it (a
-    // layer's weight stream leaves L2 holding the code but the SM's caches not). The wait behind the top-k is long
+    // are then in the SM's instruction caches when the wait ends; cold, they cost the chain 1-1.5 us more after it
+    // (a layer's weight stream leaves L2 holding the code but the SM's caches not). The wait behind the top-k is long
     // enough to hide the pass; behind q_b (other layers, short contexts) or at several tokens it is not.
     const bool warm = FRONT && a.sel && gridDim.y == 1;
     float4 qv[2][kVec], kx[kVec];
