@@ -67,6 +67,54 @@ struct MoeArgs {
     ds4_cuda_sinkhorn hc;
 };
 
+// h (one row of cols values, a multiple of 256) quantized twice in one pass, for the shared expert (Q8_0, at x0)
+// and the routed experts of a K type T (Q8_K, at xk), each exactly as quantize_block lays it out: warp `first` of
+// `step` takes the Q8_K blocks first, first + step, ... (8 values a lane, whose maximum meets in 5 shuffles), and
+// lanes 4 m .. 4 m + 3 hold Q8_0 block m's 32 values (2 shuffles).
+template <int T>
+__device__ void quantize_both(uint8_t* x0, uint8_t* xk, const float* h, int64_t cols, int first, int step) {
+    const int lane = threadIdx.x & 31;
+    const XView v0 = act_view<TYPE_Q8_0>(x0, 1, cols), vk = act_view<T>(xk, 1, cols);
+    for (int64_t b = first; b < cols / 256; b += step) {
+        const int64_t col = b * 256 + 8 * lane;
+        const float4 f0 = *(const float4*)(h + col), f1 = *(const float4*)(h + col + 4);
+        const float v[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
+        float best = v[0], amax = fabsf(v[0]);  // Q8_K: the value of largest |x| (the first on ties); Q8_0: max |x|
+        int at = 8 * lane;
+#pragma unroll
+        for (int k = 1; k < 8; ++k) {
+            if (fabsf(v[k]) > fabsf(best)) best = v[k], at = 8 * lane + k;
+            amax = fmaxf(amax, fabsf(v[k]));
+        }
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oa = __shfl_xor_sync(0xffffffffu, at, o);
+            if (fabsf(ob) > fabsf(best) || (fabsf(ob) == fabsf(best) && oa < at)) best = ob, at = oa;
+        }
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        const float ik = best == 0.0f ? 0.0f : -127.0f / best, dk = best == 0.0f ? 0.0f : 1.0f / ik;
+        float d0;
+        const float i0 = q8_0_inv(amax, d0);
+        uint32_t wk[2] = {0u, 0u}, w0[2] = {0u, 0u};
+        int sum = 0;  // the lane's half of a 16-value sum
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int qk = (int)fminf(rintf(__fmul_rn(v[k], ik)), 127.0f), q0 = q8_0_value(v[k], i0);
+            wk[k / 4] |= ((uint32_t)qk & 255u) << (8 * (k % 4));
+            w0[k / 4] |= ((uint32_t)q0 & 255u) << (8 * (k % 4));
+            sum += qk;
+        }
+        *(uint2*)(vk.qs + act_swz(col)) = make_uint2(wk[0], wk[1]);
+        *(uint2*)(v0.qs + act_swz(col)) = make_uint2(w0[0], w0[1]);
+        if (lane == 0) ((float*)vk.d)[b] = dk;
+        if ((lane & 3) == 0) ((float*)v0.d)[col / 32] = d0;
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        if ((lane & 1) == 0) ((int16_t*)vk.bs)[b * 16 + lane / 2] = (int16_t)sum;
+    }
+}
+
 // The shared expert's stages inside gate_up: 2048 weights of its gate row and of its up row, one stage per warp
 // at a time in the space of the routed rows' ring (free until the routing is known).
 using ShStage = Stage<TYPE_Q8_0, 2>;
@@ -99,10 +147,13 @@ __device__ __forceinline__ void load_routing(int* sid, float* swt, const MoeArgs
     }
 }
 
+// With the shared expert, a K type's launch keeps h's Q8_0 form in a space of its own after the rings (both forms
+// are written at once, quantize_both).
 template <int T, bool LANES, int WARPS>
-size_t gate_up_smem(int64_t cols) {
+size_t gate_up_smem(int64_t cols, bool shared) {
     return table_bytes<T, LANES>() + act_bytes<T>(1, cols) +
-           (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
+           (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot +
+           (shared && WT<T>::xb == 256 ? act_bytes<TYPE_Q8_0>(1, cols) : 0);
 }
 
 // Whether every stage of an expert row is whole and starts 16-byte aligned (row_bytes a multiple of the stage's
@@ -171,12 +222,29 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     if (sh && sh_first < a.sh_rows) sh_issue(sh_first, 0);
     load_tables<T, LANES>(tab, a.tab);
     pdl_wait();
+    // h quantized for the routed rows by warps 1.. while warp 0 chooses the experts (as a pass after the block's
+    // barrier below, it waited behind the choice: ~2.5 us at one token, H200). With the shared expert, h as Q8_0
+    // for it too: for a K type in its own space, written with the routed rows' form in one pass (quantize_both); for
+    // Q8_0 experts in the space of the routed rows' form, which a pass after that barrier then writes again.
+    constexpr bool kBoth = WT<T>::xb == 256;
+    const bool x_early = WT<T>::xb != 0 && (kBoth || !a.sh_w0);
+    uint8_t* const x0 = kBoth && a.sh_w0 ? xs + act_bytes<T>(1, a.cols) + (size_t)WARPS * kDepth * RPW * G::slot : xs;
+    if constexpr (WT<T>::xb != 0) {
+        if (!a.sh_w0 && warp > 0) {
+            const XView v = act_view<T>(xs, 1, a.cols);
+            quantize_rows<WT<T>::xb, true>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, a.x + (int64_t)t * a.x_stride,
+                                           a.x_stride, 1, a.cols, warp - 1, WARPS - 1);
+        }
+    }
     if (a.sh_w0 && warp > 0) {
-        // h as Q8_0 for the shared expert (in the space of its Q8_K form, written after the barrier below), then
-        // its pairs, exactly as the products path computes them (ds4_cuda_matvec and ds4_cuda_swiglu).
-        const XView xv = act_view<TYPE_Q8_0>(xs, 1, a.cols);
-        quantize_rows<32, true>((int8_t*)xv.qs, (float*)xv.d, nullptr, a.x + (int64_t)t * a.x_stride, a.x_stride, 1,
-                                a.cols, warp - 1, WARPS - 1);
+        // Then the shared expert's pairs, exactly as the products path computes them (ds4_cuda_matvec and
+        // ds4_cuda_swiglu).
+        const XView xv = act_view<TYPE_Q8_0>(x0, 1, a.cols);
+        if constexpr (kBoth)
+            quantize_both<T>(x0, xs, a.x + (int64_t)t * a.x_stride, a.cols, warp - 1, WARPS - 1);
+        else
+            quantize_rows<32, true>((int8_t*)xv.qs, (float*)xv.d, nullptr, a.x + (int64_t)t * a.x_stride,
+                                    a.x_stride, 1, a.cols, warp - 1, WARPS - 1);
         named_barrier(1, 32 * (WARPS - 1));
         const int sh_steps = sh ? (int)ceil_div(a.cols, ShStage::weights) : 0;
         for (int o = sh_first; sh && o < a.sh_rows; o += sh_step) {
@@ -222,12 +290,14 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     const float* h = a.x + (int64_t)t * a.x_stride;
     XView xv{};
     if constexpr (WT<T>::xb != 0) {
-        quantize_block<T>(xs, h, a.x_stride, 1, a.cols);
+        if (!x_early) {
+            quantize_block<T>(xs, h, a.x_stride, 1, a.cols);
+            __syncthreads();
+        }
         xv = act_view<T>(xs, 1, a.cols);
     } else {
         xv.xf = h;
     }
-    __syncthreads();
 
     auto xview = [&](int) { return &xv; };
     // A set's gate sum is kept by lane set % 16, its up sum by lane 16 + set % 16; after every 16th set and the
@@ -349,7 +419,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
 }
 
 // Warps of a gate_up block that can take the shared expert's pairs: their stages fit the routed rows' ring, and h
-// as Q8_0 fits the space of its form for T. 0: the shared expert cannot be done inside.
+// as Q8_0 fits the space of its form for T (the K types' launches then give it a space of its own: gate_up_smem).
+// 0: the shared expert cannot be done inside.
 template <int T, int WARPS>
 constexpr int shared_warps(int64_t cols) {
     constexpr size_t ring = (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
@@ -362,7 +433,7 @@ cudaError_t gate_up_launch(cudaStream_t s, MoeArgs a, int n_tok) {
     if (a.sh_w0) a.sh_warps = shared_warps<T, WARPS>(a.cols);  // >= 1: gate_up() checked ds4_cuda_moe_shared_ok
     auto kernel = full_stages<T, gate_up_sps<T>()>(a) ? moe_gate_up_kernel<T, LANES, WT<T>::xb == 256, WARPS>
                                                       : moe_gate_up_kernel<T, LANES, false, WARPS>;
-    const size_t smem = gate_up_smem<T, LANES, WARPS>(a.cols);
+    const size_t smem = gate_up_smem<T, LANES, WARPS>(a.cols, a.sh_w0);
     cudaError_t e = allow_smem(kernel, smem);
     if (e != cudaSuccess) return e;
     const int64_t want = ceil_div((int64_t)a.n_used * a.rows, WARPS);
