@@ -198,6 +198,28 @@ def test_matvec_real_shapes(stream, rng, type_, rows, cols):
         assert rel(d.get(y), product_ref(w, type_, cols, x)) < tol
 
 
+def test_matvec_contiguous_rows(stream, rng):
+    """A product of 256 MB or more (the LM head's size) gives each warp one contiguous range of rows, a short one
+    last: every row has the bits of the same row in two products over halves of the rows (smaller: rows strided
+    over the warps), and a sample of rows matches the reference."""
+    d = Dev(stream)
+    rows, cols = 62_001, 4096  # Q8_0: 4,352 bytes a row, 270 MB
+    rb, half = cols // 32 * 34, 31_000
+    w = _cuda.Buffer(rows * rb)
+    w.fill_random(Q8_0, 5, stream=stream.ptr)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    xp = d.put(x)
+    y, y0, y1 = d.out((1, rows)), d.out((1, half)), d.out((1, rows - half))
+    _cuda.matvec(stream.ptr, y.ptr, rows, w.ptr, Q8_0, rows, cols, xp, cols, 1)
+    _cuda.matvec(stream.ptr, y0.ptr, half, w.ptr, Q8_0, half, cols, xp, cols, 1)
+    _cuda.matvec(stream.ptr, y1.ptr, rows - half, w.ptr + half * rb, Q8_0, rows - half, cols, xp, cols, 1)
+    got = d.get(y)
+    np.testing.assert_array_equal(got.view(np.uint32), np.concatenate([d.get(y0), d.get(y1)], 1).view(np.uint32))
+    raw = w.download(np.uint8, [rows, rb])
+    sample = np.r_[0, rng.choice(rows, 62, replace=False), rows - 1]
+    assert rel(got[:, sample], product_ref(raw[sample], Q8_0, cols, x)) < 2e-5
+
+
 @pytest.mark.parametrize("type_,rows,cols,n_tok", [
     (Q8_0, 100, 4096, 8),     # activations staged whole, a short last set of rows
     (Q8_0, 4096, 8192, 16),   # 16 tokens of 8192: two products of 8 tokens (each staged whole)
