@@ -69,8 +69,8 @@ struct MoeArgs {
 
 // h (one row of cols values, a multiple of 256) quantized twice in one pass, for the shared expert (Q8_0, at x0)
 // and the routed experts of a K type T (Q8_K, at xk), each exactly as quantize_block lays it out: warp `first` of
-// `step` takes the Q8_K blocks first, first + step, ... (8 values a lane, whose maximum meets in 5 shuffles), and
-// lanes 4 m .. 4 m + 3 hold Q8_0 block m's 32 values (2 shuffles).
+// `step` takes the Q8_K blocks first, first + step, ... (8 values a lane: q8_k_lane), and lanes 4 m .. 4 m + 3 hold
+// Q8_0 block m's 32 values (their largest |x| in 2 shuffles).
 template <int T>
 __device__ void quantize_both(uint8_t* x0, uint8_t* xk, const float* h, int64_t cols, int first, int step) {
     const int lane = threadIdx.x & 31;
@@ -79,33 +79,17 @@ __device__ void quantize_both(uint8_t* x0, uint8_t* xk, const float* h, int64_t 
         const int64_t col = b * 256 + 8 * lane;
         const float4 f0 = *(const float4*)(h + col), f1 = *(const float4*)(h + col + 4);
         const float v[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
-        float best = v[0], amax = fabsf(v[0]);  // Q8_K: the value of largest |x| (the first on ties); Q8_0: max |x|
-        int at = 8 * lane;
+        uint32_t wk[2], w0[2] = {0u, 0u};
+        int sum;
+        const float dk = q8_k_lane(v, lane, wk, sum);
+        float amax = 0.0f, d0;
 #pragma unroll
-        for (int k = 1; k < 8; ++k) {
-            if (fabsf(v[k]) > fabsf(best)) best = v[k], at = 8 * lane + k;
-            amax = fmaxf(amax, fabsf(v[k]));
-        }
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oa = __shfl_xor_sync(0xffffffffu, at, o);
-            if (fabsf(ob) > fabsf(best) || (fabsf(ob) == fabsf(best) && oa < at)) best = ob, at = oa;
-        }
+        for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(v[k]));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-        const float ik = best == 0.0f ? 0.0f : -127.0f / best, dk = best == 0.0f ? 0.0f : 1.0f / ik;
-        float d0;
         const float i0 = q8_0_inv(amax, d0);
-        uint32_t wk[2] = {0u, 0u}, w0[2] = {0u, 0u};
-        int sum = 0;  // the lane's half of a 16-value sum
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int qk = (int)fminf(rintf(__fmul_rn(v[k], ik)), 127.0f), q0 = q8_0_value(v[k], i0);
-            wk[k / 4] |= ((uint32_t)qk & 255u) << (8 * (k % 4));
-            w0[k / 4] |= ((uint32_t)q0 & 255u) << (8 * (k % 4));
-            sum += qk;
-        }
+        for (int k = 0; k < 8; ++k) w0[k / 4] |= ((uint32_t)q8_0_value(v[k], i0) & 255u) << (8 * (k % 4));
         *(uint2*)(vk.qs + act_swz(col)) = make_uint2(wk[0], wk[1]);
         *(uint2*)(v0.qs + act_swz(col)) = make_uint2(w0[0], w0[1]);
         if (lane == 0) ((float*)vk.d)[b] = dk;
@@ -223,28 +207,27 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     load_tables<T, LANES>(tab, a.tab);
     pdl_wait();
     // h quantized for the routed rows by warps 1.. while warp 0 chooses the experts (as a pass after the block's
-    // barrier below, it waited behind the choice: ~2.5 us at one token, H200). With the shared expert, h as Q8_0
-    // for it too: for a K type in its own space, written with the routed rows' form in one pass (quantize_both); for
-    // Q8_0 experts in the space of the routed rows' form, which a pass after that barrier then writes again.
+    // barrier below, it waited behind the choice: ~2.5 us at one token, H200). With the shared expert, its Q8_0 form
+    // for it too: for a K type in a space of its own, both forms written in one pass (quantize_both); for Q8_0
+    // experts the one form serves both.
     constexpr bool kBoth = WT<T>::xb == 256;
-    const bool x_early = WT<T>::xb != 0 && (kBoth || !a.sh_w0);
     uint8_t* const x0 = kBoth && a.sh_w0 ? xs + act_bytes<T>(1, a.cols) + (size_t)WARPS * kDepth * RPW * G::slot : xs;
     if constexpr (WT<T>::xb != 0) {
-        if (!a.sh_w0 && warp > 0) {
-            const XView v = act_view<T>(xs, 1, a.cols);
-            quantize_rows<WT<T>::xb, true>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, a.x + (int64_t)t * a.x_stride,
-                                           a.x_stride, 1, a.cols, warp - 1, WARPS - 1);
+        if (warp > 0) {
+            const float* h = a.x + (int64_t)t * a.x_stride;
+            if (kBoth && a.sh_w0) {
+                quantize_both<T>(x0, xs, h, a.cols, warp - 1, WARPS - 1);
+            } else {
+                const XView v = act_view<T>(xs, 1, a.cols);
+                quantize_rows<WT<T>::xb, true>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, h, a.x_stride, 1, a.cols,
+                                               warp - 1, WARPS - 1);
+            }
         }
     }
     if (a.sh_w0 && warp > 0) {
         // Then the shared expert's pairs, exactly as the products path computes them (ds4_cuda_matvec and
         // ds4_cuda_swiglu).
         const XView xv = act_view<TYPE_Q8_0>(x0, 1, a.cols);
-        if constexpr (kBoth)
-            quantize_both<T>(x0, xs, a.x + (int64_t)t * a.x_stride, a.cols, warp - 1, WARPS - 1);
-        else
-            quantize_rows<32, true>((int8_t*)xv.qs, (float*)xv.d, nullptr, a.x + (int64_t)t * a.x_stride,
-                                    a.x_stride, 1, a.cols, warp - 1, WARPS - 1);
         named_barrier(1, 32 * (WARPS - 1));
         const int sh_steps = sh ? (int)ceil_div(a.cols, ShStage::weights) : 0;
         for (int o = sh_first; sh && o < a.sh_rows; o += sh_step) {
@@ -287,17 +270,9 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     __syncthreads();
     stream.prologue();  // after the wait: which rows to read depends on the router's ids
 
-    const float* h = a.x + (int64_t)t * a.x_stride;
     XView xv{};
-    if constexpr (WT<T>::xb != 0) {
-        if (!x_early) {
-            quantize_block<T>(xs, h, a.x_stride, 1, a.cols);
-            __syncthreads();
-        }
-        xv = act_view<T>(xs, 1, a.cols);
-    } else {
-        xv.xf = h;
-    }
+    if constexpr (WT<T>::xb != 0) xv = act_view<T>(xs, 1, a.cols);
+    else xv.xf = a.x + (int64_t)t * a.x_stride;
 
     auto xview = [&](int) { return &xv; };
     // A set's gate sum is kept by lane set % 16, its up sum by lane 16 + set % 16; after every 16th set and the

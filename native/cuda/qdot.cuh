@@ -155,6 +155,33 @@ __device__ __forceinline__ void row_norms(float* inv, const float* x, int64_t x_
     }
 }
 
+// One Q8_K block (256 values) held 8 per lane (lane i: values 8 i .. 8 i + 7), rounded as ds4_quant.h rounds it:
+// m = the value of largest |x| (the first on ties; 5 shuffles), iscale = -127 / m, d = 1 / iscale, q = min(rint(x
+// iscale), 127). Packs the lane's 8 q into w and returns d; sum: their sum (a 16-value sum is two lanes').
+__device__ __forceinline__ float q8_k_lane(const float (&v)[8], int lane, uint32_t (&w)[2], int& sum) {
+    float best = v[0];
+    int at = 8 * lane;
+#pragma unroll
+    for (int k = 1; k < 8; ++k)
+        if (fabsf(v[k]) > fabsf(best)) best = v[k], at = 8 * lane + k;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oa = __shfl_xor_sync(0xffffffffu, at, o);
+        if (fabsf(ob) > fabsf(best) || (fabsf(ob) == fabsf(best) && oa < at)) best = ob, at = oa;
+    }
+    const float iscale = best == 0.0f ? 0.0f : -127.0f / best;
+    w[0] = w[1] = 0u;
+    sum = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int q = (int)fminf(rintf(__fmul_rn(v[k], iscale)), 127.0f);
+        w[k / 4] |= ((uint32_t)q & 255u) << (8 * (k % 4));
+        sum += q;
+    }
+    return best == 0.0f ? 0.0f : 1.0f / iscale;
+}
+
 // The act8 quantizers of ds4_quant.h, every operation rounded as on the CPU (so the int8 values and scales are
 // bit for bit those of ds4d._cpu.quantize_act). Row i of x is at x + i * x_stride; the outputs are dense rows
 // (qs: cols, d: cols / XB, bs: cols / 16). A Q8_0 block (32 values) is one lane's: its 8 float4 loads are in
@@ -209,43 +236,23 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
 #pragma unroll
             for (int k = 0; k < V; ++k) v[k] = 0.0f;
         }
-        float scale_inv, dd;  // what multiplies x, and the block's d
+        uint32_t w[V / 4] = {};
+        int sum = 0;            // Q8_K: the lane's half of a 16-value sum
+        float dd, inv = 0.0f;   // the block's d; Q8_0: what multiplies x
         if constexpr (XB == 32) {
             // Q8_0: amax = max|x|; d = amax / 127; id = d != 0 ? 1 / d : 0; q = clamp(rint(x * id), -127, 127).
             float amax = 0.0f;
 #pragma unroll
             for (int k = 0; k < 32; ++k) amax = fmaxf(amax, fabsf(v[k]));
-            scale_inv = q8_0_inv(amax, dd);
+            inv = q8_0_inv(amax, dd);
         } else {
-            // Q8_K: m = the value of largest |x| (the first on ties); iscale = -127 / m; d = 1 / iscale.
-            float best = v[0];
-            int at = V * sub;
-#pragma unroll
-            for (int k = 1; k < V; ++k)
-                if (fabsf(v[k]) > fabsf(best)) best = v[k], at = V * sub + k;
-#pragma unroll
-            for (int o = 1; o < kLanes; o <<= 1) {
-                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-                const int oa = __shfl_xor_sync(0xffffffffu, at, o);
-                if (fabsf(ob) > fabsf(best) || (fabsf(ob) == fabsf(best) && oa < at)) best = ob, at = oa;
-            }
-            scale_inv = best == 0.0f ? 0.0f : -127.0f / best;
-            dd = best == 0.0f ? 0.0f : 1.0f / scale_inv;
+            static_assert(V == 8, "Q8_K: a 16-value sum is two lanes'");
+            dd = q8_k_lane(v, sub, w, sum);  // the whole warp's block (kPerWarp 1)
         }
-        if (!on) continue;  // Q8_K: the whole warp's block (kPerWarp 1)
-        uint32_t w[V / 4];
-        int sum = 0;  // Q8_K: the lane's half of a 16-value sum
+        if (!on) continue;
+        if constexpr (XB == 32)
 #pragma unroll
-        for (int k = 0; k < V / 4; ++k) {
-            w[k] = 0;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int q = XB == 32 ? q8_0_value(v[4 * k + j], scale_inv)
-                                       : (int)fminf(rintf(__fmul_rn(v[4 * k + j], scale_inv)), 127.0f);
-                w[k] |= ((uint32_t)q & 255u) << (8 * j);
-                sum += q;
-            }
-        }
+            for (int k = 0; k < V; ++k) w[k / 4] |= ((uint32_t)q8_0_value(v[k], inv) & 255u) << (8 * (k % 4));
         int8_t* dst = qs + row * cols;
 #pragma unroll
         for (int k = 0; k < V / 16; ++k)
@@ -254,7 +261,6 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
         if constexpr (V % 16) *(uint2*)(dst + (SWZ ? act_swz(col) : col)) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
         if (sub == 0) d[row * per_row + b] = dd;
         if constexpr (XB == 256) {
-            static_assert(V == 8, "Q8_K: a 16-value sum is two lanes'");
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             if ((sub & 1) == 0) bs[row * (cols / 16) + b * 16 + sub / 2] = (int16_t)sum;
         }
