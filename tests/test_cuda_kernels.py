@@ -652,6 +652,7 @@ def test_moe_route_gate_up(stream, rng, hash_layer, n_tok, n_expert):
     up = rand_weights(rng, IQ2_XXS, n_ff, n_embd, lead=(n_expert,))
     h = (rng.standard_normal((n_tok, n_embd)) * 0.05).astype(np.float32)
     logits = (rng.standard_normal((n_tok, n_expert)) * 3).astype(np.float32)
+    logits[0, :4] = [25.0, -25.0, 19.0, -19.0]     # both softplus branches
     bias = (rng.standard_normal(n_expert) * 0.1).astype(np.float32)
     tid2eid = rng.integers(0, n_expert, (50, k)).astype(np.int32)
     tokens = rng.integers(0, 50, n_tok).astype(np.int32)

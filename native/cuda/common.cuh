@@ -169,9 +169,13 @@ __device__ __forceinline__ int q8_0_value(float x, float inv) {
     return (int)fminf(fmaxf(rintf(__fmul_rn(x, inv)), -127.0f), 127.0f);
 }
 
-// Barrier `id` (1-15; 0 is __syncthreads) over `count` threads, whole warps.
+// Barrier `id` (1-15; 0 is __syncthreads) over `count` threads, whole warps; named_arrive counts the warp in
+// without waiting (its earlier shared-memory writes are seen by the threads that wait at the barrier).
 __device__ __forceinline__ void named_barrier(int id, int count) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
 // Thread block clusters (sm_90; elsewhere a kernel's cluster is its one block and these do nothing). The

@@ -75,10 +75,8 @@ template <int T>
 __device__ void quantize_both(uint8_t* x0, uint8_t* xk, const float* h, int64_t cols, int first, int step) {
     const int lane = threadIdx.x & 31;
     const XView v0 = act_view<TYPE_Q8_0>(x0, 1, cols), vk = act_view<T>(xk, 1, cols);
-    for (int64_t b = first; b < cols / 256; b += step) {
+    auto one = [&](int64_t b, const float (&v)[8]) {
         const int64_t col = b * 256 + 8 * lane;
-        const float4 f0 = *(const float4*)(h + col), f1 = *(const float4*)(h + col + 4);
-        const float v[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
         uint32_t wk[2], w0[2] = {0u, 0u};
         int sum;
         const float dk = q8_k_lane(v, lane, wk, sum);
@@ -96,12 +94,31 @@ __device__ void quantize_both(uint8_t* x0, uint8_t* xk, const float* h, int64_t 
         if ((lane & 3) == 0) ((float*)v0.d)[col / 32] = d0;
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         if ((lane & 1) == 0) ((int16_t*)vk.bs)[b * 16 + lane / 2] = (int16_t)sum;
+    };
+    // Two blocks a pass, both blocks' loads first (DS4's 16 blocks over 11 warps: one trip to L2 instead of two).
+    const int64_t nb = cols / 256;
+    for (int64_t b = first; b < nb; b += 2 * step) {
+        const bool two = b + step < nb;
+        float v[2][8];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (i == 1 && !two) break;
+            const float* p = h + (b + i * step) * 256 + 8 * lane;
+            const float4 f0 = *(const float4*)p, f1 = *(const float4*)(p + 4);
+            v[i][0] = f0.x, v[i][1] = f0.y, v[i][2] = f0.z, v[i][3] = f0.w;
+            v[i][4] = f1.x, v[i][5] = f1.y, v[i][6] = f1.z, v[i][7] = f1.w;
+        }
+        one(b, v[0]);
+        if (two) one(b + step, v[1]);
     }
 }
 
 // The shared expert's stages inside gate_up: 2048 weights of its gate row and of its up row, one stage per warp
 // at a time in the space of the routed rows' ring (free until the routing is known).
 using ShStage = Stage<TYPE_Q8_0, 2>;
+// The choice from the router's logits in gate_up: each expert's score and key (routing.cuh route_scores) in the last
+// kScoreBytes of the routed rows' ring, past the shared expert's stages.
+constexpr size_t kScoreBytes = kRouteMaxExperts * (sizeof(float) + sizeof(uint32_t));
 
 // Stage sizes: gate/up rows (n_embd = 4096 wide) in two stages of 2048 weights for the 2-bit and 4-bit types
 // (half the registers of whole-row stages: 3 blocks per SM; Q4_K at 8 tokens 178 -> 129 us, IQ2_XXS at one token
@@ -162,7 +179,11 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
     uint32_t* tab = LANES ? lanes_tables(smem) : (uint32_t*)smem;
     uint8_t* xs = smem + table_bytes<T, LANES>();
+    constexpr size_t kRing = (size_t)WARPS * kDepth * RPW * G::slot;  // the block's rings
+    static_assert(32 * WARPS >= kRouteMaxExperts && kRing >= kScoreBytes, "gate_up: room to score every expert");
     uint8_t* ring = xs + act_bytes<T>(1, a.cols) + (size_t)warp * kDepth * RPW * G::slot;
+    float* const sp = (float*)(xs + act_bytes<T>(1, a.cols) + kRing - kScoreBytes);
+    uint32_t* const skey = (uint32_t*)(sp + kRouteMaxExperts);
 
     const int slot = blockIdx.x * WARPS + warp, n_slots = gridDim.x * WARPS;
     const int rows = (int)a.rows, n_pairs = a.n_used * rows, row_bytes = (int)a.row_bytes;
@@ -206,6 +227,13 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     if (sh && sh_first < a.sh_rows) sh_issue(sh_first, 0);
     load_tables<T, LANES>(tab, a.tab);
     pdl_wait();
+    // The choice's scores first, an expert per thread of warps 0-7 (one warp scoring all 256 in turn, under the
+    // other warps' load, took ~4 of the ~6 us the choice held the routed rows back at one token; H200); warp 0
+    // picks from them below.
+    if (a.route.logits) {
+        route_scores(a.route, t, sp, skey);
+        if (warp > 0 && warp < kRouteMaxExperts / 32) named_arrive(2, kRouteMaxExperts);
+    }
     // h quantized for the routed rows by warps 1.. while warp 0 chooses the experts (as a pass after the block's
     // barrier below, it waited behind the choice: ~2.5 us at one token, H200). With the shared expert, its Q8_0 form
     // for it too: for a K type in a space of its own, both forms written in one pass (quantize_both); for Q8_0
@@ -253,7 +281,8 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
         sinkhorn_logits(a.hc.hc + lane * kHcVals, a.hc.n_iter, a.hc.hc_eps);
     if (a.route.logits) {
         if (warp == 0) {
-            route_token(a.route, t, sid, swt);
+            named_barrier(2, kRouteMaxExperts);
+            route_pick_shared(a.route, t, sp, skey, sid, swt);
             __syncwarp();
             if (lane < a.n_used) {
                 const int e = sid[lane];
@@ -393,12 +422,12 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     stream.run(a.cols, 1, tab, xview, flush);
 }
 
-// Warps of a gate_up block that can take the shared expert's pairs: their stages fit the routed rows' ring, and h
-// as Q8_0 fits the space of its form for T (the K types' launches then give it a space of its own: gate_up_smem).
-// 0: the shared expert cannot be done inside.
+// Warps of a gate_up block that can take the shared expert's pairs: their stages fit the routed rows' ring before
+// the scores' space, and h as Q8_0 fits the space of its form for T (the K types' launches then give it a space of
+// its own: gate_up_smem). 0: the shared expert cannot be done inside.
 template <int T, int WARPS>
 constexpr int shared_warps(int64_t cols) {
-    constexpr size_t ring = (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
+    constexpr size_t ring = (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot - kScoreBytes;
     if (WT<T>::xb == 0 || act_bytes<TYPE_Q8_0>(1, cols) > act_bytes<T>(1, cols)) return 0;
     return (int)std::min<size_t>(WARPS - 1, ring / (2 * ShStage::slot));
 }

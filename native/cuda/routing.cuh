@@ -1,6 +1,6 @@
-// The router's expert choice for one token, made by one warp (MODEL.md 3.4 steps 2-4): the device function that
-// route_kernel runs per token and that the routed experts' gate+up kernel runs in each of its blocks at decode
-// (so that a decode layer has no launch of its own for the choice).
+// The router's expert choice for one token (MODEL.md 3.4 steps 2-4): made by one warp in route_kernel (a warp per
+// token), or in each block of the routed experts' gate+up kernel at decode (so that a decode layer has no launch of
+// its own for the choice) by the block's first 256 threads scoring an expert each and one warp picking.
 //
 // Scores p = sqrt(softplus(logit)) for up to kRouteMaxExperts experts (lane i holds experts i, i + 32, ...); then
 // n_used rounds of a warp argmax of p + bias over the experts not yet taken, ordered by (value, lower index) so
@@ -27,33 +27,21 @@ struct RouteIn {
     bool normalize;
 };
 
-__device__ __forceinline__ float softplus(float z) {
-    return z > 20.0f ? z : (z < -20.0f ? expf(z) : log1pf(expf(z)));
+// Expert score p = sqrt(softplus(z)) and its selection key order_key(p + b) (0: never chosen: off, -inf, NaN; no
+// finite key is 0). softplus's three cases are all computed and one selected (the same values as the branches):
+// straight-line code, so that a lane's several experts interleave.
+__device__ __forceinline__ void route_score(float z, float b, bool on, float& p, uint32_t& key) {
+    const float ez = expf(z), l = log1pf(ez);
+    p = on ? sqrtf(z > 20.0f ? z : (z < -20.0f ? ez : l)) : 0.0f;
+    const float v = p + b;
+    key = on && v > -INFINITY ? order_key(v) : 0u;
 }
 
-// Token t's choice, called by all 32 lanes of a warp; lane 0 writes ids[k] and weights[k] for k < n_used (global
-// or shared memory). Needs n_expert <= kRouteMaxExperts and n_used <= kRouteMaxUsed.
-__device__ __forceinline__ void route_token(const RouteIn& r, int t, int32_t* ids, float* weights) {
+// The choice from the scores, called by all 32 lanes of a warp: lane i holds experts i, i + 32, ... (p, key; keys
+// are cleared as experts are taken); lane 0 writes ids[k] and weights[k] for k < n_used (global or shared memory).
+__device__ __forceinline__ void route_pick(const RouteIn& r, int t, const float (&p)[kRoutePer],
+                                           uint32_t (&key)[kRoutePer], int32_t* ids, float* weights) {
     const int lane = threadIdx.x & 31;
-    // Every load first, then the scores: with the loads inside the branchy softplus each waited for the previous
-    // expert's score, 16 trips to memory in a row (the route launch 5.7 -> 3.5 us on an H200).
-    float z[kRoutePer], b[kRoutePer];
-#pragma unroll
-    for (int j = 0; j < kRoutePer; ++j) {
-        const int e = lane + 32 * j;
-        const bool on = e < r.n_expert;
-        z[j] = on ? r.logits[(int64_t)t * r.n_expert + e] : 0.0f;
-        b[j] = on && r.bias ? r.bias[e] : 0.0f;
-    }
-    float p[kRoutePer];
-    uint32_t key[kRoutePer];
-#pragma unroll
-    for (int j = 0; j < kRoutePer; ++j) {
-        const bool on = lane + 32 * j < r.n_expert;
-        p[j] = on ? sqrtf(softplus(z[j])) : 0.0f;
-        const float v = p[j] + b[j];
-        key[j] = on && v > -INFINITY ? order_key(v) : 0u;  // 0: never chosen (-inf, NaN; no finite key is 0)
-    }
     float chosen_p[kRouteMaxUsed], sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < kRouteMaxUsed; ++k) {
@@ -91,6 +79,47 @@ __device__ __forceinline__ void route_token(const RouteIn& r, int t, int32_t* id
             weights[k] = chosen_p[k] / div * r.scale;
         }
     }
+}
+
+// Token t's choice by one warp (all 32 lanes): the scores, then route_pick. Needs n_expert <= kRouteMaxExperts and
+// n_used <= kRouteMaxUsed.
+__device__ __forceinline__ void route_token(const RouteIn& r, int t, int32_t* ids, float* weights) {
+    const int lane = threadIdx.x & 31;
+    // Every load first, then the scores: with the loads beside each score's (then branchy) arithmetic each waited
+    // for the previous expert's score, 16 trips to memory in a row (the route launch 5.7 -> 3.5 us on an H200).
+    float z[kRoutePer], b[kRoutePer];
+#pragma unroll
+    for (int j = 0; j < kRoutePer; ++j) {
+        const int e = lane + 32 * j;
+        const bool on = e < r.n_expert;
+        z[j] = on ? r.logits[(int64_t)t * r.n_expert + e] : 0.0f;
+        b[j] = on && r.bias ? r.bias[e] : 0.0f;
+    }
+    float p[kRoutePer];
+    uint32_t key[kRoutePer];
+#pragma unroll
+    for (int j = 0; j < kRoutePer; ++j) route_score(z[j], b[j], lane + 32 * j < r.n_expert, p[j], key[j]);
+    route_pick(r, t, p, key, ids, weights);
+}
+
+// The same choice by a block: thread e < kRouteMaxExperts scores expert e into sp[e] and skey[e] (route_scores,
+// every thread of the first kRouteMaxExperts), then one warp picks from them (route_pick_shared) once those threads'
+// stores are visible to it (a barrier between).
+__device__ __forceinline__ void route_scores(const RouteIn& r, int t, float* sp, uint32_t* skey) {
+    const int e = threadIdx.x;
+    if (e >= kRouteMaxExperts) return;
+    const bool on = e < r.n_expert;
+    const float z = on ? r.logits[(int64_t)t * r.n_expert + e] : 0.0f, b = on && r.bias ? r.bias[e] : 0.0f;
+    route_score(z, b, on, sp[e], skey[e]);
+}
+__device__ __forceinline__ void route_pick_shared(const RouteIn& r, int t, const float* sp, const uint32_t* skey,
+                                                  int32_t* ids, float* weights) {
+    const int lane = threadIdx.x & 31;
+    float p[kRoutePer];
+    uint32_t key[kRoutePer];
+#pragma unroll
+    for (int j = 0; j < kRoutePer; ++j) p[j] = sp[lane + 32 * j], key[j] = skey[lane + 32 * j];
+    route_pick(r, t, p, key, ids, weights);
 }
 
 }  // namespace ds4::cuda
