@@ -127,6 +127,11 @@ template <int T>
 constexpr int gate_up_sps() {
     return WT<T>::xb == 256 ? 2 : WT<T>::sps;
 }
+// The gate_up block's rings (each warp's kDepth stages of its gate and up rows), after h's forms in shared memory.
+template <int T, int WARPS>
+constexpr size_t gate_up_ring_bytes() {
+    return (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot;
+}
 template <int T>
 constexpr int down_sps() {
     return WT<T>::xb == 256 ? 1 : WT<T>::sps;  // 1024 weights: n_used rows x 0.3-0.6 KB, two blocks per SM
@@ -152,8 +157,7 @@ __device__ __forceinline__ void load_routing(int* sid, float* swt, const MoeArgs
 // are written at once, quantize_both).
 template <int T, bool LANES, int WARPS>
 size_t gate_up_smem(int64_t cols, bool shared) {
-    return table_bytes<T, LANES>() + act_bytes<T>(1, cols) +
-           (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot +
+    return table_bytes<T, LANES>() + act_bytes<T>(1, cols) + gate_up_ring_bytes<T, WARPS>() +
            (shared && WT<T>::xb == 256 ? act_bytes<TYPE_Q8_0>(1, cols) : 0);
 }
 
@@ -179,7 +183,7 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
     uint32_t* tab = LANES ? lanes_tables(smem) : (uint32_t*)smem;
     uint8_t* xs = smem + table_bytes<T, LANES>();
-    constexpr size_t kRing = (size_t)WARPS * kDepth * RPW * G::slot;  // the block's rings
+    constexpr size_t kRing = gate_up_ring_bytes<T, WARPS>();
     static_assert(32 * WARPS >= kRouteMaxExperts && kRing >= kScoreBytes, "gate_up: room to score every expert");
     uint8_t* ring = xs + act_bytes<T>(1, a.cols) + (size_t)warp * kDepth * RPW * G::slot;
     float* const sp = (float*)(xs + act_bytes<T>(1, a.cols) + kRing - kScoreBytes);
@@ -239,7 +243,7 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     // for it too: for a K type in a space of its own, both forms written in one pass (quantize_both); for Q8_0
     // experts the one form serves both.
     constexpr bool kBoth = WT<T>::xb == 256;
-    uint8_t* const x0 = kBoth && a.sh_w0 ? xs + act_bytes<T>(1, a.cols) + (size_t)WARPS * kDepth * RPW * G::slot : xs;
+    uint8_t* const x0 = kBoth && a.sh_w0 ? xs + act_bytes<T>(1, a.cols) + kRing : xs;
     if constexpr (WT<T>::xb != 0) {
         if (warp > 0) {
             const float* h = a.x + (int64_t)t * a.x_stride;
@@ -427,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
 // its own: gate_up_smem). 0: the shared expert cannot be done inside.
 template <int T, int WARPS>
 constexpr int shared_warps(int64_t cols) {
-    constexpr size_t ring = (size_t)WARPS * kDepth * 2 * Stage<T, gate_up_sps<T>()>::slot - kScoreBytes;
+    constexpr size_t ring = gate_up_ring_bytes<T, WARPS>() - kScoreBytes;
     if (WT<T>::xb == 0 || act_bytes<TYPE_Q8_0>(1, cols) > act_bytes<T>(1, cols)) return 0;
     return (int)std::min<size_t>(WARPS - 1, ring / (2 * ShStage::slot));
 }
