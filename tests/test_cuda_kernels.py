@@ -225,8 +225,11 @@ def test_matvec_contiguous_rows(stream, rng):
     (Q8_0, 4096, 8192, 16),   # 16 tokens of 8192: two products of 8 tokens (each staged whole)
     (Q8_0, 4096, 8192, 11),
     (Q8_0, 256, 12288, 8),    # too wide to stage whole: activations through the ring slots
-    (F16, 2056, 4096, 8),     # the compressors' joined F16 products at 8 tokens: ring slots, a short last set
-    (F16, 2048, 4096, 16),
+    (F16, 2056, 4096, 8),     # the compressors' joined F16 products at 8 tokens: K split over 2 blocks (sm_90),
+    (F16, 2048, 4096, 16),    # over 4 at 16 tokens; a short last set
+    (F16, 4232, 4096, 16),    # clusters of 4 taking several sets each, one short
+    (F16, 2048, 8192, 16),    # split over 8
+    (F16, 2048, 16384, 16),   # slices too wide even for 8: ring slots (as everywhere before sm_90)
     (F16, 8192, 1024, 16),    # the indexer's query at 16 tokens: staged whole
 ])
 def test_matvec_tensor_core_layouts(stream, rng, type_, rows, cols, n_tok):

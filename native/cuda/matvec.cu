@@ -392,7 +392,8 @@ cudaError_t matvec_pair(cudaStream_t s, MatvecArgs a, MatvecArgs b) {
 // weights (16 rows x 272 bytes: 256 Q8_0 weights, or 128 F16 weights in 256 bytes) through its own cp.async ring,
 // on from one set to the next. The tokens' activations come from the workspace: where they fit (XW: every DS4
 // product but the compressors' joined F16 ones), the block stages them for the whole K once, before its warps
-// stream weights alone; else each ring slot carries its stage's activations beside the weights. Q8_0: per 32
+// stream weights alone; F16 products too wide for that split K over a cluster's blocks on sm_90 (KC), each
+// staging its slice whole; else each ring slot carries its stage's activations beside the weights. Q8_0: per 32
 // weights one int8 mma m16n8k32 per 8 tokens gives the exact integer sums, then acc += (dw dx) sum as the dp4a path
 // does. F16: the activations as two f16 parts (high, and the rounding of the rest; each token scaled by a power of
 // two, as the prefill products take them), two f16 mma m16n8k16 per 16 weights into f32. A set's slices meet in
@@ -401,8 +402,10 @@ constexpr int kMmaPitch = 272;  // shared-memory pitch of a stage's row (conflic
 
 // XW: the activations staged whole, 8 warps with rings of 4 stages at 8 tokens, 3 at 16 (H200, 4-layer file: 3
 // at 8 tokens +2.5 us per step, 4 at 16 tokens +10); else 4 warps whose ring slots (3 stages at 8 tokens, 2 at 16)
-// hold each stage's activations beside its weights.
-template <int T, int NT, bool XW>
+// hold each stage's activations beside its weights. KC > 1 (with XW, sm_90): a cluster's KC blocks take the same
+// row sets, block `rank` of them the K slice rank cols / KC ..., staging only that slice of the activations (cols
+// below is the slice's); the slices' sums meet in distributed shared memory, added in rank order.
+template <int T, int NT, bool XW, int KC = 1>
 struct MmaMv {
     static constexpr bool F16 = T == TYPE_F16;
     static constexpr int warps = XW ? 8 : 4, depth = (XW ? 4 : 3) - (NT - 1);
@@ -418,27 +421,32 @@ struct MmaMv {
     __host__ __device__ static int64_t d_pitch(int64_t cols) { return cols / 32 + 4; }
     static size_t smem(int64_t cols) {
         const size_t x = XW ? (size_t)tok * (x_pitch(cols) + (F16 ? x_pitch(cols) : 4 * d_pitch(cols))) : 0;
-        return (size_t)warps * depth * slot + (size_t)warps * 16 * tok * sizeof(float) + x;
+        return (size_t)warps * depth * slot + (size_t)(KC > 1 ? 2 : 1) * warps * 16 * tok * sizeof(float) + x;
     }
 };
 
-template <int T, int NT, bool XW>
-__global__ void __launch_bounds__(32 * MmaMv<T, NT, XW>::warps) matvec_mma_kernel(MatvecArgs a) {
-    using M = MmaMv<T, NT, XW>;
+template <int T, int NT, bool XW, int KC>
+__global__ void __launch_bounds__(32 * MmaMv<T, NT, XW, KC>::warps) matvec_mma_kernel(MatvecArgs a) {
+    using M = MmaMv<T, NT, XW, KC>;
+    static_assert(KC == 1 || XW, "a K split stages its slice whole");
     constexpr int W = M::warps, D = M::depth;
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     uint8_t* ring = smem + (size_t)warp * D * M::slot;
     float* red = (float*)(smem + (size_t)W * D * M::slot);
-    uint8_t* xs = (uint8_t*)(red + W * 16 * M::tok);  // XW's activations
+    float* part = red + W * 16 * M::tok;                          // KC > 1: the block's sums of its slice
+    uint8_t* xs = (uint8_t*)(part + (KC > 1 ? W * 16 * M::tok : 0));  // XW's activations
     pdl_trigger();
 
-    // Block iteration it covers sets (blockIdx.x + it gridDim.x) per_it + warp / ks, this warp the K slice
-    // warp % ks of its set: n_per stages from s0.
+    // Block (cluster with KC > 1) iteration it covers sets (blk + it n_blk) per_it + warp / ks, this warp the K
+    // slice warp % ks of its set (of the block's K slice `rank`): n_per stages from s0.
+    const int rank = (int)(blockIdx.x % KC);
+    const unsigned blk = blockIdx.x / KC, n_blk = gridDim.x / KC;
     const int grp = blockIdx.y, ks = a.ks, per_it = W / ks, slice = warp % ks;
     const int n_sets = (int)ceil_div(a.rows, 16), n_it_all = (int)ceil_div(n_sets, per_it);
-    const int n_it = blockIdx.x < n_it_all ? (n_it_all - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-    const int nst = (int)(a.cols / M::kw), s0 = slice * nst / ks, n_per = (slice + 1) * nst / ks - s0;
+    const int n_it = blk < n_it_all ? (n_it_all - 1 - blk) / n_blk + 1 : 0;
+    const int64_t cols = a.cols / KC;  // the block's K slice
+    const int nst = (int)(cols / M::kw), s0 = slice * nst / ks, n_per = (slice + 1) * nst / ks - s0;
     const int total = n_it * n_per;  // this warp's stages, in order
     const int n_tok = a.n_tok;
     const uint8_t* wg = a.w + (size_t)grp * a.rows * a.row_bytes;
@@ -447,8 +455,8 @@ __global__ void __launch_bounds__(32 * MmaMv<T, NT, XW>::warps) matvec_mma_kerne
     // first weight), the F16 low parts at x2 + t xp, the Q8_0 scales at x2 + t dp (floats).
     const uint8_t* xq = a.xq + (M::F16 ? 0 : grp * act_bytes<TYPE_Q8_0>(n_tok, a.cols));
     const uint8_t* xd = xq + (size_t)n_tok * a.cols * (M::F16 ? 2 : 1);
-    const int xp = XW ? (int)M::x_pitch(a.cols) : kMmaPitch, dp = XW ? (int)M::d_pitch(a.cols) : 8;
-    auto set_of = [&](int it) { return (blockIdx.x + it * gridDim.x) * per_it + warp / ks; };
+    const int xp = XW ? (int)M::x_pitch(cols) : kMmaPitch, dp = XW ? (int)M::d_pitch(cols) : 8;
+    auto set_of = [&](int it) { return (blk + it * n_blk) * per_it + warp / ks; };
     // Lane l copies pieces l, l + 32, ... of a stage (row by row: a warp's copy reads whole 128-byte lines); their
     // offsets in a set's rows, found once.
     constexpr int kPieces = 16 * M::w_piece, NP = (kPieces + 31) / 32;
@@ -463,7 +471,8 @@ __global__ void __launch_bounds__(32 * MmaMv<T, NT, XW>::warps) matvec_mma_kerne
     auto issue_w = [&](int j) {  // this warp's stage j: 16 rows
         uint8_t* dst = ring + (j % D) * M::slot;
         const int it = j / n_per;
-        const int64_t row0 = (int64_t)set_of(it) * 16, off = (int64_t)(s0 + j - it * n_per) * M::w_piece * 16;
+        const int64_t row0 = (int64_t)set_of(it) * 16,
+                      off = (int64_t)(rank * nst + s0 + j - it * n_per) * M::w_piece * 16;
 #pragma unroll
         for (int i = 0; i < NP; ++i) {
             const int p = lane + 32 * i;  // piece p: row p / w_piece, at 16 p in the slot (272 = 17 x 16) or F16's
@@ -497,18 +506,21 @@ __global__ void __launch_bounds__(32 * MmaMv<T, NT, XW>::warps) matvec_mma_kerne
     // XW all of them once (in the first commit group, with those weights), else each stage's.
     for (int j = 0; j < D - 1 && j < total; ++j) issue_w(j);
     pdl_wait();
-    if constexpr (XW) {
-        const int per = (int)(a.cols * (M::F16 ? 2 : 1) / 16);  // 16-byte pieces of a token's values
+    if constexpr (XW) {  // the slice's values of each token (and Q8_0 its scales)
+        constexpr int vb = M::F16 ? 2 : 1;  // bytes per value (per part)
+        const int per = (int)(cols * vb / 16);  // 16-byte pieces of a token's values
         for (int i = threadIdx.x; i < n_tok * per; i += 32 * W) {
             const int t = i / per, c = i - t * per;
-            cp_async16(xs + t * xp + 16 * c, xq + (int64_t)16 * i);
-            if constexpr (M::F16) cp_async16(xs + (M::tok + t) * xp + 16 * c, xd + (int64_t)16 * i);
+            const int64_t src = KC == 1 ? (int64_t)16 * i : (t * a.cols + rank * cols) * vb + 16 * c;
+            cp_async16(xs + t * xp + 16 * c, xq + src);
+            if constexpr (M::F16) cp_async16(xs + (M::tok + t) * xp + 16 * c, xd + src);
         }
         if constexpr (!M::F16) {
-            const int pd = (int)(a.cols / 128);  // 16-byte pieces of a token's scales
+            const int pd = (int)(cols / 128);  // 16-byte pieces of a token's scales
             for (int i = threadIdx.x; i < n_tok * pd; i += 32 * W) {
                 const int t = i / pd, c = i - t * pd;
-                cp_async16(xs + M::tok * xp + 4 * t * dp + 16 * c, xd + (int64_t)16 * i);
+                cp_async16(xs + M::tok * xp + 4 * t * dp + 16 * c,
+                           xd + (KC == 1 ? (int64_t)16 * i : (t * a.cols + rank * cols) / 8 + 16 * c));
             }
         }
     }
@@ -593,29 +605,67 @@ __global__ void __launch_bounds__(32 * MmaMv<T, NT, XW>::warps) matvec_mma_kerne
             for (int e = 0; e < 4; ++e)
                 red[(warp * 16 + g + 8 * (e >> 1)) * M::tok + 8 * ni + 2 * t4 + (e & 1)] = acc[ni][e];
         __syncthreads();
-        for (int o = threadIdx.x; o < per_it * 16 * n_tok; o += 32 * W) {
-            const int sw = o / (16 * n_tok), r = (o - sw * 16 * n_tok) / n_tok, t = o % n_tok;
-            const int64_t row = (int64_t)((blockIdx.x + it * gridDim.x) * per_it + sw) * 16 + r;
-            if (row >= a.rows) continue;
-            float v = 0.0f;
-            for (int k = 0; k < ks; ++k) v += red[((sw * ks + k) * 16 + r) * M::tok + t];
+        const int n_out = per_it * 16 * n_tok;
+        // Output o: token t of row `row` (sums of set sw of the iteration's), F16 times the token's scale.
+        auto at = [&](int o, int& sw, int& r, int& t) {
+            sw = o / (16 * n_tok), r = (o - sw * 16 * n_tok) / n_tok, t = o % n_tok;
+            return (int64_t)((blk + it * n_blk) * per_it + sw) * 16 + r;
+        };
+        auto store = [&](int t, int64_t row, float v) {
             if constexpr (M::F16) v *= ((const float*)(xd + (size_t)n_tok * a.cols * 2))[t];
             *out_at(a, grp, t, row) = v;
+        };
+        for (int o = threadIdx.x; o < n_out; o += 32 * W) {
+            int sw, r, t;
+            const int64_t row = at(o, sw, r, t);
+            if (KC == 1 && row >= a.rows) continue;
+            float v = 0.0f;
+            for (int k = 0; k < ks; ++k) v += red[((sw * ks + k) * 16 + r) * M::tok + t];
+            if constexpr (KC > 1) part[o] = v;
+            else store(t, row, v);
         }
-        __syncthreads();  // red is read before the next iteration's sums overwrite it
+        if constexpr (KC > 1) {  // block `rank` adds up outputs rank, rank + KC, ... over the cluster's slices
+            cluster_sync();
+            for (int o = rank + KC * (int)threadIdx.x; o < n_out; o += KC * 32 * W) {
+                int sw, r, t;
+                const int64_t row = at(o, sw, r, t);
+                if (row >= a.rows) continue;
+                float v = 0.0f;
+#pragma unroll
+                for (int q = 0; q < KC; ++q) v += cluster_at(part, q)[o];
+                store(t, row, v);
+            }
+            cluster_sync();  // the cluster's parts are read before the next iteration's overwrite them
+        } else {
+            __syncthreads();  // red is read before the next iteration's sums overwrite it
+        }
     }
 }
 
-// Warps per set (ks) and blocks by the smallest makespan, as matvec_launch does.
-template <int T, int NT, bool XW>
+// Clusters of matvec_mma_kernel<T, NT, true, KC> with smem bytes of shared memory that run at once (the driver
+// asked again only for another size: DS4's products of this path have one).
+template <int T, int NT, int KC>
+int mma_clusters(size_t smem) {
+    static size_t asked = 0;
+    static int fit = 0;
+    if (smem != asked) {
+        fit = cluster_fit(matvec_mma_kernel<T, NT, true, KC>, dim3(KC), dim3(32 * MmaMv<T, NT, true>::warps), smem);
+        asked = smem;
+    }
+    return fit;
+}
+
+// Warps per set (ks) and blocks (clusters of KC) by the smallest makespan, as matvec_launch does.
+template <int T, int NT, bool XW, int KC = 1>
 cudaError_t matvec_mma(cudaStream_t s, MatvecArgs a, int groups) {
-    using M = MmaMv<T, NT, XW>;
-    auto kernel = matvec_mma_kernel<T, NT, XW>;
-    const size_t smem = M::smem(a.cols);
+    using M = MmaMv<T, NT, XW, KC>;
+    auto kernel = matvec_mma_kernel<T, NT, XW, KC>;
+    const size_t smem = M::smem(a.cols / KC);
     cudaError_t e = allow_smem(kernel, smem);
     if (e != cudaSuccess) return e;
-    const int64_t sets = ceil_div(a.rows, 16), nst = a.cols / M::kw;
-    const int64_t blocks = std::max(1, resident_blocks(kernel, 32 * M::warps, smem) / groups);
+    const int64_t sets = ceil_div(a.rows, 16), nst = a.cols / KC / M::kw;
+    const int64_t blocks = std::max(1, (KC > 1 ? mma_clusters<T, NT, KC>(smem)
+                                               : resident_blocks(kernel, 32 * M::warps, smem)) / groups);
     double best = 1e300;
     int64_t grid = 1;
     for (int ks = 1; ks <= M::warps && ks <= nst; ks *= 2) {
@@ -623,21 +673,46 @@ cudaError_t matvec_mma(cudaStream_t s, MatvecArgs a, int groups) {
         const double cost = (double)ceil_div(iters, used) * ((double)ceil_div(nst, ks) + 0.5);
         if (cost < best - 1e-9) best = cost, a.ks = ks, grid = used;
     }
-    return launch(kernel, dim3((unsigned)grid, groups), dim3(32 * M::warps), smem, s, a);
+    return launch_cluster(dim3(KC), kernel, dim3((unsigned)(grid * KC), groups), dim3(32 * M::warps), smem, s, a);
 }
 
-// Whether n tokens' activations of `cols` fit in shared memory whole (XW) beside the rings.
-template <int T>
+// Whether n tokens' activations of `cols` fit in shared memory whole (XW) beside the rings (with KC: a slice of
+// cols / KC).
+template <int T, int KC = 1>
 bool mma_whole(int n, int64_t cols) {
-    return (n <= 8 ? MmaMv<T, 1, true>::smem(cols) : MmaMv<T, 2, true>::smem(cols)) <= props().smem_optin;
+    if (cols % (KC * MmaMv<T, 1, true>::kw)) return false;
+    return (n <= 8 ? MmaMv<T, 1, true, KC>::smem(cols / KC) : MmaMv<T, 2, true, KC>::smem(cols / KC)) <=
+           props().smem_optin;
 }
 
-// XW where the activations fit, else the ring-slot kernel.
+// XW over a K split of KC blocks where its slices fit and its clusters run: launches it and returns true with the
+// launch's error in e, or returns false.
+template <int T, int KC>
+bool matvec_mma_kc(cudaStream_t s, const MatvecArgs& a, int groups, cudaError_t& e) {
+    if (!mma_whole<T, KC>(a.n_tok, a.cols)) return false;
+    const bool one = a.n_tok <= 8;
+    const size_t smem = one ? MmaMv<T, 1, true, KC>::smem(a.cols / KC) : MmaMv<T, 2, true, KC>::smem(a.cols / KC);
+    if ((one ? mma_clusters<T, 1, KC>(smem) : mma_clusters<T, 2, KC>(smem)) < groups) return false;
+    e = one ? matvec_mma<T, 1, true, KC>(s, a, groups) : matvec_mma<T, 2, true, KC>(s, a, groups);
+    return true;
+}
+
+// XW where the activations fit; else for F16 on sm_90 XW over a K split, the smallest cluster whose slices fit
+// (DS4: the compressors' joined products of a ratio-4 layer, 2,624 rows of 4096, at 8 tokens in clusters of 2:
+// on an H200 the layer -7 us at batch 8, where on the ring-slot kernel their 164 blocks ran beside q_b at 1.5
+// TB/s; clusters of 4, or fewer clusters leaving SMs to q_b, gained less); else the ring-slot kernel.
 template <int T>
 cudaError_t matvec_mma_any(cudaStream_t s, const MatvecArgs& a, int groups) {
+    const bool one = a.n_tok <= 8;
     if (mma_whole<T>(a.n_tok, a.cols))
-        return a.n_tok <= 8 ? matvec_mma<T, 1, true>(s, a, groups) : matvec_mma<T, 2, true>(s, a, groups);
-    return a.n_tok <= 8 ? matvec_mma<T, 1, false>(s, a, groups) : matvec_mma<T, 2, false>(s, a, groups);
+        return one ? matvec_mma<T, 1, true>(s, a, groups) : matvec_mma<T, 2, true>(s, a, groups);
+    if constexpr (T == TYPE_F16) {
+        cudaError_t e = cudaSuccess;
+        if (props().cc >= 90 && (matvec_mma_kc<T, 2>(s, a, groups, e) || matvec_mma_kc<T, 4>(s, a, groups, e) ||
+                                 matvec_mma_kc<T, 8>(s, a, groups, e)))
+            return e;
+    }
+    return one ? matvec_mma<T, 1, false>(s, a, groups) : matvec_mma<T, 2, false>(s, a, groups);
 }
 
 // Whether a product's shape takes the tensor-core path: 3+ tokens with a workspace (F16: one group, and rows enough
