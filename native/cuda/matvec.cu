@@ -649,7 +649,8 @@ int mma_clusters(size_t smem) {
     static size_t asked = 0;
     static int fit = 0;
     if (smem != asked) {
-        fit = cluster_fit(matvec_mma_kernel<T, NT, true, KC>, dim3(KC), dim3(32 * MmaMv<T, NT, true>::warps), smem);
+        fit = cluster_fit(matvec_mma_kernel<T, NT, true, KC>, dim3(KC), dim3(32 * MmaMv<T, NT, true, KC>::warps),
+                          smem);
         asked = smem;
     }
     return fit;
@@ -699,7 +700,7 @@ bool matvec_mma_kc(cudaStream_t s, const MatvecArgs& a, int groups, cudaError_t&
 
 // XW where the activations fit; else for F16 on sm_90 XW over a K split, the smallest cluster whose slices fit
 // (DS4: the compressors' joined products of a ratio-4 layer, 2,624 rows of 4096, at 8 tokens in clusters of 2:
-// on an H200 the layer -7 us at batch 8, where on the ring-slot kernel their 164 blocks ran beside q_b at 1.5
+// on an H200 the layer -5 to -9 us at batch 8, where on the ring-slot kernel their 164 blocks ran beside q_b at 1.5
 // TB/s; clusters of 4, or fewer clusters leaving SMs to q_b, gained less); else the ring-slot kernel.
 template <int T>
 cudaError_t matvec_mma_any(cudaStream_t s, const MatvecArgs& a, int groups) {
