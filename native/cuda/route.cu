@@ -118,19 +118,43 @@ __device__ __forceinline__ double warp_weight(const float* xr, int lo, int hi, f
     return w;
 }
 
-// Thread 0: the prefixes of the n_w warps' weights in sd (in place, in order, so they never decrease) and the
-// warp whose prefix first reaches u times the total (one with weight of its own), into pick[0].
+// Warp 0: the prefixes of the n_w warps' weights in sd (in place) and the warp whose prefix first reaches u times
+// the total (one with weight of its own: its prefix above the one before), into pick[0]; -1 where none has. Lane l
+// adds up its n_w / 32 consecutive weights in order, and each lane's offset is the lanes' totals before it added in
+// lane order, so the prefixes never decrease and a lane's last prefix is the next lane's offset bit for bit (a
+// warp without weight keeps the prefix before it, as one thread's in-order sum would).
+constexpr int kCrossPer = kSampleCluster * kSampleWarps / 32;  // weights per lane at most
 __device__ __forceinline__ void crossing_warp(double* sd, int n_w, double u, int* pick) {
-    double run = 0.0;
-    for (int i = 0; i < n_w; ++i) sd[i] = run += sd[i];
-    const double target = u * run;
-    int at = -1;
-    for (int i = 0; i < n_w; ++i)
-        if (sd[i] > (i ? sd[i - 1] : 0.0)) {
-            at = i;
-            if (sd[i] >= target) break;
+    const int lane = threadIdx.x & 31, per = n_w / 32, i0 = lane * per;  // n_w: a multiple of 32
+    double p[kCrossPer], run = 0.0;
+#pragma unroll
+    for (int k = 0; k < kCrossPer; ++k) {
+        if (k < per) run += sd[i0 + k];
+        p[k] = run;
+    }
+    double off = 0.0;
+    for (int l = 0; l < 31; ++l) {
+        const double t = __shfl_sync(0xffffffffu, run, l);
+        if (l < lane) off += t;
+    }
+    const double target = u * __shfl_sync(0xffffffffu, off + run, 31);
+    int first = -1, last = -1;
+    double prev = off;
+#pragma unroll
+    for (int k = 0; k < kCrossPer; ++k) {
+        if (k >= per) break;
+        const double at = off + p[k];
+        sd[i0 + k] = at;
+        if (at > prev) {
+            last = i0 + k;
+            if (first < 0 && at >= target) first = i0 + k;
         }
-    pick[0] = at;
+        prev = at;
+    }
+    const uint32_t hit = __ballot_sync(0xffffffffu, first >= 0), any = __ballot_sync(0xffffffffu, last >= 0);
+    const int at = hit ? __shfl_sync(0xffffffffu, first, __ffs(hit) - 1)
+                 : any ? __shfl_sync(0xffffffffu, last, 31 - __clz(any)) : -1;
+    if (lane == 0) pick[0] = at;
 }
 
 // The crossing warp (at, of n_w) walks its range [lo, hi) again, 32 logits at a time, from the prefix before it
@@ -163,7 +187,7 @@ __device__ __forceinline__ int walk_warp(const float* xr, int lo, int hi, float 
 // Without top-k or top-p the candidates stay in index order, so nothing is compacted and any number of them is
 // fine: the C x 32 warps of the row's blocks (a cluster when C > 1; this one is `rank`) each sum the weights of
 // their range's candidates, every block gathers the sums in order (sall, from the cluster's shared memory), its
-// thread 0 runs the prefix over the warps, and the first warp whose prefix reaches the target walks its range
+// warp 0 runs the prefix over the warps, and the first warp whose prefix reaches the target walks its range
 // again, 32 logits at a time. Returns the token in that warp (in every lane), -1 elsewhere.
 template <int C>
 __device__ __forceinline__ int draw_in_index_order(const float* xr, int n, int rank, float top, double temp,
@@ -184,7 +208,7 @@ __device__ __forceinline__ int draw_in_index_order(const float* xr, int n, int r
     } else {
         __syncthreads();
     }
-    if (threadIdx.x == 0) crossing_warp(sums, n_w, u, pick);
+    if (threadIdx.x < 32) crossing_warp(sums, n_w, u, pick);
     __syncthreads();
     const int at = pick[0];
     if (at != me) return -1;
