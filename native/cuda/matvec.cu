@@ -677,13 +677,17 @@ cudaError_t matvec_mma(cudaStream_t s, MatvecArgs a, int groups) {
     return launch_cluster(dim3(KC), kernel, dim3((unsigned)(grid * KC), groups), dim3(32 * M::warps), smem, s, a);
 }
 
+// The shared memory of XW for n tokens' activations of `cols` (with KC: a slice of cols / KC).
+template <int T, int KC = 1>
+size_t mma_whole_smem(int n, int64_t cols) {
+    return n <= 8 ? MmaMv<T, 1, true, KC>::smem(cols / KC) : MmaMv<T, 2, true, KC>::smem(cols / KC);
+}
+
 // Whether n tokens' activations of `cols` fit in shared memory whole (XW) beside the rings (with KC: a slice of
 // cols / KC).
 template <int T, int KC = 1>
 bool mma_whole(int n, int64_t cols) {
-    if (cols % (KC * MmaMv<T, 1, true>::kw)) return false;
-    return (n <= 8 ? MmaMv<T, 1, true, KC>::smem(cols / KC) : MmaMv<T, 2, true, KC>::smem(cols / KC)) <=
-           props().smem_optin;
+    return cols % (KC * MmaMv<T, 1, true>::kw) == 0 && mma_whole_smem<T, KC>(n, cols) <= props().smem_optin;
 }
 
 // XW over a K split of KC blocks where its slices fit and its clusters run: launches it and returns true with the
@@ -692,7 +696,7 @@ template <int T, int KC>
 bool matvec_mma_kc(cudaStream_t s, const MatvecArgs& a, int groups, cudaError_t& e) {
     if (!mma_whole<T, KC>(a.n_tok, a.cols)) return false;
     const bool one = a.n_tok <= 8;
-    const size_t smem = one ? MmaMv<T, 1, true, KC>::smem(a.cols / KC) : MmaMv<T, 2, true, KC>::smem(a.cols / KC);
+    const size_t smem = mma_whole_smem<T, KC>(a.n_tok, a.cols);
     if ((one ? mma_clusters<T, 1, KC>(smem) : mma_clusters<T, 2, KC>(smem)) < groups) return false;
     e = one ? matvec_mma<T, 1, true, KC>(s, a, groups) : matvec_mma<T, 2, true, KC>(s, a, groups);
     return true;
