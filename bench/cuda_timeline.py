@@ -7,8 +7,13 @@ end before it: the chain's cost of that kernel, overlap with the kernels before 
 the median over the profiled steps of both, summed per step. The times come from CUPTI's records with no event
 nodes in the graph, unlike LayerClock / OpClock.
 
+With --pipelined the steps run as the engine runs them (`Model.launch`: each launched before the last one's tokens
+are read, its sessions taking them on the device), and it prints the step's edges instead: from the last kernel of
+one step to the first hyper-connection entry of the next, each kernel or copy with the device's idle time before
+it (medians over the profiled steps).
+
     python3 bench/cuda_timeline.py [--batch 1] [--ctx 2048 [--long]] [--steps 8] [--file /tmp/ds4-4h.gguf]
-                                   [--json out]
+                                   [--json out] [--pipelined]
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def main() -> int:
     ap.add_argument("--file", default="/tmp/ds4-4h.gguf", help="4-layer full-width file (written if missing)")
     ap.add_argument("--json", help="write the last step's kernels here")
     ap.add_argument("--trace", default="/tmp/ds4-timeline.json", help="the profiler's Chrome trace (written)")
+    ap.add_argument("--pipelined", action="store_true", help="steps launched as the engine does; print their edges")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,20 +59,36 @@ def main() -> int:
     states = prompt_states(m, args.batch, args.ctx, rng, args.long)
     samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(args.batch)]
 
+    prev = None
+
     def step():
-        toks = rng.integers(0, m.shape.n_vocab, args.batch)
-        m.sample([Segment(st, np.array([t])) for st, t in zip(states, toks)], [s.draw() for s in samplers])
+        nonlocal prev
+        draws = [s.draw() for s in samplers]
+        if not args.pipelined:
+            toks = rng.integers(0, m.shape.n_vocab, args.batch)
+            m.sample([Segment(st, np.array([t])) for st, t in zip(states, toks)], draws)
+            return
+        segs = [Segment(st, np.zeros(1, np.int64), follow=i) if prev is not None else
+                Segment(st, np.array([int(rng.integers(0, m.shape.n_vocab))])) for i, st in enumerate(states)]
+        launched = m.launch(segs, draws, after=prev)
+        if prev is not None:
+            prev.result()
+        prev = launched
 
     for _ in range(6):
         step()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
+        if prev is not None:
+            prev.result()
     trace = Path(args.trace)
     prof.export_chrome_trace(str(trace))
     kinds = ("kernel", "gpu_memcpy", "gpu_memset")
     kernels = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") in kinds]
     kernels.sort(key=lambda e: e["ts"])
+    if args.pipelined:
+        return edges(kernels)
     # Steps: a gap of more than 50 us between one kernel's end and the next start (the host's part of the step).
     steps, cur, last_end = [], [], None
     for e in kernels:
@@ -119,6 +141,37 @@ def main() -> int:
     print(f"{'':5} {total_d:8.1f} {total_a:8.1f}  total")
     if args.json:
         Path(args.json).write_text(json.dumps(last))
+    return 0
+
+
+def edges(acts) -> int:
+    """The pipelined steps' edges: for every step after the first (it starts at the embedding), the activities
+    from the last kernel before its copies to its first hyper-connection entry, each with the idle time before it
+    (its start minus the latest end of everything before it on the device)."""
+    names = [short(e["name"]) if e["cat"] == "kernel" else e["name"].split(" (")[0] for e in acts]
+    ends, end = [], 0.0
+    for e in acts:
+        ends.append(end)
+        end = max(end, e["ts"] + e["dur"])
+    per, totals = defaultdict(list), []
+    starts = [i for i, n in enumerate(names) if n.startswith("embed")][1:]
+    for i in starts:
+        a = i - 1
+        while a > 0 and acts[a]["cat"] != "kernel":
+            a -= 1
+        b = next((j for j in range(i, len(acts)) if "hc_pre" in names[j] or "hc_mix" in names[j]), None)
+        if b is None:
+            continue
+        for j in range(a + 1, b + 1):
+            per[(j - i, f"{names[j - 1][:34]} -> {names[j][:34]}")].append(acts[j]["ts"] - ends[j])
+        totals.append(sum(max(0.0, acts[j]["ts"] - ends[j]) for j in range(a + 1, b + 1)))
+    if not totals:
+        print("no step edges found")
+        return 1
+    print(f"{len(totals)} step edges; the device's idle time before each activity, us (median, min, max)")
+    for (_, label), gaps in sorted(per.items()):
+        print(f"{statistics.median(gaps):7.1f} {min(gaps):7.1f} {max(gaps):7.1f}  {label}  ({len(gaps)})")
+    print(f"{statistics.median(totals):7.1f} {min(totals):7.1f} {max(totals):7.1f}  idle per step, in all")
     return 0
 
 

@@ -84,24 +84,25 @@ class Buffer:
         _at(self.ptr + offset, np.uint8, self.nbytes - offset if nbytes is None else nbytes)[:] = value
 
 
-class HostCopy:
-    """Pinned host memory: the copy runs at once, wait() hands the bytes back."""
+class HostSlot(Buffer):
+    """Pinned host memory at a device address (kernels write it: memory like a Buffer's); record() marks how many
+    bytes the work so far wrote, wait() hands them back."""
 
     def __init__(self, nbytes):
-        self.nbytes = int(nbytes)
-        self.data = b""
+        super().__init__(nbytes)
+        self.n = 0
 
-    def copy_from(self, src, nbytes, stream):
-        _not_capturing("copy_from")
+    def record(self, nbytes, stream):
+        _not_capturing("record")
         if nbytes > self.nbytes:
-            raise ValueError(f"copy_from: {nbytes} bytes into {self.nbytes}")
-        self.data = _at(src, np.uint8, nbytes).tobytes()
+            raise ValueError(f"record: {nbytes} bytes in a slot of {self.nbytes}")
+        self.n = int(nbytes)
 
     def wait(self, dtype, shape):
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if n > len(self.data):
-            raise ValueError("wait: more bytes than were copied")
-        return np.frombuffer(self.data[:n], dtype).reshape(shape).copy()
+        n = int(np.prod(shape))
+        if n * np.dtype(dtype).itemsize > self.n:
+            raise ValueError("wait: more bytes than were recorded")
+        return _at(self.ptr, dtype, n).reshape(shape).copy()
 
 
 class Stream:
@@ -490,9 +491,10 @@ def route(stream, ids, weights, logits, bias, tid2eid, tokens, n_tok, n_expert, 
     _at(weights, np.float32, n_tok * n_used)[:] = w.reshape(-1)
 
 
-def sample(stream, ids, draws, x, x_stride, n_rows, n):
+def sample(stream, ids, draws, x, x_stride, n_rows, n, ids_host=0):
     """The kernel's rule through sampling.pick (min_p recovered from T ln(min_p)), including the rows it leaves to
-    the host: a non-finite logit, more than 4096 candidates to sort (top-p without top-k)."""
+    the host: a non-finite logit, more than 4096 candidates to sort (top-p without top-k); the ids also at
+    ids_host (a HostSlot's address) when set."""
     from ds4d.ops.cuda import _DRAW, _DRAW_GREEDY, _DRAW_SKIP
     recs = _at(draws, np.uint8, n_rows * _DRAW.itemsize).view(_DRAW)
     out = _at(ids, np.int32, n_rows)
@@ -509,6 +511,8 @@ def sample(stream, ids, draws, x, x_stride, n_rows, n):
         over = not d.greedy and params.top_k == 0 and params.top_p < 1 and \
             len(candidates(row, T, 0, 1.0, params.min_p)[0]) > 4096
         out[r] = -1 if over else pick(row, d)
+    if ids_host:
+        _at(ids_host, np.int32, n_rows)[:] = out
 
 
 def moe_gate_up(stream, mid, h, h_stride, gate, up, type, n_ff, n_embd, n_expert, ids, weights, n_used, n_tok, clamp):

@@ -1419,15 +1419,19 @@ def _sample_cases(rng, n):
 def test_sample_matches_host(stream, rng, n):
     """The sampling kernel against sampling.pick, the host's rule, row by row: the same token for every draw,
     -1 exactly where the kernel leaves the row to the host (a non-finite logit, over 4096 candidates to sort: top-p
-    without top-k) or the row has no draw."""
+    without top-k) or the row has no draw. The ids reach pinned host memory too, read after an event."""
     from ds4d.ops.cuda import draw_records
     from ds4d.sampling import candidates, pick
     assert _cuda.draw_bytes() == draw_records([None]).itemsize     # ds4_cuda_draw and the table's records agree
     d = Dev(stream)
     x, draws = _sample_cases(rng, n)
     ids = d.out((len(x),), np.int32)
-    _cuda.sample(stream.ptr, ids.ptr, d.put(draw_records(draws).view(np.uint8)), d.put(x), n, len(x), n)
+    slot = _cuda.HostSlot(4 * len(x))
+    _cuda.sample(stream.ptr, ids.ptr, d.put(draw_records(draws).view(np.uint8)), d.put(x), n, len(x), n, slot.ptr)
+    slot.record(4 * len(x), stream.ptr)
+    on_host = slot.wait(np.int32, [len(x)])
     got = d.get(ids)
+    assert (on_host == got).all()
     host_rows = 0
     for r, (row, dr) in enumerate(zip(x, draws)):
         if dr is None:

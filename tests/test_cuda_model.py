@@ -317,6 +317,44 @@ def test_steps_that_follow_equal_steps_fed_by_the_host(models):
     np.testing.assert_array_equal(piped_logits, host_logits)   # the states too: the same bits after a step
 
 
+@pytest.mark.parametrize("pingpong", [True, False])
+def test_steps_read_late_keep_their_ids(models, pingpong):
+    """Steps launched one after another, each following the last on the device, whose tokens the host reads only
+    after the last launch: every step's tokens are those of the same chain read step by step (a captured step's
+    ids live in its graph's pinned memory, which a later replay of that graph writes again), with a decode key's
+    two graphs replayed in turn or one replayed every step."""
+    from ds4d.sampling import Draw, SamplingParams as P
+    m = models("q2", "cuda", "faithful")
+    ids = prompt(200, seed=10)
+    starts = [m.new_state() for _ in range(2)]
+    for st, n in zip(starts, (60, 130)):
+        m.prefill(st, ids[:n])
+    snaps = [st.snapshot() for st in starts]
+    draws = [Draw(P(temperature=0.8, top_k=40), False, u) for u in (0.3, 0.7)]
+
+    def chain(read_late):
+        states = [m.live_state(s) for s in snaps]
+        steps, out, prev = [], [], None
+        for k in range(10):
+            segs = [Segment(st, np.array([5 + i]) if prev is None else np.array([0]), follow=None if prev is None
+                            else i) for i, st in enumerate(states)]
+            prev = m.launch(segs, draws, after=prev)
+            steps.append(prev)
+            if not read_late and len(steps) > 1:
+                out.append(steps[-2].result().tokens)
+        if read_late:
+            return [s.result().tokens for s in steps]
+        return out + [steps[-1].result().tokens]
+
+    m.ops.drop_graphs()
+    m.ops.pingpong = pingpong
+    try:
+        assert chain(True) == chain(False)
+    finally:
+        m.ops.pingpong = True
+        m.ops.drop_graphs()
+
+
 def test_snapshot_restore_continue(models):
     m = models("q2", "cuda", "faithful")
     ids = prompt(160, seed=3)

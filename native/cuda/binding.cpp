@@ -95,32 +95,34 @@ struct Buffer {
     }
 };
 
-// Pinned host memory that a device range is copied into in stream order (copy_from), so the host can go on and
-// collect the bytes later (wait): a step's sampled ids, read while the next step already runs.
-struct HostCopy {
+// Pinned host memory that kernels write through its device address (the sampler: a step's ids), collected by the
+// host after an event recorded behind them (record), so that the host can launch the next step before it waits
+// for this one's (wait). No copy joins the stream: each costs the step a copy engine's start (3-8 us, H200).
+struct HostSlot {
     void* host = nullptr;
+    void* dev = nullptr;
     size_t cap = 0, n = 0;
     cudaEvent_t done = nullptr;
-    explicit HostCopy(size_t bytes) : cap(bytes) {
-        check(cudaMallocHost(&host, cap), "cudaMallocHost");
+    explicit HostSlot(size_t bytes) : cap(bytes) {
+        check(cudaHostAlloc(&host, cap, cudaHostAllocMapped), "cudaHostAlloc");
+        check(cudaHostGetDevicePointer(&dev, host, 0), "cudaHostGetDevicePointer");
         check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
     }
-    ~HostCopy() {
+    ~HostSlot() {
         if (host) cudaFreeHost(host);
         if (done) cudaEventDestroy(done);
     }
-    HostCopy(const HostCopy&) = delete;
-    HostCopy& operator=(const HostCopy&) = delete;
-    void copy_from(uintptr_t src, size_t bytes, uintptr_t stream) {
-        if (bytes > cap) throw py::value_error("copy_from: " + std::to_string(bytes) + " bytes into " +
+    HostSlot(const HostSlot&) = delete;
+    HostSlot& operator=(const HostSlot&) = delete;
+    void record(size_t bytes, uintptr_t stream) {
+        if (bytes > cap) throw py::value_error("record: " + std::to_string(bytes) + " bytes in a slot of " +
                                                std::to_string(cap));
         n = bytes;
-        check(cudaMemcpyAsync(host, dev<void>(src), n, cudaMemcpyDeviceToHost, st(stream)), "copy_from");
-        check(cudaEventRecord(done, st(stream)), "copy_from");
+        check(cudaEventRecord(done, st(stream)), "record");
     }
     py::array wait(const py::object& dtype, const std::vector<py::ssize_t>& shape) {
         py::array out(py::dtype::from_args(dtype), shape);
-        if ((size_t)out.nbytes() > n) throw py::value_error("wait: more bytes than were copied");
+        if ((size_t)out.nbytes() > n) throw py::value_error("wait: more bytes than were recorded");
         {
             py::gil_scoped_release nogil;
             check(cudaEventSynchronize(done), "wait");
@@ -243,13 +245,14 @@ PYBIND11_MODULE(_cuda, m) {
         }, py::arg("type"), py::arg("seed"), py::arg("offset") = 0, py::arg("nbytes") = py::none(),
            py::arg("stream") = 0, "Valid random blocks of a GGUF type (finite scales): benchmark weights.");
 
-    py::class_<HostCopy>(m, "HostCopy", "Pinned host memory a device range is copied into in stream order.")
+    py::class_<HostSlot>(m, "HostSlot", "Pinned host memory that kernels write through its device address.")
         .def(py::init<size_t>(), py::arg("nbytes"))
-        .def_readonly("nbytes", &HostCopy::cap)
-        .def("copy_from", &HostCopy::copy_from, py::arg("src"), py::arg("nbytes"), py::arg("stream"),
-             "Enqueue the copy of nbytes from device address src on the stream; the host goes on.")
-        .def("wait", &HostCopy::wait, py::arg("dtype"), py::arg("shape"),
-             "Wait for the copy, then return its bytes as a new numpy array.");
+        .def_readonly("nbytes", &HostSlot::cap)
+        .def_property_readonly("ptr", [](const HostSlot& h) { return (uintptr_t)h.dev; })
+        .def("record", &HostSlot::record, py::arg("nbytes"), py::arg("stream"),
+             "Mark nbytes as written by the work enqueued on the stream so far (an event); the host goes on.")
+        .def("wait", &HostSlot::wait, py::arg("dtype"), py::arg("shape"),
+             "Wait for that work, then return the bytes as a new numpy array.");
     py::class_<Stream>(m, "Stream", "A CUDA stream (blocking: ordered with the legacy default stream).")
         .def(py::init<>())
         .def_property_readonly("ptr", [](const Stream& s) { return (uintptr_t)s.s; })
@@ -591,11 +594,11 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("X"), py::arg("table"), py::arg("type"), py::arg("tokens"), py::arg("n_tok"),
        py::arg("n_embd"), py::arg("n_hc"), py::arg("follow") = 0, py::arg("prev") = 0);
     m.def("sample", [](uintptr_t s, uintptr_t ids, uintptr_t draws, uintptr_t x, int64_t x_stride, int n_rows,
-                       int n) {
+                       int n, uintptr_t ids_host) {
         check(ds4_cuda_sample(st(s), dev<int32_t>(ids), dev<const ds4_cuda_draw>(draws), dev<const float>(x),
-                              x_stride, n_rows, n),
+                              x_stride, n_rows, n, dev<int32_t>(ids_host)),
               "sample");
     }, py::arg("stream"), py::arg("ids"), py::arg("draws"), py::arg("x"), py::arg("x_stride"), py::arg("n_rows"),
-       py::arg("n"));
+       py::arg("n"), py::arg("ids_host") = 0);
     m.def("draw_bytes", []() { return sizeof(ds4_cuda_draw); });
 }

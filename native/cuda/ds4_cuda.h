@@ -370,6 +370,7 @@ cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type
 // (else index order), cut at the first prefix reaching top_p of the pool's weight; the token is the first whose
 // prefix reaches u times the kept weight. ids[r] = -1 for a skipped row, and where the host must sample instead:
 // a logit that is not finite, or more than 4096 candidates to sort (top-p without top-k). top_k <= 1024.
+// ids_host (or null): the ids written there too (pinned host memory's device address), so that no copy follows.
 enum { DS4_DRAW_SAMPLE = 0, DS4_DRAW_GREEDY = 1, DS4_DRAW_SKIP = 2 };
 typedef struct ds4_cuda_draw {
     double temperature;  // > 0 for sampled rows
@@ -380,4 +381,4 @@ typedef struct ds4_cuda_draw {
     int32_t mode;        // DS4_DRAW_*
 } ds4_cuda_draw;
 cudaError_t ds4_cuda_sample(cudaStream_t s, int32_t* ids, const ds4_cuda_draw* draws, const float* x,
-                            int64_t x_stride, int n_rows, int n);
+                            int64_t x_stride, int n_rows, int n, int32_t* ids_host);

@@ -215,9 +215,19 @@ __device__ __forceinline__ int draw_in_index_order(const float* xr, int n, int r
     return walk_warp(xr, lo, hi, top, temp, floor, u, sums, n_w, at);
 }
 
+// Where a row's id goes: the device's array, and pinned host memory when `host` is set.
+struct IdsOut {
+    int32_t* dev;
+    int32_t* host;
+    __device__ __forceinline__ void put(int row, int id) const {
+        dev[row] = id;
+        if (host) host[row] = id;
+    }
+};
+
 // C blocks per row (a cluster of C consecutive blocks when C > 1).
 template <int C>
-__global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, const ds4_cuda_draw* draws,
+__global__ void __launch_bounds__(kSampleThreads) sample_kernel(IdsOut ids, const ds4_cuda_draw* draws,
                                                                 const float* x, int64_t x_stride, int n) {
     __shared__ float cl[kSampleCap];
     __shared__ int ci[kSampleCap];
@@ -237,7 +247,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     const ds4_cuda_draw d = draws[row];
     const float* xr = x + row * x_stride;
     if (d.mode == DS4_DRAW_SKIP) {
-        if (tid == 0 && rank == 0) ids[row] = -1;
+        if (tid == 0 && rank == 0) ids.put(row, -1);
         return;
     }
     // 1. the top logit (C > 1: of this block's slice, then of the cluster's)
@@ -271,7 +281,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
         best = si[32], bad = pick[3];
     }
     if (bad || d.mode == DS4_DRAW_GREEDY) {
-        if (tid == 0 && rank == 0) ids[row] = bad ? -1 : best;
+        if (tid == 0 && rank == 0) ids.put(row, bad ? -1 : best);
         return;
     }
     const float top = xr[best];
@@ -279,7 +289,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     const float floor = __double2float_rn((double)top + d.t_log_min_p);  // the host compares in float32 as well
     if (d.top_k == 0 && d.top_p >= 1.0) {
         const int token = draw_in_index_order<C>(xr, n, rank, top, temp, floor, d.u, sd, sall, pick);
-        if (token >= 0 && lane == 0) ids[row] = token;
+        if (token >= 0 && lane == 0) ids.put(row, token);
         return;
     }
     if (rank != 0) return;  // top-k or top-p: block 0 alone over the whole row
@@ -322,7 +332,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     int m;
     int at = __shfl_sync(0xffffffffu, block_exclusive(lane == 0 ? mine : 0, sn, &m), 0);
     if (m > kSampleCap) {
-        if (tid == 0) ids[row] = -1;
+        if (tid == 0) ids.put(row, -1);
         return;
     }
     // 4. compaction in index order
@@ -399,7 +409,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* ids, co
     for (int j = 0; j < kSamplePer; ++j)
         if (kSamplePer * tid + j <= last && c[j] >= target) atomicMin(&pick[2], kSamplePer * tid + j);
     __syncthreads();
-    if (tid == 0) ids[row] = ci[min(pick[2], last)];
+    if (tid == 0) ids.put(row, ci[min(pick[2], last)]);
 }
 
 }  // namespace
@@ -431,11 +441,12 @@ cudaError_t ds4_cuda_embed(cudaStream_t s, float* X, const void* table, int type
 }
 
 cudaError_t ds4_cuda_sample(cudaStream_t s, int32_t* ids, const ds4_cuda_draw* draws, const float* x,
-                            int64_t x_stride, int n_rows, int n) {
+                            int64_t x_stride, int n_rows, int n, int32_t* ids_host) {
     clear_error();
     if (n_rows < 1 || n_rows > 65535 || n < 1 || x_stride < n) return invalid("sample: empty rows");
+    const IdsOut out{ids, ids_host};
     if (props().cc < 90)
-        return launch(sample_kernel<1>, dim3(n_rows), dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
+        return launch(sample_kernel<1>, dim3(n_rows), dim3(kSampleThreads), 0, s, out, draws, x, x_stride, n);
     return launch_cluster(dim3(kSampleCluster), sample_kernel<kSampleCluster>, dim3(n_rows * kSampleCluster),
-                          dim3(kSampleThreads), 0, s, ids, draws, x, x_stride, n);
+                          dim3(kSampleThreads), 0, s, out, draws, x, x_stride, n);
 }

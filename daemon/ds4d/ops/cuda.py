@@ -13,9 +13,12 @@ with events, which a captured graph keeps as edges): the compressors' products a
 query path, joined before the indexer and attention; at 2-16 tokens the shared expert, beside the routed gate and
 up, joined before the routed down adds onto it. While a branch is open, memory Python frees waits for the
 join before it is reused. The per-forward table (token ids, positions, row addresses, sampling draws) goes
-up in stream order from pinned memory, so a forward waits for the GPU only at its one download: the sampled token
-ids (`sample`, the engine's step) or the logits; besides, first uses upload weights and constants synchronously
-(never inside a captured step). Numerics are the CPU backend's
+up in stream order from pinned memory, so a forward waits for the GPU only for its result: the sampled token ids
+(`sample`, the engine's step), which the sampler writes into pinned host memory itself (no copy follows the
+step), or the logits' download; besides, first uses upload weights and constants synchronously (never inside a
+captured step). A decode key has two captured steps, replayed in turn: each replay's table goes up on a copy
+stream while the step before it still runs, so that consecutive steps follow each other on the main stream with
+no copy between them (`_replay`). Numerics are the CPU backend's
 (docs/CUDA_KERNELS.md): f32 activations and arithmetic, the act8 path for quantized weights, K=V rows as f16 with
 the FP8 / Hadamard+FP4 emulation (faithful) or as f32 (exact); only the order of float sums differs.
 
@@ -377,13 +380,14 @@ class _Step:
 
     `bucket` bounds the positions the kernels are sized for (compressed-row capacities, scratch): for a decode
     step the next power of two, so that one captured graph serves every position up to it; else the exact
-    largest position."""
+    largest position. `ids_host`: where the sampler writes the ids in pinned host memory (0: nowhere)."""
 
     def __init__(self, be: "CUDA", sessions: list, bounds: np.ndarray, positions: np.ndarray, tokens: np.ndarray,
                  draws: list | None = None, follow: np.ndarray | None = None, prev: int = 0):
         L = be.layout
         N, S, n_swa = len(positions), len(sessions), L.n_swa
         self.n_tok, self.n_seg, self.decode = N, S, N == S
+        self.ids_host = 0
         row = L.D * L.es
         pos = np.asarray(positions, np.int64)
         seg_of = np.repeat(np.arange(S), np.diff(bounds))
@@ -456,10 +460,11 @@ class _Step:
         self._ratios = L.ratios
         self.host = np.concatenate(table)
 
-    def place(self, be: "CUDA", mem: DArray | None = None) -> "_Step":
-        """Upload the table (into `mem`, a captured graph's table, or a new array) and set the addresses."""
+    def place(self, be: "CUDA", mem: DArray | None = None, stream=None) -> "_Step":
+        """Upload the table (into `mem`, a captured graph's table, or a new array) on `stream` (the backend's
+        main stream by default) and set the addresses."""
         self.mem = mem if mem is not None else be.empty((len(self.host),), np.dtype(np.int64))
-        self.mem.mem.buf.upload_async(self.host, self.mem.ptr - self.mem.mem.buf.ptr, be.stream.ptr)
+        self.mem.mem.buf.upload_async(self.host, self.mem.ptr - self.mem.mem.buf.ptr, (stream or be.stream).ptr)
         t, N, S = self.mem.ptr, self.n_tok, self.n_seg
         self.pos, self.raw_n = t, t + 4 * N
         self.comp_n = {4: t + 8 * N, 128: t + 12 * N}
@@ -503,31 +508,33 @@ def draw_records(draws: list) -> np.ndarray:
 
 
 class _Ids:
-    """A step's sampled ids: on the device (`dev`, which a step following this one reads) and on their way to the
-    host, copied into pinned memory behind the step in stream order, so that the host can launch the next step
-    before it waits for them (`wait`)."""
+    """A step's sampled ids: on the device (`dev`, which a step following this one reads) and in pinned host memory
+    (`slot`), where the sampler writes them too; an event behind the step marks them there, so that the host can
+    launch the next step before it waits for them (`wait`). A pooled slot goes back to the backend's pool once
+    read; a captured graph's own is written again by its next replay, which reads these first (`CUDA._launch`)."""
 
-    def __init__(self, be: "CUDA", dev: DArray):
-        self.dev, self._be, self._host = dev, be, None
-        n = dev.size * 4
-        fit = next((i for i, c in enumerate(be.copies) if c.nbytes >= n), None)
-        self._copy = be.copies.pop(fit) if fit is not None else be.cu.HostCopy(max(n, 4096))
-        self._copy.copy_from(dev.ptr, n, be.stream.ptr)
+    def __init__(self, be: "CUDA", dev: DArray, slot, pooled: bool):
+        self.dev, self._be, self._host, self._slot, self._pooled = dev, be, None, slot, pooled
+        slot.record(dev.size * 4, be.stream.ptr)
 
     def wait(self) -> np.ndarray:
         if self._host is None:
-            self._host = self._copy.wait(np.int32, list(self.dev.shape))
-            self._be.copies.append(self._copy)
-            self._copy = None
+            self._host = self._slot.wait(np.int32, list(self.dev.shape))
+            if self._pooled:
+                self._be.slots.append(self._slot)
+            self._slot = None
         return self._host
 
 
 class _Graph:
     """A captured decode step: the graph, the buffers it owns (its table and activations), what its pass returned
-    (the logits, or the sampled ids and the logits), and the weight-kernel launches one replay makes."""
+    (the logits, or the sampled ids and the logits), the weight-kernel launches one replay makes, the pinned
+    memory its sampler writes the ids into (`slot`, or None), the last replay's ids (`ids`) and an event behind
+    its last launch (`done`)."""
 
-    def __init__(self, graph, table: DArray, out, owned: dict, weight_calls: int):
+    def __init__(self, be: "CUDA", graph, table: DArray, out, owned: dict, weight_calls: int, slot):
         self.graph, self.table, self.out, self.owned, self.weight_calls = graph, table, out, owned, weight_calls
+        self.slot, self.ids, self.done = slot, None, be.cu.Event()
 
 
 # --- the backend ------------------------------------------------------------------------------------------------
@@ -582,10 +589,15 @@ class CUDA:
         self.weight_calls = 0      # weight-kernel launches, for the engine's counters
         self.graphs = os.environ.get("DS4_CUDA_GRAPHS", "1") != "0"
         self.join = True           # matmuls: a decode batch's products of one input as one product per type
-        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()   # (batch, bucket) -> captured decode step
+        # (batch, bucket, sampled) -> its captured decode steps: two, replayed in turn (`pingpong`), so that a
+        # step's table goes up on `copy` while the step before it still runs; one without `pingpong`.
+        self._graphs: OrderedDict[tuple, list[_Graph]] = OrderedDict()
         self._seen: set[tuple] = set()                  # decode keys run once eagerly (uploads done)
         self._capturing = False
-        self.copies: list = []                          # free HostCopy buffers of 4 KB or more (a step's ids: _Ids)
+        self.pingpong = True
+        self.copy = _cuda.Stream()
+        self._copied = _cuda.Event()
+        self.slots: list = []                           # free HostSlots of 4 KB or more (an eager step's ids: _Ids)
 
     # --- device memory ----------------------------------------------------------------------------------------
     def empty(self, shape, dtype=_F32) -> DArray:
@@ -683,28 +695,63 @@ class CUDA:
         step = _Step(self, states, bounds, positions, tokens, draws, follow, 0 if prev is None else prev.dev.ptr)
         key = (len(states), step.bucket, draws is not None)
         graphed = step.decode and self.graphs
-        g = self._graphs.get(key) if graphed else None
-        if g is not None:
-            self._graphs.move_to_end(key)
-            step.place(self, g.table)
-        elif not graphed or key not in self._seen:
+        pair = self._graphs.get(key) if graphed else None
+        if pair is not None and (len(pair) == 2 or not self.pingpong):
+            g = self._replay(key, pair, step)
+        elif pair is None and (not graphed or key not in self._seen):
             if graphed:
                 self._seen.add(key)
+            slot = self._slot(len(draws)) if draws is not None else None
             self._step = step.place(self)
+            self._step.ids_host = slot.ptr if slot is not None else 0
             try:
-                return self._result(self._joined_after(run))
+                return self._result(self._joined_after(run), slot)
             finally:
                 self._step = None
         else:
             g = self._capture(key, step, run)
-        g.graph.launch(self.stream.ptr)
+            self._launch(g)
         self.weight_calls += g.weight_calls
-        return self._result(g.out)
+        return self._result(g.out, g.slot, g)
 
-    def _result(self, out):
+    def _slot(self, n_rows: int):
+        """Pinned host memory for a step's n_rows ids, from the free ones (`slots`) or new (4 KB or more)."""
+        fit = next((i for i, c in enumerate(self.slots) if c.nbytes >= 4 * n_rows), None)
+        return self.slots.pop(fit) if fit is not None else self.cu.HostSlot(max(4 * n_rows, 4096))
+
+    def _replay(self, key: tuple, pair: list, step: "_Step") -> "_Graph":
+        """Launches the key's next captured step with this step's table. Of a pair, the graph whose last replay
+        came first: its table goes up on the copy stream behind that replay, while the other graph (the step
+        before) may still run, and the main stream waits for the copy, not for a copy engine's start."""
+        self._graphs.move_to_end(key)
+        g = pair[0]
+        if len(pair) == 2:
+            pair.reverse()
+            g.done.wait(self.copy.ptr)
+            step.place(self, g.table, self.copy)
+            self._copied.record(self.copy.ptr)
+            self._copied.wait(self.stream.ptr)
+        else:
+            step.place(self, g.table)
+        self._launch(g)
+        return g
+
+    def _launch(self, g: "_Graph") -> None:
+        if g.ids is not None:
+            g.ids.wait()    # the replay writes their pinned memory again: the last replay's ids are read first
+            g.ids = None
+        g.graph.launch(self.stream.ptr)
+        g.done.record(self.stream.ptr)
+
+    def _result(self, out, slot, g: "_Graph | None" = None):
         """A pass's result: the logits on the host, or of (ids, logits) the ids on their way there (the logits
-        stay on the device)."""
-        return (_Ids(self, out[0]), out[1]) if isinstance(out, tuple) else out.numpy()
+        stay on the device). slot: the pinned memory the sampler wrote the ids into, pooled unless a graph's."""
+        if not isinstance(out, tuple):
+            return out.numpy()
+        ids = _Ids(self, out[0], slot, pooled=g is None)
+        if g is not None:
+            g.ids = ids
+        return ids, out[1]
 
     def _joined_after(self, run):
         """run(), with no side-stream work left unjoined after it (attend joins; this is the safety net)."""
@@ -772,8 +819,10 @@ class CUDA:
     def _capture(self, key: tuple, step: _Step, run) -> _Graph:
         self.pool.recording = {}
         calls = self.weight_calls
+        slot = self.cu.HostSlot(max(4 * step.n_seg, 4096)) if step.draws_at is not None else None
         try:
             self._step = step.place(self)
+            self._step.ids_host = slot.ptr if slot is not None else 0
             self.cu.begin_capture(self.stream.ptr)
             self._capturing = True
             try:
@@ -786,20 +835,24 @@ class CUDA:
             self.pool.recording = None
             self._step = None
         self.pool.hold(owned)
-        g = self._graphs[key] = _Graph(graph, step.mem, out, owned, self.weight_calls - calls)
+        g = _Graph(self, graph, step.mem, out, owned, self.weight_calls - calls, slot)
+        self._graphs.setdefault(key, []).append(g)
+        self._graphs.move_to_end(key)
         self.weight_calls = calls
         while len(self._graphs) > self.MAX_GRAPHS:
-            self._drop(self._graphs.popitem(last=False)[1])
+            for old in self._graphs.popitem(last=False)[1]:
+                self._drop(old)
         return g
 
     def _drop(self, g: _Graph) -> None:
-        g.table = g.out = None                         # their arrays first, then the buffers back to the pool
+        g.table = g.out = g.ids = None                 # their arrays first, then the buffers back to the pool
         self.pool.release(g.owned)
 
     def drop_graphs(self) -> None:
         """Forget every captured step (the next decode steps run eagerly once and are captured again)."""
-        for g in self._graphs.values():
-            self._drop(g)
+        for pair in self._graphs.values():
+            for g in pair:
+                self._drop(g)
         self._graphs.clear()
         self._seen.clear()
 
@@ -1201,7 +1254,8 @@ class CUDA:
         """Each row's next token on the device, by the draws in the step's table (the draws argument is this
         step's: a replayed graph samples with each step's own); -1 where the host must pick (model.py does)."""
         ids = self.empty((len(draws),), _I32)
-        self.cu.sample(self.stream.ptr, ids.ptr, self._step.draws, logits.ptr, logits.row, len(draws), logits.row)
+        self.cu.sample(self.stream.ptr, ids.ptr, self._step.draws, logits.ptr, logits.row, len(draws), logits.row,
+                       self._step.ids_host)
         return ids
 
     def host(self, x: DArray) -> np.ndarray:
