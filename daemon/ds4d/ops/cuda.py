@@ -380,14 +380,13 @@ class _Step:
 
     `bucket` bounds the positions the kernels are sized for (compressed-row capacities, scratch): for a decode
     step the next power of two, so that one captured graph serves every position up to it; else the exact
-    largest position. `ids_host`: where the sampler writes the ids in pinned host memory (0: nowhere)."""
+    largest position."""
 
     def __init__(self, be: "CUDA", sessions: list, bounds: np.ndarray, positions: np.ndarray, tokens: np.ndarray,
                  draws: list | None = None, follow: np.ndarray | None = None, prev: int = 0):
         L = be.layout
         N, S, n_swa = len(positions), len(sessions), L.n_swa
         self.n_tok, self.n_seg, self.decode = N, S, N == S
-        self.ids_host = 0
         row = L.D * L.es
         pos = np.asarray(positions, np.int64)
         seg_of = np.repeat(np.arange(S), np.diff(bounds))
@@ -460,9 +459,11 @@ class _Step:
         self._ratios = L.ratios
         self.host = np.concatenate(table)
 
-    def place(self, be: "CUDA", mem: DArray | None = None, stream=None) -> "_Step":
+    def place(self, be: "CUDA", mem: DArray | None = None, stream=None, slot=None) -> "_Step":
         """Upload the table (into `mem`, a captured graph's table, or a new array) on `stream` (the backend's
-        main stream by default) and set the addresses."""
+        main stream by default) and set the addresses; `ids_host`, where the sampler writes the ids in pinned host
+        memory, is the HostSlot `slot`'s (0: nowhere)."""
+        self.ids_host = slot.ptr if slot is not None else 0
         self.mem = mem if mem is not None else be.empty((len(self.host),), np.dtype(np.int64))
         self.mem.mem.buf.upload_async(self.host, self.mem.ptr - self.mem.mem.buf.ptr, (stream or be.stream).ptr)
         t, N, S = self.mem.ptr, self.n_tok, self.n_seg
@@ -702,8 +703,7 @@ class CUDA:
             if graphed:
                 self._seen.add(key)
             slot = self._slot(len(draws)) if draws is not None else None
-            self._step = step.place(self)
-            self._step.ids_host = slot.ptr if slot is not None else 0
+            self._step = step.place(self, slot=slot)
             try:
                 return self._result(self._joined_after(run), slot)
             finally:
@@ -819,10 +819,9 @@ class CUDA:
     def _capture(self, key: tuple, step: _Step, run) -> _Graph:
         self.pool.recording = {}
         calls = self.weight_calls
-        slot = self.cu.HostSlot(max(4 * step.n_seg, 4096)) if step.draws_at is not None else None
+        slot = self._slot(step.n_seg) if step.draws_at is not None else None   # the graph's own from now on
         try:
-            self._step = step.place(self)
-            self._step.ids_host = slot.ptr if slot is not None else 0
+            self._step = step.place(self, slot=slot)
             self.cu.begin_capture(self.stream.ptr)
             self._capturing = True
             try:
