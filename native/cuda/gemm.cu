@@ -59,12 +59,6 @@ constexpr int sb_bytes() {  // raw bytes of a stage of a row: Q8_0 272, Q2_K 84,
     return ks<T>() / WT<T>::bw * WT<T>::bb;
 }
 template <int T>
-constexpr int raw_slot() {  // a row's raw stage: bytes + alignment offset + the decoders' over-read, in an odd
-                            // number of 16-byte pieces (a fragment's 8 rows then fall in distinct banks)
-    constexpr int pieces = (sb_bytes<T>() + 32 + 15) / 16;
-    return 16 * (pieces | 1);
-}
-template <int T>
 constexpr bool has_min() {
     return T == TYPE_Q2_K || T == TYPE_Q4_K;
 }
@@ -73,6 +67,13 @@ constexpr bool has_min() {
 template <int T>
 constexpr bool reg_a() {
     return T == TYPE_IQ2_XXS || T == TYPE_Q2_K;
+}
+template <int T>
+constexpr int raw_slot() {  // a row's raw stage: bytes + alignment offset (+ decode_unit's over-read for the int8
+                            // tile's types), in an odd number of 16-byte pieces (a fragment's 8 rows then fall in
+                            // distinct banks)
+    constexpr int pieces = (sb_bytes<T>() + (reg_a<T>() ? 15 : 32) + 15) / 16;
+    return 16 * (pieces | 1);
 }
 template <int T>
 constexpr bool gemm_type() {
@@ -95,19 +96,23 @@ struct GemmArgs {
     const uint32_t* tab;
 };
 
-// Shared-memory layout of one block (offsets in bytes).
+// Shared-memory layout of one block (offsets in bytes). The reg_a types keep no int8 tile and no per-row tables
+// (their scales come from the raw rows), and IQ2_XXS no activation sums: 51-54 KB at BN 64, four blocks per SM
+// (66-68 KB, three, before).
 template <int T, int BN>
 struct GemmSmem {
+    static constexpr bool kTile = !reg_a<T>();
+    static constexpr int bdw = WT<T>::xb == 32 ? 8 : 1;           // activation scales per row and stage
     static constexpr size_t tab = 0;
     static constexpr size_t raw = table_bytes<T>();
     static constexpr size_t a = raw + 2 * kBM * raw_slot<T>();
-    static constexpr size_t asc = a + (reg_a<T>() ? 0 : kBM * kPad);  // float [kBM][8]: Q8_0 per block; else d, dmin
-    static constexpr size_t aisc = asc + kBM * 8 * 4;              // int [kBM][8]: sub-block scales (Q4_K, IQ2)
-    static constexpr size_t amin = aisc + kBM * 8 * 4;             // half [kBM][16]: 16-weight mins (Q2_K, Q4_K)
-    static constexpr size_t bq = amin + kBM * 16 * 2;              // int8 [2][BN][kPad]
-    static constexpr size_t bd = bq + 2 * BN * kPad;               // float [2][BN][8]: Q8_0 per block; else [0]
-    static constexpr size_t bbs = bd + 2 * BN * 8 * 4;             // int16 [2][BN][16]: activation sums per 16
-    static constexpr size_t blo = bbs + 2 * BN * 16 * 2;           // F16: f16 [2][BN][kPad / 2], the low halves
+    static constexpr size_t asc = a + (kTile ? kBM * kPad : 0);    // float [kBM][8]: Q8_0 per block; else d, dmin
+    static constexpr size_t aisc = asc + (kTile ? kBM * 8 * 4 : 0);    // int [kBM][8]: sub-block scales (Q4_K)
+    static constexpr size_t amin = aisc + (kTile ? kBM * 8 * 4 : 0);   // half [kBM][16]: 16-weight mins (Q4_K)
+    static constexpr size_t bq = amin + (kTile ? kBM * 16 * 2 : 0);    // int8 [2][BN][kPad]
+    static constexpr size_t bd = bq + 2 * BN * kPad;                   // float [2][BN][bdw]
+    static constexpr size_t bbs = bd + 2 * BN * bdw * 4;               // int16 [2][BN][16]: activation sums per 16
+    static constexpr size_t blo = bbs + (has_min<T>() ? 2 * BN * 16 * 2 : 0);  // F16: f16 [2][BN][kPad / 2], low
     static constexpr size_t xr = blo + (T == TYPE_F16 ? 2 * BN * kPad : 0);  // int [BN]: each column's activation row
     static constexpr size_t bytes = xr + 4 * BN;
 };
@@ -243,16 +248,20 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             cp_async16(Bq + (buf * BN + n) * kPad + 16 * c, xqs + at);
             if constexpr (F16) cp_async16(Blo + (buf * BN + n) * kPad + 16 * c, xqs + plane + at);
         }
-        for (int i = tid; i < live_cols * 8; i += kGThreads) {
-            const int n = i >> 3, c = i & 7;
+        constexpr int kPer = xb == 32 || has_min<T>() ? 8 : 1;  // copies per row: its scales, or its sums per 16
+        for (int i = tid; i < live_cols * kPer; i += kGThreads) {
+            const int n = i / kPer, c = i % kPer;
             const uint32_t xr = (uint32_t)xr_of[n], k = (uint32_t)k0;
+            float* dd = Bd + (buf * BN + n) * S::bdw;
             if constexpr (F16) {
-                if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + xr);
+                cp_async4(dd, xd + xr);
             } else if constexpr (xb == 32) {
-                cp_async4(Bd + (buf * BN + n) * 8 + c, xd + (xr * (uint32_t)(a.x_width / 32) + k / 32 + c));
+                cp_async4(dd + c, xd + (xr * (uint32_t)(a.x_width / 32) + k / 32 + c));
             } else {
-                if (c == 0) cp_async4(Bd + (buf * BN + n) * 8, xd + (xr * (uint32_t)(a.x_width / 256) + k / 256));
-                cp_async4(Bbs + (buf * BN + n) * 16 + 2 * c, xbs + (xr * (uint32_t)(a.x_width / 16) + k / 16 + 2 * c));
+                if (c == 0) cp_async4(dd, xd + (xr * (uint32_t)(a.x_width / 256) + k / 256));
+                if constexpr (has_min<T>())
+                    cp_async4(Bbs + (buf * BN + n) * 16 + 2 * c,
+                              xbs + (xr * (uint32_t)(a.x_width / 16) + k / 16 + 2 * c));
             }
         }
     };
@@ -321,7 +330,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
         __syncthreads();
 
         const int8_t* bq = Bq + buf * BN * kPad;
-        const float* bd = Bd + buf * BN * 8;
+        const float* bd = Bd + buf * BN * S::bdw;
         if constexpr (kRegA) {
             // This warp's rows g and g + 8 (h = 0, 1) as staged, their d (IQ2_XXS: / 8) and Q2_K's dmin; then all 8
             // A fragments of the stage decoded at once (the lookups in flight together), and each live 8-column
@@ -342,6 +351,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             }
             uint32_t af[8][4], mf[4];
             int rsc[8][2];  // IQ2_XXS: the sub-block scale 2 s + 1 of rows g, g + 8 per group of 32
+            const int s7 = 7 * t4;  // IQ2_XXS: where grid point t4's sign index lies in its group's aux word
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 if constexpr (T == TYPE_Q2_K) {
@@ -360,21 +370,19 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                     mf[h] = half2_bits(sc[0] >> 4, sc[1] >> 4);
                     mf[2 + h] = half2_bits(sc[8] >> 4, sc[9] >> 4);
                 } else {
-                    // Lane (g, t) needs words t and 4 + t (4 weights each) of group c: halves t & 1 of grid points
-                    // t / 2 and 2 + t / 2. Even lanes look up the first, odd lanes the second, and they swap.
+                    // Lane (g, t) takes grid point t of group c whole: its selectors' low half gives fragment word
+                    // t (weights 8 t .. 8 t + 3), its high half word 4 + t (8 t + 4 .. 8 t + 7), which is where
+                    // the activations' PAIRS order (quantize_into) put those weights' partners.
                     const uint8_t* q = rr[h] + 2;  // the groups' 8-byte (grid, aux) pairs, maybe unaligned
                     const uint32_t mis = (uint32_t)((uintptr_t)q & 3), sh = 8 * mis;
                     const uint32_t* w = (const uint32_t*)(q - mis);
-                    const int gp = (t4 >> 1) + 2 * (t4 & 1);
 #pragma unroll
                     for (int c = 0; c < 8; ++c) {
                         const uint32_t w0 = w[2 * c], w1 = w[2 * c + 1], w2 = w[2 * c + 2];
                         const uint32_t grid = __funnelshift_r(w0, w1, sh), aux = __funnelshift_r(w1, w2, sh);
-                        const uint32_t mine = tab[(grid >> (8 * gp)) & 255] + tab[256 + ((aux >> (7 * gp)) & 127)];
-                        const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
-                        const uint32_t first = (t4 & 1) ? other : mine, second = (t4 & 1) ? mine : other;
-                        af[c][h] = __byte_perm(kIq2Lo, kIq2Hi, first >> (16 * (t4 & 1)));
-                        af[c][2 + h] = __byte_perm(kIq2Lo, kIq2Hi, second >> (16 * (t4 & 1)));
+                        const uint32_t sel = tab[__byte_perm(grid, 0, 0x4440 | t4)] + tab[256 + ((aux >> s7) & 127)];
+                        af[c][h] = __byte_perm(kIq2Lo, kIq2Hi, sel);
+                        af[c][2 + h] = __byte_perm(kIq2Lo, kIq2Hi, sel >> 16);
                         rsc[c][h] = 2 * (int)(aux >> 28) + 1;
                     }
                 }
@@ -407,7 +415,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float dx = bd[c_col(ni, e) * 8];
+                    const float dx = bd[c_col(ni, e) * S::bdw];
                     float v = fmaf(rdw[e >> 1] * dx, (float)isum[e], acc[0][ni][e]);
                     if constexpr (T == TYPE_Q2_K) v = fmaf(-(rdm[e >> 1] * dx), msum[e], v);
                     acc[0][ni][e] = v;
@@ -460,7 +468,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                                 const int row = c_row(mi, e), n = c_col(ni, e);
                                 if constexpr (T == TYPE_Q8_0)
                                     acc[mi][ni][e] =
-                                        fmaf(asc[row * 8 + c] * bd[n * 8 + c], (float)ci[e], acc[mi][ni][e]);
+                                        fmaf(asc[row * 8 + c] * bd[n * S::bdw + c], (float)ci[e], acc[mi][ni][e]);
                                 else
                                     isum[mi][ni][e] += ci[e] * aisc[row * 8 + c];
                             }
@@ -500,7 +508,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
                             const int row = c_row(mi, e), n = c_col(ni, e);
-                            const float dx = bd[n * 8];
+                            const float dx = bd[n * S::bdw];
                             const float dw = asc[row * 8];
                             float v = fmaf(dw * dx, (float)isum[mi][ni][e], acc[mi][ni][e]);
                             if constexpr (has_min<T>()) {
@@ -523,7 +531,7 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
             for (int e = 0; e < 4; ++e) {
                 const int64_t row = row0 + c_row(mi, e);
                 const int n = c_col(ni, e);
-                const float v = F16 ? acc[mi][ni][e] * Bd[((nk - 1) & 1) * BN * 8 + n * 8] : acc[mi][ni][e];
+                const float v = F16 ? acc[mi][ni][e] * Bd[(((nk - 1) & 1) * BN + n) * S::bdw] : acc[mi][ni][e];
                 if (row < a.rows && n < count) y[(first + n) * a.y_stride + row] = v;
             }
 }
@@ -633,7 +641,7 @@ cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t
     int8_t* qs = (int8_t*)work;
     float* d = (float*)(work + n * cols);
     int16_t* bs = (int16_t*)(work + n * cols + 4 * n * (cols / kind));
-    return ds4_cuda_quantize_act(s, qs, d, kind == 256 ? bs : nullptr, x, x_stride, (int)n, cols, kind);
+    return quantize_act(s, qs, d, kind == 256 ? bs : nullptr, x, x_stride, (int)n, cols, kind, type == TYPE_IQ2_XXS);
 }
 
 namespace {

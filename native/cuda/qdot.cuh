@@ -189,10 +189,12 @@ __device__ __forceinline__ float q8_k_lane(const float (&v)[8], int lane, uint32
 // 5 shuffles (as 8 lanes of 32 values each, its search for the largest value was a chain of 31 steps per lane: a
 // pass over 6 x 2048 values took a block of 12 warps ~5 us). Called by all warps of a block (or of a grid:
 // `first`/`step` are the warp's index and the number of warps); a warp takes quantize_per_warp<XB> consecutive
-// blocks at a time. With nrm, the rows are normed first.
+// blocks at a time. With nrm, the rows are normed first. SWZ: the qs rows by act_swz (stage_dot's shared memory);
+// PAIRS (Q8_K): each 32-value unit's words in the order 0, 2, 4, 6, 1, 3, 5, 7 (the IQ2_XXS tensor-core products'
+// activations, gemm.cu: an mma fragment's words t and 4 + t are then grid point t's 8 weights).
 template <int XB>
 constexpr int quantize_per_warp = XB == 32 ? 32 : 1;
-template <int XB, bool SWZ = false>
+template <int XB, bool SWZ = false, bool PAIRS = false>
 __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_rows,
                               int64_t cols, int first, int step, const RowNorm* nrm = nullptr) {
     constexpr int kPerWarp = quantize_per_warp<XB>;  // blocks per warp and pass
@@ -258,7 +260,14 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
         for (int k = 0; k < V / 16; ++k)
             *(uint4*)(dst + (SWZ ? act_swz(col + 16 * k) : col + 16 * k)) =
                 make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
-        if constexpr (V % 16) *(uint2*)(dst + (SWZ ? act_swz(col) : col)) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
+        if constexpr (PAIRS) {
+            static_assert(V == 8, "PAIRS: a lane's 8 values are words 2 m, 2 m + 1 of its unit (m = sub % 4)");
+            int8_t* unit = dst + (col & ~31) + 4 * (sub & 3);
+            *(uint32_t*)unit = w[0];
+            *(uint32_t*)(unit + 16) = w[1];
+        } else if constexpr (V % 16) {
+            *(uint2*)(dst + (SWZ ? act_swz(col) : col)) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
+        }
         if (sub == 0) d[row * per_row + b] = dd;
         if constexpr (XB == 256) {
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
