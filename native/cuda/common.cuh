@@ -125,13 +125,15 @@ struct FastDiv {
 };
 
 // Writes n activation rows into `work` as the tensor-core products read them (gemm.cu): the act8 blocks of the
-// quantized types (IQ2_XXS's qs in quantize_rows' PAIRS order), or for F16 weights two f16 planes (each row scaled
-// by a power of two: high parts, then the rounding of the rest) and a float scale per row.
+// quantized types (IQ2_XXS's qs in quantize_rows' PAIRS order, the K types' sums per 16 as f16), or for F16
+// weights two f16 planes (each row scaled by a power of two: high parts, then the rounding of the rest) and a
+// float scale per row.
 cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t x_stride, int64_t n, int64_t cols,
                           int type);
-// ds4_cuda_quantize_act's kernel, unchecked; pairs (kind 256): the qs rows in quantize_rows' PAIRS order.
+// ds4_cuda_quantize_act's kernel, unchecked. order (kind 256): the CPU's, or quantize_rows' PAIRS or F16_SUMS.
+constexpr int kActCpu = 0, kActPairs = 1, kActF16Sums = 2;
 cudaError_t quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t* bsums, const float* x, int64_t x_stride,
-                         int n_tok, int64_t cols, int kind, bool pairs);
+                         int n_tok, int64_t cols, int kind, int order);
 
 // Q8_0 and F16 prefill products on Hopper's wgmma through CUTLASS (gemm_sm90.cu; absent in builds without
 // CUTLASS): whether it takes a product of n_tok activation rows (an sm_90 device, at least kGemmSm90MinTok rows, y

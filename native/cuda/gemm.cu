@@ -111,7 +111,7 @@ struct GemmSmem {
     static constexpr size_t amin = aisc + (kTile ? kBM * 8 * 4 : 0);   // half [kBM][16]: 16-weight mins (Q4_K)
     static constexpr size_t bq = amin + (kTile ? kBM * 16 * 2 : 0);    // int8 [2][BN][kPad]
     static constexpr size_t bd = bq + 2 * BN * kPad;                   // float [2][BN][bdw]
-    static constexpr size_t bbs = bd + 2 * BN * bdw * 4;               // int16 [2][BN][16]: activation sums per 16
+    static constexpr size_t bbs = bd + 2 * BN * bdw * 4;               // f16 [2][BN][16]: activation sums per 16
     static constexpr size_t blo = bbs + (has_min<T>() ? 2 * BN * 16 * 2 : 0);  // F16: f16 [2][BN][kPad / 2], low
     static constexpr size_t xr = blo + (T == TYPE_F16 ? 2 * BN * kPad : 0);  // int [BN]: each column's activation row
     static constexpr size_t bytes = xr + 4 * BN;
@@ -409,8 +409,8 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
                 }
                 float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 if constexpr (T == TYPE_Q2_K) {
-                    const int16_t* p = Bbs + (buf * BN + 8 * ni + g) * 16 + 2 * t4;
-                    const uint32_t bf[2] = {half2_bits(p[0], p[1]), half2_bits(p[8], p[9])};
+                    const int16_t* p = Bbs + (buf * BN + 8 * ni + g) * 16 + 2 * t4;  // f16 sums (quantize_into)
+                    const uint32_t bf[2] = {*(const uint32_t*)p, *(const uint32_t*)(p + 8)};
                     mma_f16(msum, mf, bf);
                 }
 #pragma unroll
@@ -491,8 +491,8 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
 #pragma unroll
                     for (int ni = 0; ni < NI; ++ni) {
                         const int16_t* p = bs + (wcol + 8 * ni + g) * 16 + 2 * t4;
-                        bf[ni][0] = half2_bits(p[0], p[1]);
-                        bf[ni][1] = half2_bits(p[8], p[9]);
+                        bf[ni][0] = *(const uint32_t*)p;  // f16 sums (quantize_into)
+                        bf[ni][1] = *(const uint32_t*)(p + 8);
                     }
 #pragma unroll
                     for (int mi = 0; mi < MI; ++mi)
@@ -641,7 +641,8 @@ cudaError_t quantize_into(cudaStream_t s, uint8_t* work, const float* x, int64_t
     int8_t* qs = (int8_t*)work;
     float* d = (float*)(work + n * cols);
     int16_t* bs = (int16_t*)(work + n * cols + 4 * n * (cols / kind));
-    return quantize_act(s, qs, d, kind == 256 ? bs : nullptr, x, x_stride, (int)n, cols, kind, type == TYPE_IQ2_XXS);
+    const int order = type == TYPE_IQ2_XXS ? kActPairs : type == TYPE_Q2_K || type == TYPE_Q4_K ? kActF16Sums : kActCpu;
+    return quantize_act(s, qs, d, kind == 256 ? bs : nullptr, x, x_stride, (int)n, cols, kind, order);
 }
 
 namespace {

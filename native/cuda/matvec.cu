@@ -819,24 +819,26 @@ struct MatvecOp {
 };
 
 __global__ void quantize_kernel(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_tok,
-                                int64_t cols, int kind, bool pairs) {
+                                int64_t cols, int kind, int order) {
     pdl_trigger();
     pdl_wait();
     const int first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), step = gridDim.x * (blockDim.x >> 5);
     if (kind == 32) quantize_rows<32>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
-    else if (pairs) quantize_rows<256, false, true>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
+    else if (order == kActPairs) quantize_rows<256, false, true>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
+    else if (order == kActF16Sums)
+        quantize_rows<256, false, false, true>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
     else quantize_rows<256>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
 }
 
 }  // namespace
 
 cudaError_t quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t* bsums, const float* x, int64_t x_stride,
-                         int n_tok, int64_t cols, int kind, bool pairs) {
+                         int n_tok, int64_t cols, int kind, int order) {
     const int64_t blocks = n_tok * (cols / kind);
     const int per_warp = kind == 32 ? quantize_per_warp<32> : quantize_per_warp<256>;
     const int grid = (int)std::min<int64_t>(ceil_div(blocks, kWarps * per_warp), 4 * props().sms);
     return launch(quantize_kernel, dim3(grid), dim3(kThreads), 0, s, qs, d, bsums, x, x_stride, n_tok, cols, kind,
-                  pairs && kind == 256);
+                  order);
 }
 
 }  // namespace ds4::cuda
@@ -992,5 +994,5 @@ cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t*
     if ((kind != 32 && kind != 256) || cols <= 0 || cols % kind || n_tok < 1 || (kind == 256 && !bsums))
         return invalid("quantize_act: kind must be 32 or 256, cols a positive multiple of it, n_tok >= 1");
     if ((uintptr_t)x % 16 || x_stride % 4) return invalid("quantize_act: x must be 16-byte aligned rows");
-    return quantize_act(s, qs, d, bsums, x, x_stride, n_tok, cols, kind, false);
+    return quantize_act(s, qs, d, bsums, x, x_stride, n_tok, cols, kind, kActCpu);
 }

@@ -189,12 +189,13 @@ __device__ __forceinline__ float q8_k_lane(const float (&v)[8], int lane, uint32
 // 5 shuffles (as 8 lanes of 32 values each, its search for the largest value was a chain of 31 steps per lane: a
 // pass over 6 x 2048 values took a block of 12 warps ~5 us). Called by all warps of a block (or of a grid:
 // `first`/`step` are the warp's index and the number of warps); a warp takes quantize_per_warp<XB> consecutive
-// blocks at a time. With nrm, the rows are normed first. SWZ: the qs rows by act_swz (stage_dot's shared memory);
-// PAIRS (Q8_K): each 32-value unit's words in the order 0, 2, 4, 6, 1, 3, 5, 7 (the IQ2_XXS tensor-core products'
-// activations, gemm.cu: an mma fragment's words t and 4 + t are then grid point t's 8 weights).
+// blocks at a time. With nrm, the rows are normed first. SWZ: the qs rows by act_swz (stage_dot's shared memory).
+// For the tensor-core products' activations (gemm.cu, Q8_K): PAIRS, each 32-value unit's words in the order 0, 2,
+// 4, 6, 1, 3, 5, 7 (IQ2_XXS: an mma fragment's words t and 4 + t are then grid point t's 8 weights); F16_SUMS, the
+// sums per 16 as f16 bits (exact: |sum| <= 2032), the K types' min-term mma operands as they are.
 template <int XB>
 constexpr int quantize_per_warp = XB == 32 ? 32 : 1;
-template <int XB, bool SWZ = false, bool PAIRS = false>
+template <int XB, bool SWZ = false, bool PAIRS = false, bool F16_SUMS = false>
 __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_rows,
                               int64_t cols, int first, int step, const RowNorm* nrm = nullptr) {
     constexpr int kPerWarp = quantize_per_warp<XB>;  // blocks per warp and pass
@@ -271,7 +272,8 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
         if (sub == 0) d[row * per_row + b] = dd;
         if constexpr (XB == 256) {
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            if ((sub & 1) == 0) bs[row * (cols / 16) + b * 16 + sub / 2] = (int16_t)sum;
+            const int16_t v = F16_SUMS ? __half_as_short(__int2half_rn(sum)) : (int16_t)sum;
+            if ((sub & 1) == 0) bs[row * (cols / 16) + b * 16 + sub / 2] = v;
         }
     }
 }
