@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
     constexpr int NC = (SB + 15 + 15) / 16;          // 16-byte pieces of a row's stage, at most
     // IQ2_XXS and Q2_K (reg_a): decoded straight into the A fragments (registers) from the staged raw rows, no
     // int8 tile (its shared-memory stores and loads were most of these kernels' traffic), each warp owning 16 rows
-    // and all BN columns, so a decoded fragment serves BN / 8 mmas. IQ2_XXS lookups stay one per grid point (each
-    // lane looks up one of the two its pair of lanes needs and they swap); Q2_K words are a shift, a mask and the
-    // sub-block scale. The other types: warps 2 x 2 of 32 x BN / 2 (BN >= 32), or 4 x 1 of 16 x 16.
+    // and all BN columns, so a decoded fragment serves BN / 8 mmas. IQ2_XXS: one lookup pair per grid point, lane
+    // t of a quad taking point t (the activations' PAIRS order); Q2_K words are a shift, a mask and the sub-block
+    // scale. The other types: warps 2 x 2 of 32 x BN / 2 (BN >= 32), or 4 x 1 of 16 x 16.
     constexpr bool kRegA = reg_a<T>();
     constexpr int WN = BN >= 32 && !kRegA ? 2 : 1, WM = kGWarps / WN;
     constexpr int MI = kBM / (16 * WM), NI = BN / (8 * WN);
