@@ -177,9 +177,11 @@ class LayerClock:
 class OpClock:
     """Events before every op of a step and after its last (external events while the step is captured): device
     time per op, products named by their weights (attn_q_a, attn_q_a+attn_kv+..., ffn_gate_inp, ...), summed over
-    the layers."""
+    the layers. An op's time runs to the next mark, also one inside it: a prefill's `attend` is mostly under
+    `norm_ropes` (its first inner op: the K=V store, compressors, indexer and attention follow unmarked), and
+    `moe_routed` is split into the shared expert (`ffn`, its products), the router's product, `route` and `moe`."""
     OPS = ("embed", "rms_norm", "norm_rope", "norm_ropes", "hc_pre", "hc_post", "hc_head", "rope", "attend",
-           "ffn", "moe_routed", "matmul", "norm_matmul", "matmuls", "matmul_grouped")
+           "ffn", "moe_routed", "route", "moe", "matmul", "norm_matmul", "matmuls", "matmul_grouped")
 
     def __init__(self, m: Model):
         self.m, self.events, self.times = m, [], []
