@@ -7,13 +7,16 @@ end before it: the chain's cost of that kernel, overlap with the kernels before 
 the median over the profiled steps of both, summed per step. The times come from CUPTI's records with no event
 nodes in the graph, unlike LayerClock / OpClock.
 
+With --prefill CHUNK it profiles one prefill of a --ctx prompt in chunks of CHUNK tokens (after an unprofiled one)
+and prints per kernel name its launches, device time and what it adds to the prefill's end, summed.
+
 With --pipelined the steps run as the engine runs them (`Model.launch`: each launched before the last one's tokens
 are read, its sessions taking them on the device), and it prints the step's edges instead: from the last kernel of
 one step to the first hyper-connection entry of the next, each kernel or copy with the device's idle time before
 it (medians over the profiled steps).
 
     python3 bench/cuda_timeline.py [--batch 1] [--ctx 2048 [--long]] [--steps 8] [--file /tmp/ds4-4h.gguf]
-                                   [--json out] [--pipelined]
+                                   [--json out] [--pipelined | --prefill CHUNK]
 """
 
 from __future__ import annotations
@@ -51,11 +54,15 @@ def main() -> int:
     ap.add_argument("--json", help="write the last step's kernels here")
     ap.add_argument("--trace", default="/tmp/ds4-timeline.json", help="the profiler's Chrome trace (written)")
     ap.add_argument("--pipelined", action="store_true", help="steps launched as the engine does; print their edges")
+    ap.add_argument("--prefill", type=int, default=0, metavar="CHUNK",
+                    help="profile a prefill of --ctx tokens in chunks of CHUNK instead of decode steps")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
     m = open_four_layers(Path(args.file))
     rng = np.random.default_rng(0)
+    if args.prefill:
+        return prefill_kernels(m, args, rng, profile, ProfilerActivity)
     states = prompt_states(m, args.batch, args.ctx, rng, args.long)
     samplers = [Sampler(SamplingParams(temperature=1.0, seed=i)) for i in range(args.batch)]
 
@@ -84,9 +91,7 @@ def main() -> int:
             prev.result()
     trace = Path(args.trace)
     prof.export_chrome_trace(str(trace))
-    kinds = ("kernel", "gpu_memcpy", "gpu_memset")
-    kernels = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") in kinds]
-    kernels.sort(key=lambda e: e["ts"])
+    kernels = device_events(trace)
     if args.pipelined:
         return edges(kernels)
     # Steps: a gap of more than 50 us between one kernel's end and the next start (the host's part of the step).
@@ -99,17 +104,6 @@ def main() -> int:
         last_end = max(last_end or 0, e["ts"] + e["dur"])
     steps.append(cur)
     print(f"{len(kernels)} kernels in {len(steps)} steps ({[len(s) for s in steps]})")
-
-    def rows(step_kernels):
-        out, end = [], step_kernels[0]["ts"]
-        t0 = end
-        for e in step_kernels:
-            add = max(0.0, e["ts"] + e["dur"] - end)
-            end = max(end, e["ts"] + e["dur"])
-            a = e.get("args", {})
-            out.append({"name": short(e["name"]), "stream": a.get("stream", e.get("tid")), "grid": a.get("grid"),
-                        "start": e["ts"] - t0, "dur": e["dur"], "add": add})
-        return out
 
     full = [s for s in steps if len(s) == max(len(x) for x in steps)]
     last = rows(full[-1])
@@ -141,6 +135,57 @@ def main() -> int:
     print(f"{'':5} {total_d:8.1f} {total_a:8.1f}  total")
     if args.json:
         Path(args.json).write_text(json.dumps(last))
+    return 0
+
+
+def device_events(trace: Path) -> list:
+    """The kernels, copies and memsets of a profiler's Chrome trace, in order of start."""
+    kinds = ("kernel", "gpu_memcpy", "gpu_memset")
+    acts = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") in kinds]
+    return sorted(acts, key=lambda e: e["ts"])
+
+
+def rows(kernels) -> list:
+    """Each activity with its start from the first one's, duration, and what it adds: its end minus the latest end
+    before it (0 when something before it ends later)."""
+    out, end = [], kernels[0]["ts"]
+    t0 = end
+    for e in kernels:
+        add = max(0.0, e["ts"] + e["dur"] - end)
+        end = max(end, e["ts"] + e["dur"])
+        a = e.get("args", {})
+        out.append({"name": short(e["name"]), "stream": a.get("stream", e.get("tid")), "grid": a.get("grid"),
+                    "start": e["ts"] - t0, "dur": e["dur"], "add": add})
+    return out
+
+
+def prefill_kernels(m, args, rng, profile, activity) -> int:
+    """Per kernel name over one prefill of args.ctx tokens in chunks of args.prefill: launches, device time, what
+    it adds to the prefill's span (us, summed; the last lines: totals, and per token)."""
+    for rep in range(2):
+        st = m.new_state()
+        ids = rng.integers(0, m.shape.n_vocab, args.ctx)
+        if rep == 0:
+            m.prefill(st, ids, chunk=args.prefill)
+            continue
+        with profile(activities=[activity.CUDA]) as prof:
+            m.prefill(st, ids, chunk=args.prefill)
+    trace = Path(args.trace)
+    prof.export_chrome_trace(str(trace))
+    per = defaultdict(lambda: [0, 0.0, 0.0])
+    acts = rows(device_events(trace))
+    for r in acts:
+        p = per[r["name"]]
+        p[0] += 1
+        p[1] += r["dur"]
+        p[2] += r["add"]
+    print(f"prefill of {args.ctx} tokens in chunks of {args.prefill}, {len(m.weights.layers)} layers: {len(acts)} "
+          f"activities, {acts[-1]['start'] + acts[-1]['dur']:.0f} us from first start to last end")
+    print(f"{'calls':>6} {'dur':>10} {'adds':>10}  kernel")
+    for k, (n, d, a) in sorted(per.items(), key=lambda kv: -kv[1][2]):
+        print(f"{n:6d} {d:10.1f} {a:10.1f}  {k}")
+    d, a = sum(p[1] for p in per.values()), sum(p[2] for p in per.values())
+    print(f"{'':6} {d:10.1f} {a:10.1f}  total\n{'':6} {d / args.ctx:10.2f} {a / args.ctx:10.2f}  per token")
     return 0
 
 

@@ -474,9 +474,16 @@ def attention_prefill_ok(dim):
 
 
 def attention_prefill(stream, out, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n, comp_cap, sel,
-                      sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0):
+                      sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows=0, comp_rows=0, rope_pos=0, rope_freq=0,
+                      n_rot=0, eps=0.0):
+    if rope_pos:   # q before its norm and RoPE; the output's tail turned back by the decode path's combine
+        qn = Buffer(4 * n_tok * n_head * dim)
+        rms_norm_rope.__wrapped__(stream, qn.ptr, dim, q, dim, 0, n_tok * n_head, dim, eps, rope_pos, n_head,
+                                  rope_freq, n_rot)
+        q = qn.ptr
     attention_decode.__wrapped__(stream, out, 0, q, raw, raw_stride, raw_n, raw_cap, comp, comp_stride, comp_n,
-                                 comp_cap, sel, sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows, comp_rows)
+                                 comp_cap, sel, sel_cap, sinks, n_tok, n_head, dim, scale, raw_rows, comp_rows,
+                                 False, rope_pos, rope_freq, n_rot)
 
 
 def route(stream, ids, weights, logits, bias, tid2eid, tokens, n_tok, n_expert, n_used, scale, normalize=True):

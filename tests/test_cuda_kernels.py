@@ -1071,10 +1071,13 @@ def test_attention_decode_q8_out(stream, rng, dim, n_head, groups, n_tok):
 
 @pytest.mark.parametrize("dim,n_head", [(512, 64), (128, 8), (256, 20)])
 @pytest.mark.parametrize("with_sel", [False, True])
-def test_attention_prefill(stream, rng, dim, n_head, with_sel):
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention_prefill(stream, rng, dim, n_head, with_sel, rope):
     """The tensor-core kernel for many queries: the reference to f32 rounding (Q and P enter as two f16 parts),
     with rows missing from the selection, tokens with no row (only the sink), head counts not a multiple of its
-    16, scores large enough to need the running maximum, and the same bits on a second launch."""
+    32, scores large enough to need the running maximum, and the same bits on a second launch. With positions, q
+    enters before its norm and RoPE (positions to 10^6, YaRN frequencies) and the output's tail comes back turned
+    by the inverse RoPE."""
     assert _cuda.attention_prefill_ok(dim)  # Hopper's shared memory fits every dim
     d = Dev(stream)
     raw_cap, comp_cap, sel_cap = RAW_CAP, COMP_CAP, SEL_CAP
@@ -1085,10 +1088,17 @@ def test_attention_prefill(stream, rng, dim, n_head, with_sel):
                                               [0.15, 1.0, 3e-3, 0.5, 0.15, 1, 0.2, 30], with_sel)
     scale = 1.0 / math.sqrt(dim)
     out = d.out((T, n_head, dim))
+    pos = np.array([0, 76, 4095, 3, 32, 9, 1_000_003, 4], np.int32)
+    inv, eps = rope_inv_freq(64, 160000.0, (16.0, 65536, 32.0, 1.0)), 1e-6
     args = (d.put(q), d.put(raw), raw_cap * dim, d.put(raw_n), raw_cap, d.put(comp), comp_cap * dim, d.put(comp_n),
-            comp_cap, d.put(sel) if with_sel else 0, sel_cap, d.put(sinks), T, n_head, dim, scale)
+            comp_cap, d.put(sel) if with_sel else 0, sel_cap, d.put(sinks), T, n_head, dim, scale, 0, 0)
+    if rope:
+        args += (d.put(pos), d.put(inv), 64, eps)
     _cuda.attention_prefill(stream.ptr, out.ptr, *args)
-    ref = attention_ref(q, raw, raw_n, comp, comp_n, sel, sinks.astype(np.float64), scale)
+    q_in = REF.norm_rope(q.astype(np.float64), None, eps, pos, inv) if rope else q
+    ref = attention_ref(q_in, raw, raw_n, comp, comp_n, sel, sinks.astype(np.float64), scale)
+    if rope:
+        ref = REF.rope(ref, pos, inv, inverse=True)
     got = d.get(out)
     assert np.all(got[5] == 0)
     for t in range(T):

@@ -92,6 +92,38 @@ __device__ __forceinline__ void row8(const uint8_t* kr, int i, float (&k)[8]) {
     }
 }
 
+// Token t's row list (row_count's n_raw and total): where its entry v lies (null: none), a raw row or the compressed
+// row its list entry names. ES: the rows' element size, D their length.
+template <int ES, int D>
+struct RowList {
+    static constexpr int64_t kRow = (int64_t)ES * D;
+    const uint8_t *raw, *comp;
+    const int32_t* sel;  // token t's selection (null: every compressed row)
+    int n_raw, total, n_comp;
+    __device__ __forceinline__ RowList(const AttnArgs& a, int t, int n_raw_, int total_)
+        : raw(a.raw_rows ? a.raw_rows[t] : a.raw + (int64_t)t * a.raw_stride * ES),
+          comp(a.comp_rows ? a.comp_rows[t] : a.comp + (int64_t)t * a.comp_stride * ES),
+          sel(a.sel ? a.sel + (int64_t)t * a.sel_cap : nullptr), n_raw(n_raw_), total(total_),
+          n_comp(min(a.comp_n[t], a.comp_cap)) {}
+    __device__ __forceinline__ const uint8_t* src(int v) const {
+        if (v < n_raw) return raw + v * kRow;
+        if (v >= total) return nullptr;
+        const int c = sel ? sel[v - n_raw] : v - n_raw;
+        return c < 0 || c >= n_comp ? nullptr : comp + c * kRow;
+    }
+};
+// One entry of the list, each address loaded only where that entry needs it (the decode kernels': their SASS with
+// RowList differs, untimed).
+template <int ES, int D>
+__device__ __forceinline__ const uint8_t* row_src(const AttnArgs& a, int t, int v, int n_raw, int total) {
+    constexpr int64_t kRow = (int64_t)ES * D;
+    if (v < n_raw) return (a.raw_rows ? a.raw_rows[t] : a.raw + (int64_t)t * a.raw_stride * ES) + v * kRow;
+    if (v >= total) return nullptr;
+    const int c = a.sel ? a.sel[(int64_t)t * a.sel_cap + (v - n_raw)] : v - n_raw;
+    if (c < 0 || c >= min(a.comp_n[t], a.comp_cap)) return nullptr;
+    return (a.comp_rows ? a.comp_rows[t] : a.comp + (int64_t)t * a.comp_stride * ES) + c * kRow;
+}
+
 // R: the row type, f16 (faithful numerics) or f32 (exact numerics keep the CPU's f32 rows).
 template <int DL, typename R>
 __global__ void __launch_bounds__(32 * kHeads, 4) attention_split_kernel(AttnArgs a) {
@@ -111,20 +143,10 @@ __global__ void __launch_bounds__(32 * kHeads, 4) attention_split_kernel(AttnArg
     const int total = row_count(a, t, n_raw);
     if (v0 >= total) return;
 
-    // Each of the split's rows: where it lives (raw window, or the compressed row its list entry names), or null.
+    // Each of the split's rows: where it lives, or null.
     __shared__ const uint8_t* src_row[kRows];
     if (threadIdx.x < kRows) {
-        const int v = v0 + threadIdx.x;
-        const uint8_t* src = nullptr;
-        constexpr int64_t kRow = (int64_t)sizeof(R) * D;
-        if (v < n_raw) {
-            src = (a.raw_rows ? a.raw_rows[t] : a.raw + (int64_t)t * a.raw_stride * (int64_t)sizeof(R)) + v * kRow;
-        } else if (v < total) {
-            const int c = a.sel ? a.sel[(int64_t)t * a.sel_cap + (v - n_raw)] : v - n_raw;
-            if (c >= 0 && c < min(a.comp_n[t], a.comp_cap))
-                src = (a.comp_rows ? a.comp_rows[t] : a.comp + (int64_t)t * a.comp_stride * (int64_t)sizeof(R)) +
-                      c * kRow;
-        }
+        const uint8_t* src = row_src<sizeof(R), D>(a, t, v0 + threadIdx.x, n_raw, total);
         src_row[threadIdx.x] = src;
         valid[threadIdx.x] = src != nullptr;
     }
@@ -289,18 +311,18 @@ __global__ void __launch_bounds__(128) attention_combine_kernel(AttnArgs a) {
     }
 }
 
-// ---- tensor cores: prefill, and decode's splits ----------------------------------------------------------------
+// ---- tensor cores: decode's splits -----------------------------------------------------------------------------
 //
-// One block per (token, 16 heads), 8 warps, f16 rows. The block walks its token's rows 32 at a time (the next
+// One block per (token, 16 heads, split), 8 warps, f16 rows. The block walks its split's rows 32 at a time (the next
 // tile's rows copied with cp.async while this one computes; rows with no source are zeros, their scores -inf):
 // S = Q K^T with mma m16n8k16 (warp w: rows 8 (w % 4) .. + 7 over half w / 4 of the dims; the two halves meet in
 // shared memory, added in order), an online softmax per head (warp w: heads 2 w, 2 w + 1; lane = row), then
 // O += P V (warp w: dims w D / 8 .. + D / 8; V = the same rows, B fragments by ldmatrix.trans). Q and P are f32
 // values split into two f16 parts (the high part and the rounding of the rest: ~22 bits; Q scaled per head by a
 // power of two into f16's range), each product taken twice, so scores and sums stay within f32 rounding of the
-// CUDA-core kernel's. The sink joins at the end: out = O e^(m - M) / (e^(sink - M) + l e^(m - M)). SPLIT (decode):
-// block z takes row tile z only and leaves (m, l, O) for attention_combine_kernel, as the CUDA-core split kernel
-// does; many more blocks for a few queries, each row tile staged once per 16 heads instead of once per 4.
+// CUDA-core kernel's. Block z takes the tiles of split z (split_first) and leaves their (m, l, O) for
+// attention_combine_kernel, as the CUDA-core split kernel does; many more blocks for a few queries, each row tile
+// staged once per 16 heads instead of once per 4.
 //
 // FRONT (decode, split): the launch also does what rms_norm_rope and kv_store did before it, with their bits. The
 // query heads are normed (no weight) and rotated as they are loaded; the token's new K=V row (raw row pos % raw_cap,
@@ -354,13 +376,11 @@ struct PfSmem {
     static constexpr size_t bytes = cs + D * 4;
 };
 
-template <int D, bool SPLIT, bool FRONT>
+template <int D, bool FRONT>
 __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a) {
-    static_assert(SPLIT || !FRONT, "the decode front is a split launch's");
     using S = PfSmem<D>;
     constexpr int ST = S::kStride, NT = D / 64;  // n8 tiles of dims per warp in O += P V
     constexpr int kVec = D / 128;                // float4 of a row per lane: elements 4 lane + 128 k
-    constexpr int64_t kRow = 2 * D;
     extern __shared__ __align__(16) uint8_t smem[];
     __half* qs = (__half*)(smem + S::q);
     __half* ks = (__half*)(smem + S::k);
@@ -384,17 +404,9 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
     auto stage = [&](int i, int b, int part) {
         if (threadIdx.x < kPfRows) {
             const int v = i * kPfRows + threadIdx.x;
-            if (part != kNew || v >= n_raw) {
-                const uint8_t* src = nullptr;
-                if (v < n_raw) {
-                    src = (a.raw_rows ? a.raw_rows[t] : a.raw + (int64_t)t * a.raw_stride * 2) + v * kRow;
-                } else if (v < total && part != kOld) {
-                    const int c = a.sel ? a.sel[(int64_t)t * a.sel_cap + (v - n_raw)] : v - n_raw;
-                    if (c >= 0 && c < min(a.comp_n[t], a.comp_cap))
-                        src = (a.comp_rows ? a.comp_rows[t] : a.comp + (int64_t)t * a.comp_stride * 2) + c * kRow;
-                }
-                src_row[b][threadIdx.x] = src;
-            }
+            if (part != kNew || v >= n_raw)
+                src_row[b][threadIdx.x] = part == kOld && v >= n_raw ? nullptr
+                                                                     : row_src<2, D>(a, t, v, n_raw, total);
         }
         __syncthreads();
         constexpr int kPieces = 2 * D / 16;
@@ -454,11 +466,9 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
         } else {
             total = row_count(a, t, n_raw);
             n_tiles = (total + kPfRows - 1) / kPfRows;
-            if constexpr (SPLIT) {
-                first = split_first(blockIdx.z, a.raw_cap, a.tiles);
-                if (first >= n_tiles) return;  // past this token's rows (the grid covers the capacity)
-                n_tiles = min(n_tiles, split_first(blockIdx.z + 1, a.raw_cap, a.tiles));
-            }
+            first = split_first(blockIdx.z, a.raw_cap, a.tiles);
+            if (first >= n_tiles) return;  // past this token's rows (the grid covers the capacity)
+            n_tiles = min(n_tiles, split_first(blockIdx.z + 1, a.raw_cap, a.tiles));
         }
 
         // Q of the block's heads (zeros past n_head; FRONT: normed and rotated as rms_norm_rope does), split into f16
@@ -593,32 +603,296 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
     for (int half = 0; half < 2; ++half) {
         const int hh = g + 8 * half, h = h0 + hh;
         if (h >= a.n_head) continue;
-        if constexpr (SPLIT) {  // the tile's m, l and unnormalized O, laid out as the CUDA-core split kernel's
-            float* part = a.part + (((int64_t)t * a.n_head + h) * a.n_split + blockIdx.z) * (D + 4);
-            if (warp == 0 && t4 == 0) part[0] = m_fin[hh], part[1] = l_fin[hh];
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-                *(float2*)(part + 4 + d0 + 8 * j + 2 * t4) = make_float2(o[j][2 * half], o[j][2 * half + 1]);
-            continue;
-        }
-        const float sink = a.sinks[h], m = m_fin[hh];
-        const float M = fmaxf(m, sink), w = m == -INFINITY ? 0.0f : expf(m - M);
-        const float f = w / (expf(sink - M) + l_fin[hh] * w);
-        float* out = a.out + ((int64_t)t * a.n_head + h) * D + d0 + 2 * t4;
+        // the split's m, l and unnormalized O, laid out as the CUDA-core split kernel's
+        float* part = a.part + (((int64_t)t * a.n_head + h) * a.n_split + blockIdx.z) * (D + 4);
+        if (warp == 0 && t4 == 0) part[0] = m_fin[hh], part[1] = l_fin[hh];
 #pragma unroll
         for (int j = 0; j < NT; ++j)
-            *(float2*)(out + 8 * j) = make_float2(o[j][2 * half] * f, o[j][2 * half + 1] * f);
+            *(float2*)(part + 4 + d0 + 8 * j + 2 * t4) = make_float2(o[j][2 * half], o[j][2 * half + 1]);
     }
 }
 
-template <int D, bool SPLIT, bool FRONT = false>
+template <int D, bool FRONT>
 cudaError_t attention_tc_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
     const size_t smem = PfSmem<D>::bytes;
-    cudaError_t e = allow_smem(attention_tc_kernel<D, SPLIT, FRONT>, smem);
+    cudaError_t e = allow_smem(attention_tc_kernel<D, FRONT>, smem);
     if (e != cudaSuccess) return e;
-    return launch(attention_tc_kernel<D, SPLIT, FRONT>,
-                  dim3((unsigned)ceil_div(a.n_head, kPfHeads), n_tok, SPLIT ? a.n_split : 1), dim3(32 * kPfWarps),
-                  smem, s, a);
+    return launch(attention_tc_kernel<D, FRONT>, dim3((unsigned)ceil_div(a.n_head, kPfHeads), n_tok, a.n_split),
+                  dim3(32 * kPfWarps), smem, s, a);
+}
+
+// ---- tensor cores: prefill ---------------------------------------------------------------------------------------
+//
+// Many query tokens, f16 rows: one block per (token, 32 heads) walking all of the token's rows 32 at a time with an
+// online softmax (no split, no scratch). A staged row tile serves 32 heads, twice the decode kernel's 16, and each
+// warp keeps its part of Q in registers for the whole walk. With the dims in P parts the block has 2 P warps: warp w
+// takes heads 16 (w / P) .. + 15 and dims part w % P, as mma A fragments (f16 high and low parts, each head scaled
+// by a power of two), so its S = Q K^T is 8 mma per 16 dims with the rows' fragments by ldmatrix; the parts' partial
+// scores meet in shared memory, added in order. Then the online softmax (32 / 2 P heads per warp; lane = row), P
+// into two f16 parts, and O += P V (warp w: the same 16 heads, dims part w % P). Each warp stages its own rows of
+// the next tile (no barrier for their addresses). With rope_pos the launch also does what rms_norm_rope did to q
+// before it (norm without weight, RoPE) and the inverse RoPE of the output's tail after it. P = 8 (16 warps of 122
+// registers at 512 dims) against P = 4 (8 warps of 214): 2,951 against 3,183 us for a 2K prompt's 4 layers (H200).
+constexpr int kPrHeads = 32, kPrSpPad = kPfRows + 8;  // partial score rows padded: conflict-free float2 stores
+constexpr int kPrParts = 8;                           // P
+
+template <int D, int P = kPrParts>
+struct PrSmem {
+    static constexpr int kStride = D + 8;                            // halves per staged row (16 bytes of pad)
+    static constexpr size_t k = 0;                                   // half [2][32][kStride]: row tiles
+    static constexpr size_t sp = k + 2 * kPfRows * kStride * 2;      // float [P][32][kPrSpPad]: partial scores
+    static constexpr size_t p = sp + P * kPrHeads * kPrSpPad * 4;    // half [2][32][kPfPadP]: P high, low
+    static constexpr size_t misc = p + 2 * kPrHeads * kPfPadP * 2;   // float corr, m, l, qscale [32]; red [P][32]
+    static constexpr size_t cs = misc + (4 + P) * kPrHeads * 4;      // float [D]: RoPE cos, sin
+    static constexpr size_t bytes = cs + D * 4;
+};
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ uint32_t pack_f16(__half lo, __half hi) {
+    return (uint32_t)__half_as_ushort(lo) | (uint32_t)__half_as_ushort(hi) << 16;
+}
+
+template <int D>
+__global__ void __launch_bounds__(64 * kPrParts, 1) attention_prefill_kernel(AttnArgs a) {
+    constexpr int P = kPrParts;
+    using S = PrSmem<D>;
+    constexpr int kWarps = 2 * P, kHw = kPrHeads / kWarps;      // warps, softmax heads per warp
+    constexpr int ST = S::kStride, KD = D / P, KS = KD / 16, NO = KD / 8;  // a part: dims, k steps, n8 tiles
+    static_assert(KS >= 1 && NO % 2 == 0 && kHw >= 1, "dims parts of at least 16");
+    extern __shared__ __align__(16) uint8_t smem[];
+    __half* ks = (__half*)(smem + S::k);
+    float* sp = (float*)(smem + S::sp);
+    __half* ps = (__half*)(smem + S::p);
+    float* corr = (float*)(smem + S::misc);
+    float* m_fin = corr + kPrHeads;
+    float* l_fin = m_fin + kPrHeads;
+    float* qscale = l_fin + kPrHeads;
+    float* red = qscale + kPrHeads;  // [P][32]: the parts' sums of squares, then their largest magnitudes
+    float* cs = (float*)(smem + S::cs);
+    __shared__ int row_ok[2][kPfRows];
+    pdl_trigger();
+    pdl_wait();
+
+    const int t = blockIdx.y, h0 = blockIdx.x * kPrHeads;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int mt = warp / P, kq = warp % P;  // heads 16 mt .. + 15 (local), dims kq KD .. + KD - 1
+    int n_raw;
+    const int total = row_count(a, t, n_raw), n_tiles = (total + kPfRows - 1) / kPfRows;
+    const RowList<2, D> rows(a, t, n_raw, total);
+    const int half_rot = a.rope_pos ? a.n_rot / 2 : 0;
+    for (int j = threadIdx.x; j < half_rot; j += blockDim.x)
+        rope_angle(a.rope_pos[t], a.rope_freq[j], cs[j], cs[half_rot + j]);
+
+    // Row tile i into buffer b, warp w its rows w, w + 2 P, ..: 16-byte copies, zeros where there is no row.
+    auto stage = [&](int i, int b) {
+        constexpr int kPieces = 2 * D / 16;
+        for (int r = warp; r < kPfRows; r += kWarps) {
+            const uint8_t* src = rows.src(i * kPfRows + r);
+            __half* dst = ks + (b * kPfRows + r) * ST;
+            if (lane == 0) row_ok[b][r] = src != nullptr;
+            for (int pc = lane; pc < kPieces; pc += 32) {
+                if (src) cp_async16(dst + 8 * pc, src + 16 * pc);
+                else *(uint4*)(dst + 8 * pc) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        cp_async_commit();
+    };
+    if (n_tiles > 0) stage(0, 0);
+
+    // This warp's Q: heads hA = 16 mt + g and hA + 8, dims k0 + 2 t4 (+1) and k0 + 8 + 2 t4 (+1) of each k step.
+    const int hA = 16 * mt + g;
+    float2 qv[KS][4];  // per k step: (hA, k), (hA + 8, k), (hA, k + 8), (hA + 8, k + 8)
+    {
+        const bool liveA = h0 + hA < a.n_head, liveB = h0 + hA + 8 < a.n_head;
+        const float* qa = a.q + ((int64_t)t * a.n_head + h0 + hA) * D + kq * KD + 2 * t4;
+        const float* qb = qa + 8 * D;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+            qv[k][0] = liveA ? *(const float2*)(qa + 16 * k) : float2{};
+            qv[k][1] = liveB ? *(const float2*)(qb + 16 * k) : float2{};
+            qv[k][2] = liveA ? *(const float2*)(qa + 16 * k + 8) : float2{};
+            qv[k][3] = liveB ? *(const float2*)(qb + 16 * k + 8) : float2{};
+        }
+    }
+    // Heads hA and hA + 8's value over the block's P parts: each lane's part summed (or its max) over its quad, the
+    // quad's result into red, and the P parts' read back in order.
+    auto across = [&](float vA, float vB, bool is_max) {
+#pragma unroll
+        for (int sh = 1; sh <= 2; sh <<= 1) {
+            const float xA = __shfl_xor_sync(0xffffffffu, vA, sh), xB = __shfl_xor_sync(0xffffffffu, vB, sh);
+            vA = is_max ? fmaxf(vA, xA) : vA + xA, vB = is_max ? fmaxf(vB, xB) : vB + xB;
+        }
+        if (t4 == 0) red[kq * kPrHeads + hA] = vA, red[kq * kPrHeads + hA + 8] = vB;
+        __syncthreads();
+        float2 r = make_float2(red[hA], red[hA + 8]);
+#pragma unroll
+        for (int q = 1; q < P; ++q) {
+            const float x = red[q * kPrHeads + hA], y = red[q * kPrHeads + hA + 8];
+            r.x = is_max ? fmaxf(r.x, x) : r.x + x, r.y = is_max ? fmaxf(r.y, y) : r.y + y;
+        }
+        __syncthreads();  // red is written again by the next call
+        return r;
+    };
+    if (a.rope_pos) {  // q's RMSNorm (no weight), then RoPE of each head's last n_rot dims
+        float ss[2] = {0.0f, 0.0f};  // heads hA, hA + 8
+#pragma unroll
+        for (int k = 0; k < KS; ++k)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) ss[j & 1] += qv[k][j].x * qv[k][j].x + qv[k][j].y * qv[k][j].y;
+        const float2 sum = across(ss[0], ss[1], false);
+        const float rnA = 1.0f / sqrtf(sum.x / (float)D + a.eps), rnB = 1.0f / sqrtf(sum.y / (float)D + a.eps);
+#pragma unroll
+        for (int k = 0; k < KS; ++k)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float rn = j & 1 ? rnB : rnA;
+                float2 v = make_float2(qv[k][j].x * rn, qv[k][j].y * rn);
+                const int r = kq * KD + 16 * k + 8 * (j >> 1) + 2 * t4 - (D - a.n_rot);
+                if (r >= 0) {
+                    const float c = cs[r / 2], sn = cs[half_rot + r / 2];
+                    v = make_float2(v.x * c - v.y * sn, v.x * sn + v.y * c);
+                }
+                qv[k][j] = v;
+            }
+    }
+    uint32_t qhi[KS][4], qlo[KS][4];
+    {
+        float m2[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int k = 0; k < KS; ++k)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) m2[j & 1] = fmaxf(m2[j & 1], fmaxf(fabsf(qv[k][j].x), fabsf(qv[k][j].y)));
+        const float2 amax = across(m2[0], m2[1], true);
+        const int eA = f16_scale_exp(amax.x), eB = f16_scale_exp(amax.y);
+        const float invA = pow2f(-eA), invB = pow2f(-eB);
+        if (kq == 0 && t4 == 0) qscale[hA] = pow2f(eA), qscale[hA + 8] = pow2f(eB);
+#pragma unroll
+        for (int k = 0; k < KS; ++k)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float inv = j & 1 ? invB : invA;
+                __half xh, xl, yh, yl;
+                split_f16(qv[k][j].x * inv, xh, xl), split_f16(qv[k][j].y * inv, yh, yl);
+                qhi[k][j] = pack_f16(xh, yh), qlo[k][j] = pack_f16(xl, yl);
+            }
+    }
+
+    float m_run[kHw], l_run[kHw];  // heads kHw warp ..
+#pragma unroll
+    for (int j = 0; j < kHw; ++j) m_run[j] = -INFINITY, l_run[j] = 0.0f;
+    float o[NO][4] = {};
+    for (int i = 0; i < n_tiles; ++i) {
+        const int b = i & 1;
+        cp_async_wait<0>();
+        __syncthreads();  // tile i staged; every warp done with tile i - 1 (buffer b ^ 1)
+        if (i + 1 < n_tiles) stage(i + 1, b ^ 1);
+        const __half* kt = ks + b * kPfRows * ST;
+
+        {   // partial scores of heads 16 mt .., all 32 rows, this warp's part of the dims (the high and low parts of
+            // Q in separate sums: chains half as long)
+            float hi[4][4] = {}, lo[4][4] = {};
+#pragma unroll
+            for (int k = 0; k < KS; ++k) {
+                const int k0 = kq * KD + 16 * k;
+#pragma unroll
+                for (int np = 0; np < 2; ++np) {  // n8 tiles 2 np, 2 np + 1: rows 16 np .. + 15
+                    uint32_t bf[4];
+                    ldmatrix_x4(bf, kt + (16 * np + 8 * (lane >> 4) + (lane & 7)) * ST + k0 + 8 * ((lane >> 3) & 1));
+                    mma_f16_16816(hi[2 * np], qhi[k], bf[0], bf[1]);
+                    mma_f16_16816(lo[2 * np], qlo[k], bf[0], bf[1]);
+                    mma_f16_16816(hi[2 * np + 1], qhi[k], bf[2], bf[3]);
+                    mma_f16_16816(lo[2 * np + 1], qlo[k], bf[2], bf[3]);
+                }
+            }
+            float* out = sp + (kq * kPrHeads + hA) * kPrSpPad + 2 * t4;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                *(float2*)(out + 8 * nt) = make_float2(hi[nt][0] + lo[nt][0], hi[nt][1] + lo[nt][1]);
+                *(float2*)(out + 8 * kPrSpPad + 8 * nt) = make_float2(hi[nt][2] + lo[nt][2], hi[nt][3] + lo[nt][3]);
+            }
+        }
+        __syncthreads();
+        // online softmax: warp w owns heads kHw w ..; lane = row of the tile
+        const bool valid = row_ok[b][lane];
+#pragma unroll
+        for (int j = 0; j < kHw; ++j) {
+            const int hh = kHw * warp + j;
+            const float* sh = sp + hh * kPrSpPad + lane;
+            float sum = sh[0];
+#pragma unroll
+            for (int q = 1; q < P; ++q) sum += sh[q * kPrHeads * kPrSpPad];
+            const float s = valid ? sum * qscale[hh] * a.scale : -INFINITY;
+            const float m_new = fmaxf(m_run[j], warp_max(s));
+            const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
+            const float c = m_run[j] == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m_run[j] - m_new);
+            l_run[j] = l_run[j] * c + warp_sum(p);
+            m_run[j] = m_new;
+            split_f16(p, ps[hh * kPfPadP + lane], ps[(kPrHeads + hh) * kPfPadP + lane]);
+            if (lane == 0) corr[hh] = c;
+        }
+        __syncthreads();
+        {   // O = O * corr + P V: heads 16 mt .., dims of part kq
+            const float c0 = corr[hA], c1 = corr[hA + 8];
+#pragma unroll
+            for (int j = 0; j < NO; ++j) o[j][0] *= c0, o[j][1] *= c0, o[j][2] *= c1, o[j][3] *= c1;
+#pragma unroll
+            for (int r0 = 0; r0 < kPfRows; r0 += 16) {
+                uint32_t phi[4], plo[4];
+                frag_a(phi, ps + 16 * mt * kPfPadP, kPfPadP, r0, g, t4);
+                frag_a(plo, ps + (kPrHeads + 16 * mt) * kPfPadP, kPfPadP, r0, g, t4);
+#pragma unroll
+                for (int j = 0; j < NO; j += 2) {
+                    uint32_t bf[4];
+                    ldmatrix_x4_trans(bf, kt + (r0 + (lane & 15)) * ST + kq * KD + 8 * j + 8 * (lane >> 4));
+                    mma_f16_16816(o[j], phi, bf[0], bf[1]);
+                    mma_f16_16816(o[j], plo, bf[0], bf[1]);
+                    mma_f16_16816(o[j + 1], phi, bf[2], bf[3]);
+                    mma_f16_16816(o[j + 1], plo, bf[2], bf[3]);
+                }
+            }
+        }
+    }
+    if (lane == 0)
+#pragma unroll
+        for (int j = 0; j < kHw; ++j) m_fin[kHw * warp + j] = m_run[j], l_fin[kHw * warp + j] = l_run[j];
+    __syncthreads();
+    // out = O e^(m - M) / (e^(sink - M) + l e^(m - M)), M = max(m, sink); with rope_pos V's rotated tail turned back.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int hh = hA + 8 * half, h = h0 + hh;
+        if (h >= a.n_head) continue;
+        const float sink = a.sinks[h], m = m_fin[hh];
+        const float M = fmaxf(m, sink), w = m == -INFINITY ? 0.0f : expf(m - M);
+        const float f = w / (expf(sink - M) + l_fin[hh] * w);
+        float* out = a.out + ((int64_t)t * a.n_head + h) * D + kq * KD + 2 * t4;
+#pragma unroll
+        for (int j = 0; j < NO; ++j) {
+            float2 v = make_float2(o[j][2 * half] * f, o[j][2 * half + 1] * f);
+            const int r = kq * KD + 8 * j + 2 * t4 - (D - a.n_rot);
+            if (a.rope_pos && r >= 0) {
+                const float c = cs[r / 2], sn = cs[half_rot + r / 2];
+                v = make_float2(v.x * c + v.y * sn, v.y * c - v.x * sn);
+            }
+            *(float2*)(out + 8 * j) = v;
+        }
+    }
+}
+
+template <int D>
+cudaError_t attention_prefill_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
+    const size_t smem = PrSmem<D>::bytes;
+    cudaError_t e = allow_smem(attention_prefill_kernel<D>, smem);
+    if (e != cudaSuccess) return e;
+    return launch(attention_prefill_kernel<D>, dim3((unsigned)ceil_div(a.n_head, kPrHeads), n_tok),
+                  dim3(64 * kPrParts), smem, s, a);
 }
 
 // The split kernel of decode: the tensor-core one for f16 rows where its shared memory fits, else the CUDA-core one.
@@ -626,7 +900,7 @@ template <int DL, typename R>
 cudaError_t attention_splits(cudaStream_t s, const AttnArgs& a, int n_tok) {
     constexpr int D = 32 * DL;
     if (sizeof(R) == 2 && PfSmem<D>::bytes <= props().smem_optin)
-        return a.kv_x ? attention_tc_launch<D, true, true>(s, a, n_tok) : attention_tc_launch<D, true>(s, a, n_tok);
+        return a.kv_x ? attention_tc_launch<D, true>(s, a, n_tok) : attention_tc_launch<D, false>(s, a, n_tok);
     const size_t smem = kRows * (sizeof(R) * D + 16) + kHeads * D * 4 + kHeads * kRows * 4 + kRows * 4;
     const cudaError_t e = allow_smem(attention_split_kernel<DL, R>, smem);
     if (e != cudaSuccess) return e;
@@ -712,8 +986,10 @@ cudaError_t ds4_cuda_attention_decode(cudaStream_t s, float* out, void* scratch,
     }
 }
 
-bool ds4_cuda_attention_prefill_ok(int dim) {
-    const size_t need = dim == 128 ? PfSmem<128>::bytes : dim == 256 ? PfSmem<256>::bytes : PfSmem<512>::bytes;
+bool ds4_cuda_attention_prefill_ok(int dim) {  // both tensor-core kernels: the decode splits' and the prefill's
+    const size_t need = dim == 128   ? std::max(PfSmem<128>::bytes, PrSmem<128>::bytes)
+                        : dim == 256 ? std::max(PfSmem<256>::bytes, PrSmem<256>::bytes)
+                                     : std::max(PfSmem<512>::bytes, PrSmem<512>::bytes);
     return (dim == 128 || dim == 256 || dim == 512) && need <= props().smem_optin;
 }
 
@@ -721,17 +997,21 @@ cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* 
                                        int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                        int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
                                        int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
-                                       const void* const* raw_rows, const void* const* comp_rows) {
+                                       const void* const* raw_rows, const void* const* comp_rows,
+                                       const int32_t* rope_pos, const double* rope_freq, int n_rot, float eps) {
     clear_error();
     AttnArgs a{out,       nullptr,  q,    (const uint8_t*)raw, raw_stride, (const uint8_t* const*)raw_rows,
                raw_n,     raw_cap,  (const uint8_t*)comp,     comp_stride, (const uint8_t* const*)comp_rows,
                comp_n,    comp_cap, sel,  sel_cap,             sinks,      n_head,
-               dim,       0,        1,    scale};
-    const cudaError_t e = check_args(a, n_tok, kPfHeads);
+               dim,       0,        1,    scale,               rope_pos,   rope_freq,
+               n_rot,     nullptr,  nullptr, eps};
+    const cudaError_t e = check_args(a, n_tok, kPrHeads);
     if (e != cudaSuccess) return e;
+    if (rope_pos && (!rope_freq || n_rot < 4 || n_rot % 4 || n_rot > dim))
+        return invalid("attention_prefill: the RoPE needs its frequencies and n_rot a multiple of 4 up to dim");
     switch (dim) {
-        case 128: return attention_tc_launch<128, false>(s, a, n_tok);
-        case 256: return attention_tc_launch<256, false>(s, a, n_tok);
-        default: return attention_tc_launch<512, false>(s, a, n_tok);
+        case 128: return attention_prefill_launch<128>(s, a, n_tok);
+        case 256: return attention_prefill_launch<256>(s, a, n_tok);
+        default: return attention_prefill_launch<512>(s, a, n_tok);
     }
 }

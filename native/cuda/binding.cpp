@@ -428,17 +428,20 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("attention_prefill", [](uintptr_t s, uintptr_t out, uintptr_t q, uintptr_t raw, int64_t raw_stride,
                                   uintptr_t raw_n, int raw_cap, uintptr_t comp, int64_t comp_stride, uintptr_t comp_n,
                                   int comp_cap, uintptr_t sel, int sel_cap, uintptr_t sinks, int n_tok, int n_head,
-                                  int dim, float scale, uintptr_t raw_rows, uintptr_t comp_rows) {
+                                  int dim, float scale, uintptr_t raw_rows, uintptr_t comp_rows, uintptr_t rope_pos,
+                                  uintptr_t rope_freq, int n_rot, float eps) {
         check(ds4_cuda_attention_prefill(st(s), dev<float>(out), dev<const float>(q), dev<const void>(raw), raw_stride,
                                          dev<const int32_t>(raw_n), raw_cap, dev<const void>(comp), comp_stride,
                                          dev<const int32_t>(comp_n), comp_cap, dev<const int32_t>(sel), sel_cap,
                                          dev<const float>(sinks), n_tok, n_head, dim, scale,
-                                         dev<const void* const>(raw_rows), dev<const void* const>(comp_rows)),
+                                         dev<const void* const>(raw_rows), dev<const void* const>(comp_rows),
+                                         dev<const int32_t>(rope_pos), dev<const double>(rope_freq), n_rot, eps),
               "attention_prefill");
     }, py::arg("stream"), py::arg("out"), py::arg("q"), py::arg("raw"), py::arg("raw_stride"), py::arg("raw_n"),
        py::arg("raw_cap"), py::arg("comp"), py::arg("comp_stride"), py::arg("comp_n"), py::arg("comp_cap"),
        py::arg("sel"), py::arg("sel_cap"), py::arg("sinks"), py::arg("n_tok"), py::arg("n_head"), py::arg("dim"),
-       py::arg("scale"), py::arg("raw_rows") = 0, py::arg("comp_rows") = 0);
+       py::arg("scale"), py::arg("raw_rows") = 0, py::arg("comp_rows") = 0, py::arg("rope_pos") = 0,
+       py::arg("rope_freq") = 0, py::arg("n_rot") = 0, py::arg("eps") = 0.0f);
     m.def("attention_decode", [](uintptr_t s, uintptr_t out, uintptr_t scratch, uintptr_t q, uintptr_t raw,
                                  int64_t raw_stride, uintptr_t raw_n, int raw_cap, uintptr_t comp, int64_t comp_stride,
                                  uintptr_t comp_n, int comp_cap, uintptr_t sel, int sel_cap, uintptr_t sinks, int n_tok,

@@ -215,14 +215,20 @@ size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_
                                         bool has_sel);
 // The same attention for many query tokens (prefill) with f16 rows, on tensor cores: no split, no scratch (each
 // block walks all of its token's rows with an online softmax); scores and sums within f32 rounding of
-// ds4_cuda_attention_decode's (Q and the probabilities enter as two f16 parts each). ds4_cuda_attention_prefill_ok:
-// whether this device has the shared memory it needs for rows of `dim` (107 KB at 512: not sm_86 / sm_89).
+// ds4_cuda_attention_decode's (Q and the probabilities enter as two f16 parts each). With rope_pos (n_tok
+// positions, device), q holds the query heads before their RMSNorm (no weight, eps) and RoPE (the last n_rot dims,
+// frequencies rope_freq), which the launch applies as ds4_cuda_rms_norm_rope does, and each head's last n_rot dims
+// of out are rotated back (the inverse RoPE). ds4_cuda_attention_prefill_ok: whether this device has the shared
+// memory the tensor-core attention kernels need for rows of `dim` (the decode splits' 107 KB at 512, the prefill's
+// 93 KB: not sm_86 / sm_89).
 bool ds4_cuda_attention_prefill_ok(int dim);
 cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* q, const void* raw,
                                        int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
                                        int64_t comp_stride, const int32_t* comp_n, int comp_cap, const int32_t* sel,
                                        int sel_cap, const float* sinks, int n_tok, int n_head, int dim, float scale,
-                                       const void* const* raw_rows = nullptr, const void* const* comp_rows = nullptr);
+                                       const void* const* raw_rows = nullptr, const void* const* comp_rows = nullptr,
+                                       const int32_t* rope_pos = nullptr, const double* rope_freq = nullptr,
+                                       int n_rot = 0, float eps = 0.0f);
 
 // ---- compressors and indexer (MODEL.md 3.7, 3.8) -----------------------------------------------------------------
 

@@ -1129,10 +1129,11 @@ class CUDA:
         """reference.attend on the device: K=V rows into the rings (or the prefill staging), the compressors and
         their emitted rows, the indexer's choice past top_k rows (its query's product only then: a step whose
         tokens see at most top_k compressed rows, every context up to 2K, skips it), then attention, for every
-        session at once (for decode tokens the inverse RoPE of its output inside the attention's last kernel). A
-        decode step with f16 rows (one token per session) norms and rotates the query heads and the K=V row and
-        stores the row inside the attention's first kernel (the decode front: two launches fewer on the chain);
-        otherwise `norm_ropes` and `kv_store` run first. For a Q8_0 out_proj at 3-16 decode tokens the combine also
+        session at once (the inverse RoPE of its output inside the attention's last kernel). A decode step with f16
+        rows (one token per session) norms and rotates the query heads and the K=V row and stores the row inside the
+        attention's first kernel (the decode front: two launches fewer on the chain); a prefill with f16 rows norms
+        and rotates the query heads inside its attention launch; otherwise `norm_ropes` runs first. `kv_store`
+        stores the rows of all but the decode front. For a Q8_0 out_proj at 3-16 decode tokens the combine also
         writes the output as that product's quantized activations, which `_matvec` then takes (no quantize launch
         between them)."""
         cu, s = self.cu, self.stream.ptr
@@ -1148,8 +1149,12 @@ class CUDA:
         tc = not f32 and cu.attention_prefill_ok(D)            # f16 rows on the tensor-core kernels
         prefill = tc and N > ATTN_ROWS                         # all queries at once
         front = tc and not prefill and step.decode             # the split launches' decode front
-        if not front:
+        freq = self.const(spec.rope, np.float64)
+        if prefill:                                # the query's norm and RoPE: inside the attention's launch
+            kv = self.norm_rope(kv, spec.kv_norm, spec.rms_eps, positions, spec.rope)
+        elif not front:
             q, kv = self.norm_ropes([(q, None), (kv, spec.kv_norm)], spec.rms_eps, positions, spec.rope)
+        if not front:
             cu.kv_store(s, 0, 0, kv.ptr, D, step.pos, 0, 1, 1, N, D, spec.n_nope, spec.faithful, tab["kv_dst"], f32)
         sel = None
         comp_cap = 0
@@ -1178,9 +1183,8 @@ class CUDA:
         if prefill:
             cu.attention_prefill(s, out.ptr, q.ptr, 0, 0, step.raw_n, n_swa, 0, 0, comp_n, comp_cap,
                                  sel.ptr if sel is not None else 0, spec.top_k, sinks, N, H, D, float(spec.scale),
-                                 tab["raw_rows"], tab["comp_rows"] if comp is not None else 0)
-            self.rope(out, positions, spec.rope, inverse=True)
-        freq = self.const(spec.rope, np.float64)
+                                 tab["raw_rows"], tab["comp_rows"] if comp is not None else 0, step.pos, freq,
+                                 2 * len(spec.rope), float(spec.rms_eps))
         xq, groups = None, 0
         if front and out_proj is not None and out_proj[0].type == Q.Q8_0 and N <= min(ATTN_ROWS, MATVEC_ROWS):
             n_work = cu.matvec_work_bytes(int(Q.Q8_0), N, H * D // out_proj[1], out_proj[1])  # 0 at 1-2 rows
