@@ -2,8 +2,8 @@
 // sharing one K = V row per position (MODEL.md 3.4 step 8), with a per-head sink in the softmax denominator.
 //
 // Split rows ("flash decoding") in two launches. With f16 rows and the shared memory for it (Hopper), the first is
-// the tensor-core kernel below in its split mode: one block per (token, 16 heads, 32 consecutive rows of the
-// token's row list), leaving that tile's max, sum of exponentials and unnormalized output in scratch. Otherwise
+// the tensor-core kernel below: one block per (token, 16 heads, 32 consecutive rows of the token's row list),
+// leaving that tile's max, sum of exponentials and unnormalized output in scratch. Otherwise
 // (f32 rows for exact numerics; GPUs with less shared memory) it gives each block 32 consecutive rows of one token's
 // row list (raw rows first, then compressed rows in list order) and 4 heads: it stages the f16 rows and the 4
 // query vectors in shared memory, each warp scores one head (lane i: row i), takes the split's max and sum of
@@ -13,7 +13,8 @@
 // from device memory: the grid covers the capacity, and blocks past a token's rows do nothing. Each token's rows
 // live at a fixed stride from one base, or where its entry of a per-token table of row arrays says (the sessions
 // of a batch have separate buffers; a prefill token's window is a range of a staging array). f32 arithmetic
-// throughout (f16 rows convert exactly).
+// throughout (f16 rows convert exactly). Prefill's many query tokens with f16 rows take one launch of their own
+// (the last kernel below).
 #include "common.cuh"
 #include "numerics.cuh"
 
@@ -345,6 +346,26 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, co
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(a));
 }
+// A block's per-head values in shared memory (`heads` floats each, from `at`): the running output's correction for
+// the tile, the final max and sum of exponentials, Q's power-of-two scale.
+struct HeadVals {
+    float *corr, *m_fin, *l_fin, *qscale;
+};
+__device__ __forceinline__ HeadVals head_vals(uint8_t* at, int heads) {
+    float* c = (float*)at;
+    return {c, c + heads, c + 2 * heads, c + 3 * heads};
+}
+// One online-softmax step of a head over a row tile, lane = row: its score s (-inf: no row) against the running max m
+// and sum l (updated); the probability into P's two f16 parts ph, pl; returns the running output's correction.
+__device__ __forceinline__ float softmax_step(float s, float& m, float& l, __half& ph, __half& pl) {
+    const float m_new = fmaxf(m, warp_max(s));
+    const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
+    const float c = m == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m - m_new);
+    l = l * c + warp_sum(p);
+    m = m_new;
+    split_f16(p, ph, pl);
+    return c;
+}
 // A fragment (16 x 16 f16, row-major, `stride` halves apart) at column k0.
 __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const __half* base, int stride, int k0, int g, int t4) {
     const __half* p = base + g * stride + k0 + 2 * t4;
@@ -386,10 +407,7 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
     __half* ks = (__half*)(smem + S::k);
     float* sp = (float*)(smem + S::sp);
     __half* ps = (__half*)(smem + S::p);
-    float* corr = (float*)(smem + S::misc);
-    float* m_fin = corr + kPfHeads;
-    float* l_fin = m_fin + kPfHeads;
-    float* qscale = l_fin + kPfHeads;
+    const auto [corr, m_fin, l_fin, qscale] = head_vals(smem + S::misc, kPfHeads);
     float* cs = (float*)(smem + S::cs);
     __shared__ const uint8_t* src_row[2][kPfRows];
     pdl_trigger();
@@ -566,12 +584,8 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
             const float s = valid ? (sp[hh * kPfRows + lane] + sp[(kPfHeads + hh) * kPfRows + lane]) *
                                         qscale[hh] * a.scale
                                   : -INFINITY;
-            const float m_new = fmaxf(m_run[j], warp_max(s));
-            const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
-            const float c = m_run[j] == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m_run[j] - m_new);
-            l_run[j] = l_run[j] * c + warp_sum(p);
-            m_run[j] = m_new;
-            split_f16(p, ps[hh * kPfPadP + lane], ps[(kPfHeads + hh) * kPfPadP + lane]);
+            const float c = softmax_step(s, m_run[j], l_run[j], ps[hh * kPfPadP + lane],
+                                         ps[(kPfHeads + hh) * kPfPadP + lane]);
             if (lane == 0) corr[hh] = c;
         }
         __syncthreads();
@@ -636,9 +650,9 @@ cudaError_t attention_tc_launch(cudaStream_t s, const AttnArgs& a, int n_tok) {
 constexpr int kPrHeads = 32, kPrSpPad = kPfRows + 8;  // partial score rows padded: conflict-free float2 stores
 constexpr int kPrParts = 8;                           // P
 
-template <int D, int P = kPrParts>
+template <int D>
 struct PrSmem {
-    static constexpr int kStride = D + 8;                            // halves per staged row (16 bytes of pad)
+    static constexpr int P = kPrParts, kStride = D + 8;              // kStride: halves per staged row (16 B of pad)
     static constexpr size_t k = 0;                                   // half [2][32][kStride]: row tiles
     static constexpr size_t sp = k + 2 * kPfRows * kStride * 2;      // float [P][32][kPrSpPad]: partial scores
     static constexpr size_t p = sp + P * kPrHeads * kPrSpPad * 4;    // half [2][32][kPfPadP]: P high, low
@@ -671,10 +685,7 @@ __global__ void __launch_bounds__(64 * kPrParts, 1) attention_prefill_kernel(Att
     __half* ks = (__half*)(smem + S::k);
     float* sp = (float*)(smem + S::sp);
     __half* ps = (__half*)(smem + S::p);
-    float* corr = (float*)(smem + S::misc);
-    float* m_fin = corr + kPrHeads;
-    float* l_fin = m_fin + kPrHeads;
-    float* qscale = l_fin + kPrHeads;
+    const auto [corr, m_fin, l_fin, qscale] = head_vals(smem + S::misc, kPrHeads);
     float* red = qscale + kPrHeads;  // [P][32]: the parts' sums of squares, then their largest magnitudes
     float* cs = (float*)(smem + S::cs);
     __shared__ int row_ok[2][kPfRows];
@@ -830,12 +841,8 @@ __global__ void __launch_bounds__(64 * kPrParts, 1) attention_prefill_kernel(Att
 #pragma unroll
             for (int q = 1; q < P; ++q) sum += sh[q * kPrHeads * kPrSpPad];
             const float s = valid ? sum * qscale[hh] * a.scale : -INFINITY;
-            const float m_new = fmaxf(m_run[j], warp_max(s));
-            const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
-            const float c = m_run[j] == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m_run[j] - m_new);
-            l_run[j] = l_run[j] * c + warp_sum(p);
-            m_run[j] = m_new;
-            split_f16(p, ps[hh * kPfPadP + lane], ps[(kPrHeads + hh) * kPfPadP + lane]);
+            const float c = softmax_step(s, m_run[j], l_run[j], ps[hh * kPfPadP + lane],
+                                         ps[(kPrHeads + hh) * kPfPadP + lane]);
             if (lane == 0) corr[hh] = c;
         }
         __syncthreads();
