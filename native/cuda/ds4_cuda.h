@@ -219,8 +219,8 @@ size_t ds4_cuda_attention_scratch_bytes(int n_tok, int n_head, int dim, int raw_
 // positions, device), q holds the query heads before their RMSNorm (no weight, eps) and RoPE (the last n_rot dims,
 // frequencies rope_freq), which the launch applies as ds4_cuda_rms_norm_rope does, and each head's last n_rot dims
 // of out are rotated back (the inverse RoPE). ds4_cuda_attention_prefill_ok: whether this device has the shared
-// memory the tensor-core attention kernels need for rows of `dim` (the decode splits' 107 KB at 512, the prefill's
-// 93 KB: not sm_86 / sm_89).
+// memory the tensor-core attention kernels need for rows of `dim` (the decode splits' 106 KB at 512, the prefill's
+// 114 KB: not sm_86 / sm_89).
 bool ds4_cuda_attention_prefill_ok(int dim);
 cudaError_t ds4_cuda_attention_prefill(cudaStream_t s, float* out, const float* q, const void* raw,
                                        int64_t raw_stride, const int32_t* raw_n, int raw_cap, const void* comp,
