@@ -342,10 +342,6 @@ __device__ __forceinline__ void mma_f16_16816(float (&c)[4], const uint32_t (&a)
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(a));
-}
 // A block's per-head values in shared memory (`heads` floats each, from `at`): the running output's correction for
 // the tile, the final max and sum of exponentials, Q's power-of-two scale.
 struct HeadVals {
@@ -602,7 +598,7 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     uint32_t b0, b1;
-                    ldmatrix_x2_trans(b0, b1, kt + (r0 + (lane & 15)) * ST + d0 + 8 * j);
+                    ldmatrix_x2_trans(b0, b1, smem_addr(kt + (r0 + (lane & 15)) * ST + d0 + 8 * j));
                     mma_f16_16816(o[j], phi, b0, b1);
                     mma_f16_16816(o[j], plo, b0, b1);
                 }
@@ -660,16 +656,6 @@ struct PrSmem {
     static constexpr size_t cs = misc + (4 + P) * kPrHeads * 4;      // float [D]: RoPE cos, sin
     static constexpr size_t bytes = cs + D * 4;
 };
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
 __device__ __forceinline__ uint32_t pack_f16(__half lo, __half hi) {
     return (uint32_t)__half_as_ushort(lo) | (uint32_t)__half_as_ushort(hi) << 16;
 }
@@ -816,7 +802,8 @@ __global__ void __launch_bounds__(64 * kPrParts, 1) attention_prefill_kernel(Att
 #pragma unroll
                 for (int np = 0; np < 2; ++np) {  // n8 tiles 2 np, 2 np + 1: rows 16 np .. + 15
                     uint32_t bf[4];
-                    ldmatrix_x4(bf, kt + (16 * np + 8 * (lane >> 4) + (lane & 7)) * ST + k0 + 8 * ((lane >> 3) & 1));
+                    const int r = 16 * np + 8 * (lane >> 4) + (lane & 7);
+                    ldmatrix_x4(bf, smem_addr(kt + r * ST + k0 + 8 * ((lane >> 3) & 1)));
                     mma_f16_16816(hi[2 * np], qhi[k], bf[0], bf[1]);
                     mma_f16_16816(lo[2 * np], qlo[k], bf[0], bf[1]);
                     mma_f16_16816(hi[2 * np + 1], qhi[k], bf[2], bf[3]);
@@ -858,7 +845,7 @@ __global__ void __launch_bounds__(64 * kPrParts, 1) attention_prefill_kernel(Att
 #pragma unroll
                 for (int j = 0; j < NO; j += 2) {
                     uint32_t bf[4];
-                    ldmatrix_x4_trans(bf, kt + (r0 + (lane & 15)) * ST + kq * KD + 8 * j + 8 * (lane >> 4));
+                    ldmatrix_x4_trans(bf, smem_addr(kt + (r0 + (lane & 15)) * ST + kq * KD + 8 * j + 8 * (lane >> 4)));
                     mma_f16_16816(o[j], phi, bf[0], bf[1]);
                     mma_f16_16816(o[j], plo, bf[0], bf[1]);
                     mma_f16_16816(o[j + 1], phi, bf[2], bf[3]);

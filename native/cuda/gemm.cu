@@ -122,14 +122,6 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
 }
 
-// Four 8 x 16-byte matrices of shared memory, one register each; lanes 8 m .. 8 m + 7 give matrix m's row addresses.
-// For the int8 mma's B fragments (8 columns x 32 bytes of K per c): the rows of column block ni at bytes 16 m + 32 c
-// give c's two registers (m = 0, 1) and c + 1's (m = 2, 3).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
 __device__ __forceinline__ uint32_t half2_bits(int lo, int hi) {
     const __half2 h = __halves2half2(__int2half_rn(lo), __int2half_rn(hi));
     return *(const uint32_t*)&h;
@@ -390,8 +382,9 @@ __global__ void __launch_bounds__(kGThreads) gemm_kernel(GemmArgs a) {
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
                 if (!live(ni)) break;
-                const uint32_t bp =
-                    (uint32_t)__cvta_generic_to_shared(bq + (8 * ni + (lane & 7)) * kPad + 16 * (lane >> 3));
+                // The int8 mma's B fragments (8 columns x 32 bytes of K per c): column block ni's rows at bytes
+                // 16 m + 32 c give c's two registers (m = 0, 1) and c + 1's (m = 2, 3).
+                const uint32_t bp = smem_addr(bq + (8 * ni + (lane & 7)) * kPad + 16 * (lane >> 3));
                 int isum[4] = {0, 0, 0, 0};
                 uint32_t bm[4];
 #pragma unroll
