@@ -336,12 +336,6 @@ __global__ void __launch_bounds__(128) attention_combine_kernel(AttnArgs a) {
 constexpr int kPfHeads = 16, kPfWarps = 8, kPfRows = 32, kPfPadP = 40;  // P rows padded: conflict-free A loads
 static_assert(kPfRows == kRows, "a split is one row tile: the combine counts splits of kRows rows");
 
-__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 // A block's per-head values in shared memory (`heads` floats each, from `at`): the running output's correction for
 // the tile, the final max and sum of exponentials, Q's power-of-two scale.
 struct HeadVals {
@@ -562,8 +556,8 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
                 frag_a(alo, qs + kPfHeads * ST, ST, k0, g, t4);
                 const __half* kr = kt + (8 * nt + g) * ST + k0 + 2 * t4;
                 const uint32_t b0 = *(const uint32_t*)kr, b1 = *(const uint32_t*)(kr + 8);
-                mma_f16_16816(acc, ahi, b0, b1);
-                mma_f16_16816(acc, alo, b0, b1);
+                mma_f16(acc, ahi, {b0, b1});
+                mma_f16(acc, alo, {b0, b1});
             }
             float* out = sp + kh * kPfHeads * kPfRows;
             const int r = 8 * nt + 2 * t4;
@@ -599,8 +593,8 @@ __global__ void __launch_bounds__(32 * kPfWarps) attention_tc_kernel(AttnArgs a)
                 for (int j = 0; j < NT; ++j) {
                     uint32_t b0, b1;
                     ldmatrix_x2_trans(b0, b1, smem_addr(kt + (r0 + (lane & 15)) * ST + d0 + 8 * j));
-                    mma_f16_16816(o[j], phi, b0, b1);
-                    mma_f16_16816(o[j], plo, b0, b1);
+                    mma_f16(o[j], phi, {b0, b1});
+                    mma_f16(o[j], plo, {b0, b1});
                 }
             }
         }
@@ -804,10 +798,10 @@ __global__ void __launch_bounds__(64 * kPrParts, 1) attention_prefill_kernel(Att
                     uint32_t bf[4];
                     const int r = 16 * np + 8 * (lane >> 4) + (lane & 7);
                     ldmatrix_x4(bf, smem_addr(kt + r * ST + k0 + 8 * ((lane >> 3) & 1)));
-                    mma_f16_16816(hi[2 * np], qhi[k], bf[0], bf[1]);
-                    mma_f16_16816(lo[2 * np], qlo[k], bf[0], bf[1]);
-                    mma_f16_16816(hi[2 * np + 1], qhi[k], bf[2], bf[3]);
-                    mma_f16_16816(lo[2 * np + 1], qlo[k], bf[2], bf[3]);
+                    mma_f16(hi[2 * np], qhi[k], {bf[0], bf[1]});
+                    mma_f16(lo[2 * np], qlo[k], {bf[0], bf[1]});
+                    mma_f16(hi[2 * np + 1], qhi[k], {bf[2], bf[3]});
+                    mma_f16(lo[2 * np + 1], qlo[k], {bf[2], bf[3]});
                 }
             }
             float* out = sp + (kq * kPrHeads + hA) * kPrSpPad + 2 * t4;
@@ -846,10 +840,10 @@ __global__ void __launch_bounds__(64 * kPrParts, 1) attention_prefill_kernel(Att
                 for (int j = 0; j < NO; j += 2) {
                     uint32_t bf[4];
                     ldmatrix_x4_trans(bf, smem_addr(kt + (r0 + (lane & 15)) * ST + kq * KD + 8 * j + 8 * (lane >> 4)));
-                    mma_f16_16816(o[j], phi, bf[0], bf[1]);
-                    mma_f16_16816(o[j], plo, bf[0], bf[1]);
-                    mma_f16_16816(o[j + 1], phi, bf[2], bf[3]);
-                    mma_f16_16816(o[j + 1], plo, bf[2], bf[3]);
+                    mma_f16(o[j], phi, {bf[0], bf[1]});
+                    mma_f16(o[j], plo, {bf[0], bf[1]});
+                    mma_f16(o[j + 1], phi, {bf[2], bf[3]});
+                    mma_f16(o[j + 1], plo, {bf[2], bf[3]});
                 }
             }
         }
