@@ -272,9 +272,10 @@ def bench_indexer(gpu, out, batches):
             w = gpu.buf(4 * b * H, F32, 43)
             scores, sel = gpu.buf(4 * b * n, F32, 44), gpu.buf(4 * b * k)
             reps = 20 if b * n <= 16 * 40000 else 2
+            work = gpu.buf(max(16, _cuda.indexer_scores_work_bytes(b, H)))
             med, best = gpu.time_graph(
                 lambda i: _cuda.indexer_scores(gpu.s.ptr, scores.ptr, n, q.ptr, w.ptr, 0.01, table.ptr, n_vis.ptr, b,
-                                               H, Di, n, k, False), reps)
+                                               H, Di, n, k, False, work.ptr), reps)
             nb = n * Di * 2 + 4 * b * (H * Di + H + n)
             row(out, "indexer_scores", "f16 rows", f"{b} x {n} rows", b, nb, 2 * b * n * H * Di, med, best, nb, gpu)
             for cluster, name in ((1, "topk 512, a block per token"), (0, "topk 512")):

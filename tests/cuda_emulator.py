@@ -650,8 +650,13 @@ def hadamard_fp4(stream, x, n_vec, pos=0, inv_freq=0, n_rot=0, vec_per_tok=1):
     v[:] = REF.hadamard_fp4(v.copy())
 
 
+def indexer_scores_work_bytes(n_tok, n_head, f32_rows=False):
+    return 16 if n_tok > 16 and n_head <= 64 and not f32_rows else 0
+
+
 def indexer_scores(stream, scores, score_stride, q, w, w_scale, keys, n_vis, n_tok, n_head, dim, cap, top_k,
-                   f32_rows=False):
+                   f32_rows=False, work=0):
+    assert work or not indexer_scores_work_bytes(n_tok, n_head, f32_rows)
     rt = np.float32 if f32_rows else np.float16
     nv = _at(n_vis, np.int32, n_tok)
     kb = _ptrs(keys, n_tok)

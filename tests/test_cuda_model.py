@@ -510,26 +510,31 @@ def test_compress_parallel_blocks_equal_the_walk(cu, ratio):
 
 @gpu_only
 @pytest.mark.parametrize("n_head,f32_rows,n_tok,fp4,cap", [
-    (64, False, 3, False, 1024), (64, True, 3, False, 1024),       # the FMA kernel (few tokens, at most 1,024 keys)
-    (64, False, 3, False, 1200), (5, False, 3, False, 1200), (64, False, 3, True, 1200),    # tensor cores
-    (64, False, 70, False, 1200), (13, False, 70, False, 1200), (64, False, 70, True, 1200)])
+    (64, False, 3, "none", 1024), (64, True, 3, "none", 1024),   # the FMA kernel (few tokens, at most 1,024 keys)
+    (64, False, 3, "none", 1200), (5, False, 3, "none", 1200), (64, False, 3, "all", 1200),  # the decode kernel
+    (64, False, 70, "none", 1200), (13, False, 70, "none", 1200), (64, False, 70, "all", 1200),  # the prefill one
+    (64, False, 300, "some", 3100), (64, True, 70, "none", 1200)])
 def test_indexer_scores(cu, n_head, f32_rows, n_tok, fp4, cap):
     """Each key's score, sum_h w_h * scale * relu(q_h . key), against float64 for tokens that see more keys than
     top_k (the others' scores are not written, nor any past a token's own keys). Three tokens of their own sessions;
-    or 70 (the blocks of many tokens), runs of 5 from two sessions in turn, each seeing 11 rows more than the last.
-    Queries of any float, or of FP4 values times powers of two per 32 (the faithful path's, exact in f16)."""
+    or more (a prefill chunk), runs of 5 from two sessions in turn, each seeing 11 (or 9) rows more than the last.
+    Queries of any float, or of FP4 values times powers of two per 32 (the faithful path's, exact in f16): for all
+    tokens, or every third. The prefill kernel's scores have the decode kernel's bits (the same tokens 16 at a
+    time)."""
     rng = np.random.default_rng(9)
     dim, top_k, scale = 128, 512, 0.3
     if n_tok == 3:
         n_vis, session = np.array([700, 300, 1000], np.int32), np.arange(3)
     else:
-        n_vis, session = (400 + 11 * np.arange(n_tok)).astype(np.int32), np.arange(n_tok) // 5 % 2
+        n_vis = (400 + (11 if n_tok < 100 else 9) * np.arange(n_tok)).astype(np.int32)
+        session = np.arange(n_tok) // 5 % 2
     rt = np.float32 if f32_rows else np.float16
     q = rng.standard_normal((n_tok, n_head, dim)).astype(np.float32)
-    if fp4:
+    if fp4 != "none":
         grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
         block_scale = 2.0 ** rng.integers(-6, 4, (n_tok, n_head, dim // 32)).repeat(32, -1)
-        q = (rng.choice(grid, q.shape) * np.sign(q) * block_scale).astype(np.float32)
+        q4 = (rng.choice(grid, q.shape) * np.sign(q) * block_scale).astype(np.float32)
+        q = q4 if fp4 == "all" else np.where((np.arange(n_tok) % 3 == 0)[:, None, None], q4, q)
     w = rng.standard_normal((n_tok, n_head)).astype(np.float32)
     keys = [rng.standard_normal((int(n_vis[session == s].max()), dim)).astype(rt) for s in range(session.max() + 1)]
     stream = cu.Stream()
@@ -543,11 +548,16 @@ def test_indexer_scores(cu, n_head, f32_rows, n_tok, fp4, cap):
 
     rows = [put(k) for k in keys]
     table = np.array([rows[s] for s in session], np.uint64)
-    scores = cu.Buffer(n_tok * cap * 4)
-    scores.upload(np.full((n_tok, cap), np.nan, np.float32))
-    cu.indexer_scores(stream.ptr, scores.ptr, cap, put(q), put(w), scale, put(table), put(n_vis), n_tok, n_head, dim,
-                      cap, top_k, f32_rows)
-    got = scores.download(np.float32, [n_tok, cap])
+
+    def scores_of(t0, n):
+        scores = cu.Buffer(n * cap * 4)
+        scores.upload(np.full((n, cap), np.nan, np.float32))
+        work = cu.Buffer(max(16, cu.indexer_scores_work_bytes(n, n_head, f32_rows)))
+        cu.indexer_scores(stream.ptr, scores.ptr, cap, put(q[t0:t0 + n]), put(w[t0:t0 + n]), scale,
+                          put(table[t0:t0 + n]), put(n_vis[t0:t0 + n]), n, n_head, dim, cap, top_k, f32_rows, work.ptr)
+        return scores.download(np.float32, [n, cap])
+
+    got = scores_of(0, n_tok)
     for t, n in enumerate(n_vis):
         if n <= top_k:
             assert np.isnan(got[t]).all()
@@ -556,6 +566,9 @@ def test_indexer_scores(cu, n_head, f32_rows, n_tok, fp4, cap):
         want = (w[t].astype(np.float64) * scale) @ np.maximum(dots, 0)
         np.testing.assert_allclose(got[t, :n], want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"token {t}")
         assert np.isnan(got[t, n:]).all()
+    if n_tok > 16 and not f32_rows:
+        step = np.concatenate([scores_of(t0, min(16, n_tok - t0)) for t0 in range(0, n_tok, 16)])
+        np.testing.assert_array_equal(got, step)
 
 
 @gpu_only

@@ -564,14 +564,17 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("n_rot") = 0, py::arg("vec_per_tok") = 1);
     m.def("indexer_scores", [](uintptr_t s, uintptr_t scores, int64_t score_stride, uintptr_t q, uintptr_t w,
                                float w_scale, uintptr_t keys, uintptr_t n_vis, int n_tok, int n_head, int dim, int cap,
-                               int top_k, bool f32_rows) {
+                               int top_k, bool f32_rows, uintptr_t work) {
         check(ds4_cuda_indexer_scores(st(s), dev<float>(scores), score_stride, dev<const float>(q),
                                       dev<const float>(w), w_scale, dev<const void* const>(keys),
-                                      dev<const int32_t>(n_vis), n_tok, n_head, dim, cap, top_k, f32_rows),
+                                      dev<const int32_t>(n_vis), n_tok, n_head, dim, cap, top_k, f32_rows,
+                                      dev<void>(work)),
               "indexer_scores");
     }, py::arg("stream"), py::arg("scores"), py::arg("score_stride"), py::arg("q"), py::arg("w"), py::arg("w_scale"),
        py::arg("keys"), py::arg("n_vis"), py::arg("n_tok"), py::arg("n_head"), py::arg("dim"), py::arg("cap"),
-       py::arg("top_k"), py::arg("f32_rows") = false);
+       py::arg("top_k"), py::arg("f32_rows") = false, py::arg("work") = 0);
+    m.def("indexer_scores_work_bytes", &ds4_cuda_indexer_scores_work_bytes, py::arg("n_tok"), py::arg("n_head"),
+          py::arg("f32_rows") = false);
     m.def("topk", [](uintptr_t s, uintptr_t sel, uintptr_t scores, int64_t score_stride, uintptr_t n_vis, int n_tok,
                      int k, int cluster) {
         check(ds4_cuda_topk(st(s), dev<int32_t>(sel), dev<const float>(scores), score_stride,

@@ -379,155 +379,271 @@ size_t indexer_score_smem(int n_head) {
     return ((size_t)n_head * (kIdxDim + 1) + kScoreRows * kKeyPitch + kScoreGroups * kScoreRows) * sizeof(float);
 }
 
-// The same scores for f16 keys (faithful numerics) on tensor cores. A block takes 16 keys per warp, each warp
-// keeping its keys' A fragments in registers across the block's tokens (loaded again only for another session's
-// keys or a token that sees rows past the loaded ones); per token the query heads are staged in shared memory as
-// f16 high and low parts scaled per head by a power of two (split_f16: ~22 bits; the FP4 path's values are exact in
-// the high part) and mma m16n8k16 forms the key x head dots in f32. The dims of each 32-dim chunk are taken in an
-// order of our own, the same for keys and query, such that every lane's fragments of two k-steps are 16 contiguous
-// bytes: one load for them. Heads past n_head are zero queries with weight 0, multiplied like the others (all 64:
-// with a loop bound of n_head's 8-head tiles every product waited on its own shared-memory load). Each warp holds its
-// heads of the next token's query in registers, loaded before this token's products.
-constexpr int kTcPitch = 160;  // halves per staged head: 320 bytes, 16-byte loads of 8 heads free of bank conflicts
+// The same scores for f16 keys (faithful numerics) on tensor cores: mma m16n8k16 forms the head x key dots in f32,
+// 16 heads of the query as the A fragments (ldmatrix from shared memory), 8 keys as the B fragments (registers).
+// The query's heads are f16 high and low parts (split_f16, scaled per head by a power of two: ~22 bits; the FP4
+// path's values are exact in the high part, and the low parts' products are then skipped); the scale 2^e rides in
+// the head's weight (relu(2^e x) = 2^e relu(x), exactly). Heads past n_head are zero queries of weight 0. The dims
+// of each 32-dim chunk are taken in an order of our own, the same for keys and query, such that a lane's B
+// fragments of two k-steps are one 16-byte load of its key (dims 32 c + 8 j ..): the staged query holds dim 32 c +
+// 8 j + 2 m + b at 32 c + 8 m + 2 j + b. Two kernels share this arithmetic, so a key's score has the same bits in
+// both: indexer_score_tc_kernel for a decode step's few tokens, indexer_score_mm_kernel for a prefill chunk's many.
+constexpr int kTcPitch = 136;  // halves per staged head: 272 bytes, ldmatrix's 8 rows free of bank conflicts
 constexpr int kTcHeads = 64;   // at most
+constexpr int kTcPart = kTcHeads * kTcPitch * 2;  // bytes of one staged part (high or low)
 
-// The two k-steps of one 32-dim chunk: the lane's 8 halves of rows g and g + 8 (a), of head g (b), in that order.
-__device__ __forceinline__ void mma_chunk(float (&acc)[4], const uint32_t (&a)[2][4], uint4 b) {
-    const uint32_t a0[4] = {a[0][0], a[1][0], a[0][1], a[1][1]}, a1[4] = {a[0][2], a[1][2], a[0][3], a[1][3]};
-    const uint32_t b0[2] = {b.x, b.y}, b1[2] = {b.z, b.w};
-    mma_f16(acc, a0, b0);
-    mma_f16(acc, a1, b1);
+// Where dims 4 l .. 4 l + 3 of a head go in the staged order: two pairs, at this offset (halves) and 8 past it.
+__device__ __forceinline__ int staged_at(int lane) {
+    return 32 * (lane >> 3) + 16 * (lane & 1) + 2 * ((lane & 7) >> 1);
 }
 
-// WALK (decode): a block takes row tiles blockIdx.x, + gridDim.x, ... of its one token, the query staged once and
-// the next tile's fragments loaded while this one's products run (at 256K keys a block per tile staged the query
-// 2,048 times: 60 us for 16 us of key bytes; tok_per_block must be 1). Otherwise (prefill) the block's one tile for
-// its tok_per_block tokens.
-template <int WARPS, bool WALK>
+// A head's query split for the products, each lane holding dims 4 l .. 4 l + 3 (v): scaled by 2^-e (e from the
+// head's largest magnitude over the warp), its f16 high and low parts stored in the staged order at hi and lo (two
+// pairs, at staged_at(l) and 8 past it: both pointers already there); lo_used is set where a low part is not zero.
+// Returns e.
+__device__ __forceinline__ int split_head(float4 v, __half* hi, __half* lo, bool& lo_used) {
+    const float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    const int e = f16_scale_exp(warp_max(amax));
+    const float inv = pow2f(-e), f[4] = {v.x, v.y, v.z, v.w};
+    __half h[4], l[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        split_f16(f[k] * inv, h[k], l[k]);
+        lo_used |= __half2float(l[k]) != 0.0f;
+    }
+    *(uint32_t*)hi = *(const uint32_t*)h, *(uint32_t*)(hi + 8) = *(const uint32_t*)(h + 2);
+    *(uint32_t*)lo = *(const uint32_t*)l, *(uint32_t*)(lo + 8) = *(const uint32_t*)(l + 2);
+    return e;
+}
+
+// Chunk c of the B fragments of 8 keys from row r0 (key r0 + g; rows at or past n: copies of row n - 1, never
+// stored): its two k-steps as one 16-byte load.
+__device__ __forceinline__ void key_chunk(uint4& b, const __half* kb, int r0, int n, int c, int g, int j) {
+    b = *(const uint4*)(kb + (int64_t)min(r0 + g, n - 1) * kIdxDim + 8 * j + 32 * c);
+}
+__device__ __forceinline__ void key_frags(uint4 (&b)[4], const __half* kb, int r0, int n, int g, int j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) key_chunk(b[c], kb, r0, n, c, g, j);
+}
+
+// The scores of NT x 8 keys (b: their B fragments) over the 64 staged heads (hi: the high parts' shared address;
+// with LO also lo, the low parts'). Each head x key product takes the k-steps in order, each high part then low;
+// done(c) runs once chunk c of b is used (the next keys' loads). For each key the lane's 8 heads (16 mt + g + 8 h)
+// are summed in that order, then the quad rows' partial sums pairwise over lanes g ^ 4, g ^ 2, g ^ 1. Lane (g, j)
+// ends with key 8 (k >> 1) + 2 j + (k & 1) of the NT x 8, k = g (NT 4) or g >> 1 (NT 2: lanes g and g ^ 1 alike);
+// returned.
+template <int NT, bool LO, typename Done>
+__device__ __forceinline__ float score_keys(const uint4 (&b)[NT][4], uint32_t hi, uint32_t lo, const float* hw,
+                                            int lane, Done done) {
+    const int g = lane >> 2;
+    const uint32_t at = ((lane & 7) + 8 * ((lane >> 3) & 1)) * kTcPitch * 2 + 16 * (lane >> 4);
+    float acc[4][NT][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int part = 0; part < (LO ? 2 : 1); ++part) {
+                uint32_t a[4];
+                ldmatrix_x4(a, (part ? lo : hi) + at + mt * 16 * kTcPitch * 2 + 32 * kk);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const uint4 q = b[nt][kk >> 1];
+                    const uint32_t bf[2] = {kk & 1 ? q.z : q.x, kk & 1 ? q.w : q.y};
+                    mma_f16(acc[mt][nt], a, bf);
+                }
+            }
+        if (kk & 1) done(kk >> 1);
+    }
+    float v[2 * NT];
+#pragma unroll
+    for (int k = 0; k < 2 * NT; ++k) {
+        float s = 0.0f;
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                s = fmaf(hw[16 * mt + g + 8 * h], fmaxf(acc[mt][k >> 1][2 * h + (k & 1)], 0.0f), s);
+        v[k] = s;
+    }
+    int n = 2 * NT;
+#pragma unroll
+    for (int mask = 16; mask >= 4; mask >>= 1) {
+        if (n == 1) {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], mask);
+            continue;
+        }
+        n /= 2;
+        const bool up = lane & mask;
+#pragma unroll
+        for (int i = 0; i < n; ++i) {
+            const float keep = up ? v[i + n] : v[i], send = up ? v[i] : v[i + n];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+        }
+    }
+    return v[0];
+}
+
+// Decode: a block takes row tiles blockIdx.x, + gridDim.x, ... of its one token (blockIdx.y), the query staged once
+// and the next tile's fragments loaded while this one's products run (at 256K keys a block per tile staged the
+// query 2,048 times: 60 us for 16 us of key bytes). Each warp takes 16 keys of a tile.
+template <int WARPS>
 __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
     indexer_score_tc_kernel(float* scores, int64_t score_stride, const float* q, const float* w, float w_scale,
-                            const void* const* keys, const int32_t* n_vis, int n_tok, int n_head, int top_k,
-                            int tok_per_block) {
+                            const void* const* keys, const int32_t* n_vis, int n_head, int top_k) {
     constexpr int kHpw = kTcHeads / WARPS, kTile = 16 * WARPS;  // heads per warp, keys per tile
-    extern __shared__ __align__(16) __half qsm[];
-    __half* qhi = qsm;                                    // kTcHeads x kTcPitch
-    __half* qlo = qhi + kTcHeads * kTcPitch;              // the same
-    float* hscale = (float*)(qlo + kTcHeads * kTcPitch);  // 2^e per head
-    float* hw = hscale + kTcHeads;                        // w_h * w_scale, 0 past n_head
+    extern __shared__ __align__(16) uint8_t qsm[];
+    __half* qhi = (__half*)qsm;                   // kTcHeads x kTcPitch
+    __half* qlo = (__half*)(qsm + kTcPart);       // the same
+    float* hw = (float*)(qsm + 2 * kTcPart);      // w_h * w_scale * 2^e, 0 past n_head
     pdl_trigger();
     pdl_wait();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
-    const int c_first = blockIdx.x * kTile;
-    const int t0 = blockIdx.y * tok_per_block, t_end = min(n_tok, t0 + (WALK ? 1 : tok_per_block));
-    auto live = [&](int t) { return t < t_end && n_vis[t] > top_k && c_first < n_vis[t]; };  // the block's alike
+    const int c_first = blockIdx.x * kTile, t = blockIdx.y, n = n_vis[t];
+    if (n <= top_k || c_first >= n) return;
     float4 qv[kHpw];
-    float wl;  // lane i < kHpw: the weight of the warp's i-th head
-    auto fetch = [&](int t) {  // all loads in flight together (one at a time, each head's weight cost ~0.6 us)
-        const bool on = live(t);
 #pragma unroll
-        for (int i = 0; i < kHpw; ++i) {
-            const int h = warp + WARPS * i;
-            qv[i] = on && h < n_head ? ((const float4*)(q + ((int64_t)t * n_head + h) * kIdxDim))[lane]
-                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-        const int h = warp + WARPS * lane;
-        wl = on && lane < kHpw && h < n_head ? w[(int64_t)t * n_head + h] * w_scale : 0.0f;
-    };
-    // load_chunk: chunk c of the A fragments of the tile at c0, rows c0 + 16 warp + g and + 8 (past n: copies of the
-    // last row, never stored).
-    uint32_t a[4][2][4];  // 32-dim chunk, row (row, row + 8), its 8 halves from 32 c + 8 j
-    auto load_chunk = [&](int c, const __half* kb, int c0, int n) {
+    for (int i = 0; i < kHpw; ++i) {  // all loads in flight together (one at a time, each head's weight cost ~0.6 us)
+        const int h = warp + WARPS * i;
+        qv[i] = h < n_head ? ((const float4*)(q + ((int64_t)t * n_head + h) * kIdxDim))[lane]
+                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    const int hl = warp + WARPS * lane;  // lane i < kHpw: the weight of the warp's i-th head
+    const float wl = lane < kHpw && hl < n_head ? w[(int64_t)t * n_head + hl] * w_scale : 0.0f;
+    const __half* kp = (const __half*)keys[t];
+    uint4 b[2][4];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const uint4 v = *(const uint4*)(kb + (int64_t)min(c0 + 16 * warp + g + 8 * r, n - 1) * kIdxDim + 8 * j +
-                                            32 * c);
-            a[c][r][0] = v.x, a[c][r][1] = v.y, a[c][r][2] = v.z, a[c][r][3] = v.w;
-        }
+    for (int nt = 0; nt < 2; ++nt) key_frags(b[nt], kp, c_first + 16 * warp + 8 * nt, n, g, j);
+    bool lo_used = false;
+#pragma unroll
+    for (int i = 0; i < kHpw; ++i) {
+        const int h = warp + WARPS * i;
+        const int at = h * kTcPitch + staged_at(lane);
+        const int e = split_head(qv[i], qhi + at, qlo + at, lo_used);
+        const float wh = __shfl_sync(0xffffffffu, wl, i);
+        if (lane == 0) hw[h] = wh * pow2f(e);
+    }
+    lo_used = __syncthreads_or(lo_used);  // not in the FP4 path's queries: half the products and loads
+    // The next tile's fragments are loaded as soon as this one's products are issued, and the tile after it is
+    // brought into L2 (lane l: half l / 16 of row l % 16 of the warp's 16).
+    auto to_l2 = [&](int c) {
+        const int r = c + 16 * warp + (lane & 15);
+        if (r < n)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(kp + (int64_t)r * kIdxDim + (lane >> 4) * (kIdxDim / 2)));
     };
+    to_l2(c_first + gridDim.x * kTile);
+    float* out = scores + (int64_t)t * score_stride;
+    for (int c0 = c_first;;) {
+        const int c_next = c0 + gridDim.x * kTile;
+        to_l2(c_next + gridDim.x * kTile);
+        auto next = [&](int c) {  // chunk c of the next tile's keys
+            if (c_next < n) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) key_chunk(b[nt][c], kp, c_next + 16 * warp + 8 * nt, n, c, g, j);
+            }
+        };
+        const float s = lo_used ? score_keys<2, true>(b, smem_addr(qhi), smem_addr(qlo), hw, lane, next)
+                                : score_keys<2, false>(b, smem_addr(qhi), 0, hw, lane, next);
+        const int row = c0 + 16 * warp + 8 * (g >> 2) + 2 * j + ((g >> 1) & 1);
+        if (!(g & 1) && row < n) out[row] = s + 0.0f;  // -0 -> +0: one key per value
+        if (c_next >= n) break;
+        c0 = c_next;
+    }
+}
+
+// Prefill: each token's query split once, by indexer_split_kernel, into a work area (IdxWork): the heads' f16 high
+// and low parts (n_tok x 64 x 128 each, in the staged order, zero past n_head), their weights w_h * w_scale * 2^e
+// (n_tok x 64) and a flag per token: any low part nonzero.
+struct IdxWork {
+    __half *hi, *lo;
+    float* hw;
+    int32_t* lo_used;
+    IdxWork(void* work, int n_tok)
+        : hi((__half*)work), lo(hi + (size_t)n_tok * kTcHeads * kIdxDim),
+          hw((float*)(lo + (size_t)n_tok * kTcHeads * kIdxDim)), lo_used((int32_t*)(hw + (size_t)n_tok * kTcHeads)) {}
+    static size_t bytes(int n_tok) { return (size_t)n_tok * (2 * kTcHeads * kIdxDim * 2 + kTcHeads * 4 + 4); }
+};
+
+// One block per token, warp w splitting heads w, w + 8, ... as indexer_score_tc_kernel does.
+__global__ void __launch_bounds__(256) indexer_split_kernel(IdxWork wk, const float* q, const float* w, float w_scale,
+                                                            int n_head) {
+    pdl_trigger();
+    pdl_wait();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x;
+    bool lo_used = false;
+    for (int h = warp; h < kTcHeads; h += 8) {
+        const float4 v = h < n_head ? ((const float4*)(q + ((int64_t)t * n_head + h) * kIdxDim))[lane]
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const int64_t at = ((int64_t)t * kTcHeads + h) * kIdxDim + staged_at(lane);
+        const int e = split_head(v, wk.hi + at, wk.lo + at, lo_used);
+        if (lane == 0) wk.hw[t * kTcHeads + h] = h < n_head ? w[(int64_t)t * n_head + h] * w_scale * pow2f(e) : 0.0f;
+    }
+    lo_used = __syncthreads_or(lo_used);
+    if (threadIdx.x == 0) wk.lo_used[t] = lo_used;
+}
+
+// A block takes one tile of kMmKeys keys (each warp 32 of them, their fragments in registers) for up to
+// tok_per_block tokens, whose split queries pass through two shared-memory stages by cp.async (the low parts only
+// where a token has them), one barrier per token. The keys are loaded again only for another session's rows; a run
+// of one session's tokens loads rows up to the most any of them sees.
+constexpr int kMmWarps = 8, kMmKeys = 32 * kMmWarps;
+constexpr int kMmStage = 2 * kTcPart + kTcHeads * 4;  // bytes: the high and low parts, then the head weights
+
+__global__ void __launch_bounds__(32 * kMmWarps, 1)
+    indexer_score_mm_kernel(float* scores, int64_t score_stride, IdxWork wk, const void* const* keys,
+                            const int32_t* n_vis, int n_tok, int top_k, int tok_per_block) {
+    extern __shared__ __align__(16) uint8_t ring[];
+    pdl_trigger();
+    pdl_wait();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
+    const int c_first = blockIdx.x * kMmKeys, t0 = blockIdx.y * tok_per_block;
+    const int t_end = min(n_tok, t0 + tok_per_block);
+    auto live = [&](int t) {
+        const int n = n_vis[t];
+        return n > top_k && c_first < n;
+    };
+    if (!__syncthreads_or(threadIdx.x < t_end - t0 && live(t0 + threadIdx.x))) return;
+    auto stage = [&](int t) {  // token t's parts and head weights into its stage (nothing for a token not live)
+        if (t < t_end && live(t)) {
+            uint8_t* st = ring + (t - t0) % 2 * kMmStage;
+            const int parts = wk.lo_used[t] ? 2 : 1;
+            for (int i = threadIdx.x; i < parts * kTcHeads * kIdxDim / 8; i += blockDim.x) {
+                const int part = i >> 10, h = (i >> 4) & 63, p = i & 15;
+                cp_async16(st + part * kTcPart + h * kTcPitch * 2 + 16 * p,
+                           (part ? wk.lo : wk.hi) + ((int64_t)t * kTcHeads + h) * kIdxDim + 8 * p);
+            }
+            if (threadIdx.x < kTcHeads / 4)
+                cp_async16(st + 2 * kTcPart + 16 * threadIdx.x, wk.hw + t * kTcHeads + 4 * threadIdx.x);
+        }
+        cp_async_commit();  // an empty group where nothing was copied keeps the wait count uniform
+    };
+    uint4 b[4][4];  // the warp's 4 x 8 keys' fragments
     const void* loaded = nullptr;
     int n_loaded = 0;
-    fetch(t0);
+    stage(t0);
     for (int t = t0; t < t_end; ++t) {
-        if (!live(t)) {
-            fetch(t + 1);
-            continue;
-        }
-        const int n = n_vis[t];
+        cp_async_wait<0>();
+        __syncthreads();  // token t's stage is in, and every warp is done with the stage that t + 1 takes
+        stage(t + 1);
+        if (!live(t)) continue;
         const void* kp = keys[t];
-        if (kp != loaded || (n > n_loaded && c_first + kTile > n_loaded)) {
+        const int n = n_vis[t];
+        if (kp != loaded || (n > n_loaded && c_first + kMmKeys > n_loaded)) {
+            n_loaded = n;  // the most that this session's tokens of the block see
+            for (int u = t + 1; u < t_end && keys[u] == kp; ++u) n_loaded = max(n_loaded, n_vis[u]);
 #pragma unroll
-            for (int c = 0; c < 4; ++c) load_chunk(c, (const __half*)kp, c_first, n);
-            loaded = kp, n_loaded = n;
+            for (int nt = 0; nt < 4; ++nt)
+                key_frags(b[nt], (const __half*)kp, c_first + 32 * warp + 8 * nt, n_loaded, g, j);
+            loaded = kp;
         }
-        __syncthreads();  // the last token's query is read
-        bool lo_used = false;
-#pragma unroll
-        for (int i = 0; i < kHpw; ++i) {
-            const int h = warp + WARPS * i;
-            const float4 v = qv[i];
-            const float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-            const int e = f16_scale_exp(warp_max(amax));
-            const float inv = pow2f(-e), f[4] = {v.x, v.y, v.z, v.w};
-            __half hi[4], lo[4];
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                split_f16(f[k] * inv, hi[k], lo[k]);
-                lo_used |= __half2float(lo[k]) != 0.0f;
-            }
-            *(uint2*)(qhi + h * kTcPitch + 4 * lane) = *(const uint2*)hi;
-            *(uint2*)(qlo + h * kTcPitch + 4 * lane) = *(const uint2*)lo;
-            const float wh = __shfl_sync(0xffffffffu, wl, i);
-            if (lane == 0) hscale[h] = pow2f(e), hw[h] = wh;
-        }
-        lo_used = __syncthreads_or(lo_used);  // not in the FP4 path's queries: half the products and loads
-        if constexpr (!WALK) fetch(t + 1);
-        // WALK: each chunk's fragments of the next tile are loaded once this one's are used, and the tile after it
-        // is brought into L2 (lane l: half l / 16 of row l % 16 of the warp's 16)
-        auto to_l2 = [&](int c) {
-            const int r = c + 16 * warp + (lane & 15);
-            if (r < n)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"((const __half*)kp + (int64_t)r * kIdxDim +
-                                                               (lane >> 4) * (kIdxDim / 2)));
-        };
-        if (WALK) to_l2(c_first + gridDim.x * kTile);
-        for (int c0 = c_first;;) {
-            const int c_next = WALK ? c0 + gridDim.x * kTile : n;
-            if (WALK) to_l2(c_next + gridDim.x * kTile);
-            float acc[8][4];
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-#pragma unroll
-                for (int nt = 0; nt < 8; ++nt) {
-                    const int off = (8 * nt + g) * kTcPitch + 32 * c + 8 * j;
-                    mma_chunk(acc[nt], a[c], *(const uint4*)(qhi + off));
-                    if (lo_used) mma_chunk(acc[nt], a[c], *(const uint4*)(qlo + off));
-                }
-                if (WALK && c_next < n) load_chunk(c, (const __half*)kp, c_next, n);
-            }
-            float s0 = 0.0f, s1 = 0.0f;  // rows row and row + 8, over the lane's heads 8 nt + 2 j + {0, 1}
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int h = 8 * nt + 2 * j + e;
-                    s0 = fmaf(hw[h], fmaxf(acc[nt][e] * hscale[h], 0.0f), s0);
-                    s1 = fmaf(hw[h], fmaxf(acc[nt][2 + e] * hscale[h], 0.0f), s1);
-                }
-            }
-#pragma unroll
-            for (int o = 1; o < 4; o <<= 1) {
-                s0 += __shfl_xor_sync(0xffffffffu, s0, o);
-                s1 += __shfl_xor_sync(0xffffffffu, s1, o);
-            }
-            float* out = scores + (int64_t)t * score_stride;
-            const int row = c0 + 16 * warp + g;
-            if (j == 0 && row < n) out[row] = s0 + 0.0f;  // -0 -> +0: one key per value
-            if (j == 0 && row + 8 < n) out[row + 8] = s1 + 0.0f;
-            if (c_next >= n) break;
-            c0 = c_next;
-        }
+        const uint8_t* st = ring + (t - t0) % 2 * kMmStage;
+        const uint32_t hi = smem_addr(st);
+        const float* hw = (const float*)(st + 2 * kTcPart);
+        auto none = [](int) {};
+        const float s = wk.lo_used[t] ? score_keys<4, true>(b, hi, hi + kTcPart, hw, lane, none)
+                                      : score_keys<4, false>(b, hi, 0, hw, lane, none);
+        const int row = c_first + 32 * warp + 8 * (g >> 1) + 2 * j + (g & 1);
+        if (row < n) scores[(int64_t)t * score_stride + row] = s + 0.0f;  // -0 -> +0: one key per value
     }
 }
 
@@ -702,30 +818,52 @@ cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec, const
                   pos ? n_rot : 0, vec_per_tok);
 }
 
+// Where the prefill kernel serves: many tokens (a decode step has at most 16) of f16 rows and at most 64 heads.
+static bool indexer_prefill(int n_tok, int n_head, bool f32_rows) {
+    return n_tok > 16 && n_head <= kTcHeads && !f32_rows;
+}
+
+size_t ds4_cuda_indexer_scores_work_bytes(int n_tok, int n_head, bool f32_rows) {
+    return n_tok > 0 && indexer_prefill(n_tok, n_head, f32_rows) ? IdxWork::bytes(n_tok) : 0;
+}
+
 cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score_stride, const float* q,
                                     const float* w, float w_scale, const void* const* keys, const int32_t* n_vis,
-                                    int n_tok, int n_head, int dim, int cap, int top_k, bool f32_rows) {
+                                    int n_tok, int n_head, int dim, int cap, int top_k, bool f32_rows, void* work) {
     clear_error();
     if (dim != kIdxDim || n_tok < 1 || n_tok > 65535 || n_head < 1 || cap < 1 || score_stride < cap || !keys ||
         !n_vis || (uintptr_t)q % 16)
         return invalid("indexer_scores: needs dim 128, 1 <= n_tok <= 65535, n_head >= 1, cap <= score_stride, q "
                        "16-byte aligned");
-    const bool many = n_tok >= 64;
-    if (!f32_rows && n_head <= kTcHeads && (many || cap > 1024)) {
+    if (indexer_prefill(n_tok, n_head, f32_rows)) {
+        // Prefill: the queries split once, then tiles of 256 keys, each block's for up to 64 tokens (fewer where
+        // that leaves the device under two rounds of blocks).
+        if (!work || (uintptr_t)work % 16)
+            return invalid("indexer_scores: needs a 16-byte aligned work area of indexer_scores_work_bytes");
+        const IdxWork wk(work, n_tok);
+        cudaError_t e = launch(indexer_split_kernel, dim3((unsigned)n_tok), dim3(256), 0, s, wk, q, w, w_scale,
+                               n_head);
+        if (e != cudaSuccess) return e;
+        const size_t smem = 2 * kMmStage;
+        if ((e = allow_smem(indexer_score_mm_kernel, smem)) != cudaSuccess) return e;
+        const int64_t gx = ceil_div(cap, kMmKeys);
+        int tpb = 64;
+        while (tpb > 8 && gx * ceil_div(n_tok, tpb) < 2 * props().sms) tpb /= 2;
+        return launch(indexer_score_mm_kernel, dim3((unsigned)gx, (unsigned)ceil_div(n_tok, tpb)),
+                      dim3(32 * kMmWarps), smem, s, scores, score_stride, wk, keys, n_vis, n_tok, top_k, tpb);
+    }
+    if (!f32_rows && n_head <= kTcHeads && cap > 1024) {
         // Decode: tiles of 128 keys, at most as many blocks per token as run at once over the tokens (16K keys: 128
-        // blocks of one tile); many tokens (prefill): 256 keys and 8 tokens per block, the keys' fragments loaded
-        // once for them. Few tokens over at most 1,024 keys take the FMA kernel: its chain is shorter (H200, one
-        // token: 4.9 against 6.4 us at 514 keys, 9.7 against 6.5 at 4,096).
-        const int tpb = many ? 8 : 1, warps = many ? 16 : 8;  // 16 keys per warp
-        auto kernel = many ? indexer_score_tc_kernel<16, false> : indexer_score_tc_kernel<8, true>;
-        const size_t smem = 2 * kTcHeads * kTcPitch * sizeof(__half) + 2 * kTcHeads * sizeof(float);
+        // blocks of one tile). Over at most 1,024 keys the FMA kernel: its chain is shorter (H200, one token: 4.9
+        // against 6.4 us at 514 keys, 9.7 against 6.5 at 4,096).
+        auto kernel = indexer_score_tc_kernel<8>;
+        const size_t smem = 2 * kTcPart + kTcHeads * sizeof(float);
         cudaError_t e = allow_smem(kernel, smem);
         if (e != cudaSuccess) return e;
-        int64_t gx = ceil_div(cap, 16 * warps);
-        if (!many) gx = std::min<int64_t>(gx, std::max(1, resident_blocks(kernel, 32 * warps, smem) / n_tok));
-        return launch(kernel, dim3((unsigned)gx, (unsigned)ceil_div(n_tok, tpb)),
-                      dim3(32 * warps), smem, s, scores, score_stride, q, w, w_scale, keys, n_vis, n_tok, n_head,
-                      top_k, tpb);
+        const int64_t gx =
+            std::min<int64_t>(ceil_div(cap, 128), std::max(1, resident_blocks(kernel, 256, smem) / n_tok));
+        return launch(kernel, dim3((unsigned)gx, (unsigned)n_tok), dim3(256), smem, s, scores, score_stride, q, w,
+                      w_scale, keys, n_vis, n_head, top_k);
     }
     const size_t smem = indexer_score_smem(n_head);
     auto kernel = f32_rows ? indexer_score_kernel<float> : indexer_score_kernel<__half>;

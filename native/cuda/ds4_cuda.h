@@ -261,10 +261,14 @@ cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec, const
                                   const double* inv_freq = nullptr, int n_rot = 0, int vec_per_tok = 1);
 // Indexer scores: scores[t*score_stride + c] = sum_h (w[t, h] * w_scale) * relu(q[t, h] . keys[t][c]) for
 // c < n_vis[t] (<= cap), computed only for tokens with n_vis[t] > top_k (the others take every row). q (n_tok,
-// n_head, 128) f32; keys[t]: the token's session's indexer rows (f16, or f32 with f32_rows; 128 each).
+// n_head, 128) f32; keys[t]: the token's session's indexer rows (f16, or f32 with f32_rows; 128 each). work: a
+// 16-byte aligned area of ds4_cuda_indexer_scores_work_bytes(n_tok, n_head, f32_rows) bytes where that is not 0
+// (a prefill chunk's queries, split once), else unused.
 cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score_stride, const float* q,
                                     const float* w, float w_scale, const void* const* keys, const int32_t* n_vis,
-                                    int n_tok, int n_head, int dim, int cap, int top_k, bool f32_rows);
+                                    int n_tok, int n_head, int dim, int cap, int top_k, bool f32_rows,
+                                    void* work = nullptr);
+size_t ds4_cuda_indexer_scores_work_bytes(int n_tok, int n_head, bool f32_rows);
 // The indexer's choice: sel[t] (k entries) = the k rows of largest score (ties to the lower index) in ascending
 // order, or 0 .. n_vis[t] - 1 padded with -1 when n_vis[t] <= k. cluster: the blocks per token (1, or on sm_90 a
 // thread block cluster of 4, 8 or 16; 0 chooses by the scores' capacity, score_stride).

@@ -1246,8 +1246,11 @@ class CUDA:
             self._mark_ev.wait(self.stream.ptr)    # (attend's mark after them; the attention joins the rest)
         cap = step.comp_cap[4]
         scores = self.empty((N, cap))
+        f32_rows = self.layout.es == 4
+        work = self._work(self.cu.indexer_scores_work_bytes(N, Hi, f32_rows))
         self.cu.indexer_scores(self.stream.ptr, scores.ptr, cap, iq.ptr, w.ptr, float(spec.idx_w_scale),
-                               tab["idx_rows"], step.comp_n[4], N, Hi, di, cap, spec.top_k, self.layout.es == 4)
+                               tab["idx_rows"], step.comp_n[4], N, Hi, di, cap, spec.top_k, f32_rows,
+                               work.ptr if work is not None else 0)
         sel = self.empty((N, spec.top_k), _I32)
         self.cu.topk(self.stream.ptr, sel.ptr, scores.ptr, cap, step.comp_n[4], N, spec.top_k)
         return sel
