@@ -32,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,27 @@ def copy_bandwidth(stream, nbytes=2 << 30, reps=10) -> float:
     return 2 * nbytes / statistics.median(ts[2:])
 
 
+def follow_graphs(clock, m: Model) -> None:
+    """Keeps the events a clock records while a step is captured with the step's graph (each replay of the graph
+    records them again, so they must outlive the steps after it), and makes them the clock's events again at each
+    launch of that graph: a decode key's two captured steps are replayed in turn (`CUDA.pingpong`), so that read()
+    reads the step just launched. (Before, the second capture's marks dropped the first's events while its graph
+    still recorded them: a use after free that crashed graph launches at 64K contexts.)"""
+    kept = weakref.WeakKeyDictionary()
+    capture, launch = m.ops._capture, m.ops._launch
+
+    def captured(*a, **kw):
+        g = capture(*a, **kw)
+        kept[g] = clock.events
+        return g
+
+    def launched(g):
+        clock.events = kept.get(g, clock.events)
+        launch(g)
+
+    m.ops._capture, m.ops._launch = captured, launched
+
+
 class LayerClock:
     """CUDA events recorded on the backend's stream before every layer and before the output head, by wrapping
     Model._attention and the head's hc_head. While a step is captured they are recorded as external events, so
@@ -163,6 +185,7 @@ class LayerClock:
             return hc_head(*a, **kw)
         m._attention = timed_attention
         m.ops.hc_head = timed_head
+        follow_graphs(self, m)
 
     def read(self) -> None:
         ev = self.events
@@ -208,6 +231,7 @@ class OpClock:
                 return out
             return step(states, tokens, bounds, positions, run_marked, draws)
         ops.step = timed_step
+        follow_graphs(self, m)
         ops.drop_graphs()                          # the next capture records the events
 
     def mark(self, label: str) -> None:
