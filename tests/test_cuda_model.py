@@ -572,6 +572,16 @@ def test_indexer_scores(cu, n_head, f32_rows, n_tok, fp4, cap):
 
 
 @gpu_only
+def test_indexer_scores_needs_its_work_area(cu):
+    """A prefill chunk's scores split its queries into the caller's work area: without one, a clear error."""
+    assert cu.indexer_scores_work_bytes(3, 64) == 0 and cu.indexer_scores_work_bytes(17, 64, True) == 0
+    assert cu.indexer_scores_work_bytes(70, 64) >= 70 * 64 * 128 * 4
+    b, stream = cu.Buffer(70 * 64 * 128 * 4), cu.Stream()
+    with pytest.raises(ValueError, match="work area"):
+        cu.indexer_scores(stream.ptr, b.ptr, 1200, b.ptr, b.ptr, 0.3, b.ptr, b.ptr, 70, 64, 128, 1200, 512)
+
+
+@gpu_only
 @pytest.mark.parametrize("cluster", [0, 1, 4, 8, 16])
 def test_topk(cu, cluster):
     """Each token's top_k of its n scores (ties to the lower index, -0 equal to +0) in index order, against numpy:

@@ -818,7 +818,8 @@ cudaError_t ds4_cuda_hadamard_fp4(cudaStream_t s, float* x, int64_t n_vec, const
                   pos ? n_rot : 0, vec_per_tok);
 }
 
-// Where the prefill kernel serves: many tokens (a decode step has at most 16) of f16 rows and at most 64 heads.
+// Where the prefill kernel serves: more than 16 tokens (the engine's decode batches hold at most 16 by default; a
+// larger one of sessions alone is right there too, each token loading its keys) of f16 rows and at most 64 heads.
 static bool indexer_prefill(int n_tok, int n_head, bool f32_rows) {
     return n_tok > 16 && n_head <= kTcHeads && !f32_rows;
 }
