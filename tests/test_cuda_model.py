@@ -241,6 +241,33 @@ def test_graph_replay_equals_eager(models):
     assert m.ops.weight_calls - calls > 0
 
 
+@pytest.mark.parametrize("kind", ["LayerClock", "OpClock"])
+def test_bench_clocks_follow_the_replayed_graphs(tiny_model, kind):
+    """The benchmarks' clocks (bench/cuda_model.py) mark a step with events, recorded into a captured step's graph;
+    a decode key's two captured steps are replayed in turn. Each graph's events must outlive the steps after its
+    capture (on the emulator a graph whose event is gone raises; CUDA crashed in the launch), and each reading is
+    the step just run: a clock's events after a step are those of the graph that ran."""
+    import importlib
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    cuda_model = importlib.import_module("cuda_model")
+    from ds4d.sampling import Sampler, SamplingParams
+    m = open_model(tiny_model("f32", **NO_TIES), backend="cuda")
+    clock = getattr(cuda_model, kind)(m)
+    st = m.new_state()
+    m.prefill(st, prompt(40))
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    read = []
+    for _ in range(8):
+        m.sample([Segment(st, prompt(1, seed=len(read)))], [sampler.draw()])
+        clock.read()
+        read.append(id(clock.events))          # (the ids only: holding the events here would keep them alive)
+    assert len(m.ops._graphs) == 1 and len(next(iter(m.ops._graphs.values()))) == 2
+    assert read[3] == read[1] and read[4] == read[2] and read[1] != read[2]   # captured A, B; A, B replayed
+    assert all(len(t) == len(clock.times[0]) > 0 for t in clock.times)
+
+
 def test_sampling_step(models):
     """Model.sample, the engine's step, on CUDA: decode steps replayed from a graph that samples on the device (a
     prefill chunk's row too) give pick's token on the logits they leave on the device, whatever each step's draws
