@@ -185,7 +185,7 @@ def test_matvec_act8_close_to_exact(stream, rng, type_):
                                              (F16, 256, 4096), (Q8_0, 4096, 8192), (F16, 8192, 1024)])
 def test_matvec_real_shapes(stream, rng, type_, rows, cols):
     """The products of the model's shapes for one token and with the workspace for 8 and 13 (Q8_0, and F16 of
-    2048+ rows: the tensor-core path)."""
+    256+ rows: the tensor-core path)."""
     d = Dev(stream)
     w = rand_weights(rng, type_, rows, cols)
     wp = d.put(w)
@@ -194,7 +194,8 @@ def test_matvec_real_shapes(stream, rng, type_, rows, cols):
         y = d.out((n_tok, rows))
         work = d.out((max(_cuda.matvec_work_bytes(type_, n_tok, cols), 16),), np.uint8)
         _cuda.matvec(stream.ptr, y.ptr, rows, wp, type_, rows, cols, d.put(x), cols, n_tok, work=work.ptr)
-        tol = 1e-3 if f16_activations(type_, n_tok, rows, cols) else 2e-5
+        mma = n_tok > 2 and (type_ == Q8_0 or (type_ == F16 and rows >= 256))  # to f32 rounding
+        tol = 1e-3 if f16_activations(type_, n_tok, rows, cols) and not mma else 2e-5
         assert rel(d.get(y), product_ref(w, type_, cols, x)) < tol
 
 

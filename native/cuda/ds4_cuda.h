@@ -87,7 +87,7 @@ cudaError_t ds4_cuda_matvec_quantizing(cudaStream_t s, float* y, const void* w, 
 // Bytes of `work` that lets ds4_cuda_matvec quantize the activations once (quantized types, n_tok > 2) instead of
 // in every block, or split them into two f16 parts (F16, one group); 0 when it would not use it. work may always be
 // null (slower for several tokens). With it, Q8_0 rows of a multiple of 256 weights run on int8 tensor cores (the
-// same integer sums per 32 weights, their float sum in another order) and F16 products of 2048+ rows on f16 ones
+// same integer sums per 32 weights, their float sum in another order) and F16 products of 256+ rows on f16 ones
 // (the activations to ~22 bits): a token's outputs may differ in the last bits with the batch it is in.
 size_t ds4_cuda_matvec_work_bytes(int type, int n_tok, int64_t cols, int groups);
 

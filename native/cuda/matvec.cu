@@ -720,12 +720,13 @@ cudaError_t matvec_mma_any(cudaStream_t s, const MatvecArgs& a, int groups) {
     return one ? matvec_mma<T, 1, false>(s, a, groups) : matvec_mma<T, 2, false>(s, a, groups);
 }
 
-// Whether a product's shape takes the tensor-core path: 3+ tokens with a workspace (F16: one group, and rows enough
-// to pay for the split of the activations, one more launch: at 8 tokens of 4096, 256 rows took 13.1 us against
-// 10.4 on the FMA path, 1024 rows 15.0 against 14.5, 4096 rows 20.8 against 36.5), whole stages, rows and base on
-// 16-byte boundaries (Q8_0 rows of 256 k weights: 272 k bytes). Q8_0 takes it once its activations are quantized
-// into the workspace.
-constexpr int64_t kMmaF16MinRows = 2048;
+// Whether a product's shape takes the tensor-core path: 3+ tokens with a workspace (F16: one group, and 256+ rows;
+// the split of the activations is one more launch), whole stages, rows and base on 16-byte boundaries (Q8_0 rows of
+// 256 k weights: 272 k bytes). Q8_0 takes it once its activations are quantized into the workspace. F16 at 8 tokens
+// of 4096 alone: 256 rows took 13.1 us against 10.4 on the FMA path, 1024 rows 15.0 against 14.5, 4096 rows 20.8
+// against 36.5; but in a batch-8 decode step the router's 256 rows on tensor cores took 2.6 us less per layer
+// (H200, 4-layer file, 2026-11-29). The HC mixers' 24 rows stay on the FMA path.
+constexpr int64_t kMmaF16MinRows = 256;
 template <int T>
 bool mma_ok(const MatvecArgs& a, int groups, const void* work) {
     using M = MmaMv<T, 2, false>;
