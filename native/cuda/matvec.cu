@@ -825,9 +825,9 @@ __global__ void quantize_kernel(int8_t* qs, float* d, int16_t* bs, const float* 
     pdl_wait();
     const int first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), step = gridDim.x * (blockDim.x >> 5);
     if (kind == 32) quantize_rows<32>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
-    else if (order == kActPairs) quantize_rows<256, false, true>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
+    else if (order == kActPairs) quantize_rows<256, 0, true>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
     else if (order == kActF16Sums)
-        quantize_rows<256, false, false, true>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
+        quantize_rows<256, 0, false, true>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
     else quantize_rows<256>(qs, d, bs, x, x_stride, n_tok, cols, first, step);
 }
 

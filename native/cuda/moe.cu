@@ -5,8 +5,9 @@
 // pair itself: mid[t, j, o] = silu(min(g, c)) * clip(u, +-c) * weight[t, j]. down: the warps walk the output rows
 // o; for the quantized types one stage holds row o of all n_used experts' down matrices (each against its own
 // mid row), so the weighted sum over experts happens in registers, each output is written once (no atomics), and
-// a stage is n_used x 0.5-1 KB rather than one short row. Float and Q8_0 experts (small test models) stream the
-// experts' rows one after the other instead.
+// a stage is n_used x 0.5-1 KB rather than one short row (Q2_K with all rows of a stage live: by quarters of 64
+// weights, qdot.cuh q2k_quarter_dot). Float and Q8_0 experts (small test models) stream the experts' rows one after
+// the other instead.
 //
 // Expert ids and weights are read from device memory (the router's output), so a captured graph replays any
 // routing; each block copies its token's into shared memory first. Or gate_up makes the choice itself from the
@@ -251,8 +252,8 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
                 quantize_both<T>(x0, xs, h, a.cols, warp - 1, WARPS - 1);
             } else {
                 const XView v = act_view<T>(xs, 1, a.cols);
-                quantize_rows<WT<T>::xb, true>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, h, a.x_stride, 1, a.cols,
-                                               warp - 1, WARPS - 1);
+                quantize_rows<WT<T>::xb, kSwzUnits>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, h, a.x_stride, 1,
+                                                    a.cols, warp - 1, WARPS - 1);
             }
         }
     }
@@ -340,6 +341,7 @@ template <int T, int RPW, bool FULL>
 __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     constexpr int SPS = down_sps<T>();
     constexpr bool kTogether = RPW > 1;
+    constexpr int kSwz = q2k_quarters<T, SPS, 1, RPW, !kTogether, FULL>() ? kSwzQuarters : kSwzUnits;
     using G = Stage<T, SPS>;
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int sid[kMaxUsed];
@@ -382,14 +384,14 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(MoeArgs a) {
     const bool copy_x = WT<T>::xb != 0 && a.xq;
     if (copy_x) {  // before the weights' first stages, so that they queue behind it
         const size_t n = act_bytes<T>(a.n_used, a.cols);
-        copy_act<T>(xs, a.xq + t * n, a.n_used, a.cols);
+        copy_act<T, kSwz>(xs, a.xq + t * n, a.n_used, a.cols);
     }
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < RPW; ++r) ebase[r] = a.w0 + (size_t)sid[min(r, a.n_used - 1)] * rows * row_bytes;
     stream.prologue();
     if (copy_x) cp_async_wait<kDepth - 1>();  // the activations' group, not the stages after it
-    else if constexpr (WT<T>::xb != 0) quantize_block<T>(xs, mid, a.cols, a.n_used, a.cols);
+    else if constexpr (WT<T>::xb != 0) quantize_block<T, kSwz>(xs, mid, a.cols, a.n_used, a.cols);
     __syncthreads();
 
     // The stage's rows r meet slots seg + r, each slot's mid row as "token 0": views built in registers from

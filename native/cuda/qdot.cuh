@@ -19,7 +19,8 @@
 // so the activations a warp reads at once are contiguous (their halves swizzled, act_swz: no bank conflicts).
 // Quantized types take 8 exact dp4a products per unit and token against the int8 activations, then one f32 scale
 // step per unit; float types take f32 FMAs. Each lane accumulates its units in f32; the kernel's flush reduces the
-// warp.
+// warp. One exception: the routed down's Q2_K stages go by 64-weight quarters (q2k_quarter_dot), whose 2-bit
+// values share their bytes with three other quarters'.
 #pragma once
 #include "common.cuh"
 
@@ -110,6 +111,19 @@ __host__ __device__ constexpr int64_t act_swz(int64_t k) {
 __device__ __forceinline__ int act_half(int lane) {
     return (lane & 4) << 2;
 }
+// The routed down's Q2_K stages read by quarters (q2k_quarter_dot) take runs of 64 values, 16 bytes at a time: run
+// Q's chunk c lies at chunk c ^ ((Q >> 1) & 3) of the run, so that the 8 lanes of a load phase (runs Q .. Q + 7 of a
+// row, Q a multiple of 8) fall on 8 distinct 16-byte bank groups. Rows of a multiple of 512 values.
+__host__ __device__ constexpr int64_t act_swz_q(int64_t k) {
+    return k ^ ((k >> 3) & 0x30);
+}
+// The layouts of the qs plane in shared memory (SWZ of quantize_rows, quantize_block and copy_act): 0 the CPU's
+// order, kSwzUnits act_swz, kSwzQuarters act_swz_q.
+constexpr int kSwzUnits = 1, kSwzQuarters = 2;
+template <int SWZ>
+__host__ __device__ constexpr int64_t act_place(int64_t k) {
+    return SWZ == kSwzQuarters ? act_swz_q(k) : SWZ == kSwzUnits ? act_swz(k) : k;
+}
 
 // Points a view at n rows of `cols` quantized activations laid out by act_bytes (row-major planes).
 template <int T>
@@ -195,7 +209,7 @@ __device__ __forceinline__ float q8_k_lane(const float (&v)[8], int lane, uint32
 // sums per 16 as f16 bits (exact: |sum| <= 2032), the K types' min-term mma operands as they are.
 template <int XB>
 constexpr int quantize_per_warp = XB == 32 ? 32 : 1;
-template <int XB, bool SWZ = false, bool PAIRS = false, bool F16_SUMS = false>
+template <int XB, int SWZ = 0, bool PAIRS = false, bool F16_SUMS = false>
 __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x, int64_t x_stride, int n_rows,
                               int64_t cols, int first, int step, const RowNorm* nrm = nullptr) {
     constexpr int kPerWarp = quantize_per_warp<XB>;  // blocks per warp and pass
@@ -259,7 +273,7 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
         int8_t* dst = qs + row * cols;
 #pragma unroll
         for (int k = 0; k < V / 16; ++k)
-            *(uint4*)(dst + (SWZ ? act_swz(col + 16 * k) : col + 16 * k)) =
+            *(uint4*)(dst + act_place<SWZ>(col + 16 * k)) =
                 make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
         if constexpr (PAIRS) {
             static_assert(V == 8, "PAIRS: a lane's 8 values are words 2 m, 2 m + 1 of its unit (m = sub % 4)");
@@ -267,7 +281,7 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
             *(uint32_t*)unit = w[0];
             *(uint32_t*)(unit + 16) = w[1];
         } else if constexpr (V % 16) {
-            *(uint2*)(dst + (SWZ ? act_swz(col) : col)) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
+            *(uint2*)(dst + act_place<SWZ>(col)) = make_uint2(w[V / 4 - 2], w[V / 4 - 1]);
         }
         if (sub == 0) d[row * per_row + b] = dd;
         if constexpr (XB == 256) {
@@ -278,16 +292,16 @@ __device__ void quantize_rows(int8_t* qs, float* d, int16_t* bs, const float* x,
     }
 }
 
-// Quantizes n rows into shared memory laid out for act_view (the units' halves by act_swz), using every thread of
-// the block (normed first with nrm).
-template <int T>
+// Quantizes n rows into shared memory laid out for act_view (the qs plane by act_place<SWZ>), using every thread
+// of the block (normed first with nrm).
+template <int T, int SWZ = kSwzUnits>
 __device__ __forceinline__ void quantize_block(uint8_t* base, const float* x, int64_t x_stride, int n, int64_t cols,
                                                const RowNorm* nrm = nullptr) {
     constexpr int xb = WT<T>::xb;
     if constexpr (xb != 0) {
         const XView v = act_view<T>(base, n, cols);
-        quantize_rows<xb, true>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, x, x_stride, n, cols, threadIdx.x >> 5,
-                                blockDim.x >> 5, nrm);
+        quantize_rows<xb, SWZ>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, x, x_stride, n, cols, threadIdx.x >> 5,
+                               blockDim.x >> 5, nrm);
     }
 }
 
@@ -500,6 +514,67 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const Uni
     }
 }
 
+// Whether stage_dot takes a stage by Q2_K quarters (q2k_quarter_dot): the routed down's whole stages of 1024
+// weights of RPW (even) experts' rows, each row against its own activations, laid out by kSwzQuarters.
+template <int T, int SPS, int NB, int RPW, bool SHARED_X, bool FULL>
+constexpr bool q2k_quarters() {
+    return T == TYPE_Q2_K && SPS == 1 && NB == 1 && RPW % 2 == 0 && !SHARED_X && FULL;
+}
+
+// A Q2_K stage by quarters: lane l takes weights 64 q .. 64 q + 63 (q = l & 15) of rows 2 k + (l >> 4), k < RPW / 2,
+// and adds rows 2 k and 2 k + 1 into acc[2 k] (for a flush that sums the rows). xv[r] must be xv[0] r tokens on (the
+// down's views: row r meets expert slot r's mid row). A quarter is sub-blocks 4 p .. 4 p + 3 (p = q & 1) of one half
+// of a block, whose 32 quant bytes hold weight i + 32 s at bits 2 s of byte i: the quarter is shifts 2 p and 2 p + 1
+// of all 32. So a lane reads the half's 8 quant words once for 64 weights, its 4 scale bytes as one word, and the
+// block's d and the activations' scale once, where a lane per 32 weights (decode_unit) re-read the 32 quant bytes
+// for 2 bits of each: 16 shared loads per 64 weights instead of 30, and the scales' and sums' work once per quarter.
+// The values stay in place (masked, not shifted down), so a chunk's dot is 4^s times the values' and one shift per
+// quarter undoes it (exact). Activations: 16 bytes at a time from the quarter's run (act_swz_q); the 4 sums per 16
+// as one 8-byte load, against the 4 mins by two dp2a.
+template <int RPW>
+__device__ __forceinline__ void q2k_quarter_dot(const uint8_t* const (&rp)[RPW], int lane, int64_t k0,
+                                                const XView* xv, float (&acc)[RPW][1]) {
+    const int q = lane & 15, blk = q >> 2, half = (q >> 1) & 1, p = q & 1, hi = lane >> 4;
+    const int woff = 84 * blk + 16 + 32 * half, soff = 84 * blk + 8 * half + 4 * p, doff = 84 * blk + 80;
+    const int kw = (int)k0 + 64 * q;  // the quarter's first weight (and activation) in the row
+    const int swz = (8 * q) & 0x30;   // act_swz_q of the run's chunks (k0 is a multiple of 1024)
+    const uint32_t m0 = 0x03030303u << (4 * p), m1 = m0 << 2;  // shifts 2 (2 p) and 2 (2 p + 1)
+    const XView& x = xv[0];
+    const int8_t* const xq0 = x.qs + hi * x.qs_tok + kw;
+    const float* const xd0 = x.d + hi * x.d_tok + (kw >> 8);
+    const int16_t* const xs0 = x.bs + hi * x.bs_tok + (kw >> 4);
+#pragma unroll
+    for (int k = 0; k < RPW / 2; ++k) {
+        const uint8_t* row = hi ? rp[2 * k + 1] : rp[2 * k];
+        const int8_t* xq = xq0 + 2 * k * x.qs_tok;
+        const float dx = xd0[2 * k * x.d_tok];
+        const int2 bs = *(const int2*)(xs0 + 2 * k * x.bs_tok);
+        const uint32_t* qw = (const uint32_t*)(row + woff);
+        uint32_t w[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) w[i] = qw[i];
+        const uint32_t sw = *(const uint32_t*)(row + soff);
+        const float2 dd = __half22float2(*(const __half2*)(row + doff));
+        int dot[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {  // chunk c: sub-block 4 p + c, weights 16 (c & 1) .. of shift 2 (2 p + c / 2)
+            const int4 x4 = *(const int4*)(xq + ((16 * c) ^ swz));
+            const uint32_t m = c < 2 ? m0 : m1;
+            const int o = 4 * (c & 1);
+            int s = dp4a_us((int)(w[o] & m), x4.x, 0);
+            s = dp4a_us((int)(w[o + 1] & m), x4.y, s);
+            s = dp4a_us((int)(w[o + 2] & m), x4.z, s);
+            dot[c] = dp4a_us((int)(w[o + 3] & m), x4.w, s);
+        }
+        const uint32_t sc = sw & 0x0f0f0f0fu, mn = (sw >> 4) & 0x0f0f0f0fu;
+        const int a = (int)__byte_perm(sc, 0, 0x4440) * dot[0] + (int)__byte_perm(sc, 0, 0x4441) * dot[1];
+        const int b = (int)__byte_perm(sc, 0, 0x4442) * dot[2] + (int)(sc >> 24) * dot[3];
+        const int isum = (4 * a + b) >> (4 * p + 2);  // a: 16^p times the values' sum, b: 4 * 16^p times
+        const int msum = __dp2a_hi(bs.y, (int)mn, __dp2a_lo(bs.x, (int)mn, 0));
+        acc[2 * k][0] = fmaf(-(dd.y * dx), (float)msum, fmaf(dd.x * dx, (float)isum, acc[2 * k][0]));
+    }
+}
+
 // Computes one stage: rows rp[r] (staged bytes of weights k0 .. k0 + Stage::weights of each row, r < live)
 // against the activations of NB tokens (n_tok real), adding into acc. Weights past `cols` are skipped. xv[0] serves
 // every row when SHARED_X (a product: one activation load feeds RPW rows), else row r reads xv[r] (the routed
@@ -569,6 +644,8 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
                 }
             }
         }
+    } else if constexpr (q2k_quarters<T, SPS, NB, RPW, SHARED_X, FULL>()) {
+        q2k_quarter_dot<RPW>(rp, lane, k0, xv, acc);
     } else {
         const int xh = act_half(lane);
         UnitAt at0[RPW];  // lane's first unit of each row (IQ2_XXS)
@@ -653,15 +730,16 @@ __device__ __forceinline__ void copy_range(uint32_t dst, const uint8_t* src, int
 }
 
 // Copies n rows of quantized activations (act_bytes<T>(n, cols), the CPU's order) from global to shared memory for
-// stage_dot (the qs plane's units by act_swz) with every thread of the block, as one more cp.async group.
-template <int T>
+// stage_dot (the qs plane by act_place<SWZ>) with every thread of the block, as one more cp.async group.
+template <int T, int SWZ = kSwzUnits>
 __device__ __forceinline__ void copy_act(uint8_t* dst, const uint8_t* src, int n, int64_t cols) {
     const int64_t bytes = act_bytes<T>(n, cols), qs = n * cols;
     for (int64_t i = 16 * threadIdx.x; i < bytes; i += 16 * blockDim.x) {
         int64_t to = i;
-        if (i < qs) {  // rows of whole 256-value blocks start at a multiple of 256 (bit 7 of the offset is the row's)
+        if (i < qs) {  // rows of whole 256-value blocks start at a multiple of 256 (bit 7 of the offset is the row's;
+                       // kSwzQuarters: of 512, bits 7 and 8)
             const int64_t r = WT<T>::xb == 256 ? 0 : (int)i / (int)cols;
-            to = r * cols + act_swz(i - r * cols);
+            to = r * cols + act_place<SWZ>(i - r * cols);
         }
         cp_async16(dst + to, src + i);
     }
