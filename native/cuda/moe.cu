@@ -69,10 +69,10 @@ struct MoeArgs {
 };
 
 // h (one row of cols values, a multiple of 256) quantized twice in one pass, for the shared expert (Q8_0, at x0)
-// and the routed experts of a K type T (Q8_K, at xk), each exactly as quantize_block lays it out: warp `first` of
-// `step` takes the Q8_K blocks first, first + step, ... (8 values a lane: q8_k_lane), and lanes 4 m .. 4 m + 3 hold
-// Q8_0 block m's 32 values (their largest |x| in 2 shuffles).
-template <int T>
+// and the routed experts of a K type T (Q8_K, at xk, its qs plane by act_place<SWZ>), each exactly as
+// quantize_block lays it out: warp `first` of `step` takes the Q8_K blocks first, first + step, ... (8 values a
+// lane: q8_k_lane), and lanes 4 m .. 4 m + 3 hold Q8_0 block m's 32 values (their largest |x| in 2 shuffles).
+template <int T, int SWZ>
 __device__ void quantize_both(uint8_t* x0, uint8_t* xk, const float* h, int64_t cols, int first, int step) {
     const int lane = threadIdx.x & 31;
     const XView v0 = act_view<TYPE_Q8_0>(x0, 1, cols), vk = act_view<T>(xk, 1, cols);
@@ -89,7 +89,7 @@ __device__ void quantize_both(uint8_t* x0, uint8_t* xk, const float* h, int64_t 
         const float i0 = q8_0_inv(amax, d0);
 #pragma unroll
         for (int k = 0; k < 8; ++k) w0[k / 4] |= ((uint32_t)q8_0_value(v[k], i0) & 255u) << (8 * (k % 4));
-        *(uint2*)(vk.qs + act_swz(col)) = make_uint2(wk[0], wk[1]);
+        *(uint2*)(vk.qs + act_place<SWZ>(col)) = make_uint2(wk[0], wk[1]);
         *(uint2*)(v0.qs + act_swz(col)) = make_uint2(w0[0], w0[1]);
         if (lane == 0) ((float*)vk.d)[b] = dk;
         if ((lane & 3) == 0) ((float*)v0.d)[col / 32] = d0;
@@ -176,6 +176,7 @@ bool full_stages(const MoeArgs& a) {
 template <int T, bool LANES, bool FULL, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
     constexpr int RPW = 2, SPS = gate_up_sps<T>();
+    constexpr int kSwz = iq2_pairs<T, SPS, 1, true, FULL>() ? kSwzQuarters : kSwzUnits;  // h's routed form
     using G = Stage<T, SPS>;
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int sid[kMaxUsed];
@@ -249,11 +250,11 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
         if (warp > 0) {
             const float* h = a.x + (int64_t)t * a.x_stride;
             if (kBoth && a.sh_w0) {
-                quantize_both<T>(x0, xs, h, a.cols, warp - 1, WARPS - 1);
+                quantize_both<T, kSwz>(x0, xs, h, a.cols, warp - 1, WARPS - 1);
             } else {
                 const XView v = act_view<T>(xs, 1, a.cols);
-                quantize_rows<WT<T>::xb, kSwzUnits>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, h, a.x_stride, 1,
-                                                    a.cols, warp - 1, WARPS - 1);
+                quantize_rows<WT<T>::xb, kSwz>((int8_t*)v.qs, (float*)v.d, (int16_t*)v.bs, h, a.x_stride, 1, a.cols,
+                                               warp - 1, WARPS - 1);
             }
         }
     }

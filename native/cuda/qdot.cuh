@@ -19,8 +19,9 @@
 // so the activations a warp reads at once are contiguous (their halves swizzled, act_swz: no bank conflicts).
 // Quantized types take 8 exact dp4a products per unit and token against the int8 activations, then one f32 scale
 // step per unit; float types take f32 FMAs. Each lane accumulates its units in f32; the kernel's flush reduces the
-// warp. One exception: the routed down's Q2_K stages go by 64-weight quarters (q2k_quarter_dot), whose 2-bit
-// values share their bytes with three other quarters'.
+// warp. Two exceptions take 64 weights a lane: the routed down's Q2_K stages (q2k_quarter_dot: a quarter's 2-bit
+// values share their bytes with three other quarters') and the routed gate+up's IQ2_XXS ones (iq2_pair_dot: two
+// groups of one block share its scale).
 #pragma once
 #include "common.cuh"
 
@@ -111,9 +112,10 @@ __host__ __device__ constexpr int64_t act_swz(int64_t k) {
 __device__ __forceinline__ int act_half(int lane) {
     return (lane & 4) << 2;
 }
-// The routed down's Q2_K stages read by quarters (q2k_quarter_dot) take runs of 64 values, 16 bytes at a time: run
-// Q's chunk c lies at chunk c ^ ((Q >> 1) & 3) of the run, so that the 8 lanes of a load phase (runs Q .. Q + 7 of a
-// row, Q a multiple of 8) fall on 8 distinct 16-byte bank groups. Rows of a multiple of 512 values.
+// The routed down's Q2_K stages by quarters (q2k_quarter_dot) and the routed gate+up's IQ2_XXS stages by pairs of
+// groups (iq2_pair_dot) take a lane's activations in runs of 64 values, 16 bytes at a time: run Q's chunk c lies at
+// chunk c ^ ((Q >> 1) & 3) of the run, so that the 8 lanes of a load phase (runs Q .. Q + 7 of a row, Q a multiple
+// of 8) fall on 8 distinct 16-byte bank groups. Rows of a multiple of 512 values.
 __host__ __device__ constexpr int64_t act_swz_q(int64_t k) {
     return k ^ ((k >> 3) & 0x30);
 }
@@ -439,6 +441,28 @@ __device__ __forceinline__ UnitAt unit_step(const UnitAt& a, int j) {
     return {a.b + kUnitStride<T> * j, a.w + kUnitStride<T> / 4 * j, a.sh};
 }
 
+// One IQ2_XXS group of 32 weights from its two words (grid: 4 grid indices; aux: 4 sign indices of 7 bits, then the
+// 4-bit scale) into 8 words of signed bytes; returns the group scale 2 ls + 1. Table word w at byte w << ts (one copy
+// per lane: 32 words apart), read by 32-bit shared-memory address so that an index becomes an address in one lea
+// (the compiler's generic pointer arithmetic took two multiply-adds): the grid index is byte i of grid (one prmt),
+// the sign index 7 bits of aux (shift, mask; with LANES the mask and the join to the 16 KB-aligned tables are one
+// lop3). tab: as decode_unit's.
+template <bool LANES>
+__device__ __forceinline__ int iq2_group(uint32_t grid, uint32_t aux, const uint32_t* tab, int (&q)[8]) {
+    constexpr int ts = LANES ? 7 : 2;
+    const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab);
+    const uint32_t lo = tab[(LANES ? 32 : 1) * kIq2LoWord];  // an ordinary load: its address is a constant
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t gi = __byte_perm(grid, 0, 0x4440 | i);
+        const uint32_t si = (7 * i >= ts ? aux >> (7 * i - ts) : aux << (ts - 7 * i)) & (127u << ts);
+        const uint32_t sel = lds32(tb + (gi << ts)) + lds32((LANES ? si | tb : si + tb) + (256 << ts));
+        q[2 * i] = (int)iq2_pick(lo, sel);
+        q[2 * i + 1] = (int)iq2_pick(lo, sel >> 16);
+    }
+    return 2 * (int)(aux >> 28) + 1;
+}
+
 // Decodes unit u (weights 32 u .. 32 u + 31) of a row's staged bytes of type T into 8 words of signed bytes and
 // its scales: Q8_0 dw; Q4_K dw, dm and the sub-block's 6-bit scale and min (isc, imn); Q2_K dw, dm and the two
 // 16-weight sub-blocks' scale bytes (isc, imn: low 4 bits scale, high 4 min; q holds the 2-bit values); IQ2_XXS
@@ -494,23 +518,7 @@ __device__ __forceinline__ void decode_unit(const uint8_t* row, int u, const Uni
     } else {  // IQ2_XXS
         dw = f16_at(at.b) * 0.125f;  // the format's 1/8, exact
         const uint32_t w1 = at.w[1];
-        const uint32_t grid = __funnelshift_r(at.w[0], w1, at.sh), aux = __funnelshift_r(w1, at.w[2], at.sh);
-        isc = 2 * (int)(aux >> 28) + 1;
-        // Table word w at byte w << ts (one copy per lane: 32 words apart), read by 32-bit shared-memory address
-        // so that an index becomes an address in one lea (the compiler's generic pointer arithmetic took two
-        // multiply-adds): the grid index is byte i of grid (one prmt), the sign index 7 bits of aux (shift, mask;
-        // with LANES the mask and the join to the 16 KB-aligned tables are one lop3).
-        constexpr int ts = LANES ? 7 : 2;
-        const uint32_t tb = (uint32_t)__cvta_generic_to_shared(tab);
-        const uint32_t lo = tab[(LANES ? 32 : 1) * kIq2LoWord];  // an ordinary load: its address is a constant
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const uint32_t gi = __byte_perm(grid, 0, 0x4440 | i);
-            const uint32_t si = (7 * i >= ts ? aux >> (7 * i - ts) : aux << (ts - 7 * i)) & (127u << ts);
-            const uint32_t sel = lds32(tb + (gi << ts)) + lds32((LANES ? si | tb : si + tb) + (256 << ts));
-            q[2 * i] = (int)iq2_pick(lo, sel);
-            q[2 * i + 1] = (int)iq2_pick(lo, sel >> 16);
-        }
+        isc = iq2_group<LANES>(__funnelshift_r(at.w[0], w1, at.sh), __funnelshift_r(w1, at.w[2], at.sh), tab, q);
     }
 }
 
@@ -572,6 +580,47 @@ __device__ __forceinline__ void q2k_quarter_dot(const uint8_t* const (&rp)[RPW],
         const int isum = (4 * a + b) >> (4 * p + 2);  // a: 16^p times the values' sum, b: 4 * 16^p times
         const int msum = __dp2a_hi(bs.y, (int)mn, __dp2a_lo(bs.x, (int)mn, 0));
         acc[2 * k][0] = fmaf(-(dd.y * dx), (float)msum, fmaf(dd.x * dx, (float)isum, acc[2 * k][0]));
+    }
+}
+
+// Whether stage_dot takes an IQ2_XXS stage by pairs of groups (iq2_pair_dot): the routed gate+up's whole stages
+// of 2048 weights (one token; its gate and up rows against the same activations, laid out by kSwzQuarters).
+template <int T, int SPS, int NB, bool SHARED_X, bool FULL>
+constexpr bool iq2_pairs() {
+    return T == TYPE_IQ2_XXS && SPS == 2 && NB == 1 && SHARED_X && FULL;
+}
+
+// An IQ2_XXS stage by pairs: lane l takes groups 2 l and 2 l + 1 (weights 64 l .. 64 l + 63, one block's) of each
+// row, where a lane per group (decode_unit, groups l and l + 32) took two blocks. The two groups share the block's
+// d, the activations' scale and one f32 step (their integer sums meet first), and their 16 bytes are five words
+// and four funnel shifts instead of six and four. Activations: the run of 64 by act_swz_q, as q2k_quarter_dot's.
+template <int RPW, bool LANES>
+__device__ __forceinline__ void iq2_pair_dot(const uint8_t* const (&rp)[RPW], int live, int lane, int64_t k0,
+                                             const XView* xv, float (&acc)[RPW][1], const uint32_t* tab) {
+    const int kw = (int)k0 + 64 * lane;  // the pair's first weight in the row
+    const int swz = (8 * lane) & 0x30;   // act_swz_q (k0 is a multiple of 2048)
+    const int8_t* const xq = xv[0].qs + kw;
+    const float dx = xv[0].d[kw >> 8];
+    // The block's d at boff, the pair's 16 bytes from goff: read from the aligned word at or below (rows start
+    // 16-byte aligned: FULL), funnel-shifted right by sh bits.
+    const int boff = 66 * (lane >> 2), goff = boff + 2 + 16 * (lane & 3), sh = 8 * (goff & 3);
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        if (r >= live) break;
+        const uint32_t* wp = (const uint32_t*)(rp[r] + (goff & ~3));
+        uint32_t w[5];
+#pragma unroll
+        for (int i = 0; i < 5; ++i) w[i] = wp[i];
+        int sum = 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int q[8];
+            const int isc = iq2_group<LANES>(__funnelshift_r(w[2 * h], w[2 * h + 1], sh),
+                                             __funnelshift_r(w[2 * h + 1], w[2 * h + 2], sh), LANES ? tab + lane : tab,
+                                             q);
+            sum += isc * dot8(q, xq, (32 * h) ^ swz);  // group h: chunks 2 h, 2 h + 1 of the run
+        }
+        acc[r][0] = fmaf(f16_at(rp[r] + boff) * 0.125f * dx, (float)sum, acc[r][0]);
     }
 }
 
@@ -646,6 +695,8 @@ __device__ __forceinline__ void stage_dot(const uint8_t* const (&rp)[RPW], int l
         }
     } else if constexpr (q2k_quarters<T, SPS, NB, RPW, SHARED_X, FULL>()) {
         q2k_quarter_dot<RPW>(rp, lane, k0, xv, acc);
+    } else if constexpr (iq2_pairs<T, SPS, NB, SHARED_X, FULL>()) {
+        iq2_pair_dot<RPW, LANES>(rp, live, lane, k0, xv, acc, tab);
     } else {
         const int xh = act_half(lane);
         UnitAt at0[RPW];  // lane's first unit of each row (IQ2_XXS)
