@@ -549,11 +549,12 @@ def swiglu_ref(g, u, clamp):
 
 
 @pytest.mark.parametrize("gate_type,down_type", MOE_TYPES)
-@pytest.mark.parametrize("n_tok,n_used", [(1, 6), (3, 6), (8, 6), (2, 3), (2, 8)])
+@pytest.mark.parametrize("n_tok,n_used", [(1, 6), (3, 6), (8, 6), (2, 3), (2, 8), (2, 4), (1, 2)])
 @pytest.mark.parametrize("n_embd,n_ff", [(512, 256), (2048, 1024)])
 def test_moe(stream, rng, gate_type, down_type, n_tok, n_used, n_embd, n_ff):
     """Rows of 512 / 256 weights end inside a stage of the kernels' rings; rows of 2048 / 1024 fill whole stages
-    (their aligned paths for the K types and IQ2_XXS, with every row of a down stage live where n_used is 6 or 8)."""
+    (their aligned paths for the K types and IQ2_XXS, with every row of a down stage live where n_used is 2, 4, 6
+    or 8: Q2_K's quarters, IQ2_XXS's pairs)."""
     d = Dev(stream)
     n_expert, clamp = 16, 10.0
     gate = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
