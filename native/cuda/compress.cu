@@ -487,11 +487,11 @@ __device__ __forceinline__ float score_keys(const uint4 (&b)[NT][4], uint32_t hi
 // Decode: a block takes row tiles blockIdx.x, + gridDim.x, ... of its one token (blockIdx.y), the query staged once
 // and the next tile's fragments loaded while this one's products run (at 256K keys a block per tile staged the
 // query 2,048 times: 60 us for 16 us of key bytes). Each warp takes 16 keys of a tile.
-template <int WARPS>
-__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
+constexpr int kTcWarps = 8;
+__global__ void __launch_bounds__(32 * kTcWarps, 16 / kTcWarps)
     indexer_score_tc_kernel(float* scores, int64_t score_stride, const float* q, const float* w, float w_scale,
                             const void* const* keys, const int32_t* n_vis, int n_head, int top_k) {
-    constexpr int kHpw = kTcHeads / WARPS, kTile = 16 * WARPS;  // heads per warp, keys per tile
+    constexpr int kHpw = kTcHeads / kTcWarps, kTile = 16 * kTcWarps;  // heads per warp, keys per tile
     extern __shared__ __align__(16) uint8_t qsm[];
     __half* qhi = (__half*)qsm;                   // kTcHeads x kTcPitch
     __half* qlo = (__half*)(qsm + kTcPart);       // the same
@@ -504,11 +504,11 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
     float4 qv[kHpw];
 #pragma unroll
     for (int i = 0; i < kHpw; ++i) {  // all loads in flight together (one at a time, each head's weight cost ~0.6 us)
-        const int h = warp + WARPS * i;
+        const int h = warp + kTcWarps * i;
         qv[i] = h < n_head ? ((const float4*)(q + ((int64_t)t * n_head + h) * kIdxDim))[lane]
                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    const int hl = warp + WARPS * lane;  // lane i < kHpw: the weight of the warp's i-th head
+    const int hl = warp + kTcWarps * lane;  // lane i < kHpw: the weight of the warp's i-th head
     const float wl = lane < kHpw && hl < n_head ? w[(int64_t)t * n_head + hl] * w_scale : 0.0f;
     const __half* kp = (const __half*)keys[t];
     uint4 b[2][4];
@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
     bool lo_used = false;
 #pragma unroll
     for (int i = 0; i < kHpw; ++i) {
-        const int h = warp + WARPS * i;
+        const int h = warp + kTcWarps * i;
         const int at = h * kTcPitch + staged_at(lane);
         const int e = split_head(qv[i], qhi + at, qlo + at, lo_used);
         const float wh = __shfl_sync(0xffffffffu, wl, i);
@@ -857,13 +857,14 @@ cudaError_t ds4_cuda_indexer_scores(cudaStream_t s, float* scores, int64_t score
         // Decode: tiles of 128 keys, at most as many blocks per token as run at once over the tokens (16K keys: 128
         // blocks of one tile). Over at most 1,024 keys the FMA kernel: its chain is shorter (H200, one token: 4.9
         // against 6.4 us at 514 keys, 9.7 against 6.5 at 4,096).
-        auto kernel = indexer_score_tc_kernel<8>;
+        auto kernel = indexer_score_tc_kernel;
         const size_t smem = 2 * kTcPart + kTcHeads * sizeof(float);
         cudaError_t e = allow_smem(kernel, smem);
         if (e != cudaSuccess) return e;
-        const int64_t gx =
-            std::min<int64_t>(ceil_div(cap, 128), std::max(1, resident_blocks(kernel, 256, smem) / n_tok));
-        return launch(kernel, dim3((unsigned)gx, (unsigned)n_tok), dim3(256), smem, s, scores, score_stride, q, w,
+        const int threads = 32 * kTcWarps;
+        const int64_t gx = std::min<int64_t>(ceil_div(cap, 16 * kTcWarps),
+                                             std::max(1, resident_blocks(kernel, threads, smem) / n_tok));
+        return launch(kernel, dim3((unsigned)gx, (unsigned)n_tok), dim3(threads), smem, s, scores, score_stride, q, w,
                       w_scale, keys, n_vis, n_head, top_k);
     }
     const size_t smem = indexer_score_smem(n_head);
