@@ -570,11 +570,12 @@ def moe_route_gate_up(stream, mid, ids, weights, logits, bias, tid2eid, tokens, 
         H = _rows(h, h_stride, n_tok, n_embd)
         g = _product(_weights(sh_gate, _Q8_0, sh_n_ff, n_embd), _Q8_0, n_embd, H)
         u = _product(_weights(sh_up, _Q8_0, sh_n_ff, n_embd), _Q8_0, n_embd, H)
-        _at(sh_mid, np.float32, sh_n_ff)[:] = REF.swiglu(g, u, sh_clamp)[0]
+        _at(sh_mid, np.float32, n_tok * sh_n_ff).reshape(n_tok, sh_n_ff)[:] = REF.swiglu(g, u, sh_clamp)
 
 
 def moe_shared_ok(type, n_embd, n_tok):
-    return n_tok == 1 and n_embd % 32 == 0 and type in (_Q8_0, 10, 12, 16)  # routed experts with 8-bit activations
+    # routed experts with 8-bit activations
+    return 1 <= n_tok <= 64 and n_embd % 32 == 0 and type in (_Q8_0, 10, 12, 16)
 
 
 def swiglu(stream, mid, g, u, n, clamp):

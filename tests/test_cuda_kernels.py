@@ -687,36 +687,37 @@ def test_moe_route_gate_up(stream, rng, hash_layer, n_tok, n_expert):
 
 
 @pytest.mark.parametrize("gate_type", [IQ2_XXS, Q4_K, Q8_0])
-@pytest.mark.parametrize("n_embd,n_ff,sh_n_ff,n_expert", [(512, 64, 1000, 40), (4096, 2048, 2048, 8)])
-def test_moe_route_gate_up_shared(stream, rng, gate_type, n_embd, n_ff, sh_n_ff, n_expert):
-    """gate+up of one token with the shared expert inside: the routed part (ids, weights, mid) bit for bit that of
-    the launch without it; the shared expert's SwiGLU against the reference (Q8_0 products, weight 1), and bit for
-    bit the products path's (matvec of gate and of up, then swiglu), as the CUDA backend ran it before. The
-    shapes: more pairs than the grid has shared-expert warps (each takes several), and the real model's widths
-    (about one pair per warp)."""
+@pytest.mark.parametrize("n_embd,n_ff,sh_n_ff,n_expert,n_tok", [(512, 64, 1000, 40, 1), (4096, 2048, 2048, 8, 1),
+                                                                (512, 64, 1000, 40, 3), (4096, 2048, 2048, 8, 8)])
+def test_moe_route_gate_up_shared(stream, rng, gate_type, n_embd, n_ff, sh_n_ff, n_expert, n_tok):
+    """gate+up with the shared expert inside (each token's blocks its token's): the routed part (ids, weights, mid)
+    bit for bit that of the launch without it; the shared expert's SwiGLU against the reference (Q8_0 products,
+    weight 1), and bit for bit the products path's of one token (matvec of gate and of up, then swiglu), as the
+    CUDA backend ran it before. The shapes: more pairs than the grid has shared-expert warps (each takes several),
+    and the real model's widths (about one pair per warp at one token, several at eight)."""
     d = Dev(stream)
-    assert _cuda.moe_shared_ok(gate_type, n_embd, 1) and not _cuda.moe_shared_ok(gate_type, n_embd, 2)
-    assert not _cuda.moe_shared_ok(F16, n_embd, 1)
+    assert _cuda.moe_shared_ok(gate_type, n_embd, n_tok) and not _cuda.moe_shared_ok(F16, n_embd, 1)
     k, clamp, sh_clamp = 6, 10.0, 7.0
     gate = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
     up = rand_weights(rng, gate_type, n_ff, n_embd, lead=(n_expert,))
     sh_gate, sh_up = rand_weights(rng, Q8_0, sh_n_ff, n_embd), rand_weights(rng, Q8_0, sh_n_ff, n_embd)
-    h = (rng.standard_normal((1, n_embd)) * 0.05).astype(np.float32)
-    logits = (rng.standard_normal((1, n_expert)) * 3).astype(np.float32)
+    h = (rng.standard_normal((n_tok, n_embd)) * 0.05).astype(np.float32)
+    logits = (rng.standard_normal((n_tok, n_expert)) * 3).astype(np.float32)
     bias = (rng.standard_normal(n_expert) * 0.1).astype(np.float32)
-    lp, bp, kp = d.put(logits), d.put(bias), d.put(np.zeros(1, np.int32))
+    lp, bp, kp = d.put(logits), d.put(bias), d.put(np.zeros(n_tok, np.int32))
     gp, up_, hp, sgp, sup = d.put(gate), d.put(up), d.put(h), d.put(sh_gate), d.put(sh_up)
     outs = []
-    hcv = (rng.standard_normal((1, 20)) * 2).astype(np.float32)
+    hcv = (rng.standard_normal((n_tok, 20)) * 2).astype(np.float32)
     hcb, hcr = d.buf(hcv), d.buf(hcv)
     for shared in (False, True):  # the second also with a deferred combine matrix to normalize (as the model runs)
-        ids, w, mid, sh_mid = d.out((1, k), np.int32), d.out((1, k)), d.out((1, k, n_ff)), d.out((1, sh_n_ff))
+        ids, w = d.out((n_tok, k), np.int32), d.out((n_tok, k))
+        mid, sh_mid = d.out((n_tok, k, n_ff)), d.out((n_tok, sh_n_ff))
         sh = dict(sh_gate=sgp, sh_up=sup, sh_n_ff=sh_n_ff, sh_clamp=sh_clamp, sh_mid=sh_mid.ptr,
-                  hc=hcb.ptr, hc_n_tok=1, hc_n_iter=20, hc_eps=1e-6) if shared else {}
+                  hc=hcb.ptr, hc_n_tok=n_tok, hc_n_iter=20, hc_eps=1e-6) if shared else {}
         _cuda.moe_route_gate_up(stream.ptr, mid.ptr, ids.ptr, w.ptr, lp, bp, 0, kp, 1.5, True, hp, n_embd, gp, up_,
-                                gate_type, n_ff, n_embd, n_expert, k, 1, clamp, **sh)
+                                gate_type, n_ff, n_embd, n_expert, k, n_tok, clamp, **sh)
         outs.append((ids, w, mid, sh_mid))
-    _cuda.hc_sinkhorn(stream.ptr, hcr.ptr, 1, 20, 1e-6)
+    _cuda.hc_sinkhorn(stream.ptr, hcr.ptr, n_tok, 20, 1e-6)
     np.testing.assert_array_equal(d.get(hcb), d.get(hcr))
     for a, b in zip(outs[0][:3], outs[1][:3]):
         np.testing.assert_array_equal(d.get(a).view(np.uint32), d.get(b).view(np.uint32))
@@ -726,10 +727,12 @@ def test_moe_route_gate_up_shared(stream, rng, gate_type, n_embd, n_ff, sh_n_ff,
     assert np.abs(ref).max() > 0.5 and (np.abs(u) > sh_clamp).any()  # the clamp matters
     assert rel(got, ref) < 1e-4
     pg, pu, pm = d.out((1, sh_n_ff)), d.out((1, sh_n_ff)), d.out((1, sh_n_ff))
-    _cuda.matvec(stream.ptr, pg.ptr, sh_n_ff, sgp, Q8_0, sh_n_ff, n_embd, hp, n_embd, 1)
-    _cuda.matvec(stream.ptr, pu.ptr, sh_n_ff, sup, Q8_0, sh_n_ff, n_embd, hp, n_embd, 1)
-    _cuda.swiglu(stream.ptr, pm.ptr, pg.ptr, pu.ptr, sh_n_ff, sh_clamp)
-    np.testing.assert_array_equal(got.view(np.uint32), d.get(pm).view(np.uint32))
+    for t in range(n_tok):
+        ht = hp + 4 * t * n_embd
+        _cuda.matvec(stream.ptr, pg.ptr, sh_n_ff, sgp, Q8_0, sh_n_ff, n_embd, ht, n_embd, 1)
+        _cuda.matvec(stream.ptr, pu.ptr, sh_n_ff, sup, Q8_0, sh_n_ff, n_embd, ht, n_embd, 1)
+        _cuda.swiglu(stream.ptr, pm.ptr, pg.ptr, pu.ptr, sh_n_ff, sh_clamp)
+        np.testing.assert_array_equal(got[t].view(np.uint32), d.get(pm)[0].view(np.uint32))
 
 
 @pytest.mark.parametrize("gate_type,down_type", MOE_TYPES)

@@ -155,10 +155,11 @@ struct ds4_cuda_sinkhorn {
 };
 // The same, with each token's experts chosen in the kernel from the router's logits as ds4_cuda_route chooses
 // them (same arguments; n_expert <= 256): ids and weights are written (for ds4_cuda_moe_down), not read. A decode
-// layer then has no launch of its own for the choice. With `shared` (one token; ds4_cuda_moe_shared_ok) the launch
-// also computes the shared expert's mid = silu(min(g, clamp)) * clip(u, -clamp, clamp), g = gate . h, u = up . h,
-// exactly as ds4_cuda_matvec then ds4_cuda_swiglu do: its weights stream while the experts are being chosen. With
-// `hc` (up to 32 tokens) the launch also runs ds4_cuda_hc_sinkhorn's iterations, after its dependency wait.
+// layer then has no launch of its own for the choice. With `shared` (ds4_cuda_moe_shared_ok) the launch also
+// computes the shared expert's mid (n_tok rows of n_ff) = silu(min(g, clamp)) * clip(u, -clamp, clamp), g = gate . h,
+// u = up . h, exactly as ds4_cuda_matvec of one token then ds4_cuda_swiglu do: its weights stream while the experts
+// are being chosen (each token's blocks read them for their token). With `hc` (up to 32 tokens) the launch also
+// runs ds4_cuda_hc_sinkhorn's iterations, after its dependency wait.
 cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids, float* weights, const float* logits,
                                        const float* bias, const int32_t* tid2eid, const int32_t* tokens, float scale,
                                        bool normalize, const float* h, int64_t h_stride, const void* gate,

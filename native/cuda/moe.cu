@@ -56,8 +56,9 @@ struct MoeArgs {
     RouteIn route;      // gate_up: with route.logits, the choice is made here and written to ids_out / weights_out
     int32_t* ids_out;
     float* weights_out;
-    // gate_up of one token with sh_w0: the shared expert's gate and up too (Q8_0, sh_rows rows of cols), by warps
-    // 1 .. sh_warps of every block while warp 0 routes, into sh_out (its SwiGLU clamped at sh_clamp, weight 1).
+    // gate_up with sh_w0: the shared expert's gate and up too (Q8_0, sh_rows rows of cols), by warps 1 .. sh_warps
+    // of every block while warp 0 routes (a token's blocks for that token), into sh_out (sh_rows per token: its
+    // SwiGLU clamped at sh_clamp, weight 1).
     const uint8_t* sh_w0;
     const uint8_t* sh_w1;
     int sh_rows, sh_row_bytes, sh_warps;
@@ -279,7 +280,7 @@ __global__ void __launch_bounds__(32 * WARPS, 2) moe_gate_up_kernel(MoeArgs a) {
             const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
             if (lane == 0) {
                 const float gc = fminf(g, a.sh_clamp), uc = fminf(fmaxf(u, -a.sh_clamp), a.sh_clamp);
-                a.sh_out[o] = silu(gc) * uc;
+                a.sh_out[(int64_t)t * a.sh_rows + o] = silu(gc) * uc;
             }
         }
     }
@@ -596,7 +597,7 @@ cudaError_t ds4_cuda_moe_route_gate_up(cudaStream_t s, float* mid, int32_t* ids,
 bool ds4_cuda_moe_shared_ok(int type, int64_t n_embd, int n_tok) {
     bool ok = false;
     cudaError_t e;
-    return n_tok == 1 && cols_ok(TYPE_Q8_0, n_embd) && by_type<SharedOk>(type, e, &ok, n_embd) && ok;
+    return n_tok >= 1 && n_tok <= 64 && cols_ok(TYPE_Q8_0, n_embd) && by_type<SharedOk>(type, e, &ok, n_embd) && ok;
 }
 
 size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_ff) {

@@ -60,6 +60,11 @@ MOE_GROUPED_ROWS = 2048   # tokens per ds4_cuda_moe_grouped call: bounds its wor
 ATTN_ROWS = 16            # attention queries per launch: bounds the split scratch
 ROUTE_EXPERTS_MAX = 256   # ds4_cuda_route and ds4_cuda_moe_route_gate_up: experts per router
 MOE_USED_MAX = 8          # ds4_cuda_moe_*: experts per token
+# Tokens up to which the routed gate+up computes the shared expert's gate and up too, each token's blocks its own
+# (reading its weights once per token). H200, 4-layer file, us per layer: 2 tokens -4.6 (against the products on the
+# main stream first), 3 tokens +1.4, 4 +3.7, 8 +13 (the 8 tokens' 143 MB of L2 reads; their products on the side
+# stream hide behind the routed gate+up's tail).
+SHARED_INSIDE_ROWS = 2
 ACT8_TYPES = frozenset({Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS})   # weights the kernels meet with 8-bit activations
 
 
@@ -1293,20 +1298,19 @@ class CUDA:
         """The shared expert (`ffn`, first; on the side stream from 3 tokens on), the router's logits, then `route`
         and `moe` onto the shared expert's output; up to MATVEC_ROWS tokens (a decode step), the routed gate+up
         kernel chooses each token's experts itself from the logits (ds4_cuda_moe_route_gate_up: one launch fewer
-        per layer), and at one token it computes the shared expert's gate and up too: their weights stream while
-        the kernel's first warp chooses the experts (on the side stream, the shared expert waited for the routed
-        gate+up's blocks to leave the SMs: ~13 us per layer on an H200), and its down runs before the routed down
-        adds onto it."""
+        per layer), and up to SHARED_INSIDE_ROWS tokens it computes the shared expert's gate and up too: their
+        weights stream while the kernel's first warp chooses the experts (on the side stream, the shared expert
+        waited for the routed gate+up's blocks to leave the SMs: ~13 us per layer on an H200), and its down runs
+        before the routed down adds onto it."""
         N = h.shape[0]
         sh_gate, sh_up, sh_down = shared
         in_kernel = N <= MATVEC_ROWS and router.rows <= ROUTE_EXPERTS_MAX and route.k <= MOE_USED_MAX
-        inside = (in_kernel and N == 1 and sh_gate.type == Q.Q8_0 and sh_up.type == Q.Q8_0 and
+        inside = (in_kernel and N <= SHARED_INSIDE_ROWS and sh_gate.type == Q.Q8_0 and sh_up.type == Q.Q8_0 and
                   self.cu.moe_shared_ok(int(experts[0].type), h.shape[1], N))
-        # The shared expert on the side stream from 3 tokens on. At 2 tokens its products are the one-token
-        # kernels, whose blocks fill every SM: beside them the router's product and the routed gate+up only wait,
-        # so the shared expert runs first on the main stream (H200, 4-layer file, two runs: -0.5 to -3.5 us per
-        # layer at 2 tokens). (Also measured: at 8 tokens the router's product first, then the fork; the router
-        # then added 13 us instead of 29, and the layers -1 us in one run, +1 in another: not kept.)
+        # Else the shared expert's products: on the side stream from 3 tokens on, first on the main stream below
+        # that (the one-token kernels' blocks fill every SM: beside them the router's product and gate+up only wait).
+        # (Also measured: at 8 tokens the router's product first, then the fork; the router then added 13 us
+        # instead of 29, and the layers -1 us in one run, +1 in another: not kept.)
         job, self._sk_job = self._sk_job, None   # the entry's Sinkhorn iterations (one token), for gate+up
         if job is not None and not inside:
             self._sinkhorn_aside(job)
@@ -1333,10 +1337,10 @@ class CUDA:
                                 gate_up)
 
     def _shared_down(self, w: Weight, x: DArray, mid: DArray, down_type: int, work: DArray | None):
-        """The shared expert's down product of one token, w · x, and whether it also quantized the routed experts'
-        mid rows into `work` (the routed down's workspace, for experts of down_type) in the same launch: the
-        routed down then waits on one launch instead of two (ds4_cuda_matvec_quantizing)."""
-        if work is None:
+        """The shared expert's down product, w · x, and whether it also quantized the routed experts' mid rows into
+        `work` (the routed down's workspace, for experts of down_type) in the same launch (one token: the routed
+        down then waits on one launch instead of two, ds4_cuda_matvec_quantizing)."""
+        if work is None or x.shape[0] > 1:
             return self._matvec(w, x, 1), False
         y = self.empty((1, w.rows))
         self.cu.matvec_quantizing(self.stream.ptr, y.ptr, self.weight(w), int(w.type), w.rows, w.cols, x.ptr,
