@@ -251,9 +251,10 @@ def matvec(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, groups=
 _filled: dict[int, tuple] = {}  # moe_down workspaces that matvec_quantizing filled: what with
 
 
-def matvec_quantizing(stream, y, w, type, rows, cols, x, q_x, q_rows, q_cols, q_type, q_work):
-    matvec.__wrapped__(stream, y, rows, w, type, rows, cols, x, cols, 1)
-    _filled[q_work] = (q_x, q_rows, q_cols, q_type)  # moe_down(work_filled=True) checks it reads these
+def matvec_quantizing(stream, y, w, type, rows, cols, x, n_tok, q_x, q_rows, q_cols, q_type, q_work):
+    assert 1 <= n_tok <= 2
+    matvec.__wrapped__(stream, y, rows, w, type, rows, cols, x, cols, n_tok)
+    _filled[q_work] = (q_x, n_tok, q_rows, q_cols, q_type)  # moe_down(work_filled=True) checks it reads these
 
 
 def matvec_normed(stream, y, y_stride, w, type, rows, cols, x, x_stride, n_tok, norm_w, eps, xn=0, work=0):
@@ -589,7 +590,7 @@ def moe_down_work_bytes(type, n_tok, n_used, n_ff):
 def moe_down(stream, out, out_stride, mid, down, type, n_embd, n_ff, n_expert, ids, n_used, n_tok, accumulate=False,
              work=0, work_filled=False):
     if work_filled:
-        assert _filled.pop(work) == (mid, n_tok * n_used, n_ff, type), "moe_down: work not filled with this mid"
+        assert _filled.pop(work) == (mid, n_tok, n_used, n_ff, type), "moe_down: work not filled with this mid"
     M = _at(mid, np.float32, n_tok * n_used * n_ff).reshape(n_tok, n_used, n_ff)
     Dw = _weights(down, type, n_expert * n_embd, n_ff)
     I = _at(ids, np.int32, n_tok * n_used).reshape(n_tok, n_used) if ids else np.tile(np.arange(n_used), (n_tok, 1))

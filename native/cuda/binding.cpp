@@ -339,13 +339,13 @@ PYBIND11_MODULE(_cuda, m) {
     }, py::arg("stream"), py::arg("ys"), py::arg("part_rows"), py::arg("w"), py::arg("type"), py::arg("cols"),
        py::arg("x"), py::arg("x_stride"), py::arg("n_tok"), py::arg("work") = 0, py::arg("work_filled") = false);
     m.def("matvec_quantizing", [](uintptr_t s, uintptr_t y, uintptr_t w, int type, int64_t rows, int64_t cols,
-                                  uintptr_t x, uintptr_t q_x, int q_rows, int64_t q_cols, int q_type,
+                                  uintptr_t x, int n_tok, uintptr_t q_x, int q_rows, int64_t q_cols, int q_type,
                                   uintptr_t q_work) {
         check(ds4_cuda_matvec_quantizing(st(s), dev<float>(y), dev<void>(w), type, rows, cols, dev<const float>(x),
-                                         dev<const float>(q_x), q_rows, q_cols, q_type, dev<void>(q_work)),
+                                         n_tok, dev<const float>(q_x), q_rows, q_cols, q_type, dev<void>(q_work)),
               "matvec_quantizing");
     }, py::arg("stream"), py::arg("y"), py::arg("w"), py::arg("type"), py::arg("rows"), py::arg("cols"), py::arg("x"),
-       py::arg("q_x"), py::arg("q_rows"), py::arg("q_cols"), py::arg("q_type"), py::arg("q_work"));
+       py::arg("n_tok"), py::arg("q_x"), py::arg("q_rows"), py::arg("q_cols"), py::arg("q_type"), py::arg("q_work"));
     m.def("matvec_work_bytes", &ds4_cuda_matvec_work_bytes, py::arg("type"), py::arg("n_tok"), py::arg("cols"),
           py::arg("groups") = 1);
     m.def("quantize_act", [](uintptr_t s, uintptr_t qs, uintptr_t d, uintptr_t bsums, uintptr_t x, int64_t x_stride,

@@ -76,14 +76,15 @@ bool ds4_cuda_matvec_pair_ok(int type0, int type1, int64_t cols, int n_tok);
 cudaError_t ds4_cuda_matvec_parts(cudaStream_t s, float* const* ys, const int64_t* part_rows, int n_parts,
                                   const void* w, int type, int64_t cols, const float* x, int64_t x_stride, int n_tok,
                                   void* work, bool work_filled = false);
-// ds4_cuda_matvec of one token (one group, y dense) that also quantizes q_rows rows of q_cols values at q_x (dense)
-// into q_work as ds4_cuda_moe_down's workspace holds them for experts of q_type (a K or IQ2 type: Q8_K
-// activations; ds4_cuda_moe_down_work_bytes(q_type, 1, q_rows, q_cols) bytes, then passed with work_filled). For
-// Q8_0 rows past half a stage (the shared expert's down) the quantizer runs in extra blocks of the same launch,
-// beside the product: the routed experts' down then waits on one launch instead of two. Else a second launch.
+// ds4_cuda_matvec of n_tok (1 or 2) dense rows x (one group, y dense) that also quantizes each token's q_rows rows
+// of q_cols values at q_x (dense, token after token) into q_work as ds4_cuda_moe_down's workspace holds them for
+// experts of q_type (a K or IQ2 type: Q8_K activations; ds4_cuda_moe_down_work_bytes(q_type, n_tok, q_rows, q_cols)
+// bytes, then passed with work_filled). For Q8_0 rows past half a stage (the shared expert's down) the quantizer runs
+// in extra blocks of the same launch, beside the product: the routed experts' down then waits on one launch instead
+// of two. Else a second launch.
 cudaError_t ds4_cuda_matvec_quantizing(cudaStream_t s, float* y, const void* w, int type, int64_t rows, int64_t cols,
-                                       const float* x, const float* q_x, int q_rows, int64_t q_cols, int q_type,
-                                       void* q_work);
+                                       const float* x, int n_tok, const float* q_x, int q_rows, int64_t q_cols,
+                                       int q_type, void* q_work);
 // Bytes of `work` that lets ds4_cuda_matvec quantize the activations once (quantized types, n_tok > 2) instead of
 // in every block, or split them into two f16 parts (F16, one group); 0 when it would not use it. work may always be
 // null (slower for several tokens). With it, Q8_0 rows of a multiple of 256 weights run on int8 tensor cores (the

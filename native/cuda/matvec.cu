@@ -18,8 +18,8 @@
 // Q8_0 and F16 weights with 3+ tokens and a workspace take the tensor-core kernel below instead. matvec_normed:
 // the act8 rows RMS-normed by whichever quantizes them (every block, or the workspace's small kernel), which also
 // writes the normed rows out: the norm between two products (q_a's, before q_b) needs no launch of its own.
-// matvec_quantizing: a one-token Q8_0 product whose grid has a few more blocks that quantize other rows (the routed
-// experts' mid, for their down) beside it, a small launch's work off the chain. matvec_pair: two products of the same
+// matvec_quantizing: a Q8_0 product of 1-2 tokens whose grid has a few more blocks that quantize other rows (the
+// routed experts' mid, for their down) beside it, a small launch's work off the chain. matvec_pair: two products of the same
 // rows (a Q8_0 and an F16 one, 1-2 tokens) in one launch, its blocks shared by bytes, each half the same body.
 #include "qdot.cuh"
 
@@ -29,10 +29,11 @@ namespace {
 constexpr int kMaxParts = 8;
 
 // Rows quantized to Q8_K (the K types' activations) by extra blocks of a product's launch, laid out as
-// quantize_groups writes one group of them: int8 values, a float per 256, the int16 sums per 16.
+// quantize_groups writes them: per group (one of the product's NB tokens: its rows) int8 values, a float per 256, the
+// int16 sums per 16.
 struct QuantJob {
-    const float* x;  // rows of cols values, dense
-    uint8_t* work;
+    const float* x;  // NB x rows of cols values, dense
+    uint8_t* work;   // NB blocks of act_bytes(rows, cols)
     int rows, blocks;
     int64_t cols;
 };
@@ -270,8 +271,11 @@ __global__ void __launch_bounds__(kThreads, 2) matvec_kernel(MatvecArgs a) {
             const QuantJob& q = a.job;
             const int64_t n = q.rows * q.cols;
             pdl_wait();
-            quantize_rows<256>((int8_t*)q.work, (float*)(q.work + n), (int16_t*)(q.work + n + 4 * (n / 256)), q.x,
-                               q.cols, q.rows, q.cols, jb * kWarps + (threadIdx.x >> 5), q.blocks * kWarps);
+            for (int g = 0; g < NB; ++g) {
+                uint8_t* b = q.work + g * act_bytes<TYPE_Q2_K>(q.rows, q.cols);  // any K type's: the Q8_K form
+                quantize_rows<256>((int8_t*)b, (float*)(b + n), (int16_t*)(b + n + 4 * (n / 256)), q.x + g * n,
+                                   q.cols, q.rows, q.cols, jb * kWarps + (threadIdx.x >> 5), q.blocks * kWarps);
+            }
             return;
         }
     }
@@ -967,26 +971,30 @@ struct ActBlock {
 };
 
 cudaError_t ds4_cuda_matvec_quantizing(cudaStream_t s, float* y, const void* w, int type, int64_t rows, int64_t cols,
-                                       const float* x, const float* q_x, int q_rows, int64_t q_cols, int q_type,
-                                       void* q_work) {
+                                       const float* x, int n_tok, const float* q_x, int q_rows, int64_t q_cols,
+                                       int q_type, void* q_work) {
     clear_error();
-    cudaError_t e = check_matvec(w, type, rows, cols, x, cols, 1, 1, rows, nullptr);
+    if (n_tok < 1 || n_tok > 2) return invalid("matvec_quantizing: 1 or 2 tokens");
+    cudaError_t e = check_matvec(w, type, rows, cols, x, cols, n_tok, 1, rows, nullptr);
     if (e != cudaSuccess) return e;
     int xb = 0;
     by_type<ActBlock>(q_type, e, &xb);
     if (xb != 256 || q_rows < 1 || q_cols < 256 || q_cols % 256 || !q_x || !q_work || (uintptr_t)q_x % 16 ||
         (uintptr_t)q_work % 16)
         return invalid("matvec_quantizing: rows of whole Q8_K blocks (a K or IQ2 type), 16-byte aligned x and work");
-    MatvecArgs a{y, rows, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x, cols, 1, 1,
+    MatvecArgs a{y, rows, 0, {}, {}, (const uint8_t*)w, rows, cols, (int64_t)row_bytes(type, cols), x, cols, n_tok, 1,
                  iq2_tables(), nullptr, false, false};
     const int64_t n = q_rows * q_cols;
-    a.job = {q_x, (uint8_t*)q_work, q_rows, (int)ceil_div(n / 256, kWarps * quantize_per_warp<256>), q_cols};
-    if (type == TYPE_Q8_0 && nb_of<TYPE_Q8_0>(1, cols) == 1) return matvec_launch<TYPE_Q8_0, 1, true>(s, a, 1);
+    a.job = {q_x, (uint8_t*)q_work, q_rows, (int)ceil_div(n_tok * n / 256, kWarps * quantize_per_warp<256>), q_cols};
+    if (type == TYPE_Q8_0 && nb_of<TYPE_Q8_0>(n_tok, cols) == n_tok)
+        return n_tok == 1 ? matvec_launch<TYPE_Q8_0, 1, true>(s, a, 1) : matvec_launch<TYPE_Q8_0, 2, true>(s, a, 1);
     e = matvec_run(s, a, type, 1, nullptr);  // elsewhere: the product, then the quantizer
-    if (e != cudaSuccess) return e;
-    uint8_t* b = (uint8_t*)q_work;
-    return ds4_cuda_quantize_act(s, (int8_t*)b, (float*)(b + n), (int16_t*)(b + n + 4 * (n / 256)), q_x, q_cols,
-                                 q_rows, q_cols, 256);
+    for (int t = 0; t < n_tok && e == cudaSuccess; ++t) {
+        uint8_t* b = (uint8_t*)q_work + t * act_bytes<TYPE_Q2_K>(q_rows, q_cols);
+        e = ds4_cuda_quantize_act(s, (int8_t*)b, (float*)(b + n), (int16_t*)(b + n + 4 * (n / 256)), q_x + t * n,
+                                  q_cols, q_rows, q_cols, 256);
+    }
+    return e;
 }
 
 cudaError_t ds4_cuda_quantize_act(cudaStream_t s, int8_t* qs, float* d, int16_t* bsums, const float* x,

@@ -1338,13 +1338,14 @@ class CUDA:
 
     def _shared_down(self, w: Weight, x: DArray, mid: DArray, down_type: int, work: DArray | None):
         """The shared expert's down product, w · x, and whether it also quantized the routed experts' mid rows into
-        `work` (the routed down's workspace, for experts of down_type) in the same launch (one token: the routed
-        down then waits on one launch instead of two, ds4_cuda_matvec_quantizing)."""
-        if work is None or x.shape[0] > 1:
+        `work` (the routed down's workspace, for experts of down_type) in the same launch: the routed down then
+        waits on one launch instead of two (ds4_cuda_matvec_quantizing, 1-2 tokens)."""
+        N = x.shape[0]
+        if work is None or N > 2:
             return self._matvec(w, x, 1), False
-        y = self.empty((1, w.rows))
-        self.cu.matvec_quantizing(self.stream.ptr, y.ptr, self.weight(w), int(w.type), w.rows, w.cols, x.ptr,
-                                  mid.ptr, mid.shape[0] * mid.shape[1], mid.shape[2], down_type, work.ptr)
+        y = self.empty((N, w.rows))
+        self.cu.matvec_quantizing(self.stream.ptr, y.ptr, self.weight(w), int(w.type), w.rows, w.cols, x.ptr, N,
+                                  mid.ptr, mid.shape[1], mid.shape[2], down_type, work.ptr)
         self.weight_calls += 1
         return y, True
 
