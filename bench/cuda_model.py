@@ -7,14 +7,15 @@ over the experts), opens it with backend="cuda" and times, after a warm-up that 
 * prefill of a prompt of each `--ctx` length (tokens/s, chunks of `--chunk` tokens: tensor-core products, the
   routed experts grouped by expert, tensor-core attention; `--no-gemm`: the products and experts through the
   decode kernels, 16 rows at a time, for comparison) and, with `--prefill-ops`, its device time per op;
-* decode at batch 1 after each prompt and at batch 8 (8 sessions of `--ctx8` tokens): wall time per step of
-  `Model.sample`, the engine's step (sampling on the device with the default knobs at `--temperature`; the ids'
-  download ends each step; rows the kernel leaves to the host are counted), median of `--steps`, with the step replayed as a CUDA graph, and at the
-  first length also run eagerly (every kernel launched from Python) for comparison; per layer from CUDA events
-  recorded between the layers (graph nodes when captured), by layer kind (ratio 0 / 4 / 128); then the same
-  steps pipelined as the engine runs them (`Model.launch`: each step launched before the last one's tokens are
-  read, taking them on the device), the period between two steps' tokens; with `--long`, the same at batch 1 for
-  contexts whose prefill would take too long, made by `long_state` (the compressed and indexer rows random);
+* decode at batch 1 after each prompt and at each `--batches` size (default 8: 8 sessions of `--ctx8` tokens; eager
+  steps at 8 only): wall time per step of `Model.sample`, the engine's step (sampling on the device with the default
+  knobs at `--temperature`; the ids' download ends each step; rows the kernel leaves to the host are counted), median
+  of `--steps`, with the step replayed as a CUDA graph, and at the first length also run eagerly (every kernel
+  launched from Python) for comparison; per layer from CUDA events recorded between the layers (graph nodes when
+  captured), by layer kind (ratio 0 / 4 / 128); then the same steps pipelined as the engine runs them (`Model.launch`:
+  each step launched before the last one's tokens are read, taking them on the device), the period between two steps'
+  tokens; with `--long`, the same at batch 1 for contexts whose prefill would take too long, made by `long_state` (the
+  compressed and indexer rows random);
 * the floor per layer: the layer's bytes (non-routed weights, 6 routed experts per token that random routing
   rarely shares, the K=V rows read) over the measured device-to-device copy bandwidth;
 * with `--socket`, one end-to-end figure: `ds4d serve --backend cuda` on the file, a client streaming a greedy
@@ -316,7 +317,8 @@ def main() -> int:
     ap.add_argument("--long", default="",
                     help="contexts decoded at batch 1 without their prefill (long_state: the rows random values), "
                          "e.g. 262144,1048000")
-    ap.add_argument("--ctx8", type=int, default=2048, help="prompt length of each batch-8 session")
+    ap.add_argument("--ctx8", type=int, default=2048, help="prompt length of each session of the batched decodes")
+    ap.add_argument("--batches", default="8", help="sessions per batched decode, comma-separated (e.g. 2,8)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=512,
                     help="prefill chunk (the engine's: 512 beside other jobs, 2048 for a prompt alone)")
@@ -427,13 +429,14 @@ def main() -> int:
         decode([st], ctx, True, f"B=1 at {ctx} (rows random), graph")
         decode_pipelined([st], ctx, f"B=1 at {ctx} (rows random)")
         del st
-    if not args.no_decode:
-        states = [m.new_state() for _ in range(8)]
-        for s8 in states:
-            m.prefill(s8, rng.integers(0, m.shape.n_vocab, args.ctx8), chunk=512)
-        decode(states, args.ctx8, False, f"B=8 at {args.ctx8}, eager")
-        decode(states, args.ctx8, True, f"B=8 at {args.ctx8}, graph")
-        decode_pipelined(states, args.ctx8, f"B=8 at {args.ctx8}")
+    for B in ([int(b) for b in args.batches.split(",")] if not args.no_decode else []):
+        states = [m.new_state() for _ in range(B)]
+        for sb in states:
+            m.prefill(sb, rng.integers(0, m.shape.n_vocab, args.ctx8), chunk=512)
+        if B == 8:
+            decode(states, args.ctx8, False, f"B=8 at {args.ctx8}, eager")
+        decode(states, args.ctx8, True, f"B={B} at {args.ctx8}, graph")
+        decode_pipelined(states, args.ctx8, f"B={B} at {args.ctx8}")
         del states
     if args.prefill_ops:
         ops_clock = OpClock(m)
