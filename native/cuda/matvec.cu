@@ -19,8 +19,9 @@
 // the act8 rows RMS-normed by whichever quantizes them (every block, or the workspace's small kernel), which also
 // writes the normed rows out: the norm between two products (q_a's, before q_b) needs no launch of its own.
 // matvec_quantizing: a Q8_0 product of 1-2 tokens whose grid has a few more blocks that quantize other rows (the
-// routed experts' mid, for their down) beside it, a small launch's work off the chain. matvec_pair: two products of the same
-// rows (a Q8_0 and an F16 one, 1-2 tokens) in one launch, its blocks shared by bytes, each half the same body.
+// routed experts' mid, for their down) beside it, a small launch's work off the chain. matvec_pair: two products of
+// the same rows (a Q8_0 and an F16 one, 1-2 tokens) in one launch, its blocks shared by bytes, each half the same
+// body.
 #include "qdot.cuh"
 
 namespace ds4::cuda {
