@@ -579,8 +579,14 @@ def moe_shared_ok(type, n_embd, n_tok):
     return 1 <= n_tok <= 64 and n_embd % 32 == 0 and type in (_Q8_0, 10, 12, 16)
 
 
-def swiglu(stream, mid, g, u, n, clamp):
+def swiglu(stream, mid, g, u, n, clamp, xq=0):
+    assert not xq  # the Q8_0 form is for matvec's workspace, which matvec_work_bytes never asks for here
     _at(mid, np.float32, n)[:] = REF.swiglu(_at(g, np.float32, n), _at(u, np.float32, n), clamp)
+
+
+def moe_down_quantize(stream, work, mid, type, n_tok, n_used, n_ff):
+    assert type not in (F32, F16, BF16)
+    _filled[work] = (mid, n_tok, n_used, n_ff, type)
 
 
 def moe_down_work_bytes(type, n_tok, n_used, n_ff):
@@ -717,6 +723,6 @@ def _enqueued(fn):
 
 for _name in ("memcpy", "matvec", "matvec_normed", "matvec_pair", "matvec_parts", "matvec_quantizing", "embed",
               "rms_norm", "rms_norm_rope", "hc_pre", "hc_sinkhorn", "hc_post", "rope", "kv_store", "attention_decode",
-              "route", "moe_gate_up", "moe_route_gate_up", "moe_down", "swiglu", "compress", "comp_finish",
-              "hadamard_fp4", "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
+              "route", "moe_gate_up", "moe_route_gate_up", "moe_down", "moe_down_quantize", "swiglu", "compress",
+              "comp_finish", "hadamard_fp4", "indexer_scores", "topk", "gemm", "moe_grouped", "attention_prefill", "sample"):
     globals()[_name] = _enqueued(globals()[_name])

@@ -789,6 +789,64 @@ def test_swiglu(stream, rng):
     assert rel(d.get(mid), REF.swiglu(g, u, 10.0)) < 1e-6
 
 
+@pytest.mark.parametrize("n_tok", [3, 8])
+def test_swiglu_q8(stream, rng, n_tok):
+    """The SwiGLU that also writes its output's Q8_0 form into the workspace of the product after it: mid bit for
+    bit the plain SwiGLU's, the workspace the quantizer's bytes (an all-zero block included), and the product
+    taking it (work_filled) bit for bit the product quantizing mid itself."""
+    d = Dev(stream)
+    cols, rows = 2048, 512
+    g = (rng.standard_normal((n_tok, cols)) * 20).astype(np.float32)
+    u = (rng.standard_normal((n_tok, cols)) * 20).astype(np.float32)
+    u[1, 64:96] = 0.0
+    gp, up_ = d.put(g), d.put(u)
+    nq = _cuda.matvec_work_bytes(Q8_0, n_tok, cols)
+    mid, mid_ref, xq, work = d.out((n_tok, cols)), d.out((n_tok, cols)), d.out((nq,), np.uint8), d.out((nq,), np.uint8)
+    _cuda.swiglu(stream.ptr, mid.ptr, gp, up_, n_tok * cols, 10.0, xq.ptr)
+    _cuda.swiglu(stream.ptr, mid_ref.ptr, gp, up_, n_tok * cols, 10.0)
+    m = d.get(mid)
+    np.testing.assert_array_equal(m.view(np.uint32), d.get(mid_ref).view(np.uint32))
+    qs, dd = d.out((n_tok, cols), np.int8), d.out((n_tok, cols // 32))
+    _cuda.quantize_act(stream.ptr, qs.ptr, dd.ptr, 0, mid.ptr, cols, n_tok, cols, 32)
+    got = d.get(xq)
+    n = n_tok * cols
+    np.testing.assert_array_equal(got[:n].view(np.int8), d.get(qs).reshape(-1))
+    np.testing.assert_array_equal(got[n:n + 4 * (n // 32)].view(np.uint32), d.get(dd).reshape(-1).view(np.uint32))
+    w = rand_weights(rng, Q8_0, rows, cols)
+    wp = d.put(w)
+    y, y_own = d.out((n_tok, rows)), d.out((n_tok, rows))
+    _cuda.matvec(stream.ptr, y.ptr, rows, wp, Q8_0, rows, cols, mid.ptr, cols, n_tok, 1, xq.ptr, True)
+    _cuda.matvec(stream.ptr, y_own.ptr, rows, wp, Q8_0, rows, cols, mid.ptr, cols, n_tok, 1, work.ptr)
+    np.testing.assert_array_equal(d.get(y).view(np.uint32), d.get(y_own).view(np.uint32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _cuda.swiglu(stream.ptr, mid.ptr, gp, up_, n_tok * cols - 1, 10.0, xq.ptr)
+
+
+@pytest.mark.parametrize("down_type", [Q2_K, IQ2_XXS, Q8_0])
+def test_moe_down_quantize(stream, rng, down_type):
+    """The routed mid rows quantized by a launch of their own, before moe_down: the workspace moe_down's own
+    quantization byte for byte, and moe_down reading it (work_filled) the bits it gives quantizing itself."""
+    d = Dev(stream)
+    n_tok, n_used, n_ff, n_embd, n_expert = 5, 6, 512, 256, 8
+    mid = d.buf((rng.standard_normal((n_tok, n_used, n_ff)) * 10.0 ** rng.uniform(-2, 1, (n_tok, n_used, 1)))
+                .astype(np.float32))
+    down = rand_weights(rng, down_type, n_embd, n_ff, lead=(n_expert,))
+    ids = np.stack([rng.choice(n_expert, n_used, replace=False) for _ in range(n_tok)]).astype(np.int32)
+    nwork = _cuda.moe_down_work_bytes(down_type, n_tok, n_used, n_ff)
+    work, work_own = d.out((nwork,), np.uint8), d.out((nwork,), np.uint8)
+    dp, ip = d.put(down), d.put(ids)
+    _cuda.moe_down_quantize(stream.ptr, work.ptr, mid.ptr, down_type, n_tok, n_used, n_ff)
+    out, out_own = d.out((n_tok, n_embd)), d.out((n_tok, n_embd))
+    _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, n_tok,
+                   False, work.ptr, True)
+    _cuda.moe_down(stream.ptr, out_own.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, n_tok,
+                   False, work_own.ptr)
+    np.testing.assert_array_equal(d.get(work), d.get(work_own))
+    np.testing.assert_array_equal(d.get(out).view(np.uint32), d.get(out_own).view(np.uint32))
+    with pytest.raises(ValueError, match="float activations"):
+        _cuda.moe_down_quantize(stream.ptr, work.ptr, mid.ptr, F16, n_tok, n_used, n_ff)
+
+
 def test_moe_shared_expert_accumulates(stream, rng):
     """ids/weights null: the shared expert (one expert, weight 1), added onto the routed output."""
     d = Dev(stream)

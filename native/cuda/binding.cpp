@@ -409,9 +409,17 @@ PYBIND11_MODULE(_cuda, m) {
        py::arg("hc") = 0, py::arg("hc_n_tok") = 0, py::arg("hc_n_iter") = 0, py::arg("hc_eps") = 0.0f);
     m.def("moe_shared_ok", &ds4_cuda_moe_shared_ok, py::arg("type"), py::arg("n_embd"), py::arg("n_tok"),
           "Whether moe_route_gate_up takes a shared expert (sh_*) for routed experts of `type`.");
-    m.def("swiglu", [](uintptr_t s, uintptr_t mid, uintptr_t g, uintptr_t u, int64_t n, float clamp) {
-        check(ds4_cuda_swiglu(st(s), dev<float>(mid), dev<const float>(g), dev<const float>(u), n, clamp), "swiglu");
-    }, py::arg("stream"), py::arg("mid"), py::arg("g"), py::arg("u"), py::arg("n"), py::arg("clamp"));
+    m.def("swiglu", [](uintptr_t s, uintptr_t mid, uintptr_t g, uintptr_t u, int64_t n, float clamp, uintptr_t xq) {
+        check(ds4_cuda_swiglu(st(s), dev<float>(mid), dev<const float>(g), dev<const float>(u), n, clamp,
+                              dev<void>(xq)), "swiglu");
+    }, py::arg("stream"), py::arg("mid"), py::arg("g"), py::arg("u"), py::arg("n"), py::arg("clamp"),
+       py::arg("xq") = 0);
+    m.def("moe_down_quantize", [](uintptr_t s, uintptr_t work, uintptr_t mid, int type, int n_tok, int n_used,
+                                  int64_t n_ff) {
+        check(ds4_cuda_moe_down_quantize(st(s), dev<void>(work), dev<const float>(mid), type, n_tok, n_used, n_ff),
+              "moe_down_quantize");
+    }, py::arg("stream"), py::arg("work"), py::arg("mid"), py::arg("type"), py::arg("n_tok"), py::arg("n_used"),
+       py::arg("n_ff"));
     m.def("moe_down", [](uintptr_t s, uintptr_t out, int64_t out_stride, uintptr_t mid, uintptr_t down, int type,
                          int64_t n_embd, int64_t n_ff, int n_expert, uintptr_t ids, int n_used, int n_tok,
                          bool accumulate, uintptr_t work, bool work_filled) {

@@ -178,9 +178,16 @@ cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, co
                               int type, int64_t n_embd, int64_t n_ff, int n_expert, const int32_t* ids, int n_used,
                               int n_tok, bool accumulate, void* work = nullptr, bool work_filled = false);
 size_t ds4_cuda_moe_down_work_bytes(int type, int n_tok, int n_used, int64_t n_ff);
+// The routed experts' mid rows quantized into ds4_cuda_moe_down's workspace for experts of `type` (then passed with
+// work_filled), as moe_down would quantize them itself: a launch that can run before the work it would wait behind.
+cudaError_t ds4_cuda_moe_down_quantize(cudaStream_t s, void* work, const float* mid, int type, int n_tok, int n_used,
+                                       int64_t n_ff);
 // mid[i] = silu(min(g[i], clamp)) * clip(u[i], +-clamp) for i < n, as moe_gate_up finishes a pair: the shared
-// expert of several tokens as products (its weights read once per matvec block, not once per token).
-cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const float* u, int64_t n, float clamp);
+// expert of several tokens as products (its weights read once per matvec block, not once per token). With xq (n a
+// multiple of 32), mid's Q8_0 form there too, as ds4_cuda_matvec's workspace holds its rows' (for a product of rows
+// of a multiple of 32 values, taken with work_filled): the product after it needs no quantize launch.
+cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const float* u, int64_t n, float clamp,
+                            void* xq = nullptr);
 
 // ---- attention (decode) ----------------------------------------------------------------------------------------
 

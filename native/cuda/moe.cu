@@ -478,6 +478,15 @@ cudaError_t down_launch(cudaStream_t s, const MoeArgs& a, int n_tok) {
     return launch(kernel, dim3((unsigned)std::min<int64_t>(want, per_tok), n_tok), dim3(kThreads), smem, s, a);
 }
 
+// The routed experts' mid rows quantized as ds4_cuda_moe_down's workspace holds them (a group per token).
+template <int T>
+struct MidQuantOp {
+    static cudaError_t run(cudaStream_t s, uint8_t* work, const float* mid, int n_tok, int n_used, int64_t n_ff) {
+        if constexpr (WT<T>::xb == 0) return invalid("moe_down_quantize: the experts' type takes float activations");
+        else return quantize_groups<T>(s, work, mid, n_used * n_ff, n_ff, n_used, n_ff, n_tok);
+    }
+};
+
 template <int T>
 struct DownOp {
     static cudaError_t run(cudaStream_t s, MoeArgs a, int n_tok, void* work, bool filled) {
@@ -485,8 +494,7 @@ struct DownOp {
             if (work && filled) {
                 a.xq = (const uint8_t*)work;
             } else if (work) {
-                const cudaError_t e = quantize_groups<T>(s, (uint8_t*)work, a.x, a.n_used * a.cols, a.cols, a.n_used,
-                                                         a.cols, n_tok);
+                const cudaError_t e = MidQuantOp<T>::run(s, (uint8_t*)work, a.x, n_tok, a.n_used, a.cols);
                 if (e != cudaSuccess) return e;
                 a.xq = (const uint8_t*)work;
             }
@@ -559,12 +567,32 @@ struct SharedOk {
     }
 };
 
+__device__ __forceinline__ float swiglu_of(float g, float u, float clamp) {
+    return silu(fminf(g, clamp)) * fminf(fmaxf(u, -clamp), clamp);
+}
+
 __global__ void swiglu_kernel(float* mid, const float* g, const float* u, int64_t n, float clamp) {
     pdl_trigger();
     pdl_wait();
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float gc = fminf(g[i], clamp), uc = fminf(fmaxf(u[i], -clamp), clamp);
-        mid[i] = silu(gc) * uc;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        mid[i] = swiglu_of(g[i], u[i], clamp);
+}
+
+// The same, n a multiple of 32, also writing mid's Q8_0 form as rows of a multiple of 32 values (the int8 values of
+// all n, then a float per 32: quantize_rows' rule and quantize_groups' layout): a warp per 32 values.
+__global__ void swiglu_q8_kernel(float* mid, const float* g, const float* u, int64_t n, float clamp, uint8_t* xq) {
+    pdl_trigger();
+    pdl_wait();
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+    for (int64_t b = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5); b < n / 32; b += warps) {
+        const int64_t i = 32 * b + lane;
+        const float v = swiglu_of(g[i], u[i], clamp);
+        mid[i] = v;
+        float dd;
+        const float inv = q8_0_inv(warp_max(fabsf(v)), dd);
+        xq[i] = (uint8_t)q8_0_value(v, inv);
+        if (lane == 0) ((float*)(xq + n))[b] = dd;
     }
 }
 
@@ -622,9 +650,25 @@ cudaError_t ds4_cuda_moe_down(cudaStream_t s, float* out, int64_t out_stride, co
     return e;
 }
 
-cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const float* u, int64_t n, float clamp) {
+cudaError_t ds4_cuda_swiglu(cudaStream_t s, float* mid, const float* g, const float* u, int64_t n, float clamp,
+                            void* xq) {
     clear_error();
     if (n < 1) return invalid("swiglu: n >= 1");
+    if (xq) {
+        if (n % 32 || (uintptr_t)xq % 16)
+            return invalid("swiglu: the Q8_0 form needs n a multiple of 32 and xq 16-byte aligned");
+        return launch(swiglu_q8_kernel, dim3((unsigned)std::min<int64_t>(ceil_div(n, 256), 1024)), dim3(256), 0, s,
+                      mid, g, u, n, clamp, (uint8_t*)xq);
+    }
     return launch(swiglu_kernel, dim3((unsigned)std::min<int64_t>(ceil_div(n, 256), 1024)), dim3(256), 0, s, mid, g,
                   u, n, clamp);
+}
+
+cudaError_t ds4_cuda_moe_down_quantize(cudaStream_t s, void* work, const float* mid, int type, int n_tok, int n_used,
+                                       int64_t n_ff) {
+    clear_error();
+    cudaError_t e = check_moe("moe_down_quantize", type, n_ff, 1, n_used, n_tok, work, mid, n_ff);
+    if (e != cudaSuccess) return e;
+    by_type<MidQuantOp>(type, e, s, (uint8_t*)work, mid, n_tok, n_used, n_ff);
+    return e;
 }

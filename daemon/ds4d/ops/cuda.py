@@ -1286,10 +1286,19 @@ class CUDA:
         and down. (At one token this beat the fused MoE kernels as an expert of one by ~2 us per layer, 1.3% of a
         decode step, on an H200; at several they read the weights once per token, the products once per block of
         rows.) With `side`, in a decode step on the side stream, beside what the main stream does next (the routed
-        experts' gate and up); `_moe_tokens` joins before the routed down adds onto the result."""
+        experts' gate and up); `_moe_tokens` joins before the routed down adds onto the result. Where down's
+        product would quantize mid in a launch of its own (Q8_0, 3 to MATVEC_ROWS tokens), the SwiGLU writes that
+        form too (`_x_q8`)."""
         with self._on_side(side and self._fork()):
             mid, u = self.matmuls([gate, up], h)
-            self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp))
+            N, F = mid.shape
+            nq = (self.cu.matvec_work_bytes(int(down.type), N, F, 1)
+                  if down.type == Q.Q8_0 and 2 < N <= MATVEC_ROWS and F % 32 == 0 else 0)
+            xq = self.empty((nq,), np.uint8) if nq else None
+            self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp),
+                           xq.ptr if xq is not None else 0)
+            if xq is not None:
+                self._x_q8 = (mid.ptr, 1, xq)
             return self._matvec(down, mid, 1)
 
     def moe_routed(self, h: DArray, router: Weight, route, tokens: np.ndarray,
@@ -1395,8 +1404,13 @@ class CUDA:
                 route_gate_up(stream=s, mid=mid.ptr, ids=at_ids, weights=at_w, h=at_h, h_stride=E, gate=g, up=u,
                               type=int(gate.type), n_ff=gate.rows, n_embd=E, n_expert=gate.n_expert, n_used=k,
                               n_tok=n, clamp=float(clamp))
-            self._join()                         # `shared`, made on the side stream by ffn
             filled = False
+            if self._forked and work is not None:
+                # mid quantized before the join: beside the shared expert's products on the side stream, which
+                # start only as gate+up's blocks leave the SMs, rather than after them
+                cu.moe_down_quantize(s, work.ptr, mid.ptr, int(down.type), n, k, gate.rows)
+                filled = True
+            self._join()                         # `shared`, made on the side stream by ffn
             if callable(shared):
                 shared, filled = shared(mid, int(down.type), work)
             cu.moe_down(s, shared.ptr + 4 * t0 * E, E, mid.ptr, dn, int(down.type), E, gate.rows, gate.n_expert,
