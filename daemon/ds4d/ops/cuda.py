@@ -1405,9 +1405,10 @@ class CUDA:
                               type=int(gate.type), n_ff=gate.rows, n_embd=E, n_expert=gate.n_expert, n_used=k,
                               n_tok=n, clamp=float(clamp))
             filled = False
-            if self._forked and work is not None:
+            if self._forked and work is not None and not callable(shared):
                 # mid quantized before the join: beside the shared expert's products on the side stream, which
-                # start only as gate+up's blocks leave the SMs, rather than after them
+                # start only as gate+up's blocks leave the SMs, rather than after them (its down quantizes mid
+                # itself where it comes after gate+up: `_shared_down`)
                 cu.moe_down_quantize(s, work.ptr, mid.ptr, int(down.type), n, k, gate.rows)
                 filled = True
             self._join()                         # `shared`, made on the side stream by ffn
