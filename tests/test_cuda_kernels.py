@@ -606,32 +606,18 @@ def test_moe_many_rows(stream, rng, gate_type, down_type):
     test_moe(stream, rng, gate_type, down_type, 8, 6, 2048, 3072)
 
 
-@pytest.mark.parametrize("type_,cols", [(Q8_0, 2048), (Q8_0, 512), (Q4_K, 2048)])
-@pytest.mark.parametrize("down_type", [Q2_K, IQ2_XXS])
-@pytest.mark.parametrize("n_tok", [1, 2])
-def test_matvec_quantizing(stream, rng, type_, cols, down_type, n_tok):
-    """The shared expert's down with the routed experts' mid quantized in the same launch (Q8_0 rows past half a
-    stage: extra blocks; else a second launch): the product is matvec's bits, the workspace moe_down's own
-    quantization of mid byte for byte, and moe_down reading it (work_filled) gives the bits it gives quantizing
-    itself."""
-    d = Dev(stream)
-    rows, n_used, n_ff, n_embd, n_expert = 4096, 6, 2048, 512, 8
-    w = rand_weights(rng, type_, rows, cols)
-    x = (rng.standard_normal((n_tok, cols)) * 0.1).astype(np.float32)
+def check_filled_down(d, stream, rng, down_type, n_tok, n_used, n_ff, fill, n_embd=512, n_expert=8):
+    """moe_down over a workspace that fill(mid, work) filled with the routed mid rows quantized: the workspace
+    moe_down's own quantization of mid byte for byte, and moe_down reading it (work_filled) the bits it gives
+    quantizing itself; work_filled without a workspace refused. Returns mid and the workspace."""
     mid = d.buf((rng.standard_normal((n_tok, n_used, n_ff)) * 10.0 ** rng.uniform(-2, 1, (n_tok, n_used, 1)))
                 .astype(np.float32))
     down = rand_weights(rng, down_type, n_embd, n_ff, lead=(n_expert,))
     ids = np.stack([rng.choice(n_expert, n_used, replace=False) for _ in range(n_tok)]).astype(np.int32)
     nwork = _cuda.moe_down_work_bytes(down_type, n_tok, n_used, n_ff)
     work, work_own = d.out((nwork,), np.uint8), d.out((nwork,), np.uint8)
-    y, y_ref = d.out((n_tok * rows + 2,)), d.out((n_tok, rows))
-    wp, xp, dp, ip = d.put(w), d.put(x), d.put(down), d.put(ids)
-    _cuda.matvec_quantizing(stream.ptr, y.ptr, wp, type_, rows, cols, xp, n_tok, mid.ptr, n_used, n_ff, down_type,
-                            work.ptr)
-    _cuda.matvec(stream.ptr, y_ref.ptr, rows, wp, type_, rows, cols, xp, cols, n_tok)
-    got = d.get(y)
-    np.testing.assert_array_equal(got[:n_tok * rows].view(np.uint32), d.get(y_ref).reshape(-1).view(np.uint32))
-    assert np.all(np.isnan(got[n_tok * rows:]))
+    dp, ip = d.put(down), d.put(ids)
+    fill(mid, work)
     out, out_own = d.out((n_tok, n_embd)), d.out((n_tok, n_embd))
     _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, n_tok,
                    False, work.ptr, True)
@@ -639,15 +625,41 @@ def test_matvec_quantizing(stream, rng, type_, cols, down_type, n_tok):
                    False, work_own.ptr)
     np.testing.assert_array_equal(d.get(work), d.get(work_own))
     np.testing.assert_array_equal(d.get(out).view(np.uint32), d.get(out_own).view(np.uint32))
+    with pytest.raises(ValueError, match="work_filled"):
+        _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, 1,
+                       False, 0, True)
+    return mid, work
+
+
+@pytest.mark.parametrize("type_,cols", [(Q8_0, 2048), (Q8_0, 512), (Q4_K, 2048)])
+@pytest.mark.parametrize("down_type", [Q2_K, IQ2_XXS])
+@pytest.mark.parametrize("n_tok", [1, 2])
+def test_matvec_quantizing(stream, rng, type_, cols, down_type, n_tok):
+    """The shared expert's down with the routed experts' mid quantized in the same launch (Q8_0 rows past half a
+    stage: extra blocks; else a second launch): the product is matvec's bits, and the workspace serves moe_down
+    as its own quantization would (check_filled_down)."""
+    d = Dev(stream)
+    rows, n_used, n_ff = 4096, 6, 2048
+    w = rand_weights(rng, type_, rows, cols)
+    x = (rng.standard_normal((n_tok, cols)) * 0.1).astype(np.float32)
+    y, y_ref = d.out((n_tok * rows + 2,)), d.out((n_tok, rows))
+    wp, xp = d.put(w), d.put(x)
+
+    def fill(mid, work):
+        _cuda.matvec_quantizing(stream.ptr, y.ptr, wp, type_, rows, cols, xp, n_tok, mid.ptr, n_used, n_ff,
+                                down_type, work.ptr)
+
+    mid, work = check_filled_down(d, stream, rng, down_type, n_tok, n_used, n_ff, fill)
+    _cuda.matvec(stream.ptr, y_ref.ptr, rows, wp, type_, rows, cols, xp, cols, n_tok)
+    got = d.get(y)
+    np.testing.assert_array_equal(got[:n_tok * rows].view(np.uint32), d.get(y_ref).reshape(-1).view(np.uint32))
+    assert np.all(np.isnan(got[n_tok * rows:]))
     with pytest.raises(ValueError, match="Q8_K"):
         _cuda.matvec_quantizing(stream.ptr, y.ptr, wp, type_, rows, cols, xp, n_tok, mid.ptr, n_used, n_ff, Q8_0,
                                 work.ptr)
     with pytest.raises(ValueError, match="1 or 2 tokens"):
         _cuda.matvec_quantizing(stream.ptr, y.ptr, wp, type_, rows, cols, xp, 3, mid.ptr, n_used, n_ff, down_type,
                                 work.ptr)
-    with pytest.raises(ValueError, match="work_filled"):
-        _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, 1,
-                       False, 0, True)
 
 
 @pytest.mark.parametrize("hash_layer", [False, True])
@@ -824,25 +836,15 @@ def test_swiglu_q8(stream, rng, n_tok):
 
 @pytest.mark.parametrize("down_type", [Q2_K, IQ2_XXS, Q8_0])
 def test_moe_down_quantize(stream, rng, down_type):
-    """The routed mid rows quantized by a launch of their own, before moe_down: the workspace moe_down's own
-    quantization byte for byte, and moe_down reading it (work_filled) the bits it gives quantizing itself."""
+    """The routed mid rows quantized by a launch of their own, before moe_down: the workspace serves moe_down as its
+    own quantization would (check_filled_down); float experts refused."""
     d = Dev(stream)
-    n_tok, n_used, n_ff, n_embd, n_expert = 5, 6, 512, 256, 8
-    mid = d.buf((rng.standard_normal((n_tok, n_used, n_ff)) * 10.0 ** rng.uniform(-2, 1, (n_tok, n_used, 1)))
-                .astype(np.float32))
-    down = rand_weights(rng, down_type, n_embd, n_ff, lead=(n_expert,))
-    ids = np.stack([rng.choice(n_expert, n_used, replace=False) for _ in range(n_tok)]).astype(np.int32)
-    nwork = _cuda.moe_down_work_bytes(down_type, n_tok, n_used, n_ff)
-    work, work_own = d.out((nwork,), np.uint8), d.out((nwork,), np.uint8)
-    dp, ip = d.put(down), d.put(ids)
-    _cuda.moe_down_quantize(stream.ptr, work.ptr, mid.ptr, down_type, n_tok, n_used, n_ff)
-    out, out_own = d.out((n_tok, n_embd)), d.out((n_tok, n_embd))
-    _cuda.moe_down(stream.ptr, out.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, n_tok,
-                   False, work.ptr, True)
-    _cuda.moe_down(stream.ptr, out_own.ptr, n_embd, mid.ptr, dp, down_type, n_embd, n_ff, n_expert, ip, n_used, n_tok,
-                   False, work_own.ptr)
-    np.testing.assert_array_equal(d.get(work), d.get(work_own))
-    np.testing.assert_array_equal(d.get(out).view(np.uint32), d.get(out_own).view(np.uint32))
+    n_tok, n_used, n_ff = 5, 6, 512
+
+    def fill(mid, work):
+        _cuda.moe_down_quantize(stream.ptr, work.ptr, mid.ptr, down_type, n_tok, n_used, n_ff)
+
+    mid, work = check_filled_down(d, stream, rng, down_type, n_tok, n_used, n_ff, fill, n_embd=256)
     with pytest.raises(ValueError, match="float activations"):
         _cuda.moe_down_quantize(stream.ptr, work.ptr, mid.ptr, F16, n_tok, n_used, n_ff)
 
