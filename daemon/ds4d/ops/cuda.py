@@ -1293,7 +1293,7 @@ class CUDA:
             mid, u = self.matmuls([gate, up], h)
             N, F = mid.shape
             nq = (self.cu.matvec_work_bytes(int(down.type), N, F, 1)
-                  if down.type == Q.Q8_0 and 2 < N <= MATVEC_ROWS and F % 32 == 0 else 0)
+                  if down.type == Q.Q8_0 and 2 < N <= MATVEC_ROWS else 0)   # Q8_0 rows: F is whole blocks of 32
             xq = self.empty((nq,), np.uint8) if nq else None
             self.cu.swiglu(self.stream.ptr, mid.ptr, mid.ptr, u.ptr, mid.size, float(clamp),
                            xq.ptr if xq is not None else 0)
